@@ -1,0 +1,283 @@
+"""The Qwen2 / Qwen2.5 dense decoder as Flax NNX modules, and its KV cache.
+
+Every weight is declared once, by `_weight`: its shape, logical axes, initialiser, and where it comes from in
+a Hugging Face checkpoint. Abstract shapes (`nnx.eval_shape`), shardings (`qwenjax.sharding`) and checkpoint
+loading (`qwenjax.checkpoint`) all read those declarations.
+
+Layers are either stacked and scanned (one `Block` whose weights carry a leading "layers" axis: compile time
+independent of depth, the TPU/GPU default) or unrolled (a list of `Block`s with separate arrays: faster decode on
+XLA:CPU). `scan_layers` picks one; the math is the same code.
+
+Einsum legend:
+  B batch            T query tokens of this step     S key positions (cache length)
+  D embed (hidden)   N query heads                   K KV heads
+  G query heads per KV head (N = K*G)                H head dim
+  F MLP hidden       V vocabulary                    L layers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenjax.config import QwenConfig
+
+# Logical axis names. Sharding rules (qwenjax.sharding) map these, and only these, onto mesh axes.
+BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = (
+    "batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+
+_INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+  """Where a weight lives in a Hugging Face checkpoint.
+
+  name: tensor name; "{layer}" stands for the layer index of per-layer weights.
+  shape: the tensor's shape in the checkpoint.
+  transpose: the checkpoint holds a torch Linear weight [out, in]; ours is [in..., out...].
+  """
+
+  name: str
+  shape: tuple[int, ...]
+  transpose: bool = False
+
+  def to_param(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Checkpoint layout -> param layout (transpose, then split fused head dims)."""
+    if self.transpose:
+      array = array.T
+    return np.ascontiguousarray(array.reshape(shape))
+
+
+def _weight(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], hf: HFTensor, *,
+            stack: tuple[int, ...], dtype, init: str = "normal") -> nnx.Param:
+  """Declares one weight. `stack` is (L,) for scanned layers: it prepends the "layers" axis."""
+  full_shape = (*stack, *shape)
+  full_axes = (LAYERS,) * len(stack) + axes
+  assert len(shape) == len(axes), (shape, axes)
+  if init == "ones":
+    value = jnp.ones(full_shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(full_shape, dtype)
+  else:
+    value = (_INIT_STD * jax.random.normal(rngs.params(), full_shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, axes=full_axes, hf=hf)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm in float32, cast back to the input dtype, then times the weight (Qwen2's order)."""
+
+  def __init__(self, dim: int, eps: float, hf_name: str, *, stack=(), dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = _weight(rngs, (dim,), (EMBED,), HFTensor(hf_name, (dim,)), stack=stack, dtype=dtype, init="ones")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...] * xf.astype(x.dtype)
+
+
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotary embedding in the half-split layout. x: [B, T, N, H]; cos, sin: [B, T, H/2] float32."""
+  h2 = x.shape[-1] // 2
+  x1, x2 = x[..., :h2], x[..., h2:]
+  c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def rope_tables(inv_freq: np.ndarray, scale: float, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, H/2] in float32 for integer positions [B, T]."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys and values of every layer, one row per sequence.
+
+  k, v: [L, B, S, K, H], logical axes (layers, batch, length, kv_heads, head_dim). Position p of sequence b
+    lives at [:, b, p]; rows hold RoPE'd keys.
+  lengths: [B] int32, tokens held per sequence = the position the next token is written to. Slots at or past
+    `lengths` hold stale data; attention never reads them because keys past the query's position are masked.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+
+  AXES = (LAYERS, BATCH, LENGTH, KV_HEADS, HEAD_DIM)
+
+  @classmethod
+  def zeros(cls, cfg: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with q/k/v bias and no output bias."""
+
+  def __init__(self, cfg: QwenConfig, *, stack, dtype, param_dtype, rngs: nnx.Rngs):
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    w = lambda shape, axes, hf, init="normal": _weight(rngs, shape, axes, hf, stack=stack, dtype=param_dtype,
+                                                       init=init)
+    pre = "model.layers.{layer}.self_attn."
+    self.q_kernel = w((d, n, h), (EMBED, HEADS, HEAD_DIM), HFTensor(pre + "q_proj.weight", (n * h, d), True))
+    self.q_bias = w((n, h), (HEADS, HEAD_DIM), HFTensor(pre + "q_proj.bias", (n * h,)), "zeros")
+    self.k_kernel = w((d, k, h), (EMBED, KV_HEADS, HEAD_DIM), HFTensor(pre + "k_proj.weight", (k * h, d), True))
+    self.k_bias = w((k, h), (KV_HEADS, HEAD_DIM), HFTensor(pre + "k_proj.bias", (k * h,)), "zeros")
+    self.v_kernel = w((d, k, h), (EMBED, KV_HEADS, HEAD_DIM), HFTensor(pre + "v_proj.weight", (k * h, d), True))
+    self.v_bias = w((k, h), (KV_HEADS, HEAD_DIM), HFTensor(pre + "v_proj.bias", (k * h,)), "zeros")
+    self.o_kernel = w((n, h, d), (HEADS, HEAD_DIM, EMBED), HFTensor(pre + "o_proj.weight", (d, n * h), True))
+    self.num_groups = cfg.num_groups
+    self.dtype = dtype
+
+  def __call__(self, x, cos, sin, cache_k, cache_v, layer, positions, window, attend_to_cache):
+    """x: [B, T, D]; cache_k/v: [L, B, S, K, H] (all layers); positions: [B, T] absolute positions.
+
+    Writes this step's keys and values at `positions` of `layer`, then attends causally: over the whole cache
+    row (decode, chunked prefill) or over this step's tokens alone (`attend_to_cache=False`, prefill into an
+    empty row, which skips the T x S work). Returns the output [B, T, D] and the updated caches.
+    """
+    dt = self.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
+    k = jnp.einsum("btd,dkh->btkh", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
+    v = jnp.einsum("btd,dkh->btkh", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+
+    b_idx = jnp.arange(x.shape[0])[:, None]  # [B, 1]
+    # Positions past the cache's end (bucket padding of a prompt near the limit) are dropped, never clamped.
+    cache_k = cache_k.at[layer, b_idx, positions].set(k.astype(cache_k.dtype), mode="drop")
+    cache_v = cache_v.at[layer, b_idx, positions].set(v.astype(cache_v.dtype), mode="drop")
+    if attend_to_cache:
+      keys, values = cache_k[layer].astype(dt), cache_v[layer].astype(dt)  # [B, S, K, H]
+      key_pos = jnp.arange(keys.shape[1])[None, :]  # [1, S]
+    else:
+      keys, values, key_pos = k, v, positions
+
+    b, t, n, h = q.shape
+    q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32) * (h ** -0.5)
+    delta = positions[:, :, None] - key_pos[:, None, :]  # [B, T, S] query minus key position
+    mask = (delta >= 0) & (delta < window)
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(b, t, n, h)
+    return jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt)), cache_k, cache_v
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+  def __init__(self, cfg: QwenConfig, *, stack, dtype, param_dtype, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    pre = "model.layers.{layer}.mlp."
+    self.gate = _weight(rngs, (d, f), (EMBED, MLP), HFTensor(pre + "gate_proj.weight", (f, d), True), stack=stack,
+                        dtype=param_dtype)
+    self.up = _weight(rngs, (d, f), (EMBED, MLP), HFTensor(pre + "up_proj.weight", (f, d), True), stack=stack,
+                      dtype=param_dtype)
+    self.down = _weight(rngs, (f, d), (MLP, EMBED), HFTensor(pre + "down_proj.weight", (d, f), True), stack=stack,
+                        dtype=param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = self.dtype
+    g = jnp.einsum("btd,df->btf", x, self.gate[...].astype(dt))
+    u = jnp.einsum("btd,df->btf", x, self.up[...].astype(dt))
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder layer: x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))."""
+
+  def __init__(self, cfg: QwenConfig, *, stack=(), dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(stack=stack, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "model.layers.{layer}.input_layernorm.weight",
+                             stack=stack, dtype=param_dtype, rngs=rngs)
+    self.attn = Attention(cfg, **kw)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                            "model.layers.{layer}.post_attention_layernorm.weight", stack=stack, dtype=param_dtype,
+                            rngs=rngs)
+    self.mlp = MLP(cfg, **kw)
+
+  def __call__(self, x, cos, sin, cache_k, cache_v, layer, positions, window, attend_to_cache):
+    a, cache_k, cache_v = self.attn(self.attn_norm(x), cos, sin, cache_k, cache_v, layer, positions, window,
+                                    attend_to_cache)
+    x = x + a
+    return x + self.mlp(self.mlp_norm(x)), cache_k, cache_v
+
+
+class Qwen2(nnx.Module):
+  """The Qwen2 / Qwen2.5 causal LM.
+
+  dtype: compute dtype of activations and matmuls (float32 on CPU, bfloat16 on TPU/GPU); norms, softmax and
+    logits are float32 regardless. param_dtype: storage dtype of weights.
+  scan_layers: stacked weights under `lax.scan` (True) or one array per layer, unrolled (False).
+  """
+
+  def __init__(self, cfg: QwenConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = True,
+               rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.scan_layers = scan_layers
+    d, v = cfg.hidden_size, cfg.vocab_size
+    self.embed = _weight(rngs, (v, d), (VOCAB, EMBED), HFTensor("model.embed_tokens.weight", (v, d)), stack=(),
+                         dtype=param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if scan_layers:
+      self.layers = Block(cfg, stack=(cfg.num_layers,), **kw)
+    else:
+      self.layers = nnx.List([Block(cfg, **kw) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(d, cfg.rms_norm_eps, "model.norm.weight", dtype=param_dtype, rngs=rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _weight(rngs, (d, v), (EMBED, VOCAB), HFTensor("lm_head.weight", (v, d), True), stack=(),
+                             dtype=param_dtype)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
+               attend_to_cache: bool = True) -> tuple[jax.Array, KVCache]:
+    """tokens, positions: [B, T] int32. Returns final hidden states [B, T, D] and the cache with this step's
+    keys and values written (lengths are the caller's to advance)."""
+    x = self.embed[...][tokens].astype(self.dtype)  # [B, T, D]
+    cos, sin = rope_tables(*self.cfg.rope_frequencies(), positions)
+    windows = self.cfg.layer_windows()  # [L]
+    ck, cv = cache.k, cache.v
+    args = (cos, sin)
+    if self.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
+
+      def body(carry, xs):
+        x, ck, cv = carry
+        layer_state, layer, window = xs
+        x, ck, cv = nnx.merge(graphdef, layer_state)(x, *args, ck, cv, layer, positions, window, attend_to_cache)
+        return (x, ck, cv), None
+
+      xs = (stacked, jnp.arange(self.cfg.num_layers), jnp.asarray(windows))
+      (x, ck, cv), _ = jax.lax.scan(body, (x, ck, cv), xs)
+    else:
+      for i, block in enumerate(self.layers):
+        x, ck, cv = block(x, *args, ck, cv, i, positions, int(windows[i]), attend_to_cache)
+    return self.final_norm(x), KVCache(ck, cv, cache.lengths)
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """Final hidden states [..., D] -> float32 logits [..., V]."""
+    if self.cfg.tie_word_embeddings:
+      return jnp.einsum("...d,vd->...v", h, self.embed[...].astype(h.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def abstract_model(cfg: QwenConfig, **kwargs) -> Qwen2:
+  """The model with ShapeDtypeStructs for weights: nothing allocated."""
+  return nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), **kwargs))
+
+
+def weight_declarations(model: Qwen2) -> list[tuple[tuple, nnx.Param]]:
+  """(path, Param) for every weight, in a fixed order; each Param carries `axes` and `hf` metadata."""
+  return [(path, var) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+

@@ -1,0 +1,87 @@
+"""Jitted prefill and decode steps: pure functions of (graphdef, params, cache, inputs), the cache donated.
+
+    graphdef, params = nnx.split(model)
+    cache = KVCache.zeros(cfg, batch, max_len)
+    logits, cache = prefill(graphdef, params, cache, tokens, lengths)   # tokens [B, T] padded to a bucket
+    logits, cache = decode_step(graphdef, params, cache, next_tokens)    # next_tokens [B]
+
+`*_impl` are the same steps unjitted, for composing into larger jitted functions (sampling, several decode
+steps per call). Each step returns float32 logits and the cache with `lengths` advanced. Prompt lengths pad to `LengthBuckets`
+so a long-running process compiles one prefill program per bucket (and per batch size), not per prompt.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenjax.model import KVCache
+
+
+def _run(graphdef, params, cache: KVCache, tokens, num_new, *, fresh: bool, all_logits: bool):
+  """Runs tokens [B, T] at positions lengths + [0, T); num_new [B] of them are real, the rest padding."""
+  model = nnx.merge(graphdef, params)
+  b, t = tokens.shape
+  positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+  h, cache = model(tokens, positions, cache, attend_to_cache=not fresh)  # h: [B, T, D]
+  cache = dataclasses.replace(cache, lengths=cache.lengths + num_new)
+  if all_logits:
+    return model.logits(h), cache  # [B, T, V]
+  last = jnp.take_along_axis(h, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
+  return model.logits(last), cache  # [B, V]
+
+
+def prefill_impl(graphdef, params, cache: KVCache, tokens: jax.Array, lengths: jax.Array, all_logits: bool = False):
+  """Prompts into empty cache rows. tokens: [B, T] right-padded; lengths: [B] true prompt lengths.
+
+  Attends within the prompt only (T x T, not T x S). Returns logits at each prompt's last token [B, V] (or at
+  every position [B, T, V] with all_logits) and the cache holding the prompts.
+  """
+  cache = dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths))
+  return _run(graphdef, params, cache, tokens, lengths, fresh=True, all_logits=all_logits)
+
+
+def extend_impl(graphdef, params, cache: KVCache, tokens: jax.Array, num_new: jax.Array, all_logits: bool = False):
+  """Appends tokens [B, T] (num_new [B] real) after what each cache row holds: chunked prefill, prefixes."""
+  return _run(graphdef, params, cache, tokens, num_new, fresh=False, all_logits=all_logits)
+
+
+def decode_step_impl(graphdef, params, cache: KVCache, tokens: jax.Array):
+  """One token per sequence, each at its own position. tokens: [B] -> logits [B, V]."""
+  return _run(graphdef, params, cache, tokens[:, None], jnp.ones_like(cache.lengths), fresh=False,
+              all_logits=False)
+
+
+_jit = functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames=("cache",))
+prefill = _jit(prefill_impl)
+extend = _jit(extend_impl)
+decode_step = jax.jit(decode_step_impl, static_argnames=("graphdef",), donate_argnames=("cache",))
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthBuckets:
+  """The padded lengths prompts are compiled at: powers of two from `minimum`, capped at `maximum`."""
+
+  maximum: int
+  minimum: int = 16
+
+  @property
+  def sizes(self) -> tuple[int, ...]:
+    sizes, s = [], self.minimum
+    while s < self.maximum:
+      sizes.append(s)
+      s *= 2
+    return tuple(sizes) + (self.maximum,)
+
+  def bucket(self, length: int) -> int:
+    """The smallest bucket that holds `length` tokens."""
+    sizes = self.sizes
+    i = bisect.bisect_left(sizes, length)
+    if i == len(sizes):
+      raise ValueError(f"{length} tokens exceed the largest bucket ({sizes[-1]}).")
+    return sizes[i]
