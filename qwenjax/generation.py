@@ -72,22 +72,27 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
   return jnp.where(temperature > 0, sampled, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
-def _prefill_and_sample(graphdef, params, cache, tokens, lengths, keys, temperature, top_k, top_p, greedy):
-  logits, cache = steps.prefill_impl(graphdef, params, cache, tokens, lengths)
-  return _pick(logits, keys, temperature, top_k, top_p, greedy), cache
+def _keys(seeds: jax.Array, step: jax.Array) -> jax.Array:
+  """One PRNG key per row from its request's seed and the step: a row's draws ignore its batch mates."""
+  return jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), step))(seeds)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
-def _decode_and_sample(graphdef, params, cache, tokens, keys, temperature, top_k, top_p, greedy):
-  logits, cache = steps.decode_step_impl(graphdef, params, cache, tokens)
-  return _pick(logits, keys, temperature, top_k, top_p, greedy), cache
-
-
-def _pick(logits, keys, temperature, top_k, top_p, greedy):
+def _pick(logits, seeds, step, temperature, top_k, top_p, greedy):
   if greedy:  # static: a greedy batch skips the sort over the vocabulary
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return sample(logits, keys, temperature, top_k, top_p)
+  return sample(logits, _keys(seeds, step), temperature, top_k, top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
+def _prefill_and_sample(graphdef, params, cache, tokens, lengths, seeds, temperature, top_k, top_p, greedy):
+  logits, cache = steps.prefill_impl(graphdef, params, cache, tokens, lengths)
+  return _pick(logits, seeds, 0, temperature, top_k, top_p, greedy), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
+def _decode_and_sample(graphdef, params, cache, tokens, step, seeds, temperature, top_k, top_p, greedy):
+  logits, cache = steps.decode_step_impl(graphdef, params, cache, tokens)
+  return _pick(logits, seeds, step, temperature, top_k, top_p, greedy), cache
 
 
 def _batch_bucket(n: int) -> int:
@@ -108,6 +113,7 @@ class Generator:
     self.max_seq_len = max_seq_len or min(self.cfg.max_position_embeddings, 4096)
     self.buckets = steps.LengthBuckets(maximum=self.max_seq_len, minimum=min(min_bucket, self.max_seq_len))
     self.eos_token_ids = frozenset(eos_token_ids)
+    self._caches: dict[int, KVCache] = {}  # batch size -> a cache to reuse
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
                ) -> list[Completion]:
@@ -133,15 +139,15 @@ class Generator:
     temperature = pad((s.temperature for s in params_list), 0.0).astype(np.float32)
     top_k = pad((s.top_k for s in params_list), 0).astype(np.int32)
     top_p = pad((s.top_p for s in params_list), 1.0).astype(np.float32)
+    seeds = pad((s.seed for s in params_list), 0).astype(np.uint32)
     greedy = bool(np.all(temperature == 0))
-    base_keys = jnp.stack([jax.random.key(s.seed) for s in params_list]
-                          + [jax.random.key(0)] * (b - n))
-    step_keys = lambda step: jax.vmap(jax.random.fold_in, (0, None))(base_keys, step)
-    sample_args = (jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p))
+    sample_args = (seeds, temperature, top_k, top_p)
 
-    cache = KVCache.zeros(self.cfg, b, self.max_seq_len, self.cache_dtype)
-    next_tok, cache = _prefill_and_sample(self.graphdef, self.params, cache, jnp.asarray(tokens),
-                                          jnp.asarray(lengths), step_keys(0), *sample_args, greedy=greedy)
+    # Host arrays go straight into the jitted steps; the cache of each batch size is allocated once and
+    # handed back and forth (donated), its stale rows overwritten by the next prefill.
+    cache = self._caches.pop(b, None) or KVCache.zeros(self.cfg, b, self.max_seq_len, self.cache_dtype)
+    next_tok, cache = _prefill_and_sample(self.graphdef, self.params, cache, tokens, lengths, *sample_args,
+                                          greedy=greedy)
     out = [Completion([], "length", len(p)) for p in prompts]
     done = np.zeros(b, bool)
     done[n:] = True
@@ -159,6 +165,7 @@ class Generator:
           done[i] = True
       if done.all():
         break
-      next_tok, cache = _decode_and_sample(self.graphdef, self.params, cache, next_tok, step_keys(step + 1),
+      next_tok, cache = _decode_and_sample(self.graphdef, self.params, cache, next_tok, np.int32(step + 1),
                                            *sample_args, greedy=greedy)
+    self._caches[b] = cache
     return out
