@@ -99,8 +99,9 @@ def rope_tables(inv_freq: np.ndarray, scale: float, positions: jax.Array) -> tup
 class KVCache:
   """Keys and values of every layer, one row per sequence.
 
-  k, v: [L, B, S, K, H], logical axes (layers, batch, length, kv_heads, head_dim). Position p of sequence b
-    lives at [:, b, p]; rows hold RoPE'd keys.
+  k, v: [L, B, K, S, H], logical axes (layers, batch, kv_heads, length, head_dim). Position p of sequence b
+    lives at [:, b, :, p]; keys are stored after RoPE. Heads before positions, so that attention reads each
+    head's [S, H] block contiguously (no per-step transpose of the cache).
   lengths: [B] int32, tokens held per sequence = the position the next token is written to. Slots at or past
     `lengths` hold stale data; attention never reads them because keys past the query's position are masked.
   """
@@ -109,16 +110,16 @@ class KVCache:
   v: jax.Array
   lengths: jax.Array
 
-  AXES = (LAYERS, BATCH, LENGTH, KV_HEADS, HEAD_DIM)
+  AXES = (LAYERS, BATCH, KV_HEADS, LENGTH, HEAD_DIM)
 
   @classmethod
   def zeros(cls, cfg: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 class Attention(nnx.Module):
@@ -140,7 +141,7 @@ class Attention(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x, cos, sin, cache_k, cache_v, layer, positions, window, attend_to_cache):
-    """x: [B, T, D]; cache_k/v: [L, B, S, K, H] (all layers); positions: [B, T] absolute positions.
+    """x: [B, T, D]; cache_k/v: [L, B, K, S, H] (all layers); positions: [B, T] absolute positions.
 
     Writes this step's keys and values at `positions` of `layer`, then attends causally: over the whole cache
     row (decode, chunked prefill) or over this step's tokens alone (`attend_to_cache=False`, prefill into an
@@ -153,24 +154,27 @@ class Attention(nnx.Module):
     q, k = rope(q, cos, sin), rope(k, cos, sin)
 
     b_idx = jnp.arange(x.shape[0])[:, None]  # [B, 1]
-    # Positions past the cache's end (bucket padding of a prompt near the limit) are dropped, never clamped.
-    cache_k = cache_k.at[layer, b_idx, positions].set(k.astype(cache_k.dtype), mode="drop")
-    cache_v = cache_v.at[layer, b_idx, positions].set(v.astype(cache_v.dtype), mode="drop")
+    # Indexed [layer, b, :, position]: the update is [B, T, K, H]. Positions past the cache's end (bucket
+    # padding of a prompt near the limit) are dropped, never clamped.
+    cache_k = cache_k.at[layer, b_idx, :, positions].set(k.astype(cache_k.dtype), mode="drop")
+    cache_v = cache_v.at[layer, b_idx, :, positions].set(v.astype(cache_v.dtype), mode="drop")
     if attend_to_cache:
-      keys, values = cache_k[layer].astype(dt), cache_v[layer].astype(dt)  # [B, S, K, H]
-      key_pos = jnp.arange(keys.shape[1])[None, :]  # [1, S]
+      keys, values = cache_k[layer].astype(dt), cache_v[layer].astype(dt)  # [B, K, S, H]
+      key_pos = jnp.arange(keys.shape[2])[None, :]  # [1, S]
     else:
-      keys, values, key_pos = k, v, positions
+      keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, T, H]
 
     b, t, n, h = q.shape
     q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)  # [B, T, K, G, H]
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32) * (h ** -0.5)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32) * (h ** -0.5)
     delta = positions[:, :, None] - key_pos[:, None, :]  # [B, T, S] query minus key position
     mask = (delta >= 0) & (delta < window)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(b, t, n, h)
-    return jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt)), cache_k, cache_v
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, values).reshape(b, t, n * h)
+    # One [N*H, D] matmul: contracting (n, h) in an einsum let XLA:CPU transpose the weight every step.
+    o_kernel = self.o_kernel[...].astype(dt).reshape(n * h, -1)
+    return jnp.einsum("bte,ed->btd", out, o_kernel), cache_k, cache_v
 
 
 class MLP(nnx.Module):

@@ -46,3 +46,103 @@ def tiny_factory(tmp_path_factory):
     return made[name]
 
   return make
+
+
+# --- Tokenizer, GGUF and embedded-model fixtures (test_tokenizer.py, test_gguf.py, test_embedded.py) ---
+# (The real_model marker is registered in setup.cfg.)
+
+DATA_DIR = pathlib.Path(__file__).parent / "data"
+
+# Qwen2.5's added tokens in id order; <tool_call> and </tool_call> are plain added tokens, the rest special.
+QWEN_ADDED_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+)
+QWEN_PLAIN_ADDED_TOKENS = ("<tool_call>", "</tool_call>")
+
+_TINY_CORPUS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "The quick brown fox jumps over the lazy dog. It's what they'll say, isn't it?",
+    "import numpy as np\nx = np.arange(10)\t# tabs\tand  spaces\n\n\nprint(x.sum())",
+    "Qwen is a helpful assistant. You are Qwen, created by Alibaba Cloud.",
+    "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}",
+    "你好，世界！今天天气很好。 Café, naïve, résumé, Zürich.",
+    "12345 67890 3.14159 2024-01-01",
+]
+
+
+def qwen_chat_template() -> str:
+  """Qwen2.5's chat template, exactly as the embedded GGUF's tokenizer.chat_template holds it."""
+  return (DATA_DIR / "qwen2_5_chat_template.jinja").read_text(encoding="utf-8")
+
+
+def build_tiny_bpe():
+  """A ~600-token byte-level BPE trained here with Qwen2's pipeline and Qwen's added tokens appended."""
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+  from tokenizers import trainers
+  from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+  tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+  tok.normalizer = normalizers.NFC()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+  ])
+  tok.decoder = decoders.ByteLevel()
+  tok.post_processor = processors.ByteLevel(trim_offsets=False)
+  trainer = trainers.BpeTrainer(vocab_size=600, min_frequency=1, show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(_TINY_CORPUS * 3, trainer)
+  for token in QWEN_ADDED_TOKENS:
+    if token in QWEN_PLAIN_ADDED_TOKENS:
+      tok.add_tokens([AddedToken(token, special=False, normalized=False)])
+    else:
+      tok.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+  return tok
+
+
+def save_tiny_tokenizer_dir(directory: pathlib.Path, chat_template: str | None = None) -> pathlib.Path:
+  """Writes a Qwen2.5-style tokenizer directory (tokenizer.json, tokenizer_config.json, generation/config)."""
+  tok = build_tiny_bpe()
+  directory.mkdir(parents=True, exist_ok=True)
+  tok.save(str(directory / "tokenizer.json"))
+  ids = {t: tok.token_to_id(t) for t in QWEN_ADDED_TOKENS}
+  config = {
+      "add_bos_token": False, "add_prefix_space": False, "bos_token": None, "clean_up_tokenization_spaces": False,
+      "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 32768, "pad_token": "<|endoftext|>",
+      "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+      "chat_template": chat_template if chat_template is not None else qwen_chat_template(),
+  }
+  (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+  (directory / "generation_config.json").write_text(json.dumps(
+      {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+       "pad_token_id": ids["<|endoftext|>"]}))
+  (directory / "config.json").write_text(json.dumps(
+      {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "bos_token_id": ids["<|endoftext|>"],
+       "eos_token_id": ids["<|im_end|>"]}))
+  return directory
+
+
+@pytest.fixture(scope="session")
+def qwen_template():
+  return qwen_chat_template()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+  return save_tiny_tokenizer_dir(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def real_gguf_path():
+  """The assembled embedded GGUF; skips only when its part packages are not installed at all."""
+  import importlib.util
+
+  from qwenjax import embedded
+
+  missing = [p.distribution for p in embedded.EMBEDDED_MODEL.parts if importlib.util.find_spec(p.package) is None]
+  if missing:
+    pytest.skip(f"the embedded model's parts are not installed ({', '.join(missing)}); pip install -e '.[model]'")
+  return embedded.default_model_path()

@@ -1,0 +1,70 @@
+r"""Generates a completion for one prompt.
+
+  python -m launch.generate --prompt="Write a Python function that checks whether a number is prime."
+  python -m launch.generate --model=/path/to/Qwen2.5-0.5B-Instruct --prompt="Hi" --json
+  python -m launch.generate --model=model.gguf --raw --prompt="def fib(n):" --max_new_tokens=64
+
+stdout holds the generated text alone (or, with --json, one JSON object); logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+_MODEL = flags.DEFINE_string("model", "default", "'default' (the embedded Qwen2.5-Coder-0.5B-Instruct), a .gguf "
+                             "file, or a Hugging Face checkpoint directory.")
+_PROMPT = flags.DEFINE_string("prompt", None, "The user message, rendered with the chat template (raw text with "
+                              "--raw).", required=True)
+_SYSTEM = flags.DEFINE_string("system", None, "System message; default: the chat template's own default.")
+_RAW = flags.DEFINE_bool("raw", False, "Treat --prompt as raw text: no chat template.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Most tokens to generate.", lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 means greedy.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the smallest set of tokens reaching this mass.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens; 0 keeps all.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
+_IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Don't stop at an end-of-sequence token.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and weight dtype (float32 is "
+                           "the CPU default; bfloat16 for TPU/GPU).")
+_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 4096, "KV-cache length: prompt plus generated tokens.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object with text, token_ids, finish_reason and usage.")
+
+
+def main(argv):
+  del argv
+  import qwenjax  # pylint: disable=g-import-not-at-top  (after flag parsing: --help stays fast)
+
+  try:
+    loaded = qwenjax.load(_MODEL.value, dtype=_DTYPE.value)
+    tok = loaded.tokenizer
+    if _RAW.value:
+      prompt_ids = tok.encode(_PROMPT.value)
+    else:
+      messages = ([{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value is not None else [])
+      messages.append({"role": "user", "content": _PROMPT.value})
+      prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    sampling = qwenjax.SamplingParams(max_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                                      top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+                                      ignore_eos=_IGNORE_EOS.value)
+    eos = set(tok.eos_token_ids) | set(loaded.config.eos_token_ids)
+    gen = qwenjax.Generator(loaded.model, eos, max_seq_len=_MAX_SEQ_LEN.value)
+    [out] = gen.generate([prompt_ids], sampling)
+  except qwenjax.QwenJaxError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  # The end-of-sequence token itself is not part of the text.
+  shown = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
+  text = tok.decode(shown)
+  if _JSON.value:
+    print(json.dumps({"text": text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                      "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out.token_ids)}},
+                     ensure_ascii=False))
+  else:
+    print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,68 @@
+"""One entry point from a `--model` value to a loaded model and its tokenizer.
+
+`--model` may be "default" (or empty: the embedded Qwen2.5-Coder-0.5B-Instruct GGUF), a `.gguf` file, or a
+Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from qwenjax import checkpoint
+from qwenjax._errors import CheckpointError
+from qwenjax.config import QwenConfig
+from qwenjax.model import Qwen2
+from qwenjax.tokenizer import Tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  model: Qwen2
+  tokenizer: Tokenizer
+  source: str  # the file or directory the weights came from
+
+  @property
+  def config(self) -> QwenConfig:
+    return self.model.cfg
+
+
+def default_scan_layers() -> bool:
+  """Scanned layers compile fast on TPU/GPU; on XLA:CPU unrolled layers decode faster (measured 2.6x)."""
+  return jax.default_backend() != "cpu"
+
+
+def load(model: str | None = None, *, dtype: str = "float32", param_dtype: str | None = None,
+         scan_layers: bool | None = None) -> LoadedModel:
+  """Loads weights and tokenizer. dtype: compute dtype; param_dtype: storage dtype (defaults to dtype)."""
+  from qwenjax import embedded  # pylint: disable=g-import-not-at-top
+
+  if dtype not in DTYPES or (param_dtype or dtype) not in DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r} / {param_dtype!r}.")
+  kwargs = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype or dtype],
+                scan_layers=default_scan_layers() if scan_layers is None else scan_layers)
+  path = pathlib.Path(embedded.resolve_model_arg(model))
+  start = time.perf_counter()
+  if path.is_file() and path.suffix == ".gguf":
+    from qwenjax.gguf_file import GGUFCheckpoint  # pylint: disable=g-import-not-at-top
+
+    gguf = GGUFCheckpoint(path)
+    cfg = QwenConfig.from_hf_config(gguf.hf_config(), source=str(path))
+    loaded = LoadedModel(checkpoint.load_from_source(cfg, gguf, **kwargs), gguf.tokenizer(), str(path))
+  elif path.is_dir() and (path / "config.json").exists():
+    loaded = LoadedModel(checkpoint.load_model(path, **kwargs), Tokenizer.from_directory(path), str(path))
+  elif not path.exists():
+    raise CheckpointError(f"{path}: no such file or directory (--model takes 'default', a .gguf file or a "
+                          "Hugging Face checkpoint directory).")
+  else:
+    raise CheckpointError(f"{path}: neither a .gguf file nor a directory with config.json.")
+  logging.info("Loaded %s (%d layers, %s) in %.1f s.", path, loaded.config.num_layers, dtype,
+               time.perf_counter() - start)
+  return loaded
