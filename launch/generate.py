@@ -55,9 +55,11 @@ def main(argv):
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  # The end-of-sequence token itself is not part of the text.
+  # The end-of-sequence token itself is not part of the text, and a character that max_new_tokens cut in
+  # half (byte-level BPE spreads some over several tokens) is left out rather than shown as U+FFFD.
   shown = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
-  text = tok.decode(shown)
+  stream = tok.stream()
+  text = "".join(stream.add(t) for t in shown)
   if _JSON.value:
     print(json.dumps({"text": text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
                       "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out.token_ids)}},

@@ -55,7 +55,10 @@ def load(model: str | None = None, *, dtype: str = "float32", param_dtype: str |
 
     gguf = GGUFCheckpoint(path)
     cfg = QwenConfig.from_hf_config(gguf.hf_config(), source=str(path))
-    loaded = LoadedModel(checkpoint.load_from_source(cfg, gguf, **kwargs), gguf.tokenizer(), str(path))
+    # The tokenizer first: building it from 150k-entry metadata lists is a transient of ~0.5 GB that should
+    # not stack on top of the weights.
+    tokenizer = gguf.tokenizer()
+    loaded = LoadedModel(checkpoint.load_from_source(cfg, gguf, **kwargs), tokenizer, str(path))
   elif path.is_dir() and (path / "config.json").exists():
     loaded = LoadedModel(checkpoint.load_model(path, **kwargs), Tokenizer.from_directory(path), str(path))
   elif not path.exists():

@@ -241,7 +241,8 @@ class Qwen2(nnx.Module):
       self.layers = nnx.List([Block(cfg, **kw) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(d, cfg.rms_norm_eps, "model.norm.weight", dtype=param_dtype, rngs=rngs)
     if not cfg.tie_word_embeddings:
-      self.lm_head = _weight(rngs, (d, v), (EMBED, VOCAB), HFTensor("lm_head.weight", (v, d), True), stack=(),
+      # [V, D] as checkpoints store it (like the embedding): the largest weight loads without a transpose.
+      self.lm_head = _weight(rngs, (v, d), (VOCAB, EMBED), HFTensor("lm_head.weight", (v, d)), stack=(),
                              dtype=param_dtype)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
@@ -271,9 +272,8 @@ class Qwen2(nnx.Module):
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final hidden states [..., D] -> float32 logits [..., V]."""
-    if self.cfg.tie_word_embeddings:
-      return jnp.einsum("...d,vd->...v", h, self.embed[...].astype(h.dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(h.dtype), preferred_element_type=jnp.float32)
+    head = self.embed if self.cfg.tie_word_embeddings else self.lm_head  # [V, D]
+    return jnp.einsum("...d,vd->...v", h, head[...].astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 def abstract_model(cfg: QwenConfig, **kwargs) -> Qwen2:

@@ -39,7 +39,7 @@ def test_loaded_weights_equal_the_torch_tensors(tiny):
   np.testing.assert_array_equal(w["layers/1/attn/o_kernel"],
                                 sd["model.layers.1.self_attn.o_proj.weight"].numpy().T.reshape(8, 8, 64))
   np.testing.assert_array_equal(w["layers/3/mlp/down"], sd["model.layers.3.mlp.down_proj.weight"].numpy().T)
-  np.testing.assert_array_equal(w["lm_head"], sd["lm_head.weight"].numpy().T)
+  np.testing.assert_array_equal(w["lm_head"], sd["lm_head.weight"].numpy())
 
 
 def test_sharded_checkpoint_loads_the_same(tiny, tmp_path):
