@@ -38,34 +38,28 @@ def main(argv):
 
   try:
     loaded = qwenjax.load(_MODEL.value, dtype=_DTYPE.value)
-    tok = loaded.tokenizer
     if _RAW.value:
-      prompt_ids = tok.encode(_PROMPT.value)
+      request = qwenjax.Request(prompt=_PROMPT.value)
     else:
       messages = ([{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value is not None else [])
       messages.append({"role": "user", "content": _PROMPT.value})
-      prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    sampling = qwenjax.SamplingParams(max_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-                                      top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-                                      ignore_eos=_IGNORE_EOS.value)
-    eos = set(tok.eos_token_ids) | set(loaded.config.eos_token_ids)
-    gen = qwenjax.Generator(loaded.model, eos, max_seq_len=_MAX_SEQ_LEN.value)
-    [out] = gen.generate([prompt_ids], sampling)
+      request = qwenjax.Request(messages=messages)
+    request.sampling = qwenjax.SamplingParams(
+        max_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+        seed=_SEED.value, ignore_eos=_IGNORE_EOS.value)
+    engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=_MAX_SEQ_LEN.value)
+    [out] = engine.generate([request])
   except qwenjax.QwenJaxError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  # The end-of-sequence token itself is not part of the text, and a character that max_new_tokens cut in
-  # half (byte-level BPE spreads some over several tokens) is left out rather than shown as U+FFFD.
-  shown = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
-  stream = tok.stream()
-  text = "".join(stream.add(t) for t in shown)
+  # The text leaves out the end-of-sequence token, and a character that max_new_tokens cut in half (byte-level
+  # BPE spreads some over several tokens) rather than show U+FFFD.
   if _JSON.value:
-    print(json.dumps({"text": text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
-                      "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out.token_ids)}},
-                     ensure_ascii=False))
+    print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                      "usage": out.usage}, ensure_ascii=False))
   else:
-    print(text)
+    print(out.text)
 
 
 if __name__ == "__main__":

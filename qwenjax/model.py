@@ -122,6 +122,17 @@ class KVCache:
     return self.k.shape[3]
 
 
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What every layer of one step shares: RoPE tables, positions, target cache rows, attention span."""
+
+  cos: jax.Array  # [B, T, H/2] float32
+  sin: jax.Array  # [B, T, H/2] float32
+  positions: jax.Array  # [B, T] absolute position of each token
+  rows: jax.Array | None  # [B] cache row of each sequence; None: row b holds sequence b
+  attend_to_cache: bool  # False: attend within this step's tokens only (prefill into empty rows)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention with q/k/v bias and no output bias."""
 
@@ -140,26 +151,31 @@ class Attention(nnx.Module):
     self.num_groups = cfg.num_groups
     self.dtype = dtype
 
-  def __call__(self, x, cos, sin, cache_k, cache_v, layer, positions, window, attend_to_cache):
-    """x: [B, T, D]; cache_k/v: [L, B, K, S, H] (all layers); positions: [B, T] absolute positions.
+  def __call__(self, x, ctx: "StepContext", cache_k, cache_v, layer, window):
+    """x: [B, T, D]; cache_k/v: [L, C, K, S, H] (all layers, all C cache rows).
 
-    Writes this step's keys and values at `positions` of `layer`, then attends causally: over the whole cache
-    row (decode, chunked prefill) or over this step's tokens alone (`attend_to_cache=False`, prefill into an
-    empty row, which skips the T x S work). Returns the output [B, T, D] and the updated caches.
+    Writes this step's keys and values at `ctx.positions` of `layer` in cache rows `ctx.rows`, then attends
+    causally: over the whole cache row (decode, chunked prefill) or over this step's tokens alone
+    (`ctx.attend_to_cache=False`, prefill into an empty row, which skips the T x S work). Returns the output
+    [B, T, D] and the updated caches.
     """
+    positions = ctx.positions
     dt = self.dtype
     q = jnp.einsum("btd,dnh->btnh", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
     k = jnp.einsum("btd,dkh->btkh", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
     v = jnp.einsum("btd,dkh->btkh", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
-    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    q, k = rope(q, ctx.cos, ctx.sin), rope(k, ctx.cos, ctx.sin)
 
-    b_idx = jnp.arange(x.shape[0])[:, None]  # [B, 1]
-    # Indexed [layer, b, :, position]: the update is [B, T, K, H]. Positions past the cache's end (bucket
+    rows = jnp.arange(x.shape[0]) if ctx.rows is None else ctx.rows  # [B] cache row of each sequence
+    # Indexed [layer, row, :, position]: the update is [B, T, K, H]. Positions past the cache's end (bucket
     # padding of a prompt near the limit) are dropped, never clamped.
-    cache_k = cache_k.at[layer, b_idx, :, positions].set(k.astype(cache_k.dtype), mode="drop")
-    cache_v = cache_v.at[layer, b_idx, :, positions].set(v.astype(cache_v.dtype), mode="drop")
-    if attend_to_cache:
-      keys, values = cache_k[layer].astype(dt), cache_v[layer].astype(dt)  # [B, K, S, H]
+    cache_k = cache_k.at[layer, rows[:, None], :, positions].set(k.astype(cache_k.dtype), mode="drop")
+    cache_v = cache_v.at[layer, rows[:, None], :, positions].set(v.astype(cache_v.dtype), mode="drop")
+    if ctx.attend_to_cache:
+      keys, values = cache_k[layer], cache_v[layer]  # [C, K, S, H]
+      if ctx.rows is not None:
+        keys, values = keys[ctx.rows], values[ctx.rows]  # [B, K, S, H]
+      keys, values = keys.astype(dt), values.astype(dt)
       key_pos = jnp.arange(keys.shape[2])[None, :]  # [1, S]
     else:
       keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, T, H]
@@ -211,9 +227,8 @@ class Block(nnx.Module):
                             rngs=rngs)
     self.mlp = MLP(cfg, **kw)
 
-  def __call__(self, x, cos, sin, cache_k, cache_v, layer, positions, window, attend_to_cache):
-    a, cache_k, cache_v = self.attn(self.attn_norm(x), cos, sin, cache_k, cache_v, layer, positions, window,
-                                    attend_to_cache)
+  def __call__(self, x, ctx: "StepContext", cache_k, cache_v, layer, window):
+    a, cache_k, cache_v = self.attn(self.attn_norm(x), ctx, cache_k, cache_v, layer, window)
     x = x + a
     return x + self.mlp(self.mlp_norm(x)), cache_k, cache_v
 
@@ -245,29 +260,29 @@ class Qwen2(nnx.Module):
       self.lm_head = _weight(rngs, (v, d), (VOCAB, EMBED), HFTensor("lm_head.weight", (v, d)), stack=(),
                              dtype=param_dtype)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
+  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *, rows: jax.Array | None = None,
                attend_to_cache: bool = True) -> tuple[jax.Array, KVCache]:
-    """tokens, positions: [B, T] int32. Returns final hidden states [B, T, D] and the cache with this step's
-    keys and values written (lengths are the caller's to advance)."""
+    """tokens, positions: [B, T] int32; rows: [B] cache row of each sequence (None: row b is sequence b).
+
+    Returns final hidden states [B, T, D] and the cache with this step's keys and values written (lengths are
+    the caller's to advance)."""
     x = self.embed[...][tokens].astype(self.dtype)  # [B, T, D]
-    cos, sin = rope_tables(*self.cfg.rope_frequencies(), positions)
+    ctx = StepContext(*rope_tables(*self.cfg.rope_frequencies(), positions), positions, rows, attend_to_cache)
     windows = self.cfg.layer_windows()  # [L]
     ck, cv = cache.k, cache.v
-    args = (cos, sin)
     if self.scan_layers:
       graphdef, stacked = nnx.split(self.layers)
 
       def body(carry, xs):
         x, ck, cv = carry
         layer_state, layer, window = xs
-        x, ck, cv = nnx.merge(graphdef, layer_state)(x, *args, ck, cv, layer, positions, window, attend_to_cache)
-        return (x, ck, cv), None
+        return nnx.merge(graphdef, layer_state)(x, ctx, ck, cv, layer, window), None
 
       xs = (stacked, jnp.arange(self.cfg.num_layers), jnp.asarray(windows))
       (x, ck, cv), _ = jax.lax.scan(body, (x, ck, cv), xs)
     else:
       for i, block in enumerate(self.layers):
-        x, ck, cv = block(x, *args, ck, cv, i, positions, int(windows[i]), attend_to_cache)
+        x, ck, cv = block(x, ctx, ck, cv, i, int(windows[i]))
     return self.final_norm(x), KVCache(ck, cv, cache.lengths)
 
   def logits(self, h: jax.Array) -> jax.Array:

@@ -23,37 +23,44 @@ from flax import nnx
 from qwenjax.model import KVCache
 
 
-def _run(graphdef, params, cache: KVCache, tokens, num_new, *, fresh: bool, all_logits: bool):
-  """Runs tokens [B, T] at positions lengths + [0, T); num_new [B] of them are real, the rest padding."""
+def _run(graphdef, params, cache: KVCache, tokens, num_new, rows, *, fresh: bool, all_logits: bool):
+  """Runs tokens [B, T] at positions lengths + [0, T) of cache rows `rows` ([B], None: all rows in order);
+  num_new [B] of them are real, the rest padding."""
   model = nnx.merge(graphdef, params)
   b, t = tokens.shape
-  positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-  h, cache = model(tokens, positions, cache, attend_to_cache=not fresh)  # h: [B, T, D]
-  cache = dataclasses.replace(cache, lengths=cache.lengths + num_new)
+  lengths = cache.lengths if rows is None else cache.lengths[rows]  # [B]
+  positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+  h, cache = model(tokens, positions, cache, rows=rows, attend_to_cache=not fresh)  # h: [B, T, D]
+  new_lengths = lengths + num_new
+  cache = dataclasses.replace(cache, lengths=new_lengths if rows is None else cache.lengths.at[rows].set(new_lengths))
   if all_logits:
     return model.logits(h), cache  # [B, T, V]
   last = jnp.take_along_axis(h, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
   return model.logits(last), cache  # [B, V]
 
 
-def prefill_impl(graphdef, params, cache: KVCache, tokens: jax.Array, lengths: jax.Array, all_logits: bool = False):
-  """Prompts into empty cache rows. tokens: [B, T] right-padded; lengths: [B] true prompt lengths.
+def prefill_impl(graphdef, params, cache: KVCache, tokens: jax.Array, lengths: jax.Array, rows=None,
+                 all_logits: bool = False):
+  """Prompts into empty cache rows. tokens: [B, T] right-padded; lengths: [B] true prompt lengths; rows: [B]
+  the cache rows to fill (None: rows 0..B-1 of a B-row cache).
 
   Attends within the prompt only (T x T, not T x S). Returns logits at each prompt's last token [B, V] (or at
   every position [B, T, V] with all_logits) and the cache holding the prompts.
   """
-  cache = dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths))
-  return _run(graphdef, params, cache, tokens, lengths, fresh=True, all_logits=all_logits)
+  empty = jnp.zeros_like(cache.lengths)
+  cache = dataclasses.replace(cache, lengths=empty if rows is None else cache.lengths.at[rows].set(0))
+  return _run(graphdef, params, cache, tokens, lengths, rows, fresh=True, all_logits=all_logits)
 
 
-def extend_impl(graphdef, params, cache: KVCache, tokens: jax.Array, num_new: jax.Array, all_logits: bool = False):
-  """Appends tokens [B, T] (num_new [B] real) after what each cache row holds: chunked prefill, prefixes."""
-  return _run(graphdef, params, cache, tokens, num_new, fresh=False, all_logits=all_logits)
+def extend_impl(graphdef, params, cache: KVCache, tokens: jax.Array, num_new: jax.Array, rows=None,
+                all_logits: bool = False):
+  """Appends tokens [B, T] (num_new [B] real) after what cache rows `rows` hold: chunked prefill, prefixes."""
+  return _run(graphdef, params, cache, tokens, num_new, rows, fresh=False, all_logits=all_logits)
 
 
 def decode_step_impl(graphdef, params, cache: KVCache, tokens: jax.Array):
   """One token per sequence, each at its own position. tokens: [B] -> logits [B, V]."""
-  return _run(graphdef, params, cache, tokens[:, None], jnp.ones_like(cache.lengths), fresh=False,
+  return _run(graphdef, params, cache, tokens[:, None], jnp.ones_like(cache.lengths), None, fresh=False,
               all_logits=False)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from flax import nnx
 
-from qwenjax import Generator, KVCache, SamplingParams, decode_step, extend, prefill
+from qwenjax import Engine, KVCache, SamplingParams, decode_step, extend, prefill
 from qwenjax.checkpoint import load_model
 
 TOL = 1e-4
@@ -86,15 +86,15 @@ def test_extend_continues_a_prefix(tiny):
 def test_greedy_tokens_match_transformers_alone_and_batched(tiny, scan_layers):
   path, hf = tiny
   model = load_model(path, scan_layers=scan_layers)
-  gen = Generator(model, max_seq_len=128)
+  engine = Engine(model, None, eos_token_ids=(), max_batch_size=4, max_seq_len=128)
   rng = np.random.default_rng(2)
   prompts = [rng.integers(0, 300, size=n).tolist() for n in (5, 17, 40)]
   expected = [_hf_greedy(hf, p, 32) for p in prompts]
-  batched = gen.generate(prompts, SamplingParams(max_tokens=32))
+  batched = engine.generate(prompts, SamplingParams(max_tokens=32))
   for p, want, got in zip(prompts, expected, batched):
     assert got.token_ids == want, f"prompt of {len(p)} tokens"
     assert got.finish_reason == "length"
-  alone = [gen.generate([p], SamplingParams(max_tokens=32))[0].token_ids for p in prompts]
+  alone = [engine.generate([p], SamplingParams(max_tokens=32))[0].token_ids for p in prompts]
   assert alone == expected
 
 
@@ -105,10 +105,10 @@ def test_eos_stops_and_reports_stop(tiny_factory):
   ref = _hf_greedy(hf, prompt, 12)
   eos = ref[5]  # pretend the 6th generated token is an end-of-sequence token
   stop_at = ref.index(eos)
-  [out] = Generator(model, [eos], max_seq_len=64).generate([prompt], SamplingParams(max_tokens=12))
+  engine = Engine(model, None, eos_token_ids=[eos], max_batch_size=1, max_seq_len=64)
+  [out] = engine.generate([prompt], SamplingParams(max_tokens=12))
   assert out.token_ids == ref[:stop_at + 1] and out.finish_reason == "stop"
-  [out] = Generator(model, [eos], max_seq_len=64).generate([prompt], SamplingParams(max_tokens=12,
-                                                                                   ignore_eos=True))
+  [out] = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))
   assert out.token_ids == ref and out.finish_reason == "length"
 
 

@@ -45,7 +45,8 @@ def test_json_output_matches_transformers(checkpoint):
   assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(ref)}
   assert out["finish_reason"] == ("stop" if ref[-1] == hf_tok.convert_tokens_to_ids("<|im_end|>") else "length")
   shown = ref[:-1] if out["finish_reason"] == "stop" else ref
-  assert out["text"] == hf_tok.decode(shown)
+  # A character cut in half at the end (this random model emits stray byte tokens) is left out, not shown.
+  assert out["text"] == hf_tok.decode(shown, skip_special_tokens=True).rstrip("\ufffd")
 
 
 def test_plain_output_is_the_text_alone(checkpoint):
@@ -57,7 +58,7 @@ def test_plain_output_is_the_text_alone(checkpoint):
                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
   proc = _run(f"--model={d}", "--raw", "--prompt=The quick brown fox", "--max_new_tokens=12", "--ignore_eos")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout == hf_tok.decode(ref) + "\n"
+  assert proc.stdout == hf_tok.decode(ref, skip_special_tokens=True).rstrip("\ufffd") + "\n"
   assert "Loaded" in proc.stderr  # logs go to stderr, never stdout
 
 

@@ -65,9 +65,10 @@ def test_logits_match_transformers(ours, theirs):
 
 def test_greedy_generation_matches_transformers(ours, theirs):
   eos = ours.tokenizer.eos_token_ids
-  gen = qwenjax.Generator(ours.model, eos, max_seq_len=256)
+  engine = qwenjax.Engine(ours.model, ours.tokenizer, max_batch_size=2, max_seq_len=256)
   prompts = [_prompt_ids(ours, chat) for chat in CHATS]
-  batched = gen.generate(prompts, SamplingParams(max_tokens=32))
+  # Three prompts through two slots: the third is admitted when the first finishes (continuous batching).
+  batched = engine.generate(prompts, SamplingParams(max_tokens=32))
   for ids, got in zip(prompts, batched):
     with torch.no_grad():
       out = theirs.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=eos,

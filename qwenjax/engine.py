@@ -1,0 +1,442 @@
+"""Continuous batching over a fixed set of decode slots.
+
+    engine = Engine.load("default", max_batch_size=8)
+    outs = engine.generate(["def fib(n):", {"messages": [{"role": "user", "content": "Hi"}]}],
+                           SamplingParams(max_tokens=64))
+    for event in engine.stream(requests): ...
+
+The engine holds one KV cache of B = max_batch_size rows (slots) and S = max_seq_len positions. Each scheduler
+iteration
+  1. admits waiting sequences into free slots: the prompt is prefilled straight into that slot's cache row, in
+     length buckets (chunked past the largest one), and its first token is sampled;
+  2. advances every slot `decode_steps` tokens in one jitted call (a `fori_loop` of decode + sample); stops that
+     the device can see (end-of-sequence and stop token ids, max_tokens) end a row exactly where they occur;
+  3. on the host, appends the tokens, detokenizes incrementally, cuts stop strings, and frees finished slots at
+     once for the next waiting sequence.
+Programs compile once per prefill bucket and once per decode variant (greedy, or sampling with filters and
+penalties); no request shape compiles anything after warm-up.
+
+Shapes: B slots, S cache positions, T prefill bucket, V vocabulary, E stop ids per slot, k decode steps per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import secrets
+from typing import Any, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenjax import sampling as sampling_lib
+from qwenjax import steps
+from qwenjax._errors import InputError
+from qwenjax.model import KVCache, Qwen2
+from qwenjax.sampling import SamplingParams
+from qwenjax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Request:
+  """One prompt: raw text or token ids (`prompt`), or chat `messages` rendered with the chat template."""
+
+  prompt: str | Sequence[int] | None = None
+  messages: list[dict[str, Any]] | None = None
+  tools: list[dict[str, Any]] | None = None
+  sampling: SamplingParams | None = None
+  id: Any = None
+
+
+@dataclasses.dataclass
+class Completion:
+  """One generated sequence (one of a request's n samples)."""
+
+  text: str
+  token_ids: list[int]
+  finish_reason: str  # "stop": an end-of-sequence/stop token or stop string; "length": max_tokens or context
+  index: int = 0  # which of the request's n samples
+  logprobs: list[float] | None = None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  """A request's completions (n of them) and its token usage."""
+
+  id: Any
+  prompt_tokens: int
+  outputs: list[Completion]
+
+  @property
+  def text(self) -> str:
+    return self.outputs[0].text
+
+  @property
+  def token_ids(self) -> list[int]:
+    return self.outputs[0].token_ids
+
+  @property
+  def finish_reason(self) -> str:
+    return self.outputs[0].finish_reason
+
+  @property
+  def usage(self) -> dict[str, int]:
+    return {"prompt_tokens": self.prompt_tokens,
+            "completion_tokens": sum(len(o.token_ids) for o in self.outputs)}
+
+
+@dataclasses.dataclass
+class StreamEvent:
+  """Text and tokens a sequence produced since its last event; `finish_reason` set on its last event."""
+
+  request_index: int
+  sample_index: int
+  token_ids: list[int]
+  text: str
+  finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class _Sequence:
+  """Host-side state of one sequence while it waits or decodes."""
+
+  request_index: int
+  sample_index: int
+  prompt: list[int]
+  params: SamplingParams
+  seed: int
+  stop_ids: frozenset[int]
+  max_tokens: int
+  decoder: Any = None
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[float] = dataclasses.field(default_factory=list)
+  text: str = ""
+  finish_reason: str | None = None
+  emitted_tokens: int = 0  # tokens and text already streamed
+  emitted_text: int = 0
+  searched_text: int = 0  # text already searched for stop strings
+
+
+# Decode variants, a static jit argument: a batch of greedy requests skips sorting and penalties entirely.
+_GREEDY = sampling_lib.SamplingNeeds(sampling=False, top_k=False, top_p=False, min_p=False, penalties=False)
+_FULL = sampling_lib.SamplingNeeds(sampling=True, top_k=True, top_p=True, min_p=True, penalties=True)
+
+
+def _needs_of(params: Iterable[SamplingParams]) -> sampling_lib.SamplingNeeds:
+  needs = sampling_lib.pack(list(params)).needs
+  return _GREEDY if needs == _GREEDY else _FULL
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "fresh"), donate_argnames=("cache",))
+def _prefill_rows(graphdef, params, cache, tokens, num_new, rows, fresh):
+  """A prompt chunk into cache rows `rows` ([b]): fresh rows start empty; otherwise the chunk is appended."""
+  impl = steps.prefill_impl if fresh else steps.extend_impl
+  return impl(graphdef, params, cache, tokens, num_new, rows)
+
+
+@functools.partial(jax.jit, static_argnames=("needs",), donate_argnames=("prompt_mask", "counts"))
+def _first_token(logits, arrays, prompt_mask, counts, slot, prompt, prompt_len, needs):
+  """Resets slot's penalty state to its prompt, then samples the first token. logits: [1, V]; prompt: [T]."""
+  valid = jnp.arange(prompt.shape[0]) < prompt_len
+  row = jnp.zeros(prompt_mask.shape[1], bool).at[jnp.where(valid, prompt, prompt_mask.shape[1])].set(
+      True, mode="drop")
+  prompt_mask = prompt_mask.at[slot].set(row)
+  counts = counts.at[slot].set(0)
+  tok, logprob = sampling_lib.sample(logits, arrays, jnp.zeros((1,), jnp.int32), prompt_mask[slot][None],
+                                     counts[slot][None], needs)
+  counts = counts.at[slot, tok[0]].add(1)
+  return tok[0], logprob[0], prompt_mask, counts
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "num_steps"),
+                   donate_argnames=("cache", "counts"))
+def _decode_block(graphdef, params, cache, prompt_mask, counts, tokens, step, active, budget, stop_ids, arrays,
+                  needs, num_steps):
+  """num_steps decode steps for all B slots. tokens, step, budget: [B] int32; active: [B] bool; stop_ids: [B, E]
+  (-1 padded). Returns tokens [k, B] (-1 where a row had already stopped), logprobs [k, B], cache, counts."""
+
+  def body(i, carry):
+    cache, counts, tok, step, active, budget, out_tok, out_lp = carry
+    logits, cache = steps.decode_step_impl(graphdef, params, cache, tok)
+    new, logprob = sampling_lib.sample(logits, arrays, step, prompt_mask, counts, needs)
+    counts = sampling_lib.update_counts(counts, new, active)
+    out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
+    out_lp = out_lp.at[i].set(logprob)
+    stopped = jnp.any(new[:, None] == stop_ids, axis=-1) | (budget <= 1)
+    return cache, counts, new, step + 1, active & ~stopped, budget - 1, out_tok, out_lp
+
+  b = tokens.shape[0]
+  init = (cache, counts, tokens, step, active, budget, jnp.full((num_steps, b), -1, jnp.int32),
+          jnp.zeros((num_steps, b), jnp.float32))
+  cache, counts, *_, out_tok, out_lp = jax.lax.fori_loop(0, num_steps, body, init)
+  return out_tok, out_lp, cache, counts
+
+
+class Engine:
+  """Continuous-batching generation for one loaded model.
+
+  tokenizer: renders chat messages, encodes text prompts, decodes completions; None: token ids only.
+  max_batch_size: decode slots (B). max_seq_len: cache positions per slot (prompt plus generated tokens).
+  max_prefill_chunk: the largest prefill bucket; longer prompts are prefilled in chunks of it.
+  decode_steps: decode steps per jitted call (fewer dispatches; a finished slot waits at most that many steps).
+  """
+
+  def __init__(self, model: Qwen2, tokenizer: Tokenizer | None, *, max_batch_size: int = 8, max_seq_len: int = 4096,
+               max_prefill_chunk: int = 512, decode_steps: int = 4, eos_token_ids: Iterable[int] | None = None):
+    self.model, self.tokenizer = model, tokenizer
+    self.cfg = model.cfg
+    self.graphdef, self.params = nnx.split(model)
+    self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+    self.decode_steps = decode_steps
+    self.buckets = steps.LengthBuckets(maximum=min(max_prefill_chunk, max_seq_len),
+                                       minimum=min(16, max_prefill_chunk, max_seq_len))
+    if eos_token_ids is None:  # the tokenizer's (generation_config, <|im_end|>) and the model config's
+      eos_token_ids = set(self.cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
+    self.eos_token_ids = frozenset(eos_token_ids)
+    b, v = max_batch_size, self.cfg.vocab_size
+    self._cache = KVCache.zeros(self.cfg, b, max_seq_len, model.dtype)
+    self._prompt_mask = jnp.zeros((b, v), bool)
+    self._counts = jnp.zeros((b, v), jnp.int32)
+    self._seed_rng = np.random.default_rng(secrets.randbits(64))
+    self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_calls": 0, "prefill_calls": 0}
+
+  @classmethod
+  def load(cls, model: str | None = "default", *, dtype: str = "float32", scan_layers: bool | None = None,
+           **kwargs) -> "Engine":
+    from qwenjax.loader import load  # pylint: disable=g-import-not-at-top
+
+    loaded = load(model, dtype=dtype, scan_layers=scan_layers)
+    return cls(loaded.model, loaded.tokenizer, **kwargs)
+
+  # ---- requests -------------------------------------------------------------------------------------------
+
+  def prompt_ids(self, request: Request | str | Sequence[int] | dict) -> list[int]:
+    """A request's prompt as token ids; InputError for anything malformed or too long."""
+    request = as_request(request)
+    if self.tokenizer is None and (request.messages is not None or isinstance(request.prompt, str)):
+      raise InputError("this engine has no tokenizer: prompts must be token ids.")
+    if request.messages is not None:
+      ids = self.tokenizer.apply_chat_template(request.messages, tools=request.tools, add_generation_prompt=True,
+                                               tokenize=True)
+    elif isinstance(request.prompt, str):
+      ids = self.tokenizer.encode(request.prompt)
+    elif request.prompt is not None:
+      ids = [int(t) for t in request.prompt]
+      bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+      if bad:
+        raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size}).")
+    else:
+      raise InputError("a request needs a 'prompt' or 'messages'.")
+    if not ids:
+      raise InputError("the prompt is empty.")
+    if len(ids) >= self.max_seq_len:
+      raise InputError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len} "
+                       "(prompt plus at least one generated token).")
+    return ids
+
+  def generate(self, requests: Sequence[Request | str | Sequence[int] | dict],
+               sampling: SamplingParams | None = None) -> list[RequestOutput]:
+    """Generates for every request, in order. `sampling` is the default for requests that carry none.
+
+    Every request is validated first: a malformed one raises InputError before any work starts."""
+    requests = [as_request(r) for r in requests]
+    items = [(i, r, self.prompt_ids(r)) for i, r in enumerate(requests)]
+    outputs = [None] * len(items)
+    for i, out in self.serve(items, sampling):
+      outputs[i] = out
+    return outputs
+
+  def serve(self, items: Iterable[tuple[Any, Request, list[int]]], sampling: SamplingParams | None = None,
+            ) -> Iterator[tuple[Any, RequestOutput]]:
+    """Continuous batching over a stream of (key, request, prompt ids): yields (key, output) as each request
+    completes (all n samples), pulling the next request whenever a slot frees. For jobs of any size."""
+    pending: dict[int, tuple[Any, RequestOutput, int]] = {}
+    keyed = self._keyed(items, pending, sampling)
+    for seq in self._run(keyed, sampling):
+      key, out, left = pending[seq.request_index]
+      out.outputs.append(Completion(seq.text, seq.tokens, seq.finish_reason, seq.sample_index,
+                                    seq.logprobs if seq.params.logprobs else None))
+      if left == 1:
+        del pending[seq.request_index]
+        out.outputs.sort(key=lambda c: c.index)
+        yield key, out
+      else:
+        pending[seq.request_index] = (key, out, left - 1)
+
+  def stream(self, requests: Sequence[Request | str | Sequence[int] | dict],
+             sampling: SamplingParams | None = None) -> Iterator[StreamEvent]:
+    """Yields text and tokens as they are produced; `request_index` is the position in `requests`."""
+    requests = [as_request(r) for r in requests]
+    items = [(i, r, self.prompt_ids(r)) for i, r in enumerate(requests)]
+    yield from self._run(iter(items), sampling, events=True)
+
+  # ---- scheduler -------------------------------------------------------------------------------------------
+
+  @staticmethod
+  def _keyed(items, pending, default):
+    for index, (key, request, prompt) in enumerate(items):
+      n = (request.sampling or default or SamplingParams()).n
+      pending[index] = (key, RequestOutput(request.id, len(prompt), []), n)
+      yield index, request, prompt
+
+  def _sequences(self, index: int, req: Request, prompt: list[int], default: SamplingParams | None,
+                 ) -> list[_Sequence]:
+    params = req.sampling or default or SamplingParams()
+    stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+    # The context bounds generation: a sequence that fills it ends with finish_reason "length".
+    max_tokens = min(params.max_tokens, self.max_seq_len - len(prompt))
+    seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
+    return [_Sequence(index, j, prompt, params, seed, stop_ids, max_tokens,
+                      decoder=self.tokenizer.stream(skip_special_tokens=True) if self.tokenizer else _NoText())
+            for j in range(params.n)]
+
+  def _run(self, items: Iterator[tuple[int, Request, list[int]]], default, events: bool = False) -> Iterator[Any]:
+    """Runs sequences to completion, pulling requests from `items` as slots free up. Yields each finished
+    _Sequence, or StreamEvents if `events`."""
+    waiting: list[_Sequence] = []  # the current request's samples not yet admitted, reversed
+    slots: list[_Sequence | None] = [None] * self.max_batch_size
+    while True:
+      for s in range(self.max_batch_size):  # 1. admit into free slots
+        while slots[s] is None:
+          if not waiting:
+            item = next(items, None)
+            if item is None:
+              break
+            waiting = self._sequences(*item, default)[::-1]
+          seq = waiting.pop()
+          first, logprob = self._admit(seq, s)
+          slots[s] = seq
+          yield from self._accept(seq, [first], [logprob], events)
+          if seq.finish_reason:
+            slots[s] = None
+      active = [s for s in range(self.max_batch_size) if slots[s] is not None]
+      if not active:
+        return
+      out_tok, out_lp = self._decode(slots)  # 2. advance every slot
+      for s in active:  # 3. host-side bookkeeping
+        seq = slots[s]
+        column = out_tok[:, s]
+        n = int(np.argmax(column < 0)) if (column < 0).any() else len(column)
+        yield from self._accept(seq, column[:n].tolist(), out_lp[:n, s].tolist(), events)
+        if seq.finish_reason:
+          slots[s] = None
+
+  def _admit(self, seq: _Sequence, slot: int) -> tuple[int, float]:
+    """Prefills seq's prompt into `slot` (chunked past the largest bucket); returns its first token."""
+    prompt, chunk = seq.prompt, self.buckets.maximum
+    rows = np.array([slot], np.int32)
+    for start in range(0, len(prompt), chunk):
+      piece = prompt[start:start + chunk]
+      tokens = np.zeros((1, self.buckets.bucket(len(piece))), np.int32)
+      tokens[0, :len(piece)] = piece
+      logits, self._cache = _prefill_rows(self.graphdef, self.params, self._cache, tokens,
+                                          np.array([len(piece)], np.int32), rows, fresh=start == 0)
+      self.stats["prefill_calls"] += 1
+    self.stats["prompt_tokens"] += len(prompt)
+    padded = np.zeros(max(16, _pow2(len(prompt))), np.int32)  # powers of two: few compiled shapes
+    padded[:len(prompt)] = prompt
+    arrays = sampling_lib.pack([seq.params], sample_indices=[seq.sample_index], seeds=[seq.seed])
+    tok, logprob, self._prompt_mask, self._counts = _first_token(
+        logits, arrays, self._prompt_mask, self._counts, np.int32(slot), padded, np.int32(len(prompt)),
+        needs=_needs_of([seq.params]))
+    return int(tok), float(logprob)
+
+  def _decode(self, slots: list[_Sequence | None]) -> tuple[np.ndarray, np.ndarray]:
+    b = self.max_batch_size
+    live = [s for s in slots if s is not None]
+    tokens, step, budget = (np.zeros(b, np.int32) for _ in range(3))
+    active = np.zeros(b, bool)
+    width = _pow2(max(8, max(len(s.stop_ids) for s in live)))
+    stop_ids = np.full((b, width), -1, np.int32)
+    for i, seq in enumerate(slots):
+      if seq is None:
+        continue
+      tokens[i], step[i], budget[i], active[i] = seq.tokens[-1], len(seq.tokens), seq.max_tokens - len(seq.tokens), True
+      stop_ids[i, :len(seq.stop_ids)] = sorted(seq.stop_ids)
+    arrays = sampling_lib.pack([s.params if s else None for s in slots],
+                               sample_indices=[s.sample_index if s else 0 for s in slots],
+                               seeds=[s.seed if s else 0 for s in slots])
+    out_tok, out_lp, self._cache, self._counts = _decode_block(
+        self.graphdef, self.params, self._cache, self._prompt_mask, self._counts, tokens, step, active, budget,
+        stop_ids, arrays, needs=_needs_of(s.params for s in live), num_steps=self.decode_steps)
+    self.stats["decode_calls"] += 1
+    return np.asarray(out_tok), np.asarray(out_lp)
+
+  def _accept(self, seq: _Sequence, tokens: list[int], logprobs: list[float], events: bool) -> Iterator[Any]:
+    """Appends tokens to seq, applying every stop condition exactly; yields what the caller asked for."""
+    for tok, lp in zip(tokens, logprobs):
+      seq.tokens.append(tok)
+      seq.logprobs.append(lp)
+      self.stats["generated_tokens"] += 1
+      if tok in seq.stop_ids:
+        seq.finish_reason = "stop"
+        break
+      seq.text += seq.decoder.add(tok)
+      if seq.params.stop and self._cut_stop_string(seq):
+        break
+      if len(seq.tokens) >= seq.max_tokens:
+        seq.finish_reason = "length"
+        break
+    if events:
+      upto = len(seq.text)
+      if seq.params.stop and seq.finish_reason is None:  # hold back what may yet begin a stop string
+        upto = max(seq.emitted_text, upto - max(len(s) for s in seq.params.stop) + 1)
+      event = StreamEvent(seq.request_index, seq.sample_index, seq.tokens[seq.emitted_tokens:],
+                          seq.text[seq.emitted_text:upto], seq.finish_reason)
+      seq.emitted_tokens, seq.emitted_text = len(seq.tokens), upto
+      if event.token_ids or event.finish_reason:
+        yield event
+    elif seq.finish_reason:
+      yield seq
+
+  @staticmethod
+  def _cut_stop_string(seq: _Sequence) -> bool:
+    """Ends seq at the first stop string in its text (which may span several tokens); the text is cut before it."""
+    start = max(0, seq.searched_text - max(len(s) for s in seq.params.stop) + 1)
+    hits = [i for s in seq.params.stop if (i := seq.text.find(s, start)) >= 0]
+    seq.searched_text = len(seq.text)
+    if not hits:
+      return False
+    seq.text = seq.text[:min(hits)]
+    seq.finish_reason = "stop"
+    return True
+
+
+class _NoText:
+  """Stands in for a stream decoder when the engine has no tokenizer: completions carry token ids only."""
+
+  def add(self, token_id: int) -> str:
+    del token_id
+    return ""
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def as_request(r: Request | str | Sequence[int] | dict) -> Request:
+  """Accepts a Request, raw text, token ids, or a dict with 'prompt' / 'messages' (and optional 'sampling')."""
+  if isinstance(r, Request):
+    return r
+  if isinstance(r, str):
+    return Request(prompt=r)
+  if isinstance(r, dict):
+    unknown = set(r) - {"prompt", "messages", "tools", "sampling", "id"}
+    if unknown:
+      raise InputError(f"unknown request field {sorted(unknown)[0]!r} (expected prompt, messages, tools, "
+                       "sampling, id).")
+    sampling = r.get("sampling")
+    if isinstance(sampling, dict):
+      sampling = SamplingParams.from_dict(sampling)
+    messages = r.get("messages")
+    if messages is not None and not (isinstance(messages, list) and all(isinstance(m, dict) for m in messages)):
+      raise InputError("'messages' must be a list of {'role': ..., 'content': ...} objects.")
+    if r.get("prompt") is not None and not isinstance(r["prompt"], (str, list)):
+      raise InputError("'prompt' must be a string or a list of token ids.")
+    return Request(prompt=r.get("prompt"), messages=messages, tools=r.get("tools"), sampling=sampling,
+                   id=r.get("id"))
+  if isinstance(r, (list, tuple, np.ndarray)):
+    return Request(prompt=list(r))
+  raise InputError(f"a request must be text, token ids or a dict, got {type(r).__name__}.")
