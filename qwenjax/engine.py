@@ -150,16 +150,17 @@ def _first_token(logits, arrays, prompt_mask, counts, slot, prompt, prompt_len, 
   return tok[0], logprob[0], prompt_mask, counts
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "num_steps"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "num_steps", "kv_len"),
                    donate_argnames=("cache", "counts"))
 def _decode_block(graphdef, params, cache, prompt_mask, counts, tokens, step, active, budget, stop_ids, arrays,
-                  needs, num_steps):
+                  needs, num_steps, kv_len):
   """num_steps decode steps for all B slots. tokens, step, budget: [B] int32; active: [B] bool; stop_ids: [B, E]
-  (-1 padded). Returns tokens [k, B] (-1 where a row had already stopped), logprobs [k, B], cache, counts."""
+  (-1 padded); kv_len: static bound on the positions attended to. Returns tokens [k, B] (-1 where a row had
+  already stopped), logprobs [k, B], cache, counts."""
 
   def body(i, carry):
     cache, counts, tok, step, active, budget, out_tok, out_lp = carry
-    logits, cache = steps.decode_step_impl(graphdef, params, cache, tok)
+    logits, cache = steps.decode_step_impl(graphdef, params, cache, tok, kv_len)
     new, logprob = sampling_lib.sample(logits, arrays, step, prompt_mask, counts, needs)
     counts = sampling_lib.update_counts(counts, new, active)
     out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
@@ -360,9 +361,15 @@ class Engine:
                                seeds=[s.seed if s else 0 for s in slots])
     out_tok, out_lp, self._cache, self._counts = _decode_block(
         self.graphdef, self.params, self._cache, self._prompt_mask, self._counts, tokens, step, active, budget,
-        stop_ids, arrays, needs=_needs_of(s.params for s in live), num_steps=self.decode_steps)
+        stop_ids, arrays, needs=_needs_of(s.params for s in live), num_steps=self.decode_steps,
+        kv_len=self._kv_len(live))
     self.stats["decode_calls"] += 1
     return np.asarray(out_tok), np.asarray(out_lp)
+
+  def _kv_len(self, live: list[_Sequence]) -> int:
+    """The cache positions this decode call can touch, rounded up to a power of two (few compiled variants)."""
+    furthest = max(len(s.prompt) + len(s.tokens) for s in live) + self.decode_steps
+    return min(self.max_seq_len, max(128, _pow2(furthest)))
 
   def _accept(self, seq: _Sequence, tokens: list[int], logprobs: list[float], events: bool) -> Iterator[Any]:
     """Appends tokens to seq, applying every stop condition exactly; yields what the caller asked for."""

@@ -131,6 +131,7 @@ class StepContext:
   positions: jax.Array  # [B, T] absolute position of each token
   rows: jax.Array | None  # [B] cache row of each sequence; None: row b holds sequence b
   attend_to_cache: bool  # False: attend within this step's tokens only (prefill into empty rows)
+  kv_len: int | None = None  # attend to cache positions [0, kv_len) only (all queries lie below it)
 
 
 class Attention(nnx.Module):
@@ -173,6 +174,8 @@ class Attention(nnx.Module):
     cache_v = cache_v.at[layer, rows[:, None], :, positions].set(v.astype(cache_v.dtype), mode="drop")
     if ctx.attend_to_cache:
       keys, values = cache_k[layer], cache_v[layer]  # [C, K, S, H]
+      if ctx.kv_len is not None:  # static: decode reads only the part of the cache that is in use
+        keys, values = keys[:, :, :ctx.kv_len], values[:, :, :ctx.kv_len]
       if ctx.rows is not None:
         keys, values = keys[ctx.rows], values[ctx.rows]  # [B, K, S, H]
       keys, values = keys.astype(dt), values.astype(dt)
@@ -261,13 +264,15 @@ class Qwen2(nnx.Module):
                              dtype=param_dtype)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *, rows: jax.Array | None = None,
-               attend_to_cache: bool = True) -> tuple[jax.Array, KVCache]:
-    """tokens, positions: [B, T] int32; rows: [B] cache row of each sequence (None: row b is sequence b).
+               attend_to_cache: bool = True, kv_len: int | None = None) -> tuple[jax.Array, KVCache]:
+    """tokens, positions: [B, T] int32; rows: [B] cache row of each sequence (None: row b is sequence b);
+    kv_len: static bound on the cache positions attended to (every position in `positions` must be below it).
 
     Returns final hidden states [B, T, D] and the cache with this step's keys and values written (lengths are
     the caller's to advance)."""
     x = self.embed[...][tokens].astype(self.dtype)  # [B, T, D]
-    ctx = StepContext(*rope_tables(*self.cfg.rope_frequencies(), positions), positions, rows, attend_to_cache)
+    ctx = StepContext(*rope_tables(*self.cfg.rope_frequencies(), positions), positions, rows, attend_to_cache,
+                      kv_len)
     windows = self.cfg.layer_windows()  # [L]
     ck, cv = cache.k, cache.v
     if self.scan_layers:

@@ -23,14 +23,15 @@ from flax import nnx
 from qwenjax.model import KVCache
 
 
-def _run(graphdef, params, cache: KVCache, tokens, num_new, rows, *, fresh: bool, all_logits: bool):
+def _run(graphdef, params, cache: KVCache, tokens, num_new, rows, *, fresh: bool, all_logits: bool,
+         kv_len: int | None = None):
   """Runs tokens [B, T] at positions lengths + [0, T) of cache rows `rows` ([B], None: all rows in order);
   num_new [B] of them are real, the rest padding."""
   model = nnx.merge(graphdef, params)
   b, t = tokens.shape
   lengths = cache.lengths if rows is None else cache.lengths[rows]  # [B]
   positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-  h, cache = model(tokens, positions, cache, rows=rows, attend_to_cache=not fresh)  # h: [B, T, D]
+  h, cache = model(tokens, positions, cache, rows=rows, attend_to_cache=not fresh, kv_len=kv_len)  # [B, T, D]
   new_lengths = lengths + num_new
   cache = dataclasses.replace(cache, lengths=new_lengths if rows is None else cache.lengths.at[rows].set(new_lengths))
   if all_logits:
@@ -58,16 +59,19 @@ def extend_impl(graphdef, params, cache: KVCache, tokens: jax.Array, num_new: ja
   return _run(graphdef, params, cache, tokens, num_new, rows, fresh=False, all_logits=all_logits)
 
 
-def decode_step_impl(graphdef, params, cache: KVCache, tokens: jax.Array):
-  """One token per sequence, each at its own position. tokens: [B] -> logits [B, V]."""
+def decode_step_impl(graphdef, params, cache: KVCache, tokens: jax.Array, kv_len: int | None = None):
+  """One token per sequence, each at its own position. tokens: [B] -> logits [B, V].
+
+  kv_len (static): attend to positions [0, kv_len) only; every row's position must be below it. A cache of
+  4096 positions holding 300-token sequences then reads 512 positions per step, not 4096."""
   return _run(graphdef, params, cache, tokens[:, None], jnp.ones_like(cache.lengths), None, fresh=False,
-              all_logits=False)
+              all_logits=False, kv_len=kv_len)
 
 
 _jit = functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames=("cache",))
 prefill = _jit(prefill_impl)
 extend = _jit(extend_impl)
-decode_step = jax.jit(decode_step_impl, static_argnames=("graphdef",), donate_argnames=("cache",))
+decode_step = jax.jit(decode_step_impl, static_argnames=("graphdef", "kv_len"), donate_argnames=("cache",))
 
 
 @dataclasses.dataclass(frozen=True)
