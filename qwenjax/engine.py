@@ -119,14 +119,18 @@ class _Sequence:
   searched_text: int = 0  # text already searched for stop strings
 
 
-# Decode variants, a static jit argument: a batch of greedy requests skips sorting and penalties entirely.
+# Decode variants, a static jit argument, three of them so that the compiled programs stay few: a greedy batch
+# skips filters and penalties entirely; penalties (which touch [B, V] counts) only when some request asks.
 _GREEDY = sampling_lib.SamplingNeeds(sampling=False, top_k=False, top_p=False, min_p=False, penalties=False)
+_SAMPLE = sampling_lib.SamplingNeeds(sampling=True, top_k=True, top_p=True, min_p=True, penalties=False)
 _FULL = sampling_lib.SamplingNeeds(sampling=True, top_k=True, top_p=True, min_p=True, penalties=True)
 
 
 def _needs_of(params: Iterable[SamplingParams]) -> sampling_lib.SamplingNeeds:
   needs = sampling_lib.pack(list(params)).needs
-  return _GREEDY if needs == _GREEDY else _FULL
+  if needs.penalties:
+    return _FULL
+  return _SAMPLE if needs.sampling else _GREEDY
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "fresh"), donate_argnames=("cache",))

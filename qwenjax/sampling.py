@@ -5,33 +5,38 @@
         logits, arrays, step, prompt_mask, output_counts, needs=arrays.needs)
     output_counts = sampling.update_counts(output_counts, tokens, active)
 
-Each slot carries its own settings. `sample` applies, per slot and in this order (vLLM's order; transformers
-runs its logits processors, then its warpers, in the same order):
+Each slot carries its own settings. `sample` applies, per slot and in this order (transformers' order: its
+repetition processor, then the temperature, top-k, top-p and min-p warpers; vLLM v1 applies min-p before
+top-k/top-p, which gives a different result only when top_p and min_p are both set):
 
   1. penalties, on the raw logits l. Repetition (transformers' and vLLM's CTRL rule), over every token that is in
      the prompt or was generated: l / r where l > 0, l * r otherwise. Then OpenAI's presence and frequency
      penalties, over generated tokens only: l - presence * (count > 0) - frequency * count.
   2. temperature: greedy (argmax of the penalised logits; the lowest id wins a tie) where temperature is 0, else
      z = l / temperature. Temperatures below 1e-5 count as 0 (vLLM's rule), which keeps z finite.
-  3. top-k: keep z >= the k-th largest z. Every token tied with the k-th is kept, as in transformers'
-     TopKLogitsWarper and vLLM, so more than k tokens can survive a tie.
+  3. top-k: keep the tokens whose z is at least the k-th largest. Every token tied with the k-th is kept, as in
+     transformers' TopKLogitsWarper and vLLM, so a tie can keep more than k.
   4. top-p: p = softmax(z) over what top-k kept; keep the smallest set of most likely tokens whose mass reaches
-     top_p (>=), at least one token. Tokens tied with the last one kept are kept too (transformers and vLLM cut a
-     tie by their sort's order, which is arbitrary), so the result never depends on token ids.
+     top_p (>=), so always at least one. Tokens whose logit ties with the last one kept are kept too
+     (transformers and vLLM split such a tie by their sort's order, which is arbitrary).
   5. min-p: keep p >= min_p * max(p). The ratio does not change when top-k/top-p renormalise, so this equals
      transformers' MinPLogitsWarper applied after them.
   6. draw from softmax(z) over the kept tokens, with one uniform number per slot and the inverse CDF.
+
+Top-k and top-p are thresholds on the penalised logits (dividing by a temperature > 0 keeps their order), so a
+filter's result never depends on token ids. The most likely token always survives every filter.
 
 The log-probability reported is log_softmax of the raw float32 logits at the chosen token, whatever the filters.
 
 Randomness: slot b draws with fold_in(fold_in(key(seed), sample_index), step), so a request's tokens depend only
 on its own seed, which of its n samples it is, and the index of the token; not on the batch or the slot.
 
-Cost (V = 151,936 on XLA:CPU): a sort over [B, V] takes seconds at B = 32, so nothing here sorts the vocabulary.
-`SamplingNeeds`, a static argument, drops unused stages: an all-greedy batch without penalties is one argmax and
-one logsumexp. Top-k and top-p use `lax.top_k` of the _FAST_K largest z; a slot whose k, or whose top-p set,
-does not fit in those falls back to an exact bisection over the float32 bit patterns (32 passes over [B, V]),
-and only then (a `lax.cond`).
+Cost (V = 151,936 on a 2-core XLA:CPU). A sort of [32, V] takes 2.4 s, so nothing here sorts the vocabulary, and
+beyond the penalised logits no [B, V] array is written on the common path (each costs ~10 ms at B = 32).
+`SamplingNeeds`, a static argument, drops the unused stages: an all-greedy batch without penalties is a blocked
+argmax and a logsumexp. Top-k and top-p look at the _FAST_K largest logits (`lax.top_k` over the blocks with the
+largest maxima); a slot whose k or top-p set reaches beyond them sends the batch (a `lax.cond`) to an exact
+bisection over float32 bit patterns, 32 passes over [V] per slot.
 
 Legend:
   B decode slots (batch)   V vocabulary   K candidates from lax.top_k (_FAST_K)
@@ -53,6 +58,7 @@ from qwenjax._errors import InputError
 
 _FAST_K = 256  # top-k candidates examined before falling back to bisection
 _BLOCK = 128  # tokens per block of the inverse-CDF draw (151,936 = 1,187 * 128)
+_BISECT_ROWS = 4  # rows a bisection takes at a time: 2.4 MB at V = 151,936, fastest measured (1, 2, 4, 8)
 _MIN_TEMPERATURE = 1e-5  # below this a slot decodes greedily, as in vLLM
 _MAX_SEED = 2**32
 
@@ -294,112 +300,171 @@ def apply_penalties(logits: jax.Array, prompt_mask: jax.Array, output_counts: ja
   return out - frequency_penalty[:, None] * output_counts.astype(jnp.float32)
 
 
+def _blocks(x: jax.Array, fill) -> jax.Array:
+  """[B, V] -> [B, N, C], the last block padded with fill."""
+  b, v = x.shape
+  n = -(-v // _BLOCK)
+  return jnp.pad(x, ((0, 0), (0, n * _BLOCK - v)), constant_values=fill).reshape(b, n, _BLOCK)
+
+
+def _argmax(x: jax.Array) -> jax.Array:
+  """[B] int32: the first index of each row's maximum, like jnp.argmax (which is 5x slower on XLA:CPU at B=32).
+
+  Block maxima first, then a search of the one block that holds the first maximum.
+  """
+  blocks = _blocks(x, -jnp.inf)  # [B, N, C]
+  blk = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)  # [B]
+  inner = jnp.take_along_axis(blocks, blk[:, None, None], axis=1)[:, 0]  # [B, C]
+  return (blk * _BLOCK + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
+
+
+def _top_values(x: jax.Array, k: int) -> jax.Array:
+  """[B, k]: each row's k largest values, descending; equal to lax.top_k(x, k)[0], in a quarter of the time.
+
+  The k largest lie in the k blocks with the largest maxima (a token outside them has k block maxima at least
+  as large above it), so lax.top_k runs over those k * C candidates instead of all V.
+  """
+  blocks = _blocks(x, -jnp.inf)  # [B, N, C]
+  b, n, _ = blocks.shape
+  if k >= n:
+    return jax.lax.top_k(x, k)[0]
+  _, best = jax.lax.top_k(jnp.max(blocks, axis=-1), k)  # [B, k] block ids
+  candidates = jnp.take_along_axis(blocks, best[:, :, None], axis=1).reshape(b, k * _BLOCK)  # [B, k * C]
+  return jax.lax.top_k(candidates, k)[0]
+
+
 def _sort_key(x: jax.Array) -> jax.Array:
-  """int32 keys that order like float32 x (-0 just below +0): comparisons on them equal comparisons on x."""
+  """int32 keys that order like float32 x (-0 just below +0). Its own inverse, up to the bitcast."""
   i = jax.lax.bitcast_convert_type(x, jnp.int32)
   return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
 
 
-def _bisect(keys: jax.Array, holds) -> jax.Array:
-  """Per row, the largest int32 t with holds(t) [B] true, given that holds is monotone (true up to t, false above).
+def _from_key(k: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(jnp.where(k < 0, k ^ jnp.int32(0x7FFFFFFF), k), jnp.float32)
 
-  keys [B, V]: holds(min key) is assumed true and holds(max key + 1) is false. 32 halvings cover int32.
+
+def _bisect(holds, lo: jax.Array, hi: jax.Array, *rows: jax.Array) -> jax.Array:
+  """[B] int32: per row, the largest t in [lo, hi) with holds(t, *row) true.
+
+  holds(t, *row) (t a scalar, row one row of each of rows) must be monotone: true at lo, false at hi. 32 halvings
+  cover int32. Rows go _BISECT_ROWS at a time (lax.map) so that a chunk stays in cache through the halvings.
   """
-  lo = jnp.min(keys, axis=-1)  # [B]
-  hi = jnp.max(keys, axis=-1) + 1
 
-  def body(_, bounds):
-    lo, hi = bounds
-    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
-    ok = holds(mid)
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+  def solve(args):
+    lo, hi, *row = args
 
-  lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-  return lo
+    def halve(_, bounds):
+      lo, hi = bounds
+      mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+      ok = holds(mid, *row)
+      return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
+    return jax.lax.fori_loop(0, 32, halve, (lo, hi))[0]
 
-def _top_p_target(top_p: jax.Array, mass: jax.Array) -> jax.Array:
-  return top_p * mass  # [B]: the unnormalised mass the kept set must reach
+  return jax.lax.map(solve, (lo, hi, *rows), batch_size=_BISECT_ROWS)
 
 
-def _filter_cutoffs(z, e, top_k, top_p, needs: SamplingNeeds, fast_k: int):
-  """Per-row int32 key cutoffs (keep keys >= cutoff) for top-k and top-p; -2**31 where a filter is off.
+def _kth_largest(x: jax.Array, k: jax.Array) -> jax.Array:
+  """[B] the k-th largest value of each row of x [B, V] (counting repeats), by bisection; 1 <= k <= V."""
+  lo = _sort_key(jnp.min(x, axis=-1))
+  hi = _sort_key(jnp.max(x, axis=-1)) + 1
+  return _from_key(_bisect(lambda t, row, k: jnp.sum(_sort_key(row) >= t) >= k, lo, hi, x, k))
 
-  z [B, V] scaled logits; e [B, V] = exp(z - max z). Rows whose k, or top-p set, lies within the fast_k largest
-  z are solved from lax.top_k; the batch falls back to bisection (a lax.cond) only if some row does not fit, and
-  then only those rows take its answer, so a row's result does not depend on its batch mates.
+
+def _nucleus_floor(w: jax.Array, target: jax.Array) -> jax.Array:
+  """[B]: the largest value c of each row of weights w [B, V] in [0, 1] with sum(w[w >= c]) >= target."""
+  lo = jnp.zeros(target.shape, jnp.int32)  # non-negative floats order like their bits
+  hi = jnp.full(target.shape, jax.lax.bitcast_convert_type(jnp.float32(1), jnp.int32) + 1)
+
+  def holds(t, row, target):
+    return jnp.sum(jnp.where(jax.lax.bitcast_convert_type(row, jnp.int32) >= t, row, 0.0)) >= target
+
+  return jax.lax.bitcast_convert_type(_bisect(holds, lo, hi, w, target), jnp.float32)
+
+
+def _col(x: jax.Array, like: jax.Array) -> jax.Array:
+  """[B] -> [B, 1, ...], to broadcast against like [B, ...]."""
+  return x.reshape(x.shape + (1,) * (like.ndim - 1))
+
+
+def _cutoff(pen: jax.Array, rel_prob, top_k: jax.Array, top_p: jax.Array, needs: SamplingNeeds, fast_k: int,
+            ) -> jax.Array:
+  """[B]: per row, the smallest penalised logit that top-k and top-p keep (-inf where both are off).
+
+  pen [B, V] penalised logits; rel_prob(x) maps penalised logits [B, ...] to exp(x / t - max z), a token's
+  probability relative to the most likely one. Dividing by t > 0 keeps the order, so thresholds on pen equal
+  thresholds on z. Rows whose k, and top-p set, lie within the fast_k largest are solved from lax.top_k. If some
+  row does not fit, the batch bisects (a lax.cond), but only the rows that did not fit take the bisection's
+  answer: a row's cutoff never depends on its batch mates.
   """
-  b, v = z.shape
-  keys = _sort_key(z)  # [B, V]
-  off = jnp.full((b,), jnp.iinfo(jnp.int32).min, jnp.int32)
-  k = jnp.minimum(top_k, fast_k)
+  b, v = pen.shape
+  none = jnp.full((b,), -jnp.inf, jnp.float32)
   use_k = (top_k > 0) & (top_k < v) if needs.top_k else jnp.zeros((b,), bool)
   use_p = top_p < 1 if needs.top_p else jnp.zeros((b,), bool)
 
-  # The barrier keeps XLA from folding the slicing below into a full sort of [B, V] (it did: 100x slower).
-  vals = jax.lax.optimization_barrier(jax.lax.top_k(z, fast_k)[0])  # [B, K] descending
-  val_keys = _sort_key(vals)  # [B, K]
-  rank = jnp.arange(fast_k)
-  k_fits = top_k <= fast_k
-  cut_k_fast = jnp.where(use_k, jnp.take_along_axis(val_keys, jnp.maximum(k - 1, 0)[:, None], -1)[:, 0], off)
+  # Without the barrier XLA can fold the slicing below into a full sort of [B, V]: 100x slower at B=32.
+  vals = jax.lax.optimization_barrier(_top_values(pen, fast_k))  # [B, K] descending
+  k_fits = ~use_k | (top_k <= fast_k)
+  cut_k = jnp.where(use_k, jnp.take_along_axis(vals, jnp.clip(top_k - 1, 0, fast_k - 1)[:, None], -1)[:, 0], none)
 
-  def top_p_fast(cut_k):
-    kept = keys >= cut_k[:, None]
-    mass = jnp.sum(jnp.where(kept, e, 0.0), axis=-1)  # [B]
-    ev = jnp.where(val_keys >= cut_k[:, None], jnp.exp(vals - vals[:, :1]), 0.0)  # [B, K]
-    first = jnp.sum(jnp.cumsum(ev, axis=-1) < _top_p_target(top_p, mass)[:, None], axis=-1)  # [B]
-    fits = first < fast_k
-    cut = jnp.take_along_axis(val_keys, jnp.minimum(first, fast_k - 1)[:, None], -1)[:, 0]
-    return jnp.where(use_p, cut, off), fits, kept, mass
+  def nucleus_fast(cut_k):
+    """Top-p's cutoff from the fast_k largest, whether it lies among them, and the mass to reach."""
+    target = top_p * jnp.sum(jnp.where(pen >= cut_k[:, None], rel_prob(pen), 0.0), axis=-1)  # [B]
+    ev = jnp.where(vals >= cut_k[:, None], rel_prob(vals), 0.0)  # [B, K]
+    last = jnp.sum(jnp.cumsum(ev, axis=-1) < target[:, None], axis=-1)  # [B] the last token kept
+    cut = jnp.where(use_p, jnp.take_along_axis(vals, jnp.minimum(last, fast_k - 1)[:, None], -1)[:, 0], none)
+    return cut, ~use_p | (last < fast_k), target
 
-  def exact(cut_k_fast, cut_p_fast, p_fits):
-    cut_k = cut_k_fast
-    if needs.top_k:
-      kth = _bisect(keys, lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= top_k)
-      cut_k = jnp.where(use_k & ~k_fits, kth, cut_k_fast)
-    cut_p = off
-    if needs.top_p:
-      redo_p, redo_fits, kept, mass = top_p_fast(cut_k)
-      moved = cut_k != cut_k_fast  # rows whose top-k cut the bisection changed; the others keep their answer
-      cut_p_fast, p_fits = jnp.where(moved, redo_p, cut_p_fast), jnp.where(moved, redo_fits, p_fits)
-      w = jnp.where(kept, e, 0.0)  # [B, V]
-      target = _top_p_target(top_p, mass)
-      nucleus = _bisect(keys, lambda t: jnp.sum(jnp.where(keys >= t[:, None], w, 0.0), axis=-1) >= target)
-      cut_p = jnp.where(use_p & ~p_fits, nucleus, cut_p_fast)
+  cut_p, p_fits = none, jnp.ones((b,), bool)
+  if needs.top_p:
+    cut_p, p_fits, _ = nucleus_fast(cut_k)
+
+  def fast(cut_k, cut_p, p_fits):
     return cut_k, cut_p
 
-  fits = jnp.all(~use_k | k_fits)
-  cut_p_fast, p_fits = off, jnp.ones((b,), bool)
-  if needs.top_p:
-    cut_p_fast, p_fits, _, _ = top_p_fast(cut_k_fast)
-    fits &= jnp.all(~use_p | p_fits)
-  return jax.lax.cond(fits, lambda *a: (a[0], a[1]), exact, cut_k_fast, cut_p_fast, p_fits)
+  def exact(cut_k, cut_p, p_fits):
+    moved = ~k_fits
+    if needs.top_k:
+      cut_k = jnp.where(moved, _kth_largest(pen, jnp.maximum(top_k, 1)), cut_k)
+    if needs.top_p:  # rows whose top-k cut moved look for their top-p cut again
+      moved_cut, moved_fits, target = nucleus_fast(cut_k)
+      cut_p, p_fits = jnp.where(moved, moved_cut, cut_p), jnp.where(moved, moved_fits, p_fits)
+      w = jnp.where(pen >= cut_k[:, None], rel_prob(pen), 0.0)  # [B, V]
+      floor = _nucleus_floor(w, target)  # [B] the smallest relative probability kept
+      slow = jnp.min(jnp.where(w >= floor[:, None], pen, jnp.inf), axis=-1)  # the same set, on pen
+      cut_p = jnp.where(p_fits, cut_p, slow)
+    return cut_k, cut_p
+
+  cut_k, cut_p = jax.lax.cond(jnp.all(k_fits & p_fits), fast, exact, cut_k, cut_p, p_fits)
+  return jnp.maximum(cut_k, cut_p)
 
 
-def _draw(w: jax.Array, u: jax.Array) -> jax.Array:
-  """Per row, the token i with cumulative weight w[:i] <= u * sum(w) < w[:i+1]: inverse-CDF sampling.
+def _draw(pen: jax.Array, weight, u: jax.Array) -> jax.Array:
+  """Per row, the token i with sum(w[:i]) <= u * sum(w) < sum(w[:i+1]), w = weight(pen): inverse-CDF sampling.
 
-  w [B, V] >= 0 with a positive entry in each row; u [B] uniform in [0, 1). Blocked so that only [B, N] and one
-  [B, C] block are scanned. A token of weight 0 is never chosen, whatever the rounding.
+  pen [B, V]; weight maps [B, ...] elementwise to weights >= 0, positive somewhere in each row; u [B] uniform in
+  [0, 1). Blocked: the weights are summed per block [B, N] as they are computed, and only the chosen block is
+  computed again and scanned, so no [B, V] array is written. A token of weight 0 is never chosen.
   """
-  b, v = w.shape
-  n = -(-v // _BLOCK)
-  blocks = jnp.pad(w, ((0, 0), (0, n * _BLOCK - v))).reshape(b, n, _BLOCK)  # [B, N, C]
-  block_mass = jnp.sum(blocks, axis=-1)  # [B, N]
+  blocks = _blocks(pen, -jnp.inf)  # [B, N, C]; weight(-inf) = 0
+  block_mass = jnp.sum(weight(blocks), axis=-1)  # [B, N]
   cum = jnp.cumsum(block_mass, axis=-1)  # [B, N]
   target = u * cum[:, -1]  # [B]
 
   def last_positive(x):  # [B, X] -> [B], the index of the last entry > 0
     return x.shape[-1] - 1 - jnp.argmax(x[:, ::-1] > 0, axis=-1)
 
+  # The first block whose running sum passes the target (it has weight), or the last with weight if rounding
+  # put the target past the end.
   blk = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), last_positive(block_mass))  # [B]
   before = jnp.where(blk > 0, jnp.take_along_axis(cum, jnp.maximum(blk - 1, 0)[:, None], -1)[:, 0], 0.0)
-  inner = jnp.take_along_axis(blocks, blk[:, None, None], axis=1)[:, 0]  # [B, C]
+  inner = weight(jnp.take_along_axis(blocks, blk[:, None, None], axis=1)[:, 0])  # [B, C]
+  # The first j whose running sum passes the rest has w[j] > 0 (adding 0 changes no sum).
   j = jnp.sum(jnp.cumsum(inner, axis=-1) <= (target - before)[:, None], axis=-1)
   return (blk * _BLOCK + jnp.minimum(j, last_positive(inner))).astype(jnp.int32)
 
 
-def _slot_uniforms(seed, sample_index, step) -> jax.Array:
+def _slot_uniforms(seed: jax.Array, sample_index: jax.Array, step: jax.Array) -> jax.Array:
   """[B] uniforms in [0, 1), slot b's from fold_in(fold_in(key(seed[b]), sample_index[b]), step[b])."""
 
   def one(s, i, t):
@@ -414,34 +479,45 @@ def sample(logits: jax.Array, arrays: SamplingArrays, step: jax.Array, prompt_ma
            ) -> tuple[jax.Array, jax.Array]:
   """Next tokens [B] int32 and their log-probabilities [B] float32 under the raw logits. Jittable, needs static.
 
-  logits [B, V] raw model logits; step [B] int32, the index of the token each slot is generating;
-  prompt_mask [B, V] bool and output_counts [B, V] int32, read only if needs.penalties (else may be None).
-  fast_k: how many top candidates top-k / top-p examine before bisecting (static; tests lower it).
+  logits [B, V] raw model logits; step [B] int32 (or a scalar), the index of the token each slot generates;
+  prompt_mask [B, V] bool and output_counts [B, V] int32 are read only if needs.penalties (else may be None).
+  fast_k: how many of the largest logits top-k and top-p look at before bisecting (static; tests lower it).
   """
   logits = logits.astype(jnp.float32)
   b, v = logits.shape
   a = arrays
-  lse = jax.nn.logsumexp(logits, axis=-1)  # [B]
   pen = logits
   if needs.penalties:
     pen = apply_penalties(logits, prompt_mask, output_counts, a.repetition_penalty, a.presence_penalty,
                           a.frequency_penalty)
-  tokens = jnp.argmax(pen, axis=-1).astype(jnp.int32)  # [B] greedy
+  tokens = _argmax(pen)  # [B] greedy
+  pen_max = jnp.take_along_axis(pen, tokens[:, None], -1)[:, 0]  # [B]
+  raw_max = jnp.max(logits, axis=-1) if needs.penalties else pen_max
+  lse = raw_max + jnp.log(jnp.sum(jnp.exp(logits - raw_max[:, None]), axis=-1))  # [B]
   if needs.sampling:
     live = a.temperature > 0  # [B]
-    z = pen / jnp.where(live, a.temperature, 1.0)[:, None]  # [B, V]
-    e = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))  # [B, V], 1 at the argmax
-    keep = None
+    inv_t = 1.0 / jnp.where(live, a.temperature, 1.0)  # [B]; multiplied, so z's maximum is pen_max * inv_t
+    z_max = pen_max * inv_t
+
+    def rel_prob(x):  # penalised logits [B, ...] -> probability relative to the most likely token, in [0, 1]
+      return jnp.exp(x * _col(inv_t, x) - _col(z_max, x))
+
+    cut = None
     if needs.top_k or needs.top_p:
-      fast_k = min(fast_k, v)
       top_k, top_p = jnp.where(live, a.top_k, 0), jnp.where(live, a.top_p, 1.0)  # greedy slots: no filter
-      cut_k, cut_p = _filter_cutoffs(z, e, top_k, top_p, needs, fast_k)
-      keep = _sort_key(z) >= jnp.maximum(cut_k, cut_p)[:, None]
-    if needs.min_p:
-      by_min_p = e >= a.min_p[:, None]
-      keep = by_min_p if keep is None else keep & by_min_p
-    w = e if keep is None else jnp.where(keep, e, 0.0)
-    drawn = _draw(w, _slot_uniforms(a.seed, a.sample_index, jnp.broadcast_to(jnp.asarray(step, jnp.int32), (b,))))
-    tokens = jnp.where(live, drawn, tokens)
+      cut = _cutoff(pen, rel_prob, top_k, top_p, needs, min(fast_k, v))  # [B]
+    min_p = jnp.where(live, a.min_p, 0.0) if needs.min_p else None
+
+    def weight(x):  # penalised logits [B, ...] -> unnormalised probability after the filters
+      e = rel_prob(x)
+      keep = jnp.ones(x.shape, bool)
+      if cut is not None:
+        keep &= x >= _col(cut, x)
+      if min_p is not None:  # min_p 1 must keep the maximum even if rounding leaves its e a hair under 1
+        keep &= (e >= _col(min_p, x)) | (x >= _col(pen_max, x))
+      return jnp.where(keep, e, 0.0)
+
+    u = _slot_uniforms(a.seed, a.sample_index, jnp.broadcast_to(jnp.asarray(step, jnp.int32), (b,)))
+    tokens = jnp.where(live, _draw(pen, weight, u), tokens)
   logprobs = jnp.take_along_axis(logits, tokens[:, None], -1)[:, 0] - lse
   return tokens, logprobs
