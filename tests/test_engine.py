@@ -182,7 +182,8 @@ def test_no_compilation_after_warm_up(tiny):
   # Warm-up: every prefill bucket, fresh and appended (chunked), every first-token shape; greedy and sampled.
   warm = [list(range(1, n + 1)) for n in (10, 20, 40, 60, 80, 90, 120, 200)]
   engine.generate(warm, greedy)
-  engine.generate(warm, sampled)
+  engine.generate(warm, sampled)  # with penalties
+  engine.generate(warm, SamplingParams(max_tokens=6, temperature=0.5, seed=2))  # without
   rng = np.random.default_rng(9)
   workload = [Request(prompt=rng.integers(0, 600, size=int(rng.integers(1, 230))).tolist(),
                       sampling=SamplingParams(max_tokens=int(rng.integers(1, 20)),
