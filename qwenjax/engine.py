@@ -201,7 +201,8 @@ class Engine:
       eos_token_ids = set(self.cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
     self.eos_token_ids = frozenset(eos_token_ids)
     b, v = max_batch_size, self.cfg.vocab_size
-    self._cache = KVCache.zeros(self.cfg, b, max_seq_len, model.dtype)
+    # Headroom of one prefill chunk past the context: a padded last chunk is written whole, never clamped.
+    self._cache = KVCache.zeros(self.cfg, b, max_seq_len + self.buckets.maximum, model.dtype)
     self._prompt_mask = jnp.zeros((b, v), bool)
     self._counts = jnp.zeros((b, v), jnp.int32)
     self._seed_rng = np.random.default_rng(secrets.randbits(64))
