@@ -10,13 +10,14 @@ end-of-sequence ignored, --new_tokens generated per sequence. transformers runs 
 weights (the same GGUF, dequantized to --dtype) and batched `generate`; llama.cpp (llama-cpp-python) runs the same
 GGUF file, quantized as it is, one sequence at a time (its single-stream speed, batch 1 only).
 
-For each engine and batch size B (prompts of T tokens, n new tokens each), wall-clock on this process:
-  first_run_s             prefill plus one decode step, the first time: includes compilation (qwenjax)
-  time_to_first_token_s   prefill of the whole batch plus its first token (a run that generates 1 token)
+For each engine and batch size B (prompts of T tokens, n new tokens each), wall-clock on this process (other
+processes on the machine skew every figure: the report records the load average at the start and the end):
+  first_run_s             the warm-up: the whole job for qwenjax (compiling); 16-token prompts, 2 tokens for others
+  time_to_first_token_s   from the start of the job until every sequence has its first token (prefill included)
   prefill_tokens_per_s    B*T / time_to_first_token_s
-  decode_tokens_per_s     B*(n-1) / (full run - time_to_first_token_s): the decode loop alone
-  throughput_tokens_per_s B*n / full run: the whole job, prefill included
-  compile_s               first_run_s minus its steady-state cost (time to first token plus one decode step)
+  decode_tokens_per_s     B*(n-1) / (job time - time_to_first_token_s): the decode loop alone
+  throughput_tokens_per_s B*n / job time: the whole job, prefill included
+  compile_s               qwenjax: first_run_s minus the timed run (compilations are counted too)
 Device fractions:
   decode: decode_tokens_per_s / B * bytes read per decode step / memory bandwidth. Bytes read per step are the
     weights every step streams (all weights but the embedding table, whose B rows are gathered; a tied
@@ -25,9 +26,10 @@ Device fractions:
     steps (T + n/2), float32/bfloat16 for qwenjax and transformers, float16 for llama.cpp.
   prefill: model FLOPs / time_to_first_token_s / peak FLOP/s. Model FLOPs are 2 per weight per token for the
     layers' matmuls, the output head at each prompt's last token, and causal attention (QK and PV).
-The limits are measured here, before the engines run: peak FLOP/s as the best of a jitted 2048^3 matmul (JAX and,
-if installed, torch), memory bandwidth as the best of a 512 MiB reduction and a batch-1 matvec over a 512 MiB
-matrix. On an H200 the looked-up figures (4.8 TB/s, 989 TFLOP/s bf16 dense) are used instead.
+The limits are measured here, before and after the engines run (the best of both, so that other processes slowing
+one probe do not lower them): peak FLOP/s as the best of a jitted 2048^3 matmul (JAX and, if installed, torch),
+memory bandwidth as the best of 512 MiB reductions and a batch-1 matvec over a 512 MiB matrix. On an H200 the
+looked-up figures (4.8 TB/s, 989 TFLOP/s bf16 dense) are used instead.
 
 stdout holds a table and the ratios; --output_dir gets report.json (every figure, the limits, versions, machine)
 and tokens_per_s.png (tokens/s against batch size, one line per engine). Logs go to stderr.
@@ -61,7 +63,7 @@ _PRESET = flags.DEFINE_string("preset", None, "Instead of --model: random weight
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and weight dtype (also "
                            "transformers').")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Batch sizes to measure.")
-_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 128, "Tokens in every prompt.", lower_bound=1)
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "Tokens in every prompt.", lower_bound=1)
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per sequence.", lower_bound=2)
 _COMPARE = flags.DEFINE_bool("compare", False, "Also run the engines of --compare_with on the same job.")
 _COMPARE_WITH = flags.DEFINE_list("compare_with", list(_ENGINES), "Engines to compare with under --compare: "
@@ -91,7 +93,8 @@ _SYSTEM_MESSAGE = "You are a helpful coding assistant."
 # Looked-up limits of an NVIDIA H200 (SXM): HBM3e bandwidth and dense bfloat16 tensor-core FLOP/s.
 _H200 = {"memory_bandwidth_bytes_per_s": 4.8e12, "peak_flops_per_s": 989e12, "peak_flops_dtype": "bfloat16 dense"}
 
-GenerateFn = Callable[[Sequence[Sequence[int]], int], list[list[int]]]  # (prompts, new tokens) -> token ids
+# (prompts, new tokens) -> (generated token ids, seconds until every sequence had its first token)
+GenerateFn = Callable[[Sequence[Sequence[int]], int], tuple[list[list[int]], float]]
 
 
 def _tiny_config():
@@ -105,16 +108,36 @@ def _tiny_config():
 # --- The engines: each is a GenerateFn, greedy, end-of-sequence ignored. ---
 
 
-def qwenjax_generate_fn(model, tokenizer, *, max_batch_size: int, max_seq_len: int) -> GenerateFn:
-  """The qwenjax side of every measurement: the one place that picks the qwenjax API being measured."""
+class _FirstTokens:
+  """Times when every sequence of a job has its first token: the batch's time to first token."""
+
+  def __init__(self, count: int):
+    self.start, self.waiting, self.seconds = time.perf_counter(), set(range(count)), None
+
+  def got(self, *indices: int) -> None:
+    self.waiting.difference_update(indices)
+    if not self.waiting and self.seconds is None:
+      self.seconds = time.perf_counter() - self.start
+
+
+def qwenjax_generate_fn(model, tokenizer, *, max_seq_len: int) -> GenerateFn:
+  """The qwenjax side of every measurement: the continuous-batching Engine, one decode slot per prompt.
+
+  `stream` is `generate` with events: the same scheduler loop, which also shows when first tokens arrive."""
   import qwenjax  # pylint: disable=g-import-not-at-top
 
-  del tokenizer, max_batch_size  # what qwenjax.Engine takes as well
-  generator = qwenjax.Generator(model, (), max_seq_len=max_seq_len)
+  engines: dict[int, qwenjax.Engine] = {}  # batch size -> its engine (a KV cache of that many slots)
 
   def generate(prompts, new_tokens):
-    outs = generator.generate(prompts, qwenjax.SamplingParams(max_tokens=new_tokens, ignore_eos=True))
-    return [o.token_ids for o in outs]
+    if len(prompts) not in engines:
+      engines.clear()
+      engines[len(prompts)] = qwenjax.Engine(model, tokenizer, max_batch_size=len(prompts), max_seq_len=max_seq_len)
+    clock, tokens = _FirstTokens(len(prompts)), [[] for _ in prompts]
+    for event in engines[len(prompts)].stream(prompts, qwenjax.SamplingParams(max_tokens=new_tokens,
+                                                                              ignore_eos=True)):
+      tokens[event.request_index] += event.token_ids
+      clock.got(event.request_index)
+    return tokens, clock.seconds
 
   return generate
 
@@ -175,9 +198,24 @@ def transformers_generate_fn(hf_model, pad_id: int) -> GenerateFn:
   """Batched greedy `generate`, prompts left-padded with an attention mask, no end-of-sequence token."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+  from transformers.generation.streamers import BaseStreamer  # pylint: disable=g-import-not-at-top
 
   # generate() fills unset fields of a passed config from the model's own, eos_token_id included: clear it there.
   hf_model.generation_config.eos_token_id = None
+
+  class Clock(BaseStreamer):  # generate() puts the prompt, then each step's new tokens [B]
+    def __init__(self, count):
+      super().__init__()
+      self.count, self.puts, self.first_tokens = count, 0, _FirstTokens(count)
+
+    def put(self, value):
+      del value
+      self.puts += 1
+      if self.puts == 2:
+        self.first_tokens.got(*range(self.count))
+
+    def end(self):
+      pass
 
   def generate(prompts, new_tokens):
     width = max(len(p) for p in prompts)
@@ -188,9 +226,10 @@ def transformers_generate_fn(hf_model, pad_id: int) -> GenerateFn:
       mask[i, width - len(p):] = 1
     config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1,
                                            eos_token_id=None, pad_token_id=pad_id)
+    clock = Clock(len(prompts))
     with torch.inference_mode():
-      out = hf_model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    return out[:, width:].tolist()
+      out = hf_model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=clock)
+    return out[:, width:].tolist(), clock.first_tokens.seconds
 
   return generate
 
@@ -199,16 +238,17 @@ def llamacpp_generate_fn(llm) -> GenerateFn:
   """llama.cpp, one sequence after another; greedy, and its generate() never stops on its own."""
 
   def generate(prompts, new_tokens):
-    outs = []
-    for prompt in prompts:
+    clock, outs = _FirstTokens(len(prompts)), []
+    for i, prompt in enumerate(prompts):
       llm.reset()  # no reuse of a cached prefix from the previous run
       tokens = []
       for token in llm.generate(list(prompt), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
         tokens.append(token)
+        clock.got(i)
         if len(tokens) == new_tokens:
           break
       outs.append(tokens)
-    return outs
+    return outs, clock.seconds
 
   return generate
 
@@ -226,45 +266,52 @@ def _best_seconds(fn, repeats: int) -> float:
   return best
 
 
-def measure_device_limits(dtype: str) -> dict:
-  """Peak matmul FLOP/s and memory bandwidth, measured with short probes (float32 on CPU)."""
+def probe_device(dtype: str) -> dict:
+  """Short probes of the device's peak matmul FLOP/s and memory bandwidth (float32 on CPU), best of 10 each."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   backend = jax.default_backend()
   probe_dtype = jnp.float32 if backend == "cpu" else jnp.dtype(dtype)
-  n = 2048 if backend == "cpu" else 8192
-  keys = jax.random.split(jax.random.key(0), 2)
-  a, b = (jax.random.normal(k, (n, n), jnp.float32).astype(probe_dtype) for k in keys)
+  n, repeats, stream_bytes = (2048 if backend == "cpu" else 8192), 10, 512 << 20
+  a, b = (jax.random.normal(k, (n, n), jnp.float32).astype(probe_dtype)
+          for k in jax.random.split(jax.random.key(0), 2))
   matmul = jax.jit(lambda x, y: x @ y)
-  probes = {"jax_matmul_flops_per_s": 2 * n**3 / _best_seconds(lambda: matmul(a, b).block_until_ready(), 5)}
-  stream_bytes = 512 << 20
+  probes = {"jax_matmul_flops_per_s": 2 * n**3 / _best_seconds(lambda: matmul(a, b).block_until_ready(), repeats)}
+  del a, b
   x = jnp.ones((stream_bytes // 4,), jnp.float32)
   total = jax.jit(jnp.sum)
-  probes["jax_reduction_bytes_per_s"] = stream_bytes / _best_seconds(lambda: total(x).block_until_ready(), 5)
+  probes["jax_reduction_bytes_per_s"] = stream_bytes / _best_seconds(lambda: total(x).block_until_ready(), repeats)
   del x
-  w = jnp.ones((stream_bytes // 4 // 4096, 4096), jnp.float32)
-  v = jnp.ones((4096,), jnp.float32)
+  w, v = jnp.ones((stream_bytes // 4 // 4096, 4096), jnp.float32), jnp.ones((4096,), jnp.float32)
   matvec = jax.jit(lambda m, y: m @ y)
-  probes["jax_matvec_bytes_per_s"] = stream_bytes / _best_seconds(lambda: matvec(w, v).block_until_ready(), 5)
-  del w, a, b
+  probes["jax_matvec_bytes_per_s"] = stream_bytes / _best_seconds(lambda: matvec(w, v).block_until_ready(), repeats)
+  del w
   if backend == "cpu":
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError:
-      torch = None
-    if torch is not None:
-      ta, tb = torch.randn(n, n), torch.randn(n, n)
-      probes["torch_matmul_flops_per_s"] = 2 * n**3 / _best_seconds(lambda: ta @ tb, 5)
-      tx = torch.ones(stream_bytes // 4)
-      probes["torch_reduction_bytes_per_s"] = stream_bytes / _best_seconds(lambda: tx.sum(), 5)
-      del ta, tb, tx
-  flops = max(v for k, v in probes.items() if k.endswith("flops_per_s"))
-  bandwidth = max(v for k, v in probes.items() if k.endswith("bytes_per_s"))
-  device_kind = jax.devices()[0].device_kind
+      return probes
+    ta, tb = torch.randn(n, n), torch.randn(n, n)
+    probes["torch_matmul_flops_per_s"] = 2 * n**3 / _best_seconds(lambda: ta @ tb, repeats)
+    del ta, tb
+    tx = torch.ones(stream_bytes // 4)
+    probes["torch_reduction_bytes_per_s"] = stream_bytes / _best_seconds(tx.sum, repeats)
+  return probes
+
+
+def device_limits(dtype: str, probe_runs: list[dict]) -> dict:
+  """The limits the fractions use: the best of the probes (run before and after the engines, so that a probe
+  slowed by other processes does not lower the limit), or an H200's looked-up figures on an H200."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  best = {k: max(run[k] for run in probe_runs) for k in probe_runs[0]}
+  flops = max(v for k, v in best.items() if k.endswith("flops_per_s"))
+  bandwidth = max(v for k, v in best.items() if k.endswith("bytes_per_s"))
+  backend, device_kind = jax.default_backend(), jax.devices()[0].device_kind
   limits = {"backend": backend, "device_kind": device_kind,
             "measured": {"peak_flops_per_s": flops, "memory_bandwidth_bytes_per_s": bandwidth,
-                         "probe_dtype": jnp.dtype(probe_dtype).name, "probes": probes},
+                         "probe_dtype": "float32" if backend == "cpu" else dtype, "probe_runs": probe_runs},
             "h200": dict(_H200, status="not measured in this run")}
   if "H200" in device_kind:
     limits["h200"]["status"] = "this device; looked up, used for the fractions"
@@ -345,43 +392,57 @@ def _gguf_streamed_bytes(path: str) -> int:
 
 
 def measure(name: str, generate: GenerateFn, prompts: list[list[int]], new_tokens: int, costs: ModelCosts,
-            limits: dict, count_jax: bool = False) -> dict:
-  """The same protocol for every engine: a first run (prefill + one step), a 1-token run, the full run."""
+            compiles: bool = False) -> dict:
+  """The same protocol for every engine: a warm-up run, then the timed run of the whole job.
+
+  compiles: the engine compiles programs (qwenjax). Its warm-up is then the whole job, so that every program the
+  job needs is compiled before the timed run (a test holds that run to zero compilations), and compile time is
+  the warm-up minus the timed run. Otherwise the warm-up is short: prompts of at most 16 tokens, 2 new tokens.
+  """
   from qwenjax.profiling import count_compilations  # pylint: disable=g-import-not-at-top
 
   b, t = len(prompts), len(prompts[0])
   with count_compilations() as compiled:
     start = time.perf_counter()
-    generate(prompts, 2)  # everything the job runs, once: compiles prefill and decode for this shape
+    if compiles:
+      generate(prompts, new_tokens)
+    else:
+      generate([p[:16] for p in prompts], 2)
     first = time.perf_counter() - start
-  start = time.perf_counter()
-  generate(prompts, 1)
-  ttft = time.perf_counter() - start
-  start = time.perf_counter()
-  outs = generate(prompts, new_tokens)
-  total = time.perf_counter() - start
+  with count_compilations() as compiled_after:
+    start = time.perf_counter()
+    outs, ttft = generate(prompts, new_tokens)
+    total = time.perf_counter() - start
   short = [i for i, o in enumerate(outs) if len(o) != new_tokens]
   if len(outs) != b or short:
     raise RuntimeError(f"{name} generated {len(outs[short[0]]) if short else '?'} tokens for prompt "
                        f"{short[0] if short else '?'} of {b}, expected {new_tokens}.")
   decode_s = total - ttft
-  step_s = decode_s / (new_tokens - 1)
-  decode_tps = b * (new_tokens - 1) / decode_s
-  used = limits["used"]
-  context = t + new_tokens / 2  # mean attended positions over the decode steps
   run = {"batch": b, "prompt_tokens": t, "new_tokens": new_tokens,
          "first_run_s": first, "time_to_first_token_s": ttft, "prefill_tokens_per_s": b * t / ttft,
-         "decode_tokens_per_s": decode_tps, "decode_step_ms": 1000 * step_s,
+         "decode_tokens_per_s": b * (new_tokens - 1) / decode_s, "decode_step_ms": 1000 * decode_s / (new_tokens - 1),
          "throughput_tokens_per_s": b * new_tokens / total, "total_s": total,
-         "prefill_flops_fraction": costs.prefill_flops(b, t) / ttft / used["peak_flops_per_s"],
-         "decode_bandwidth_fraction": (decode_tps / b * costs.decode_bytes_per_step(b, context)
-                                       / used["memory_bandwidth_bytes_per_s"])}
-  if count_jax:
-    run["compile_s"] = max(0.0, first - ttft - step_s)
+         "prefill_flops": costs.prefill_flops(b, t),
+         # the mean decode step attends T + n/2 positions
+         "decode_bytes_per_step": costs.decode_bytes_per_step(b, t + new_tokens / 2)}
+  if compiles:
+    run["compile_s"] = max(0.0, first - total)
     run["compilations"] = dict(compiled)
+    run["compilations_after_warmup"] = sum(compiled_after.values())
   run["_tokens"] = outs
   logging.info("%s batch %d: %s", name, b, {k: v for k, v in run.items() if k != "_tokens"})
   return run
+
+
+def add_fractions(run: dict, limits: dict) -> None:
+  """Each run's fraction of the device's limits: bandwidth for decode, peak FLOP/s for prefill."""
+  used = limits["used"]
+  run["prefill_flops_fraction"] = run["prefill_flops"] / run["time_to_first_token_s"] / used["peak_flops_per_s"]
+  step_s = run["decode_step_ms"] / 1000
+  run["decode_bandwidth_fraction"] = run["decode_bytes_per_step"] / step_s / used["memory_bandwidth_bytes_per_s"]
+  if max(run["prefill_flops_fraction"], run["decode_bandwidth_fraction"]) > 1:
+    logging.warning("A fraction above 1 (batch %d): the probes underestimated the device's limits (other "
+                    "processes running while they ran?).", run["batch"])
 
 
 def chat_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -551,6 +612,8 @@ def plot(report: dict, path: pathlib.Path) -> None:
     for key, dashed, what in (("decode_tokens_per_s", False, "decode"), ("throughput_tokens_per_s", True, "job")):
       points = [(x_of(r["batch"]), y_of(r[key])) for r in engine["runs"]]
       polyline(points, color, dashed)
+      if len(points) == 1:  # a single-stream engine: its speed as a thin level line across the batch sizes
+        draw.line([points[0][0], points[0][1], width - right, points[0][1]], fill=color, width=1)
       lx = width - right + 16
       polyline([(lx, legend_y + 7), (lx + 36, legend_y + 7)], color, dashed)
       draw.text((lx + 44, legend_y), f"{_LABELS[name]} {what}", fill="black", font=small)
@@ -584,6 +647,7 @@ def _machine() -> dict:
   backend = jax.default_backend()
   device = jax.devices()[0].device_kind
   return {"cpu_model": cpu, "cores": cores, "memory_gib": round(mem_kib / 2**20, 1), "platform": platform.platform(),
+          "load_average_1min_at_end": os.getloadavg()[0],
           "jax_backend": backend, "jax_device": device, "jax_device_count": jax.device_count(),
           "description": f"{cpu}, {cores} cores" if backend == "cpu" else f"{jax.device_count()}x {device}"}
 
@@ -602,16 +666,58 @@ def _round(value, digits: int = 4):
   return value
 
 
+def _run_transformers(source, model, dtype, tokenizer, prompts, batches, n_new, costs) -> dict:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import transformers  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    logging.warning("transformers is skipped: %s", e)
+    return {"skipped": f"not installed ({e}); pip install -e '.[bench]'"}
+  logging.info("Loading transformers' model.")
+  start = time.perf_counter()
+  hf_model = _transformers_model(source, model, dtype)
+  load_s = time.perf_counter() - start
+  pad_id = (tokenizer.pad_token_id if tokenizer is not None else None) or 0
+  generate = transformers_generate_fn(hf_model, pad_id)
+  runs = [measure("transformers", generate, prompts[:b], n_new, costs) for b in batches]
+  result = {"load_s": load_s, "torch_threads": torch.get_num_threads(), "runs": runs}
+  del hf_model, generate
+  return result
+
+
+def _run_llamacpp(source, cfg, prompts, n_prompt, n_new) -> dict:
+  if source is None or pathlib.Path(source).suffix != ".gguf":
+    return {"skipped": "needs a .gguf --model (llama.cpp runs the GGUF file itself)"}
+  try:
+    import llama_cpp  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    logging.warning("llama.cpp is skipped: %s", e)
+    return {"skipped": f"llama-cpp-python is not installed ({e}); pip install -e '.[bench]'"}
+  threads = len(os.sched_getaffinity(0))
+  start = time.perf_counter()
+  llm = llama_cpp.Llama(model_path=source, n_ctx=max(512, n_prompt + n_new), n_batch=512, n_threads=threads,
+                        n_threads_batch=threads, n_gpu_layers=0, seed=0, verbose=False)
+  load_s = time.perf_counter() - start
+  costs = model_costs(cfg, _gguf_streamed_bytes(source), 2)  # KV cache in float16, llama.cpp's default
+  run = measure("llama.cpp", llamacpp_generate_fn(llm), prompts[:1], n_new, costs)
+  result = {"load_s": load_s, "threads": threads, "weight_bytes_per_decode_step": costs.weight_bytes_per_step,
+            "note": "single stream (batch 1), the GGUF's own quantized weights", "runs": [run]}
+  llm.close()
+  return result
+
+
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   import qwenjax  # pylint: disable=g-import-not-at-top
   from qwenjax import loader  # pylint: disable=g-import-not-at-top
 
-  batches = sorted({int(b) for b in _BATCH_SIZES.value})
+  try:
+    batches = sorted({int(b) for b in _BATCH_SIZES.value})
+  except ValueError:
+    batches = []
   if not batches or batches[0] < 1:
     raise app.UsageError(f"--batch_sizes must be positive integers, got {_BATCH_SIZES.value}.")
   preset = _PRESET.value
@@ -626,9 +732,10 @@ def main(argv):
   out_dir.mkdir(parents=True, exist_ok=True)
   scan = {"auto": loader.default_scan_layers(), "true": True, "false": False}[_SCAN_LAYERS.value]
   wall_start = time.perf_counter()
+  load_before = os.getloadavg()[0]  # other processes on the machine skew every figure: recorded
 
-  logging.info("Measuring the device's limits.")
-  limits = measure_device_limits(dtype)
+  logging.info("Probing the device's limits.")
+  probe_runs = [probe_device(dtype)]
 
   start = time.perf_counter()
   if preset is None:
@@ -652,9 +759,9 @@ def main(argv):
   float_costs = model_costs(cfg, _streamed_params(cfg) * param_bytes, param_bytes)
 
   engines: dict[str, dict] = {}
-  generate = qwenjax_generate_fn(model, tokenizer, max_batch_size=max(batches), max_seq_len=max_seq_len)
+  generate = qwenjax_generate_fn(model, tokenizer, max_seq_len=max_seq_len)
   engines["qwenjax"] = {"load_s": load_s, "scan_layers": model.scan_layers, "max_seq_len": max_seq_len,
-                        "runs": [measure("qwenjax", generate, prompts[:b], n_new, float_costs, limits, count_jax=True)
+                        "runs": [measure("qwenjax", generate, prompts[:b], n_new, float_costs, compiles=True)
                                  for b in batches],
                         "peak_host_memory_gib": _peak_rss_gib()}
   reference = engines["qwenjax"]["runs"][0]["_tokens"][0]
@@ -663,22 +770,24 @@ def main(argv):
 
   for engine in compare_with:
     if engine == "transformers":
-      engines[engine] = _run_transformers(source, model, dtype, tokenizer, prompts, batches, n_new, float_costs,
-                                          limits)
+      engines[engine] = _run_transformers(source, model, dtype, tokenizer, prompts, batches, n_new, float_costs)
     elif engine == "llamacpp":
-      engines[engine] = _run_llamacpp(source, cfg, prompts, n_prompt, n_new, limits)
+      engines[engine] = _run_llamacpp(source, cfg, prompts, n_prompt, n_new)
     gc.collect()
 
+  logging.info("Probing the device's limits again.")
+  probe_runs.append(probe_device(dtype))
+  limits = device_limits(dtype, probe_runs)
   for engine in engines.values():
     for r in engine.get("runs", []):
-      tokens = r.pop("_tokens")
-      r["greedy_agreement_with_qwenjax"] = _agreement(tokens[0], reference)
+      r["greedy_agreement_with_qwenjax"] = _agreement(r.pop("_tokens")[0], reference)
+      add_fractions(r, limits)
 
   report = {
       "benchmark": {"model_name": model_name, "source": source, "preset": preset, "dtype": dtype,
                     "prompt_tokens": n_prompt, "new_tokens": n_new, "batch_sizes": batches, "prompts": prompt_kind,
                     "decoding": "greedy, end-of-sequence ignored", "params": cfg.num_params()},
-      "machine": _machine(),
+      "machine": dict(_machine(), load_average_1min_at_start=load_before),
       "versions": _versions(),
       "device_limits": limits,
       "model_costs": {
@@ -699,46 +808,6 @@ def main(argv):
   print(format_table(report))
   print(f"report: {out_dir / 'report.json'}  plot: {out_dir / 'tokens_per_s.png'}")
   sys.stdout.flush()
-
-
-def _run_transformers(source, model, dtype, tokenizer, prompts, batches, n_new, costs, limits) -> dict:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-    import transformers  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
-    logging.warning("transformers is skipped: %s", e)
-    return {"skipped": f"not installed ({e}); pip install -e '.[test]'"}
-  logging.info("Loading transformers' model.")
-  start = time.perf_counter()
-  hf_model = _transformers_model(source, model, dtype)
-  load_s = time.perf_counter() - start
-  pad_id = (tokenizer.pad_token_id if tokenizer is not None else None) or 0
-  generate = transformers_generate_fn(hf_model, pad_id)
-  runs = [measure("transformers", generate, prompts[:b], n_new, costs, limits) for b in batches]
-  result = {"load_s": load_s, "torch_threads": torch.get_num_threads(), "runs": runs}
-  del hf_model, generate
-  return result
-
-
-def _run_llamacpp(source, cfg, prompts, n_prompt, n_new, limits) -> dict:
-  if source is None or pathlib.Path(source).suffix != ".gguf":
-    return {"skipped": "needs a .gguf --model (llama.cpp runs the GGUF file itself)"}
-  try:
-    import llama_cpp  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    logging.warning("llama.cpp is skipped: %s", e)
-    return {"skipped": f"llama-cpp-python is not installed ({e}); pip install -e '.[bench]'"}
-  threads = len(os.sched_getaffinity(0))
-  start = time.perf_counter()
-  llm = llama_cpp.Llama(model_path=source, n_ctx=max(512, n_prompt + n_new), n_batch=512, n_threads=threads,
-                        n_threads_batch=threads, n_gpu_layers=0, seed=0, verbose=False)
-  load_s = time.perf_counter() - start
-  costs = model_costs(cfg, _gguf_streamed_bytes(source), 2)  # KV cache in float16, llama.cpp's default
-  run = measure("llama.cpp", llamacpp_generate_fn(llm), prompts[:1], n_new, costs, limits)
-  result = {"load_s": load_s, "threads": threads, "weight_bytes_per_decode_step": costs.weight_bytes_per_step,
-            "note": "single stream (batch 1), the GGUF's own quantized weights", "runs": [run]}
-  llm.close()
-  return result
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ def test_end_to_end_report_plot_and_table(tmp_path):
         assert r[key] > 0, (name, r["batch"], key)
       assert 0 <= r["greedy_agreement_with_qwenjax"] <= 1
   for r in report["engines"]["qwenjax"]["runs"]:
-    assert r["compile_s"] >= 0
-    assert r["compilations"]["jit(_prefill_and_sample)"] == 1 and r["compilations"]["jit(_decode_and_sample)"] == 1
+    assert r["compile_s"] >= 0 and sum(r["compilations"].values()) > 0
+    assert r["compilations_after_warmup"] == 0  # the timed runs compile nothing
   assert report["engines"]["qwenjax"]["runs"][0]["greedy_agreement_with_qwenjax"] == 1
 
   ratios = report["ratios"]
