@@ -56,6 +56,9 @@ class QwenConfig:
   max_window_layers: int = 0
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
+  # Qwen2.5-VL's 3D M-RoPE: rotary frequencies split into (temporal, height, width) sections, each rotated by
+  # its own position axis; None: ordinary 1D RoPE.
+  mrope_section: tuple[int, ...] | None = None
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -66,6 +69,9 @@ class QwenConfig:
                         "default, linear and yarn).")
     if self.use_sliding_window and not self.sliding_window:
       raise ConfigError("use_sliding_window is true but sliding_window is not set.")
+    if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
+      raise ConfigError(f"mrope_section {list(self.mrope_section)} does not sum to head_dim / 2 "
+                        f"({self.head_dim // 2}).")
 
   @property
   def num_groups(self) -> int:
@@ -124,7 +130,7 @@ class QwenConfig:
   def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> "QwenConfig":
     """Builds the config from a Qwen2 `config.json` dict, in the form Qwen ships or transformers 5 writes."""
     model_type = hf.get("model_type")
-    if model_type not in (None, "qwen2"):
+    if model_type not in (None, "qwen2", "qwen2_5_vl", "qwen2_5_vl_text"):
       raise ConfigError(f"{source}: model_type {model_type!r} is not a Qwen2 dense decoder (expected 'qwen2').")
     try:
       hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
@@ -135,6 +141,9 @@ class QwenConfig:
         rope.update(legacy)
       rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
       kind = rope.get("rope_type", rope.get("type", "default"))
+      mrope = rope.get("mrope_section")
+      if kind == "mrope":  # Qwen2.5-VL's released configs: {"type": "mrope", "mrope_section": [16, 24, 24]}
+        kind = "default"
       scaling = None
       if kind not in ("default", None):
         scaling = RopeScaling(
@@ -155,7 +164,8 @@ class QwenConfig:
           max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
           use_sliding_window=use_sw, sliding_window=hf.get("sliding_window") if use_sw else None,
           max_window_layers=int(hf.get("max_window_layers", 0) or 0),
-          bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids)
+          bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids,
+          mrope_section=tuple(int(x) for x in mrope) if mrope else None)
     except KeyError as e:
       raise ConfigError(f"{source}: required field {e.args[0]!r} is missing.") from None
     except (TypeError, ValueError) as e:

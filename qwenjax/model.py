@@ -38,7 +38,8 @@ class HFTensor:
 
   name: tensor name; "{layer}" stands for the layer index of per-layer weights.
   shape: the tensor's shape in the checkpoint.
-  transpose: the checkpoint holds a torch Linear weight [out, in]; ours is [in..., out...].
+  transpose: the checkpoint holds a torch Linear weight [out, in]; ours is [in..., out...]. A Conv weight
+    [out, C, kernel...] whose stride equals its kernel (a patch embedding) is the Linear [out, C * prod(kernel)].
   """
 
   name: str
@@ -48,7 +49,7 @@ class HFTensor:
   def to_param(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Checkpoint layout -> param layout (transpose, then split fused head dims)."""
     if self.transpose:
-      array = array.T
+      array = array.reshape(array.shape[0], -1).T if array.ndim > 2 else array.T
     return np.ascontiguousarray(array.reshape(shape))
 
 
@@ -88,9 +89,15 @@ def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-def rope_tables(inv_freq: np.ndarray, scale: float, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """cos, sin [B, T, H/2] in float32 for integer positions [B, T]."""
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+def rope_tables(inv_freq: np.ndarray, scale: float, positions: jax.Array,
+                mrope_section: tuple[int, ...] | None = None) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, H/2] in float32 for integer positions [B, T], or, with `mrope_section`, for 3D M-RoPE
+  positions [3, B, T] (temporal, height, width): frequency i turns with the axis whose section holds it."""
+  inv_freq = jnp.asarray(inv_freq, jnp.float32)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2] or [3, B, T, H/2]
+  if mrope_section is not None:
+    axis_of_freq = np.repeat(np.arange(len(mrope_section)), mrope_section)  # [H/2]
+    angles = jnp.take_along_axis(angles, jnp.asarray(axis_of_freq)[None, None, None, :], axis=0)[0]
   return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
@@ -104,6 +111,8 @@ class KVCache:
     head's [S, H] block contiguously (no per-step transpose of the cache).
   lengths: [B] int32, tokens held per sequence = the position the next token is written to. Slots at or past
     `lengths` hold stale data; attention never reads them because keys past the query's position are masked.
+  rope_offset: [B] int32, RoPE position minus cache position of the tokens that follow (0 for text; with
+    M-RoPE, an image's tokens advance the rotary position by less than their count: Qwen's `rope_deltas`).
   A step writing T tokens (a padded prompt bucket) at position p needs p + T <= S: `qwenjax.Engine` allocates
   its largest prefill chunk of headroom past the context it serves.
   """
@@ -111,13 +120,15 @@ class KVCache:
   k: jax.Array
   v: jax.Array
   lengths: jax.Array
+  rope_offset: jax.Array
 
   AXES = (LAYERS, BATCH, KV_HEADS, LENGTH, HEAD_DIM)
 
   @classmethod
   def zeros(cls, cfg: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32),
+               jnp.zeros((batch,), jnp.int32))
 
   @property
   def max_len(self) -> int:
@@ -145,7 +156,7 @@ class StepContext:
 
   cos: jax.Array  # [B, T, H/2] float32
   sin: jax.Array  # [B, T, H/2] float32
-  positions: jax.Array  # [B, T] absolute position of each token
+  positions: jax.Array  # [B, T] cache position of each token
   rows: jax.Array | None  # [B] cache row of each sequence; None: row b holds sequence b
   attend_to_cache: bool  # False: attend within this step's tokens only (prefill into empty rows)
   kv_len: int | None = None  # attend to cache positions [0, kv_len) only (all queries lie below it)
@@ -279,15 +290,26 @@ class Qwen2(nnx.Module):
                              dtype=param_dtype)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *, rows: jax.Array | None = None,
-               attend_to_cache: bool = True, kv_len: int | None = None) -> tuple[jax.Array, KVCache]:
-    """tokens, positions: [B, T] int32; rows: [B] cache row of each sequence (None: row b is sequence b);
-    kv_len: static bound on the cache positions attended to (every position in `positions` must be below it).
+               attend_to_cache: bool = True, kv_len: int | None = None, rope_positions: jax.Array | None = None,
+               embeds: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, KVCache]:
+    """tokens, positions: [B, T] int32 (positions: where in the cache each token goes); rows: [B] cache row of
+    each sequence (None: row b is sequence b); kv_len: static bound on the cache positions attended to (every
+    position in `positions` must be below it). rope_positions: the rotary positions, [B, T], or [3, B, T] for
+    M-RoPE (None: `positions`). embeds: (features [M, D], index [B, T]): token (b, t) takes the embedding
+    features[index[b, t]] instead of its token's where index >= 0 (vision features at image pad tokens).
 
     Returns final hidden states [B, T, D] and the cache with this step's keys and values written (lengths are
     the caller's to advance)."""
     x = self.embed[...][tokens].astype(self.dtype)  # [B, T, D]
-    ctx = StepContext(*rope_tables(*self.cfg.rope_frequencies(), positions), positions, rows, attend_to_cache,
-                      kv_len)
+    if embeds is not None:
+      features, index = embeds
+      x = jnp.where((index >= 0)[..., None], features.astype(self.dtype)[jnp.maximum(index, 0)], x)
+    if rope_positions is None:
+      rope_positions = positions
+    if self.cfg.mrope_section is not None and rope_positions.ndim == 2:  # text: the same on all three axes
+      rope_positions = jnp.broadcast_to(rope_positions, (3, *rope_positions.shape))
+    cos, sin = rope_tables(*self.cfg.rope_frequencies(), rope_positions, self.cfg.mrope_section)
+    ctx = StepContext(cos, sin, positions, rows, attend_to_cache, kv_len)
     windows = self.cfg.layer_windows()  # [L]
     ck, cv = cache.k, cache.v
     if self.scan_layers:
@@ -303,7 +325,7 @@ class Qwen2(nnx.Module):
     else:
       for i, block in enumerate(self.layers):
         x, ck, cv = block(x, ctx, ck, cv, i, int(windows[i]))
-    return self.final_norm(x), KVCache(ck, cv, cache.lengths)
+    return self.final_norm(x), dataclasses.replace(cache, k=ck, v=cv)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final hidden states [..., D] -> float32 logits [..., V]."""

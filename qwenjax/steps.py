@@ -24,39 +24,57 @@ from qwenjax.model import KVCache
 
 
 def _run(graphdef, params, cache: KVCache, tokens, num_new, rows, *, fresh: bool, all_logits: bool,
-         kv_len: int | None = None):
+         kv_len: int | None = None, rope_positions=None, rope_offset=None, embeds=None):
   """Runs tokens [B, T] at positions lengths + [0, T) of cache rows `rows` ([B], None: all rows in order);
-  num_new [B] of them are real, the rest padding."""
+  num_new [B] of them are real, the rest padding.
+
+  RoPE positions are the cache positions plus each row's `rope_offset`, unless `rope_positions` ([3, B, T] for
+  M-RoPE) gives them; `rope_offset` [B], when given, becomes the rows' offset for the tokens that follow."""
   model = nnx.merge(graphdef, params)
   b, t = tokens.shape
-  lengths = cache.lengths if rows is None else cache.lengths[rows]  # [B]
+  row = (lambda a: a) if rows is None else (lambda a: a[rows])
+  lengths = row(cache.lengths)  # [B]
   positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-  h, cache = model(tokens, positions, cache, rows=rows, attend_to_cache=not fresh, kv_len=kv_len)  # [B, T, D]
-  new_lengths = lengths + num_new
-  cache = dataclasses.replace(cache, lengths=new_lengths if rows is None else cache.lengths.at[rows].set(new_lengths))
+  if rope_positions is None:
+    rope_positions = positions + row(cache.rope_offset)[:, None]
+  h, cache = model(tokens, positions, cache, rows=rows, attend_to_cache=not fresh, kv_len=kv_len,
+                   rope_positions=rope_positions, embeds=embeds)  # [B, T, D]
+  cache = dataclasses.replace(cache, lengths=_set_rows(cache.lengths, rows, lengths + num_new))
+  if rope_offset is not None:
+    cache = dataclasses.replace(cache, rope_offset=_set_rows(cache.rope_offset, rows, rope_offset))
   if all_logits:
     return model.logits(h), cache  # [B, T, V]
   last = jnp.take_along_axis(h, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
   return model.logits(last), cache  # [B, V]
 
 
+def _set_rows(array: jax.Array, rows, values: jax.Array) -> jax.Array:
+  return values if rows is None else array.at[rows].set(values)
+
+
 def prefill_impl(graphdef, params, cache: KVCache, tokens: jax.Array, lengths: jax.Array, rows=None,
-                 all_logits: bool = False):
+                 all_logits: bool = False, rope_positions=None, rope_offset=None, embeds=None):
   """Prompts into empty cache rows. tokens: [B, T] right-padded; lengths: [B] true prompt lengths; rows: [B]
   the cache rows to fill (None: rows 0..B-1 of a B-row cache).
 
+  Multimodal prompts also pass rope_positions [3, B, T] (M-RoPE), rope_offset [B] (rotary minus cache
+  position after the prompt) and embeds (vision features [M, D], index [B, T]; see `Qwen2.__call__`).
   Attends within the prompt only (T x T, not T x S). Returns logits at each prompt's last token [B, V] (or at
   every position [B, T, V] with all_logits) and the cache holding the prompts.
   """
-  empty = jnp.zeros_like(cache.lengths)
-  cache = dataclasses.replace(cache, lengths=empty if rows is None else cache.lengths.at[rows].set(0))
-  return _run(graphdef, params, cache, tokens, lengths, rows, fresh=True, all_logits=all_logits)
+  empty = jnp.zeros_like(cache.lengths if rows is None else rows)
+  cache = dataclasses.replace(cache, lengths=_set_rows(cache.lengths, rows, empty))
+  if rope_offset is None:
+    rope_offset = empty
+  return _run(graphdef, params, cache, tokens, lengths, rows, fresh=True, all_logits=all_logits,
+              rope_positions=rope_positions, rope_offset=rope_offset, embeds=embeds)
 
 
 def extend_impl(graphdef, params, cache: KVCache, tokens: jax.Array, num_new: jax.Array, rows=None,
-                all_logits: bool = False):
+                all_logits: bool = False, rope_positions=None, rope_offset=None, embeds=None):
   """Appends tokens [B, T] (num_new [B] real) after what cache rows `rows` hold: chunked prefill, prefixes."""
-  return _run(graphdef, params, cache, tokens, num_new, rows, fresh=False, all_logits=all_logits)
+  return _run(graphdef, params, cache, tokens, num_new, rows, fresh=False, all_logits=all_logits,
+              rope_positions=rope_positions, rope_offset=rope_offset, embeds=embeds)
 
 
 def decode_step_impl(graphdef, params, cache: KVCache, tokens: jax.Array, kv_len: int | None = None):
