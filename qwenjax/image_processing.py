@@ -1,0 +1,407 @@
+"""Qwen2.5-VL image and video preprocessing in numpy and Pillow, matching transformers' Qwen2-VL processor.
+
+An image or a list of video frames becomes rows of C·Tp·P·P = 1176 float32 values for the vision tower:
+
+    cfg = ImageProcessorConfig.from_file("Qwen2.5-VL-7B-Instruct/preprocessor_config.json")
+    image = preprocess_image("cat.png", cfg)     # a path, file:// or data: URL, or a PIL image
+    image.patches.shape                          # [gt·gh·gw, 1176]; image.grid_thw == (1, gh, gw)
+    image.num_tokens                             # gt·gh·gw / 4 <|image_pad|> tokens in the prompt
+    video = preprocess_video("frames/", cfg, fps=2.0)   # a folder of frames, or a list of images
+
+Images follow transformers' `Qwen2VLImageProcessorPil` (transformers 5.24) op for op: convert to RGB,
+compositing transparency onto white (`image_transforms.convert_to_rgb`); `smart_resize` to multiples of
+patch_size·merge_size; resize the uint8 image with PIL (bicubic); rescale in float64 (x · 1/255) and cast
+to float32; normalise in float32, (x - mean) / std; patchify. The result equals transformers' to the bit.
+
+Letters in shape comments: T frames, H, W pixels, C channels (3), Tp temporal_patch_size, P patch_size,
+M merge_size, gt = T/Tp, gh = H/P, gw = W/P. Rows are ordered (gt, gh/M, gw/M, M, M), so four consecutive
+rows form one 2×2 merge unit; a row holds (C, Tp, P, P).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import json
+import math
+import os
+import pathlib
+import urllib.parse
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from qwenjax._errors import ConfigError, InputError
+
+# Qwen's released preprocessor_config.json (Qwen2.5-VL 3B…72B), also qwen-vl-utils' image MIN/MAX_PIXELS.
+# transformers' class defaults differ (max_pixels 28·28·1280); the released values are what Qwen runs.
+MIN_PIXELS = 3136  # 56·56 = 4 tokens of 28·28
+MAX_PIXELS = 12845056  # 16384·28·28
+MAX_ASPECT_RATIO = 200
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# qwen-vl-utils' video constants (vision_process.py, for 28-pixel tokens).
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+VIDEO_TOTAL_PIXELS = 128000 * 28 * 28 * 0.9  # 90% of a 128K-token context, as qwen-vl-utils sets it
+FPS = 2.0
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+
+ImageSource = Union[str, os.PathLike, Image.Image]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessorConfig:
+  """What `preprocessor_config.json` fixes about turning pixels into patches; defaults are Qwen's released values."""
+
+  patch_size: int = 14
+  temporal_patch_size: int = 2
+  merge_size: int = 2
+  min_pixels: int = MIN_PIXELS
+  max_pixels: int = MAX_PIXELS
+  image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+  image_std: tuple[float, ...] = OPENAI_CLIP_STD
+  resample: int = 3  # PIL.Image.Resampling.BICUBIC
+  rescale_factor: float = 1 / 255
+
+  def __post_init__(self):
+    for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+    if self.max_pixels < self.min_pixels:
+      raise ConfigError(f"max_pixels ({self.max_pixels}) is below min_pixels ({self.min_pixels}).")
+    if len(self.image_mean) != 3 or len(self.image_std) != 3 or not all(self.image_std):
+      raise ConfigError(f"image_mean and image_std must hold 3 values, std non-zero; got {self.image_mean} and "
+                        f"{self.image_std}.")
+    if self.resample not in tuple(Image.Resampling):
+      raise ConfigError(f"resample {self.resample} is not a PIL resampling filter (0-5; 3 is bicubic).")
+
+  @property
+  def factor(self) -> int:
+    """Side of one LLM token in pixels (patch_size · merge_size): resized sides are multiples of it."""
+    return self.patch_size * self.merge_size
+
+  @property
+  def patch_dim(self) -> int:
+    """Values in one patch row: C · Tp · P · P."""
+    return 3 * self.temporal_patch_size * self.patch_size ** 2
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], source: str = "preprocessor_config.json") -> "ImageProcessorConfig":
+    """Reads a `preprocessor_config.json` dict: `min_pixels`/`max_pixels` as Qwen ships them, or the newer
+    `size: {"shortest_edge", "longest_edge"}` (top-level keys win, as in transformers). Other keys are ignored."""
+    if not isinstance(d, Mapping):
+      raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}.")
+    size = d.get("size") or {}
+    if not isinstance(size, Mapping):
+      raise ConfigError(f"{source}: size must be an object with shortest_edge and longest_edge, got {size!r}.")
+
+    def first(*values):
+      return next((v for v in values if v is not None), None)
+
+    def integer(key, value):
+      if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}.")
+      return int(value)
+
+    def floats(key, value):
+      if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+        raise ConfigError(f"{source}: {key} must be a list of 3 numbers, got {value!r}.")
+      return tuple(float(v) for v in value)
+
+    raw = {
+        "patch_size": d.get("patch_size"),
+        "temporal_patch_size": d.get("temporal_patch_size"),
+        "merge_size": d.get("merge_size"),
+        "min_pixels": first(d.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels")),
+        "max_pixels": first(d.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels")),
+        "resample": d.get("resample"),
+    }
+    kw: dict[str, Any] = {k: integer(k, v) for k, v in raw.items() if v is not None}
+    for key in ("image_mean", "image_std"):
+      if d.get(key) is not None:
+        kw[key] = floats(key, d[key])
+    if d.get("rescale_factor") is not None:
+      if isinstance(d["rescale_factor"], bool) or not isinstance(d["rescale_factor"], (int, float)):
+        raise ConfigError(f"{source}: rescale_factor must be a number, got {d['rescale_factor']!r}.")
+      kw["rescale_factor"] = float(d["rescale_factor"])
+    try:
+      return cls(**kw)
+    except ConfigError as e:
+      raise ConfigError(f"{source}: {e}") from None
+
+  @classmethod
+  def from_file(cls, path: str | os.PathLike) -> "ImageProcessorConfig":
+    path = pathlib.Path(path)
+    try:
+      d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+      raise ConfigError(f"{path}: file not found.") from None
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{path}: cannot be read ({e}).") from None
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}: not valid JSON ({e}).") from None
+    return cls.from_dict(d, source=str(path))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VisualInput:
+  """One preprocessed image or video, ready for the vision tower."""
+
+  patches: np.ndarray  # [gt·gh·gw, C·Tp·P·P] float32
+  grid_thw: tuple[int, int, int]  # (gt, gh, gw) in patches
+  second_per_grid_t: float | None  # seconds spanned by one temporal patch (videos); None for images
+  kind: str  # "image" or "video"
+  merge_size: int = 2
+
+  @property
+  def num_tokens(self) -> int:
+    """LLM tokens (<|image_pad|> or <|video_pad|>) this input takes: gt·gh·gw / M²."""
+    t, h, w = self.grid_thw
+    return t * h * w // self.merge_size ** 2
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+  """(height, width) rounded to multiples of `factor` with height·width within [min_pixels, max_pixels].
+
+  Qwen's rule, as in transformers' `smart_resize`: round each side to the nearest multiple (Python's
+  round, half to even); over max_pixels, shrink both by β = √(hw/max) and floor (never below one factor);
+  under min_pixels, grow both by β = √(min/hw) and ceil. An aspect ratio over 200 is an InputError.
+  """
+  if min(height, width) < 1:
+    raise InputError(f"image of {height}x{width} pixels is empty.")
+  ratio = max(height, width) / min(height, width)
+  if ratio > MAX_ASPECT_RATIO:
+    raise InputError(f"image of {height}x{width} pixels has aspect ratio {ratio:.1f}, over Qwen's limit of "
+                     f"{MAX_ASPECT_RATIO}.")
+  h_bar = round(height / factor) * factor
+  w_bar = round(width / factor) * factor
+  if h_bar * w_bar > max_pixels:
+    beta = math.sqrt((height * width) / max_pixels)
+    h_bar = max(factor, math.floor(height / beta / factor) * factor)
+    w_bar = max(factor, math.floor(width / beta / factor) * factor)
+  elif h_bar * w_bar < min_pixels:
+    beta = math.sqrt(min_pixels / (height * width))
+    h_bar = math.ceil(height * beta / factor) * factor
+    w_bar = math.ceil(width * beta / factor) * factor
+  return h_bar, w_bar
+
+
+def _describe(source: Any) -> str:
+  """A short name for an image source in error messages (data URLs cut to their start)."""
+  if isinstance(source, Image.Image):
+    return f"PIL image ({source.mode}, {source.width}x{source.height})"
+  text = os.fspath(source) if isinstance(source, os.PathLike) else str(source)
+  if len(text) > 80:
+    return f"{text[:48]}... ({len(text)} characters)"
+  return text
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+  """transformers' `convert_to_rgb`: transparency (an A band or a transparency key) is composited onto white."""
+  if "A" in image.getbands() or image.info.get("transparency") is not None:
+    image = image.convert("RGBA")
+    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, image).convert("RGB")
+  return image.convert("RGB")
+
+
+def load_image(source: ImageSource) -> Image.Image:
+  """An RGB PIL image from a path, a `file://` URL, a `data:image/...;base64,` URL, or a PIL image.
+
+  Modes convert as transformers converts them (RGBA, LA and palette transparency composited onto white;
+  L, P, CMYK, ... through PIL's convert). Like qwen-vl-utils' `fetch_image`, EXIF orientation is not applied.
+  A missing, unreadable or truncated file, or one that is not an image, is an InputError naming the source.
+  """
+  name = _describe(source)
+  try:
+    if isinstance(source, Image.Image):
+      return _to_rgb(source)
+    if not isinstance(source, (str, os.PathLike)):
+      raise InputError(f"an image must be a path, a file:// or data: URL, or a PIL image; got {type(source).__name__}.")
+    text = os.fspath(source)
+    if isinstance(source, str) and text.startswith(("http://", "https://")):
+      raise InputError(f"{name}: remote images are not fetched; download the image and pass its path.")
+    if isinstance(source, str) and text.startswith("data:"):
+      header, _, payload = text.partition(",")
+      if not (header.startswith("data:image/") and header.endswith(";base64")):
+        raise InputError(f"{name}: a data URL must start 'data:image/<type>;base64,'.")
+      try:
+        data = base64.b64decode(payload)
+      except (binascii.Error, ValueError) as e:
+        raise InputError(f"{name}: the base64 payload does not decode ({e}).") from None
+      with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return _to_rgb(image)
+    if isinstance(source, str) and text.startswith("file://"):
+      text = text[len("file://"):]
+      if not os.path.exists(text) and os.path.exists(urllib.parse.unquote(text)):
+        text = urllib.parse.unquote(text)
+    with Image.open(text) as image:
+      image.load()  # decode now, so a truncated file fails here
+      return _to_rgb(image)
+  except FileNotFoundError:
+    raise InputError(f"{name}: image file not found.") from None
+  except IsADirectoryError:
+    raise InputError(f"{name}: is a directory, not an image file.") from None
+  except Image.UnidentifiedImageError:
+    raise InputError(f"{name}: not an image file PIL can read.") from None
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    reason = " ".join(str(e).split()) or type(e).__name__
+    raise InputError(f"{name}: cannot decode the image ({reason}).") from None
+
+
+def _normalize(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
+  """[H, W, C] float32: uint8 pixels rescaled in float64 then cast, normalised in float32 (transformers' order)."""
+  x = (np.asarray(image, dtype=np.uint8).astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+  mean = np.asarray(cfg.image_mean, dtype=np.float32)
+  std = np.asarray(cfg.image_std, dtype=np.float32)
+  return (x - mean) / std
+
+
+def _patchify(frames: np.ndarray, cfg: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+  """[T, H, W, C] -> ([gt·gh·gw, C·Tp·P·P], (gt, gh, gw)); T is padded to a multiple of Tp with the last frame."""
+  tp, p, m = cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size
+  if frames.shape[0] % tp:
+    frames = np.concatenate([frames, np.repeat(frames[-1:], tp - frames.shape[0] % tp, axis=0)])
+  t, h, w, c = frames.shape
+  gt, gh, gw = t // tp, h // p, w // p
+  x = frames.reshape(gt, tp, gh // m, m, p, gw // m, m, p, c)
+  x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)  # [gt, gh/M, gw/M, M, M, C, Tp, P, P]
+  return np.ascontiguousarray(x).reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+
+
+def preprocess_image(image: ImageSource, cfg: ImageProcessorConfig = ImageProcessorConfig()) -> VisualInput:
+  """One image as patches, equal to transformers' Qwen2-VL image processor's `pixel_values` and `image_grid_thw`."""
+  rgb = load_image(image)
+  try:
+    height, width = smart_resize(rgb.height, rgb.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+  except InputError as e:
+    raise InputError(f"{_describe(image)}: {e}") from None
+  pixels = _normalize(rgb.resize((width, height), resample=cfg.resample), cfg)  # [H, W, C]
+  patches, grid = _patchify(pixels[None], cfg)
+  return VisualInput(patches, grid, None, "image", cfg.merge_size)
+
+
+def load_video_frames(source: str | os.PathLike | Sequence[ImageSource]) -> list[Image.Image]:
+  """RGB frames from a list of images (paths, URLs, PIL images) or a directory of frame images.
+
+  A directory's non-hidden files are read in name order (plain string sort: zero-pad frame numbers);
+  a file there that is not an image is an InputError, never skipped. Video files are not decoded.
+  """
+  if isinstance(source, (str, os.PathLike)):
+    path = pathlib.Path(source)
+    if not path.exists():
+      raise InputError(f"{path}: no such frame directory.")
+    if not path.is_dir():
+      raise InputError(f"{_describe(source)}: a video must be a list of frames or a directory of frame images "
+                       "(video files are not decoded).")
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+      raise InputError(f"{path}: the frame directory holds no files.")
+    return [load_image(f) for f in files]
+  if isinstance(source, Image.Image) or not isinstance(source, Iterable):
+    raise InputError(f"a video must be a list of frames or a directory of frame images, got {type(source).__name__}.")
+  frames = [load_image(f) for f in source]
+  if not frames:
+    raise InputError("a video needs at least one frame; got an empty list.")
+  return frames
+
+
+def preprocess_video(frames: str | os.PathLike | Sequence[ImageSource],
+                     cfg: ImageProcessorConfig = ImageProcessorConfig(), fps: float = FPS, *,
+                     min_pixels: int | None = None, max_pixels: int | None = None,
+                     total_pixels: float = VIDEO_TOTAL_PIXELS) -> VisualInput:
+  """A video given as frames (a list or a directory) as patches, the way qwen-vl-utils and transformers take it.
+
+  Follows qwen-vl-utils' `fetch_video` for a list of frames as its current version has it (QwenLM/Qwen3-VL
+  repository, called with 14-pixel patches for Qwen2.5-VL; older releases skipped step 3), then transformers'
+  video processor:
+  1. every frame is an image (`fetch_image`): RGB, resized with smart_resize under min_pixels/max_pixels
+     when given, else the image defaults 4·28² and 16384·28²;
+  2. frames are not subsampled: the list is padded with its last frame to a multiple of Tp (2);
+  3. the frames are resized again under the video budget: smart_resize with min = min_pixels or
+     128·28², max = max(min(768·28², total_pixels / T · 2), int(min · 1.05)), lowered to max_pixels if given;
+  4. transformers' processor applies smart_resize with cfg's min/max_pixels (a no-op for sizes from step 3
+     within them), rescales, normalises and patchifies T frames into T/2 temporal patches.
+  `fps` is the rate the frames were sampled at; it only sets second_per_grid_t = Tp / fps.
+
+  Differences from the reference: every frame gets the first frame's sizes (qwen-vl-utils fails on frames
+  of different sizes); resizes are PIL bicubic on uint8 where qwen-vl-utils' step 3 uses torchvision's
+  antialiased bicubic on uint8 (its kernel comes from Pillow-SIMD; values may differ by a grey level
+  where step 3 changes the size); rescale and normalise are the image processor's float32 ops, not the
+  torchvision video processor's fused (x - 255·mean) / (255·std) (differences up to 2.4e-7).
+  """
+  if not fps > 0:
+    raise InputError(f"fps must be positive, got {fps}.")
+  images = load_video_frames(frames)
+  tp, factor = cfg.temporal_patch_size, cfg.factor
+  images += [images[-1]] * (-len(images) % tp)
+  num_frames = len(images)
+  first = images[0]
+  try:
+    size1 = smart_resize(first.height, first.width, factor, min_pixels or MIN_PIXELS, max_pixels or MAX_PIXELS)
+    video_min = min_pixels or VIDEO_MIN_PIXELS
+    video_max = max(min(VIDEO_MAX_PIXELS, total_pixels / num_frames * tp), int(video_min * 1.05))
+    if max_pixels is not None:
+      video_max = min(max_pixels, video_max)
+    size2 = smart_resize(*size1, factor, video_min, video_max)
+    size3 = smart_resize(*size2, factor, cfg.min_pixels, cfg.max_pixels)
+  except InputError as e:
+    raise InputError(f"video frames: {e}") from None
+
+  def resize(image: Image.Image) -> Image.Image:
+    for height, width in (size1, size2, size3):
+      if image.size != (width, height):
+        image = image.resize((width, height), resample=cfg.resample)
+    return image
+
+  pixels = np.stack([_normalize(resize(image), cfg) for image in images])  # [T, H, W, C]
+  patches, grid = _patchify(pixels, cfg)
+  return VisualInput(patches, grid, tp / fps, "video", cfg.merge_size)
+
+
+def sample_frame_indices(total_frames: int, video_fps: float, fps: float = FPS, *, nframes: int | None = None,
+                         min_frames: int = FPS_MIN_FRAMES, max_frames: int | None = None,
+                         frame_factor: int = 2) -> np.ndarray:
+  """Indices of the frames to keep from a decoded video: qwen-vl-utils' `smart_nframes` and its sampling.
+
+  The count is `nframes` rounded to a multiple of frame_factor, or else total_frames / video_fps · fps
+  clamped to [ceil(min_frames), floor(max_frames)] (max_frames defaults to min(768, total_frames)) and to
+  total_frames, then floored to a multiple of frame_factor. The indices are qwen-vl-utils'
+  `torch.linspace(0, total_frames - 1, n).round()`, reproduced in float32 (round half to even) and equal to
+  torch's on CPU even for long videos, where float32 rounding moves an index. video_start/video_end are not
+  supported: pass the frame count of the clip.
+  """
+  if total_frames < 1 or not video_fps > 0:
+    raise InputError(f"a video needs frames and a positive frame rate, got {total_frames} frames at {video_fps} fps.")
+  if nframes is not None:
+    n = round(nframes / frame_factor) * frame_factor
+  else:
+    lo = math.ceil(min_frames / frame_factor) * frame_factor
+    hi = math.floor((min(FPS_MAX_FRAMES, total_frames) if max_frames is None else max_frames) / frame_factor)
+    hi *= frame_factor
+    n = min(min(max(total_frames / video_fps * fps, lo), hi), total_frames)
+    n = math.floor(n / frame_factor) * frame_factor
+  if not frame_factor <= n <= total_frames:
+    raise InputError(f"cannot sample {n} frames from a video of {total_frames} (need {frame_factor} to "
+                     f"{total_frames}).")
+  return _torch_linspace_f32(0, total_frames - 1, n).round().astype(np.int64)
+
+
+def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+  """torch.linspace in float32 as ATen computes it on CPU: the first half is start + step·i, the rest
+  end - step·(steps - 1 - i), each one fused multiply-add (one rounding), with step rounded to float32."""
+  if steps == 1:
+    return np.array([start], np.float32)
+  step = np.float64((np.float32(end) - np.float32(start)) / np.float32(steps - 1))
+  i = np.arange(steps, dtype=np.float64)
+  up = np.float64(np.float32(start)) + step * i  # exact in float64 for these magnitudes; rounded once below
+  down = np.float64(np.float32(end)) - step * (steps - 1 - i)
+  return np.where(i < steps // 2, up, down).astype(np.float32)
