@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from qwenjax._errors import CheckpointError
+from qwenjax._errors import CheckpointError, ConfigError
 from qwenjax.model import LAYERS, Qwen2, weight_declarations
 
 # Tensors some checkpoints carry that hold nothing the model needs (non-persistent RoPE buffers of old exports).
@@ -167,16 +167,31 @@ def _convert(source: TensorSource, name: str, hf, shape, dtype) -> np.ndarray:
 
 
 def load_model(directory: str | pathlib.Path, **model_kwargs) -> Qwen2:
-  """A Hugging Face Qwen2 checkpoint directory -> a concrete `Qwen2` with its weights loaded."""
+  """A Hugging Face checkpoint directory -> a concrete model with its weights loaded: `Qwen2`, or
+  `qwenjax.multimodal.Qwen2VL` for a Qwen2.5-VL checkpoint (a config.json with a vision_config)."""
+  from qwenjax import multimodal  # pylint: disable=g-import-not-at-top
   from qwenjax.config import QwenConfig  # pylint: disable=g-import-not-at-top
 
   directory = pathlib.Path(directory)
-  cfg = QwenConfig.from_file(directory / "config.json")
+  path = directory / "config.json"
+  try:
+    hf = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise ConfigError(f"{path}: file not found.") from None
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e}).") from None
+  if multimodal.is_vl_config(hf):
+    cfg = multimodal.QwenVLConfig.from_hf_config(hf, source=str(path))
+  else:
+    cfg = QwenConfig.from_hf_config(hf, source=str(path))
   return load_from_source(cfg, SafetensorsSource(directory), **model_kwargs)
 
 
 def load_from_source(cfg, source: TensorSource, **model_kwargs) -> Qwen2:
-  model = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), **model_kwargs))
+  """cfg: a QwenConfig (-> Qwen2) or a QwenVLConfig (-> Qwen2VL)."""
+  from qwenjax import multimodal  # pylint: disable=g-import-not-at-top
+
+  cls = multimodal.Qwen2VL if isinstance(cfg, multimodal.QwenVLConfig) else Qwen2
+  model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **model_kwargs))
   load_params(model, source)
   return model
-

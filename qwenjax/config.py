@@ -130,7 +130,7 @@ class QwenConfig:
   def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> "QwenConfig":
     """Builds the config from a Qwen2 `config.json` dict, in the form Qwen ships or transformers 5 writes."""
     model_type = hf.get("model_type")
-    if model_type not in (None, "qwen2", "qwen2_5_vl", "qwen2_5_vl_text"):
+    if model_type not in (None, "qwen2", "qwen2_5_vl_text"):
       raise ConfigError(f"{source}: model_type {model_type!r} is not a Qwen2 dense decoder (expected 'qwen2').")
     try:
       hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
