@@ -90,7 +90,7 @@ def _lines(path: str, skip: set[str], errors: list[dict], engine, default) -> It
         request = as_request({**obj, "id": key, "sampling": None})
         from qwenjax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
         request.sampling = SamplingParams.from_dict(sampling, base=default) if sampling else default
-        yield key, request, engine.prompt_ids(request)
+        yield key, request, engine.prepare(request)
       except QwenJaxError as e:
         msg = str(e) if str(e).startswith(f"line {number}") else f"line {number}: {e}"
         errors.append({"id": key, "error": msg})

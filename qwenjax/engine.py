@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwenjax import image_processing
+from qwenjax import multimodal
 from qwenjax import sampling as sampling_lib
 from qwenjax import steps
 from qwenjax._errors import InputError
@@ -41,13 +43,22 @@ from qwenjax.tokenizer import Tokenizer
 
 @dataclasses.dataclass
 class Request:
-  """One prompt: raw text or token ids (`prompt`), or chat `messages` rendered with the chat template."""
+  """One prompt: raw text or token ids (`prompt`), or chat `messages` rendered with the chat template.
+
+  A message's content may be a list of OpenAI-style parts: {"type": "text", "text": ...}, {"type": "image_url",
+  "image_url": {"url": ...}} (a path, file:// or data: URL), {"type": "image", "image": path | PIL image},
+  {"type": "video", "video": [frames] | frame directory}. A raw prompt places its own `<|image_pad|>` /
+  `<|video_pad|>` tokens (one each, between `<|vision_start|>` and `<|vision_end|>`) and passes `images` and
+  `videos` in the order their pads appear. Images and videos need a Qwen2.5-VL model.
+  """
 
   prompt: str | Sequence[int] | None = None
   messages: list[dict[str, Any]] | None = None
   tools: list[dict[str, Any]] | None = None
   sampling: SamplingParams | None = None
   id: Any = None
+  images: list[Any] | None = None
+  videos: list[Any] | None = None
 
 
 @dataclasses.dataclass
@@ -109,6 +120,8 @@ class _Sequence:
   seed: int
   stop_ids: frozenset[int]
   max_tokens: int
+  vision: multimodal.VLPrompt | None = None  # a multimodal prompt's positions and images
+  features: np.ndarray | None = None  # [M, D] its vision features, shared by the request's n samples
   decoder: Any = None
   tokens: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
@@ -134,10 +147,16 @@ def _needs_of(params: Iterable[SamplingParams]) -> sampling_lib.SamplingNeeds:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "fresh"), donate_argnames=("cache",))
-def _prefill_rows(graphdef, params, cache, tokens, num_new, rows, fresh):
-  """A prompt chunk into cache rows `rows` ([b]): fresh rows start empty; otherwise the chunk is appended."""
+def _prefill_rows(graphdef, params, cache, tokens, num_new, rows, fresh, vision=None):
+  """A prompt chunk into cache rows `rows` ([b]): fresh rows start empty; otherwise the chunk is appended.
+  vision (Qwen2.5-VL models, every chunk): (rope_positions [3, b, T], rope_offset [b], features [T, D], index
+  [b, T]), see `steps.prefill_impl`."""
   impl = steps.prefill_impl if fresh else steps.extend_impl
-  return impl(graphdef, params, cache, tokens, num_new, rows)
+  if vision is None:
+    return impl(graphdef, params, cache, tokens, num_new, rows)
+  rope_positions, rope_offset, features, index = vision
+  return impl(graphdef, params, cache, tokens, num_new, rows, rope_positions=rope_positions,
+              rope_offset=rope_offset, embeds=(features, index))
 
 
 @functools.partial(jax.jit, static_argnames=("needs",), donate_argnames=("prompt_mask", "counts"))
@@ -186,12 +205,18 @@ class Engine:
   max_batch_size: decode slots (B). max_seq_len: cache positions per slot (prompt plus generated tokens).
   max_prefill_chunk: the largest prefill bucket; longer prompts are prefilled in chunks of it.
   decode_steps: decode steps per jitted call (fewer dispatches; a finished slot waits at most that many steps).
+  image_processor: how a Qwen2.5-VL model's images are resized (its preprocessor_config.json; None: Qwen's
+    released defaults).
   """
 
   def __init__(self, model: Qwen2, tokenizer: Tokenizer | None, *, max_batch_size: int = 8, max_seq_len: int = 4096,
-               max_prefill_chunk: int = 512, decode_steps: int = 4, eos_token_ids: Iterable[int] | None = None):
+               max_prefill_chunk: int = 512, decode_steps: int = 4, eos_token_ids: Iterable[int] | None = None,
+               image_processor: image_processing.ImageProcessorConfig | None = None):
     self.model, self.tokenizer = model, tokenizer
     self.cfg = model.cfg
+    self.vl_cfg = model.vl_cfg if isinstance(model, multimodal.Qwen2VL) else None
+    self.image_processor = image_processor or image_processing.ImageProcessorConfig()
+    self.patch_buckets = multimodal.patch_buckets(self.image_processor)
     self.graphdef, self.params = nnx.split(model)
     self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
     self.decode_steps = decode_steps
@@ -214,17 +239,21 @@ class Engine:
     from qwenjax.loader import load  # pylint: disable=g-import-not-at-top
 
     loaded = load(model, dtype=dtype, scan_layers=scan_layers)
+    kwargs.setdefault("image_processor", loaded.image_processor)
     return cls(loaded.model, loaded.tokenizer, **kwargs)
 
   # ---- requests -------------------------------------------------------------------------------------------
 
-  def prompt_ids(self, request: Request | str | Sequence[int] | dict) -> list[int]:
-    """A request's prompt as token ids; InputError for anything malformed or too long."""
+  def prepare(self, request: Request | str | Sequence[int] | dict) -> list[int] | multimodal.VLPrompt:
+    """A request's prompt as token ids, or, with images or videos, as a `VLPrompt` (ids with one pad per merged
+    patch, 3D positions, preprocessed images). InputError for anything malformed, unreadable or too long."""
     request = as_request(request)
     if self.tokenizer is None and (request.messages is not None or isinstance(request.prompt, str)):
       raise InputError("this engine has no tokenizer: prompts must be token ids.")
+    visuals = []  # (kind, source) in the order their pads appear
     if request.messages is not None:
-      ids = self.tokenizer.apply_chat_template(request.messages, tools=request.tools, add_generation_prompt=True,
+      messages = [self._message(m, visuals) for m in request.messages]
+      ids = self.tokenizer.apply_chat_template(messages, tools=request.tools, add_generation_prompt=True,
                                                tokenize=True)
     elif isinstance(request.prompt, str):
       ids = self.tokenizer.encode(request.prompt)
@@ -235,12 +264,62 @@ class Engine:
         raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size}).")
     else:
       raise InputError("a request needs a 'prompt' or 'messages'.")
+    if request.messages is None and (request.images or request.videos):
+      visuals = self._raw_prompt_visuals(ids, list(request.images or ()), list(request.videos or ()))
     if not ids:
       raise InputError("the prompt is empty.")
-    if len(ids) >= self.max_seq_len:
-      raise InputError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len} "
+    prompt = ids
+    if visuals:
+      if self.vl_cfg is None:
+        raise InputError(f"this model ({type(self.model).__name__}) takes no images or videos.")
+      prompt = multimodal.vl_prompt(ids, [self._preprocess(kind, source) for kind, source in visuals], self.vl_cfg)
+    elif self.vl_cfg is not None and any(t in (self.vl_cfg.image_token_id, self.vl_cfg.video_token_id) for t in ids):
+      raise InputError("the prompt holds image or video pad tokens but no images or videos were given.")
+    n = len(_ids(prompt))
+    if n >= self.max_seq_len:
+      raise InputError(f"the prompt has {n} tokens; the context holds {self.max_seq_len} "
                        "(prompt plus at least one generated token).")
-    return ids
+    return prompt
+
+  def prompt_ids(self, request: Request | str | Sequence[int] | dict) -> list[int]:
+    """A request's prompt as token ids (pads expanded for images and videos)."""
+    return _ids(self.prepare(request))
+
+  def _message(self, message: dict, visuals: list) -> dict:
+    """Collects a message's image and video parts; a text model gets a list of text parts as one string."""
+    content = message.get("content")
+    if not isinstance(content, list):
+      return message
+    texts = []
+    for part in content:
+      kind, source = _content_part(part)
+      if kind == "text":
+        texts.append(source)
+      else:
+        visuals.append((kind, source))
+    if self.vl_cfg is None and len(texts) == len(content):
+      return dict(message, content="".join(texts))
+    return message
+
+  def _raw_prompt_visuals(self, ids: list[int], images: list, videos: list) -> list:
+    if self.vl_cfg is None:
+      raise InputError(f"this model ({type(self.model).__name__}) takes no images or videos.")
+    visuals = []
+    for t in ids:
+      if t in (self.vl_cfg.image_token_id, self.vl_cfg.video_token_id):
+        pool, kind = (images, "image") if t == self.vl_cfg.image_token_id else (videos, "video")
+        if not pool:
+          raise InputError(f"the prompt has more <|{kind}_pad|> tokens than {kind}s given.")
+        visuals.append((kind, pool.pop(0)))
+    if images or videos:
+      raise InputError(f"{len(images)} image(s) and {len(videos)} video(s) have no <|image_pad|> / <|video_pad|> "
+                       "token in the prompt.")
+    return visuals
+
+  def _preprocess(self, kind: str, source) -> image_processing.VisualInput:
+    if kind == "image":
+      return image_processing.preprocess_image(source, self.image_processor)
+    return image_processing.preprocess_video(source, self.image_processor)
 
   def generate(self, requests: Sequence[Request | str | Sequence[int] | dict],
                sampling: SamplingParams | None = None) -> list[RequestOutput]:
@@ -248,15 +327,15 @@ class Engine:
 
     Every request is validated first: a malformed one raises InputError before any work starts."""
     requests = [as_request(r) for r in requests]
-    items = [(i, r, self.prompt_ids(r)) for i, r in enumerate(requests)]
+    items = [(i, r, self.prepare(r)) for i, r in enumerate(requests)]
     outputs = [None] * len(items)
     for i, out in self.serve(items, sampling):
       outputs[i] = out
     return outputs
 
-  def serve(self, items: Iterable[tuple[Any, Request, list[int]]], sampling: SamplingParams | None = None,
-            ) -> Iterator[tuple[Any, RequestOutput]]:
-    """Continuous batching over a stream of (key, request, prompt ids): yields (key, output) as each request
+  def serve(self, items: Iterable[tuple[Any, Request, list[int] | multimodal.VLPrompt]],
+            sampling: SamplingParams | None = None) -> Iterator[tuple[Any, RequestOutput]]:
+    """Continuous batching over a stream of (key, request, `prepare(request)`): yields (key, output) as each request
     completes (all n samples), pulling the next request whenever a slot frees. For jobs of any size."""
     pending: dict[int, tuple[Any, RequestOutput, int]] = {}
     keyed = self._keyed(items, pending, sampling)
@@ -275,7 +354,7 @@ class Engine:
              sampling: SamplingParams | None = None) -> Iterator[StreamEvent]:
     """Yields text and tokens as they are produced; `request_index` is the position in `requests`."""
     requests = [as_request(r) for r in requests]
-    items = [(i, r, self.prompt_ids(r)) for i, r in enumerate(requests)]
+    items = [(i, r, self.prepare(r)) for i, r in enumerate(requests)]
     yield from self._run(iter(items), sampling, events=True)
 
   # ---- scheduler -------------------------------------------------------------------------------------------
@@ -284,21 +363,26 @@ class Engine:
   def _keyed(items, pending, default):
     for index, (key, request, prompt) in enumerate(items):
       n = (request.sampling or default or SamplingParams()).n
-      pending[index] = (key, RequestOutput(request.id, len(prompt), []), n)
+      pending[index] = (key, RequestOutput(request.id, len(_ids(prompt)), []), n)
       yield index, request, prompt
 
-  def _sequences(self, index: int, req: Request, prompt: list[int], default: SamplingParams | None,
-                 ) -> list[_Sequence]:
+  def _sequences(self, index: int, req: Request, prompt: list[int] | multimodal.VLPrompt,
+                 default: SamplingParams | None) -> list[_Sequence]:
     params = req.sampling or default or SamplingParams()
+    vision = prompt if isinstance(prompt, multimodal.VLPrompt) else None
+    features = None
+    if vision is not None:  # once per request: its n samples share the features
+      features = multimodal.encode_visuals(self.model.visual, vision.visuals, self.patch_buckets)
+    prompt = _ids(prompt)
     stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
     # The context bounds generation: a sequence that fills it ends with finish_reason "length".
     max_tokens = min(params.max_tokens, self.max_seq_len - len(prompt))
     seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
-    return [_Sequence(index, j, prompt, params, seed, stop_ids, max_tokens,
+    return [_Sequence(index, j, prompt, params, seed, stop_ids, max_tokens, vision, features,
                       decoder=self.tokenizer.stream(skip_special_tokens=True) if self.tokenizer else _NoText())
             for j in range(params.n)]
 
-  def _run(self, items: Iterator[tuple[int, Request, list[int]]], default, events: bool = False) -> Iterator[Any]:
+  def _run(self, items: Iterator[tuple[int, Request, Any]], default, events: bool = False) -> Iterator[Any]:
     """Runs sequences to completion, pulling requests from `items` as slots free up. Yields each finished
     _Sequence, or StreamEvents if `events`."""
     waiting: list[_Sequence] = []  # the current request's samples not yet admitted, reversed
@@ -337,8 +421,9 @@ class Engine:
       piece = prompt[start:start + chunk]
       tokens = np.zeros((1, self.buckets.bucket(len(piece))), np.int32)
       tokens[0, :len(piece)] = piece
+      vision = self._vision_chunk(seq, start, tokens.shape[1]) if self.vl_cfg is not None else None
       logits, self._cache = _prefill_rows(self.graphdef, self.params, self._cache, tokens,
-                                          np.array([len(piece)], np.int32), rows, fresh=start == 0)
+                                          np.array([len(piece)], np.int32), rows, fresh=start == 0, vision=vision)
       self.stats["prefill_calls"] += 1
     self.stats["prompt_tokens"] += len(prompt)
     padded = np.zeros(max(16, _pow2(len(prompt))), np.int32)  # powers of two: few compiled shapes
@@ -348,6 +433,28 @@ class Engine:
         logits, arrays, self._prompt_mask, self._counts, np.int32(slot), padded, np.int32(len(prompt)),
         needs=_needs_of([seq.params]))
     return int(tok), float(logprob)
+
+  def _vision_chunk(self, seq: _Sequence, start: int, width: int):
+    """A Qwen2.5-VL model's extra prefill inputs for prompt tokens [start, start + width): 3D positions, the
+    rotary offset after the prompt, and the vision features of the chunk's pad tokens (index -1: text)."""
+    positions = np.zeros((3, 1, width), np.int32)
+    features = np.zeros((width, self.cfg.hidden_size), np.float32)
+    index = np.full((1, width), -1, np.int32)
+    if seq.vision is None:  # text on a VL model: the same position on all three axes
+      positions[:] = start + np.arange(width)
+      return positions, np.zeros(1, np.int32), features, index
+    vision = seq.vision
+    part = vision.positions[:, start:start + width]
+    positions[:, 0, :part.shape[1]] = part
+    positions[:, 0, part.shape[1]:] = part.max() + 1 + np.arange(width - part.shape[1])  # padding, never read
+    offset = 0
+    for first, v in zip(vision.starts, vision.visuals):  # features row of each pad token of this chunk
+      lo, hi = max(first, start), min(first + v.num_tokens, start + width)
+      if lo < hi:
+        features[lo - start:hi - start] = seq.features[offset + lo - first:offset + hi - first]
+        index[0, lo - start:hi - start] = np.arange(lo - start, hi - start)
+      offset += v.num_tokens
+    return positions, np.array([vision.rope_offset], np.int32), features, index
 
   def _decode(self, slots: list[_Sequence | None]) -> tuple[np.ndarray, np.ndarray]:
     b = self.max_batch_size
@@ -424,6 +531,34 @@ class _NoText:
     return ""
 
 
+def _ids(prompt: list[int] | multimodal.VLPrompt) -> list[int]:
+  return prompt.ids if isinstance(prompt, multimodal.VLPrompt) else prompt
+
+
+def _content_part(part: Any) -> tuple[str, Any]:
+  """One OpenAI-style content part -> ("text", text) | ("image", source) | ("video", frames)."""
+  if not isinstance(part, dict):
+    raise InputError(f"a message content part must be an object, got {type(part).__name__}.")
+  kind = part.get("type")
+  if kind == "text" or (kind is None and "text" in part):
+    return "text", str(part.get("text", ""))
+  if kind == "image_url" or (kind is None and "image_url" in part):
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not url:
+      raise InputError("an image_url part needs {'image_url': {'url': ...}}.")
+    return "image", url
+  if kind == "image" or (kind is None and "image" in part):
+    if part.get("image") is None:
+      raise InputError("an image part needs {'image': path or URL}.")
+    return "image", part["image"]
+  if kind == "video" or (kind is None and "video" in part):
+    if part.get("video") is None:
+      raise InputError("a video part needs {'video': [frames] or a frame directory}.")
+    return "video", part["video"]
+  raise InputError(f"unsupported content part type {kind!r} (expected text, image_url, image or video).")
+
+
 def _pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
@@ -435,10 +570,13 @@ def as_request(r: Request | str | Sequence[int] | dict) -> Request:
   if isinstance(r, str):
     return Request(prompt=r)
   if isinstance(r, dict):
-    unknown = set(r) - {"prompt", "messages", "tools", "sampling", "id"}
+    unknown = set(r) - {"prompt", "messages", "tools", "sampling", "id", "images", "videos"}
     if unknown:
       raise InputError(f"unknown request field {sorted(unknown)[0]!r} (expected prompt, messages, tools, "
-                       "sampling, id).")
+                       "sampling, id, images, videos).")
+    for key in ("images", "videos"):
+      if r.get(key) is not None and not isinstance(r[key], list):
+        raise InputError(f"'{key}' must be a list.")
     sampling = r.get("sampling")
     if isinstance(sampling, dict):
       sampling = SamplingParams.from_dict(sampling)
@@ -448,7 +586,7 @@ def as_request(r: Request | str | Sequence[int] | dict) -> Request:
     if r.get("prompt") is not None and not isinstance(r["prompt"], (str, list)):
       raise InputError("'prompt' must be a string or a list of token ids.")
     return Request(prompt=r.get("prompt"), messages=messages, tools=r.get("tools"), sampling=sampling,
-                   id=r.get("id"))
+                   id=r.get("id"), images=r.get("images"), videos=r.get("videos"))
   if isinstance(r, (list, tuple, np.ndarray)):
     return Request(prompt=list(r))
   raise InputError(f"a request must be text, token ids or a dict, got {type(r).__name__}.")

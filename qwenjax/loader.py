@@ -17,6 +17,7 @@ from absl import logging
 from qwenjax import checkpoint
 from qwenjax._errors import CheckpointError
 from qwenjax.config import QwenConfig
+from qwenjax.image_processing import ImageProcessorConfig
 from qwenjax.model import Qwen2
 from qwenjax.tokenizer import Tokenizer
 
@@ -25,9 +26,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass
 class LoadedModel:
-  model: Qwen2
+  model: Qwen2  # or qwenjax.multimodal.Qwen2VL
   tokenizer: Tokenizer
   source: str  # the file or directory the weights came from
+  image_processor: ImageProcessorConfig | None = None  # a VL checkpoint's preprocessor_config.json
 
   @property
   def config(self) -> QwenConfig:
@@ -60,7 +62,9 @@ def load(model: str | None = None, *, dtype: str = "float32", param_dtype: str |
     tokenizer = gguf.tokenizer()
     loaded = LoadedModel(checkpoint.load_from_source(cfg, gguf, **kwargs), tokenizer, str(path))
   elif path.is_dir() and (path / "config.json").exists():
-    loaded = LoadedModel(checkpoint.load_model(path, **kwargs), Tokenizer.from_directory(path), str(path))
+    processor = path / "preprocessor_config.json"
+    loaded = LoadedModel(checkpoint.load_model(path, **kwargs), Tokenizer.from_directory(path), str(path),
+                         ImageProcessorConfig.from_file(processor) if processor.exists() else None)
   elif not path.exists():
     raise CheckpointError(f"{path}: no such file or directory (--model takes 'default', a .gguf file or a "
                           "Hugging Face checkpoint directory).")
