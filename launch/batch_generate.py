@@ -5,7 +5,10 @@ r"""Generates for every line of a JSONL file with continuous batching; survives 
 Input lines: {"id": ..., "messages": [...]} (OpenAI chat format, rendered with the chat template) or
 {"id": ..., "prompt": "..."} (raw text), each with optional "sampling": {...} overrides of the flags
 (max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, stop,
-stop_token_ids, n, seed, logprobs, ignore_eos). A line without "id" is known by its line number.
+stop_token_ids, n, seed, logprobs, ignore_eos). A line without "id" is known by its line number. With a
+Qwen2.5-VL model, message content may be a list of OpenAI-style parts: {"type": "text", "text": ...},
+{"type": "image_url", "image_url": {"url": <path, file:// or data: URL>}}, {"type": "video", "video": <frame
+directory or list of frames>}; images of different sizes share batches. A broken image fails its line alone.
 
 Output lines, in completion order: {"id", "text", "token_ids", "finish_reason", "usage"} (with n > 1, "choices"
 holds every sample), or {"id", "error"} for a line that cannot be served (malformed JSON, missing fields, bad

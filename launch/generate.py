@@ -3,6 +3,7 @@ r"""Generates a completion for one prompt.
   python -m launch.generate --prompt="Write a Python function that checks whether a number is prime."
   python -m launch.generate --model=/path/to/Qwen2.5-0.5B-Instruct --prompt="Hi" --json
   python -m launch.generate --model=model.gguf --raw --prompt="def fib(n):" --max_new_tokens=64
+  python -m launch.generate --model=/path/to/Qwen2.5-VL-3B-Instruct --image=chart.png --prompt="What does it show?"
 
 stdout holds the generated text alone (or, with --json, one JSON object); logs go to stderr.
 """
@@ -30,6 +31,11 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
                            "the CPU default; bfloat16 for TPU/GPU).")
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 4096, "KV-cache length: prompt plus generated tokens.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object with text, token_ids, finish_reason and usage.")
+_IMAGE = flags.DEFINE_multi_string("image", [], "An image (path, file:// or data: URL) placed before the prompt "
+                                   "in the user message (repeatable; Qwen2.5-VL models). With --raw the prompt "
+                                   "holds its own <|vision_start|><|image_pad|><|vision_end|> for each.")
+_VIDEO = flags.DEFINE_multi_string("video", [], "A video as a directory of frame images, read in name order at 2 "
+                                   "frames per second (repeatable; Qwen2.5-VL models).")
 
 
 def main(argv):
@@ -39,15 +45,21 @@ def main(argv):
   try:
     loaded = qwenjax.load(_MODEL.value, dtype=_DTYPE.value)
     if _RAW.value:
-      request = qwenjax.Request(prompt=_PROMPT.value)
+      request = qwenjax.Request(prompt=_PROMPT.value, images=_IMAGE.value, videos=_VIDEO.value)
     else:
       messages = ([{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value is not None else [])
-      messages.append({"role": "user", "content": _PROMPT.value})
+      content = _PROMPT.value
+      if _IMAGE.value or _VIDEO.value:
+        content = ([{"type": "image_url", "image_url": {"url": image}} for image in _IMAGE.value]
+                   + [{"type": "video", "video": video} for video in _VIDEO.value]
+                   + [{"type": "text", "text": _PROMPT.value}])
+      messages.append({"role": "user", "content": content})
       request = qwenjax.Request(messages=messages)
     request.sampling = qwenjax.SamplingParams(
         max_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
         seed=_SEED.value, ignore_eos=_IGNORE_EOS.value)
-    engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=_MAX_SEQ_LEN.value)
+    engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=_MAX_SEQ_LEN.value,
+                            image_processor=loaded.image_processor)
     [out] = engine.generate([request])
   except qwenjax.QwenJaxError as e:
     logging.error("%s", e)

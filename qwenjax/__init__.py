@@ -10,15 +10,17 @@
 from qwenjax._errors import CheckpointError, ConfigError, InputError, QwenJaxError
 from qwenjax.config import PRESETS, QwenConfig
 from qwenjax.engine import Completion, Engine, Request, RequestOutput, StreamEvent
+from qwenjax.image_processing import ImageProcessorConfig
 from qwenjax.loader import LoadedModel, load
 from qwenjax.model import KVCache, Qwen2
+from qwenjax.multimodal import VL_PRESETS, Qwen2VL, QwenVLConfig
 from qwenjax.sampling import SamplingParams
 from qwenjax.steps import LengthBuckets, decode_step, extend, prefill
 from qwenjax.tokenizer import Tokenizer
 
 __all__ = [
-    "CheckpointError", "Completion", "ConfigError", "Engine", "InputError", "KVCache", "LengthBuckets",
-    "LoadedModel", "PRESETS", "Qwen2", "QwenConfig", "QwenJaxError", "Request", "RequestOutput", "SamplingParams",
-    "StreamEvent", "Tokenizer",
+    "CheckpointError", "Completion", "ConfigError", "Engine", "ImageProcessorConfig", "InputError", "KVCache",
+    "LengthBuckets", "LoadedModel", "PRESETS", "Qwen2", "Qwen2VL", "QwenConfig", "QwenJaxError", "QwenVLConfig",
+    "Request", "RequestOutput", "SamplingParams", "StreamEvent", "Tokenizer", "VL_PRESETS",
     "decode_step", "extend", "load", "prefill",
 ]
