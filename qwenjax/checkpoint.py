@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from qwenjax import sharding
 from qwenjax._errors import CheckpointError, ConfigError
 from qwenjax.model import LAYERS, Qwen2, weight_declarations
 
@@ -166,14 +167,13 @@ def _convert(source: TensorSource, name: str, hf, shape, dtype) -> np.ndarray:
   return hf.to_param(array, shape).astype(dtype, copy=False)
 
 
-def load_model(directory: str | pathlib.Path, **model_kwargs) -> Qwen2:
-  """A Hugging Face checkpoint directory -> a concrete model with its weights loaded: `Qwen2`, or
-  `qwenjax.multimodal.Qwen2VL` for a Qwen2.5-VL checkpoint (a config.json with a vision_config)."""
+def read_config(directory: str | pathlib.Path):
+  """The config.json of a checkpoint directory: a QwenConfig, or a QwenVLConfig for Qwen2.5-VL (a config.json
+  with a vision_config)."""
   from qwenjax import multimodal  # pylint: disable=g-import-not-at-top
   from qwenjax.config import QwenConfig  # pylint: disable=g-import-not-at-top
 
-  directory = pathlib.Path(directory)
-  path = directory / "config.json"
+  path = pathlib.Path(directory) / "config.json"
   try:
     hf = json.loads(path.read_text())
   except FileNotFoundError:
@@ -181,17 +181,26 @@ def load_model(directory: str | pathlib.Path, **model_kwargs) -> Qwen2:
   except json.JSONDecodeError as e:
     raise ConfigError(f"{path}: not valid JSON ({e}).") from None
   if multimodal.is_vl_config(hf):
-    cfg = multimodal.QwenVLConfig.from_hf_config(hf, source=str(path))
-  else:
-    cfg = QwenConfig.from_hf_config(hf, source=str(path))
-  return load_from_source(cfg, SafetensorsSource(directory), **model_kwargs)
+    return multimodal.QwenVLConfig.from_hf_config(hf, source=str(path))
+  return QwenConfig.from_hf_config(hf, source=str(path))
 
 
-def load_from_source(cfg, source: TensorSource, **model_kwargs) -> Qwen2:
-  """cfg: a QwenConfig (-> Qwen2) or a QwenVLConfig (-> Qwen2VL)."""
+def load_model(directory: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
+               rules: sharding.ShardingRules = sharding.DEFAULT_RULES, **model_kwargs) -> Qwen2:
+  """A Hugging Face checkpoint directory -> a concrete model with its weights loaded: `Qwen2`, or
+  `qwenjax.multimodal.Qwen2VL` for a Qwen2.5-VL checkpoint. With a mesh, each weight goes straight into its
+  shards (`qwenjax.sharding.placer`)."""
+  return load_from_source(read_config(directory), SafetensorsSource(directory), mesh=mesh, rules=rules,
+                          **model_kwargs)
+
+
+def load_from_source(cfg, source: TensorSource, *, mesh: jax.sharding.Mesh | None = None,
+                     rules: sharding.ShardingRules = sharding.DEFAULT_RULES, **model_kwargs) -> Qwen2:
+  """cfg: a QwenConfig (-> Qwen2) or a QwenVLConfig (-> Qwen2VL); mesh: shard the weights over it by `rules`
+  as they load (None: one device)."""
   from qwenjax import multimodal  # pylint: disable=g-import-not-at-top
 
   cls = multimodal.Qwen2VL if isinstance(cfg, multimodal.QwenVLConfig) else Qwen2
   model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **model_kwargs))
-  load_params(model, source)
+  load_params(model, source, place=None if mesh is None else sharding.placer(model, mesh, rules))
   return model

@@ -16,6 +16,10 @@ iteration
 Programs compile once per prefill bucket and once per decode variant (greedy, or sampling with filters and
 penalties); no request shape compiles anything after warm-up.
 
+With a device mesh (`Engine(..., mesh=qwenjax.sharding.mesh_from_flags("data:2,tensor:4"))`) the weights, the
+cache and the [B, V] slot state are placed by `qwenjax.sharding`'s rules (slots over data, heads, MLP and
+vocabulary over tensor) and every jitted step returns them in the layout they came in.
+
 Shapes: B slots, S cache positions, T prefill bucket, V vocabulary, E stop ids per slot, k decode steps per call.
 """
 
@@ -34,9 +38,10 @@ from flax import nnx
 from qwenjax import image_processing
 from qwenjax import multimodal
 from qwenjax import sampling as sampling_lib
+from qwenjax import sharding
 from qwenjax import steps
 from qwenjax._errors import InputError
-from qwenjax.model import KVCache, Qwen2
+from qwenjax.model import BATCH, VOCAB, KVCache, Qwen2
 from qwenjax.sampling import SamplingParams
 from qwenjax.tokenizer import Tokenizer
 
@@ -146,6 +151,9 @@ def _needs_of(params: Iterable[SamplingParams]) -> sampling_lib.SamplingNeeds:
   return _SAMPLE if needs.sampling else _GREEDY
 
 
+_SLOT_STATE_AXES = (BATCH, VOCAB)  # the [B, V] prompt masks and token counts of the decode slots
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "fresh"), donate_argnames=("cache",))
 def _prefill_rows(graphdef, params, cache, tokens, num_new, rows, fresh, vision=None):
   """A prompt chunk into cache rows `rows` ([b]): fresh rows start empty; otherwise the chunk is appended.
@@ -170,7 +178,8 @@ def _first_token(logits, arrays, prompt_mask, counts, slot, prompt, prompt_len, 
   tok, logprob = sampling_lib.sample(logits, arrays, jnp.zeros((1,), jnp.int32), prompt_mask[slot][None],
                                      counts[slot][None], needs)
   counts = counts.at[slot, tok[0]].add(1)
-  return tok[0], logprob[0], prompt_mask, counts
+  return (tok[0], logprob[0], sharding.constrain(prompt_mask, _SLOT_STATE_AXES),
+          sharding.constrain(counts, _SLOT_STATE_AXES))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "needs", "num_steps", "kv_len"),
@@ -185,7 +194,7 @@ def _decode_block(graphdef, params, cache, prompt_mask, counts, tokens, step, ac
     cache, counts, tok, step, active, budget, out_tok, out_lp = carry
     logits, cache = steps.decode_step_impl(graphdef, params, cache, tok, kv_len)
     new, logprob = sampling_lib.sample(logits, arrays, step, prompt_mask, counts, needs)
-    counts = sampling_lib.update_counts(counts, new, active)
+    counts = sharding.constrain(sampling_lib.update_counts(counts, new, active), _SLOT_STATE_AXES)
     out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
     out_lp = out_lp.at[i].set(logprob)
     stopped = jnp.any(new[:, None] == stop_ids, axis=-1) | (budget <= 1)
@@ -195,6 +204,8 @@ def _decode_block(graphdef, params, cache, prompt_mask, counts, tokens, step, ac
   init = (cache, counts, tokens, step, active, budget, jnp.full((num_steps, b), -1, jnp.int32),
           jnp.zeros((num_steps, b), jnp.float32))
   cache, counts, *_, out_tok, out_lp = jax.lax.fori_loop(0, num_steps, body, init)
+  # Under a mesh, whole on every device: the host reads them (on every process of a multi-host mesh).
+  out_tok, out_lp = sharding.constrain(out_tok, (None, None)), sharding.constrain(out_lp, (None, None))
   return out_tok, out_lp, cache, counts
 
 
@@ -207,12 +218,22 @@ class Engine:
   decode_steps: decode steps per jitted call (fewer dispatches; a finished slot waits at most that many steps).
   image_processor: how a Qwen2.5-VL model's images are resized (its preprocessor_config.json; None: Qwen's
     released defaults).
+  mesh: a device mesh (`qwenjax.sharding.make_mesh` / `mesh_from_flags`) to shard the weights (in place, unless
+    loaded onto it already), the KV cache and the slot state over, by `rules`; None: one device. A mesh may span
+    several processes (hosts): each then runs the same requests in lockstep and sees the same tokens.
+  seed: seeds the per-request seeds of requests that set none (default: fresh entropy); processes that share a
+    mesh must pass the same one.
   """
 
   def __init__(self, model: Qwen2, tokenizer: Tokenizer | None, *, max_batch_size: int = 8, max_seq_len: int = 4096,
                max_prefill_chunk: int = 512, decode_steps: int = 4, eos_token_ids: Iterable[int] | None = None,
-               image_processor: image_processing.ImageProcessorConfig | None = None):
+               image_processor: image_processing.ImageProcessorConfig | None = None,
+               mesh: jax.sharding.Mesh | None = None, rules: sharding.ShardingRules = sharding.DEFAULT_RULES,
+               seed: int | None = None):
     self.model, self.tokenizer = model, tokenizer
+    self.mesh, self.rules = mesh, rules
+    if mesh is not None:
+      sharding.shard_model(model, mesh, rules)
     self.cfg = model.cfg
     self.vl_cfg = model.vl_cfg if isinstance(model, multimodal.Qwen2VL) else None
     self.image_processor = image_processor or image_processing.ImageProcessorConfig()
@@ -227,20 +248,31 @@ class Engine:
     self.eos_token_ids = frozenset(eos_token_ids)
     b, v = max_batch_size, self.cfg.vocab_size
     # Headroom of one prefill chunk past the context: a padded last chunk is written whole, never clamped.
-    self._cache = KVCache.zeros(self.cfg, b, max_seq_len + self.buckets.maximum, model.dtype)
-    self._prompt_mask = jnp.zeros((b, v), bool)
-    self._counts = jnp.zeros((b, v), jnp.int32)
-    self._seed_rng = np.random.default_rng(secrets.randbits(64))
+    cache_len = max_seq_len + self.buckets.maximum
+    cache_sharding = slot_sharding = None
+    if mesh is not None:
+      cache_sharding = sharding.cache_sharding(self.cfg, mesh, b, cache_len, rules)
+      slot_sharding = sharding.named_sharding(mesh, _SLOT_STATE_AXES, (b, v), rules)
+    self._cache = KVCache.zeros(self.cfg, b, cache_len, model.dtype, sharding=cache_sharding)
+    self._prompt_mask = jnp.zeros((b, v), bool, device=slot_sharding)
+    self._counts = jnp.zeros((b, v), jnp.int32, device=slot_sharding)
+    self._seed_rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
     self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_calls": 0, "prefill_calls": 0}
 
   @classmethod
   def load(cls, model: str | None = "default", *, dtype: str = "float32", scan_layers: bool | None = None,
+           mesh: jax.sharding.Mesh | None = None, rules: sharding.ShardingRules = sharding.DEFAULT_RULES,
            **kwargs) -> "Engine":
+    """Loads `model` (see `qwenjax.load`; with a mesh, each weight straight into its shards) into an Engine."""
     from qwenjax.loader import load  # pylint: disable=g-import-not-at-top
 
-    loaded = load(model, dtype=dtype, scan_layers=scan_layers)
+    loaded = load(model, dtype=dtype, scan_layers=scan_layers, mesh=mesh, rules=rules)
     kwargs.setdefault("image_processor", loaded.image_processor)
-    return cls(loaded.model, loaded.tokenizer, **kwargs)
+    return cls(loaded.model, loaded.tokenizer, mesh=mesh, rules=rules, **kwargs)
+
+  def _on_mesh(self):
+    """The context every jitted call of this engine runs in: its mesh and rules (nothing without a mesh)."""
+    return sharding.use_mesh(self.mesh, self.rules)
 
   # ---- requests -------------------------------------------------------------------------------------------
 
@@ -372,7 +404,8 @@ class Engine:
     vision = prompt if isinstance(prompt, multimodal.VLPrompt) else None
     features = None
     if vision is not None:  # once per request: its n samples share the features
-      features = multimodal.encode_visuals(self.model.visual, vision.visuals, self.patch_buckets)
+      with self._on_mesh():
+        features = multimodal.encode_visuals(self.model.visual, vision.visuals, self.patch_buckets)
     prompt = _ids(prompt)
     stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
     # The context bounds generation: a sequence that fills it ends with finish_reason "length".
@@ -422,16 +455,19 @@ class Engine:
       tokens = np.zeros((1, self.buckets.bucket(len(piece))), np.int32)
       tokens[0, :len(piece)] = piece
       vision = self._vision_chunk(seq, start, tokens.shape[1]) if self.vl_cfg is not None else None
-      logits, self._cache = _prefill_rows(self.graphdef, self.params, self._cache, tokens,
-                                          np.array([len(piece)], np.int32), rows, fresh=start == 0, vision=vision)
+      with self._on_mesh():
+        logits, self._cache = _prefill_rows(self.graphdef, self.params, self._cache, tokens,
+                                            np.array([len(piece)], np.int32), rows, fresh=start == 0,
+                                            vision=vision)
       self.stats["prefill_calls"] += 1
     self.stats["prompt_tokens"] += len(prompt)
     padded = np.zeros(max(16, _pow2(len(prompt))), np.int32)  # powers of two: few compiled shapes
     padded[:len(prompt)] = prompt
     arrays = sampling_lib.pack([seq.params], sample_indices=[seq.sample_index], seeds=[seq.seed])
-    tok, logprob, self._prompt_mask, self._counts = _first_token(
-        logits, arrays, self._prompt_mask, self._counts, np.int32(slot), padded, np.int32(len(prompt)),
-        needs=_needs_of([seq.params]))
+    with self._on_mesh():
+      tok, logprob, self._prompt_mask, self._counts = _first_token(
+          logits, arrays, self._prompt_mask, self._counts, np.int32(slot), padded, np.int32(len(prompt)),
+          needs=_needs_of([seq.params]))
     return int(tok), float(logprob)
 
   def _vision_chunk(self, seq: _Sequence, start: int, width: int):
@@ -471,10 +507,11 @@ class Engine:
     arrays = sampling_lib.pack([s.params if s else None for s in slots],
                                sample_indices=[s.sample_index if s else 0 for s in slots],
                                seeds=[s.seed if s else 0 for s in slots])
-    out_tok, out_lp, self._cache, self._counts = _decode_block(
-        self.graphdef, self.params, self._cache, self._prompt_mask, self._counts, tokens, step, active, budget,
-        stop_ids, arrays, needs=_needs_of(s.params for s in live), num_steps=self.decode_steps,
-        kv_len=self._kv_len(live))
+    with self._on_mesh():
+      out_tok, out_lp, self._cache, self._counts = _decode_block(
+          self.graphdef, self.params, self._cache, self._prompt_mask, self._counts, tokens, step, active, budget,
+          stop_ids, arrays, needs=_needs_of(s.params for s in live), num_steps=self.decode_steps,
+          kv_len=self._kv_len(live))
     self.stats["decode_calls"] += 1
     return np.asarray(out_tok), np.asarray(out_lp)
 

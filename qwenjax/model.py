@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from qwenjax.config import QwenConfig
+from qwenjax.sharding import constrain
 
 # Logical axis names. Sharding rules (qwenjax.sharding) map these, and only these, onto mesh axes.
 BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = (
@@ -125,10 +126,21 @@ class KVCache:
   AXES = (LAYERS, BATCH, KV_HEADS, LENGTH, HEAD_DIM)
 
   @classmethod
-  def zeros(cls, cfg: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+  def zeros(cls, cfg: QwenConfig, batch: int, max_len: int, dtype=jnp.float32,
+            sharding: "KVCache | None" = None) -> "KVCache":
+    """An empty cache; `sharding` (a KVCache of shardings, `qwenjax.sharding.cache_sharding`) allocates each
+    device's shards in place."""
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32),
-               jnp.zeros((batch,), jnp.int32))
+    where = sharding or cls(None, None, None, None)
+    return cls(jnp.zeros(shape, dtype, device=where.k), jnp.zeros(shape, dtype, device=where.v),
+               jnp.zeros((batch,), jnp.int32, device=where.lengths),
+               jnp.zeros((batch,), jnp.int32, device=where.rope_offset))
+
+  def constrained(self) -> "KVCache":
+    """Inside a jitted step under a mesh: the cache pinned to its sharding, so that a step returns it laid out as
+    it came (donation reuses the buffers, and the layout never drifts). Without a mesh: itself."""
+    return KVCache(constrain(self.k, self.AXES), constrain(self.v, self.AXES), constrain(self.lengths, (BATCH,)),
+                   constrain(self.rope_offset, (BATCH,)))
 
   @property
   def max_len(self) -> int:
@@ -194,10 +206,14 @@ class Attention(nnx.Module):
     k = jnp.einsum("btd,dkh->btkh", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
     v = jnp.einsum("btd,dkh->btkh", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
     q, k = rope(q, ctx.cos, ctx.sin), rope(k, ctx.cos, ctx.sin)
+    # Under a mesh: query heads split over tensor; KV heads too where the tensor axis divides them, else whole
+    # (replicated, exact). Pinning k and v keeps XLA from splitting the cache's KV heads like the query heads.
+    q = constrain(q, (BATCH, LENGTH, HEADS, HEAD_DIM))
+    k, v = constrain(k, (BATCH, LENGTH, KV_HEADS, HEAD_DIM)), constrain(v, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
 
     rows = jnp.arange(x.shape[0]) if ctx.rows is None else ctx.rows  # [B] cache row of each sequence
-    cache_k = _write_rows(cache_k, layer, rows, positions[:, 0], k)
-    cache_v = _write_rows(cache_v, layer, rows, positions[:, 0], v)
+    cache_k = constrain(_write_rows(cache_k, layer, rows, positions[:, 0], k), KVCache.AXES)
+    cache_v = constrain(_write_rows(cache_v, layer, rows, positions[:, 0], v), KVCache.AXES)
     if ctx.attend_to_cache:
       keys, values = cache_k[layer], cache_v[layer]  # [C, K, S, H]
       if ctx.kv_len is not None:  # static: decode reads only the part of the cache that is in use
@@ -210,7 +226,9 @@ class Attention(nnx.Module):
       keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, T, H]
 
     b, t, n, h = q.shape
-    q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)  # [B, T, K, G, H]
+    # [B, T, K, G, H]. With query heads split over tensor and KV heads whole (tensor > K), a device's heads are a
+    # block of (K, G): it reads its own K's keys, all on device, and the math is that of one device.
+    q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)
     scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32) * (h ** -0.5)
     delta = positions[:, :, None] - key_pos[:, None, :]  # [B, T, S] query minus key position
     mask = (delta >= 0) & (delta < window)
@@ -222,7 +240,7 @@ class Attention(nnx.Module):
     return jnp.einsum("bte,ed->btd", out, o_kernel), cache_k, cache_v
 
 
-class MLP(nnx.Module):
+class FeedForward(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
   def __init__(self, cfg: QwenConfig, *, stack, dtype, param_dtype, rngs: nnx.Rngs):
@@ -254,7 +272,7 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                             "model.layers.{layer}.post_attention_layernorm.weight", stack=stack, dtype=param_dtype,
                             rngs=rngs)
-    self.mlp = MLP(cfg, **kw)
+    self.mlp = FeedForward(cfg, **kw)
 
   def __call__(self, x, ctx: "StepContext", cache_k, cache_v, layer, window):
     a, cache_k, cache_v = self.attn(self.attn_norm(x), ctx, cache_k, cache_v, layer, window)

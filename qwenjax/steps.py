@@ -5,6 +5,10 @@
     logits, cache = prefill(graphdef, params, cache, tokens, lengths)   # tokens [B, T] padded to a bucket
     logits, cache = decode_step(graphdef, params, cache, next_tokens)    # next_tokens [B]
 
+On a device mesh, place params and cache with `qwenjax.sharding` (`shard_model`, `KVCache.zeros(...,
+sharding=cache_sharding(...))`) and call the steps inside `sharding.use_mesh(mesh)`: each returns the cache in the
+layout it came in.
+
 `*_impl` are the same steps unjitted, for composing into larger jitted functions (sampling, several decode
 steps per call). Each step returns float32 logits and the cache with `lengths` advanced. Prompt lengths pad to `LengthBuckets`
 so a long-running process compiles one prefill program per bucket (and per batch size), not per prompt.
@@ -42,6 +46,7 @@ def _run(graphdef, params, cache: KVCache, tokens, num_new, rows, *, fresh: bool
   cache = dataclasses.replace(cache, lengths=_set_rows(cache.lengths, rows, lengths + num_new))
   if rope_offset is not None:
     cache = dataclasses.replace(cache, rope_offset=_set_rows(cache.rope_offset, rows, rope_offset))
+  cache = cache.constrained()  # under a mesh (`qwenjax.sharding.use_mesh`): returned in the layout it came in
   if all_logits:
     return model.logits(h), cache  # [B, T, V]
   last = jnp.take_along_axis(h, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
