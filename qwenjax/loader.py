@@ -1,7 +1,8 @@
 """One entry point from a `--model` value to a loaded model and its tokenizer.
 
-`--model` may be "default" (or empty: the embedded Qwen2.5-Coder-0.5B-Instruct GGUF), a `.gguf` file, or a
-Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
+`--model` may be "default" (or empty: the embedded Qwen2.5-Coder-0.5B-Instruct GGUF), a `.gguf` file, a
+Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json), or a qwenjax Orbax checkpoint
+directory (`python -m launch.convert`), restored straight into the mesh's shardings.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 from absl import logging
 
 from qwenjax import checkpoint
+from qwenjax import orbax_checkpoint
+from qwenjax import sharding
 from qwenjax._errors import CheckpointError
 from qwenjax.config import QwenConfig
 from qwenjax.image_processing import ImageProcessorConfig
@@ -41,9 +44,25 @@ def default_scan_layers() -> bool:
   return jax.default_backend() != "cpu"
 
 
+def read_config(model: str | None = None):
+  """The config of a `--model` value without loading weights (a QwenConfig, or a QwenVLConfig)."""
+  from qwenjax import embedded  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(embedded.resolve_model_arg(model))
+  if path.is_file() and path.suffix == ".gguf":
+    from qwenjax.gguf_file import GGUFCheckpoint  # pylint: disable=g-import-not-at-top
+
+    return QwenConfig.from_hf_config(GGUFCheckpoint(path).hf_config(), source=str(path))
+  if path.is_dir():
+    return checkpoint.read_config(path)
+  raise CheckpointError(f"{path}: no such file or directory.")
+
+
 def load(model: str | None = None, *, dtype: str = "float32", param_dtype: str | None = None,
-         scan_layers: bool | None = None) -> LoadedModel:
-  """Loads weights and tokenizer. dtype: compute dtype; param_dtype: storage dtype (defaults to dtype)."""
+         scan_layers: bool | None = None, mesh: jax.sharding.Mesh | None = None,
+         rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> LoadedModel:
+  """Loads weights and tokenizer. dtype: compute dtype; param_dtype: storage dtype (defaults to dtype).
+  mesh: load each weight straight into its shards over this mesh, by `rules` (None: one device)."""
   from qwenjax import embedded  # pylint: disable=g-import-not-at-top
 
   if dtype not in DTYPES or (param_dtype or dtype) not in DTYPES:
@@ -60,14 +79,20 @@ def load(model: str | None = None, *, dtype: str = "float32", param_dtype: str |
     # The tokenizer first: building it from 150k-entry metadata lists is a transient of ~0.5 GB that should
     # not stack on top of the weights.
     tokenizer = gguf.tokenizer()
-    loaded = LoadedModel(checkpoint.load_from_source(cfg, gguf, **kwargs), tokenizer, str(path))
+    loaded = LoadedModel(checkpoint.load_from_source(cfg, gguf, mesh=mesh, rules=rules, **kwargs), tokenizer,
+                         str(path))
+  elif orbax_checkpoint.is_orbax_checkpoint(path):  # before the next branch: it holds a config.json too
+    restored, tokenizer, processor = orbax_checkpoint.restore(
+        path, dtype=dtype, param_dtype=param_dtype, scan_layers=kwargs["scan_layers"], mesh=mesh, rules=rules)
+    loaded = LoadedModel(restored, tokenizer, str(path), processor)
   elif path.is_dir() and (path / "config.json").exists():
     processor = path / "preprocessor_config.json"
-    loaded = LoadedModel(checkpoint.load_model(path, **kwargs), Tokenizer.from_directory(path), str(path),
+    loaded = LoadedModel(checkpoint.load_model(path, mesh=mesh, rules=rules, **kwargs),
+                         Tokenizer.from_directory(path), str(path),
                          ImageProcessorConfig.from_file(processor) if processor.exists() else None)
   elif not path.exists():
-    raise CheckpointError(f"{path}: no such file or directory (--model takes 'default', a .gguf file or a "
-                          "Hugging Face checkpoint directory).")
+    raise CheckpointError(f"{path}: no such file or directory (--model takes 'default', a .gguf file, a "
+                          "Hugging Face checkpoint directory or a qwenjax Orbax checkpoint directory).")
   else:
     raise CheckpointError(f"{path}: neither a .gguf file nor a directory with config.json.")
   logging.info("Loaded %s (%d layers, %s) in %.1f s.", path, loaded.config.num_layers, dtype,

@@ -159,6 +159,25 @@ class Tokenizer:
     with GGUFCheckpoint(source) as checkpoint:
       return _tokenizer_from_gguf_metadata(cls, checkpoint.metadata, str(checkpoint.path))
 
+  def save(self, directory: str | os.PathLike[str], generation_config: Mapping[str, Any] | None = None) -> None:
+    """Writes what `from_directory` reads back into an equal tokenizer: tokenizer.json, tokenizer_config.json
+    (special tokens, chat template) and generation_config.json (every end-of-sequence id, in order).
+
+    Args:
+      directory: where to write (created if missing); existing files of those names are replaced.
+      generation_config: other generation_config.json fields to keep (a checkpoint's sampling defaults).
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    self._backend.save(str(directory / "tokenizer.json"))
+    config: dict[str, Any] = dict(self._special_tokens)
+    if self._chat_template is not None:
+      config["chat_template"] = self._chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                     encoding="utf-8")
+    generation = {**(generation_config or {}), "eos_token_id": self.eos_token_ids}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
   # --- Vocabulary --------------------------------------------------------------------------------
 
   @property

@@ -1,0 +1,43 @@
+r"""Converts a model to a qwenjax Orbax checkpoint, which restores straight into a device mesh.
+
+  python -m launch.convert --source=/ckpt/Qwen2.5-7B-Instruct --output=/ckpt/qwen2.5-7b-orbax --dtype=bfloat16
+  python -m launch.convert --source=model.gguf --output=/ckpt/model-orbax
+  python -m launch.convert --source=default --output=/ckpt/coder-0.5b-orbax
+
+The output directory (new, or empty) holds the weights under params/ (Orbax, stacked layers), config.json, the
+tokenizer files, preprocessor_config.json for Qwen2.5-VL, and qwenjax_checkpoint.json; see
+`qwenjax.orbax_checkpoint`. `--model=<output>` then loads it. Prints the output directory on stdout; logs go to
+stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags, logging
+
+_SOURCE = flags.DEFINE_string("source", None, "'default' (the embedded Qwen2.5-Coder-0.5B-Instruct), a .gguf file, "
+                              "or a Hugging Face checkpoint directory.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "The checkpoint directory to write; it must not exist or be empty.",
+                              required=True)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype the weights are stored in.")
+
+
+def main(argv):
+  del argv
+  from qwenjax import QwenJaxError, orbax_checkpoint  # pylint: disable=g-import-not-at-top  (--help stays fast)
+
+  start = time.perf_counter()
+  try:
+    output = orbax_checkpoint.convert(_SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value)
+  except QwenJaxError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  logging.info("Wrote %s (%s) in %.1f s.", output, _DTYPE.value, time.perf_counter() - start)
+  print(output)
+
+
+if __name__ == "__main__":
+  app.run(main)
