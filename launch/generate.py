@@ -4,6 +4,7 @@ r"""Generates a completion for one prompt.
   python -m launch.generate --model=/path/to/Qwen2.5-0.5B-Instruct --prompt="Hi" --json
   python -m launch.generate --model=model.gguf --raw --prompt="def fib(n):" --max_new_tokens=64
   python -m launch.generate --model=/path/to/Qwen2.5-VL-3B-Instruct --image=chart.png --prompt="What does it show?"
+  python -m launch.generate --model=/path/to/Qwen2.5-32B-Instruct --mesh=tensor:8 --dtype=bfloat16 --prompt="Hi"
 
 stdout holds the generated text alone (or, with --json, one JSON object); logs go to stderr.
 """
@@ -14,6 +15,8 @@ import json
 import sys
 
 from absl import app, flags, logging
+
+from launch import _common
 
 _MODEL = flags.DEFINE_string("model", "default", "'default' (the embedded Qwen2.5-Coder-0.5B-Instruct), a .gguf "
                              "file, or a Hugging Face checkpoint directory.")
@@ -43,7 +46,9 @@ def main(argv):
   import qwenjax  # pylint: disable=g-import-not-at-top  (after flag parsing: --help stays fast)
 
   try:
-    loaded = qwenjax.load(_MODEL.value, dtype=_DTYPE.value)
+    serving = _common.serving(_MODEL.value, max_batch_size=1, max_seq_len=_MAX_SEQ_LEN.value,
+                              explicit_sizes=_common.explicit("max_seq_len") | {"max_batch_size"})
+    loaded = qwenjax.load(_MODEL.value, dtype=_DTYPE.value, mesh=serving.mesh)
     if _RAW.value:
       request = qwenjax.Request(prompt=_PROMPT.value, images=_IMAGE.value, videos=_VIDEO.value)
     else:
@@ -58,8 +63,9 @@ def main(argv):
     request.sampling = qwenjax.SamplingParams(
         max_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
         seed=_SEED.value, ignore_eos=_IGNORE_EOS.value)
-    engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=_MAX_SEQ_LEN.value,
-                            image_processor=loaded.image_processor)
+    engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=serving.max_seq_len,
+                            max_prefill_chunk=serving.max_prefill_chunk, image_processor=loaded.image_processor,
+                            mesh=serving.mesh)
     [out] = engine.generate([request])
   except qwenjax.QwenJaxError as e:
     logging.error("%s", e)

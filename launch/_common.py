@@ -1,0 +1,102 @@
+"""Flags that every launch script shares: the device mesh (or a topology file that names it) and multi-host.
+
+    python -m launch.batch_generate --topology=v5e-8 --model=/ckpt/Qwen2.5-7B-Instruct ...
+    python -m launch.batch_generate --mesh=data:2,tensor:4 --max_batch_size=64 ...
+    python -m launch.batch_generate --coordinator_address=10.0.0.1:8476 --num_processes=4 --process_id=$I ...
+
+With a topology, the model's entry there (matched by architecture) gives the mesh, and the decode batch, context
+and prefill chunk unless those flags are given explicitly. A mesh is one replica of the model: the devices of
+one host, or of several consecutive hosts (processes) that then serve the same requests in lockstep; replicas
+split the work (`qwenjax.distributed.replica`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+
+MESH = flags.DEFINE_string("mesh", None, "Device mesh of each host as comma-separated axis:size pairs over data, "
+                           "fsdp and tensor, multiplying to the host's device count (e.g. tensor:8 or "
+                           "data:2,tensor:4); weights and KV cache are sharded by qwenjax.sharding's rules. "
+                           "Default: one device.")
+TOPOLOGY = flags.DEFINE_string("topology", None, "A topology file: a name in tpu_configs/ (e.g. v5e-8, h100-8) "
+                               "or a path. It gives the mesh and, unless set by their flags, the decode batch, "
+                               "context and prefill chunk planned for this model's size.")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-host run "
+                                  "(default: $QWENJAX_COORDINATOR_ADDRESS; TPU pods find it themselves).")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run "
+                                     "(default: $QWENJAX_NUM_PROCESSES).")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run "
+                                  "(default: $QWENJAX_PROCESS_ID).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+  """The mesh (None: one device), engine sizes and replica of this process."""
+
+  mesh: object
+  max_batch_size: int
+  max_seq_len: int
+  max_prefill_chunk: int
+  replica: object  # qwenjax.distributed.Replica
+
+
+def initialize_distributed() -> bool:
+  """Joins a multi-host run when the flags or the environment name one; must run before anything touches JAX's
+  devices."""
+  from qwenjax import distributed  # pylint: disable=g-import-not-at-top
+
+  return distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+
+
+def explicit(*names: str) -> frozenset[str]:
+  """Which of these flags the command line set (they then win over a topology's planned values)."""
+  return frozenset(n for n in names if flags.FLAGS[n].present)
+
+
+def serving(model: str | None, *, max_batch_size: int, max_seq_len: int, max_prefill_chunk: int = 512,
+            explicit_sizes: frozenset[str] = frozenset()) -> Serving:
+  """--mesh or --topology, resolved for `model`. Sizes come from the topology's entry for the model unless named
+  in `explicit_sizes`. QwenJaxError for a bad value or a model the topology lacks."""
+  import math  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from qwenjax import distributed, sharding  # pylint: disable=g-import-not-at-top
+  from qwenjax._errors import ConfigError  # pylint: disable=g-import-not-at-top
+
+  def build(mesh_text: str | None, *sizes) -> Serving:
+    size = math.prod(sharding.parse_mesh(mesh_text).values()) if mesh_text else None
+    group = distributed.replica(size)
+    try:
+      mesh = sharding.mesh_from_flags(mesh_text, group.devices) if mesh_text else None
+    except ConfigError as e:
+      raise ConfigError(f"--mesh={mesh_text}: {e}") from None
+    return Serving(mesh, *sizes, group)
+
+  if TOPOLOGY.value is None:
+    return build(MESH.value, max_batch_size, max_seq_len, max_prefill_chunk)
+  if MESH.value:
+    raise ConfigError("--mesh and --topology both name a mesh; pass one.")
+  from qwenjax import loader, planner  # pylint: disable=g-import-not-at-top
+
+  topology = planner.load_topology(TOPOLOGY.value)
+  name, entry = planner.serving_entry(topology, loader.read_config(model))
+  data = entry.mesh.get("data", 1)
+  model_parallel = entry.mesh.get("fsdp", 1) * entry.mesh.get("tensor", 1)
+  local = jax.local_device_count()
+  if local % model_parallel and model_parallel % local:
+    raise ConfigError(f"{topology.source or topology.name}: {name} is planned with fsdp x tensor = "
+                      f"{model_parallel} devices per replica, which does not tile this host's {local} devices.")
+  # The topology's data axis spans the slice: a replica takes the host's devices (several replicas' worth of
+  # data parallelism) or, for a model larger than a host, fsdp x tensor devices over several hosts; its decode
+  # batch is its share of the slice's.
+  replica_data = max(1, local // model_parallel)
+  shape = dict(entry.mesh, data=replica_data)
+  mesh_text = ",".join(f"{axis}:{n}" for axis, n in shape.items() if n > 1)
+  if "max_batch_size" not in explicit_sizes:
+    max_batch_size = max(1, entry.max_batch_size * replica_data // data)
+  if "max_seq_len" not in explicit_sizes:
+    max_seq_len = entry.max_seq_len
+  return build(mesh_text or None, max_batch_size, max_seq_len, entry.max_prefill_chunk)
