@@ -171,15 +171,10 @@ def read_config(directory: str | pathlib.Path):
   """The config.json of a checkpoint directory: a QwenConfig, or a QwenVLConfig for Qwen2.5-VL (a config.json
   with a vision_config)."""
   from qwenjax import multimodal  # pylint: disable=g-import-not-at-top
-  from qwenjax.config import QwenConfig  # pylint: disable=g-import-not-at-top
+  from qwenjax.config import QwenConfig, read_json  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(directory) / "config.json"
-  try:
-    hf = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise ConfigError(f"{path}: file not found.") from None
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{path}: not valid JSON ({e}).") from None
+  hf = read_json(path)
   if multimodal.is_vl_config(hf):
     return multimodal.QwenVLConfig.from_hf_config(hf, source=str(path))
   return QwenConfig.from_hf_config(hf, source=str(path))

@@ -20,6 +20,23 @@ import numpy as np
 from qwenjax._errors import ConfigError
 
 
+def read_json(path: str | pathlib.Path) -> dict[str, Any]:
+  """A JSON object from a config file; ConfigError naming the file if it is missing, unreadable, not JSON or not
+  an object."""
+  path = pathlib.Path(path)
+  try:
+    value = json.loads(path.read_text(encoding="utf-8"))
+  except FileNotFoundError:
+    raise ConfigError(f"{path}: file not found.") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path}: cannot be read ({e}).") from None
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e}).") from None
+  if not isinstance(value, dict):
+    raise ConfigError(f"{path}: expected a JSON object, got {type(value).__name__}.")
+  return value
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """RoPE context extension. Qwen documents YaRN: {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}."""
@@ -173,14 +190,7 @@ class QwenConfig:
 
   @classmethod
   def from_file(cls, path: str | pathlib.Path) -> "QwenConfig":
-    path = pathlib.Path(path)
-    try:
-      hf = json.loads(path.read_text())
-    except FileNotFoundError:
-      raise ConfigError(f"{path}: file not found.") from None
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: not valid JSON ({e}).") from None
-    return cls.from_hf_config(hf, source=str(path))
+    return cls.from_hf_config(read_json(path), source=str(path))
 
   def num_params(self) -> int:
     """Parameter count from the formula (the eval_shape test checks it against the module tree)."""

@@ -24,7 +24,6 @@ import base64
 import binascii
 import dataclasses
 import io
-import json
 import math
 import os
 import pathlib
@@ -137,16 +136,9 @@ class ImageProcessorConfig:
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> "ImageProcessorConfig":
-    path = pathlib.Path(path)
-    try:
-      d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-      raise ConfigError(f"{path}: file not found.") from None
-    except (OSError, UnicodeDecodeError) as e:
-      raise ConfigError(f"{path}: cannot be read ({e}).") from None
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: not valid JSON ({e}).") from None
-    return cls.from_dict(d, source=str(path))
+    from qwenjax.config import read_json  # pylint: disable=g-import-not-at-top
+
+    return cls.from_dict(read_json(path), source=str(path))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -19,7 +19,6 @@ rotary position = cache position + rope_offset on all three axes, rope_offset = 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any, Mapping, Sequence
 
@@ -28,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from qwenjax._errors import ConfigError, InputError
-from qwenjax.config import PRESETS, QwenConfig
+from qwenjax.config import PRESETS, QwenConfig, read_json
 from qwenjax.model import Qwen2
 from qwenjax.image_processing import ImageProcessorConfig, VisualInput
 from qwenjax.vision import VISION_PRESETS, PatchBuckets, VisionConfig, VisionTower
@@ -80,14 +79,7 @@ class QwenVLConfig:
 
   @classmethod
   def from_file(cls, path: str | pathlib.Path) -> "QwenVLConfig":
-    path = pathlib.Path(path)
-    try:
-      hf = json.loads(path.read_text())
-    except FileNotFoundError:
-      raise ConfigError(f"{path}: file not found.") from None
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: not valid JSON ({e}).") from None
-    return cls.from_hf_config(hf, source=str(path))
+    return cls.from_hf_config(read_json(path), source=str(path))
 
   def num_params(self) -> int:
     return self.text.num_params() + self.vision.num_params()

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 from typing import Any, Mapping, Sequence
@@ -71,7 +70,7 @@ from absl import app, flags
 from flax import nnx
 
 from qwenjax._errors import ConfigError
-from qwenjax.config import PRESETS, QwenConfig
+from qwenjax.config import PRESETS, QwenConfig, read_json
 from qwenjax.loader import DTYPES
 from qwenjax.model import BATCH, HEADS, KV_HEADS, LAYERS, LENGTH, MLP, VOCAB, KVCache, Qwen2, weight_declarations
 from qwenjax.multimodal import VL_PRESETS, Qwen2VL, QwenVLConfig
@@ -330,13 +329,9 @@ def load_topology(name_or_path: str | pathlib.Path) -> Topology:
   path = pathlib.Path(name_or_path)
   if path.suffix != ".json" and path.parent == pathlib.Path("."):
     path = TOPOLOGY_DIR / f"{name_or_path}.json"
-  try:
-    raw = json.loads(path.read_text())
-  except FileNotFoundError:
-    known = ", ".join(topology_names())
-    raise ConfigError(f"{path}: no such topology file (shipped: {known}).") from None
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{path}: not valid JSON ({e}).") from None
+  if not path.exists():
+    raise ConfigError(f"{path}: no such topology file (shipped: {', '.join(topology_names())}).")
+  raw = read_json(path)
 
   def fail(field: str, expected: str, got: Any = None) -> ConfigError:
     found = "missing" if got is _MISSING else f"got {got!r}"
