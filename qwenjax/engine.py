@@ -178,8 +178,9 @@ def _first_token(logits, arrays, prompt_mask, counts, slot, prompt, prompt_len, 
   tok, logprob = sampling_lib.sample(logits, arrays, jnp.zeros((1,), jnp.int32), prompt_mask[slot][None],
                                      counts[slot][None], needs)
   counts = counts.at[slot, tok[0]].add(1)
-  return (tok[0], logprob[0], sharding.constrain(prompt_mask, _SLOT_STATE_AXES),
-          sharding.constrain(counts, _SLOT_STATE_AXES))
+  # The token and its log-probability whole on every device: every process of a multi-host mesh reads them.
+  return (sharding.constrain(tok[0], ()), sharding.constrain(logprob[0], ()),
+          sharding.constrain(prompt_mask, _SLOT_STATE_AXES), sharding.constrain(counts, _SLOT_STATE_AXES))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "needs", "num_steps", "kv_len"),
