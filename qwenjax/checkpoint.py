@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import jax
 import numpy as np
@@ -170,14 +170,20 @@ def _convert(source: TensorSource, name: str, hf, shape, dtype) -> np.ndarray:
 def read_config(directory: str | pathlib.Path):
   """The config.json of a checkpoint directory: a QwenConfig, or a QwenVLConfig for Qwen2.5-VL (a config.json
   with a vision_config)."""
-  from qwenjax import multimodal  # pylint: disable=g-import-not-at-top
-  from qwenjax.config import QwenConfig, read_json  # pylint: disable=g-import-not-at-top
+  from qwenjax.config import read_json  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(directory) / "config.json"
-  hf = read_json(path)
+  return parse_config(read_json(path), str(path))
+
+
+def parse_config(hf: Mapping[str, Any], source: str = "config.json"):
+  """A config.json dict -> QwenConfig, or QwenVLConfig for Qwen2.5-VL (one with a vision_config)."""
+  from qwenjax import multimodal  # pylint: disable=g-import-not-at-top
+  from qwenjax.config import QwenConfig  # pylint: disable=g-import-not-at-top
+
   if multimodal.is_vl_config(hf):
-    return multimodal.QwenVLConfig.from_hf_config(hf, source=str(path))
-  return QwenConfig.from_hf_config(hf, source=str(path))
+    return multimodal.QwenVLConfig.from_hf_config(hf, source=source)
+  return QwenConfig.from_hf_config(hf, source=source)
 
 
 def load_model(directory: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,

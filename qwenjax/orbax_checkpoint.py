@@ -31,8 +31,9 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from qwenjax._errors import CheckpointError
-from qwenjax.config import QwenConfig
+from qwenjax._errors import CheckpointError, ConfigError
+from qwenjax.checkpoint import parse_config
+from qwenjax.config import read_json
 from qwenjax.image_processing import ImageProcessorConfig
 from qwenjax.model import Qwen2, weight_declarations
 from qwenjax.sharding import DEFAULT_RULES, ShardingRules, named_sharding
@@ -81,7 +82,7 @@ def convert(source: str | os.PathLike[str] | None, output: str | os.PathLike[str
       generation = _read_json(path / "generation_config.json")
     if (path / "preprocessor_config.json").is_file():
       processor = _read_json(path / "preprocessor_config.json")
-  if _parse_config(hf, str(path)) != _model_config(loaded.model):
+  if parse_config(hf, str(path)) != _model_config(loaded.model):
     raise CheckpointError(f"{path}: the config.json written for it would not parse back to the loaded model's "
                           "config.")
   _save(output, loaded.model, loaded.tokenizer, hf, source=str(path), generation_config=generation,
@@ -135,7 +136,7 @@ def restore(directory: str | os.PathLike[str], *, dtype: str | None = None, para
   if dtype not in loader.DTYPES or (param_dtype or dtype) not in loader.DTYPES:
     raise ValueError(f"dtype must be one of {sorted(loader.DTYPES)}, got {dtype!r} / {param_dtype!r}.")
   scan_layers = loader.default_scan_layers() if scan_layers is None else scan_layers
-  cfg = _parse_config(_read_json(directory / "config.json"), str(directory / "config.json"))
+  cfg = parse_config(_read_json(directory / "config.json"), str(directory / "config.json"))
   cls = multimodal.Qwen2VL if isinstance(cfg, multimodal.QwenVLConfig) else Qwen2
   kwargs = dict(dtype=loader.DTYPES[dtype], param_dtype=loader.DTYPES[param_dtype or dtype])
   tokenizer = Tokenizer.from_directory(directory)
@@ -286,14 +287,6 @@ def _model_config(model: Qwen2):
   return getattr(model, "vl_cfg", model.cfg)
 
 
-def _parse_config(hf: Mapping[str, Any], source: str):
-  from qwenjax import multimodal  # pylint: disable=g-import-not-at-top
-
-  if multimodal.is_vl_config(hf):
-    return multimodal.QwenVLConfig.from_hf_config(hf, source=source)
-  return QwenConfig.from_hf_config(hf, source=source)
-
-
 def _flat_config(hf: Mapping[str, Any]) -> dict[str, Any]:
   """A Qwen2.5-VL config in transformers 5's nested form (`text_config`) -> Qwen's flat form; others as they are.
   The decoder's fields win over top-level ones, as `QwenVLConfig.from_hf_config` reads them."""
@@ -306,15 +299,11 @@ def _flat_config(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
+  """config.read_json, its errors as CheckpointErrors (a broken file is a broken checkpoint)."""
   try:
-    value = json.loads(path.read_text(encoding="utf-8"))
-  except FileNotFoundError:
-    raise CheckpointError(f"{path}: file not found.") from None
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path}: not readable JSON ({_first_line(e)}).") from None
-  if not isinstance(value, dict):
-    raise CheckpointError(f"{path}: holds a JSON {type(value).__name__}, not an object.")
-  return value
+    return read_json(path)
+  except ConfigError as e:
+    raise CheckpointError(str(e)) from None
 
 
 def _write_json(path: pathlib.Path, value: Mapping[str, Any]) -> None:
