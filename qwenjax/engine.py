@@ -314,10 +314,6 @@ class Engine:
                        "(prompt plus at least one generated token).")
     return prompt
 
-  def prompt_ids(self, request: Request | str | Sequence[int] | dict) -> list[int]:
-    """A request's prompt as token ids (pads expanded for images and videos)."""
-    return _ids(self.prepare(request))
-
   def _message(self, message: dict, visuals: list) -> dict:
     """Collects a message's image and video parts; a text model gets a list of text parts as one string."""
     content = message.get("content")
