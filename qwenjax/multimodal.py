@@ -154,7 +154,8 @@ def expand_pads(ids: Sequence[int], visuals: Sequence[VisualInput], cfg: QwenVLC
   return out
 
 
-def mrope_positions(ids: Sequence[int], visuals: Sequence[VisualInput], cfg: QwenVLConfig) -> tuple[np.ndarray, int, list[int]]:
+def mrope_positions(ids: Sequence[int], visuals: Sequence[VisualInput],
+                    cfg: QwenVLConfig) -> tuple[np.ndarray, int, list[int]]:
   """3D rotary positions [3, T] of a prompt whose pads are expanded (one per merged patch), the rope offset
   decoding continues with, and the start index of each visual's run of pads.
 

@@ -180,7 +180,8 @@ def _run_prefill(model, prompt):
   cache = KVCache.zeros(model.cfg, 1, 128)
   logits, cache = prefill(graphdef, params, cache, np.asarray([prompt.ids], np.int32),
                           np.array([len(prompt.ids)], np.int32), all_logits=True,
-                          rope_positions=prompt.positions[:, None], rope_offset=np.array([prompt.rope_offset], np.int32),
+                          rope_positions=prompt.positions[:, None],
+                          rope_offset=np.array([prompt.rope_offset], np.int32),
                           embeds=(np.concatenate(features), index))
   return np.asarray(logits[0]), cache, graphdef, params
 
