@@ -16,10 +16,16 @@ Qwen2.5-VL model, message content may be a list of OpenAI-style parts: {"type": 
 directory or list of frames>}; images of different sizes share batches. A broken image fails its line alone.
 
 Output lines, in completion order: {"id", "text", "token_ids", "finish_reason", "usage"} (with n > 1, "choices"
-holds every sample), or {"id", "error"} for a line that cannot be served (malformed JSON, missing fields, bad
-sampling values, a prompt longer than the context): it is recorded and the job goes on. Every line is flushed as
-it completes; a rerun with the same --output skips the ids already answered, so a killed job resumes where it
-stopped. Progress (requests done, tokens/s, time left) goes to stderr.
+holds every sample), or {"id", "error"} for a line that cannot be served (not UTF-8, malformed JSON, not an object,
+missing fields, bad sampling values, a prompt longer than the context): it is recorded, keyed by its id or "line-N",
+and the job goes on. Every record is written whole and flushed as it completes; a rerun with the same --output skips
+the ids already there (errors included), so a killed job resumes where it stopped.
+
+The output is only ever appended to, and only if it is this job's: an existing file that holds no results (a notes
+file, the input itself) is refused before the model loads, untouched. A corrupt region in it (a record torn by a
+kill, garbage) is moved to <output>.corrupt, never deleted, and only the ids it lacks are redone. One job at a time
+per output: <output>.lock, taken over from a killed job. Ids must be unique (--duplicate_ids=keep_first serves the
+first line of each). Progress (requests done, tokens/s, time left) goes to stderr.
 
 Multi-host: process i of n serves the lines whose number is i modulo n, on its own devices (--mesh / --topology
 describe one host), into --output.part-i; when every process is done, process 0 merges the parts into --output
@@ -58,59 +64,37 @@ _STOP = flags.DEFINE_multi_string("stop", [], "Default stop string (repeatable).
 _IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Don't stop at end-of-sequence tokens.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and weight dtype.")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "Decode steps per jitted call.", lower_bound=1)
+_DUPLICATE_IDS = flags.DEFINE_enum("duplicate_ids", "error", ["error", "keep_first"], "An id on several input "
+                                   "lines: stop before loading the model (error), or serve its first line only.")
 
 
-def _answered(path: str) -> set[str]:
-  """Ids already in the output; a torn last line (the job was killed mid-write) is cut off."""
-  if not os.path.exists(path):
-    return set()
-  done = set()
-  with open(path, "rb+") as f:
-    good_end = 0
-    for line in f:
-      try:
-        done.add(json.dumps(json.loads(line)["id"]))
-        good_end = f.tell()
-      except (ValueError, KeyError):
-        break
-    f.truncate(good_end)
-  return done
-
-
-def _lines(path: str, skip: set[str], errors: list[dict], engine, default, share: tuple[int, int] = (0, 1)
-           ) -> Iterator[tuple[Any, Any, list]]:
+def _requests(path: str, skip: set[str], errors: list[dict], engine, default, share: tuple[int, int],
+              skipped_lines: frozenset[int]) -> Iterator[tuple[Any, Any, list]]:
   """(id, request, prompt) for each servable line of this process's share (line numbers congruent to its index
-  modulo the process count); malformed lines land in `errors` with their id."""
-  from qwenjax import InputError, QwenJaxError  # pylint: disable=g-import-not-at-top
+  modulo the process count); a line that cannot be served lands in `errors`, keyed by its id (or line number)
+  so that a rerun, which skips the ids in `skip`, does not record it again."""
+  from qwenjax import QwenJaxError, jobs  # pylint: disable=g-import-not-at-top
   from qwenjax.engine import as_request  # pylint: disable=g-import-not-at-top
+  from qwenjax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
 
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip() or (number - 1) % share[1] != share[0]:
-        continue
-      key: Any = f"line-{number}"
-      try:
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise InputError(f"line {number}: malformed JSON ({e.msg} at column {e.colno}).") from None
-        if not isinstance(obj, dict):
-          raise InputError(f"line {number}: expected a JSON object, got {type(obj).__name__}.")
-        key = obj.get("id", key)
-        if json.dumps(key) in skip:
-          continue
-        if "prompt" not in obj and "messages" not in obj:
-          raise InputError(f"line {number}: needs a 'prompt' or 'messages' field.")
-        sampling = obj.get("sampling")
-        if sampling is not None and not isinstance(sampling, dict):
-          raise InputError(f"line {number}: 'sampling' must be an object.")
-        request = as_request({**obj, "id": key, "sampling": None})
-        from qwenjax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
-        request.sampling = SamplingParams.from_dict(sampling, base=default) if sampling else default
-        yield key, request, engine.prepare(request)
-      except QwenJaxError as e:
-        msg = str(e) if str(e).startswith(f"line {number}") else f"line {number}: {e}"
-        errors.append({"id": key, "error": msg})
+  for line in jobs.read_input(path, share):
+    if line.number in skipped_lines or jobs.record_key(line.key) in skip:
+      continue
+    if line.error is not None:
+      errors.append({"id": line.key, "error": line.error})
+      continue
+    number, obj = line.number, line.obj
+    try:
+      if "prompt" not in obj and "messages" not in obj:
+        raise QwenJaxError("needs a 'prompt' or 'messages' field.")
+      sampling = obj.get("sampling")
+      if sampling is not None and not isinstance(sampling, dict):
+        raise QwenJaxError("'sampling' must be an object.")
+      request = as_request({**obj, "id": line.key, "sampling": None})
+      request.sampling = SamplingParams.from_dict(sampling, base=default) if sampling else default
+      yield line.key, request, engine.prepare(request)
+    except QwenJaxError as e:
+      errors.append({"id": line.key, "error": f"line {number}: {e}"})
 
 
 class _Progress:
@@ -134,32 +118,49 @@ class _Progress:
 def _merge(output: str, parts: list[str]) -> None:
   """Appends each process's part to the output (ids already there skipped: a merge cut short is redone
   safely), then removes the parts."""
-  present = _answered(output)
-  with open(output, "a", encoding="utf-8") as out:
+  from qwenjax import jobs  # pylint: disable=g-import-not-at-top
+
+  present = jobs.recover(output).ids
+  with jobs.ResultWriter(output) as out:
     for part in parts:
       if not os.path.exists(part):
         continue
-      with open(part, encoding="utf-8") as f:
-        for line in f:
-          key = json.dumps(json.loads(line)["id"])
-          if key not in present:
-            out.write(line)
-            present.add(key)
-      out.flush()
-      os.fsync(out.fileno())
+      jobs.recover(part)
+      for record, key in jobs.iter_records(part):
+        if key not in present:
+          out.write_raw(record)
+          present.add(key)
   for part in parts:
     if os.path.exists(part):
       os.remove(part)
 
 
+def _prepare_files(parts: list[str]) -> tuple[set[str], Any]:
+  """On process 0, before the model loads: the output is locked and recovered, its parts too; returns the ids
+  already answered and the lock. InputError, nothing touched, for an output that is not this job's to write."""
+  from qwenjax import jobs  # pylint: disable=g-import-not-at-top
+
+  lock = jobs.OutputLock(_OUTPUT.value).acquire()
+  try:
+    done: set[str] = set()
+    for path in [_OUTPUT.value, *parts]:
+      done |= jobs.recover(path).ids
+  except BaseException:
+    lock.release()
+    raise
+  return done, lock
+
+
 def main(argv):
   del argv
   import qwenjax  # pylint: disable=g-import-not-at-top
-  from qwenjax import distributed  # pylint: disable=g-import-not-at-top
+  from qwenjax import distributed, jobs  # pylint: disable=g-import-not-at-top
   from qwenjax.engine import Engine  # pylint: disable=g-import-not-at-top
   from qwenjax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
 
+  lock = None
   try:
+    jobs.check_paths(_INPUT.value, _OUTPUT.value)
     _common.initialize_distributed()
     serving = _common.serving(_MODEL.value, max_batch_size=_MAX_BATCH_SIZE.value, max_seq_len=_MAX_SEQ_LEN.value,
                               explicit_sizes=_common.explicit("max_batch_size", "max_seq_len"))
@@ -168,54 +169,71 @@ def main(argv):
         min_p=_MIN_P.value, repetition_penalty=_REPETITION_PENALTY.value, presence_penalty=_PRESENCE_PENALTY.value,
         frequency_penalty=_FREQUENCY_PENALTY.value, seed=_SEED.value, stop=tuple(_STOP.value),
         ignore_eos=_IGNORE_EOS.value)
-    if not os.path.exists(_INPUT.value):
-      raise qwenjax.InputError(f"{_INPUT.value}: no such input file.")
+    # Replicas (a host each, or several hosts in lockstep for a model larger than one) split the lines; each
+    # replica's rank-0 process writes its part, merged into --output at the end. What is already answered must
+    # be the same everywhere: process 0 locks and recovers the output and the parts and broadcasts it (or why
+    # the job cannot write there), before any model is loaded.
+    group = serving.replica
+    index, count = group.index, group.count
+    parts = [f"{_OUTPUT.value}.part-{i}" for i in range(count)] if count > 1 else []
+    verdict: dict[str, Any] = {}
+    if distributed.process_index() == 0:
+      try:
+        done, lock = _prepare_files(parts)
+        verdict = {"done": sorted(done)}
+      except qwenjax.QwenJaxError as e:
+        verdict = {"error": str(e)}
+    verdict = distributed.broadcast(verdict)
+    if "error" in verdict:
+      raise qwenjax.InputError(verdict["error"])
+    done = set(verdict["done"])
+    scanned = jobs.scan_input(_INPUT.value, keep_first=_DUPLICATE_IDS.value == "keep_first")
     # Requests without a seed draw one from the engine's generator: the same on every process of a replica.
     job_seed = distributed.broadcast(secrets.randbits(63) if distributed.process_index() == 0 else None)
     engine = Engine.load(_MODEL.value, dtype=_DTYPE.value, max_batch_size=serving.max_batch_size,
                          max_seq_len=serving.max_seq_len, max_prefill_chunk=serving.max_prefill_chunk,
                          decode_steps=_DECODE_STEPS.value, mesh=serving.mesh, seed=job_seed)
+    served, failed = _serve(engine, default, done, scanned, group, parts)
   except qwenjax.QwenJaxError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  finally:
+    if lock is not None:
+      lock.release()
+  logging.info("Done: %d answered, %d errors.", served, failed)
 
-  # Replicas (a host each, or several hosts in lockstep for a model larger than one) split the lines; each
-  # replica's rank-0 process writes its part, merged into --output at the end. What is already answered must be
-  # the same everywhere: process 0 reads the output and the parts and broadcasts it.
-  group = serving.replica
+
+def _serve(engine, default, done: set[str], scanned, group, parts: list[str]) -> tuple[int, int]:
+  """Serves this process's share of the input into its results file; process 0 merges the parts at the end.
+  Returns (answered, errors) of this process."""
+  from qwenjax import distributed, jobs  # pylint: disable=g-import-not-at-top
+
   index, count = group.index, group.count
-  parts = [f"{_OUTPUT.value}.part-{i}" for i in range(count)] if count > 1 else []
   target = parts[index] if parts else _OUTPUT.value
-  done = set()
-  if distributed.process_index() == 0:
-    for path in [_OUTPUT.value, *parts]:
-      done |= _answered(path)
-  done = set(distributed.broadcast(sorted(done)))
   if distributed.process_count() > 1:
     logging.info("Multi-host: process %d of %d, rank %d of replica %d of %d, serves lines %d, %d + %d, ...; "
                  "results merge into %s.", distributed.process_index(), distributed.process_count(), group.rank,
                  index, count, index + 1, index + 1, count, _OUTPUT.value)
-  with open(_INPUT.value, encoding="utf-8") as f:
-    total = sum(1 for number, line in enumerate(f) if line.strip() and number % count == index)
   if done:
     logging.info("Resuming: %d lines already answered in %s.", len(done), _OUTPUT.value)
   errors: list[dict] = []
-  progress = _Progress(max(0, total - len(done) // count))
+  progress = _Progress(max(0, (scanned.lines - len(scanned.skipped) - len(done)) // count))
   served = failed = 0
-  with open(target if group.rank == 0 else os.devnull, "a", encoding="utf-8") as out:
+  out = jobs.ResultWriter(target) if group.rank == 0 else None
 
-    def write(record: dict) -> None:
-      out.write(json.dumps(record, ensure_ascii=False) + "\n")
-      out.flush()
+  def write(record: dict) -> None:
+    if out is not None:
+      out.write(record)
 
-    def drain_errors() -> None:
-      nonlocal failed
-      while errors:
-        write(errors.pop(0))
-        failed += 1
-        progress.update(0)
+  def drain_errors() -> None:
+    nonlocal failed
+    while errors:
+      write(errors.pop(0))
+      failed += 1
+      progress.update(0)
 
-    items = _lines(_INPUT.value, done, errors, engine, default, share=(index, count))
+  try:
+    items = _requests(_INPUT.value, done, errors, engine, default, (index, count), scanned.skipped)
     for key, result in engine.serve(items):
       drain_errors()
       record = {"id": key, "text": result.text, "token_ids": result.token_ids,
@@ -229,14 +247,18 @@ def main(argv):
       served += 1
       progress.update(result.usage["completion_tokens"])
     drain_errors()
-  progress.close()
-  logging.info("Done: %d answered, %d errors, %s.", served, failed, target)
+  finally:
+    if out is not None:
+      out.close()
+    progress.close()
+  logging.info("Served %d, %d errors, into %s.", served, failed, target)
   if distributed.process_count() > 1:
     distributed.barrier("batch_generate-served")
     if distributed.process_index() == 0 and parts:
       _merge(_OUTPUT.value, parts)
       logging.info("Merged %d parts into %s.", count, _OUTPUT.value)
     distributed.barrier("batch_generate-merged")
+  return served, failed
 
 
 if __name__ == "__main__":
