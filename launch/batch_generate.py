@@ -43,7 +43,7 @@ from typing import Any, Iterator
 
 from absl import app, flags, logging
 
-from launch import _common
+from launch import _cli, _common
 
 _MODEL = flags.DEFINE_string("model", "default", "'default', a .gguf file, or a Hugging Face checkpoint dir.")
 _INPUT = flags.DEFINE_string("input", None, "JSONL file of requests.", required=True)
@@ -51,7 +51,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "JSONL file of results (appended t
 _MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 8, "Decode slots: sequences generated at once.",
                                        lower_bound=1)
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Default max_tokens per request.", lower_bound=1)
-_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 4096, "Context per sequence: prompt plus generated tokens.")
+_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 4096, "Context per sequence: prompt plus generated tokens.",
+                                    lower_bound=1)
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Default temperature; 0 is greedy.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Default nucleus mass.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Default top-k; 0 keeps all tokens.")
@@ -64,6 +65,8 @@ _STOP = flags.DEFINE_multi_string("stop", [], "Default stop string (repeatable).
 _IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Don't stop at end-of-sequence tokens.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and weight dtype.")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "Decode steps per jitted call.", lower_bound=1)
+_cli.validate_sampling_flags("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                             "frequency_penalty", "seed", max_new_tokens="max_tokens")
 _DUPLICATE_IDS = flags.DEFINE_enum("duplicate_ids", "error", ["error", "keep_first"], "An id on several input "
                                    "lines: stop before loading the model (error), or serve its first line only.")
 
@@ -195,8 +198,7 @@ def main(argv):
                          decode_steps=_DECODE_STEPS.value, mesh=serving.mesh, seed=job_seed)
     served, failed = _serve(engine, default, done, scanned, group, parts)
   except qwenjax.QwenJaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _cli.fail(e)
   finally:
     if lock is not None:
       lock.release()
@@ -262,4 +264,4 @@ def _serve(engine, default, done: set[str], scanned, group, parts: list[str]) ->
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

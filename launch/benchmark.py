@@ -53,6 +53,8 @@ from typing import Callable, Sequence
 
 from absl import app, flags, logging
 
+from launch import _cli
+
 _TINY = "tiny"  # a few-layer random model for smoke tests (tests/test_benchmark.py)
 _ENGINES = ("transformers", "llamacpp")
 
@@ -72,6 +74,27 @@ _SCAN_LAYERS = flags.DEFINE_enum("scan_layers", "auto", ["auto", "true", "false"
                                  "Scanned (stacked) or unrolled layers; auto: unrolled on CPU only.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join(tempfile.gettempdir(), "qwenjax-benchmark"),
                                   "Where report.json and tokens_per_s.png go.")
+
+
+def _positive_integers(values: list[str]) -> bool:
+  try:
+    return bool(values) and all(int(v) >= 1 for v in values)
+  except ValueError:
+    return False
+
+
+def _known_preset(name: str | None) -> bool:
+  from qwenjax.config import PRESETS  # pylint: disable=g-import-not-at-top  (--help stays fast)
+
+  if name is None or name == _TINY or name in PRESETS:
+    return True
+  raise flags.ValidationError(f"expected one of {', '.join(sorted(PRESETS) + [_TINY])}")
+
+
+flags.register_validator("batch_sizes", _positive_integers, "expected positive integers, e.g. 1,8,32")
+flags.register_validator("compare_with", lambda engines: set(engines) <= set(_ENGINES),
+                         f"expected engines among {', '.join(_ENGINES)}")
+flags.register_validator("preset", _known_preset)
 
 # The prompts' user messages: coding questions, combined and cut to the prompt length.
 _QUESTIONS = (
@@ -449,14 +472,16 @@ def chat_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
   """`count` different chat prompts of exactly `length` tokens: questions combined, the user message cut."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  from qwenjax import InputError  # pylint: disable=g-import-not-at-top
+
   marker = "\x00QUESTION\x00"
   text = tokenizer.apply_chat_template([{"role": "system", "content": _SYSTEM_MESSAGE},
                                         {"role": "user", "content": marker}])
   head, tail = (tokenizer.encode(s, add_special_tokens=False) for s in text.split(marker))
   room = length - len(head) - len(tail)
   if room < 1:
-    raise app.UsageError(f"--prompt_tokens={length} is too short for a chat prompt: the template alone takes "
-                         f"{len(head) + len(tail)} tokens.")
+    raise InputError(f"--prompt_tokens={length} is too short for a chat prompt: the template alone takes "
+                     f"{len(head) + len(tail)} tokens.")
   prompts = []
   for i in range(count):
     order = np.random.default_rng(i).permutation(len(_QUESTIONS))
@@ -714,22 +739,17 @@ def main(argv):
   import qwenjax  # pylint: disable=g-import-not-at-top
   from qwenjax import loader  # pylint: disable=g-import-not-at-top
 
-  try:
-    batches = sorted({int(b) for b in _BATCH_SIZES.value})
-  except ValueError:
-    batches = []
-  if not batches or batches[0] < 1:
-    raise app.UsageError(f"--batch_sizes must be positive integers, got {_BATCH_SIZES.value}.")
+  batches = sorted({int(b) for b in _BATCH_SIZES.value})
   preset = _PRESET.value
-  if preset is not None and preset != _TINY and preset not in qwenjax.PRESETS:
-    raise app.UsageError(f"--preset={preset!r} is not one of {sorted(qwenjax.PRESETS) + [_TINY]}.")
+  if preset is not None and flags.FLAGS["model"].present:
+    _cli.fail("--model and --preset both name a model; pass one")
   n_prompt, n_new, dtype = _PROMPT_TOKENS.value, _NEW_TOKENS.value, _DTYPE.value
   compare_with = list(dict.fromkeys(_COMPARE_WITH.value)) if _COMPARE.value else []
-  unknown = sorted(set(compare_with) - set(_ENGINES))
-  if unknown:
-    raise app.UsageError(f"--compare_with: {unknown[0]!r} is not one of {', '.join(_ENGINES)}.")
   out_dir = pathlib.Path(_OUTPUT_DIR.value)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    _cli.fail(f"--output_dir={out_dir}: cannot create the directory ({e.strerror})")
   scan = {"auto": loader.default_scan_layers(), "true": True, "false": False}[_SCAN_LAYERS.value]
   wall_start = time.perf_counter()
   load_before = os.getloadavg()[0]  # other processes on the machine skew every figure: recorded
@@ -739,11 +759,14 @@ def main(argv):
 
   start = time.perf_counter()
   if preset is None:
-    loaded = qwenjax.load(_MODEL.value, dtype=dtype, scan_layers=scan)
+    try:
+      loaded = qwenjax.load(_MODEL.value, dtype=dtype, scan_layers=scan)
+      prompts = chat_prompts(loaded.tokenizer, max(batches), n_prompt)
+    except qwenjax.QwenJaxError as e:
+      _cli.fail(e)
     model, tokenizer, source, model_name = loaded.model, loaded.tokenizer, loaded.source, _MODEL.value
     if model_name in ("", "default"):
       model_name = pathlib.Path(source).name
-    prompts = chat_prompts(tokenizer, max(batches), n_prompt)
     prompt_kind = f"chat: {_SYSTEM_MESSAGE!r} + coding questions cut to {n_prompt} tokens"
   else:
     cfg = _tiny_config() if preset == _TINY else qwenjax.PRESETS[preset]
@@ -811,4 +834,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

@@ -12,10 +12,11 @@ stderr.
 
 from __future__ import annotations
 
-import sys
 import time
 
 from absl import app, flags, logging
+
+from launch import _cli
 
 _SOURCE = flags.DEFINE_string("source", None, "'default' (the embedded Qwen2.5-Coder-0.5B-Instruct), a .gguf file, "
                               "or a Hugging Face checkpoint directory.", required=True)
@@ -32,12 +33,10 @@ def main(argv):
   try:
     output = orbax_checkpoint.convert(_SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value)
   except QwenJaxError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _cli.fail(e)
   logging.info("Wrote %s (%s) in %.1f s.", output, _DTYPE.value, time.perf_counter() - start)
   print(output)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

@@ -12,11 +12,10 @@ stdout holds the generated text alone (or, with --json, one JSON object); logs g
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from launch import _common
+from launch import _cli, _common
 
 _MODEL = flags.DEFINE_string("model", "default", "'default' (the embedded Qwen2.5-Coder-0.5B-Instruct), a .gguf "
                              "file, or a Hugging Face checkpoint directory.")
@@ -32,13 +31,15 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
 _IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Don't stop at an end-of-sequence token.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and weight dtype (float32 is "
                            "the CPU default; bfloat16 for TPU/GPU).")
-_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 4096, "KV-cache length: prompt plus generated tokens.")
+_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 4096, "KV-cache length: prompt plus generated tokens.",
+                                    lower_bound=1)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object with text, token_ids, finish_reason and usage.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "An image (path, file:// or data: URL) placed before the prompt "
                                    "in the user message (repeatable; Qwen2.5-VL models). With --raw the prompt "
                                    "holds its own <|vision_start|><|image_pad|><|vision_end|> for each.")
 _VIDEO = flags.DEFINE_multi_string("video", [], "A video as a directory of frame images, read in name order at 2 "
                                    "frames per second (repeatable; Qwen2.5-VL models).")
+_cli.validate_sampling_flags("temperature", "top_p", "top_k", "seed")
 
 
 def main(argv):
@@ -68,9 +69,7 @@ def main(argv):
                             mesh=serving.mesh)
     [out] = engine.generate([request])
   except qwenjax.QwenJaxError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _cli.fail(e)
   # The text leaves out the end-of-sequence token, and a character that max_new_tokens cut in half (byte-level
   # BPE spreads some over several tokens) rather than show U+FFFD.
   if _JSON.value:
@@ -81,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import typing
 from typing import Any, Mapping
 
 import numpy as np
@@ -35,6 +36,42 @@ def read_json(path: str | pathlib.Path) -> dict[str, Any]:
   if not isinstance(value, dict):
     raise ConfigError(f"{path}: expected a JSON object, got {type(value).__name__}.")
   return value
+
+
+REQUIRED = object()  # read_field's default: the field must be present
+_KIND_NAMES = {int: "integer", float: "number", bool: "boolean", str: "string", dict: "object"}
+
+
+def read_field(obj: Mapping[str, Any], key: str, kind: type, source: str, default: Any = REQUIRED, *,
+               positive: bool = False, within: str | None = None) -> Any:
+  """obj[key] checked, never coerced, against `kind`: int (a JSON integer: not true, not 2.0), float (a finite
+  JSON number, returned as float), bool, str, dict, or list[int] / list[float] (returned as a tuple).
+  positive: numbers (or list items) must be > 0. A missing or null field is `default`, or, if REQUIRED, a
+  ConfigError. Errors name `source` (the file) and the field; `within`: the object holding it ("vision_config")."""
+  value = obj.get(key)
+  if value is None:
+    if default is REQUIRED:
+      raise ConfigError(f"{source}: required {f'{within} ' if within else ''}field {key!r} is missing.")
+    return default
+  item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
+
+  def ok(v, t) -> bool:
+    if isinstance(v, bool) != (t is bool):
+      return False
+    if t is float:
+      return isinstance(v, (int, float)) and math.isfinite(v) and not (positive and v <= 0)
+    return isinstance(v, t) and not (positive and t is int and v <= 0)
+
+  if not (isinstance(value, list) and all(ok(v, item) for v in value) if item else ok(value, kind)):
+    name = ("positive " if positive and (item or kind) in (int, float) else "") + _KIND_NAMES[item or kind]
+    what = f"a list of {name}s" if item else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    shown = json.dumps(value, default=repr)
+    shown = f"the string {shown}" if isinstance(value, str) else shown
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    raise ConfigError(f"{source}: {f'{within}.' if within else ''}{key} must be {what}, got {shown}.")
+  if item:
+    return tuple(float(v) if item is float else v for v in value)
+  return float(value) if kind is float else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,47 +182,57 @@ class QwenConfig:
 
   @classmethod
   def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> "QwenConfig":
-    """Builds the config from a Qwen2 `config.json` dict, in the form Qwen ships or transformers 5 writes."""
+    """Builds the config from a Qwen2 `config.json` dict, in the form Qwen ships or transformers 5 writes. Each
+    field's type is checked, not coerced: ConfigError naming `source` and the field."""
     model_type = hf.get("model_type")
     if model_type not in (None, "qwen2", "qwen2_5_vl_text"):
       raise ConfigError(f"{source}: model_type {model_type!r} is not a Qwen2 dense decoder (expected 'qwen2').")
+
+    def field(key, kind, default=REQUIRED, positive=False):
+      return read_field(hf, key, kind, source, default, positive=positive)
+
+    rope = dict(field("rope_parameters", dict, {}))  # transformers-5 form
+    legacy = field("rope_scaling", dict, {})  # the form Qwen's released configs use
+    rope.update(legacy)
+
+    def rope_field(key, kind, default=REQUIRED, positive=False):
+      within = "rope_scaling" if key in legacy else "rope_parameters"
+      return read_field(rope, key, kind, source, default, positive=positive, within=within)
+
+    kind = rope_field("rope_type", str, rope_field("type", str, "default"))
+    if kind == "mrope":  # Qwen2.5-VL's released configs: {"type": "mrope", "mrope_section": [16, 24, 24]}
+      kind = "default"
+    scaling = None
+    if kind != "default":
+      scaling = dict(
+          kind=kind, factor=rope_field("factor", float, positive=True),
+          original_max_position_embeddings=rope_field("original_max_position_embeddings", int, None, positive=True),
+          beta_fast=rope_field("beta_fast", float, 32.0, positive=True),
+          beta_slow=rope_field("beta_slow", float, 1.0, positive=True),
+          attention_factor=rope_field("attention_factor", float, None, positive=True),
+          mscale=rope_field("mscale", float, None), mscale_all_dim=rope_field("mscale_all_dim", float, None),
+          truncate=rope_field("truncate", bool, True))
+    eos = field("eos_token_id", list[int] if isinstance(hf.get("eos_token_id"), list) else int, ())
+    use_sw = field("use_sliding_window", bool, False)
+    hidden, heads = field("hidden_size", int, positive=True), field("num_attention_heads", int, positive=True)
+    kw = dict(
+        vocab_size=field("vocab_size", int, positive=True), hidden_size=hidden,
+        intermediate_size=field("intermediate_size", int, positive=True),
+        num_layers=field("num_hidden_layers", int, positive=True), num_heads=heads,
+        num_kv_heads=field("num_key_value_heads", int, heads, positive=True),
+        head_dim=field("head_dim", int, hidden // heads, positive=True),
+        rms_norm_eps=field("rms_norm_eps", float, 1e-6, positive=True),
+        rope_theta=rope_field("rope_theta", float, field("rope_theta", float, 10000.0, positive=True), positive=True),
+        tie_word_embeddings=field("tie_word_embeddings", bool, False),
+        max_position_embeddings=field("max_position_embeddings", int, 32768, positive=True),
+        use_sliding_window=use_sw,
+        sliding_window=field("sliding_window", int, None, positive=True) if use_sw else None,
+        max_window_layers=field("max_window_layers", int, 0), bos_token_id=field("bos_token_id", int, None),
+        eos_token_ids=eos if isinstance(eos, tuple) else (eos,),
+        mrope_section=rope_field("mrope_section", list[int], None, positive=True))
     try:
-      hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-      kv_heads = int(hf.get("num_key_value_heads") or heads)
-      rope = dict(hf.get("rope_parameters") or {})  # transformers-5 form
-      legacy = hf.get("rope_scaling")  # the form Qwen's released configs use
-      if legacy:
-        rope.update(legacy)
-      rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-      kind = rope.get("rope_type", rope.get("type", "default"))
-      mrope = rope.get("mrope_section")
-      if kind == "mrope":  # Qwen2.5-VL's released configs: {"type": "mrope", "mrope_section": [16, 24, 24]}
-        kind = "default"
-      scaling = None
-      if kind not in ("default", None):
-        scaling = RopeScaling(
-            kind=kind, factor=float(rope["factor"]),
-            original_max_position_embeddings=rope.get("original_max_position_embeddings"),
-            beta_fast=float(rope.get("beta_fast") or 32.0), beta_slow=float(rope.get("beta_slow") or 1.0),
-            attention_factor=rope.get("attention_factor"), mscale=rope.get("mscale"),
-            mscale_all_dim=rope.get("mscale_all_dim"), truncate=bool(rope.get("truncate", True)))
-      eos = hf.get("eos_token_id")
-      eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-      use_sw = bool(hf.get("use_sliding_window", False))
-      return cls(
-          vocab_size=int(hf["vocab_size"]), hidden_size=hidden, intermediate_size=int(hf["intermediate_size"]),
-          num_layers=int(hf["num_hidden_layers"]), num_heads=heads, num_kv_heads=kv_heads,
-          head_dim=int(hf.get("head_dim") or hidden // heads), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-          rope_theta=rope_theta, rope_scaling=scaling,
-          tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-          max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-          use_sliding_window=use_sw, sliding_window=hf.get("sliding_window") if use_sw else None,
-          max_window_layers=int(hf.get("max_window_layers", 0) or 0),
-          bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids,
-          mrope_section=tuple(int(x) for x in mrope) if mrope else None)
-    except KeyError as e:
-      raise ConfigError(f"{source}: required field {e.args[0]!r} is missing.") from None
-    except (TypeError, ValueError) as e:
+      return cls(rope_scaling=None if scaling is None else RopeScaling(**scaling), **kw)
+    except ConfigError as e:
       raise ConfigError(f"{source}: {e}") from None
 
   @classmethod

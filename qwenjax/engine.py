@@ -152,6 +152,7 @@ def _needs_of(params: Iterable[SamplingParams]) -> sampling_lib.SamplingNeeds:
 
 
 _SLOT_STATE_AXES = (BATCH, VOCAB)  # the [B, V] prompt masks and token counts of the decode slots
+_ROLES = ("system", "user", "assistant", "tool")  # the roles a message may have
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "fresh"), donate_argnames=("cache",))
@@ -283,9 +284,14 @@ class Engine:
     request = as_request(request)
     if self.tokenizer is None and (request.messages is not None or isinstance(request.prompt, str)):
       raise InputError("this engine has no tokenizer: prompts must be token ids.")
+    if request.messages is not None and (request.images or request.videos):
+      raise InputError("'images' and 'videos' go with a raw 'prompt'; with 'messages', give them as content parts.")
     visuals = []  # (kind, source) in the order their pads appear
-    if request.messages is not None:
-      messages = [self._message(m, visuals) for m in request.messages]
+    messages = None if request.messages is None else [self._message(i, m, visuals)
+                                                      for i, m in enumerate(request.messages)]
+    if self.vl_cfg is None and (visuals or request.images or request.videos):
+      raise InputError(f"this model ({type(self.model).__name__}) takes no images or videos.")
+    if messages is not None:
       ids = self.tokenizer.apply_chat_template(messages, tools=request.tools, add_generation_prompt=True,
                                                tokenize=True)
     elif isinstance(request.prompt, str):
@@ -303,8 +309,6 @@ class Engine:
       raise InputError("the prompt is empty.")
     prompt = ids
     if visuals:
-      if self.vl_cfg is None:
-        raise InputError(f"this model ({type(self.model).__name__}) takes no images or videos.")
       prompt = multimodal.vl_prompt(ids, [self._preprocess(kind, source) for kind, source in visuals], self.vl_cfg)
     elif self.vl_cfg is not None and any(t in (self.vl_cfg.image_token_id, self.vl_cfg.video_token_id) for t in ids):
       raise InputError("the prompt holds image or video pad tokens but no images or videos were given.")
@@ -314,14 +318,29 @@ class Engine:
                        "(prompt plus at least one generated token).")
     return prompt
 
-  def _message(self, message: dict, visuals: list) -> dict:
-    """Collects a message's image and video parts; a text model gets a list of text parts as one string."""
-    content = message.get("content")
-    if not isinstance(content, list):
+  def _message(self, index: int, message: Any, visuals: list) -> dict:
+    """Checks message `index` (its role and content) and collects its image and video parts; a text model gets a
+    list of text parts as one string."""
+    where = f"message {index}"
+    if not isinstance(message, dict):
+      raise InputError(f"{where}: expected an object with 'role' and 'content', got {type(message).__name__}.")
+    role, content, tool_calls = message.get("role"), message.get("content"), message.get("tool_calls")
+    if role not in _ROLES:
+      problem = "no role" if role is None else f"unknown role {role!r}"
+      raise InputError(f"{where}: {problem} (expected system, user, assistant or tool).")
+    if tool_calls is not None and not (role == "assistant" and isinstance(tool_calls, list)):
+      raise InputError(f"{where}: tool_calls must be a list, in an assistant message.")
+    if content is None and not (role == "assistant" and tool_calls):
+      raise InputError(f"{where}: {role} messages need content (a string or a list of content parts)"
+                       f"{' or tool_calls' if role == 'assistant' else ''}.")
+    if content is None or isinstance(content, str):
       return message
+    if not isinstance(content, list):
+      raise InputError(f"{where}: content must be a string or a list of content parts, got "
+                       f"{type(content).__name__}.")
     texts = []
     for part in content:
-      kind, source = _content_part(part)
+      kind, source = _content_part(part, where)
       if kind == "text":
         texts.append(source)
       else:
@@ -331,8 +350,6 @@ class Engine:
     return message
 
   def _raw_prompt_visuals(self, ids: list[int], images: list, videos: list) -> list:
-    if self.vl_cfg is None:
-      raise InputError(f"this model ({type(self.model).__name__}) takes no images or videos.")
     visuals = []
     for t in ids:
       if t in (self.vl_cfg.image_token_id, self.vl_cfg.video_token_id):
@@ -569,28 +586,30 @@ def _ids(prompt: list[int] | multimodal.VLPrompt) -> list[int]:
   return prompt.ids if isinstance(prompt, multimodal.VLPrompt) else prompt
 
 
-def _content_part(part: Any) -> tuple[str, Any]:
-  """One OpenAI-style content part -> ("text", text) | ("image", source) | ("video", frames)."""
+def _content_part(part: Any, where: str) -> tuple[str, Any]:
+  """One OpenAI-style content part of message `where` -> ("text", text) | ("image", source) | ("video", frames)."""
   if not isinstance(part, dict):
-    raise InputError(f"a message content part must be an object, got {type(part).__name__}.")
+    raise InputError(f"{where}: a content part must be an object, got {type(part).__name__}.")
   kind = part.get("type")
   if kind == "text" or (kind is None and "text" in part):
-    return "text", str(part.get("text", ""))
+    if not isinstance(part.get("text"), str):
+      raise InputError(f"{where}: a text part needs {{'text': string}}.")
+    return "text", part["text"]
   if kind == "image_url" or (kind is None and "image_url" in part):
     url = part.get("image_url")
     url = url.get("url") if isinstance(url, dict) else url
     if not url:
-      raise InputError("an image_url part needs {'image_url': {'url': ...}}.")
+      raise InputError(f"{where}: an image_url part needs {{'image_url': {{'url': ...}}}}.")
     return "image", url
   if kind == "image" or (kind is None and "image" in part):
     if part.get("image") is None:
-      raise InputError("an image part needs {'image': path or URL}.")
+      raise InputError(f"{where}: an image part needs {{'image': path or URL}}.")
     return "image", part["image"]
   if kind == "video" or (kind is None and "video" in part):
     if part.get("video") is None:
-      raise InputError("a video part needs {'video': [frames] or a frame directory}.")
+      raise InputError(f"{where}: a video part needs {{'video': [frames] or a frame directory}}.")
     return "video", part["video"]
-  raise InputError(f"unsupported content part type {kind!r} (expected text, image_url, image or video).")
+  raise InputError(f"{where}: unsupported content part type {kind!r} (expected text, image_url, image or video).")
 
 
 def _pow2(n: int) -> int:

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from qwenjax._errors import ConfigError, InputError
+from qwenjax.config import read_field, read_json
 
 # Qwen's released preprocessor_config.json (Qwen2.5-VL 3B…72B), also qwen-vl-utils' image MIN/MAX_PIXELS.
 # transformers' class defaults differ (max_pixels 28·28·1280); the released values are what Qwen runs.
@@ -96,39 +97,25 @@ class ImageProcessorConfig:
     `size: {"shortest_edge", "longest_edge"}` (top-level keys win, as in transformers). Other keys are ignored."""
     if not isinstance(d, Mapping):
       raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}.")
-    size = d.get("size") or {}
-    if not isinstance(size, Mapping):
-      raise ConfigError(f"{source}: size must be an object with shortest_edge and longest_edge, got {size!r}.")
+    size = read_field(d, "size", dict, source, {})
 
-    def first(*values):
-      return next((v for v in values if v is not None), None)
+    def integer(key, *size_keys):  # top-level key, else the first of size_keys that is set
+      if d.get(key) is None and (in_size := next((k for k in size_keys if size.get(k) is not None), None)):
+        return read_field(size, in_size, int, source, within="size")
+      return read_field(d, key, int, source, None)
 
-    def integer(key, value):
-      if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
-        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}.")
-      return int(value)
-
-    def floats(key, value):
-      if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
-        raise ConfigError(f"{source}: {key} must be a list of 3 numbers, got {value!r}.")
-      return tuple(float(v) for v in value)
-
-    raw = {
-        "patch_size": d.get("patch_size"),
-        "temporal_patch_size": d.get("temporal_patch_size"),
-        "merge_size": d.get("merge_size"),
-        "min_pixels": first(d.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels")),
-        "max_pixels": first(d.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels")),
-        "resample": d.get("resample"),
+    kw = {
+        "patch_size": integer("patch_size"),
+        "temporal_patch_size": integer("temporal_patch_size"),
+        "merge_size": integer("merge_size"),
+        "min_pixels": integer("min_pixels", "shortest_edge", "min_pixels"),
+        "max_pixels": integer("max_pixels", "longest_edge", "max_pixels"),
+        "resample": integer("resample"),
+        "image_mean": read_field(d, "image_mean", list[float], source, None),
+        "image_std": read_field(d, "image_std", list[float], source, None),
+        "rescale_factor": read_field(d, "rescale_factor", float, source, None),
     }
-    kw: dict[str, Any] = {k: integer(k, v) for k, v in raw.items() if v is not None}
-    for key in ("image_mean", "image_std"):
-      if d.get(key) is not None:
-        kw[key] = floats(key, d[key])
-    if d.get("rescale_factor") is not None:
-      if isinstance(d["rescale_factor"], bool) or not isinstance(d["rescale_factor"], (int, float)):
-        raise ConfigError(f"{source}: rescale_factor must be a number, got {d['rescale_factor']!r}.")
-      kw["rescale_factor"] = float(d["rescale_factor"])
+    kw = {k: v for k, v in kw.items() if v is not None}
     try:
       return cls(**kw)
     except ConfigError as e:
@@ -136,8 +123,6 @@ class ImageProcessorConfig:
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> "ImageProcessorConfig":
-    from qwenjax.config import read_json  # pylint: disable=g-import-not-at-top
-
     return cls.from_dict(read_json(path), source=str(path))
 
 

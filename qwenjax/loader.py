@@ -91,7 +91,7 @@ def load(model: str | None = None, *, dtype: str = "float32", param_dtype: str |
                          Tokenizer.from_directory(path), str(path),
                          ImageProcessorConfig.from_file(processor) if processor.exists() else None)
   elif not path.exists():
-    raise CheckpointError(f"{path}: no such file or directory (--model takes 'default', a .gguf file, a "
+    raise CheckpointError(f"{path}: no such file or directory (expected 'default', a .gguf file, a "
                           "Hugging Face checkpoint directory or a qwenjax Orbax checkpoint directory).")
   else:
     raise CheckpointError(f"{path}: neither a .gguf file nor a directory with config.json.")

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from qwenjax._errors import ConfigError, InputError
-from qwenjax.config import PRESETS, QwenConfig, read_json
+from qwenjax.config import PRESETS, QwenConfig, read_field, read_json
 from qwenjax.model import Qwen2
 from qwenjax.image_processing import ImageProcessorConfig, VisualInput
 from qwenjax.vision import VISION_PRESETS, PatchBuckets, VisionConfig, VisionTower
@@ -61,19 +61,18 @@ class QwenVLConfig:
       raise ConfigError(f"{source}: model_type {hf.get('model_type')!r} is not Qwen2.5-VL ('qwen2_5_vl').")
     if "vision_config" not in hf:
       raise ConfigError(f"{source}: no vision_config; not a Qwen2.5-VL config.")
-    text = dict(hf.get("text_config") or {})
+    text = dict(read_field(hf, "text_config", dict, source, {}))
     for key, value in hf.items():  # flat form; in the nested form top-level ids and tying still apply
       if key not in ("text_config", "vision_config"):
         text.setdefault(key, value)
     text["model_type"] = "qwen2_5_vl_text"
-    vision = hf["vision_config"]
-    try:
-      tokens_per_second = float(vision.get("tokens_per_second", hf.get("tokens_per_second", 2.0)))
-      ids = {k: int(hf.get(k, default)) for k, default in (
-          ("image_token_id", 151655), ("video_token_id", 151656), ("vision_start_token_id", 151652),
-          ("vision_end_token_id", 151653))}
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"{source}: {e}") from None
+    vision = read_field(hf, "vision_config", dict, source)
+    tokens_per_second = read_field(vision, "tokens_per_second", float, source,
+                                   read_field(hf, "tokens_per_second", float, source, 2.0, positive=True),
+                                   positive=True, within="vision_config")
+    ids = {k: read_field(hf, k, int, source, default) for k, default in (
+        ("image_token_id", 151655), ("video_token_id", 151656), ("vision_start_token_id", 151652),
+        ("vision_end_token_id", 151653))}
     return cls(text=QwenConfig.from_hf_config(text, source), vision=VisionConfig.from_hf(vision, source),
                tokens_per_second=tokens_per_second, **ids)
 

@@ -68,6 +68,10 @@ def convert(source: str | os.PathLike[str] | None, output: str | os.PathLike[str
   output = pathlib.Path(output)
   if output.exists() and (not output.is_dir() or any(output.iterdir())):
     raise CheckpointError(f"{output}: already exists and is not an empty directory; convert writes a new one.")
+  try:  # before the long load: a bad path fails at once (an empty directory is a valid output to retry with)
+    output.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise CheckpointError(f"{output}: cannot create the output directory ({e.strerror}).") from None
   loaded = loader.load(str(path), dtype=dtype, scan_layers=True)
   generation = {}
   processor = None
@@ -98,7 +102,6 @@ def _save(directory: pathlib.Path, model: Qwen2, tokenizer: Tokenizer, hf_config
 
   assert model.scan_layers, "the checkpoint layout is the stacked one: load the model with scan_layers=True"
   params = {path: var[...] for path, var in weight_declarations(model)}
-  directory.mkdir(parents=True, exist_ok=True)
   tree = _nest(params)
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), tree)
   with _checkpointer() as ckptr:

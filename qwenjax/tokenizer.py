@@ -17,10 +17,12 @@ and the control tokens (`<|im_start|>`, `<|endoftext|>`, ...) matched whole befo
 
 from __future__ import annotations
 
+import collections.abc
 import datetime
 import json
 import os
 import pathlib
+import time
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import jinja2
@@ -59,6 +61,10 @@ _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 class Tokenizer:
   """A byte-level BPE tokenizer with its chat template, special tokens and end-of-sequence ids."""
+
+  # Bounds on one rendering of the chat template, which comes with the checkpoint and is not trusted to end.
+  render_seconds: float = 10.0
+  render_max_chars: int = 10_000_000
 
   def __init__(
       self,
@@ -262,13 +268,17 @@ class Tokenizer:
     variables = {name: value for name, value in self._special_tokens.items() if value is not None}
     variables.update(_plain(extra))
     variables.setdefault("documents", None)
+    budget = _RenderBudget(self.render_seconds, self.render_max_chars)
+    variables["range"] = budget.range
+    chunks = []
     try:
-      text = template.render(
-          messages=_template_messages(messages),
-          tools=_template_tools(tools),
-          add_generation_prompt=add_generation_prompt,
-          **variables,
-      )
+      for chunk in template.generate(messages=_template_messages(messages), tools=_template_tools(tools),
+                                     add_generation_prompt=add_generation_prompt, **variables):
+        budget.spend(len(chunk))
+        chunks.append(chunk)
+    except _RenderLimitExceeded:
+      raise ConfigError(f"The chat template of {self._template_source} exceeded the render limit "
+                        f"({self.render_max_chars:,} characters / {self.render_seconds:g} s).") from None
     except _TemplateRaised as e:
       raise InputError(f"The chat template of {self._template_source} rejects these messages: "
                        f"{_sentence(e.message)}") from None
@@ -280,6 +290,7 @@ class Tokenizer:
     except Exception as e:  # UndefinedError, TypeError, ...: the template met data it cannot handle.
       raise InputError(f"The chat template of {self._template_source} failed on these messages{_at_line(e)} "
                        f"({type(e).__name__}: {_clause(e)}).") from None
+    text = "".join(chunks)
     return self.encode(text, add_special_tokens=False) if tokenize else text
 
   def _template(self) -> jinja2.Template:
@@ -508,10 +519,66 @@ class _Namespace(jinja2.utils.Namespace):
     jinja2.utils.Namespace.__setitem__(self, name, value)
 
 
+class _RenderLimitExceeded(Exception):
+  """A chat template rendering ran past its time or output budget."""
+
+
+class _RenderBudget:
+  """The time and output one chat template rendering may take: checked at every output chunk and, through
+  `range` (the template's), at every loop step over a range, so that nested loops cannot run for ever."""
+
+  def __init__(self, seconds: float, max_chars: int):
+    self._deadline, self._chars_left = time.monotonic() + seconds, max_chars
+
+  def spend(self, chars: int = 0) -> None:
+    self._chars_left -= chars
+    if self._chars_left < 0 or time.monotonic() > self._deadline:
+      raise _RenderLimitExceeded
+
+  def range(self, *args: int) -> _BoundedRange:
+    return _BoundedRange(jinja2.sandbox.safe_range(*args), self)
+
+
+class _BoundedRange(collections.abc.Sequence):
+  """jinja2's sandboxed range (at most MAX_RANGE items) that spends its rendering's budget at every item."""
+
+  def __init__(self, items: range, budget: _RenderBudget):
+    self._items, self._budget = items, budget
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __getitem__(self, index):
+    item = self._items[index]
+    return _BoundedRange(item, self._budget) if isinstance(item, range) else item
+
+  def __iter__(self):
+    for item in self._items:
+      self._budget.spend()
+      yield item
+
+  def __reversed__(self):
+    return iter(_BoundedRange(self._items[::-1], self._budget))
+
+
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+  """transformers' sandbox, where `*` and `**` cannot build a value larger than a rendering may output
+  ('x' * 10**10 would otherwise exhaust memory before any chunk is checked)."""
+
+  intercepted_binops = frozenset(["*", "**"])
+
+  def call_binop(self, context, operator, left, right):
+    if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(right) > 64:
+      raise _RenderLimitExceeded
+    if operator == "*":
+      for seq, n in ((left, right), (right, left)):
+        if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > Tokenizer.render_max_chars:
+          raise _RenderLimitExceeded
+    return super().call_binop(context, operator, left, right)
+
+
 def _template_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-  )
+  env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
   env.filters["tojson"] = _tojson
   env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace)
   return env

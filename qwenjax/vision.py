@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from qwenjax._errors import ConfigError, InputError
+from qwenjax.config import REQUIRED, read_field
 from qwenjax.model import EMBED, HEAD_DIM, HEADS, MLP, HFTensor, RMSNorm, _weight, rope
 from qwenjax.steps import LengthBuckets
 
@@ -126,40 +127,37 @@ class VisionConfig:
     Qwen ships (`in_chans`, `spatial_patch_size`) or transformers 5 writes (`in_channels`, `rope_parameters`).
     Unknown keys are ignored. The blocks' RMSNorm eps is 1e-6 whatever the config says, as in the reference."""
     if "vision_config" in hf:
-      hf = hf["vision_config"]
+      hf = read_field(hf, "vision_config", dict, source)
 
-    def first(*keys, default=KeyError):
-      for k in keys:
-        if hf.get(k) is not None:
-          return hf[k]
-      if default is KeyError:
-        raise KeyError(keys[0])
-      return default
+    def first(*keys, kind=int, default=REQUIRED, positive=True):  # the first of keys that is set
+      key = next((k for k in keys if hf.get(k) is not None), keys[0])
+      return read_field(hf, key, kind, source, default, positive=positive, within="vision_config")
 
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+      raise ConfigError(f"{source}: vision_config hidden_act {act!r} is not Qwen2.5-VL's 'silu' (Qwen2-VL's "
+                        "tower is not supported).")
+    rope = read_field(hf, "rope_parameters", dict, source, {}, within="vision_config")
+    kw = dict(
+        depth=first("depth", "num_hidden_layers"),
+        hidden_size=first("hidden_size", "embed_dim"),
+        intermediate_size=first("intermediate_size"),
+        num_heads=first("num_heads", "num_attention_heads"),
+        out_hidden_size=first("out_hidden_size"),
+        in_channels=first("in_channels", "in_chans", default=3),
+        patch_size=first("patch_size", "spatial_patch_size", default=14),
+        spatial_merge_size=first("spatial_merge_size", default=2),
+        temporal_patch_size=first("temporal_patch_size", default=2),
+        window_size=first("window_size", default=112),
+        fullatt_block_indexes=first("fullatt_block_indexes", kind=list[int], default=(7, 15, 23, 31),
+                                    positive=False),
+        rope_theta=read_field(rope, "rope_theta", float, source, first("rope_theta", kind=float, default=1e4),
+                              positive=True, within="vision_config.rope_parameters"),
+    )
     try:
-      act = hf.get("hidden_act", "silu")
-      if act != "silu":
-        raise ConfigError(f"{source}: vision_config hidden_act {act!r} is not Qwen2.5-VL's 'silu' (Qwen2-VL's "
-                          "tower is not supported).")
-      rope = hf.get("rope_parameters") or {}
-      return cls(
-          depth=int(first("depth", "num_hidden_layers")),
-          hidden_size=int(first("hidden_size", "embed_dim")),
-          intermediate_size=int(first("intermediate_size")),
-          num_heads=int(first("num_heads", "num_attention_heads")),
-          out_hidden_size=int(first("out_hidden_size")),
-          in_channels=int(first("in_channels", "in_chans", default=3)),
-          patch_size=int(first("patch_size", "spatial_patch_size", default=14)),
-          spatial_merge_size=int(first("spatial_merge_size", default=2)),
-          temporal_patch_size=int(first("temporal_patch_size", default=2)),
-          window_size=int(first("window_size", default=112)),
-          fullatt_block_indexes=tuple(int(i) for i in first("fullatt_block_indexes", default=(7, 15, 23, 31))),
-          rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e4))),
-      )
-    except KeyError as e:
-      raise ConfigError(f"{source}: vision_config field {e.args[0]!r} is missing.") from None
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"{source}: vision_config: {e}") from None
+      return cls(**kw)
+    except ConfigError as e:
+      raise ConfigError(f"{source}: {e}") from None
 
 
 def _preset(out_hidden_size: int, intermediate_size: int) -> VisionConfig:

@@ -102,6 +102,19 @@ def test_bad_paths_are_one_error_line(checkpoint, tmp_path, case):
   assert expected in _error_line(_run(checkpoint, inp, out))
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--max_new_tokens=0", "error: --max_new_tokens: 0 is not a positive integer."),
+    ("--max_seq_len=-5", "error: --max_seq_len: -5 is not a positive integer."),
+    ("--top_p=0", "error: --top_p: "),
+    ("--duplicate_ids=drop", "error: --duplicate_ids: "),
+])
+def test_bad_flags_are_one_error_line(checkpoint, tmp_path, flag, message):
+  inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  _write_lines(inp, PROMPTS)
+  assert _error_line(_run(checkpoint, inp, out, flag)).startswith(message)
+  assert not out.exists()
+
+
 # --- 2, 4, 8. bad input lines, resume without loss, no repeated errors ------------------------------------------
 
 
@@ -175,22 +188,26 @@ def test_duplicate_ids_are_an_error_before_decoding_or_keep_first(checkpoint, tm
 def test_a_second_job_on_the_same_output_is_refused(checkpoint, tmp_path):
   inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
   _write_lines(inp, PROMPTS)
-  lock = tmp_path / "out.jsonl.lock"
-  first = subprocess.Popen(_cmd(checkpoint, inp, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
-  try:
-    deadline = time.monotonic() + 120
-    while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
-      time.sleep(0.05)
-    assert lock.exists(), "the first job never took its lock"
+  with jobs.OutputLock(str(out)):  # another job, here this process, is writing out.jsonl
     err = _error_line(_run(checkpoint, inp, out))
-    assert "is being written by another job" in err and f"pid {first.pid}" in err
-  finally:
-    _, stderr = first.communicate(timeout=600)
-  assert first.returncode == 0, stderr[-3000:]
-  ids = [r["id"] for r in _records(out)]
-  assert sorted(ids) == sorted(p["id"] for p in PROMPTS)  # each once
-  assert not lock.exists()  # released at the end
+  assert "is being written by another job" in err and f"pid {os.getpid()} on" in err
+  assert not out.exists()
+  assert not (tmp_path / "out.jsonl.lock").exists()  # released by its holder
+
+
+def test_two_jobs_started_together_write_each_id_once(checkpoint, tmp_path):
+  inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  _write_lines(inp, PROMPTS)
+  both = [subprocess.Popen(_cmd(checkpoint, inp, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True) for _ in range(2)]
+  results = [(p.returncode, err) for p in both for _, err in [p.communicate(timeout=600)]]
+  # Each job holds the lock from before its model loads to its end: the one that starts second is refused,
+  # unless the first had already finished (then the second has nothing left to do). Never twice the work.
+  refused = [err for code, err in results if code != 0]
+  assert all("is being written by another job" in err for err in refused), refused
+  assert len(refused) <= 1
+  assert sorted(r["id"] for r in _records(out)) == sorted(p["id"] for p in PROMPTS)  # each once
+  assert not (tmp_path / "out.jsonl.lock").exists()
 
 
 def test_a_stale_lock_from_a_killed_job_is_taken_over(checkpoint, tmp_path):

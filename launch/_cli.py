@@ -1,0 +1,78 @@
+"""Bad input to a launch script is one `error: ...` line on stderr and exit status 1: never absl's usage dump, never
+a traceback.
+
+    _cli.validate_sampling_flags("temperature", "top_p")   # checked as the flags are parsed
+    ...
+    app.run(main, flags_parser=_cli.parse_flags)
+
+and in main, `except QwenJaxError as e: _cli.fail(e)`. Kept apart from `_common`, whose mesh and multi-host flags
+only the scripts that serve a model should define.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import NoReturn
+
+from absl import flags
+
+
+def fail(error: BaseException | str) -> NoReturn:
+  """Prints `error: <error>` on one line to stderr and exits with status 1."""
+  text = " ".join(str(error).split()) or type(error).__name__
+  print(f"error: {text if text.endswith(('.', '?', '!')) else text + '.'}", file=sys.stderr)
+  sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl.app.run's flags_parser: a malformed, out-of-range, unknown or missing flag, or a positional argument
+  (launch scripts take flags only), fails with `error: --flag: what is wrong`. --help and --flagfile work as
+  ever."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(_flag_error(e))
+  if len(rest) > 1:
+    fail(f"unexpected argument {rest[1]!r}; flags are given as --name=value")
+  return rest
+
+
+def _flag_error(error: flags.Error) -> str:
+  """absl's message, which may span lines (one per failed validator), as its first error, led by the flag."""
+  text = str(error).strip()
+  if isinstance(error, flags.UnrecognizedFlagError):
+    tip = re.search(r"Did you mean: (.+) \?$", text)
+    tip = f" (did you mean {', '.join('--' + s for s in tip.group(1).split(', '))}?)" if tip else ""
+    return f"--{error.flagname}: unknown flag{tip}"
+  if isinstance(error, flags.CantOpenFlagFileError):
+    return "--flagfile: " + text.removeprefix("ERROR:: Unable to open flagfile: ")
+  first = text.splitlines()[0] if text else type(error).__name__
+  if m := re.fullmatch(r"flag --([^=]+)=.*?: (.*)", first):  # a value that failed parsing or a validator
+    name, problem = m.groups()
+    if problem == f"Flag --{name} must have a value other than None.":
+      problem = "this flag is required"
+    return f"--{name}: {problem}"
+  if m := re.fullmatch(r"Missing value for flag (\S+)", first):
+    return f"{m.group(1)}: missing value"
+  return first
+
+
+def validate_sampling_flags(*names: str, **renamed: str) -> None:
+  """Checks, as flags are parsed, that each flag is a valid value of the `qwenjax.SamplingParams` field of its
+  name (or, in `renamed`, flag name -> field), with SamplingParams' own rule and message."""
+
+  def validator(field):
+    def check(value):
+      from qwenjax import QwenJaxError, SamplingParams  # pylint: disable=g-import-not-at-top  (--help stays fast)
+
+      try:
+        SamplingParams(**{field: value})
+      except QwenJaxError as e:
+        raise flags.ValidationError(str(e)) from None
+      return True
+
+    return check
+
+  for name, field in {**{n: n for n in names}, **renamed}.items():
+    flags.register_validator(name, validator(field))
