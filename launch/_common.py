@@ -7,7 +7,7 @@
 With a topology, the model's entry there (matched by architecture) gives the mesh, and the decode batch, context
 and prefill chunk unless those flags are given explicitly. A mesh is one replica of the model: the devices of
 one host, or of several consecutive hosts (processes) that then serve the same requests in lockstep; replicas
-split the work (`qwenjax.distributed.replica`).
+split the work (`qwenjax.parallel.distributed.replica`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from absl import flags
 
 MESH = flags.DEFINE_string("mesh", None, "Device mesh of each host as comma-separated axis:size pairs over data, "
                            "fsdp and tensor, multiplying to the host's device count (e.g. tensor:8 or "
-                           "data:2,tensor:4); weights and KV cache are sharded by qwenjax.sharding's rules. "
+                           "data:2,tensor:4); weights and KV cache are sharded by qwenjax.parallel.sharding's rules. "
                            "Default: one device.")
 TOPOLOGY = flags.DEFINE_string("topology", None, "A topology file: a name in tpu_configs/ (e.g. v5e-8, h100-8) "
                                "or a path. It gives the mesh and, unless set by their flags, the decode batch, "
@@ -39,13 +39,13 @@ class Serving:
   max_batch_size: int
   max_seq_len: int
   max_prefill_chunk: int
-  replica: object  # qwenjax.distributed.Replica
+  replica: object  # qwenjax.parallel.distributed.Replica
 
 
 def initialize_distributed() -> bool:
   """Joins a multi-host run when the flags or the environment name one; must run before anything touches JAX's
   devices."""
-  from qwenjax import distributed  # pylint: disable=g-import-not-at-top
+  from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
   return distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
 
@@ -63,7 +63,9 @@ def serving(model: str | None, *, max_batch_size: int, max_seq_len: int, max_pre
 
   import jax  # pylint: disable=g-import-not-at-top
 
-  from qwenjax import distributed, sharding  # pylint: disable=g-import-not-at-top
+  from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
+
+  from qwenjax.parallel import sharding  # pylint: disable=g-import-not-at-top
   from qwenjax._errors import ConfigError  # pylint: disable=g-import-not-at-top
 
   def build(mesh_text: str | None, *sizes) -> Serving:
@@ -79,7 +81,8 @@ def serving(model: str | None, *, max_batch_size: int, max_seq_len: int, max_pre
     return build(MESH.value, max_batch_size, max_seq_len, max_prefill_chunk)
   if MESH.value:
     raise ConfigError("--mesh and --topology both name a mesh; pass one.")
-  from qwenjax import loader, planner  # pylint: disable=g-import-not-at-top
+  from qwenjax.checkpoints import loader  # pylint: disable=g-import-not-at-top
+  from qwenjax.parallel import planner  # pylint: disable=g-import-not-at-top
 
   topology = planner.load_topology(TOPOLOGY.value)
   name, entry = planner.serving_entry(topology, loader.read_config(model))

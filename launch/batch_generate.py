@@ -76,9 +76,10 @@ def _requests(path: str, skip: set[str], errors: list[dict], engine, default, sh
   """(id, request, prompt) for each servable line of this process's share (line numbers congruent to its index
   modulo the process count); a line that cannot be served lands in `errors`, keyed by its id (or line number)
   so that a rerun, which skips the ids in `skip`, does not record it again."""
-  from qwenjax import QwenJaxError, jobs  # pylint: disable=g-import-not-at-top
-  from qwenjax.engine import as_request  # pylint: disable=g-import-not-at-top
-  from qwenjax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  from qwenjax import QwenJaxError  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine.engine import as_request  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
 
   for line in jobs.read_input(path, share):
     if line.number in skipped_lines or jobs.record_key(line.key) in skip:
@@ -121,7 +122,7 @@ class _Progress:
 def _merge(output: str, parts: list[str]) -> None:
   """Appends each process's part to the output (ids already there skipped: a merge cut short is redone
   safely), then removes the parts."""
-  from qwenjax import jobs  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
 
   present = jobs.recover(output).ids
   with jobs.ResultWriter(output) as out:
@@ -141,7 +142,7 @@ def _merge(output: str, parts: list[str]) -> None:
 def _prepare_files(parts: list[str]) -> tuple[set[str], Any]:
   """On process 0, before the model loads: the output is locked and recovered, its parts too; returns the ids
   already answered and the lock. InputError, nothing touched, for an output that is not this job's to write."""
-  from qwenjax import jobs  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
 
   lock = jobs.OutputLock(_OUTPUT.value).acquire()
   try:
@@ -157,9 +158,10 @@ def _prepare_files(parts: list[str]) -> tuple[set[str], Any]:
 def main(argv):
   del argv
   import qwenjax  # pylint: disable=g-import-not-at-top
-  from qwenjax import distributed, jobs  # pylint: disable=g-import-not-at-top
-  from qwenjax.engine import Engine  # pylint: disable=g-import-not-at-top
-  from qwenjax.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine.engine import Engine  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
 
   lock = None
   try:
@@ -208,7 +210,8 @@ def main(argv):
 def _serve(engine, default, done: set[str], scanned, group, parts: list[str]) -> tuple[int, int]:
   """Serves this process's share of the input into its results file; process 0 merges the parts at the end.
   Returns (answered, errors) of this process."""
-  from qwenjax import distributed, jobs  # pylint: disable=g-import-not-at-top
+  from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
 
   index, count = group.index, group.count
   target = parts[index] if parts else _OUTPUT.value

@@ -177,8 +177,8 @@ def _transformers_from_qwenjax(model, dtype: str):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
-  from qwenjax.checkpoint import _tensor_names  # pylint: disable=g-import-not-at-top  (checkpoint names)
-  from qwenjax.model import LAYERS, weight_declarations  # pylint: disable=g-import-not-at-top
+  from qwenjax.checkpoints.hf import _tensor_names  # pylint: disable=g-import-not-at-top  (checkpoint names)
+  from qwenjax.model.decoder import LAYERS, weight_declarations  # pylint: disable=g-import-not-at-top
 
   cfg = model.cfg
   hf_cfg = transformers.Qwen2Config(
@@ -422,7 +422,7 @@ def measure(name: str, generate: GenerateFn, prompts: list[list[int]], new_token
   job needs is compiled before the timed run (a test holds that run to zero compilations), and compile time is
   the warm-up minus the timed run. Otherwise the warm-up is short: prompts of at most 16 tokens, 2 new tokens.
   """
-  from qwenjax.profiling import count_compilations  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine.profiling import count_compilations  # pylint: disable=g-import-not-at-top
 
   b, t = len(prompts), len(prompts[0])
   with count_compilations() as compiled:
@@ -737,7 +737,7 @@ def main(argv):
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   import qwenjax  # pylint: disable=g-import-not-at-top
-  from qwenjax import loader  # pylint: disable=g-import-not-at-top
+  from qwenjax.checkpoints import loader  # pylint: disable=g-import-not-at-top
 
   batches = sorted({int(b) for b in _BATCH_SIZES.value})
   preset = _PRESET.value

@@ -6,7 +6,7 @@ r"""Converts a model to a qwenjax Orbax checkpoint, which restores straight into
 
 The output directory (new, or empty) holds the weights under params/ (Orbax, stacked layers), config.json, the
 tokenizer files, preprocessor_config.json for Qwen2.5-VL, and qwenjax_checkpoint.json; see
-`qwenjax.orbax_checkpoint`. `--model=<output>` then loads it. Prints the output directory on stdout; logs go to
+`qwenjax.checkpoints.orbax_store`. `--model=<output>` then loads it. Prints the output directory on stdout; logs go to
 stderr.
 """
 
@@ -27,11 +27,12 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype t
 
 def main(argv):
   del argv
-  from qwenjax import QwenJaxError, orbax_checkpoint  # pylint: disable=g-import-not-at-top  (--help stays fast)
+  from qwenjax import QwenJaxError  # pylint: disable=g-import-not-at-top  (--help stays fast)
+  from qwenjax.checkpoints import orbax_store  # pylint: disable=g-import-not-at-top  (--help stays fast)
 
   start = time.perf_counter()
   try:
-    output = orbax_checkpoint.convert(_SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value)
+    output = orbax_store.convert(_SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value)
   except QwenJaxError as e:
     _cli.fail(e)
   logging.info("Wrote %s (%s) in %.1f s.", output, _DTYPE.value, time.perf_counter() - start)

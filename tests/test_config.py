@@ -10,7 +10,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from qwenjax import PRESETS, ConfigError, QwenConfig
-from qwenjax.model import abstract_model, weight_declarations
+from qwenjax.model.decoder import abstract_model, weight_declarations
 
 # Published totals and non-embedding counts, in billions, from the Qwen2.5 model cards. The cards round
 # loosely (the 32B card says 32.5B for 32.76B weights), so they are held to 1%; the exact totals that the

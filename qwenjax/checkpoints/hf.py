@@ -1,0 +1,207 @@
+"""Loading weights into the param tree, tensor by tensor, from any `TensorSource`.
+
+A source names tensors the Hugging Face way (`model.layers.3.mlp.up_proj.weight`) and hands out one numpy
+array at a time: `SafetensorsSource` reads Qwen's released checkpoints (one file or an indexed set of shards),
+`qwenjax.checkpoints.gguf_file.GGUFCheckpoint` dequantizes GGUF tensors. `load_params` walks the weight declarations of
+`qwenjax.model.decoder`, so what is expected, its shape and its layout come from one place.
+
+Peak host memory stays near one copy of the weights: each stacked [L, ...] weight is filled layer by layer into
+one buffer, placed on device, and the buffer dropped before the next weight.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Callable, Mapping, Protocol
+
+import jax
+import numpy as np
+from flax import nnx
+
+from qwenjax.parallel import sharding
+from qwenjax._errors import CheckpointError, ConfigError
+from qwenjax.model.decoder import LAYERS, Qwen2, weight_declarations
+
+# Tensors some checkpoints carry that hold nothing the model needs (non-persistent RoPE buffers of old exports).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class TensorSource(Protocol):
+  """Hugging Face-named tensors, one at a time."""
+
+  def tensor_names(self) -> list[str]: ...
+
+  def tensor_shape(self, name: str) -> tuple[int, ...]: ...
+
+  def get_tensor(self, name: str) -> np.ndarray: ...
+
+  def describe(self, name: str | None = None) -> str:
+    """The file that holds `name` (or the checkpoint), for error messages."""
+    ...
+
+
+class SafetensorsSource:
+  """A Hugging Face checkpoint directory: `model.safetensors`, or shards listed in `model.safetensors.index.json`.
+
+  Tensors are read lazily through safetensors' memory map; nothing is unpickled, ever.
+  """
+
+  def __init__(self, directory: str | pathlib.Path):
+    import safetensors  # pylint: disable=g-import-not-at-top
+
+    self.directory = pathlib.Path(directory)
+    index = self.directory / "model.safetensors.index.json"
+    single = self.directory / "model.safetensors"
+    if index.exists():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}).") from None
+      files = sorted(set(weight_map.values()))
+    elif single.exists():
+      weight_map, files = None, ["model.safetensors"]
+    else:
+      found = sorted(p.name for p in self.directory.glob("*"))[:10] if self.directory.is_dir() else []
+      bins = [f for f in found if f.endswith((".bin", ".pt", ".pth"))]
+      hint = " PyTorch pickle files are never loaded; convert them to safetensors." if bins else ""
+      raise CheckpointError(f"{self.directory}: no model.safetensors or model.safetensors.index.json "
+                            f"(found: {', '.join(found) or 'nothing'}).{hint}")
+    self._handles = {}
+    self._where: dict[str, str] = {}
+    for f in files:
+      path = self.directory / f
+      if not path.exists():
+        raise CheckpointError(f"{path}: shard listed in the index is missing.")
+      try:
+        handle = safetensors.safe_open(str(path), framework="flax")
+        names = list(handle.keys())
+      except Exception as e:  # safetensors raises its own error types for bad headers and short files.
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}).") from None
+      self._handles[f] = handle
+      for n in names:
+        self._where[n] = f
+    if weight_map is not None:
+      for name, f in weight_map.items():
+        if self._where.get(name) != f:
+          raise CheckpointError(f"{self.directory / f}: the index lists tensor {name!r}, but that file lacks it.")
+
+  def tensor_names(self) -> list[str]:
+    return list(self._where)
+
+  def describe(self, name: str | None = None) -> str:
+    return str(self.directory / self._where[name]) if name in self._where else str(self.directory)
+
+  def tensor_shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+  def get_tensor(self, name: str) -> np.ndarray:
+    try:
+      return np.asarray(self._handles[self._where[name]].get_tensor(name))
+    except Exception as e:  # a truncated file fails only when the tensor's bytes are read.
+      raise CheckpointError(f"{self.describe(name)}: cannot read tensor {name!r} ({str(e).splitlines()[0]}); "
+                            "the file may be truncated.") from None
+
+
+def _tensor_names(path: tuple, var: nnx.Param) -> list[str]:
+  """Checkpoint names behind one weight: L names for a stacked weight, one otherwise."""
+  if var.axes[0] == LAYERS:  # scanned layers: one weight holds every layer
+    return [var.hf.name.format(layer=i) for i in range(var.shape[0])]
+  if "{layer}" in var.hf.name:  # unrolled layers: the index is in the path, ("layers", i, ...)
+    return [var.hf.name.format(layer=path[path.index("layers") + 1])]
+  return [var.hf.name]
+
+
+def expected_tensors(model: Qwen2) -> dict[str, tuple[int, ...]]:
+  """Every checkpoint tensor the model needs, with its checkpoint shape."""
+  return {name: var.hf.shape for path, var in weight_declarations(model) for name in _tensor_names(path, var)}
+
+
+def load_params(model: Qwen2, source: TensorSource, *,
+                place: Callable[[tuple, np.ndarray], jax.Array] | None = None) -> None:
+  """Fills `model`'s weights (abstract or concrete) from `source`, in place.
+
+  Every tensor is shape-checked against its declaration before it is converted. A missing, unexpected or
+  mis-shaped tensor raises CheckpointError naming the tensor and the file.
+  place: puts one finished host array on device(s) given the weight's path; defaults to `jax.device_put`
+    (qwenjax.parallel.sharding passes a mesh-aware one).
+  """
+  place = place or (lambda path, array: jax.device_put(array))
+  decls = weight_declarations(model)
+  expected = expected_tensors(model)
+  available = set(source.tensor_names())
+  tied = getattr(model.cfg, "tie_word_embeddings", False)
+  unexpected = sorted(n for n in available - set(expected)
+                      if not n.endswith(_IGNORED_SUFFIXES) and not (tied and n == "lm_head.weight"))
+  if unexpected:
+    more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+    raise CheckpointError(f"{source.describe(unexpected[0])}: unexpected tensor {unexpected[0]!r}{more} for a "
+                          f"{type(model).__name__} with this config.")
+  missing = [n for n in expected if n not in available]
+  if missing:
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise CheckpointError(f"{source.describe()}: tensor {missing[0]!r}{more} is missing.")
+  for name, shape in expected.items():
+    got = source.tensor_shape(name)
+    if tuple(got) != tuple(shape):
+      raise CheckpointError(f"{source.describe(name)}: tensor {name!r} has shape {tuple(got)}, expected "
+                            f"{tuple(shape)}.")
+
+  for path, var in decls:
+    dtype = np.dtype(var.dtype)
+    names = _tensor_names(path, var)
+    if var.axes[0] == LAYERS:  # stacked: fill [L, ...] layer by layer
+      buf = np.empty(var.shape, dtype)
+      for i, name in enumerate(names):
+        buf[i] = _convert(source, name, var.hf, var.shape[1:], dtype)
+    else:
+      buf = _convert(source, names[0], var.hf, var.shape, dtype)
+    var.set_value(place(path, buf))
+    del buf
+
+
+def _convert(source: TensorSource, name: str, hf, shape, dtype) -> np.ndarray:
+  array = source.get_tensor(name)
+  if not np.isfinite(array).all():
+    raise CheckpointError(f"{source.describe(name)}: tensor {name!r} holds NaN or infinite values.")
+  return hf.to_param(array, shape).astype(dtype, copy=False)
+
+
+def read_config(directory: str | pathlib.Path):
+  """The config.json of a checkpoint directory: a QwenConfig, or a QwenVLConfig for Qwen2.5-VL (a config.json
+  with a vision_config)."""
+  from qwenjax.config import read_json  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(directory) / "config.json"
+  return parse_config(read_json(path), str(path))
+
+
+def parse_config(hf: Mapping[str, Any], source: str = "config.json"):
+  """A config.json dict -> QwenConfig, or QwenVLConfig for Qwen2.5-VL (one with a vision_config)."""
+  from qwenjax.model import qwen2_vl  # pylint: disable=g-import-not-at-top
+  from qwenjax.config import QwenConfig  # pylint: disable=g-import-not-at-top
+
+  if qwen2_vl.is_vl_config(hf):
+    return qwen2_vl.QwenVLConfig.from_hf_config(hf, source=source)
+  return QwenConfig.from_hf_config(hf, source=source)
+
+
+def load_model(directory: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
+               rules: sharding.ShardingRules = sharding.DEFAULT_RULES, **model_kwargs) -> Qwen2:
+  """A Hugging Face checkpoint directory -> a concrete model with its weights loaded: `Qwen2`, or
+  `qwenjax.model.qwen2_vl.Qwen2VL` for a Qwen2.5-VL checkpoint. With a mesh, each weight goes straight into its
+  shards (`qwenjax.parallel.sharding.placer`)."""
+  return load_from_source(read_config(directory), SafetensorsSource(directory), mesh=mesh, rules=rules,
+                          **model_kwargs)
+
+
+def load_from_source(cfg, source: TensorSource, *, mesh: jax.sharding.Mesh | None = None,
+                     rules: sharding.ShardingRules = sharding.DEFAULT_RULES, **model_kwargs) -> Qwen2:
+  """cfg: a QwenConfig (-> Qwen2) or a QwenVLConfig (-> Qwen2VL); mesh: shard the weights over it by `rules`
+  as they load (None: one device)."""
+  from qwenjax.model import qwen2_vl  # pylint: disable=g-import-not-at-top
+
+  cls = qwen2_vl.Qwen2VL if isinstance(cfg, qwen2_vl.QwenVLConfig) else Qwen2
+  model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **model_kwargs))
+  load_params(model, source, place=None if mesh is None else sharding.placer(model, mesh, rules))
+  return model

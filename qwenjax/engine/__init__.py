@@ -1,0 +1,2 @@
+"""Serving: requests and their sampling parameters, the sampler, prompt-length buckets, every jitted program the
+engine runs, the continuous-batching scheduler, and the files of batch jobs."""

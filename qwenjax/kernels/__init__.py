@@ -1,0 +1,1 @@
+"""Attention (and, later, matmul) kernels, each beside the plain-JAX reference it is tested against."""

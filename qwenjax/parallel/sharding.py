@@ -1,0 +1,254 @@
+"""Device meshes, the one table that maps logical axes onto them, and the shardings derived from it.
+
+Every weight and cache dimension carries a logical axis name (`qwenjax.model.decoder`: batch, length, embed, heads,
+kv_heads, head_dim, mlp, vocab, layers; `None` for a dimension that is never split). `ShardingRules` maps each name
+to mesh axes; `spec_for` turns one array's logical axes into a `PartitionSpec`, leaving unsplit any dimension the
+mesh axes do not divide (Qwen2.5-0.5B's 14 query heads over a tensor axis of 4, or its 2 KV heads over a tensor
+axis of 8: those are replicated, which is exact; the rest of the layer still splits).
+
+    mesh = mesh_from_flags("data:2,tensor:4")           # None for no --mesh: one device, nothing sharded
+    spec_for(("embed", "heads", "head_dim"), (3584, 28, 128), mesh.shape)   # P(None, "tensor", None)
+    loaded = qwenjax.load("/ckpt/Qwen2.5-7B-Instruct", mesh=mesh)          # each weight straight into its shards
+    engine = qwenjax.Engine(loaded.model, loaded.tokenizer, mesh=mesh)     # KV cache and slot state sharded too
+
+Mesh axes: `data` splits decode slots (the batch), `fsdp` splits weights' embed dimension (gathered for use) and,
+after `data`, the batch; `tensor` splits heads, KV heads, the MLP and the vocabulary (Megatron-style tensor
+parallelism). Weights are placed by `param_shardings` / `shard_model` / `placer` (for `load_params`), the cache by
+`cache_sharding`; inside jitted steps `constrain` pins activations and the cache to the same table, active only
+under `use_mesh` (without a mesh it does nothing, and the programs are those of one device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Callable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+from qwenjax._errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+  """Logical axis -> the mesh axes that split it (in order), or () for none."""
+
+  rules: tuple[tuple[str, tuple[str, ...]], ...]
+
+  def __getitem__(self, logical: str | None) -> tuple[str, ...]:
+    if logical is None:
+      return ()
+    for name, axes in self.rules:
+      if name == logical:
+        return axes
+    raise KeyError(f"no sharding rule for logical axis {logical!r}")
+
+  @classmethod
+  def of(cls, table: Mapping[str, str | Sequence[str] | None]) -> "ShardingRules":
+    norm = lambda v: () if v is None else ((v,) if isinstance(v, str) else tuple(v))
+    return cls(tuple((k, norm(v)) for k, v in table.items()))
+
+
+# The one table. Weights split over fsdp (their embed dimension) and tensor (heads, MLP, vocabulary); activations
+# and the KV cache split their batch over data (then fsdp) and their heads over tensor.
+DEFAULT_RULES = ShardingRules.of({
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+})
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data:2,tensor:4' -> {'data': 2, 'fsdp': 1, 'tensor': 4}. Axes not named have size 1."""
+  shape = {axis: 1 for axis in MESH_AXES}
+  if not text:
+    return shape
+  for part in text.split(","):
+    name, sep, size = part.strip().partition(":")
+    if not sep or name not in MESH_AXES:
+      raise ConfigError(f"--mesh: {part.strip()!r} is not axis:size with axis one of {', '.join(MESH_AXES)}.")
+    try:
+      shape[name] = int(size)
+    except ValueError:
+      raise ConfigError(f"--mesh: size {size!r} of axis {name!r} is not an integer.") from None
+    if shape[name] < 1:
+      raise ConfigError(f"--mesh: axis {name!r} has size {shape[name]}; sizes are at least 1.")
+  return shape
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with axes (data, fsdp, tensor) of the given sizes over `devices` (default: this process's devices;
+  in a multi-host run each host serves on its own). The product of the sizes must equal the device count."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  sizes = tuple(int(shape.get(axis, 1)) for axis in MESH_AXES)
+  if math.prod(sizes) != len(devices):
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; there are "
+                      f"{len(devices)}.")
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)  # XLA propagates shardings from the annotated arrays
+  if jax.process_count() == 1 and len(devices) == len(jax.devices()):  # topology-aware device order
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
+
+
+def abstract_mesh(shape: Mapping[str, int]) -> AbstractMesh:
+  """A mesh of the given axis sizes without devices: for shardings, shard shapes and memory of any topology."""
+  sizes = tuple(int(shape.get(axis, 1)) for axis in MESH_AXES)
+  return AbstractMesh(sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_from_flags(mesh: str | None, devices: Sequence[jax.Device] | None = None) -> Mesh | None:
+  """The value of a `--mesh` flag ('data:2,tensor:4') -> a Mesh over `devices` (default: this process's); None or
+  '' -> None (one device, nothing sharded). ConfigError for a malformed value or one whose sizes do not multiply
+  to the device count."""
+  if not mesh:
+    return None
+  shape = parse_mesh(mesh)
+  try:
+    return make_mesh(shape, devices)
+  except ConfigError as e:
+    raise ConfigError(f"--mesh={mesh}: {e}") from None
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int],
+             rules: ShardingRules = DEFAULT_RULES) -> PartitionSpec:
+  """The PartitionSpec of an array with these logical axes. A dimension splits over the longest prefix of its
+  rule's mesh axes (those of size 1, or already used, left out) whose product divides it, so a dimension no mesh
+  axis divides stays whole; a mesh axis splits at most one dimension (the first that claims it)."""
+  used: set[str] = set()
+  out = []
+  for logical, size in zip(axes, shape):
+    mesh_axes = [a for a in rules[logical] if mesh_shape.get(a, 1) > 1 and a not in used]
+    while mesh_axes and size % math.prod(mesh_shape[a] for a in mesh_axes):
+      mesh_axes.pop()
+    if not mesh_axes:
+      out.append(None)
+      continue
+    used.update(mesh_axes)
+    out.append(mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
+  return PartitionSpec(*out)
+
+
+def shard_shape(axes: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int],
+                rules: ShardingRules = DEFAULT_RULES) -> tuple[int, ...]:
+  """The shape of each device's shard of an array with these logical axes (no devices needed)."""
+  spec = tuple(spec_for(axes, shape, mesh_shape, rules))
+  out = []
+  for size, entry in zip(shape, spec + (None,) * (len(shape) - len(spec))):
+    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    out.append(size // math.prod(mesh_shape[a] for a in names))
+  return tuple(out)
+
+
+def named_sharding(mesh: Mesh | AbstractMesh, axes: Sequence[str | None], shape: Sequence[int],
+                   rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
+  return NamedSharding(mesh, spec_for(axes, shape, dict(mesh.shape), rules))
+
+
+# ---- weights ------------------------------------------------------------------------------------------------
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _axes_of(var: nnx.Variable) -> tuple[str | None, ...]:
+  """A weight's logical axes (its `axes` metadata); a variable declared without them is replicated."""
+  axes = getattr(var, "axes", None)
+  return tuple(axes) if axes is not None else (None,) * len(var.shape)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh | AbstractMesh, rules: ShardingRules = DEFAULT_RULES) -> nnx.State:
+  """`nnx.state(model)` with each variable holding its NamedSharding, from its logical axes. The model may be
+  abstract (`nnx.eval_shape`) and the mesh abstract (`abstract_mesh`): nothing is allocated."""
+  return jax.tree.map(lambda v: v.replace(named_sharding(mesh, _axes_of(v), v.shape, rules)), nnx.state(model),
+                      is_leaf=_is_variable)
+
+
+def param_specs(model: nnx.Module, mesh_shape: Mapping[str, int],
+                rules: ShardingRules = DEFAULT_RULES) -> dict[str, PartitionSpec]:
+  """'layers/attn/q_kernel' -> its PartitionSpec, for every weight: the sharding table of a model on a mesh."""
+  return {"/".join(map(str, path)): spec_for(_axes_of(var), var.shape, mesh_shape, rules)
+          for path, var in nnx.to_flat_state(nnx.state(model))}
+
+
+def param_bytes_per_device(model: nnx.Module, mesh: Mesh | AbstractMesh,
+                           rules: ShardingRules = DEFAULT_RULES) -> int:
+  """Bytes of weights each device holds (the largest shard of each weight, summed); the model may be abstract."""
+  return sum(math.prod(shard_shape(_axes_of(var), var.shape, dict(mesh.shape), rules)) * np.dtype(var.dtype).itemsize
+             for _, var in nnx.to_flat_state(nnx.state(model)))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> nnx.Module:
+  """Moves a built model's weights onto `mesh` by the rules, in place (weights already there stay put)."""
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state, param_shardings(model, mesh, rules)))
+  return model
+
+
+def placer(model: nnx.Module, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
+           ) -> Callable[[tuple, np.ndarray], jax.Array]:
+  """A `place(path, host_array)` for `qwenjax.checkpoints.hf.load_params`: builds each weight as a global array in
+  its sharding with `jax.make_array_from_callback`, so each process copies to its devices only the shards they
+  hold (the host array itself is whole: one weight at a time)."""
+  shardings = {path: named_sharding(mesh, _axes_of(var), var.shape, rules)
+               for path, var in nnx.to_flat_state(nnx.state(model))}
+
+  def place(path: tuple, array: np.ndarray) -> jax.Array:
+    return jax.make_array_from_callback(array.shape, shardings[tuple(path)], lambda index: array[index])
+
+  return place
+
+
+# ---- KV cache and activations -------------------------------------------------------------------------------
+
+def cache_sharding(cfg, mesh: Mesh | AbstractMesh, batch: int, max_len: int,
+                   rules: ShardingRules = DEFAULT_RULES):
+  """A `KVCache` of NamedShardings for `batch` rows of `max_len` positions of model config `cfg`: k and v by
+  `KVCache.AXES` (rows over data, KV heads over tensor), lengths and rope offsets by their batch axis."""
+  from qwenjax.model.decoder import BATCH, KVCache  # pylint: disable=g-import-not-at-top  (model imports this module)
+
+  kv_shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  kv = named_sharding(mesh, KVCache.AXES, kv_shape, rules)
+  rows = named_sharding(mesh, (BATCH,), (batch,), rules)
+  return KVCache(kv, kv, rows, rows)
+
+
+_RULES: contextvars.ContextVar[ShardingRules] = contextvars.ContextVar("qwenjax_sharding_rules",
+                                                                        default=DEFAULT_RULES)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES) -> Iterator[None]:
+  """Traces and runs jitted steps for `mesh` under `rules`: `constrain` inside them then pins activations and
+  the cache. With mesh None it does nothing. jit's cache keys on the mesh and the arrays' shardings, not on the
+  rules: keep to one table per mesh in a process."""
+  if mesh is None:
+    yield
+    return
+  token = _RULES.set(rules)
+  try:
+    with jax.set_mesh(mesh):
+      yield
+  finally:
+    _RULES.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Inside a jitted step: x laid out by its logical axes under the active mesh and rules (`use_mesh`); x itself
+  when no mesh is active."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, dict(mesh.shape), _RULES.get()))

@@ -1,0 +1,276 @@
+"""launch.convert and qwenjax.checkpoints.orbax_store: tiny Qwen2 (safetensors and GGUF) and Qwen2.5-VL checkpoints
+converted to Orbax and restored bit-exactly, into one device and into a fake 8-device mesh; broken checkpoints."""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import build_tiny_qwen2, qwen_chat_template, save_tiny_tokenizer_dir
+from qwenjax import CheckpointError, KVCache, load, prefill
+from qwenjax.checkpoints import orbax_store
+from qwenjax.checkpoints.hf import load_model
+from qwenjax.multimodal.processing import ImageProcessorConfig
+from qwenjax.model.qwen2_vl import QwenVLConfig
+from qwenjax.text.tokenizer import Tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TEXTS = ["", "def fibonacci(n):\n    return n", "你好，世界！ Café 😀", "<|im_start|>user\nhi<|im_end|>\n",
+         "<tool_call>\n{\"name\": \"f\"}\n</tool_call><|endoftext|>"]
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Adds.", "parameters": {
+    "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  """A tiny Qwen2 safetensors checkpoint with the tiny Qwen2.5-style tokenizer and chat template."""
+  d = save_tiny_tokenizer_dir(tmp_path_factory.mktemp("source"))
+  tok = Tokenizer.from_directory(d)
+  model = build_tiny_qwen2(d, vocab_size=640, bos_token_id=tok.pad_token_id,
+                           eos_token_id=tok.token_to_id("<|im_end|>"))
+  return d, model
+
+
+@pytest.fixture(scope="module")
+def converted(source, tmp_path_factory):
+  """The source converted by `python -m launch.convert`, in a subprocess."""
+  out = tmp_path_factory.mktemp("converted") / "orbax"
+  proc = subprocess.run([sys.executable, "-m", "launch.convert", f"--source={source[0]}", f"--output={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout == f"{out}\n"
+  return out
+
+
+def _weights(model):
+  return {path: np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _assert_same_weights(a, b):
+  wa, wb = _weights(a), _weights(b)
+  assert wa.keys() == wb.keys()
+  for path in wa:
+    assert wa[path].dtype == wb[path].dtype, path
+    np.testing.assert_array_equal(wa[path], wb[path], err_msg=str(path))
+
+
+def _logits(model, ids):
+  graphdef, params = nnx.split(model)
+  logits, _ = prefill(graphdef, params, KVCache.zeros(model.cfg, 1, 256), np.asarray([ids], np.int32),
+                      np.array([len(ids)], np.int32), all_logits=True)
+  return np.asarray(logits)
+
+
+def _assert_same_tokenizer(restored, original):
+  assert restored.vocab_size == original.vocab_size
+  assert restored.eos_token_ids == original.eos_token_ids
+  assert restored.pad_token_id == original.pad_token_id
+  assert restored.chat_template == original.chat_template
+  present = lambda tok: {k: v for k, v in tok.special_tokens.items() if v is not None}
+  assert present(restored) == present(original)
+  for text in TEXTS:
+    ids = original.encode(text)
+    assert restored.encode(text) == ids, text
+    assert restored.decode(ids, skip_special_tokens=True) == original.decode(ids, skip_special_tokens=True)
+  for tools in (None, TOOLS):
+    assert restored.apply_chat_template(MESSAGES, tools=tools) == original.apply_chat_template(MESSAGES, tools=tools)
+
+
+def test_layout_on_disk(source, converted):
+  names = {p.name for p in converted.iterdir()}
+  assert {"qwenjax_checkpoint.json", "config.json", "tokenizer.json", "tokenizer_config.json",
+          "generation_config.json", "params"} <= names
+  assert "preprocessor_config.json" not in names
+  meta = json.loads((converted / "qwenjax_checkpoint.json").read_text())
+  assert meta == {"format": "qwenjax-orbax", "format_version": 1, "dtype": "float32", "source": str(source[0]),
+                  "layout": "stacked", "model": "Qwen2"}
+  assert json.loads((converted / "config.json").read_text()) == json.loads((source[0] / "config.json").read_text())
+  # One Orbax array directory per weight, stacked over layers: the tiny model has 15 weights.
+  arrays = sorted(p.name for p in (converted / "params").iterdir() if (p / "zarr.json").exists())
+  assert len(arrays) == 15 and "embed" in arrays and "layers.attn.q_kernel" in arrays
+  assert orbax_store.is_orbax_checkpoint(converted)
+  assert not orbax_store.is_orbax_checkpoint(source[0])
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_restore_equals_the_source(source, converted, scan):
+  d, _ = source
+  model, tokenizer, processor = orbax_store.restore(converted, scan_layers=scan)
+  original = load_model(d, scan_layers=scan)
+  assert processor is None and model.scan_layers == scan and model.cfg == original.cfg
+  _assert_same_weights(model, original)
+  ids = tokenizer.apply_chat_template(MESSAGES, tokenize=True)
+  np.testing.assert_array_equal(_logits(model, ids), _logits(original, ids))
+  _assert_same_tokenizer(tokenizer, Tokenizer.from_directory(d))
+
+
+def test_bfloat16_checkpoint_and_cast_on_restore(source, converted, tmp_path):
+  d, _ = source
+  out = orbax_store.convert(d, tmp_path / "bf16", dtype="bfloat16")
+  assert json.loads((out / "qwenjax_checkpoint.json").read_text())["dtype"] == "bfloat16"
+  model, _, _ = orbax_store.restore(out, scan_layers=False)  # dtype defaults to the checkpoint's
+  _assert_same_weights(model, load_model(d, scan_layers=False, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
+  cast, _, _ = orbax_store.restore(converted, scan_layers=False, dtype="bfloat16")  # float32 read as bf16
+  _assert_same_weights(cast, model)
+
+
+def _write_gguf(path, hf_model, tokenizer_dir):
+  """The tiny model's float32 weights and the tiny tokenizer, as llama.cpp's converter lays out a qwen2 GGUF."""
+  import gguf
+
+  from qwenjax.checkpoints.gguf_file import _GLOBAL_NAMES, _LAYER_NAMES
+  from test_gguf import _tokenizer_metadata
+
+  cfg = hf_model.config
+  writer = gguf.GGUFWriter(str(path), "qwen2")
+  writer.add_block_count(cfg.num_hidden_layers)
+  writer.add_context_length(cfg.max_position_embeddings)
+  writer.add_embedding_length(cfg.hidden_size)
+  writer.add_feed_forward_length(cfg.intermediate_size)
+  writer.add_head_count(cfg.num_attention_heads)
+  writer.add_head_count_kv(cfg.num_key_value_heads)
+  writer.add_rope_freq_base(1e4)
+  writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  _tokenizer_metadata(tokenizer_dir, qwen_chat_template())(writer)
+  to_gguf = {hf: g for g, hf in _GLOBAL_NAMES.items()}
+  to_gguf_layer = {hf: g for g, hf in _LAYER_NAMES.items()}
+  for name, tensor in hf_model.state_dict().items():
+    layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    gguf_name = f"blk.{layer[1]}.{to_gguf_layer[layer[2]]}" if layer else to_gguf[name]
+    writer.add_tensor(gguf_name, tensor.numpy().astype(np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path
+
+
+def test_gguf_source(source, tmp_path):
+  from qwenjax.checkpoints.gguf_file import GGUFCheckpoint
+
+  path = _write_gguf(tmp_path / "tiny.gguf", source[1], source[0])
+  out = orbax_store.convert(path, tmp_path / "orbax")
+  with GGUFCheckpoint(path) as gguf:
+    assert json.loads((out / "config.json").read_text()) == gguf.hf_config()
+  model, tokenizer, _ = orbax_store.restore(out, scan_layers=False)
+  original = load(str(path), scan_layers=False)
+  _assert_same_weights(model, original.model)
+  _assert_same_tokenizer(tokenizer, original.tokenizer)
+  ids = tokenizer.apply_chat_template(MESSAGES, tokenize=True)
+  np.testing.assert_array_equal(_logits(model, ids), _logits(original.model, ids))
+
+
+@pytest.fixture(scope="module")
+def converted_vl(tiny_vl_chat, tmp_path_factory):  # noqa: F811
+  return orbax_store.convert(tiny_vl_chat[0], tmp_path_factory.mktemp("vl") / "orbax")
+
+
+def test_vl_source(tiny_vl_chat, converted_vl):  # noqa: F811
+  d, _ = tiny_vl_chat
+  hf = json.loads((converted_vl / "config.json").read_text())
+  assert "vision_config" in hf and "text_config" not in hf and hf["model_type"] == "qwen2_5_vl"  # Qwen's flat form
+  assert QwenVLConfig.from_hf_config(hf) == QwenVLConfig.from_file(d / "config.json")
+  model, tokenizer, processor = orbax_store.restore(converted_vl, scan_layers=False)
+  _assert_same_weights(model, load_model(d, scan_layers=False))
+  assert processor == ImageProcessorConfig.from_file(d / "preprocessor_config.json")
+  _assert_same_tokenizer(tokenizer, Tokenizer.from_directory(d))
+  assert json.loads((converted_vl / "qwenjax_checkpoint.json").read_text())["model"] == "Qwen2VL"
+
+
+_SHARDED = """
+import sys
+import jax.numpy as jnp
+import numpy as np
+from qwenjax.checkpoints import orbax_store
+from qwenjax.model.decoder import weight_declarations
+from qwenjax.parallel.sharding import make_mesh, parse_mesh, spec_for
+
+mesh = make_mesh(parse_mesh("data:2,tensor:4"))
+split = 0
+for arg in sys.argv[1:]:  # directory:layout
+  directory, layout = arg.rsplit(":", 1)
+  for scan in {"both": (True, False), "scanned": (True,), "unrolled": (False,)}[layout]:
+    single = dict(weight_declarations(orbax_store.restore(directory, scan_layers=scan)[0]))
+    model = orbax_store.restore(directory, scan_layers=scan, mesh=mesh)[0]
+    for path, var in weight_declarations(model):
+      array = var[...]
+      spec = spec_for(var.axes, var.shape, dict(mesh.shape))
+      assert array.sharding.mesh.shape == mesh.shape, path
+      assert array.sharding.spec == spec, (path, array.sharding.spec, spec)
+      np.testing.assert_array_equal(np.asarray(array), np.asarray(single[path][...]), err_msg=str(path))
+      split += any(axis is not None for axis in spec)
+print(split)
+"""
+
+
+def test_sharded_restore_into_a_mesh(source, converted, converted_vl, tmp_path):
+  # Small chunks as well, so that a shard reads some chunks of an array, not all of it.
+  chunked = orbax_store.convert(source[0], tmp_path / "chunked", chunk_bytes=4096)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _SHARDED, f"{converted}:both", f"{chunked}:scanned",
+                         f"{converted_vl}:unrolled"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert int(proc.stdout.split()[-1]) > 40  # most weights are split over the tensor axis
+
+
+def _copy(converted, tmp_path):
+  return pathlib.Path(shutil.copytree(converted, tmp_path / "copy"))
+
+
+def _error(directory):
+  with pytest.raises(CheckpointError) as e:
+    orbax_store.restore(directory, scan_layers=False)
+  message = str(e.value)
+  assert "\n" not in message and str(directory) in message
+  return message
+
+
+def test_missing_metadata(converted, tmp_path):
+  d = _copy(converted, tmp_path)
+  (d / "qwenjax_checkpoint.json").unlink()
+  assert orbax_store.is_orbax_checkpoint(d)  # still recognised, so loading explains what is wrong
+  assert "qwenjax_checkpoint.json is missing" in _error(d)
+
+
+def test_missing_array(converted, tmp_path):
+  d = _copy(converted, tmp_path)
+  shutil.rmtree(d / "params" / "layers.mlp.up")
+  assert "tensor 'layers.mlp.up' is missing" in _error(d)
+
+
+def test_config_that_does_not_match(converted, tmp_path):
+  d = _copy(converted, tmp_path)
+  hf = json.loads((d / "config.json").read_text())
+  (d / "config.json").write_text(json.dumps({**hf, "intermediate_size": hf["intermediate_size"] * 2}))
+  assert re.search(r"tensor 'layers.mlp.down' has shape \(3, 160, 64\), but config.json implies \(3, 320, 64\)",
+                   _error(d))
+
+
+def test_convert_refuses_a_non_empty_output(source, converted):
+  with pytest.raises(CheckpointError, match="already exists and is not an empty directory"):
+    orbax_store.convert(source[0], converted)
+
+
+def test_model_flag_accepts_an_orbax_directory(source, converted):
+  """`qwenjax.load` (what every --model flag goes through) restores a converted directory, equal to the source."""
+  import qwenjax
+
+  loaded = qwenjax.load(str(converted), scan_layers=False)
+  original = qwenjax.load(str(source[0]), scan_layers=False)
+  assert loaded.source == str(converted)
+  ours, theirs = _weights(loaded.model), _weights(original.model)
+  assert ours.keys() == theirs.keys()
+  for path in ours:
+    np.testing.assert_array_equal(ours[path], theirs[path], err_msg=str(path))
+  assert loaded.tokenizer.encode("def f(x):") == original.tokenizer.encode("def f(x):")

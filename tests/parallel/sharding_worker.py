@@ -1,0 +1,160 @@
+"""The 8-device half of tests/test_sharding.py, run there in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (the pytest process has already started JAX on one device).
+
+    python tests/sharding_worker.py TEXT_CHECKPOINT_DIR [VL_CHECKPOINT_DIR]
+
+TEXT_CHECKPOINT_DIR: a tiny Qwen2 with a tokenizer beside it; VL_CHECKPOINT_DIR: tests/test_multimodal.py's tiny
+Qwen2.5-VL (its image token ids).
+
+For one single-device reference and each mesh of `MESHES` it loads the tiny checkpoint straight into its shardings,
+runs the same greedy workload through an Engine (prompts of several lengths, chunked prefill, more requests than
+slots), prefills a batch with every position's logits, and counts compilations; it prints one JSON object
+with the tokens, the largest logit difference, and every layout mismatch it found. The test asserts on them.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from flax import nnx  # noqa: E402
+
+import qwenjax  # noqa: E402
+from qwenjax.model import qwen2_vl  # noqa: E402
+from qwenjax.parallel import sharding  # noqa: E402
+from qwenjax.engine import programs  # noqa: E402
+from qwenjax.checkpoints.hf import load_model  # noqa: E402
+from qwenjax.engine.engine import Engine, Request  # noqa: E402
+from qwenjax.model.decoder import KVCache  # noqa: E402
+from qwenjax.engine.profiling import count_compilations  # noqa: E402
+from qwenjax.engine.sampling import SamplingParams  # noqa: E402
+
+# mesh -> scan_layers. data x tensor 1x8, 2x4, 4x2, 8x1, and fsdp with stacked (scanned) layers.
+MESHES = {"tensor:8": False, "data:2,tensor:4": False, "data:4,tensor:2": False, "data:8": False,
+          "fsdp:2,tensor:4": True}
+SLOTS, CONTEXT, CHUNK = 8, 64, 8
+VL_IMAGE, VL_START, VL_END = 290, 292, 293  # tests/test_multimodal.py's build_tiny_vl ids
+
+
+def _weight_layout_errors(model, mesh) -> list[str]:
+  """Every weight whose sharding is not what the rules say."""
+  errors = []
+  want = sharding.param_shardings(model, mesh)
+  for (path, var), (_, expected) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(want)):
+    if not var.value.sharding.is_equivalent_to(expected.value, var.value.ndim):
+      errors.append(f"{'/'.join(map(str, path))}: {var.value.sharding.spec} != {expected.value.spec}")
+  return errors
+
+
+def _engine_layout_errors(engine: Engine, mesh) -> list[str]:
+  """Every weight, cache and slot-state array of the engine whose sharding is not what the rules say."""
+  # pylint: disable=protected-access
+  errors = _weight_layout_errors(engine.model, mesh)
+  cache = engine._cache
+  want = sharding.cache_sharding(engine.cfg, mesh, cache.k.shape[1], cache.max_len, engine.rules)
+  slot = sharding.named_sharding(mesh, ("batch", "vocab"), engine._counts.shape, engine.rules)
+  arrays = {f"cache.{name}": (getattr(cache, name), getattr(want, name)) for name in ("k", "v", "lengths",
+                                                                                     "rope_offset")}
+  arrays.update({"prompt_mask": (engine._prompt_mask, slot), "counts": (engine._counts, slot)})
+  for name, (got, expected) in arrays.items():
+    if not got.sharding.is_equivalent_to(expected, got.ndim):
+      errors.append(f"{name}: {got.sharding.spec} != {expected.spec}")
+  return errors
+
+
+def _prefill_logits(engine: Engine, mesh, prompts) -> tuple[np.ndarray, list[str]]:
+  """Every position's logits of a batch prefilled through the public jitted `programs.prefill` on a fresh cache,
+  and any way in which it did not take the cache donated and return it in the layout it came in."""
+  b = len(prompts)
+  tokens = np.zeros((b, CHUNK), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  where = None if mesh is None else sharding.cache_sharding(engine.cfg, mesh, b, CONTEXT, engine.rules)
+  given = KVCache.zeros(engine.cfg, b, CONTEXT, sharding=where)
+  with sharding.use_mesh(mesh, engine.rules):
+    logits, cache = programs.prefill(engine.graphdef, engine.params, given, tokens, lengths, all_logits=True)
+  errors = [] if given.k.is_deleted() else ["prefill did not take the donated cache"]
+  if mesh is not None:
+    for name in ("k", "v", "lengths"):
+      got, want = getattr(cache, name), getattr(where, name)
+      if not got.sharding.is_equivalent_to(want, got.ndim):
+        errors.append(f"prefill cache.{name}: {got.sharding.spec} != {want.spec}")
+  valid = np.arange(CHUNK)[None, :] < lengths[:, None]
+  return np.asarray(logits)[valid], errors
+
+
+def _text_run(directory: str, mesh_text: str | None, scan: bool) -> dict:
+  mesh = sharding.mesh_from_flags(mesh_text)
+  rng = np.random.default_rng(0)
+  # Ten prompts for eight slots, one to three chunks each (fresh and appended prefill), different budgets.
+  lengths = [3, 13, 9, 16, 1, 11, 20, 5, 24, 7]
+  prompts = [rng.integers(0, 250, size=n).tolist() for n in lengths]
+  budgets = [6, 12, 3, 9, 12, 5, 8, 12, 4, 10]
+  again = [rng.integers(0, 250, size=n).tolist() for n in (14, 2)]
+  loaded = qwenjax.load(directory, scan_layers=scan, mesh=mesh)  # each weight straight into its shards
+  errors = [] if mesh is None else [f"loaded {e}" for e in _weight_layout_errors(loaded.model, mesh)]
+  engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids=(), max_batch_size=SLOTS, max_seq_len=CONTEXT,
+                  max_prefill_chunk=CHUNK, decode_steps=4, mesh=mesh)
+  requests = [Request(prompt=p, sampling=SamplingParams(max_tokens=m)) for p, m in zip(prompts, budgets)]
+  with count_compilations() as first:
+    outs = engine.generate(requests)
+  with count_compilations() as second:
+    engine.generate(again, SamplingParams(max_tokens=6))
+  errors += [] if mesh is None else _engine_layout_errors(engine, mesh)
+  logits, prefill_errors = _prefill_logits(engine, mesh, [p[:CHUNK] for p in prompts[:SLOTS]])
+  return {
+      "tokens": [o.token_ids for o in outs],
+      "logits": logits,
+      "compiled_first": dict(first),
+      "compiled_again": dict(second),
+      "layout_errors": errors + prefill_errors,
+  }
+
+
+def _vl_run(directory: str, mesh_text: str | None) -> dict:
+  """A Qwen2.5-VL prompt with an image and a text prompt through two slots (vision tower, 3D positions)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.mesh_from_flags(mesh_text)
+  rng = np.random.default_rng(1)
+  image = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+  with_image = Request(prompt=[5, 6, VL_START, VL_IMAGE, VL_END, 7, 8, 9], images=[image],
+                       sampling=SamplingParams(max_tokens=8))
+  text = Request(prompt=rng.integers(0, 250, size=20).tolist(), sampling=SamplingParams(max_tokens=8))
+  model = load_model(directory, scan_layers=False, mesh=mesh)
+  errors = [] if mesh is None else _weight_layout_errors(model, mesh)
+  engine = Engine(model, None, eos_token_ids=(), max_batch_size=2, max_seq_len=CONTEXT, max_prefill_chunk=CHUNK,
+                  mesh=mesh)
+  tokens = [o.token_ids for o in engine.generate([with_image, text])]
+  with sharding.use_mesh(mesh):  # the tower's output alone, as the engine computes it
+    features = qwen2_vl.encode_visuals(model.visual, engine.prepare(with_image).visuals, engine.patch_buckets)
+  return {"tokens": tokens, "layout_errors": errors, "features": features}
+
+
+def main(argv):
+  assert jax.device_count() == 8, jax.devices()
+  text_dir = argv[1]
+  reference = _text_run(text_dir, None, scan=False)
+  result = {"reference": {k: v for k, v in reference.items() if k != "logits"}, "meshes": {}}
+  for mesh_text, scan in MESHES.items():
+    run = _text_run(text_dir, mesh_text, scan)
+    run["max_logit_diff"] = float(np.max(np.abs(run.pop("logits") - reference["logits"])))
+    run["scan_layers"] = scan
+    result["meshes"][mesh_text] = run
+  if len(argv) > 2:
+    reference, run = _vl_run(argv[2], None), _vl_run(argv[2], "data:2,tensor:4")
+    run["max_feature_diff"] = float(np.max(np.abs(run.pop("features") - reference.pop("features"))))
+    result["vl"] = {"reference": reference, "data:2,tensor:4": run}
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main(sys.argv)
