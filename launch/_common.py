@@ -1,4 +1,5 @@
-"""Flags that every launch script shares: the device mesh (or a topology file that names it) and multi-host.
+"""Flags that the serving launch scripts (generate, batch_generate) share: the model and its dtype, the context, the
+default sampling parameters, the device mesh (or a topology file that names it) and multi-host.
 
     python -m launch.batch_generate --topology=v5e-8 --model=/ckpt/Qwen2.5-7B-Instruct ...
     python -m launch.batch_generate --mesh=data:2,tensor:4 --max_batch_size=64 ...
@@ -15,6 +16,31 @@ from __future__ import annotations
 import dataclasses
 
 from absl import flags
+
+from launch import _cli
+
+MODEL = flags.DEFINE_string("model", "default", "'default' (the embedded Qwen2.5-Coder-0.5B-Instruct), a .gguf "
+                            "file, a Hugging Face checkpoint directory, or an Orbax checkpoint from launch.convert.")
+DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and weight dtype (float32 is the "
+                          "CPU default; bfloat16 for TPU/GPU).")
+MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 4096, "Context per sequence: prompt plus generated tokens.",
+                                   lower_bound=1)
+DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "Decode steps per jitted call.", lower_bound=1)
+# Sampling: a request's defaults (a batch line's "sampling" object overrides them).
+MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Most tokens to generate per sequence.", lower_bound=1)
+TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 means greedy.")
+TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the smallest set of tokens reaching this mass.")
+TOP_K = flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens; 0 keeps all.")
+MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens less likely than min_p times the most likely one.")
+REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "Repetition penalty (1: off).")
+PRESENCE_PENALTY = flags.DEFINE_float("presence_penalty", 0.0, "Presence penalty.")
+FREQUENCY_PENALTY = flags.DEFINE_float("frequency_penalty", 0.0, "Frequency penalty.")
+SEED = flags.DEFINE_integer("seed", None, "Sampling seed: the same seed gives the same sample. Default: fresh "
+                            "entropy per request.")
+STOP = flags.DEFINE_multi_string("stop", [], "A stop string (repeatable): generation ends before it.")
+IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Don't stop at an end-of-sequence token.")
+_cli.validate_sampling_flags("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                             "frequency_penalty", "seed", max_new_tokens="max_tokens")
 
 MESH = flags.DEFINE_string("mesh", None, "Device mesh of each host as comma-separated axis:size pairs over data, "
                            "fsdp and tensor, multiplying to the host's device count (e.g. tensor:8 or "
@@ -42,6 +68,16 @@ class Serving:
   replica: object  # qwenjax.parallel.distributed.Replica
 
 
+def sampling_params():
+  """The default `qwenjax.SamplingParams` the sampling flags describe."""
+  from qwenjax import SamplingParams  # pylint: disable=g-import-not-at-top
+
+  return SamplingParams(
+      max_tokens=MAX_NEW_TOKENS.value, temperature=TEMPERATURE.value, top_p=TOP_P.value, top_k=TOP_K.value,
+      min_p=MIN_P.value, repetition_penalty=REPETITION_PENALTY.value, presence_penalty=PRESENCE_PENALTY.value,
+      frequency_penalty=FREQUENCY_PENALTY.value, seed=SEED.value, stop=tuple(STOP.value), ignore_eos=IGNORE_EOS.value)
+
+
 def initialize_distributed() -> bool:
   """Joins a multi-host run when the flags or the environment name one; must run before anything touches JAX's
   devices."""
@@ -63,10 +99,11 @@ def serving(model: str | None, *, max_batch_size: int, max_seq_len: int, max_pre
 
   import jax  # pylint: disable=g-import-not-at-top
 
-  from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
-
-  from qwenjax.parallel import sharding  # pylint: disable=g-import-not-at-top
   from qwenjax._errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from qwenjax.parallel import (
+    distributed,  # pylint: disable=g-import-not-at-top
+    sharding,  # pylint: disable=g-import-not-at-top
+  )
 
   def build(mesh_text: str | None, *sizes) -> Serving:
     size = math.prod(sharding.parse_mesh(mesh_text).values()) if mesh_text else None

@@ -34,39 +34,21 @@ describe one host), into --output.part-i; when every process is done, process 0 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from absl import app, flags, logging
 
 from launch import _cli, _common
 
-_MODEL = flags.DEFINE_string("model", "default", "'default', a .gguf file, or a Hugging Face checkpoint dir.")
 _INPUT = flags.DEFINE_string("input", None, "JSONL file of requests.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL file of results (appended to; resumable).", required=True)
 _MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 8, "Decode slots: sequences generated at once.",
                                        lower_bound=1)
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Default max_tokens per request.", lower_bound=1)
-_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 4096, "Context per sequence: prompt plus generated tokens.",
-                                    lower_bound=1)
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Default temperature; 0 is greedy.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Default nucleus mass.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Default top-k; 0 keeps all tokens.")
-_MIN_P = flags.DEFINE_float("min_p", 0.0, "Default min-p (relative to the most likely token).")
-_REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "Default repetition penalty (1: off).")
-_PRESENCE_PENALTY = flags.DEFINE_float("presence_penalty", 0.0, "Default presence penalty.")
-_FREQUENCY_PENALTY = flags.DEFINE_float("frequency_penalty", 0.0, "Default frequency penalty.")
-_SEED = flags.DEFINE_integer("seed", None, "Default seed; each line's output is then reproducible.")
-_STOP = flags.DEFINE_multi_string("stop", [], "Default stop string (repeatable).")
-_IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Don't stop at end-of-sequence tokens.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and weight dtype.")
-_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "Decode steps per jitted call.", lower_bound=1)
-_cli.validate_sampling_flags("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                             "frequency_penalty", "seed", max_new_tokens="max_tokens")
 _DUPLICATE_IDS = flags.DEFINE_enum("duplicate_ids", "error", ["error", "keep_first"], "An id on several input "
                                    "lines: stop before loading the model (error), or serve its first line only.")
 
@@ -78,7 +60,7 @@ def _requests(path: str, skip: set[str], errors: list[dict], engine, default, sh
   so that a rerun, which skips the ids in `skip`, does not record it again."""
   from qwenjax import QwenJaxError  # pylint: disable=g-import-not-at-top
   from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
-  from qwenjax.engine.engine import as_request  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine.requests import as_request  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
 
   for line in jobs.read_input(path, share):
@@ -158,28 +140,24 @@ def _prepare_files(parts: list[str]) -> tuple[set[str], Any]:
 def main(argv):
   del argv
   import qwenjax  # pylint: disable=g-import-not-at-top
-  from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
   from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.engine import Engine  # pylint: disable=g-import-not-at-top
-  from qwenjax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
   lock = None
   try:
-    jobs.check_paths(_INPUT.value, _OUTPUT.value)
     _common.initialize_distributed()
-    serving = _common.serving(_MODEL.value, max_batch_size=_MAX_BATCH_SIZE.value, max_seq_len=_MAX_SEQ_LEN.value,
+    model = _common.MODEL.value
+    serving = _common.serving(model, max_batch_size=_MAX_BATCH_SIZE.value, max_seq_len=_common.MAX_SEQ_LEN.value,
                               explicit_sizes=_common.explicit("max_batch_size", "max_seq_len"))
-    default = SamplingParams(
-        max_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
-        min_p=_MIN_P.value, repetition_penalty=_REPETITION_PENALTY.value, presence_penalty=_PRESENCE_PENALTY.value,
-        frequency_penalty=_FREQUENCY_PENALTY.value, seed=_SEED.value, stop=tuple(_STOP.value),
-        ignore_eos=_IGNORE_EOS.value)
+    jobs.check_paths(_INPUT.value, _OUTPUT.value)
+    default = _common.sampling_params()
     # Replicas (a host each, or several hosts in lockstep for a model larger than one) split the lines; each
     # replica's rank-0 process writes its part, merged into --output at the end. What is already answered must
     # be the same everywhere: process 0 locks and recovers the output and the parts and broadcasts it (or why
     # the job cannot write there), before any model is loaded.
     group = serving.replica
-    index, count = group.index, group.count
+    count = group.count
     parts = [f"{_OUTPUT.value}.part-{i}" for i in range(count)] if count > 1 else []
     verdict: dict[str, Any] = {}
     if distributed.process_index() == 0:
@@ -195,9 +173,9 @@ def main(argv):
     scanned = jobs.scan_input(_INPUT.value, keep_first=_DUPLICATE_IDS.value == "keep_first")
     # Requests without a seed draw one from the engine's generator: the same on every process of a replica.
     job_seed = distributed.broadcast(secrets.randbits(63) if distributed.process_index() == 0 else None)
-    engine = Engine.load(_MODEL.value, dtype=_DTYPE.value, max_batch_size=serving.max_batch_size,
+    engine = Engine.load(model, dtype=_common.DTYPE.value, max_batch_size=serving.max_batch_size,
                          max_seq_len=serving.max_seq_len, max_prefill_chunk=serving.max_prefill_chunk,
-                         decode_steps=_DECODE_STEPS.value, mesh=serving.mesh, seed=job_seed)
+                         decode_steps=_common.DECODE_STEPS.value, mesh=serving.mesh, seed=job_seed)
     served, failed = _serve(engine, default, done, scanned, group, parts)
   except qwenjax.QwenJaxError as e:
     _cli.fail(e)
@@ -210,8 +188,8 @@ def main(argv):
 def _serve(engine, default, done: set[str], scanned, group, parts: list[str]) -> tuple[int, int]:
   """Serves this process's share of the input into its results file; process 0 merges the parts at the end.
   Returns (answered, errors) of this process."""
-  from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
   from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
+  from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
   index, count = group.index, group.count
   target = parts[index] if parts else _OUTPUT.value

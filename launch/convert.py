@@ -28,11 +28,11 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype t
 def main(argv):
   del argv
   from qwenjax import QwenJaxError  # pylint: disable=g-import-not-at-top  (--help stays fast)
-  from qwenjax.checkpoints import orbax_store  # pylint: disable=g-import-not-at-top  (--help stays fast)
+  from qwenjax.checkpoints import loader  # pylint: disable=g-import-not-at-top  (--help stays fast)
 
   start = time.perf_counter()
   try:
-    output = orbax_store.convert(_SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value)
+    output = loader.convert(_SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value)
   except QwenJaxError as e:
     _cli.fail(e)
   logging.info("Wrote %s (%s) in %.1f s.", output, _DTYPE.value, time.perf_counter() - start)

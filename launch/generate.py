@@ -17,29 +17,16 @@ from absl import app, flags
 
 from launch import _cli, _common
 
-_MODEL = flags.DEFINE_string("model", "default", "'default' (the embedded Qwen2.5-Coder-0.5B-Instruct), a .gguf "
-                             "file, or a Hugging Face checkpoint directory.")
 _PROMPT = flags.DEFINE_string("prompt", None, "The user message, rendered with the chat template (raw text with "
                               "--raw).", required=True)
 _SYSTEM = flags.DEFINE_string("system", None, "System message; default: the chat template's own default.")
 _RAW = flags.DEFINE_bool("raw", False, "Treat --prompt as raw text: no chat template.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Most tokens to generate.", lower_bound=1)
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 means greedy.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the smallest set of tokens reaching this mass.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens; 0 keeps all.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
-_IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Don't stop at an end-of-sequence token.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and weight dtype (float32 is "
-                           "the CPU default; bfloat16 for TPU/GPU).")
-_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 4096, "KV-cache length: prompt plus generated tokens.",
-                                    lower_bound=1)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object with text, token_ids, finish_reason and usage.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "An image (path, file:// or data: URL) placed before the prompt "
                                    "in the user message (repeatable; Qwen2.5-VL models). With --raw the prompt "
                                    "holds its own <|vision_start|><|image_pad|><|vision_end|> for each.")
 _VIDEO = flags.DEFINE_multi_string("video", [], "A video as a directory of frame images, read in name order at 2 "
                                    "frames per second (repeatable; Qwen2.5-VL models).")
-_cli.validate_sampling_flags("temperature", "top_p", "top_k", "seed")
 
 
 def main(argv):
@@ -47,9 +34,10 @@ def main(argv):
   import qwenjax  # pylint: disable=g-import-not-at-top  (after flag parsing: --help stays fast)
 
   try:
-    serving = _common.serving(_MODEL.value, max_batch_size=1, max_seq_len=_MAX_SEQ_LEN.value,
+    model = _common.MODEL.value
+    serving = _common.serving(model, max_batch_size=1, max_seq_len=_common.MAX_SEQ_LEN.value,
                               explicit_sizes=_common.explicit("max_seq_len") | {"max_batch_size"})
-    loaded = qwenjax.load(_MODEL.value, dtype=_DTYPE.value, mesh=serving.mesh)
+    loaded = qwenjax.load(model, dtype=_common.DTYPE.value, mesh=serving.mesh)
     if _RAW.value:
       request = qwenjax.Request(prompt=_PROMPT.value, images=_IMAGE.value, videos=_VIDEO.value)
     else:
@@ -61,12 +49,10 @@ def main(argv):
                    + [{"type": "text", "text": _PROMPT.value}])
       messages.append({"role": "user", "content": content})
       request = qwenjax.Request(messages=messages)
-    request.sampling = qwenjax.SamplingParams(
-        max_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-        seed=_SEED.value, ignore_eos=_IGNORE_EOS.value)
+    request.sampling = _common.sampling_params()
     engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=serving.max_seq_len,
-                            max_prefill_chunk=serving.max_prefill_chunk, image_processor=loaded.image_processor,
-                            mesh=serving.mesh)
+                            max_prefill_chunk=serving.max_prefill_chunk, decode_steps=_common.DECODE_STEPS.value,
+                            image_processor=loaded.image_processor, mesh=serving.mesh)
     [out] = engine.generate([request])
   except qwenjax.QwenJaxError as e:
     _cli.fail(e)

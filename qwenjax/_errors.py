@@ -15,3 +15,10 @@ class ConfigError(QwenJaxError):
 
 class InputError(QwenJaxError):
   """A prompt, message list or request is invalid (too long, malformed, wrong type)."""
+
+
+def first_line(error: BaseException | str) -> str:
+  """The first non-blank line of an error's text (or its type's name), to quote another library's error inside
+  one of ours."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__

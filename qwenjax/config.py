@@ -1,7 +1,9 @@
 """Architecture of the Qwen2.5 dense decoders: one frozen dataclass, presets, and Hugging Face parsing.
 
 `QwenConfig` holds what a checkpoint fixes (sizes, norms, RoPE). How a model runs (dtypes, scanned or
-unrolled layers, cache length) is chosen where the model is built, not here.
+unrolled layers, cache length) is chosen where the model is built, not here; the choices it is built from live
+here: `DTYPES` (checked by `check_dtype`), `DEFAULT_DTYPE` and `default_scan_layers()`. `read_json` is the one
+reader of JSON files, for configs and checkpoints alike.
 
     cfg = QwenConfig.from_hf_config(json.load(open("config.json")))
     cfg = PRESETS["qwen2.5-7b"]
@@ -14,27 +16,52 @@ import json
 import math
 import pathlib
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from qwenjax._errors import ConfigError
+from qwenjax._errors import ConfigError, QwenJaxError, first_line
+
+# The dtypes a model computes and stores its weights in, by the names flags and files use.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DEFAULT_DTYPE = "float32"
 
 
-def read_json(path: str | pathlib.Path) -> dict[str, Any]:
-  """A JSON object from a config file; ConfigError naming the file if it is missing, unreadable, not JSON or not
-  an object."""
+def check_dtype(name: Any, what: str = "dtype") -> Any:
+  """The jnp dtype that `name` ("float32" or "bfloat16") stands for; a ConfigError naming `what` (the argument,
+  flag or file field) for anything else."""
+  if not isinstance(name, str) or name not in DTYPES:
+    raise ConfigError(f"{what} must be one of {', '.join(sorted(DTYPES))}, got {name!r}.")
+  return DTYPES[name]
+
+
+def default_scan_layers() -> bool:
+  """Scanned layers compile fast on TPU/GPU; on XLA:CPU unrolled layers decode faster (measured 2.6x)."""
+  return jax.default_backend() != "cpu"
+
+
+def read_json(path: str | pathlib.Path, *, error: type[QwenJaxError] = ConfigError,
+              optional: bool = False) -> dict[str, Any] | None:
+  """The JSON object in a file. `error` (ConfigError; CheckpointError for a checkpoint's files) names the file if
+  it is missing (unless `optional`: then None), unreadable, not JSON or not an object."""
   path = pathlib.Path(path)
   try:
-    value = json.loads(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
   except FileNotFoundError:
-    raise ConfigError(f"{path}: file not found.") from None
+    if optional:
+      return None
+    raise error(f"{path}: file not found.") from None
   except (OSError, UnicodeDecodeError) as e:
-    raise ConfigError(f"{path}: cannot be read ({e}).") from None
+    raise error(f"{path}: cannot be read ({first_line(e)}).") from None
+  try:
+    value = json.loads(text)
   except json.JSONDecodeError as e:
-    raise ConfigError(f"{path}: not valid JSON ({e}).") from None
+    raise error(f"{path} is not valid JSON (line {e.lineno}: {e.msg}).") from None
   if not isinstance(value, dict):
-    raise ConfigError(f"{path}: expected a JSON object, got {type(value).__name__}.")
+    raise error(f"{path}: expected a JSON object, got {type(value).__name__}.")
   return value
 
 
@@ -76,7 +103,8 @@ def read_field(obj: Mapping[str, Any], key: str, kind: type, source: str, defaul
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-  """RoPE context extension. Qwen documents YaRN: {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}."""
+  """RoPE context extension. Qwen documents YaRN:
+  {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}."""
 
   kind: str  # "linear" or "yarn"
   factor: float
@@ -181,7 +209,7 @@ class QwenConfig:
     return inv_freq, float(attention_factor)
 
   @classmethod
-  def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> "QwenConfig":
+  def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> QwenConfig:
     """Builds the config from a Qwen2 `config.json` dict, in the form Qwen ships or transformers 5 writes. Each
     field's type is checked, not coerced: ConfigError naming `source` and the field."""
     model_type = hf.get("model_type")
@@ -236,7 +264,7 @@ class QwenConfig:
       raise ConfigError(f"{source}: {e}") from None
 
   @classmethod
-  def from_file(cls, path: str | pathlib.Path) -> "QwenConfig":
+  def from_file(cls, path: str | pathlib.Path) -> QwenConfig:
     return cls.from_hf_config(read_json(path), source=str(path))
 
   def num_params(self) -> int:

@@ -12,6 +12,8 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+REPO = pathlib.Path(__file__).resolve().parents[1]  # the checkout: launch scripts run from here
+
 
 def build_tiny_qwen2(directory: pathlib.Path, seed: int = 0, **overrides):
   """Saves a random Qwen2ForCausalLM with transformers' own save_pretrained; returns the torch model."""
@@ -80,8 +82,17 @@ def qwen_chat_template() -> str:
 
 def build_tiny_bpe():
   """A ~600-token byte-level BPE trained here with Qwen2's pipeline and Qwen's added tokens appended."""
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-  from tokenizers import trainers
+  from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+  )
   from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
   tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))

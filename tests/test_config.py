@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

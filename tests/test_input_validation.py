@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
 from qwenjax import ConfigError, InputError, QwenConfig
-from qwenjax.multimodal.processing import ImageProcessorConfig
 from qwenjax.model.qwen2_vl import QwenVLConfig
+from qwenjax.multimodal.processing import ImageProcessorConfig
+
+from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

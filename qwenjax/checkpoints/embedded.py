@@ -32,7 +32,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from qwenjax._errors import CheckpointError
 

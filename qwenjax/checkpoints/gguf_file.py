@@ -40,16 +40,15 @@ import pathlib
 import re
 import struct
 import types
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 from gguf import constants as gguf_constants
 from gguf import quants as gguf_quants
 
 from qwenjax._errors import CheckpointError
-
-if TYPE_CHECKING:
-  from qwenjax.text.tokenizer import Tokenizer
+from qwenjax.text.tokenizer import Tokenizer
 
 _GGMLType = gguf_constants.GGMLQuantizationType
 _ValueType = gguf_constants.GGUFValueType
@@ -221,7 +220,7 @@ class GGUFCheckpoint:
       with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for _ in pool.map(dequantize, range(0, rows, step)):
           pass
-    del raw
+    raw = None  # the view of the map goes now, not with the closure
     return out.reshape(t.shape)
 
   def hf_config(self) -> dict[str, Any]:
@@ -277,10 +276,8 @@ class GGUFCheckpoint:
     return config
 
   def tokenizer(self) -> Tokenizer:
-    """The byte-level BPE tokenizer and chat template stored in this file's metadata."""
-    from qwenjax.text.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-
-    return Tokenizer.from_gguf(self)
+    """The byte-level BPE tokenizer and chat template stored in this file's metadata (`qwenjax.text.gguf_vocab`)."""
+    return Tokenizer.from_gguf(self.metadata, str(self.path))
 
   def _tensor(self, name: str) -> _Tensor:
     try:

@@ -11,17 +11,21 @@ one buffer, placed on device, and the buffer dropped before the next weight.
 
 from __future__ import annotations
 
-import json
 import pathlib
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 from flax import nnx
 
+from qwenjax._errors import CheckpointError, first_line
+from qwenjax.config import QwenConfig, read_json
+from qwenjax.model import model_class
+from qwenjax.model.decoder import Qwen2, weight_declarations
+from qwenjax.model.qwen2_vl import QwenVLConfig, is_vl_config
 from qwenjax.parallel import sharding
-from qwenjax._errors import CheckpointError, ConfigError
-from qwenjax.model.decoder import LAYERS, Qwen2, weight_declarations
+from qwenjax.parallel.axes import LAYERS
 
 # Tensors some checkpoints carry that hold nothing the model needs (non-persistent RoPE buffers of old exports).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -54,10 +58,9 @@ class SafetensorsSource:
     index = self.directory / "model.safetensors.index.json"
     single = self.directory / "model.safetensors"
     if index.exists():
-      try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}).") from None
+      weight_map = read_json(index, error=CheckpointError).get("weight_map")
+      if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map of tensor names to files).")
       files = sorted(set(weight_map.values()))
     elif single.exists():
       weight_map, files = None, ["model.safetensors"]
@@ -77,7 +80,7 @@ class SafetensorsSource:
         handle = safetensors.safe_open(str(path), framework="flax")
         names = list(handle.keys())
       except Exception as e:  # safetensors raises its own error types for bad headers and short files.
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}).") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)}).") from None
       self._handles[f] = handle
       for n in names:
         self._where[n] = f
@@ -99,11 +102,11 @@ class SafetensorsSource:
     try:
       return np.asarray(self._handles[self._where[name]].get_tensor(name))
     except Exception as e:  # a truncated file fails only when the tensor's bytes are read.
-      raise CheckpointError(f"{self.describe(name)}: cannot read tensor {name!r} ({str(e).splitlines()[0]}); "
+      raise CheckpointError(f"{self.describe(name)}: cannot read tensor {name!r} ({first_line(e)}); "
                             "the file may be truncated.") from None
 
 
-def _tensor_names(path: tuple, var: nnx.Param) -> list[str]:
+def checkpoint_names(path: tuple, var: nnx.Param) -> list[str]:
   """Checkpoint names behind one weight: L names for a stacked weight, one otherwise."""
   if var.axes[0] == LAYERS:  # scanned layers: one weight holds every layer
     return [var.hf.name.format(layer=i) for i in range(var.shape[0])]
@@ -114,7 +117,7 @@ def _tensor_names(path: tuple, var: nnx.Param) -> list[str]:
 
 def expected_tensors(model: Qwen2) -> dict[str, tuple[int, ...]]:
   """Every checkpoint tensor the model needs, with its checkpoint shape."""
-  return {name: var.hf.shape for path, var in weight_declarations(model) for name in _tensor_names(path, var)}
+  return {name: var.hf.shape for path, var in weight_declarations(model) for name in checkpoint_names(path, var)}
 
 
 def load_params(model: Qwen2, source: TensorSource, *,
@@ -149,7 +152,7 @@ def load_params(model: Qwen2, source: TensorSource, *,
 
   for path, var in decls:
     dtype = np.dtype(var.dtype)
-    names = _tensor_names(path, var)
+    names = checkpoint_names(path, var)
     if var.axes[0] == LAYERS:  # stacked: fill [L, ...] layer by layer
       buf = np.empty(var.shape, dtype)
       for i, name in enumerate(names):
@@ -170,19 +173,14 @@ def _convert(source: TensorSource, name: str, hf, shape, dtype) -> np.ndarray:
 def read_config(directory: str | pathlib.Path):
   """The config.json of a checkpoint directory: a QwenConfig, or a QwenVLConfig for Qwen2.5-VL (a config.json
   with a vision_config)."""
-  from qwenjax.config import read_json  # pylint: disable=g-import-not-at-top
-
   path = pathlib.Path(directory) / "config.json"
   return parse_config(read_json(path), str(path))
 
 
 def parse_config(hf: Mapping[str, Any], source: str = "config.json"):
   """A config.json dict -> QwenConfig, or QwenVLConfig for Qwen2.5-VL (one with a vision_config)."""
-  from qwenjax.model import qwen2_vl  # pylint: disable=g-import-not-at-top
-  from qwenjax.config import QwenConfig  # pylint: disable=g-import-not-at-top
-
-  if qwen2_vl.is_vl_config(hf):
-    return qwen2_vl.QwenVLConfig.from_hf_config(hf, source=source)
+  if is_vl_config(hf):
+    return QwenVLConfig.from_hf_config(hf, source=source)
   return QwenConfig.from_hf_config(hf, source=source)
 
 
@@ -197,11 +195,9 @@ def load_model(directory: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None 
 
 def load_from_source(cfg, source: TensorSource, *, mesh: jax.sharding.Mesh | None = None,
                      rules: sharding.ShardingRules = sharding.DEFAULT_RULES, **model_kwargs) -> Qwen2:
-  """cfg: a QwenConfig (-> Qwen2) or a QwenVLConfig (-> Qwen2VL); mesh: shard the weights over it by `rules`
-  as they load (None: one device)."""
-  from qwenjax.model import qwen2_vl  # pylint: disable=g-import-not-at-top
-
-  cls = qwen2_vl.Qwen2VL if isinstance(cfg, qwen2_vl.QwenVLConfig) else Qwen2
+  """cfg: a QwenConfig (-> Qwen2) or a QwenVLConfig (-> Qwen2VL, by `qwenjax.model.model_class`); mesh: shard the
+  weights over it by `rules` as they load (None: one device)."""
+  cls = model_class(cfg)
   model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **model_kwargs))
   load_params(model, source, place=None if mesh is None else sharding.placer(model, mesh, rules))
   return model

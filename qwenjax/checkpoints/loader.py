@@ -1,30 +1,31 @@
-"""One entry point from a `--model` value to a loaded model and its tokenizer.
+"""One entry point from a `--model` value to a loaded model and its tokenizer, and one that converts it.
 
 `--model` may be "default" (or empty: the embedded Qwen2.5-Coder-0.5B-Instruct GGUF), a `.gguf` file, a
 Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json), or a qwenjax Orbax checkpoint
-directory (`python -m launch.convert`), restored straight into the mesh's shardings.
+directory (`convert`, which `python -m launch.convert` runs), restored straight into the mesh's shardings.
+
+    loaded = load("/ckpt/Qwen2.5-7B-Instruct", dtype="bfloat16", mesh=mesh)
+    convert("/ckpt/Qwen2.5-7B-Instruct", "/ckpt/qwen7b-orbax", dtype="bfloat16")
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import logging
 
-from qwenjax.checkpoints import hf
-from qwenjax.checkpoints import orbax_store
-from qwenjax.parallel import sharding
 from qwenjax._errors import CheckpointError
-from qwenjax.config import QwenConfig
-from qwenjax.multimodal.processing import ImageProcessorConfig
+from qwenjax.checkpoints import embedded, hf, orbax_store
+from qwenjax.checkpoints.gguf_file import GGUFCheckpoint
+from qwenjax.config import DEFAULT_DTYPE, QwenConfig, check_dtype, default_scan_layers, read_json
 from qwenjax.model.decoder import Qwen2
+from qwenjax.multimodal.processing import ImageProcessorConfig
+from qwenjax.parallel import sharding
 from qwenjax.text.tokenizer import Tokenizer
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass
@@ -39,41 +40,26 @@ class LoadedModel:
     return self.model.cfg
 
 
-def default_scan_layers() -> bool:
-  """Scanned layers compile fast on TPU/GPU; on XLA:CPU unrolled layers decode faster (measured 2.6x)."""
-  return jax.default_backend() != "cpu"
-
-
 def read_config(model: str | None = None):
   """The config of a `--model` value without loading weights (a QwenConfig, or a QwenVLConfig)."""
-  from qwenjax.checkpoints import embedded  # pylint: disable=g-import-not-at-top
-
   path = pathlib.Path(embedded.resolve_model_arg(model))
   if path.is_file() and path.suffix == ".gguf":
-    from qwenjax.checkpoints.gguf_file import GGUFCheckpoint  # pylint: disable=g-import-not-at-top
-
     return QwenConfig.from_hf_config(GGUFCheckpoint(path).hf_config(), source=str(path))
   if path.is_dir():
     return hf.read_config(path)
   raise CheckpointError(f"{path}: no such file or directory.")
 
 
-def load(model: str | None = None, *, dtype: str = "float32", param_dtype: str | None = None,
+def load(model: str | None = None, *, dtype: str = DEFAULT_DTYPE, param_dtype: str | None = None,
          scan_layers: bool | None = None, mesh: jax.sharding.Mesh | None = None,
          rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> LoadedModel:
   """Loads weights and tokenizer. dtype: compute dtype; param_dtype: storage dtype (defaults to dtype).
   mesh: load each weight straight into its shards over this mesh, by `rules` (None: one device)."""
-  from qwenjax.checkpoints import embedded  # pylint: disable=g-import-not-at-top
-
-  if dtype not in DTYPES or (param_dtype or dtype) not in DTYPES:
-    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r} / {param_dtype!r}.")
-  kwargs = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype or dtype],
+  kwargs = dict(dtype=check_dtype(dtype), param_dtype=check_dtype(param_dtype or dtype, "param_dtype"),
                 scan_layers=default_scan_layers() if scan_layers is None else scan_layers)
   path = pathlib.Path(embedded.resolve_model_arg(model))
   start = time.perf_counter()
   if path.is_file() and path.suffix == ".gguf":
-    from qwenjax.checkpoints.gguf_file import GGUFCheckpoint  # pylint: disable=g-import-not-at-top
-
     gguf = GGUFCheckpoint(path)
     cfg = QwenConfig.from_hf_config(gguf.hf_config(), source=str(path))
     # The tokenizer first: building it from 150k-entry metadata lists is a transient of ~0.5 GB that should
@@ -98,3 +84,33 @@ def load(model: str | None = None, *, dtype: str = "float32", param_dtype: str |
   logging.info("Loaded %s (%d layers, %s) in %.1f s.", path, loaded.config.num_layers, dtype,
                time.perf_counter() - start)
   return loaded
+
+
+def convert(source: str | os.PathLike[str] | None, output: str | os.PathLike[str], *, dtype: str = DEFAULT_DTYPE,
+            chunk_bytes: int = orbax_store.CHUNK_BYTES) -> pathlib.Path:
+  """Loads `source` (anything `load` takes: 'default', a .gguf file, a checkpoint directory) and writes it to the
+  new directory `output` as a qwenjax Orbax checkpoint (`qwenjax.checkpoints.orbax_store`) with weights in `dtype`.
+  Returns `output`."""
+  path = pathlib.Path(embedded.resolve_model_arg(source))
+  output = pathlib.Path(output)
+  if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    raise CheckpointError(f"{output}: already exists and is not an empty directory; convert writes a new one.")
+  try:  # before the long load: a bad path fails at once (an empty directory is a valid output to retry with)
+    output.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise CheckpointError(f"{output}: cannot create the output directory ({e.strerror}).") from None
+  loaded = load(str(path), dtype=dtype, scan_layers=True)
+  generation = {}
+  processor = None
+  if path.suffix == ".gguf" and path.is_file():
+    with GGUFCheckpoint(path) as gguf:
+      hf_config = gguf.hf_config()
+  else:
+    hf_config = read_json(path / "config.json", error=CheckpointError)
+    if (path / "generation_config.json").is_file():
+      generation = read_json(path / "generation_config.json", error=CheckpointError)
+    if (path / "preprocessor_config.json").is_file():
+      processor = read_json(path / "preprocessor_config.json", error=CheckpointError)
+  orbax_store.save(output, loaded.model, loaded.tokenizer, hf_config, source=str(path), generation_config=generation,
+                   preprocessor_config=processor, chunk_bytes=chunk_bytes)
+  return output

@@ -1,7 +1,8 @@
 """Qwen models as Orbax checkpoints: converted once, then restored straight into a device mesh.
 
-`convert` (what `python -m launch.convert` runs) loads any `--model` source (a Hugging Face directory, a GGUF
-file, the embedded model) and writes a directory that holds everything a run needs:
+`save` writes a loaded model (`qwenjax.checkpoints.loader.convert` loads any `--model` source, a Hugging Face
+directory, a GGUF file or the embedded model, and saves it; `python -m launch.convert` runs that) into a directory
+that holds everything a run needs:
 
     qwenjax_checkpoint.json    marks the directory: format and version, weight dtype, source, param layout
     config.json                the model's Hugging Face config (Qwen2.5-VL: Qwen's flat form with vision_config)
@@ -15,7 +16,7 @@ Weights are stored in one layout, the stacked one (`scan_layers=True`: a per-lay
 weight's logical axes through the sharding rules), so each host reads only the chunks it holds; a restore with
 `scan_layers=False` then slices each stacked weight into per-layer arrays on device, one weight at a time.
 
-    convert("/ckpt/Qwen2.5-7B-Instruct", "/ckpt/qwen7b-orbax", dtype="bfloat16")
+    loader.convert("/ckpt/Qwen2.5-7B-Instruct", "/ckpt/qwen7b-orbax", dtype="bfloat16")
     model, tokenizer, processor = restore("/ckpt/qwen7b-orbax", mesh=make_mesh(parse_mesh("fsdp:2,tensor:4")))
 """
 
@@ -25,18 +26,21 @@ import functools
 import json
 import os
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from qwenjax._errors import CheckpointError, ConfigError
+from qwenjax._errors import CheckpointError, first_line
 from qwenjax.checkpoints.hf import parse_config
-from qwenjax.config import read_json
-from qwenjax.multimodal.processing import ImageProcessorConfig
+from qwenjax.config import check_dtype, default_scan_layers, read_json
+from qwenjax.model import model_class
 from qwenjax.model.decoder import Qwen2, weight_declarations
-from qwenjax.parallel.sharding import DEFAULT_RULES, ShardingRules, named_sharding
+from qwenjax.multimodal.processing import ImageProcessorConfig
+from qwenjax.parallel.axes import DEFAULT_RULES, ShardingRules
+from qwenjax.parallel.sharding import named_sharding
 from qwenjax.text.tokenizer import Tokenizer
 
 METADATA_FILE = "qwenjax_checkpoint.json"
@@ -58,49 +62,23 @@ def is_orbax_checkpoint(path: str | os.PathLike[str]) -> bool:
 # --- Writing -------------------------------------------------------------------------------------------------
 
 
-def convert(source: str | os.PathLike[str] | None, output: str | os.PathLike[str], *, dtype: str = "float32",
-            chunk_bytes: int = CHUNK_BYTES) -> pathlib.Path:
-  """Loads `source` (anything `qwenjax.load` takes: 'default', a .gguf file, a checkpoint directory) and writes
-  it to the new directory `output` as an Orbax checkpoint with weights in `dtype`. Returns `output`."""
-  from qwenjax.checkpoints import embedded  # pylint: disable=g-import-not-at-top
-  from qwenjax.checkpoints import loader  # pylint: disable=g-import-not-at-top
+def save(directory: str | os.PathLike[str], model: Qwen2, tokenizer: Tokenizer, hf_config: Mapping[str, Any], *,
+         source: str, generation_config: Mapping[str, Any] | None = None,
+         preprocessor_config: Mapping[str, Any] | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
+  """Writes `model` (loaded with scan_layers=True) and `tokenizer` into the empty directory `directory`.
 
-  path = pathlib.Path(embedded.resolve_model_arg(source))
-  output = pathlib.Path(output)
-  if output.exists() and (not output.is_dir() or any(output.iterdir())):
-    raise CheckpointError(f"{output}: already exists and is not an empty directory; convert writes a new one.")
-  try:  # before the long load: a bad path fails at once (an empty directory is a valid output to retry with)
-    output.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise CheckpointError(f"{output}: cannot create the output directory ({e.strerror}).") from None
-  loaded = loader.load(str(path), dtype=dtype, scan_layers=True)
-  generation = {}
-  processor = None
-  if path.suffix == ".gguf" and path.is_file():
-    from qwenjax.checkpoints.gguf_file import GGUFCheckpoint  # pylint: disable=g-import-not-at-top
-
-    with GGUFCheckpoint(path) as gguf:
-      hf = gguf.hf_config()
-  else:
-    hf = _flat_config(_read_json(path / "config.json"))
-    if (path / "generation_config.json").is_file():
-      generation = _read_json(path / "generation_config.json")
-    if (path / "preprocessor_config.json").is_file():
-      processor = _read_json(path / "preprocessor_config.json")
-  if parse_config(hf, str(path)) != _model_config(loaded.model):
-    raise CheckpointError(f"{path}: the config.json written for it would not parse back to the loaded model's "
-                          "config.")
-  _save(output, loaded.model, loaded.tokenizer, hf, source=str(path), generation_config=generation,
-        preprocessor_config=processor, chunk_bytes=chunk_bytes)
-  return output
-
-
-def _save(directory: pathlib.Path, model: Qwen2, tokenizer: Tokenizer, hf_config: Mapping[str, Any], *,
-          source: str, generation_config: Mapping[str, Any], preprocessor_config: Mapping[str, Any] | None,
-          chunk_bytes: int) -> None:
-  """Writes the checkpoint directory; the metadata file last, so an interrupted write is never taken for whole."""
+  hf_config: the source's config.json (a VL one in transformers 5's nested form is written in Qwen's flat form);
+    it must parse back to the model's config. source: where the model came from, recorded in the metadata.
+    generation_config, preprocessor_config: the source's, kept beside the tokenizer (the latter: Qwen2.5-VL only).
+  The metadata file is written last, so an interrupted write is never taken for whole.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
+  directory = pathlib.Path(directory)
+  hf_config = _flat_config(hf_config)
+  if parse_config(hf_config, source) != _model_config(model):
+    raise CheckpointError(f"{source}: the config.json written for it would not parse back to the loaded model's "
+                          "config.")
   assert model.scan_layers, "the checkpoint layout is the stacked one: load the model with scan_layers=True"
   params = {path: var[...] for path, var in weight_declarations(model)}
   tree = _nest(params)
@@ -108,7 +86,7 @@ def _save(directory: pathlib.Path, model: Qwen2, tokenizer: Tokenizer, hf_config
   with _checkpointer() as ckptr:
     ckptr.save((directory / PARAMS_DIR).absolute(), args=ocp.args.PyTreeSave(tree, save_args=save_args))
   _write_json(directory / "config.json", hf_config)
-  tokenizer.save(directory, generation_config=generation_config)
+  tokenizer.save(directory, generation_config=generation_config or {})
   if preprocessor_config is not None:
     _write_json(directory / "preprocessor_config.json", preprocessor_config)
   _write_json(directory / METADATA_FILE, {
@@ -122,28 +100,25 @@ def _save(directory: pathlib.Path, model: Qwen2, tokenizer: Tokenizer, hf_config
 def restore(directory: str | os.PathLike[str], *, dtype: str | None = None, param_dtype: str | None = None,
             scan_layers: bool | None = None, mesh: Mesh | None = None,
             rules: ShardingRules = DEFAULT_RULES) -> tuple[Qwen2, Tokenizer, ImageProcessorConfig | None]:
-  """Restores a checkpoint `convert` wrote: (model, tokenizer, image processor or None).
+  """Restores a checkpoint `save` wrote: (model, tokenizer, image processor or None).
 
   dtype: compute dtype ('float32' or 'bfloat16'; default: the dtype the weights were written in); param_dtype:
     weight dtype (default: dtype), cast as the weights are read.
-  scan_layers: stacked or per-layer weights (default: `qwenjax.checkpoints.loader.default_scan_layers()`).
+  scan_layers: stacked or per-layer weights (default: `qwenjax.config.default_scan_layers()`).
   mesh: each weight is read straight into `NamedSharding(mesh, spec_for(its logical axes))` under `rules`, every
     host reading only its shards; None: one device.
   Raises CheckpointError naming the directory (and the tensor) when the checkpoint is incomplete or does not
   fit its config.json.
   """
-  from qwenjax.checkpoints import loader  # pylint: disable=g-import-not-at-top
-  from qwenjax.model import qwen2_vl  # pylint: disable=g-import-not-at-top
-
   directory = pathlib.Path(directory)
   meta = _read_metadata(directory)
-  dtype = dtype or meta["dtype"]
-  if dtype not in loader.DTYPES or (param_dtype or dtype) not in loader.DTYPES:
-    raise ValueError(f"dtype must be one of {sorted(loader.DTYPES)}, got {dtype!r} / {param_dtype!r}.")
-  scan_layers = loader.default_scan_layers() if scan_layers is None else scan_layers
-  cfg = parse_config(_read_json(directory / "config.json"), str(directory / "config.json"))
-  cls = qwen2_vl.Qwen2VL if isinstance(cfg, qwen2_vl.QwenVLConfig) else Qwen2
-  kwargs = dict(dtype=loader.DTYPES[dtype], param_dtype=loader.DTYPES[param_dtype or dtype])
+  name, what = (dtype, "dtype") if dtype else (meta["dtype"], f"{directory / METADATA_FILE}: dtype")
+  compute = check_dtype(name, what)
+  kwargs = dict(dtype=compute, param_dtype=check_dtype(param_dtype, "param_dtype") if param_dtype else compute)
+  scan_layers = default_scan_layers() if scan_layers is None else scan_layers
+  config_file = directory / "config.json"
+  cfg = parse_config(read_json(config_file, error=CheckpointError), str(config_file))
+  cls = model_class(cfg)
   tokenizer = Tokenizer.from_directory(directory)
   processor_file = directory / "preprocessor_config.json"
   processor = ImageProcessorConfig.from_file(processor_file) if processor_file.exists() else None
@@ -201,7 +176,7 @@ def _read_metadata(directory: pathlib.Path) -> dict[str, Any]:
   if not path.is_file():
     raise CheckpointError(f"{directory}: {METADATA_FILE} is missing, so this is not a complete qwenjax Orbax "
                           "checkpoint (python -m launch.convert writes one).")
-  meta = _read_json(path)
+  meta = read_json(path, error=CheckpointError)
   if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
     raise CheckpointError(f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; this "
                           f"qwenjax reads {FORMAT!r} version {FORMAT_VERSION}.")
@@ -225,7 +200,7 @@ def _check_arrays(directory: pathlib.Path, expected: Mapping[tuple, tuple[int, .
     with _checkpointer() as ckptr:
       tree = ckptr.metadata(params.absolute()).item_metadata.tree
   except Exception as e:  # Orbax and tensorstore raise many types for unreadable metadata.
-    raise CheckpointError(f"{params}: unreadable Orbax metadata ({_first_line(e)}).") from None
+    raise CheckpointError(f"{params}: unreadable Orbax metadata ({first_line(e)}).") from None
   stored = {tuple(k.key for k in keys): tuple(m.shape)
             for keys, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
   unexpected = sorted(_name(p) for p in stored.keys() - expected.keys())
@@ -251,7 +226,7 @@ def _read_arrays(directory: pathlib.Path, targets: Mapping[tuple, jax.ShapeDtype
       tree = ckptr.restore((directory / PARAMS_DIR).absolute(),
                            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
   except Exception as e:  # a truncated or corrupt chunk surfaces here, from tensorstore
-    raise CheckpointError(f"{directory}: cannot read the weights in {PARAMS_DIR}/ ({_first_line(e)}).") from None
+    raise CheckpointError(f"{directory}: cannot read the weights in {PARAMS_DIR}/ ({first_line(e)}).") from None
   return {tuple(k.key for k in keys): a for keys, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -303,19 +278,5 @@ def _flat_config(hf: Mapping[str, Any]) -> dict[str, Any]:
   return flat
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-  """config.read_json, its errors as CheckpointErrors (a broken file is a broken checkpoint)."""
-  try:
-    return read_json(path)
-  except ConfigError as e:
-    raise CheckpointError(str(e)) from None
-
-
 def _write_json(path: pathlib.Path, value: Mapping[str, Any]) -> None:
   path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _first_line(error: BaseException) -> str:
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return lines[0] if lines else type(error).__name__
-

@@ -14,7 +14,9 @@ iteration
   3. on the host, appends the tokens, detokenizes incrementally, cuts stop strings, and frees finished slots at
      once for the next waiting sequence.
 Programs compile once per prefill bucket and once per decode variant (greedy, or sampling with filters and
-penalties); no request shape compiles anything after warm-up.
+penalties); no request shape compiles anything after warm-up. They live in `qwenjax.engine.programs`
+(`prefill_rows`, `first_token`, `decode_block`); the engine holds their device state (the cache and the
+`SlotState`) and does the host-side rest. What requests are, and what comes back, is `qwenjax.engine.requests`.
 
 With a device mesh (`Engine(..., mesh=qwenjax.parallel.sharding.mesh_from_flags("data:2,tensor:4"))`) the weights, the
 cache and the [B, V] slot state are placed by `qwenjax.parallel.sharding`'s rules (slots over data, heads, MLP and
@@ -26,92 +28,29 @@ Shapes: B slots, S cache positions, T prefill bucket, V vocabulary, E stop ids p
 from __future__ import annotations
 
 import dataclasses
-import functools
 import secrets
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenjax.multimodal import processing
-from qwenjax.model import qwen2_vl
-from qwenjax.engine import sampling as sampling_lib
-from qwenjax.parallel import sharding
-from qwenjax.engine import programs
 from qwenjax._errors import InputError
-from qwenjax.model.decoder import BATCH, VOCAB, KVCache, Qwen2
+from qwenjax.engine import programs
+from qwenjax.engine import sampling as sampling_lib
+from qwenjax.engine.buckets import LengthBuckets, next_power_of_two
+from qwenjax.engine.programs import DecodeInputs, FirstTokenInputs, SlotState, TokenBatch, VisionInputs
+from qwenjax.engine.requests import Completion, Request, RequestOutput, StreamEvent, as_request, checked_message
 from qwenjax.engine.sampling import SamplingParams
+from qwenjax.model import qwen2_vl
+from qwenjax.model.decoder import Qwen2
+from qwenjax.model.kv_cache import KVCache
+from qwenjax.multimodal import processing
+from qwenjax.multimodal.positions import VLPrompt, vl_prompt
+from qwenjax.parallel import sharding
+from qwenjax.parallel.axes import DEFAULT_RULES, ShardingRules
 from qwenjax.text.tokenizer import Tokenizer
-
-
-@dataclasses.dataclass
-class Request:
-  """One prompt: raw text or token ids (`prompt`), or chat `messages` rendered with the chat template.
-
-  A message's content may be a list of OpenAI-style parts: {"type": "text", "text": ...}, {"type": "image_url",
-  "image_url": {"url": ...}} (a path, file:// or data: URL), {"type": "image", "image": path | PIL image},
-  {"type": "video", "video": [frames] | frame directory}. A raw prompt places its own `<|image_pad|>` /
-  `<|video_pad|>` tokens (one each, between `<|vision_start|>` and `<|vision_end|>`) and passes `images` and
-  `videos` in the order their pads appear. Images and videos need a Qwen2.5-VL model.
-  """
-
-  prompt: str | Sequence[int] | None = None
-  messages: list[dict[str, Any]] | None = None
-  tools: list[dict[str, Any]] | None = None
-  sampling: SamplingParams | None = None
-  id: Any = None
-  images: list[Any] | None = None
-  videos: list[Any] | None = None
-
-
-@dataclasses.dataclass
-class Completion:
-  """One generated sequence (one of a request's n samples)."""
-
-  text: str
-  token_ids: list[int]
-  finish_reason: str  # "stop": an end-of-sequence/stop token or stop string; "length": max_tokens or context
-  index: int = 0  # which of the request's n samples
-  logprobs: list[float] | None = None
-
-
-@dataclasses.dataclass
-class RequestOutput:
-  """A request's completions (n of them) and its token usage."""
-
-  id: Any
-  prompt_tokens: int
-  outputs: list[Completion]
-
-  @property
-  def text(self) -> str:
-    return self.outputs[0].text
-
-  @property
-  def token_ids(self) -> list[int]:
-    return self.outputs[0].token_ids
-
-  @property
-  def finish_reason(self) -> str:
-    return self.outputs[0].finish_reason
-
-  @property
-  def usage(self) -> dict[str, int]:
-    return {"prompt_tokens": self.prompt_tokens,
-            "completion_tokens": sum(len(o.token_ids) for o in self.outputs)}
-
-
-@dataclasses.dataclass
-class StreamEvent:
-  """Text and tokens a sequence produced since its last event; `finish_reason` set on its last event."""
-
-  request_index: int
-  sample_index: int
-  token_ids: list[int]
-  text: str
-  finish_reason: str | None = None
 
 
 @dataclasses.dataclass
@@ -125,7 +64,7 @@ class _Sequence:
   seed: int
   stop_ids: frozenset[int]
   max_tokens: int
-  vision: qwen2_vl.VLPrompt | None = None  # a multimodal prompt's positions and images
+  vision: VLPrompt | None = None  # a multimodal prompt's positions and images
   features: np.ndarray | None = None  # [M, D] its vision features, shared by the request's n samples
   decoder: Any = None
   tokens: list[int] = dataclasses.field(default_factory=list)
@@ -151,66 +90,6 @@ def _needs_of(params: Iterable[SamplingParams]) -> sampling_lib.SamplingNeeds:
   return _SAMPLE if needs.sampling else _GREEDY
 
 
-_SLOT_STATE_AXES = (BATCH, VOCAB)  # the [B, V] prompt masks and token counts of the decode slots
-_ROLES = ("system", "user", "assistant", "tool")  # the roles a message may have
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "fresh"), donate_argnames=("cache",))
-def _prefill_rows(graphdef, params, cache, tokens, num_new, rows, fresh, vision=None):
-  """A prompt chunk into cache rows `rows` ([b]): fresh rows start empty; otherwise the chunk is appended.
-  vision (Qwen2.5-VL models, every chunk): (rope_positions [3, b, T], rope_offset [b], features [T, D], index
-  [b, T]), see `programs.prefill_impl`."""
-  impl = programs.prefill_impl if fresh else programs.extend_impl
-  if vision is None:
-    return impl(graphdef, params, cache, tokens, num_new, rows)
-  rope_positions, rope_offset, features, index = vision
-  return impl(graphdef, params, cache, tokens, num_new, rows, rope_positions=rope_positions,
-              rope_offset=rope_offset, embeds=(features, index))
-
-
-@functools.partial(jax.jit, static_argnames=("needs",), donate_argnames=("prompt_mask", "counts"))
-def _first_token(logits, arrays, prompt_mask, counts, slot, prompt, prompt_len, needs):
-  """Resets slot's penalty state to its prompt, then samples the first token. logits: [1, V]; prompt: [T]."""
-  valid = jnp.arange(prompt.shape[0]) < prompt_len
-  row = jnp.zeros(prompt_mask.shape[1], bool).at[jnp.where(valid, prompt, prompt_mask.shape[1])].set(
-      True, mode="drop")
-  prompt_mask = prompt_mask.at[slot].set(row)
-  counts = counts.at[slot].set(0)
-  tok, logprob = sampling_lib.sample(logits, arrays, jnp.zeros((1,), jnp.int32), prompt_mask[slot][None],
-                                     counts[slot][None], needs)
-  counts = counts.at[slot, tok[0]].add(1)
-  # The token and its log-probability whole on every device: every process of a multi-host mesh reads them.
-  return (sharding.constrain(tok[0], ()), sharding.constrain(logprob[0], ()),
-          sharding.constrain(prompt_mask, _SLOT_STATE_AXES), sharding.constrain(counts, _SLOT_STATE_AXES))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "num_steps", "kv_len"),
-                   donate_argnames=("cache", "counts"))
-def _decode_block(graphdef, params, cache, prompt_mask, counts, tokens, step, active, budget, stop_ids, arrays,
-                  needs, num_steps, kv_len):
-  """num_steps decode steps for all B slots. tokens, step, budget: [B] int32; active: [B] bool; stop_ids: [B, E]
-  (-1 padded); kv_len: static bound on the positions attended to. Returns tokens [k, B] (-1 where a row had
-  already stopped), logprobs [k, B], cache, counts."""
-
-  def body(i, carry):
-    cache, counts, tok, step, active, budget, out_tok, out_lp = carry
-    logits, cache = programs.decode_step_impl(graphdef, params, cache, tok, kv_len)
-    new, logprob = sampling_lib.sample(logits, arrays, step, prompt_mask, counts, needs)
-    counts = sharding.constrain(sampling_lib.update_counts(counts, new, active), _SLOT_STATE_AXES)
-    out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
-    out_lp = out_lp.at[i].set(logprob)
-    stopped = jnp.any(new[:, None] == stop_ids, axis=-1) | (budget <= 1)
-    return cache, counts, new, step + 1, active & ~stopped, budget - 1, out_tok, out_lp
-
-  b = tokens.shape[0]
-  init = (cache, counts, tokens, step, active, budget, jnp.full((num_steps, b), -1, jnp.int32),
-          jnp.zeros((num_steps, b), jnp.float32))
-  cache, counts, *_, out_tok, out_lp = jax.lax.fori_loop(0, num_steps, body, init)
-  # Under a mesh, whole on every device: the host reads them (on every process of a multi-host mesh).
-  out_tok, out_lp = sharding.constrain(out_tok, (None, None)), sharding.constrain(out_lp, (None, None))
-  return out_tok, out_lp, cache, counts
-
-
 class Engine:
   """Continuous-batching generation for one loaded model.
 
@@ -230,7 +109,7 @@ class Engine:
   def __init__(self, model: Qwen2, tokenizer: Tokenizer | None, *, max_batch_size: int = 8, max_seq_len: int = 4096,
                max_prefill_chunk: int = 512, decode_steps: int = 4, eos_token_ids: Iterable[int] | None = None,
                image_processor: processing.ImageProcessorConfig | None = None,
-               mesh: jax.sharding.Mesh | None = None, rules: sharding.ShardingRules = sharding.DEFAULT_RULES,
+               mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
                seed: int | None = None):
     self.model, self.tokenizer = model, tokenizer
     self.mesh, self.rules = mesh, rules
@@ -243,8 +122,8 @@ class Engine:
     self.graphdef, self.params = nnx.split(model)
     self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
     self.decode_steps = decode_steps
-    self.buckets = programs.LengthBuckets(maximum=min(max_prefill_chunk, max_seq_len),
-                                       minimum=min(16, max_prefill_chunk, max_seq_len))
+    self.buckets = LengthBuckets(maximum=min(max_prefill_chunk, max_seq_len),
+                                 minimum=min(16, max_prefill_chunk, max_seq_len))
     if eos_token_ids is None:  # the tokenizer's (generation_config, <|im_end|>) and the model config's
       eos_token_ids = set(self.cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
     self.eos_token_ids = frozenset(eos_token_ids)
@@ -254,17 +133,16 @@ class Engine:
     cache_sharding = slot_sharding = None
     if mesh is not None:
       cache_sharding = sharding.cache_sharding(self.cfg, mesh, b, cache_len, rules)
-      slot_sharding = sharding.named_sharding(mesh, _SLOT_STATE_AXES, (b, v), rules)
+      slot_sharding = sharding.named_sharding(mesh, SlotState.AXES, (b, v), rules)
     self._cache = KVCache.zeros(self.cfg, b, cache_len, model.dtype, sharding=cache_sharding)
-    self._prompt_mask = jnp.zeros((b, v), bool, device=slot_sharding)
-    self._counts = jnp.zeros((b, v), jnp.int32, device=slot_sharding)
+    self._slots = SlotState.zeros(b, v, slot_sharding)
     self._seed_rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
     self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_calls": 0, "prefill_calls": 0}
 
   @classmethod
   def load(cls, model: str | None = "default", *, dtype: str = "float32", scan_layers: bool | None = None,
-           mesh: jax.sharding.Mesh | None = None, rules: sharding.ShardingRules = sharding.DEFAULT_RULES,
-           **kwargs) -> "Engine":
+           mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
+           **kwargs) -> Engine:
     """Loads `model` (see `qwenjax.load`; with a mesh, each weight straight into its shards) into an Engine."""
     from qwenjax.checkpoints.loader import load  # pylint: disable=g-import-not-at-top
 
@@ -278,7 +156,7 @@ class Engine:
 
   # ---- requests -------------------------------------------------------------------------------------------
 
-  def prepare(self, request: Request | str | Sequence[int] | dict) -> list[int] | qwen2_vl.VLPrompt:
+  def prepare(self, request: Request | str | Sequence[int] | dict) -> list[int] | VLPrompt:
     """A request's prompt as token ids, or, with images or videos, as a `VLPrompt` (ids with one pad per merged
     patch, 3D positions, preprocessed images). InputError for anything malformed, unreadable or too long."""
     request = as_request(request)
@@ -287,7 +165,7 @@ class Engine:
     if request.messages is not None and (request.images or request.videos):
       raise InputError("'images' and 'videos' go with a raw 'prompt'; with 'messages', give them as content parts.")
     visuals = []  # (kind, source) in the order their pads appear
-    messages = None if request.messages is None else [self._message(i, m, visuals)
+    messages = None if request.messages is None else [checked_message(i, m, visuals, join_text=self.vl_cfg is None)
                                                       for i, m in enumerate(request.messages)]
     if self.vl_cfg is None and (visuals or request.images or request.videos):
       raise InputError(f"this model ({type(self.model).__name__}) takes no images or videos.")
@@ -309,7 +187,7 @@ class Engine:
       raise InputError("the prompt is empty.")
     prompt = ids
     if visuals:
-      prompt = qwen2_vl.vl_prompt(ids, [self._preprocess(kind, source) for kind, source in visuals], self.vl_cfg)
+      prompt = vl_prompt(ids, [self._preprocess(kind, source) for kind, source in visuals], self.vl_cfg)
     elif self.vl_cfg is not None and any(t in (self.vl_cfg.image_token_id, self.vl_cfg.video_token_id) for t in ids):
       raise InputError("the prompt holds image or video pad tokens but no images or videos were given.")
     n = len(_ids(prompt))
@@ -317,37 +195,6 @@ class Engine:
       raise InputError(f"the prompt has {n} tokens; the context holds {self.max_seq_len} "
                        "(prompt plus at least one generated token).")
     return prompt
-
-  def _message(self, index: int, message: Any, visuals: list) -> dict:
-    """Checks message `index` (its role and content) and collects its image and video parts; a text model gets a
-    list of text parts as one string."""
-    where = f"message {index}"
-    if not isinstance(message, dict):
-      raise InputError(f"{where}: expected an object with 'role' and 'content', got {type(message).__name__}.")
-    role, content, tool_calls = message.get("role"), message.get("content"), message.get("tool_calls")
-    if role not in _ROLES:
-      problem = "no role" if role is None else f"unknown role {role!r}"
-      raise InputError(f"{where}: {problem} (expected system, user, assistant or tool).")
-    if tool_calls is not None and not (role == "assistant" and isinstance(tool_calls, list)):
-      raise InputError(f"{where}: tool_calls must be a list, in an assistant message.")
-    if content is None and not (role == "assistant" and tool_calls):
-      raise InputError(f"{where}: {role} messages need content (a string or a list of content parts)"
-                       f"{' or tool_calls' if role == 'assistant' else ''}.")
-    if content is None or isinstance(content, str):
-      return message
-    if not isinstance(content, list):
-      raise InputError(f"{where}: content must be a string or a list of content parts, got "
-                       f"{type(content).__name__}.")
-    texts = []
-    for part in content:
-      kind, source = _content_part(part, where)
-      if kind == "text":
-        texts.append(source)
-      else:
-        visuals.append((kind, source))
-    if self.vl_cfg is None and len(texts) == len(content):
-      return dict(message, content="".join(texts))
-    return message
 
   def _raw_prompt_visuals(self, ids: list[int], images: list, videos: list) -> list:
     visuals = []
@@ -379,7 +226,7 @@ class Engine:
       outputs[i] = out
     return outputs
 
-  def serve(self, items: Iterable[tuple[Any, Request, list[int] | qwen2_vl.VLPrompt]],
+  def serve(self, items: Iterable[tuple[Any, Request, list[int] | VLPrompt]],
             sampling: SamplingParams | None = None) -> Iterator[tuple[Any, RequestOutput]]:
     """Continuous batching over a stream of (key, request, `prepare(request)`): yields (key, output) as each request
     completes (all n samples), pulling the next request whenever a slot frees. For jobs of any size."""
@@ -412,10 +259,10 @@ class Engine:
       pending[index] = (key, RequestOutput(request.id, len(_ids(prompt)), []), n)
       yield index, request, prompt
 
-  def _sequences(self, index: int, req: Request, prompt: list[int] | qwen2_vl.VLPrompt,
+  def _sequences(self, index: int, req: Request, prompt: list[int] | VLPrompt,
                  default: SamplingParams | None) -> list[_Sequence]:
     params = req.sampling or default or SamplingParams()
-    vision = prompt if isinstance(prompt, qwen2_vl.VLPrompt) else None
+    vision = prompt if isinstance(prompt, VLPrompt) else None
     features = None
     if vision is not None:  # once per request: its n samples share the features
       with self._on_mesh():
@@ -470,21 +317,20 @@ class Engine:
       tokens[0, :len(piece)] = piece
       vision = self._vision_chunk(seq, start, tokens.shape[1]) if self.vl_cfg is not None else None
       with self._on_mesh():
-        logits, self._cache = _prefill_rows(self.graphdef, self.params, self._cache, tokens,
-                                            np.array([len(piece)], np.int32), rows, fresh=start == 0,
-                                            vision=vision)
+        logits, self._cache = programs.prefill_rows(self.graphdef, self.params, self._cache,
+                                                    TokenBatch(tokens, np.array([len(piece)], np.int32), rows),
+                                                    vision, fresh=start == 0)
       self.stats["prefill_calls"] += 1
     self.stats["prompt_tokens"] += len(prompt)
-    padded = np.zeros(max(16, _pow2(len(prompt))), np.int32)  # powers of two: few compiled shapes
+    padded = np.zeros(max(16, next_power_of_two(len(prompt))), np.int32)  # powers of two: few compiled shapes
     padded[:len(prompt)] = prompt
-    arrays = sampling_lib.pack([seq.params], sample_indices=[seq.sample_index], seeds=[seq.seed])
+    inputs = FirstTokenInputs(np.int32(slot), padded, np.int32(len(prompt)),
+                              sampling_lib.pack([seq.params], sample_indices=[seq.sample_index], seeds=[seq.seed]))
     with self._on_mesh():
-      tok, logprob, self._prompt_mask, self._counts = _first_token(
-          logits, arrays, self._prompt_mask, self._counts, np.int32(slot), padded, np.int32(len(prompt)),
-          needs=_needs_of([seq.params]))
+      tok, logprob, self._slots = programs.first_token(logits, self._slots, inputs, needs=_needs_of([seq.params]))
     return int(tok), float(logprob)
 
-  def _vision_chunk(self, seq: _Sequence, start: int, width: int):
+  def _vision_chunk(self, seq: _Sequence, start: int, width: int) -> VisionInputs:
     """A Qwen2.5-VL model's extra prefill inputs for prompt tokens [start, start + width): 3D positions, the
     rotary offset after the prompt, and the vision features of the chunk's pad tokens (index -1: text)."""
     positions = np.zeros((3, 1, width), np.int32)
@@ -492,7 +338,7 @@ class Engine:
     index = np.full((1, width), -1, np.int32)
     if seq.vision is None:  # text on a VL model: the same position on all three axes
       positions[:] = start + np.arange(width)
-      return positions, np.zeros(1, np.int32), features, index
+      return VisionInputs(positions, np.zeros(1, np.int32), features, index)
     vision = seq.vision
     part = vision.positions[:, start:start + width]
     positions[:, 0, :part.shape[1]] = part
@@ -504,14 +350,14 @@ class Engine:
         features[lo - start:hi - start] = seq.features[offset + lo - first:offset + hi - first]
         index[0, lo - start:hi - start] = np.arange(lo - start, hi - start)
       offset += v.num_tokens
-    return positions, np.array([vision.rope_offset], np.int32), features, index
+    return VisionInputs(positions, np.array([vision.rope_offset], np.int32), features, index)
 
   def _decode(self, slots: list[_Sequence | None]) -> tuple[np.ndarray, np.ndarray]:
     b = self.max_batch_size
     live = [s for s in slots if s is not None]
     tokens, step, budget = (np.zeros(b, np.int32) for _ in range(3))
     active = np.zeros(b, bool)
-    width = _pow2(max(8, max(len(s.stop_ids) for s in live)))
+    width = next_power_of_two(max(8, max(len(s.stop_ids) for s in live)))
     stop_ids = np.full((b, width), -1, np.int32)
     for i, seq in enumerate(slots):
       if seq is None:
@@ -521,18 +367,18 @@ class Engine:
     arrays = sampling_lib.pack([s.params if s else None for s in slots],
                                sample_indices=[s.sample_index if s else 0 for s in slots],
                                seeds=[s.seed if s else 0 for s in slots])
+    inputs = DecodeInputs(tokens, step, active, budget, stop_ids, arrays)
     with self._on_mesh():
-      out_tok, out_lp, self._cache, self._counts = _decode_block(
-          self.graphdef, self.params, self._cache, self._prompt_mask, self._counts, tokens, step, active, budget,
-          stop_ids, arrays, needs=_needs_of(s.params for s in live), num_steps=self.decode_steps,
-          kv_len=self._kv_len(live))
+      out_tok, out_lp, self._cache, self._slots = programs.decode_block(
+          self.graphdef, self.params, self._cache, self._slots, inputs, needs=_needs_of(s.params for s in live),
+          num_steps=self.decode_steps, kv_len=self._kv_len(live))
     self.stats["decode_calls"] += 1
     return np.asarray(out_tok), np.asarray(out_lp)
 
   def _kv_len(self, live: list[_Sequence]) -> int:
     """The cache positions this decode call can touch, rounded up to a power of two (few compiled variants)."""
     furthest = max(len(s.prompt) + len(s.tokens) for s in live) + self.decode_steps
-    return min(self.max_seq_len, max(128, _pow2(furthest)))
+    return min(self.max_seq_len, max(128, next_power_of_two(furthest)))
 
   def _accept(self, seq: _Sequence, tokens: list[int], logprobs: list[float], events: bool) -> Iterator[Any]:
     """Appends tokens to seq, applying every stop condition exactly; yields what the caller asked for."""
@@ -582,64 +428,6 @@ class _NoText:
     return ""
 
 
-def _ids(prompt: list[int] | qwen2_vl.VLPrompt) -> list[int]:
-  return prompt.ids if isinstance(prompt, qwen2_vl.VLPrompt) else prompt
+def _ids(prompt: list[int] | VLPrompt) -> list[int]:
+  return prompt.ids if isinstance(prompt, VLPrompt) else prompt
 
-
-def _content_part(part: Any, where: str) -> tuple[str, Any]:
-  """One OpenAI-style content part of message `where` -> ("text", text) | ("image", source) | ("video", frames)."""
-  if not isinstance(part, dict):
-    raise InputError(f"{where}: a content part must be an object, got {type(part).__name__}.")
-  kind = part.get("type")
-  if kind == "text" or (kind is None and "text" in part):
-    if not isinstance(part.get("text"), str):
-      raise InputError(f"{where}: a text part needs {{'text': string}}.")
-    return "text", part["text"]
-  if kind == "image_url" or (kind is None and "image_url" in part):
-    url = part.get("image_url")
-    url = url.get("url") if isinstance(url, dict) else url
-    if not url:
-      raise InputError(f"{where}: an image_url part needs {{'image_url': {{'url': ...}}}}.")
-    return "image", url
-  if kind == "image" or (kind is None and "image" in part):
-    if part.get("image") is None:
-      raise InputError(f"{where}: an image part needs {{'image': path or URL}}.")
-    return "image", part["image"]
-  if kind == "video" or (kind is None and "video" in part):
-    if part.get("video") is None:
-      raise InputError(f"{where}: a video part needs {{'video': [frames] or a frame directory}}.")
-    return "video", part["video"]
-  raise InputError(f"{where}: unsupported content part type {kind!r} (expected text, image_url, image or video).")
-
-
-def _pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def as_request(r: Request | str | Sequence[int] | dict) -> Request:
-  """Accepts a Request, raw text, token ids, or a dict with 'prompt' / 'messages' (and optional 'sampling')."""
-  if isinstance(r, Request):
-    return r
-  if isinstance(r, str):
-    return Request(prompt=r)
-  if isinstance(r, dict):
-    unknown = set(r) - {"prompt", "messages", "tools", "sampling", "id", "images", "videos"}
-    if unknown:
-      raise InputError(f"unknown request field {sorted(unknown)[0]!r} (expected prompt, messages, tools, "
-                       "sampling, id, images, videos).")
-    for key in ("images", "videos"):
-      if r.get(key) is not None and not isinstance(r[key], list):
-        raise InputError(f"'{key}' must be a list.")
-    sampling = r.get("sampling")
-    if isinstance(sampling, dict):
-      sampling = SamplingParams.from_dict(sampling)
-    messages = r.get("messages")
-    if messages is not None and not (isinstance(messages, list) and all(isinstance(m, dict) for m in messages)):
-      raise InputError("'messages' must be a list of {'role': ..., 'content': ...} objects.")
-    if r.get("prompt") is not None and not isinstance(r["prompt"], (str, list)):
-      raise InputError("'prompt' must be a string or a list of token ids.")
-    return Request(prompt=r.get("prompt"), messages=messages, tools=r.get("tools"), sampling=sampling,
-                   id=r.get("id"), images=r.get("images"), videos=r.get("videos"))
-  if isinstance(r, (list, tuple, np.ndarray)):
-    return Request(prompt=list(r))
-  raise InputError(f"a request must be text, token ids or a dict, got {type(r).__name__}.")

@@ -26,7 +26,8 @@ import json
 import os
 import socket
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from absl import logging
 
@@ -267,7 +268,7 @@ class ResultWriter:
       os.fsync(self._file.fileno())
       self._file.close()
 
-  def __enter__(self) -> "ResultWriter":
+  def __enter__(self) -> ResultWriter:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -283,7 +284,7 @@ class OutputLock:
     self.output, self.path = output, output + LOCK_SUFFIX
     self._fd: int | None = None
 
-  def acquire(self) -> "OutputLock":
+  def acquire(self) -> OutputLock:
     while True:
       try:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -319,7 +320,7 @@ class OutputLock:
       os.close(self._fd)
       self._fd = None
 
-  def __enter__(self) -> "OutputLock":
+  def __enter__(self) -> OutputLock:
     return self.acquire()
 
   def __exit__(self, *exc) -> None:

@@ -1,22 +1,33 @@
-"""Jitted prefill and decode steps: pure functions of (graphdef, params, cache, inputs), the cache donated.
+"""Every jitted program of the decoder, the library's and the engine's: pure functions of (graphdef, params,
+cache, inputs), the cache donated.
 
     graphdef, params = nnx.split(model)
     cache = KVCache.zeros(cfg, batch, max_len)
     logits, cache = prefill(graphdef, params, cache, tokens, lengths)   # tokens [B, T] padded to a bucket
     logits, cache = decode_step(graphdef, params, cache, next_tokens)    # next_tokens [B]
 
-On a device mesh, place params and cache with `qwenjax.parallel.sharding` (`shard_model`, `KVCache.zeros(...,
-sharding=cache_sharding(...))`) and call the steps inside `sharding.use_mesh(mesh)`: each returns the cache in the
-layout it came in.
+Two sets, over the same unjitted steps:
+  the library's steps  `prefill`, `extend`, `decode_step`: one model call each (tests, notebooks, other loops);
+                       `*_impl` are the same unjitted, for composing into larger jitted functions.
+  the engine's         `prefill_rows` (a prompt chunk into given cache rows), `first_token` (an admitted slot's
+  programs             first sample), `decode_block` (k decode + sample steps for every slot in one `fori_loop`),
+                       over the named inputs `TokenBatch`, `VisionInputs`, `FirstTokenInputs`, `DecodeInputs`
+                       and the per-slot penalty state `SlotState`, which they donate and return with the cache.
 
-`*_impl` are the same steps unjitted, for composing into larger jitted functions (sampling, several decode
-steps per call). Each step returns float32 logits and the cache with `lengths` advanced. Prompt lengths pad to `LengthBuckets`
-so a long-running process compiles one prefill program per bucket (and per batch size), not per prompt.
+On a device mesh, place params and cache with `qwenjax.parallel.sharding` (`shard_model`, `KVCache.zeros(...,
+sharding=cache_sharding(...))`) and call the programs inside `sharding.use_mesh(mesh)`: each returns the cache
+(and slot state) in the layout it came in.
+
+Each step returns float32 logits and the cache with `lengths` advanced. Prompt lengths pad to
+`qwenjax.engine.buckets.LengthBuckets` so a long-running process compiles one prefill program per bucket (and
+per batch size), not per prompt.
+
+Shapes: B rows (slots), T tokens per row, V vocabulary, D hidden size, M vision features, E stop ids per slot,
+k decode steps per call.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 
@@ -24,37 +35,140 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwenjax.model.decoder import KVCache
+from qwenjax.engine import sampling as sampling_lib
+from qwenjax.model.kv_cache import KVCache
+from qwenjax.parallel.axes import BATCH, VOCAB, constrain
+
+# Named inputs and state: pytrees of arrays (None where absent), so jit traces them by shape and dtype.
 
 
-def _run(graphdef, params, cache: KVCache, tokens, num_new, rows, *, fresh: bool, all_logits: bool,
-         kv_len: int | None = None, rope_positions=None, rope_offset=None, embeds=None):
-  """Runs tokens [B, T] at positions lengths + [0, T) of cache rows `rows` ([B], None: all rows in order);
-  num_new [B] of them are real, the rest padding.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenBatch:
+  """Tokens for cache rows. tokens: [B, T] int32, right-padded; num_new: [B] int32, how many of each row's T are
+  real (the rest is padding); rows: [B] int32, the cache rows they go to (None: rows 0..B-1 of a B-row cache)."""
 
-  RoPE positions are the cache positions plus each row's `rope_offset`, unless `rope_positions` ([3, B, T] for
-  M-RoPE) gives them; `rope_offset` [B], when given, becomes the rows' offset for the tokens that follow."""
+  tokens: jax.Array
+  num_new: jax.Array
+  rows: jax.Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VisionInputs:
+  """A Qwen2.5-VL model's extra prefill inputs, for a TokenBatch of b rows of T tokens.
+
+  rope_positions: [3, b, T] int32, the M-RoPE (temporal, height, width) positions of the tokens.
+  rope_offset: [b] int32, rotary minus cache position of the tokens that follow (Qwen's `rope_deltas`).
+  features: [M, D] vision features; index: [b, T] int32, each token's row of `features` (-1: its token embedding).
+  The engine passes all four on every chunk. Through `prefill` / `extend` any may be None: positions are then the
+  cache positions plus each row's offset, the offset stays (fresh rows: 0), and no token takes a vision feature.
+  """
+
+  rope_positions: jax.Array | None
+  rope_offset: jax.Array | None
+  features: jax.Array | None
+  index: jax.Array | None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+  """What the penalties of each decode slot read, on the device between calls. prompt_mask: [B, V] bool, the
+  tokens of the slot's prompt; counts: [B, V] int32, how often the slot has generated each token."""
+
+  prompt_mask: jax.Array
+  counts: jax.Array
+
+  AXES = (BATCH, VOCAB)  # logical axes of both arrays
+
+  @classmethod
+  def zeros(cls, batch: int, vocab: int, where: jax.sharding.Sharding | None = None) -> SlotState:
+    """Empty slots; `where` (`qwenjax.parallel.sharding.named_sharding` of AXES) allocates each device's shards."""
+    return cls(jnp.zeros((batch, vocab), bool, device=where), jnp.zeros((batch, vocab), jnp.int32, device=where))
+
+  def constrained(self) -> SlotState:
+    """Inside a jitted program under a mesh: both arrays pinned to their sharding (see `KVCache.constrained`)."""
+    return SlotState(constrain(self.prompt_mask, self.AXES), constrain(self.counts, self.AXES))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FirstTokenInputs:
+  """One admitted slot's first sample. slot: [] int32; prompt: [T] int32, its prompt padded to a power of two;
+  prompt_len: [] int32, the real tokens of `prompt`; sampling: its SamplingArrays (one row)."""
+
+  slot: jax.Array
+  prompt: jax.Array
+  prompt_len: jax.Array
+  sampling: sampling_lib.SamplingArrays
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeInputs:
+  """Every slot's inputs to a decode block. tokens: [B] int32, each slot's last token; step: [B] int32, tokens
+  it has generated; active: [B] bool, slots that decode (the rest idle); budget: [B] int32, tokens it may still
+  generate; stop_ids: [B, E] int32, its stop token ids (-1 padded); sampling: the slots' SamplingArrays."""
+
+  tokens: jax.Array
+  step: jax.Array
+  active: jax.Array
+  budget: jax.Array
+  stop_ids: jax.Array
+  sampling: sampling_lib.SamplingArrays
+
+
+# The model steps, unjitted.
+
+
+def _run(graphdef, params, cache: KVCache, batch: TokenBatch, vision: VisionInputs | None, *, fresh: bool,
+         all_logits: bool, kv_len: int | None = None):
+  """Runs batch.tokens [B, T] at positions lengths + [0, T) of cache rows `batch.rows`. fresh: the rows start
+  empty (length 0; rotary offset 0 unless `vision` gives one) and the tokens attend within themselves only.
+
+  RoPE positions are the cache positions plus each row's rotary offset, unless `vision.rope_positions` ([3, B, T]
+  for M-RoPE) gives them; `vision.rope_offset` [B], when given, becomes the rows' offset for the tokens that
+  follow."""
   model = nnx.merge(graphdef, params)
+  tokens, rows = batch.tokens, batch.rows
   b, t = tokens.shape
   row = (lambda a: a) if rows is None else (lambda a: a[rows])
+  vision = vision or VisionInputs(None, None, None, None)
+  rope_offset = vision.rope_offset
+  if fresh:
+    empty = jnp.zeros_like(cache.lengths if rows is None else rows)
+    cache = dataclasses.replace(cache, lengths=_set_rows(cache.lengths, rows, empty))
+    if rope_offset is None:
+      rope_offset = empty
   lengths = row(cache.lengths)  # [B]
   positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+  rope_positions = vision.rope_positions
   if rope_positions is None:
     rope_positions = positions + row(cache.rope_offset)[:, None]
+  embeds = None if vision.features is None else (vision.features, vision.index)
   h, cache = model(tokens, positions, cache, rows=rows, attend_to_cache=not fresh, kv_len=kv_len,
                    rope_positions=rope_positions, embeds=embeds)  # [B, T, D]
-  cache = dataclasses.replace(cache, lengths=_set_rows(cache.lengths, rows, lengths + num_new))
+  cache = dataclasses.replace(cache, lengths=_set_rows(cache.lengths, rows, lengths + batch.num_new))
   if rope_offset is not None:
     cache = dataclasses.replace(cache, rope_offset=_set_rows(cache.rope_offset, rows, rope_offset))
   cache = cache.constrained()  # under a mesh (`qwenjax.parallel.sharding.use_mesh`): returned in the layout it came in
   if all_logits:
     return model.logits(h), cache  # [B, T, V]
-  last = jnp.take_along_axis(h, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
+  last = jnp.take_along_axis(h, jnp.maximum(batch.num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
   return model.logits(last), cache  # [B, V]
 
 
 def _set_rows(array: jax.Array, rows, values: jax.Array) -> jax.Array:
   return values if rows is None else array.at[rows].set(values)
+
+
+def _vision(rope_positions, rope_offset, embeds) -> VisionInputs | None:
+  """The VisionInputs of `prefill` / `extend`'s keyword arguments; None when none is given."""
+  if rope_positions is None and rope_offset is None and embeds is None:
+    return None
+  features, index = (None, None) if embeds is None else embeds
+  return VisionInputs(rope_positions, rope_offset, features, index)
 
 
 def prefill_impl(graphdef, params, cache: KVCache, tokens: jax.Array, lengths: jax.Array, rows=None,
@@ -67,19 +181,15 @@ def prefill_impl(graphdef, params, cache: KVCache, tokens: jax.Array, lengths: j
   Attends within the prompt only (T x T, not T x S). Returns logits at each prompt's last token [B, V] (or at
   every position [B, T, V] with all_logits) and the cache holding the prompts.
   """
-  empty = jnp.zeros_like(cache.lengths if rows is None else rows)
-  cache = dataclasses.replace(cache, lengths=_set_rows(cache.lengths, rows, empty))
-  if rope_offset is None:
-    rope_offset = empty
-  return _run(graphdef, params, cache, tokens, lengths, rows, fresh=True, all_logits=all_logits,
-              rope_positions=rope_positions, rope_offset=rope_offset, embeds=embeds)
+  return _run(graphdef, params, cache, TokenBatch(tokens, lengths, rows), _vision(rope_positions, rope_offset, embeds),
+              fresh=True, all_logits=all_logits)
 
 
 def extend_impl(graphdef, params, cache: KVCache, tokens: jax.Array, num_new: jax.Array, rows=None,
                 all_logits: bool = False, rope_positions=None, rope_offset=None, embeds=None):
   """Appends tokens [B, T] (num_new [B] real) after what cache rows `rows` hold: chunked prefill, prefixes."""
-  return _run(graphdef, params, cache, tokens, num_new, rows, fresh=False, all_logits=all_logits,
-              rope_positions=rope_positions, rope_offset=rope_offset, embeds=embeds)
+  return _run(graphdef, params, cache, TokenBatch(tokens, num_new, rows), _vision(rope_positions, rope_offset, embeds),
+              fresh=False, all_logits=all_logits)
 
 
 def decode_step_impl(graphdef, params, cache: KVCache, tokens: jax.Array, kv_len: int | None = None):
@@ -87,9 +197,11 @@ def decode_step_impl(graphdef, params, cache: KVCache, tokens: jax.Array, kv_len
 
   kv_len (static): attend to positions [0, kv_len) only; every row's position must be below it. A cache of
   4096 positions holding 300-token sequences then reads 512 positions per step, not 4096."""
-  return _run(graphdef, params, cache, tokens[:, None], jnp.ones_like(cache.lengths), None, fresh=False,
+  return _run(graphdef, params, cache, TokenBatch(tokens[:, None], jnp.ones_like(cache.lengths)), None, fresh=False,
               all_logits=False, kv_len=kv_len)
 
+
+# The library's steps, one call each.
 
 _jit = functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames=("cache",))
 prefill = _jit(prefill_impl)
@@ -97,25 +209,61 @@ extend = _jit(extend_impl)
 decode_step = jax.jit(decode_step_impl, static_argnames=("graphdef", "kv_len"), donate_argnames=("cache",))
 
 
-@dataclasses.dataclass(frozen=True)
-class LengthBuckets:
-  """The padded lengths prompts are compiled at: powers of two from `minimum`, capped at `maximum`."""
+# The engine's programs. Static arguments are kept to what changes the program (so that the compiled programs
+# stay few: one per prefill bucket, first-token prompt size and decode variant); the cache and slot state are
+# donated and come back in the layout they came in.
 
-  maximum: int
-  minimum: int = 16
 
-  @property
-  def sizes(self) -> tuple[int, ...]:
-    sizes, s = [], self.minimum
-    while s < self.maximum:
-      sizes.append(s)
-      s *= 2
-    return tuple(sizes) + (self.maximum,)
+@functools.partial(jax.jit, static_argnames=("graphdef", "fresh"), donate_argnames=("cache",))
+def prefill_rows(graphdef, params, cache: KVCache, batch: TokenBatch, vision: VisionInputs | None = None, *,
+                 fresh: bool) -> tuple[jax.Array, KVCache]:
+  """A prompt chunk into cache rows `batch.rows` ([b]): fresh rows start empty; otherwise the chunk is appended.
+  vision: a Qwen2.5-VL model's (every chunk). Returns logits at each row's last real token [b, V] and the cache."""
+  return _run(graphdef, params, cache, batch, vision, fresh=fresh, all_logits=False)
 
-  def bucket(self, length: int) -> int:
-    """The smallest bucket that holds `length` tokens."""
-    sizes = self.sizes
-    i = bisect.bisect_left(sizes, length)
-    if i == len(sizes):
-      raise ValueError(f"{length} tokens exceed the largest bucket ({sizes[-1]}).")
-    return sizes[i]
+
+@functools.partial(jax.jit, static_argnames=("needs",), donate_argnames=("slots",))
+def first_token(logits: jax.Array, slots: SlotState, inputs: FirstTokenInputs, needs: sampling_lib.SamplingNeeds
+                ) -> tuple[jax.Array, jax.Array, SlotState]:
+  """Resets the slot's penalty state to its prompt, then samples its first token. logits: [1, V].
+  Returns the token [], its log-probability [] and the slot state."""
+  prompt_mask, counts, slot = slots.prompt_mask, slots.counts, inputs.slot
+  valid = jnp.arange(inputs.prompt.shape[0]) < inputs.prompt_len
+  row = jnp.zeros(prompt_mask.shape[1], bool).at[jnp.where(valid, inputs.prompt, prompt_mask.shape[1])].set(
+      True, mode="drop")
+  prompt_mask = prompt_mask.at[slot].set(row)
+  counts = counts.at[slot].set(0)
+  tok, logprob = sampling_lib.sample(logits, inputs.sampling, jnp.zeros((1,), jnp.int32), prompt_mask[slot][None],
+                                     counts[slot][None], needs)
+  counts = counts.at[slot, tok[0]].add(1)
+  # The token and its log-probability whole on every device: every process of a multi-host mesh reads them.
+  return (constrain(tok[0], ()), constrain(logprob[0], ()),
+          SlotState(prompt_mask, counts).constrained())
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "num_steps", "kv_len"),
+                   donate_argnames=("cache", "slots"))
+def decode_block(graphdef, params, cache: KVCache, slots: SlotState, inputs: DecodeInputs,
+                 needs: sampling_lib.SamplingNeeds, num_steps: int, kv_len: int
+                 ) -> tuple[jax.Array, jax.Array, KVCache, SlotState]:
+  """num_steps decode steps for all B slots; kv_len: static bound on the positions attended to. Returns tokens
+  [k, B] (-1 where a row had already stopped), logprobs [k, B], the cache and the slot state."""
+  prompt_mask = slots.prompt_mask
+
+  def body(i, carry):
+    cache, counts, tok, step, active, budget, out_tok, out_lp = carry
+    logits, cache = decode_step_impl(graphdef, params, cache, tok, kv_len)
+    new, logprob = sampling_lib.sample(logits, inputs.sampling, step, prompt_mask, counts, needs)
+    counts = constrain(sampling_lib.update_counts(counts, new, active), SlotState.AXES)
+    out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
+    out_lp = out_lp.at[i].set(logprob)
+    stopped = jnp.any(new[:, None] == inputs.stop_ids, axis=-1) | (budget <= 1)
+    return cache, counts, new, step + 1, active & ~stopped, budget - 1, out_tok, out_lp
+
+  b = inputs.tokens.shape[0]
+  init = (cache, slots.counts, inputs.tokens, inputs.step, inputs.active, inputs.budget,
+          jnp.full((num_steps, b), -1, jnp.int32), jnp.zeros((num_steps, b), jnp.float32))
+  cache, counts, *_, out_tok, out_lp = jax.lax.fori_loop(0, num_steps, body, init)
+  # Under a mesh, whole on every device: the host reads them (on every process of a multi-host mesh).
+  out_tok, out_lp = constrain(out_tok, (None, None)), constrain(out_lp, (None, None))
+  return out_tok, out_lp, cache, SlotState(prompt_mask, counts).constrained()

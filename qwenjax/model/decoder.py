@@ -1,8 +1,8 @@
-"""The Qwen2 / Qwen2.5 dense decoder as Flax NNX modules, and its KV cache.
+"""The Qwen2 / Qwen2.5 dense decoder as Flax NNX modules.
 
-Every weight is declared once, by `_weight`: its shape, logical axes, initialiser, and where it comes from in
-a Hugging Face checkpoint. Abstract shapes (`nnx.eval_shape`), shardings (`qwenjax.parallel.sharding`) and checkpoint
-loading (`qwenjax.checkpoints.hf`) all read those declarations.
+Built from `qwenjax.model.layers` (each weight declared once, with its logical axes and its Hugging Face name, and
+read through one helper), writing into `qwenjax.model.kv_cache.KVCache`, attending through
+`qwenjax.kernels.attention`.
 
 Layers are either stacked and scanned (one `Block` whose weights carry a leading "layers" axis: compile time
 independent of depth, the TPU/GPU default) or unrolled (a list of `Block`s with separate arrays: faster decode on
@@ -18,148 +18,16 @@ Einsum legend:
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from qwenjax.config import QwenConfig
-from qwenjax.parallel.sharding import constrain
-
-# Logical axis names. Sharding rules (qwenjax.parallel.sharding) map these, and only these, onto mesh axes.
-BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = (
-    "batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
-
-_INIT_STD = 0.02
-
-
-@dataclasses.dataclass(frozen=True)
-class HFTensor:
-  """Where a weight lives in a Hugging Face checkpoint.
-
-  name: tensor name; "{layer}" stands for the layer index of per-layer weights.
-  shape: the tensor's shape in the checkpoint.
-  transpose: the checkpoint holds a torch Linear weight [out, in]; ours is [in..., out...]. A Conv weight
-    [out, C, kernel...] whose stride equals its kernel (a patch embedding) is the Linear [out, C * prod(kernel)].
-  """
-
-  name: str
-  shape: tuple[int, ...]
-  transpose: bool = False
-
-  def to_param(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Checkpoint layout -> param layout (transpose, then split fused head dims)."""
-    if self.transpose:
-      array = array.reshape(array.shape[0], -1).T if array.ndim > 2 else array.T
-    return np.ascontiguousarray(array.reshape(shape))
-
-
-def _weight(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], hf: HFTensor, *,
-            stack: tuple[int, ...], dtype, init: str = "normal") -> nnx.Param:
-  """Declares one weight. `stack` is (L,) for scanned layers: it prepends the "layers" axis."""
-  full_shape = (*stack, *shape)
-  full_axes = (LAYERS,) * len(stack) + axes
-  assert len(shape) == len(axes), (shape, axes)
-  if init == "ones":
-    value = jnp.ones(full_shape, dtype)
-  elif init == "zeros":
-    value = jnp.zeros(full_shape, dtype)
-  else:
-    value = (_INIT_STD * jax.random.normal(rngs.params(), full_shape, jnp.float32)).astype(dtype)
-  return nnx.Param(value, axes=full_axes, hf=hf)
-
-
-class RMSNorm(nnx.Module):
-  """RMSNorm in float32, cast back to the input dtype, then times the weight (Qwen2's order)."""
-
-  def __init__(self, dim: int, eps: float, hf_name: str, *, stack=(), dtype, rngs: nnx.Rngs):
-    self.eps = eps
-    self.scale = _weight(rngs, (dim,), (EMBED,), HFTensor(hf_name, (dim,)), stack=stack, dtype=dtype, init="ones")
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return self.scale[...] * xf.astype(x.dtype)
-
-
-def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotary embedding in the half-split layout. x: [B, T, N, H]; cos, sin: [B, T, H/2] float32."""
-  h2 = x.shape[-1] // 2
-  x1, x2 = x[..., :h2], x[..., h2:]
-  c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-
-
-def rope_tables(inv_freq: np.ndarray, scale: float, positions: jax.Array,
-                mrope_section: tuple[int, ...] | None = None) -> tuple[jax.Array, jax.Array]:
-  """cos, sin [B, T, H/2] in float32 for integer positions [B, T], or, with `mrope_section`, for 3D M-RoPE
-  positions [3, B, T] (temporal, height, width): frequency i turns with the axis whose section holds it."""
-  inv_freq = jnp.asarray(inv_freq, jnp.float32)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2] or [3, B, T, H/2]
-  if mrope_section is not None:
-    axis_of_freq = np.repeat(np.arange(len(mrope_section)), mrope_section)  # [H/2]
-    angles = jnp.take_along_axis(angles, jnp.asarray(axis_of_freq)[None, None, None, :], axis=0)[0]
-  return jnp.cos(angles) * scale, jnp.sin(angles) * scale
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-  """Keys and values of every layer, one row per sequence.
-
-  k, v: [L, B, K, S, H], logical axes (layers, batch, kv_heads, length, head_dim). Position p of sequence b
-    lives at [:, b, :, p]; keys are stored after RoPE. Heads before positions, so that attention reads each
-    head's [S, H] block contiguously (no per-step transpose of the cache).
-  lengths: [B] int32, tokens held per sequence = the position the next token is written to. Slots at or past
-    `lengths` hold stale data; attention never reads them because keys past the query's position are masked.
-  rope_offset: [B] int32, RoPE position minus cache position of the tokens that follow (0 for text; with
-    M-RoPE, an image's tokens advance the rotary position by less than their count: Qwen's `rope_deltas`).
-  A step writing T tokens (a padded prompt bucket) at position p needs p + T <= S: `qwenjax.Engine` allocates
-  its largest prefill chunk of headroom past the context it serves.
-  """
-
-  k: jax.Array
-  v: jax.Array
-  lengths: jax.Array
-  rope_offset: jax.Array
-
-  AXES = (LAYERS, BATCH, KV_HEADS, LENGTH, HEAD_DIM)
-
-  @classmethod
-  def zeros(cls, cfg: QwenConfig, batch: int, max_len: int, dtype=jnp.float32,
-            sharding: "KVCache | None" = None) -> "KVCache":
-    """An empty cache; `sharding` (a KVCache of shardings, `qwenjax.parallel.sharding.cache_sharding`) allocates each
-    device's shards in place."""
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    where = sharding or cls(None, None, None, None)
-    return cls(jnp.zeros(shape, dtype, device=where.k), jnp.zeros(shape, dtype, device=where.v),
-               jnp.zeros((batch,), jnp.int32, device=where.lengths),
-               jnp.zeros((batch,), jnp.int32, device=where.rope_offset))
-
-  def constrained(self) -> "KVCache":
-    """Inside a jitted step under a mesh: the cache pinned to its sharding, so that a step returns it laid out as
-    it came (donation reuses the buffers, and the layout never drifts). Without a mesh: itself."""
-    return KVCache(constrain(self.k, self.AXES), constrain(self.v, self.AXES), constrain(self.lengths, (BATCH,)),
-                   constrain(self.rope_offset, (BATCH,)))
-
-  @property
-  def max_len(self) -> int:
-    return self.k.shape[3]
-
-
-def _write_rows(cache: jax.Array, layer, rows: jax.Array, start: jax.Array, new: jax.Array) -> jax.Array:
-  """cache[layer, rows[b], :, start[b]:start[b]+T] = new[b] for each b. cache: [L, C, K, S, H]; new: [B, T, K, H].
-
-  One in-place dynamic_update_slice per row, in a loop: XLA:CPU lowers the equivalent scatter to a loop fusion
-  that rewrites the whole cache, once per layer (4.8 GB per step for 32 rows of 256 positions of the 0.5B model).
-  A slice that would run past the cache's end is clamped by XLA, so callers leave T positions of headroom.
-  """
-  new = new.astype(cache.dtype).transpose(0, 2, 1, 3)  # [B, K, T, H]
-
-  def body(b, cache):
-    return jax.lax.dynamic_update_slice(cache, new[b][None, None], (layer, rows[b], 0, start[b], 0))
-
-  return jax.lax.fori_loop(0, new.shape[0], body, cache)
+from qwenjax.kernels.attention import attention
+from qwenjax.model.kv_cache import KVCache, write_rows
+from qwenjax.model.layers import HFTensor, RMSNorm, declare, read, rope, rope_tables
+from qwenjax.parallel.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP, VOCAB, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +47,7 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: QwenConfig, *, stack, dtype, param_dtype, rngs: nnx.Rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    w = lambda shape, axes, hf, init="normal": _weight(rngs, shape, axes, hf, stack=stack, dtype=param_dtype,
+    w = lambda shape, axes, hf, init="normal": declare(rngs, shape, axes, hf, stack=stack, dtype=param_dtype,
                                                        init=init)
     pre = "model.layers.{layer}.self_attn."
     self.q_kernel = w((d, n, h), (EMBED, HEADS, HEAD_DIM), HFTensor(pre + "q_proj.weight", (n * h, d), True))
@@ -189,10 +57,9 @@ class Attention(nnx.Module):
     self.v_kernel = w((d, k, h), (EMBED, KV_HEADS, HEAD_DIM), HFTensor(pre + "v_proj.weight", (k * h, d), True))
     self.v_bias = w((k, h), (KV_HEADS, HEAD_DIM), HFTensor(pre + "v_proj.bias", (k * h,)), "zeros")
     self.o_kernel = w((n, h, d), (HEADS, HEAD_DIM, EMBED), HFTensor(pre + "o_proj.weight", (d, n * h), True))
-    self.num_groups = cfg.num_groups
     self.dtype = dtype
 
-  def __call__(self, x, ctx: "StepContext", cache_k, cache_v, layer, window):
+  def __call__(self, x, ctx: StepContext, cache_k, cache_v, layer, window):
     """x: [B, T, D]; cache_k/v: [L, C, K, S, H] (all layers, all C cache rows).
 
     Writes this step's keys and values at `ctx.positions` of `layer` in cache rows `ctx.rows`, then attends
@@ -202,9 +69,9 @@ class Attention(nnx.Module):
     """
     positions = ctx.positions
     dt = self.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
-    k = jnp.einsum("btd,dkh->btkh", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
-    v = jnp.einsum("btd,dkh->btkh", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
+    q = jnp.einsum("btd,dnh->btnh", x, read(self.q_kernel, dt)) + read(self.q_bias, dt)
+    k = jnp.einsum("btd,dkh->btkh", x, read(self.k_kernel, dt)) + read(self.k_bias, dt)
+    v = jnp.einsum("btd,dkh->btkh", x, read(self.v_kernel, dt)) + read(self.v_bias, dt)
     q, k = rope(q, ctx.cos, ctx.sin), rope(k, ctx.cos, ctx.sin)
     # Under a mesh: query heads split over tensor; KV heads too where the tensor axis divides them, else whole
     # (replicated, exact). Pinning k and v keeps XLA from splitting the cache's KV heads like the query heads.
@@ -212,8 +79,8 @@ class Attention(nnx.Module):
     k, v = constrain(k, (BATCH, LENGTH, KV_HEADS, HEAD_DIM)), constrain(v, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
 
     rows = jnp.arange(x.shape[0]) if ctx.rows is None else ctx.rows  # [B] cache row of each sequence
-    cache_k = constrain(_write_rows(cache_k, layer, rows, positions[:, 0], k), KVCache.AXES)
-    cache_v = constrain(_write_rows(cache_v, layer, rows, positions[:, 0], v), KVCache.AXES)
+    cache_k = constrain(write_rows(cache_k, layer, rows, positions[:, 0], k), KVCache.AXES)
+    cache_v = constrain(write_rows(cache_v, layer, rows, positions[:, 0], v), KVCache.AXES)
     if ctx.attend_to_cache:
       keys, values = cache_k[layer], cache_v[layer]  # [C, K, S, H]
       if ctx.kv_len is not None:  # static: decode reads only the part of the cache that is in use
@@ -226,17 +93,9 @@ class Attention(nnx.Module):
       keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, T, H]
 
     b, t, n, h = q.shape
-    # [B, T, K, G, H]. With query heads split over tensor and KV heads whole (tensor > K), a device's heads are a
-    # block of (K, G): it reads its own K's keys, all on device, and the math is that of one device.
-    q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32) * (h ** -0.5)
-    delta = positions[:, :, None] - key_pos[:, None, :]  # [B, T, S] query minus key position
-    mask = (delta >= 0) & (delta < window)
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, values).reshape(b, t, n * h)
+    out = attention(q, keys, values, positions, key_pos, window, dtype=dt).reshape(b, t, n * h)
     # One [N*H, D] matmul: contracting (n, h) in an einsum let XLA:CPU transpose the weight every step.
-    o_kernel = self.o_kernel[...].astype(dt).reshape(n * h, -1)
+    o_kernel = read(self.o_kernel, dt).reshape(n * h, -1)
     return jnp.einsum("bte,ed->btd", out, o_kernel), cache_k, cache_v
 
 
@@ -246,19 +105,19 @@ class FeedForward(nnx.Module):
   def __init__(self, cfg: QwenConfig, *, stack, dtype, param_dtype, rngs: nnx.Rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
     pre = "model.layers.{layer}.mlp."
-    self.gate = _weight(rngs, (d, f), (EMBED, MLP), HFTensor(pre + "gate_proj.weight", (f, d), True), stack=stack,
+    self.gate = declare(rngs, (d, f), (EMBED, MLP), HFTensor(pre + "gate_proj.weight", (f, d), True), stack=stack,
                         dtype=param_dtype)
-    self.up = _weight(rngs, (d, f), (EMBED, MLP), HFTensor(pre + "up_proj.weight", (f, d), True), stack=stack,
+    self.up = declare(rngs, (d, f), (EMBED, MLP), HFTensor(pre + "up_proj.weight", (f, d), True), stack=stack,
                       dtype=param_dtype)
-    self.down = _weight(rngs, (f, d), (MLP, EMBED), HFTensor(pre + "down_proj.weight", (d, f), True), stack=stack,
+    self.down = declare(rngs, (f, d), (MLP, EMBED), HFTensor(pre + "down_proj.weight", (d, f), True), stack=stack,
                         dtype=param_dtype)
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.dtype
-    g = jnp.einsum("btd,df->btf", x, self.gate[...].astype(dt))
-    u = jnp.einsum("btd,df->btf", x, self.up[...].astype(dt))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, self.down[...].astype(dt))
+    g = jnp.einsum("btd,df->btf", x, read(self.gate, dt))
+    u = jnp.einsum("btd,df->btf", x, read(self.up, dt))
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, read(self.down, dt))
 
 
 class Block(nnx.Module):
@@ -274,7 +133,7 @@ class Block(nnx.Module):
                             rngs=rngs)
     self.mlp = FeedForward(cfg, **kw)
 
-  def __call__(self, x, ctx: "StepContext", cache_k, cache_v, layer, window):
+  def __call__(self, x, ctx: StepContext, cache_k, cache_v, layer, window):
     a, cache_k, cache_v = self.attn(self.attn_norm(x), ctx, cache_k, cache_v, layer, window)
     x = x + a
     return x + self.mlp(self.mlp_norm(x)), cache_k, cache_v
@@ -294,7 +153,7 @@ class Qwen2(nnx.Module):
     self.dtype = dtype
     self.scan_layers = scan_layers
     d, v = cfg.hidden_size, cfg.vocab_size
-    self.embed = _weight(rngs, (v, d), (VOCAB, EMBED), HFTensor("model.embed_tokens.weight", (v, d)), stack=(),
+    self.embed = declare(rngs, (v, d), (VOCAB, EMBED), HFTensor("model.embed_tokens.weight", (v, d)), stack=(),
                          dtype=param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if scan_layers:
@@ -304,7 +163,7 @@ class Qwen2(nnx.Module):
     self.final_norm = RMSNorm(d, cfg.rms_norm_eps, "model.norm.weight", dtype=param_dtype, rngs=rngs)
     if not cfg.tie_word_embeddings:
       # [V, D] as checkpoints store it (like the embedding): the largest weight loads without a transpose.
-      self.lm_head = _weight(rngs, (v, d), (VOCAB, EMBED), HFTensor("lm_head.weight", (v, d)), stack=(),
+      self.lm_head = declare(rngs, (v, d), (VOCAB, EMBED), HFTensor("lm_head.weight", (v, d)), stack=(),
                              dtype=param_dtype)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *, rows: jax.Array | None = None,
@@ -318,7 +177,7 @@ class Qwen2(nnx.Module):
 
     Returns final hidden states [B, T, D] and the cache with this step's keys and values written (lengths are
     the caller's to advance)."""
-    x = self.embed[...][tokens].astype(self.dtype)  # [B, T, D]
+    x = read(self.embed)[tokens].astype(self.dtype)  # [B, T, D]
     if embeds is not None:
       features, index = embeds
       x = jnp.where((index >= 0)[..., None], features.astype(self.dtype)[jnp.maximum(index, 0)], x)
@@ -348,7 +207,7 @@ class Qwen2(nnx.Module):
   def logits(self, h: jax.Array) -> jax.Array:
     """Final hidden states [..., D] -> float32 logits [..., V]."""
     head = self.embed if self.cfg.tie_word_embeddings else self.lm_head  # [V, D]
-    return jnp.einsum("...d,vd->...v", h, head[...].astype(h.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,vd->...v", h, read(head, h.dtype), preferred_element_type=jnp.float32)
 
 
 def abstract_model(cfg: QwenConfig, **kwargs) -> Qwen2:

@@ -28,7 +28,8 @@ import math
 import os
 import pathlib
 import urllib.parse
-from typing import Any, Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -52,7 +53,7 @@ FPS = 2.0
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
 
-ImageSource = Union[str, os.PathLike, Image.Image]
+ImageSource = str | os.PathLike | Image.Image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,7 @@ class ImageProcessorConfig:
     return 3 * self.temporal_patch_size * self.patch_size ** 2
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any], source: str = "preprocessor_config.json") -> "ImageProcessorConfig":
+  def from_dict(cls, d: Mapping[str, Any], source: str = "preprocessor_config.json") -> ImageProcessorConfig:
     """Reads a `preprocessor_config.json` dict: `min_pixels`/`max_pixels` as Qwen ships them, or the newer
     `size: {"shortest_edge", "longest_edge"}` (top-level keys win, as in transformers). Other keys are ignored."""
     if not isinstance(d, Mapping):
@@ -122,7 +123,7 @@ class ImageProcessorConfig:
       raise ConfigError(f"{source}: {e}") from None
 
   @classmethod
-  def from_file(cls, path: str | os.PathLike) -> "ImageProcessorConfig":
+  def from_file(cls, path: str | os.PathLike) -> ImageProcessorConfig:
     return cls.from_dict(read_json(path), source=str(path))
 
 

@@ -64,19 +64,21 @@ import functools
 import importlib.resources
 import math
 import pathlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
 from qwenjax._errors import ConfigError
-from qwenjax.config import PRESETS, QwenConfig, read_json
-from qwenjax.checkpoints.loader import DTYPES
-from qwenjax.model.decoder import BATCH, HEADS, KV_HEADS, LAYERS, LENGTH, MLP, VOCAB, KVCache, Qwen2, weight_declarations
+from qwenjax.config import DTYPES, PRESETS, QwenConfig, check_dtype, read_json
+from qwenjax.model.decoder import Qwen2, weight_declarations
+from qwenjax.model.kv_cache import KVCache
 from qwenjax.model.qwen2_vl import VL_PRESETS, Qwen2VL, QwenVLConfig
-from qwenjax.parallel.sharding import DEFAULT_RULES, MESH_AXES, ShardingRules, parse_mesh, shard_shape
-from qwenjax.model.vision import PatchBuckets, query_block
+from qwenjax.multimodal.vision_plan import PatchBuckets, query_block
+from qwenjax.parallel.axes import BATCH, DEFAULT_RULES, HEADS, KV_HEADS, LAYERS, LENGTH, MLP, VOCAB, ShardingRules
+from qwenjax.parallel.sharding import MESH_AXES, parse_mesh, shard_shape
 
 GiB = 1 << 30
 RUNTIME_RESERVE_BYTES = 1 * GiB
@@ -188,8 +190,7 @@ def plan_memory(model: str | QwenConfig | QwenVLConfig, *, mesh: Mapping[str, in
   mesh = _mesh(mesh)
   param_dtype = param_dtype or dtype
   for label, value in (("dtype", dtype), ("param_dtype", param_dtype)):
-    if value not in DTYPES:
-      raise ConfigError(f"{label} {value!r} is not one of {', '.join(sorted(DTYPES))}.")
+    check_dtype(value, label)
   for label, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                        ("max_prefill_chunk", max_prefill_chunk), ("vision_patches", vision_patches)):
     if int(value) < 1:
@@ -366,8 +367,7 @@ def load_topology(name_or_path: str | pathlib.Path) -> Topology:
   if hosts * per_host != chips:
     raise fail("chips", f"hosts * chips_per_host = {hosts * per_host}", chips)
   dtype = get(raw, "dtype", "", "a string")
-  if dtype not in DTYPES:
-    raise fail("dtype", f"one of {', '.join(sorted(DTYPES))}", dtype)
+  check_dtype(dtype, f"{path}: field 'dtype'")
   presets = all_presets()
   models = {}
   for model, entry in get(raw, "models", "", "an object").items():
@@ -465,7 +465,7 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
                                    "plans every model it serves and says whether each fits."),
       model=flags.DEFINE_string("model", None, "A preset name (qwen2.5-7b, qwen2.5-vl-7b, ...) to plan alone."),
       mesh=flags.DEFINE_string("mesh", "", "With --model: mesh axes, e.g. 'data:2,tensor:4'."),
-      dtype=flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "With --model: compute and weight "
+      dtype=flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "With --model: compute and weight "
                               "dtype."),
       max_batch_size=flags.DEFINE_integer("max_batch_size", 8, "With --model: decode slots.", lower_bound=1),
       max_seq_len=flags.DEFINE_integer("max_seq_len", 4096, "With --model: context per slot.", lower_bound=1),

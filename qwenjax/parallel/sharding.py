@@ -1,10 +1,11 @@
-"""Device meshes, the one table that maps logical axes onto them, and the shardings derived from it.
+"""Device meshes, and the shardings derived from the one table that maps logical axes onto them.
 
-Every weight and cache dimension carries a logical axis name (`qwenjax.model.decoder`: batch, length, embed, heads,
-kv_heads, head_dim, mlp, vocab, layers; `None` for a dimension that is never split). `ShardingRules` maps each name
-to mesh axes; `spec_for` turns one array's logical axes into a `PartitionSpec`, leaving unsplit any dimension the
-mesh axes do not divide (Qwen2.5-0.5B's 14 query heads over a tensor axis of 4, or its 2 KV heads over a tensor
-axis of 8: those are replicated, which is exact; the rest of the layer still splits).
+Every weight and cache dimension carries a logical axis name (`qwenjax.parallel.axes`: batch, length, embed, heads,
+kv_heads, head_dim, mlp, vocab, layers; `None` for a dimension that is never split). `ShardingRules` (there, with
+the table `DEFAULT_RULES`) maps each name to mesh axes; `spec_for` turns one array's logical axes into a
+`PartitionSpec`, leaving unsplit any dimension the mesh axes do not divide (Qwen2.5-0.5B's 14 query heads over a
+tensor axis of 4, or its 2 KV heads over a tensor axis of 8: those are replicated, which is exact; the rest of the
+layer still splits).
 
     mesh = mesh_from_flags("data:2,tensor:4")           # None for no --mesh: one device, nothing sharded
     spec_for(("embed", "heads", "head_dim"), (3584, 28, 128), mesh.shape)   # P(None, "tensor", None)
@@ -14,17 +15,15 @@ axis of 8: those are replicated, which is exact; the rest of the layer still spl
 Mesh axes: `data` splits decode slots (the batch), `fsdp` splits weights' embed dimension (gathered for use) and,
 after `data`, the batch; `tensor` splits heads, KV heads, the MLP and the vocabulary (Megatron-style tensor
 parallelism). Weights are placed by `param_shardings` / `shard_model` / `placer` (for `load_params`), the cache by
-`cache_sharding`; inside jitted steps `constrain` pins activations and the cache to the same table, active only
-under `use_mesh` (without a mesh it does nothing, and the programs are those of one device).
+`cache_sharding`; inside jitted steps `qwenjax.parallel.axes.constrain` pins activations and the cache to the same
+table, active only under `use_mesh` (without a mesh it does nothing, and the programs are those of one device).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import dataclasses
 import math
-from typing import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -32,43 +31,10 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from qwenjax._errors import ConfigError
+from qwenjax.model.kv_cache import KVCache
+from qwenjax.parallel.axes import BATCH, DEFAULT_RULES, ShardingRules, spec_for, use_rules
 
 MESH_AXES = ("data", "fsdp", "tensor")
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardingRules:
-  """Logical axis -> the mesh axes that split it (in order), or () for none."""
-
-  rules: tuple[tuple[str, tuple[str, ...]], ...]
-
-  def __getitem__(self, logical: str | None) -> tuple[str, ...]:
-    if logical is None:
-      return ()
-    for name, axes in self.rules:
-      if name == logical:
-        return axes
-    raise KeyError(f"no sharding rule for logical axis {logical!r}")
-
-  @classmethod
-  def of(cls, table: Mapping[str, str | Sequence[str] | None]) -> "ShardingRules":
-    norm = lambda v: () if v is None else ((v,) if isinstance(v, str) else tuple(v))
-    return cls(tuple((k, norm(v)) for k, v in table.items()))
-
-
-# The one table. Weights split over fsdp (their embed dimension) and tensor (heads, MLP, vocabulary); activations
-# and the KV cache split their batch over data (then fsdp) and their heads over tensor.
-DEFAULT_RULES = ShardingRules.of({
-    "batch": ("data", "fsdp"),
-    "length": None,
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "vocab": "tensor",
-    "layers": None,
-})
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -120,25 +86,6 @@ def mesh_from_flags(mesh: str | None, devices: Sequence[jax.Device] | None = Non
     return make_mesh(shape, devices)
   except ConfigError as e:
     raise ConfigError(f"--mesh={mesh}: {e}") from None
-
-
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int],
-             rules: ShardingRules = DEFAULT_RULES) -> PartitionSpec:
-  """The PartitionSpec of an array with these logical axes. A dimension splits over the longest prefix of its
-  rule's mesh axes (those of size 1, or already used, left out) whose product divides it, so a dimension no mesh
-  axis divides stays whole; a mesh axis splits at most one dimension (the first that claims it)."""
-  used: set[str] = set()
-  out = []
-  for logical, size in zip(axes, shape):
-    mesh_axes = [a for a in rules[logical] if mesh_shape.get(a, 1) > 1 and a not in used]
-    while mesh_axes and size % math.prod(mesh_shape[a] for a in mesh_axes):
-      mesh_axes.pop()
-    if not mesh_axes:
-      out.append(None)
-      continue
-    used.update(mesh_axes)
-    out.append(mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
-  return PartitionSpec(*out)
 
 
 def shard_shape(axes: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int],
@@ -217,38 +164,19 @@ def cache_sharding(cfg, mesh: Mesh | AbstractMesh, batch: int, max_len: int,
                    rules: ShardingRules = DEFAULT_RULES):
   """A `KVCache` of NamedShardings for `batch` rows of `max_len` positions of model config `cfg`: k and v by
   `KVCache.AXES` (rows over data, KV heads over tensor), lengths and rope offsets by their batch axis."""
-  from qwenjax.model.decoder import BATCH, KVCache  # pylint: disable=g-import-not-at-top  (model imports this module)
-
   kv_shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   kv = named_sharding(mesh, KVCache.AXES, kv_shape, rules)
   rows = named_sharding(mesh, (BATCH,), (batch,), rules)
   return KVCache(kv, kv, rows, rows)
 
 
-_RULES: contextvars.ContextVar[ShardingRules] = contextvars.ContextVar("qwenjax_sharding_rules",
-                                                                        default=DEFAULT_RULES)
-
-
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES) -> Iterator[None]:
-  """Traces and runs jitted steps for `mesh` under `rules`: `constrain` inside them then pins activations and
+  """Traces and runs jitted steps for `mesh` under `rules`: `axes.constrain` inside them then pins activations and
   the cache. With mesh None it does nothing. jit's cache keys on the mesh and the arrays' shardings, not on the
   rules: keep to one table per mesh in a process."""
   if mesh is None:
     yield
     return
-  token = _RULES.set(rules)
-  try:
-    with jax.set_mesh(mesh):
-      yield
-  finally:
-    _RULES.reset(token)
-
-
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """Inside a jitted step: x laid out by its logical axes under the active mesh and rules (`use_mesh`); x itself
-  when no mesh is active."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, dict(mesh.shape), _RULES.get()))
+  with use_rules(rules), jax.set_mesh(mesh):
+    yield

@@ -1,70 +1,44 @@
 """Qwen2.5 tokenization and chat templating, with the Hugging Face `tokenizers` library underneath.
 
-    tok = Tokenizer.from_directory("Qwen2.5-0.5B-Instruct")   # or Tokenizer.from_gguf("model.gguf")
+    tok = Tokenizer.from_directory("Qwen2.5-0.5B-Instruct")   # or GGUFCheckpoint("model.gguf").tokenizer()
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     ids = tok.encode(prompt, add_special_tokens=False)
     stream = tok.stream()
     text = "".join(stream.add(i) for i in generated_ids) + stream.flush()
 
-Chat templates are rendered the way transformers renders them (a sandboxed jinja2 environment with
-trim_blocks, lstrip_blocks, loop controls, `raise_exception`, `strftime_now` and a `tojson` that does
-not escape HTML or non-ASCII), so a prompt is byte-identical to `AutoTokenizer.apply_chat_template`.
-
-A GGUF carries no tokenizer.json, only llama.cpp's description of one; `from_gguf` rebuilds Qwen2's
-byte-level BPE from it: NFC normalization, Qwen2's split regex, byte-to-unicode mapping, BPE merges,
-and the control tokens (`<|im_start|>`, `<|endoftext|>`, ...) matched whole before any of that.
+Chat templates are rendered by `qwenjax.text.chat_template` (transformers' sandboxed environment, so a prompt is
+byte-identical to `AutoTokenizer.apply_chat_template`, with a time and output budget). A GGUF file's vocabulary
+is rebuilt by `qwenjax.text.gguf_vocab` from the file's metadata, which `from_gguf` takes.
 """
 
 from __future__ import annotations
 
-import collections.abc
-import datetime
 import json
 import os
 import pathlib
-import time
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
-import jinja2.utils
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from qwenjax._errors import CheckpointError, ConfigError, InputError
-
-if TYPE_CHECKING:
-  from qwenjax.checkpoints.gguf_file import GGUFCheckpoint
-
-# Qwen2's pre-tokenizer split, as in its tokenizer.json and transformers' Qwen2Tokenizer: English
-# contractions, letter runs with one optional leading non-letter, single digits, punctuation runs
-# with trailing newlines, newline runs, and whitespace (keeping the last space for the next word).
-QWEN2_SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# tokenizer.ggml.pre values (llama.cpp's names) whose vocabularies were learned with that split.
-_GGUF_SPLITS = {"qwen2": QWEN2_SPLIT_REGEX, "deepseek-r1-qwen": QWEN2_SPLIT_REGEX}
-
-# llama.cpp token types (tokenizer.ggml.token_type).
-_CONTROL, _USER_DEFINED = 3, 4
+from qwenjax._errors import CheckpointError, ConfigError, InputError, first_line
+from qwenjax.config import read_json
+from qwenjax.text import gguf_vocab
+from qwenjax.text.chat_template import RENDER_MAX_CHARS, RENDER_SECONDS, ChatTemplate
 
 # Named special tokens a chat template can read, as transformers passes them.
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Variables `apply_chat_template` sets itself.
 _RESERVED_TEMPLATE_NAMES = frozenset({"messages", "tools", "add_generation_prompt"})
-# Names a message's reasoning arrives under; templates read `reasoning_content` (gpt-oss: `thinking`).
-_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 class Tokenizer:
   """A byte-level BPE tokenizer with its chat template, special tokens and end-of-sequence ids."""
 
   # Bounds on one rendering of the chat template, which comes with the checkpoint and is not trusted to end.
-  render_seconds: float = 10.0
-  render_max_chars: int = 10_000_000
+  render_seconds: float = RENDER_SECONDS
+  render_max_chars: int = RENDER_MAX_CHARS
 
   def __init__(
       self,
@@ -93,7 +67,7 @@ class Tokenizer:
     self._eos_token_ids = list(dict.fromkeys(int(i) for i in eos_token_ids))
     self.source = source
     self._template_source = template_source or source
-    self._compiled: jinja2.Template | None = None
+    self._compiled: ChatTemplate | None = None
 
   def __repr__(self) -> str:
     return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
@@ -119,9 +93,9 @@ class Tokenizer:
     try:
       backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
     except Exception as e:  # The Rust side raises plain Exception subclasses.
-      raise CheckpointError(f"{tokenizer_file} is not a valid tokenizers file ({_first_line(e)}).") from None
+      raise CheckpointError(f"{tokenizer_file} is not a valid tokenizers file ({first_line(e)}).") from None
 
-    config = _read_json(directory / "tokenizer_config.json") or {}
+    config = read_json(directory / "tokenizer_config.json", error=CheckpointError, optional=True) or {}
     special_tokens = {}
     for name in _SPECIAL_TOKEN_NAMES:
       value = config.get(name)
@@ -135,7 +109,7 @@ class Tokenizer:
 
     eos_ids: list[int] = []
     for file_name in ("generation_config.json", "config.json"):
-      value = (_read_json(directory / file_name) or {}).get("eos_token_id")
+      value = (read_json(directory / file_name, error=CheckpointError, optional=True) or {}).get("eos_token_id")
       values = value if isinstance(value, list) else [value]
       if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
         raise CheckpointError(
@@ -152,18 +126,17 @@ class Tokenizer:
     return cls(backend, chat_template, special_tokens, eos_ids, str(directory), template_source=template_source)
 
   @classmethod
-  def from_gguf(cls, source: str | os.PathLike[str] | GGUFCheckpoint) -> Tokenizer:
-    """Rebuilds the tokenizer described by a GGUF file's `tokenizer.*` metadata.
+  def from_gguf(cls, metadata: Mapping[str, Any], source: str) -> Tokenizer:
+    """Rebuilds the tokenizer that a GGUF file's `tokenizer.*` metadata describes (`qwenjax.text.gguf_vocab`).
 
     Args:
-      source: a GGUF path, or an open `qwenjax.checkpoints.gguf_file.GGUFCheckpoint`.
+      metadata: the file's metadata, e.g. `qwenjax.checkpoints.gguf_file.GGUFCheckpoint.metadata`; from a path,
+        `GGUFCheckpoint(path).tokenizer()` does this.
+      source: the file, for messages.
     """
-    from qwenjax.checkpoints.gguf_file import GGUFCheckpoint  # pylint: disable=g-import-not-at-top
-
-    if isinstance(source, GGUFCheckpoint):
-      return _tokenizer_from_gguf_metadata(cls, source.metadata, str(source.path))
-    with GGUFCheckpoint(source) as checkpoint:
-      return _tokenizer_from_gguf_metadata(cls, checkpoint.metadata, str(checkpoint.path))
+    vocab = gguf_vocab.vocabulary(metadata, source)
+    return cls(vocab.backend, vocab.chat_template, vocab.special_tokens, vocab.eos_token_ids, source,
+               template_source=f"{source} (tokenizer.chat_template)")
 
   def save(self, directory: str | os.PathLike[str], generation_config: Mapping[str, Any] | None = None) -> None:
     """Writes what `from_directory` reads back into an equal tokenizer: tokenizer.json, tokenizer_config.json
@@ -266,42 +239,16 @@ class Tokenizer:
     if clash:
       raise InputError(f"apply_chat_template sets {sorted(clash)[0]!r} itself; pass it as its own argument.")
     variables = {name: value for name, value in self._special_tokens.items() if value is not None}
-    variables.update(_plain(extra))
-    variables.setdefault("documents", None)
-    budget = _RenderBudget(self.render_seconds, self.render_max_chars)
-    variables["range"] = budget.range
-    chunks = []
-    try:
-      for chunk in template.generate(messages=_template_messages(messages), tools=_template_tools(tools),
-                                     add_generation_prompt=add_generation_prompt, **variables):
-        budget.spend(len(chunk))
-        chunks.append(chunk)
-    except _RenderLimitExceeded:
-      raise ConfigError(f"The chat template of {self._template_source} exceeded the render limit "
-                        f"({self.render_max_chars:,} characters / {self.render_seconds:g} s).") from None
-    except _TemplateRaised as e:
-      raise InputError(f"The chat template of {self._template_source} rejects these messages: "
-                       f"{_sentence(e.message)}") from None
-    except jinja2.exceptions.SecurityError as e:
-      raise ConfigError(f"The chat template of {self._template_source} does something the sandbox forbids"
-                        f"{_at_line(e)}: {_sentence(e)}") from None
-    except InputError:
-      raise
-    except Exception as e:  # UndefinedError, TypeError, ...: the template met data it cannot handle.
-      raise InputError(f"The chat template of {self._template_source} failed on these messages{_at_line(e)} "
-                       f"({type(e).__name__}: {_clause(e)}).") from None
-    text = "".join(chunks)
+    variables.update(extra)
+    text = template.render(messages, tools, add_generation_prompt=add_generation_prompt, variables=variables,
+                           seconds=self.render_seconds, max_chars=self.render_max_chars)
     return self.encode(text, add_special_tokens=False) if tokenize else text
 
-  def _template(self) -> jinja2.Template:
+  def _template(self) -> ChatTemplate:
     if self._chat_template is None:
       raise ConfigError(f"{self.source} has no chat template, so apply_chat_template cannot build a prompt.")
     if self._compiled is None:
-      try:
-        self._compiled = _template_environment().from_string(self._chat_template)
-      except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ConfigError(f"The chat template of {self._template_source} has a syntax error at line "
-                          f"{e.lineno}: {_sentence(e.message)}") from None
+      self._compiled = ChatTemplate(self._chat_template, self._template_source)
     return self._compiled
 
 
@@ -342,115 +289,7 @@ class StreamDecoder:
     return self._tokenizer.decode(ids, skip_special_tokens=self._skip) if ids else ""
 
 
-# --- GGUF --------------------------------------------------------------------------------------------
-
-
-def _tokenizer_from_gguf_metadata(cls: type[Tokenizer], meta: Mapping[str, Any], where: str) -> Tokenizer:
-  """Builds Qwen2's byte-level BPE tokenizer from llama.cpp's tokenizer.* metadata."""
-  model = meta.get("tokenizer.ggml.model")
-  if model != "gpt2":
-    raise ConfigError(
-        f"{where} has tokenizer.ggml.model {model!r}; qwenjax reads only byte-level BPE ('gpt2') GGUF tokenizers.")
-  pre = meta.get("tokenizer.ggml.pre")
-  if pre not in _GGUF_SPLITS:
-    raise ConfigError(
-        f"{where} has tokenizer.ggml.pre {pre!r}; qwenjax knows the pre-tokenizers {sorted(_GGUF_SPLITS)}.")
-  tokens = meta.get("tokenizer.ggml.tokens")
-  merges = meta.get("tokenizer.ggml.merges")
-  if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or not tokens:
-    raise ConfigError(f"{where} has no tokenizer.ggml.tokens list of strings.")
-  if not isinstance(merges, list):
-    raise ConfigError(f"{where} has no tokenizer.ggml.merges list, which a BPE tokenizer needs.")
-  token_types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
-  if not isinstance(token_types, list) or len(token_types) != len(tokens):
-    raise ConfigError(f"{where} has a tokenizer.ggml.token_type list that does not match its {len(tokens)} tokens.")
-
-  vocab: dict[str, int] = {}
-  for i, token in enumerate(tokens):
-    vocab.setdefault(token, i)
-  pairs = []
-  for i, merge in enumerate(merges):
-    pair = merge.split(" ") if isinstance(merge, str) else ()
-    if len(pair) != 2:
-      raise ConfigError(f"{where} has tokenizer.ggml.merges[{i}] = {merge!r}, not two tokens joined by one space.")
-    pairs.append(tuple(pair))
-  try:
-    bpe = models.BPE(vocab=vocab, merges=pairs, unk_token=None, fuse_unk=False, byte_fallback=False, dropout=None)
-  except Exception as e:  # e.g. a merge of tokens missing from the vocabulary.
-    raise ConfigError(
-        f"{where}'s tokenizer.ggml.tokens and merges do not form a BPE vocabulary ({_first_line(e)}).") from None
-  backend = tokenizers.Tokenizer(bpe)
-  backend.normalizer = normalizers.NFC()
-  backend.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(tokenizers.Regex(_GGUF_SPLITS[pre]), behavior="isolated", invert=False),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-  ])
-  backend.decoder = decoders.ByteLevel()
-  # Control tokens (<|im_start|>, <|endoftext|>, FIM and vision markers) are special: matched whole,
-  # dropped by skip_special_tokens. User-defined ones (<tool_call>, </tool_call>) are matched whole
-  # but kept as text, as in Qwen's tokenizer.json, so tool calls survive skip_special_tokens.
-  backend.add_special_tokens([
-      tokenizers.AddedToken(t, special=True, normalized=False)
-      for t, kind in zip(tokens, token_types) if kind == _CONTROL
-  ])
-  backend.add_tokens([
-      tokenizers.AddedToken(t, special=False, normalized=False)
-      for t, kind in zip(tokens, token_types) if kind == _USER_DEFINED
-  ])
-
-  special_tokens: dict[str, str | None] = {}
-  for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                    ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-    token_id = meta.get(f"tokenizer.ggml.{key}")
-    if token_id is not None and not (isinstance(token_id, int) and 0 <= token_id < len(tokens)):
-      raise ConfigError(f"{where} has tokenizer.ggml.{key} {token_id!r}, not an id below {len(tokens)}.")
-    special_tokens[name] = None if token_id is None else tokens[token_id]
-
-  edges = []
-  for flag, name in (("add_bos_token", "bos_token"), ("add_eos_token", "eos_token")):
-    if meta.get(f"tokenizer.ggml.{flag}", False) and special_tokens[name] is not None:
-      edges.append((name, special_tokens[name]))
-  if edges:
-    bos = [t for n, t in edges if n == "bos_token"]
-    eos = [t for n, t in edges if n == "eos_token"]
-    backend.post_processor = processors.TemplateProcessing(
-        single=" ".join(bos + ["$A"] + eos),
-        pair=" ".join(bos + ["$A"] + eos + bos + ["$B"] + eos),
-        special_tokens=[(t, vocab[t]) for _, t in edges],
-    )
-  else:
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-
-  # A GGUF records one eos id (<|im_end|> for instruct models), but Qwen's generation_config.json
-  # stops on both <|im_end|> (end of a chat turn) and <|endoftext|> (end of a document, which base
-  # models and FIM completions emit), and llama.cpp treats both as end-of-generation too.
-  eos_ids = [] if meta.get("tokenizer.ggml.eos_token_id") is None else [meta["tokenizer.ggml.eos_token_id"]]
-  eos_ids += [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
-
-  template = meta.get("tokenizer.chat_template")
-  if template is not None and not isinstance(template, str):
-    raise ConfigError(f"{where} has a tokenizer.chat_template that is not a string.")
-  return cls(backend, template, special_tokens, eos_ids, where, template_source=f"{where} (tokenizer.chat_template)")
-
-
 # --- Hugging Face directories --------------------------------------------------------------------
-
-
-def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
-  """A JSON object file's contents, or None if the file is absent."""
-  try:
-    text = path.read_text(encoding="utf-8")
-  except FileNotFoundError:
-    return None
-  except (OSError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"Cannot read {path} ({_first_line(e)}).") from None
-  try:
-    value = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}).") from None
-  if not isinstance(value, dict):
-    raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object.")
-  return value
 
 
 def _directory_chat_template(directory: pathlib.Path, config: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -460,11 +299,11 @@ def _directory_chat_template(directory: pathlib.Path, config: Mapping[str, Any])
     try:
       return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
     except (OSError, UnicodeDecodeError) as e:
-      raise CheckpointError(f"Cannot read {jinja_file} ({_first_line(e)}).") from None
+      raise CheckpointError(f"Cannot read {jinja_file} ({first_line(e)}).") from None
   config_file = directory / "tokenizer_config.json"
   template = config.get("chat_template")
   if template is None:
-    processor = _read_json(directory / "chat_template.json") or {}
+    processor = read_json(directory / "chat_template.json", error=CheckpointError, optional=True) or {}
     template, config_file = processor.get("chat_template"), directory / "chat_template.json"
     if template is None:
       return None, None
@@ -476,193 +315,3 @@ def _directory_chat_template(directory: pathlib.Path, config: Mapping[str, Any])
   if not isinstance(template, str):
     raise CheckpointError(f"{config_file} has a chat_template that is neither a string nor a list of named templates.")
   return template, f"{config_file} (chat_template)"
-
-
-# --- Template rendering ----------------------------------------------------------------------------
-
-
-class _TemplateRaised(jinja2.exceptions.TemplateError):
-  """What a template's `raise_exception(message)` raises."""
-
-
-def _raise_exception(message: str):
-  raise _TemplateRaised(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-  # jinja2's own tojson escapes <, >, & and ' for HTML; chat templates want plain JSON.
-  return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format_string: str) -> str:
-  return datetime.datetime.now().strftime(format_string)
-
-
-def _check_namespace_key(name: Any) -> None:
-  if isinstance(name, str) and name.startswith("_"):
-    raise jinja2.exceptions.SecurityError(f"a chat template may not set the private namespace attribute {name!r}")
-
-
-class _Namespace(jinja2.utils.Namespace):
-  """jinja2's `namespace()`, refusing underscore names so a template cannot reach Python internals."""
-
-  def __init__(*args: Any, **kwargs: Any):  # pylint: disable=no-method-argument
-    self, args = args[0], args[1:]
-    attrs = dict(*args, **kwargs)
-    for name in attrs:
-      _check_namespace_key(name)
-    jinja2.utils.Namespace.__init__(self, attrs)
-
-  def __setitem__(self, name: str, value: Any) -> None:
-    _check_namespace_key(name)
-    jinja2.utils.Namespace.__setitem__(self, name, value)
-
-
-class _RenderLimitExceeded(Exception):
-  """A chat template rendering ran past its time or output budget."""
-
-
-class _RenderBudget:
-  """The time and output one chat template rendering may take: checked at every output chunk and, through
-  `range` (the template's), at every loop step over a range, so that nested loops cannot run for ever."""
-
-  def __init__(self, seconds: float, max_chars: int):
-    self._deadline, self._chars_left = time.monotonic() + seconds, max_chars
-
-  def spend(self, chars: int = 0) -> None:
-    self._chars_left -= chars
-    if self._chars_left < 0 or time.monotonic() > self._deadline:
-      raise _RenderLimitExceeded
-
-  def range(self, *args: int) -> _BoundedRange:
-    return _BoundedRange(jinja2.sandbox.safe_range(*args), self)
-
-
-class _BoundedRange(collections.abc.Sequence):
-  """jinja2's sandboxed range (at most MAX_RANGE items) that spends its rendering's budget at every item."""
-
-  def __init__(self, items: range, budget: _RenderBudget):
-    self._items, self._budget = items, budget
-
-  def __len__(self) -> int:
-    return len(self._items)
-
-  def __getitem__(self, index):
-    item = self._items[index]
-    return _BoundedRange(item, self._budget) if isinstance(item, range) else item
-
-  def __iter__(self):
-    for item in self._items:
-      self._budget.spend()
-      yield item
-
-  def __reversed__(self):
-    return iter(_BoundedRange(self._items[::-1], self._budget))
-
-
-class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
-  """transformers' sandbox, where `*` and `**` cannot build a value larger than a rendering may output
-  ('x' * 10**10 would otherwise exhaust memory before any chunk is checked)."""
-
-  intercepted_binops = frozenset(["*", "**"])
-
-  def call_binop(self, context, operator, left, right):
-    if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(right) > 64:
-      raise _RenderLimitExceeded
-    if operator == "*":
-      for seq, n in ((left, right), (right, left)):
-        if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > Tokenizer.render_max_chars:
-          raise _RenderLimitExceeded
-    return super().call_binop(context, operator, left, right)
-
-
-def _template_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-  env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-  env.filters["tojson"] = _tojson
-  env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace)
-  return env
-
-
-def _plain(value: Any) -> Any:
-  """`value` rebuilt from plain JSON-like types, so the template sees no methods of rich objects.
-
-  Anything else (an image, an array) becomes a placeholder naming its type, e.g. "<ndarray>":
-  templates test whether such keys exist but never read them.
-  """
-  if value is None or type(value) in (str, int, float, bool):
-    return value
-  if isinstance(value, np.generic):
-    return _plain(value.item())
-  if isinstance(value, str):
-    return str.__str__(value)
-  if isinstance(value, int):  # bool was handled above by exact type; subclasses like IntEnum land here.
-    return int(value)
-  if isinstance(value, float):
-    return float(value)
-  if isinstance(value, Mapping):
-    return {_plain(k): _plain(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return [_plain(v) for v in value]
-  if isinstance(value, tuple):
-    return tuple(_plain(v) for v in value)
-  return f"<{type(value).__name__}>"
-
-
-def _template_messages(messages: Any) -> list[dict[str, Any]]:
-  if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-    raise InputError(f"messages must be a list of dicts with 'role' and 'content', not a {type(messages).__name__}.")
-  if not messages:
-    raise InputError("messages is empty; a chat needs at least one message.")
-  out = []
-  for i, message in enumerate(messages):
-    if not isinstance(message, Mapping):
-      raise InputError(f"messages[{i}] is a {type(message).__name__}, not a dict with 'role' and 'content'.")
-    message = _plain({k: v for k, v in message.items() if v is not None})
-    reasoning = next((message[k] for k in _REASONING_KEYS if message.get(k) is not None), None)
-    if reasoning is not None:  # Offer it under the names templates read, as transformers does.
-      message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-    out.append(message)
-  return out
-
-
-def _template_tools(tools: Any) -> list[Any] | None:
-  if tools is None:
-    return None
-  if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
-    raise InputError(f"tools must be a list of JSON schema dicts, not a {type(tools).__name__}.")
-  for i, tool in enumerate(tools):
-    if not isinstance(tool, Mapping):
-      raise InputError(f"tools[{i}] is a {type(tool).__name__}, not a JSON schema dict.")
-  return _plain(list(tools))
-
-
-# --- Messages --------------------------------------------------------------------------------------
-
-
-def _first_line(error: BaseException | str) -> str:
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return lines[0] if lines else type(error).__name__
-
-
-def _clause(error: BaseException | str) -> str:
-  """An error's text on one line, without a final period."""
-  text = " ".join(str(error).split()) or (type(error).__name__ if isinstance(error, BaseException) else "")
-  return text.removesuffix(".")
-
-
-def _sentence(error: BaseException | str) -> str:
-  """An error's text as the end of a one-line sentence."""
-  text = _clause(error)
-  return text if text.endswith(("!", "?")) else text + "."
-
-
-def _at_line(error: BaseException) -> str:
-  """" at line N" for the innermost template frame of `error`'s traceback, else ""."""
-  line = None
-  tb = error.__traceback__
-  while tb is not None:
-    if tb.tb_frame.f_code.co_filename == "<template>":
-      line = tb.tb_lineno
-    tb = tb.tb_next
-  return "" if line is None else f" at line {line}"

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import build_tiny_qwen2, qwen_chat_template, save_tiny_tokenizer_dir
 from qwenjax import CheckpointError, KVCache, load, prefill
-from qwenjax.checkpoints import orbax_store
+from qwenjax.checkpoints import loader, orbax_store
 from qwenjax.checkpoints.hf import load_model
-from qwenjax.multimodal.processing import ImageProcessorConfig
 from qwenjax.model.qwen2_vl import QwenVLConfig
+from qwenjax.multimodal.processing import ImageProcessorConfig
 from qwenjax.text.tokenizer import Tokenizer
+
+from conftest import build_tiny_qwen2, qwen_chat_template, save_tiny_tokenizer_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TEXTS = ["", "def fibonacci(n):\n    return n", "你好，世界！ Café 😀", "<|im_start|>user\nhi<|im_end|>\n",
@@ -116,7 +117,7 @@ def test_restore_equals_the_source(source, converted, scan):
 
 def test_bfloat16_checkpoint_and_cast_on_restore(source, converted, tmp_path):
   d, _ = source
-  out = orbax_store.convert(d, tmp_path / "bf16", dtype="bfloat16")
+  out = loader.convert(d, tmp_path / "bf16", dtype="bfloat16")
   assert json.loads((out / "qwenjax_checkpoint.json").read_text())["dtype"] == "bfloat16"
   model, _, _ = orbax_store.restore(out, scan_layers=False)  # dtype defaults to the checkpoint's
   _assert_same_weights(model, load_model(d, scan_layers=False, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
@@ -127,9 +128,9 @@ def test_bfloat16_checkpoint_and_cast_on_restore(source, converted, tmp_path):
 def _write_gguf(path, hf_model, tokenizer_dir):
   """The tiny model's float32 weights and the tiny tokenizer, as llama.cpp's converter lays out a qwen2 GGUF."""
   import gguf
+  from test_gguf import _tokenizer_metadata
 
   from qwenjax.checkpoints.gguf_file import _GLOBAL_NAMES, _LAYER_NAMES
-  from test_gguf import _tokenizer_metadata
 
   cfg = hf_model.config
   writer = gguf.GGUFWriter(str(path), "qwen2")
@@ -159,7 +160,7 @@ def test_gguf_source(source, tmp_path):
   from qwenjax.checkpoints.gguf_file import GGUFCheckpoint
 
   path = _write_gguf(tmp_path / "tiny.gguf", source[1], source[0])
-  out = orbax_store.convert(path, tmp_path / "orbax")
+  out = loader.convert(path, tmp_path / "orbax")
   with GGUFCheckpoint(path) as gguf:
     assert json.loads((out / "config.json").read_text()) == gguf.hf_config()
   model, tokenizer, _ = orbax_store.restore(out, scan_layers=False)
@@ -172,7 +173,7 @@ def test_gguf_source(source, tmp_path):
 
 @pytest.fixture(scope="module")
 def converted_vl(tiny_vl_chat, tmp_path_factory):  # noqa: F811
-  return orbax_store.convert(tiny_vl_chat[0], tmp_path_factory.mktemp("vl") / "orbax")
+  return loader.convert(tiny_vl_chat[0], tmp_path_factory.mktemp("vl") / "orbax")
 
 
 def test_vl_source(tiny_vl_chat, converted_vl):  # noqa: F811
@@ -193,7 +194,8 @@ import jax.numpy as jnp
 import numpy as np
 from qwenjax.checkpoints import orbax_store
 from qwenjax.model.decoder import weight_declarations
-from qwenjax.parallel.sharding import make_mesh, parse_mesh, spec_for
+from qwenjax.parallel.axes import spec_for
+from qwenjax.parallel.sharding import make_mesh, parse_mesh
 
 mesh = make_mesh(parse_mesh("data:2,tensor:4"))
 split = 0
@@ -215,7 +217,7 @@ print(split)
 
 def test_sharded_restore_into_a_mesh(source, converted, converted_vl, tmp_path):
   # Small chunks as well, so that a shard reads some chunks of an array, not all of it.
-  chunked = orbax_store.convert(source[0], tmp_path / "chunked", chunk_bytes=4096)
+  chunked = loader.convert(source[0], tmp_path / "chunked", chunk_bytes=4096)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", _SHARDED, f"{converted}:both", f"{chunked}:scanned",
                          f"{converted_vl}:unrolled"],
@@ -259,7 +261,7 @@ def test_config_that_does_not_match(converted, tmp_path):
 
 def test_convert_refuses_a_non_empty_output(source, converted):
   with pytest.raises(CheckpointError, match="already exists and is not an empty directory"):
-    orbax_store.convert(source[0], converted)
+    loader.convert(source[0], converted)
 
 
 def test_model_flag_accepts_an_orbax_directory(source, converted):

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from qwenjax.checkpoints import embedded
 from qwenjax._errors import CheckpointError
+from qwenjax.checkpoints import embedded
 
 
 def _sha256(data: bytes) -> str:

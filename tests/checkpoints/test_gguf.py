@@ -356,7 +356,7 @@ def test_gguf_tokenizer_unknown_kind(tmp_path, tiny_tokenizer_dir, qwen_template
   path = write_gguf(tmp_path / "t.gguf", {"output_norm.weight": (np.ones(HIDDEN, np.float32), Q.F32)},
                     tokenizer=_tokenizer_metadata(tiny_tokenizer_dir, qwen_template, **{field: value}))
   with pytest.raises(ConfigError, match=pattern) as err:
-    Tokenizer.from_gguf(path)
+    GGUFCheckpoint(path).tokenizer()
   _check_message(err, path)
 
 

@@ -5,13 +5,15 @@ import pytest
 import torch
 import transformers
 
-from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
 from qwenjax import InputError
 from qwenjax.checkpoints.hf import load_model
-from qwenjax.engine.engine import Engine, Request
+from qwenjax.engine.engine import Engine
 from qwenjax.engine.profiling import count_compilations
+from qwenjax.engine.requests import Request
 from qwenjax.engine.sampling import SamplingParams
 from qwenjax.text.tokenizer import Tokenizer
+
+from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
 
 
 @pytest.fixture(scope="module")

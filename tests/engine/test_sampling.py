@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenjax.engine import sampling
 from qwenjax._errors import InputError
+from qwenjax.engine import sampling
 from qwenjax.engine.sampling import SamplingNeeds, SamplingParams
 
 N_DRAWS = 20_000
@@ -33,7 +33,7 @@ def _row(x, dtype=np.float32):
   return jnp.asarray(np.asarray(x, dtype)[None])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _draw_fn(needs: SamplingNeeds, fast_k: int):
   def one(step, logits, arrays, prompt_mask, counts):
     tokens, logprobs = sampling.sample(logits, arrays, step[None], prompt_mask, counts, needs, fast_k=fast_k)

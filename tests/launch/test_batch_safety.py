@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
 from qwenjax.engine import jobs
+
+from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

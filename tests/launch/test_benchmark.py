@@ -13,7 +13,7 @@ from flax import nnx
 from PIL import Image
 
 import qwenjax
-from launch import benchmark
+from launch.bench import adapters, workload
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def test_end_to_end_report_plot_and_table(tmp_path):
   report = json.loads((tmp_path / "report.json").read_text())
 
   assert report["benchmark"]["batch_sizes"] == [1, 2]
-  assert report["benchmark"]["params"] == benchmark._tiny_config().num_params()
+  assert report["benchmark"]["params"] == workload.tiny_config().num_params()
   assert report["machine"]["cores"] >= 1 and report["machine"]["cpu_model"]
   assert report["versions"]["jax"] and report["versions"]["torch"] and report["versions"]["transformers"]
   used = report["device_limits"]["used"]
@@ -63,10 +63,10 @@ def test_end_to_end_report_plot_and_table(tmp_path):
 
 def test_transformers_copy_of_random_weights_gives_the_same_logits():
   """The --preset comparison runs transformers on the same random weights; its logits match qwenjax's."""
-  cfg = benchmark._tiny_config()
+  cfg = workload.tiny_config()
   for scan in (True, False):
     model = qwenjax.Qwen2(cfg, rngs=nnx.Rngs(3), scan_layers=scan)
-    hf_model = benchmark._transformers_from_qwenjax(model, "float32")
+    hf_model = adapters.transformers_from_qwenjax(model, "float32")
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
     graphdef, params = nnx.split(model)
     cache = qwenjax.KVCache.zeros(cfg, 2, 16)
@@ -79,7 +79,7 @@ def test_transformers_copy_of_random_weights_gives_the_same_logits():
 
 def test_chat_prompts_have_the_exact_length(tiny_tokenizer_dir):
   tok = qwenjax.Tokenizer.from_directory(tiny_tokenizer_dir)
-  prompts = benchmark.chat_prompts(tok, 4, 80)
+  prompts = workload.chat_prompts(tok, 4, 80)
   assert [len(p) for p in prompts] == [80] * 4
   assert len({tuple(p) for p in prompts}) == 4  # different questions in each
   for p in prompts:
@@ -87,4 +87,4 @@ def test_chat_prompts_have_the_exact_length(tiny_tokenizer_dir):
     assert text.startswith("<|im_start|>system\nYou are a helpful coding assistant.<|im_end|>\n<|im_start|>user\n")
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
   with pytest.raises(Exception, match="too short for a chat prompt"):
-    benchmark.chat_prompts(tok, 1, 10)
+    workload.chat_prompts(tok, 1, 10)

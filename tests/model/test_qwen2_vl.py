@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import END, IMAGE, PROCESSOR, START, VIDEO, VL_TEMPLATE, VOCAB, build_tiny_vl  # noqa: F401
 from qwenjax import ConfigError, InputError
 from qwenjax.checkpoints.hf import load_model
+from qwenjax.model.qwen2_vl import VL_PRESETS, Qwen2VL, QwenVLConfig
+from qwenjax.multimodal.positions import mrope_positions, vl_prompt
 from qwenjax.multimodal.processing import VisualInput
-from qwenjax.model.qwen2_vl import VL_PRESETS, Qwen2VL, QwenVLConfig, mrope_positions, vl_prompt
+
+from conftest import END, IMAGE, PROCESSOR, START, VIDEO, VL_TEMPLATE, VOCAB, build_tiny_vl  # noqa: F401
+
 
 @pytest.fixture(scope="module")
 def tiny_vl(tmp_path_factory):

@@ -13,8 +13,10 @@ from flax import nnx
 from qwenjax import InputError
 from qwenjax.checkpoints.hf import SafetensorsSource, expected_tensors, load_params
 from qwenjax.engine.profiling import count_compilations
-from qwenjax.model.vision import (VISION_PRESETS, PatchBuckets, VisionConfig, VisionTower, encode, plan,
-                            vision_attention_reference)
+from qwenjax.kernels.attention import vision_attention_reference
+from qwenjax.model.vision import VisionTower, encode
+from qwenjax.model.vision_config import VISION_PRESETS, VisionConfig
+from qwenjax.multimodal.vision_plan import PatchBuckets, plan
 
 TOL = 1e-4
 

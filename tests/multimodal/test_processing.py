@@ -14,9 +14,17 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from qwenjax._errors import ConfigError, InputError
-from qwenjax.multimodal.processing import (VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, ImageProcessorConfig, load_image,
-                                      load_video_frames, preprocess_image, preprocess_video, sample_frame_indices,
-                                      smart_resize)
+from qwenjax.multimodal.processing import (
+  VIDEO_MAX_PIXELS,
+  VIDEO_MIN_PIXELS,
+  ImageProcessorConfig,
+  load_image,
+  load_video_frames,
+  preprocess_image,
+  preprocess_video,
+  sample_frame_indices,
+  smart_resize,
+)
 
 # Qwen2.5-VL-7B-Instruct's preprocessor_config.json, as released.
 RELEASED = {

@@ -27,14 +27,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from flax import nnx  # noqa: E402
 
 import qwenjax  # noqa: E402
-from qwenjax.model import qwen2_vl  # noqa: E402
-from qwenjax.parallel import sharding  # noqa: E402
-from qwenjax.engine import programs  # noqa: E402
 from qwenjax.checkpoints.hf import load_model  # noqa: E402
-from qwenjax.engine.engine import Engine, Request  # noqa: E402
-from qwenjax.model.decoder import KVCache  # noqa: E402
+from qwenjax.engine import programs  # noqa: E402
+from qwenjax.engine.engine import Engine  # noqa: E402
 from qwenjax.engine.profiling import count_compilations  # noqa: E402
+from qwenjax.engine.requests import Request  # noqa: E402
 from qwenjax.engine.sampling import SamplingParams  # noqa: E402
+from qwenjax.model import qwen2_vl  # noqa: E402
+from qwenjax.model.kv_cache import KVCache  # noqa: E402
+from qwenjax.parallel import sharding  # noqa: E402
 
 # mesh -> scan_layers. data x tensor 1x8, 2x4, 4x2, 8x1, and fsdp with stacked (scanned) layers.
 MESHES = {"tensor:8": False, "data:2,tensor:4": False, "data:4,tensor:2": False, "data:8": False,
@@ -59,10 +60,10 @@ def _engine_layout_errors(engine: Engine, mesh) -> list[str]:
   errors = _weight_layout_errors(engine.model, mesh)
   cache = engine._cache
   want = sharding.cache_sharding(engine.cfg, mesh, cache.k.shape[1], cache.max_len, engine.rules)
-  slot = sharding.named_sharding(mesh, ("batch", "vocab"), engine._counts.shape, engine.rules)
+  slot = sharding.named_sharding(mesh, ("batch", "vocab"), engine._slots.counts.shape, engine.rules)
   arrays = {f"cache.{name}": (getattr(cache, name), getattr(want, name)) for name in ("k", "v", "lengths",
                                                                                      "rope_offset")}
-  arrays.update({"prompt_mask": (engine._prompt_mask, slot), "counts": (engine._counts, slot)})
+  arrays.update({"prompt_mask": (engine._slots.prompt_mask, slot), "counts": (engine._slots.counts, slot)})
   for name, (got, expected) in arrays.items():
     if not got.sharding.is_equivalent_to(expected, got.ndim):
       errors.append(f"{name}: {got.sharding.spec} != {expected.spec}")

@@ -1,5 +1,5 @@
-"""qwenjax.parallel.planner: the shipped topology files, the planner against independent counts, and against what XLA and
-real allocations measure.
+"""qwenjax.parallel.planner: the shipped topology files, the planner against independent counts, and against what XLA
+and real allocations measure.
 
 Run as a script, this file is the 8-device worker of `test_sharded_plans_match_xla` (XLA_FLAGS set by the test):
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/test_planner.py qwen2.5-0.5b:data:2,tensor:4
@@ -20,15 +20,17 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from qwenjax.parallel import planner
-from qwenjax.engine import sampling as sampling_lib
-from qwenjax.parallel import sharding
-from qwenjax.engine import programs
 from qwenjax._errors import ConfigError
 from qwenjax.config import PRESETS
-from qwenjax.model.decoder import BATCH, VOCAB, KVCache, Qwen2
+from qwenjax.engine import programs
+from qwenjax.engine import sampling as sampling_lib
+from qwenjax.model.decoder import Qwen2
+from qwenjax.model.kv_cache import KVCache
 from qwenjax.model.qwen2_vl import VL_PRESETS
-from qwenjax.model.vision import VisionTower, encode, plan as vision_plan
+from qwenjax.model.vision import VisionTower, encode
+from qwenjax.multimodal.vision_plan import plan as vision_plan
+from qwenjax.parallel import planner, sharding
+from qwenjax.parallel.axes import BATCH, VOCAB
 
 GiB = 1 << 30
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -367,13 +369,13 @@ def test_sharded_plans_match_xla():
 
 def test_entry_point_prints_a_topology_plan():
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  run = subprocess.run([sys.executable, "-m", "qwenjax.parallel.planner", "--topology=v5e-8"], env=env, capture_output=True,
-                       text=True, timeout=300, check=False)
+  run = subprocess.run([sys.executable, "-m", "qwenjax.parallel.planner", "--topology=v5e-8"], env=env,
+                       capture_output=True, text=True, timeout=300, check=False)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "| qwen2.5-7b | data:2,tensor:4 | 32 | 32768 |" in run.stdout
   assert "NO" not in run.stdout
-  bad = subprocess.run([sys.executable, "-m", "qwenjax.parallel.planner", "--topology=v9z-1"], env=env, capture_output=True,
-                       text=True, timeout=300, check=False)
+  bad = subprocess.run([sys.executable, "-m", "qwenjax.parallel.planner", "--topology=v9z-1"], env=env,
+                       capture_output=True, text=True, timeout=300, check=False)
   assert bad.returncode != 0 and "v9z-1.json: no such topology file" in bad.stderr
 
 

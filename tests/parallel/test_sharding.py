@@ -12,10 +12,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
 from qwenjax import PRESETS, VL_PRESETS, ConfigError, Qwen2VL
-from qwenjax.parallel import sharding
 from qwenjax.model.decoder import abstract_model
+from qwenjax.parallel import sharding
+
+from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 T, F = "tensor", "fsdp"
@@ -188,8 +189,9 @@ def eight_devices(tmp_path_factory):
   build_tiny_vl(vl, seed=2)  # a seed whose greedy tokens vary (seed 0's repeat one token after an image)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run([sys.executable, str(REPO / "tests" / "parallel" / "sharding_worker.py"), str(text), str(vl)], env=env,
-                        capture_output=True, text=True, timeout=600)
+  worker = REPO / "tests" / "parallel" / "sharding_worker.py"
+  proc = subprocess.run([sys.executable, str(worker), str(text), str(vl)], env=env, capture_output=True, text=True,
+                        timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 

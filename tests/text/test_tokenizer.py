@@ -11,7 +11,8 @@ import pytest
 import transformers
 
 from qwenjax._errors import CheckpointError, ConfigError, InputError
-from qwenjax.text.tokenizer import QWEN2_SPLIT_REGEX, Tokenizer
+from qwenjax.text.gguf_vocab import QWEN2_SPLIT_REGEX
+from qwenjax.text.tokenizer import Tokenizer
 
 WEATHER_TOOL = {
     "type": "function",
