@@ -1,9 +1,10 @@
 """Attention: the plain-JAX references and the one dispatch point the models call.
 
 `attention` (the decoder's causal grouped-query attention, with sliding windows) and `vision_attention` (the
-vision tower's non-causal attention within segments) route by `impl` to an implementation. Today there is one,
-"xla": the `*_reference` functions below. A Pallas kernel lands beside its reference, is tested against it, and
-joins the dispatch here; the models never choose by backend themselves.
+vision tower's non-causal attention within segments) route by `impl` to an implementation: "xla", the
+`*_reference` functions below, or "pallas", a Pallas kernel tested against its reference (the vision tower's:
+`qwenjax.kernels.segment_attention`; the decoder has none yet, and asking for it is an error). The models never
+choose by backend themselves.
 
 Einsum legend (decoder):
   B batch            T query tokens of this step     S key positions
@@ -20,8 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from qwenjax._errors import ConfigError
+from qwenjax.kernels.segment_attention import segment_attention
 
-IMPLS = ("xla",)
+IMPLS = ("xla", "pallas")
 
 
 def attention_reference(q: jax.Array, keys: jax.Array, values: jax.Array, q_positions: jax.Array,
@@ -84,11 +86,19 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, q_positions: jax
               window, *, dtype=None, impl: str = "xla") -> jax.Array:
   """The decoder's attention by `impl` (arguments as `attention_reference`); "xla" is the reference."""
   _check_impl(impl)
+  if impl == "pallas":
+    raise ConfigError("attention impl 'pallas' has no kernel for the decoder's attention yet; use 'xla'.")
   return attention_reference(q, keys, values, q_positions, key_positions, window, dtype=dtype)
 
 
 def vision_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, block_q: int,
                      kv_span: int | None = None, impl: str = "xla") -> jax.Array:
-  """The vision tower's attention by `impl` (arguments as `vision_attention_reference`); "xla" is the reference."""
+  """The vision tower's attention by `impl` (arguments as `vision_attention_reference`); "xla" is the reference.
+
+  "pallas" runs `segment_attention` (interpret mode on CPU) with its own blocks and block skipping: `block_q` and
+  `kv_span` shape only the reference's schedule, never the result.
+  """
   _check_impl(impl)
+  if impl == "pallas":
+    return segment_attention(q, k, v, segments)
   return vision_attention_reference(q, k, v, segments, block_q=block_q, kv_span=kv_span)
