@@ -12,9 +12,9 @@ PACKAGE = REPO / "qwenjax"
 LAYERS = (
     ("qwenjax._errors", "qwenjax.config"),
     # leaves that import nothing above the configs: logical axes and mesh rules, multi-host, kernels, buckets,
-    # and the KV cache pytree (sharding places it)
+    # host-side page bookkeeping, and the KV cache pytree (sharding places it)
     ("qwenjax.parallel.axes", "qwenjax.parallel.sharding", "qwenjax.parallel.distributed", "qwenjax.kernels",
-     "qwenjax.engine.buckets", "qwenjax.model.kv_cache"),
+     "qwenjax.engine.buckets", "qwenjax.engine.pages", "qwenjax.model.kv_cache"),
     ("qwenjax.model", "qwenjax.text", "qwenjax.multimodal"),
     ("qwenjax.checkpoints",),
     ("qwenjax.parallel.planner", "qwenjax.engine"),
