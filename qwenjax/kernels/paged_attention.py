@@ -80,7 +80,9 @@ def dequantize_kv(values: jax.Array, scale: jax.Array) -> jax.Array:
   return values.astype(jnp.float32) * scale[..., None]
 
 
-def _check_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, k_scale, v_scale):
+def check_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, k_scale, v_scale):
+  """ConfigError naming the argument whose shape or dtype does not fit ragged paged attention (the reference's
+  and the kernel's shared contract)."""
   if q.ndim != 3:
     raise ConfigError(f"q has shape {q.shape}; expected [T, N, H].")
   t, n, h = q.shape
@@ -130,7 +132,7 @@ def ragged_paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: 
   Each row finds its sequence by a search on cu_q_lens and gathers that sequence's pages: [T, L, K, H] per call,
   simple rather than frugal (a prefill chunk gathers its pages once per query row); the kernels will not.
   """
-  _check_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, k_scale, v_scale)
+  check_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, k_scale, v_scale)
   t, n, h = q.shape
   num_pages, page_size, k, _ = k_pages.shape
   s, p = page_indices.shape
