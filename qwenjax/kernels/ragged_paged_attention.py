@@ -44,16 +44,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qwenjax._errors import ConfigError
+from qwenjax.engine.buckets import next_power_of_two
 from qwenjax.kernels.paged_attention import check_inputs
 
 # A finite "minus infinity" (see segment_attention): exp of a masked score underflows to 0 and a row whose first
 # page is all masked has its partial sums wiped by exp(m_old - m_new) = 0 once a real score arrives.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _MIN_BLOCK = 16  # Triton's tl.dot needs every dim >= 16
-
-
-def _next_power_of_2(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -165,7 +162,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   quantized = k_pages.dtype == jnp.int8
-  g_pad = _next_power_of_2(g)
+  g_pad = next_power_of_two(g)
   bq = max(block_q, _MIN_BLOCK // g_pad)
   r = bq * g_pad
   num_blocks = -(-t // bq) + s  # each sequence adds at most one partly filled block
@@ -182,7 +179,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   qb = qb.transpose(0, 2, 1, 3, 4).reshape(num_blocks, k, r, h)
 
   table = jnp.clip(page_indices.astype(jnp.int32), 0, num_pages - 1).reshape(-1)  # [S * P]
-  table_len = max(_MIN_BLOCK, _next_power_of_2(s * p))
+  table_len = max(_MIN_BLOCK, next_power_of_two(s * p))
   table = jnp.pad(table, (0, table_len - s * p))
 
   kernel = functools.partial(

@@ -42,16 +42,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qwenjax._errors import ConfigError
+from qwenjax.engine.buckets import next_power_of_two
 
 # A finite "minus infinity": a masked score's exp underflows to 0, and a row whose first blocks are all masked
 # (m still this value) has its partial sums wiped by the correction factor exp(m_old - m_new) = 0 once a real
 # score arrives. With -inf, exp(-inf - -inf) would be NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _MIN_BLOCK = 16  # Triton's tl.dot needs every dim >= 16
-
-
-def _next_power_of_2(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
 
 
 def _order_key(segments: jax.Array) -> jax.Array:
@@ -65,7 +62,7 @@ def _block_sizes(p: int, block_q: int, block_k: int) -> tuple[int, int, int]:
   for name, block in (("block_q", block_q), ("block_k", block_k)):
     if block < _MIN_BLOCK or block & (block - 1):
       raise ConfigError(f"segment_attention {name}={block} is not a power of two >= {_MIN_BLOCK}.")
-  fit = max(_MIN_BLOCK, _next_power_of_2(p))
+  fit = max(_MIN_BLOCK, next_power_of_two(p))
   bq, bk = min(block_q, fit), min(block_k, fit)
   step = max(bq, bk)  # both powers of two: a multiple of each
   return bq, bk, -(-p // step) * step
@@ -150,7 +147,7 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Ar
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   bq, bk, padded = _block_sizes(p, block_q, block_k)
-  d = max(_MIN_BLOCK, _next_power_of_2(h))
+  d = max(_MIN_BLOCK, next_power_of_two(h))
 
   first, last = kv_block_ranges(block_overlap(segments, block_q=block_q, block_k=block_k))  # [I], [I]
   seg = jnp.pad(segments.astype(jnp.int32), (0, padded - p), mode="edge")  # [P']

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_paged_attention import make_case as paged_case
 
 from qwenjax import ConfigError
 from qwenjax.kernels.paged_attention import quantize_kv, ragged_paged_attention_reference
@@ -19,29 +20,11 @@ TOL = {np.float32: 1e-5, jnp.bfloat16: 2e-2}
 _reference = jax.jit(ragged_paged_attention_reference, static_argnames=("sliding_window",))
 
 
-def make_case(seqs, *, n, k, h, pages_per_seq=4, pad_rows=0, pad_seqs=0, spare_pages=3, seed=0, dtype=np.float32):
-  """A random pool and a packed batch; seqs: [(kv_len, q_len)]. Tables are random pages (rows padded with random
-  in-range ids), unused pages hold random data, and entries past num_seqs are garbage."""
-  rng = np.random.default_rng(seed)
-  needed = [-(-kv // PAGE) for kv, _ in seqs]
-  assert max(needed) <= pages_per_seq and all(ql <= kv for kv, ql in seqs)
-  num_pages = sum(needed) + spare_pages
-  perm = rng.permutation(num_pages)
-  s = len(seqs) + pad_seqs
-  page_indices = rng.integers(0, num_pages, size=(s, pages_per_seq)).astype(np.int32)
-  used = 0
-  for i, count in enumerate(needed):
-    page_indices[i, :count] = perm[used:used + count]
-    used += count
-  cu = np.concatenate([[0], np.cumsum([ql for _, ql in seqs])])
-  cu_q_lens = np.concatenate([cu, rng.integers(0, 5, size=pad_seqs)]).astype(np.int32)
-  kv_lens = np.concatenate([[kv for kv, _ in seqs], rng.integers(1, 50, size=pad_seqs)]).astype(np.int32)
-  t = int(cu[-1]) + pad_rows
-  shape = (num_pages, PAGE, k, h)
-  cast = lambda x: jnp.asarray(x.astype(np.float32), dtype)
-  return dict(q=cast(rng.standard_normal((t, n, h))), k_pages=cast(rng.standard_normal(shape)),
-              v_pages=cast(rng.standard_normal(shape)), kv_lens=kv_lens, page_indices=page_indices,
-              cu_q_lens=cu_q_lens, num_seqs=len(seqs))
+def make_case(seqs, *, n, k, h, dtype=np.float32, **kwargs):
+  """test_paged_attention's random pool and packed batch (random page tables, garbage past num_seqs), with q and
+  the pages in `dtype`."""
+  case = paged_case(seqs, n=n, k=k, h=h, **kwargs)
+  return {name: jnp.asarray(v, dtype) if name in ("q", "k_pages", "v_pages") else v for name, v in case.items()}
 
 
 def check(case, tol, **kwargs):
