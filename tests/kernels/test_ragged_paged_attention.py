@@ -14,7 +14,6 @@ from qwenjax import ConfigError
 from qwenjax.kernels.paged_attention import quantize_kv, ragged_paged_attention_reference
 from qwenjax.kernels.ragged_paged_attention import ragged_paged_attention
 
-PAGE = 16
 TOL = {np.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 _reference = jax.jit(ragged_paged_attention_reference, static_argnames=("sliding_window",))
