@@ -19,6 +19,7 @@ glued together on one line, or separated by garbage, are split apart again; what
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -175,7 +176,7 @@ def recover(path: str) -> Recovered:
   try:
     with open(path, "rb") as f:
       for number, raw in enumerate(f, 1):
-        line = raw[:-1] if raw.endswith(b"\n") else raw
+        line = raw.removesuffix(b"\n")
         records, corrupt = _split_line(line)
         found.records += len(records)
         found.ids.update(k for _, k in records)
@@ -192,26 +193,25 @@ def recover(path: str) -> Recovered:
                      "(move it away or pick another --output).")
   if canonical:
     return found
-  side = path + CORRUPT_SUFFIX
+  # One pass splits every line again: records to a temporary file, corrupt regions to the side file. The side
+  # file is fsynced before the output is replaced, so no byte exists nowhere at any moment.
+  side, tmp = path + CORRUPT_SUFFIX, f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as out, open(side, "ab") if found.corrupt else contextlib.nullcontext() as aside:
+    for records, corrupt in _split_lines(path):
+      for record, _ in records:
+        out.write(record + b"\n")
+      for region in corrupt:
+        aside.write(region + b"\n")
+    for f in (aside, out):
+      if f is not None:
+        f.flush()
+        os.fsync(f.fileno())
   if found.corrupt:
-    with open(path, "rb") as f, open(side, "ab") as out:
-      for raw in f:
-        for region in _split_line(raw.rstrip(b"\n") if raw.endswith(b"\n") else raw)[1]:
-          out.write(region + b"\n")
-      out.flush()
-      os.fsync(out.fileno())
     shown = ", ".join(map(str, bad_lines[:10])) + (", ..." if len(bad_lines) > 10 else "")
     logging.warning("%s: %d corrupt region(s) on line(s) %s moved to %s; %d record(s) kept, the ids the regions "
                     "held are redone.", path, found.corrupt, shown, side, found.records)
   else:
     logging.info("%s: rewritten with one record per line (%d records).", path, found.records)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(path, "rb") as f, open(tmp, "wb") as out:
-    for raw in f:
-      for record, _ in _split_line(raw[:-1] if raw.endswith(b"\n") else raw)[0]:
-        out.write(record + b"\n")
-    out.flush()
-    os.fsync(out.fileno())
   os.chmod(tmp, os.stat(path).st_mode & 0o7777)
   os.replace(tmp, path)
   _fsync_directory(path)
@@ -220,9 +220,15 @@ def recover(path: str) -> Recovered:
 
 def iter_records(path: str) -> Iterator[tuple[bytes, str]]:
   """(exact bytes, record_key of the id) of each record in a results file, in order (after `recover`)."""
+  for records, _ in _split_lines(path):
+    yield from records
+
+
+def _split_lines(path: str) -> Iterator[tuple[list[tuple[bytes, str]], list[bytes]]]:
+  """`_split_line` of each line of a results file (its newline removed), in order."""
   with open(path, "rb") as f:
     for raw in f:
-      yield from _split_line(raw[:-1] if raw.endswith(b"\n") else raw)[0]
+      yield _split_line(raw.removesuffix(b"\n"))
 
 
 def _torn_first_record(path: str, first: bytes, corrupt: int) -> bool:
