@@ -1,10 +1,11 @@
 """Attention: the plain-JAX references and the one dispatch point the models call.
 
-`attention` (the decoder's causal grouped-query attention, with sliding windows) and `vision_attention` (the
-vision tower's non-causal attention within segments) route by `impl` to an implementation: "xla", the
-`*_reference` functions below, or "pallas", a Pallas kernel tested against its reference (the vision tower's:
-`qwenjax.kernels.segment_attention`; the decoder has none yet, and asking for it is an error). The models never
-choose by backend themselves.
+`attention` (the decoder's causal grouped-query attention over a contiguous cache, with sliding windows),
+`paged_attention` (the same over a paged cache) and `vision_attention` (the vision tower's non-causal attention
+within segments) route by `impl` to an implementation: "xla", the `*_reference` functions below, or "pallas", a
+Pallas kernel tested against its reference (`qwenjax.kernels.ragged_paged_attention` for paged attention,
+`qwenjax.kernels.segment_attention` for the tower; the contiguous cache has none, and asking for it is an error).
+The models never choose by backend themselves: `default_impl` does, once, for the engine.
 
 Einsum legend (decoder):
   B batch            T query tokens of this step     S key positions
@@ -21,9 +22,17 @@ import jax
 import jax.numpy as jnp
 
 from qwenjax._errors import ConfigError
+from qwenjax.kernels.paged_attention import dequantize_kv
+from qwenjax.kernels.ragged_paged_attention import ragged_paged_attention
 from qwenjax.kernels.segment_attention import segment_attention
 
 IMPLS = ("xla", "pallas")
+FULL_WINDOW = int(jnp.iinfo(jnp.int32).max)  # the window of a layer without one (`QwenConfig.layer_windows`)
+
+
+def default_impl(backend: str | None = None) -> str:
+  """"pallas" on TPU and GPU, where the kernels compile; "xla" on CPU, where Pallas only interprets (slowly)."""
+  return "xla" if (backend or jax.default_backend()) == "cpu" else "pallas"
 
 
 def attention_reference(q: jax.Array, keys: jax.Array, values: jax.Array, q_positions: jax.Array,
@@ -47,6 +56,35 @@ def attention_reference(q: jax.Array, keys: jax.Array, values: jax.Array, q_posi
   scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype if dtype is None else dtype)
   return jnp.einsum("bkgts,bksh->btkgh", probs, values).reshape(b, t, n, h)
+
+
+def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_positions: jax.Array,
+                              page_table: jax.Array, window, *, k_scale: jax.Array | None = None,
+                              v_scale: jax.Array | None = None, dtype=None) -> jax.Array:
+  """Causal grouped-query attention over paged K/V for a batch of rows, in plain JAX: what XLA runs.
+
+  q: [B, T, N, H], row b's queries at positions q_positions [B, T] (a padding query may sit anywhere: its output
+  is finite and meaningless). k_pages, v_pages: [NP, PS, K, H] of one layer, float or int8 (then with k_scale,
+  v_scale [NP, PS, K]). page_table: [B, P], row b's pages in order; entries past its length are clipped into
+  range and never attended (their positions lie past every query). Each row gathers its P pages once,
+  [B, K, P * PS, H], and runs `attention_reference`: the same math as
+  `qwenjax.kernels.paged_attention.ragged_paged_attention_reference`, batched by row rather than packed.
+  Returns [B, T, N, H].
+  """
+  b, p = page_table.shape
+  num_pages, page_size, k, h = k_pages.shape
+  table = jnp.clip(page_table, 0, num_pages - 1)
+  dt = q.dtype if dtype is None else dtype
+
+  def gather(pages, scale):
+    x = pages[table].reshape(b, p * page_size, k, h)  # [B, S, K, H]
+    if scale is not None:
+      x = dequantize_kv(x, scale[table].reshape(b, p * page_size, k)).astype(dt)
+    return x.transpose(0, 2, 1, 3)  # [B, K, S, H]
+
+  keys, values = gather(k_pages, k_scale), gather(v_pages, v_scale)
+  key_pos = jnp.arange(p * page_size, dtype=jnp.int32)[None, :]
+  return attention_reference(q, keys, values, q_positions, key_pos, window, dtype=dtype)
 
 
 def vision_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, block_q: int,
@@ -89,6 +127,40 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, q_positions: jax
   if impl == "pallas":
     raise ConfigError("attention impl 'pallas' has no kernel for the decoder's attention yet; use 'xla'.")
   return attention_reference(q, keys, values, q_positions, key_positions, window, dtype=dtype)
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_positions: jax.Array,
+                    num_new: jax.Array, page_table: jax.Array, window, *, sliding_window: int | None = None,
+                    k_scale: jax.Array | None = None, v_scale: jax.Array | None = None, dtype=None,
+                    impl: str = "xla") -> jax.Array:
+  """The decoder's attention over a paged cache by `impl`; arguments as `paged_attention_reference`, plus
+  num_new [B] (row b's first num_new[b] queries are real, the rest padding, which "pallas" leaves out) and
+  sliding_window: the model's window (static), which a traced `window` (under scan: this layer's, FULL_WINDOW or
+  sliding_window) selects.
+
+  "pallas" packs the rows' real queries back to back (row b's start at cumsum(num_new)[b - 1]) for
+  `ragged_paged_attention`, whose page walk skips pages past each row's length, and unpacks its output.
+  """
+  _check_impl(impl)
+  if impl == "xla":
+    return paged_attention_reference(q, k_pages, v_pages, q_positions, page_table, window, k_scale=k_scale,
+                                     v_scale=v_scale, dtype=dtype)
+  b, t, n, h = q.shape
+  num_new = num_new.astype(jnp.int32)
+  cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(num_new)])  # [B + 1]
+  offs = jnp.arange(t, dtype=jnp.int32)
+  index = jnp.where(offs[None, :] < num_new[:, None], cu[:-1, None] + offs[None, :], b * t).reshape(-1)  # [B*T]
+  packed = jnp.zeros((b * t, n, h), q.dtype).at[index].set(q.reshape(b * t, n, h), mode="drop")
+  kv_lens = q_positions[:, 0] + num_new  # [B]
+  kernel = lambda sw: ragged_paged_attention(packed, k_pages, v_pages, kv_lens, page_table, cu, b,
+                                             sliding_window=sw, k_scale=k_scale, v_scale=v_scale)
+  if isinstance(window, int):
+    out = kernel(None if window >= FULL_WINDOW else window)
+  elif sliding_window is None:
+    out = kernel(None)
+  else:  # under scan the layer's window is traced; it is one of two values
+    out = jax.lax.cond(window >= FULL_WINDOW, lambda: kernel(None), lambda: kernel(sliding_window))
+  return out[jnp.minimum(index, b * t - 1)].reshape(b, t, n, h)
 
 
 def vision_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, block_q: int,

@@ -24,10 +24,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import QwenConfig
-from qwenjax.kernels.attention import attention
-from qwenjax.model.kv_cache import KVCache, write_rows
+from qwenjax.kernels.attention import attention, paged_attention
+from qwenjax.kernels.paged_attention import quantize_kv
+from qwenjax.model.kv_cache import KVCache, PagedKVCache, write_rows, write_slots
 from qwenjax.model.layers import HFTensor, RMSNorm, declare, read, rope, rope_tables
 from qwenjax.parallel.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP, VOCAB, constrain
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedInputs:
+  """Where a step's tokens go in a `PagedKVCache` and which pages each row reads (the host's page tables).
+
+  slots: [B, T] int32, the flat pool slot (page * page_size + offset) of each token; -1 for padding, not written.
+  page_table: [B, P] int32, each row's pages in position order (padded with any page id: never attended).
+  num_new: [B] int32, real tokens of each row (its first num_new; 0 for an idle row).
+  """
+
+  slots: jax.Array
+  page_table: jax.Array
+  num_new: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +56,9 @@ class StepContext:
   rows: jax.Array | None  # [B] cache row of each sequence; None: row b holds sequence b
   attend_to_cache: bool  # False: attend within this step's tokens only (prefill into empty rows)
   kv_len: int | None = None  # attend to cache positions [0, kv_len) only (all queries lie below it)
+  paged: PagedInputs | None = None  # a PagedKVCache step: its slots and page tables (rows and kv_len unused)
+  impl: str = "xla"  # attention implementation, `qwenjax.kernels.attention.IMPLS`
+  sliding_window: int | None = None  # the model's window, when some layer slides (static)
 
 
 class Attention(nnx.Module):
@@ -59,13 +78,15 @@ class Attention(nnx.Module):
     self.o_kernel = w((n, h, d), (HEADS, HEAD_DIM, EMBED), HFTensor(pre + "o_proj.weight", (d, n * h), True))
     self.dtype = dtype
 
-  def __call__(self, x, ctx: StepContext, cache_k, cache_v, layer, window):
-    """x: [B, T, D]; cache_k/v: [L, C, K, S, H] (all layers, all C cache rows).
+  def __call__(self, x, ctx: StepContext, kv: tuple, layer, window):
+    """x: [B, T, D]; kv: the cache's arrays, all layers: (k, v) [L, C, K, S, H] of a KVCache (all C rows), or
+    (k, v [L, NP, PS, K, H], k_scale, v_scale [L, NP, PS, K] or None) of a PagedKVCache.
 
-    Writes this step's keys and values at `ctx.positions` of `layer` in cache rows `ctx.rows`, then attends
-    causally: over the whole cache row (decode, chunked prefill) or over this step's tokens alone
-    (`ctx.attend_to_cache=False`, prefill into an empty row, which skips the T x S work). Returns the output
-    [B, T, D] and the updated caches.
+    Contiguous: writes this step's keys and values at `ctx.positions` of `layer` in cache rows `ctx.rows`, then
+    attends causally: over the whole cache row (decode, chunked prefill) or over this step's tokens alone
+    (`ctx.attend_to_cache=False`, prefill into an empty row, which skips the T x S work). Paged: writes them at
+    `ctx.paged.slots` (int8 pages: quantized per token and KV head) and attends over each row's pages. Returns
+    the output [B, T, D] and the updated cache arrays.
     """
     positions = ctx.positions
     dt = self.dtype
@@ -78,6 +99,13 @@ class Attention(nnx.Module):
     q = constrain(q, (BATCH, LENGTH, HEADS, HEAD_DIM))
     k, v = constrain(k, (BATCH, LENGTH, KV_HEADS, HEAD_DIM)), constrain(v, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
 
+    b, t, n, h = q.shape
+    o_kernel = read(self.o_kernel, dt).reshape(n * h, -1)
+    if ctx.paged is not None:
+      out, kv = self._paged(q, k, v, ctx, kv, layer, window)
+      return jnp.einsum("bte,ed->btd", out.reshape(b, t, n * h), o_kernel), kv
+
+    cache_k, cache_v = kv
     rows = jnp.arange(x.shape[0]) if ctx.rows is None else ctx.rows  # [B] cache row of each sequence
     cache_k = constrain(write_rows(cache_k, layer, rows, positions[:, 0], k), KVCache.AXES)
     cache_v = constrain(write_rows(cache_v, layer, rows, positions[:, 0], v), KVCache.AXES)
@@ -92,11 +120,46 @@ class Attention(nnx.Module):
     else:
       keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, T, H]
 
-    b, t, n, h = q.shape
-    out = attention(q, keys, values, positions, key_pos, window, dtype=dt).reshape(b, t, n * h)
+    out = attention(q, keys, values, positions, key_pos, window, dtype=dt, impl=ctx.impl).reshape(b, t, n * h)
     # One [N*H, D] matmul: contracting (n, h) in an einsum let XLA:CPU transpose the weight every step.
-    o_kernel = read(self.o_kernel, dt).reshape(n * h, -1)
-    return jnp.einsum("bte,ed->btd", out, o_kernel), cache_k, cache_v
+    return jnp.einsum("bte,ed->btd", out, o_kernel), (cache_k, cache_v)
+
+  def _paged(self, q, k, v, ctx: StepContext, kv: tuple, layer, window):
+    """q [B, T, N, H], k/v [B, T, K, H] of this step into and over a PagedKVCache's arrays `kv`."""
+    k_pages, v_pages, k_scale, v_scale = kv
+    slots = ctx.paged.slots.reshape(-1)  # [B*T]
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])  # [B*T, K, ...]
+    if k_scale is not None:  # int8 pages: values and a scale per token and KV head
+      # Qwen2's key biases put a few channels far above the rest (up to 145 against a median of 6 in the 0.5B's
+      # first layer), and one scale per token and head would round the others away. Keys are stored divided by
+      # a per-channel factor and queries multiplied by it (q.k unchanged): the factor is each rotary pair's
+      # largest |bias| over the median, at least 1, so it is the same at every position and needs no calibration.
+      smooth = _key_smoothing(read(self.k_bias, jnp.float32))  # [K, H]
+      k = k / smooth
+      b_, t_, n_, h_ = q.shape
+      q = (q.reshape(b_, t_, smooth.shape[0], -1, h_) * smooth[:, None].astype(q.dtype)).reshape(q.shape)
+      (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+      k_pages, v_pages = write_slots(k_pages, layer, slots, flat(kq)), write_slots(v_pages, layer, slots, flat(vq))
+      k_scale, v_scale = write_slots(k_scale, layer, slots, flat(ks)), write_slots(v_scale, layer, slots, flat(vs))
+      k_scale, v_scale = constrain(k_scale, PagedKVCache.SCALE_AXES), constrain(v_scale, PagedKVCache.SCALE_AXES)
+    else:
+      k_pages, v_pages = write_slots(k_pages, layer, slots, flat(k)), write_slots(v_pages, layer, slots, flat(v))
+    k_pages, v_pages = constrain(k_pages, PagedKVCache.AXES), constrain(v_pages, PagedKVCache.AXES)
+    scale = lambda a: None if a is None else a[layer]
+    out = paged_attention(q, k_pages[layer], v_pages[layer], ctx.positions, ctx.paged.num_new, ctx.paged.page_table,
+                          window, sliding_window=ctx.sliding_window, k_scale=scale(k_scale),
+                          v_scale=scale(v_scale), dtype=self.dtype, impl=ctx.impl)
+    return out, (k_pages, v_pages, k_scale, v_scale)
+
+
+def _key_smoothing(k_bias: jax.Array) -> jax.Array:
+  """[K, H] per-channel key divisors for int8 pages from the key bias [K, H]: max(1, pair max / median), equal on
+  both channels of a rotary pair (i, i + H/2), which RoPE mixes."""
+  mag = jnp.abs(k_bias)
+  half = mag.shape[-1] // 2
+  pair = jnp.maximum(mag[..., :half], mag[..., half:])  # [K, H/2]
+  factor = jnp.maximum(1.0, pair / jnp.maximum(jnp.median(pair, axis=-1, keepdims=True), 1e-6))
+  return jnp.concatenate([factor, factor], axis=-1)
 
 
 class FeedForward(nnx.Module):
@@ -133,10 +196,10 @@ class Block(nnx.Module):
                             rngs=rngs)
     self.mlp = FeedForward(cfg, **kw)
 
-  def __call__(self, x, ctx: StepContext, cache_k, cache_v, layer, window):
-    a, cache_k, cache_v = self.attn(self.attn_norm(x), ctx, cache_k, cache_v, layer, window)
+  def __call__(self, x, ctx: StepContext, kv: tuple, layer, window):
+    a, kv = self.attn(self.attn_norm(x), ctx, kv, layer, window)
     x = x + a
-    return x + self.mlp(self.mlp_norm(x)), cache_k, cache_v
+    return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class Qwen2(nnx.Module):
@@ -166,14 +229,18 @@ class Qwen2(nnx.Module):
       self.lm_head = declare(rngs, (v, d), (VOCAB, EMBED), HFTensor("lm_head.weight", (v, d)), stack=(),
                              dtype=param_dtype)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *, rows: jax.Array | None = None,
-               attend_to_cache: bool = True, kv_len: int | None = None, rope_positions: jax.Array | None = None,
-               embeds: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, KVCache]:
+  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | PagedKVCache, *,
+               rows: jax.Array | None = None, attend_to_cache: bool = True, kv_len: int | None = None,
+               rope_positions: jax.Array | None = None, embeds: tuple[jax.Array, jax.Array] | None = None,
+               paged: PagedInputs | None = None, attention_impl: str = "xla"
+               ) -> tuple[jax.Array, KVCache | PagedKVCache]:
     """tokens, positions: [B, T] int32 (positions: where in the cache each token goes); rows: [B] cache row of
     each sequence (None: row b is sequence b); kv_len: static bound on the cache positions attended to (every
     position in `positions` must be below it). rope_positions: the rotary positions, [B, T], or [3, B, T] for
     M-RoPE (None: `positions`). embeds: (features [M, D], index [B, T]): token (b, t) takes the embedding
     features[index[b, t]] instead of its token's where index >= 0 (vision features at image pad tokens).
+    paged: with a PagedKVCache, where the tokens go and which pages each row reads (rows, attend_to_cache and
+    kv_len are then unused: rows attend to their pages). attention_impl: "xla" or "pallas" (paged cache only).
 
     Returns final hidden states [B, T, D] and the cache with this step's keys and values written (lengths are
     the caller's to advance)."""
@@ -186,23 +253,31 @@ class Qwen2(nnx.Module):
     if self.cfg.mrope_section is not None and rope_positions.ndim == 2:  # text: the same on all three axes
       rope_positions = jnp.broadcast_to(rope_positions, (3, *rope_positions.shape))
     cos, sin = rope_tables(*self.cfg.rope_frequencies(), rope_positions, self.cfg.mrope_section)
-    ctx = StepContext(cos, sin, positions, rows, attend_to_cache, kv_len)
+    if (paged is None) != (not isinstance(cache, PagedKVCache)):
+      raise ValueError("a PagedKVCache step needs `paged` inputs, and only it takes them.")
+    sliding = self.cfg.sliding_window if self.cfg.use_sliding_window else None
+    ctx = StepContext(cos, sin, positions, rows, attend_to_cache, kv_len, paged, attention_impl, sliding)
     windows = self.cfg.layer_windows()  # [L]
-    ck, cv = cache.k, cache.v
+    if paged is None:
+      kv = (cache.k, cache.v)
+    else:
+      kv = (cache.k, cache.v, cache.k_scale, cache.v_scale)
     if self.scan_layers:
       graphdef, stacked = nnx.split(self.layers)
 
       def body(carry, xs):
-        x, ck, cv = carry
+        x, kv = carry
         layer_state, layer, window = xs
-        return nnx.merge(graphdef, layer_state)(x, ctx, ck, cv, layer, window), None
+        return nnx.merge(graphdef, layer_state)(x, ctx, kv, layer, window), None
 
       xs = (stacked, jnp.arange(self.cfg.num_layers), jnp.asarray(windows))
-      (x, ck, cv), _ = jax.lax.scan(body, (x, ck, cv), xs)
+      (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
     else:
       for i, block in enumerate(self.layers):
-        x, ck, cv = block(x, ctx, ck, cv, i, int(windows[i]))
-    return self.final_norm(x), dataclasses.replace(cache, k=ck, v=cv)
+        x, kv = block(x, ctx, kv, i, int(windows[i]))
+    if paged is None:
+      return self.final_norm(x), dataclasses.replace(cache, k=kv[0], v=kv[1])
+    return self.final_norm(x), PagedKVCache(*kv)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final hidden states [..., D] -> float32 logits [..., V]."""

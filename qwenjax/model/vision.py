@@ -57,6 +57,7 @@ class _TowerContext:
   frame_segments: jax.Array  # [P]
   block_q: int
   kv_span: int
+  impl: str = "xla"  # attention implementation, `qwenjax.kernels.attention.IMPLS`
 
 
 class VisionAttention(nnx.Module):
@@ -80,7 +81,7 @@ class VisionAttention(nnx.Module):
     qkv = jnp.einsum("pd,dsnh->spnh", x, read(self.qkv_kernel, dt)) + read(self.qkv_bias, dt)[:, None]
     # RoPE in float32, as the reference does, then back to the compute dtype.
     q, k = (rope(a[None].astype(jnp.float32), ctx.cos[None], ctx.sin[None])[0].astype(dt) for a in qkv[:2])
-    attend = functools.partial(vision_attention, q, k, qkv[2], block_q=ctx.block_q)
+    attend = functools.partial(vision_attention, q, k, qkv[2], block_q=ctx.block_q, impl=ctx.impl)
     in_frames = lambda: attend(ctx.frame_segments)
     in_windows = lambda: attend(ctx.window_segments, kv_span=ctx.kv_span)
     if isinstance(full, bool):
@@ -160,12 +161,15 @@ class VisionTower(nnx.Module):
   param_dtype: storage dtype of weights. scan_layers: stacked weights under `lax.scan` (True; window and full
   blocks then pick their attention with `lax.cond`) or one array per block, unrolled (False).
   max_query_block: the most queries one attention block takes (fewer where scores would pass 256 MB).
+  attention_impl: "xla" (the reference) or "pallas" (`qwenjax.kernels.segment_attention`, which skips blocks of
+  different segments); a static attribute, so the engine may set it before it splits the model.
   """
 
   def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = True,
-               max_query_block: int = 512, rngs: nnx.Rngs):
+               max_query_block: int = 512, attention_impl: str = "xla", rngs: nnx.Rngs):
     self.cfg = cfg
     self.max_query_block = max_query_block
+    self.attention_impl = attention_impl
     self.dtype = dtype
     self.scan_layers = scan_layers
     c, d = cfg.patch_dim, cfg.hidden_size
@@ -191,7 +195,8 @@ class VisionTower(nnx.Module):
     angles = plan.positions.astype(jnp.float32)[..., None] * jnp.asarray(cfg.rope_inv_freq())  # [P, 2, H/4]
     angles = angles.reshape(p, -1)  # [P, H/2]: h frequencies, then w frequencies
     ctx = _TowerContext(jnp.cos(angles), jnp.sin(angles), plan.window_segments, plan.frame_segments,
-                        query_block(p, cfg.num_heads, self.max_query_block), cfg.window_patches)
+                        query_block(p, cfg.num_heads, self.max_query_block), cfg.window_patches,
+                        self.attention_impl)
     full = cfg.full_attention_layers()
     if self.scan_layers:
       graphdef, stacked = nnx.split(self.layers)

@@ -21,8 +21,8 @@ import jax
 from jax.sharding import PartitionSpec
 
 # Logical axis names. Sharding rules map these, and only these, onto mesh axes.
-BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = (
-    "batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS, PAGES = (
+    "batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "pages")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,8 @@ class ShardingRules:
 
 
 # The one table. Weights split over fsdp (their embed dimension) and tensor (heads, MLP, vocabulary); activations
-# and the KV cache split their batch over data (then fsdp) and their heads over tensor.
+# and the KV cache split their batch over data (then fsdp) and their heads over tensor; the paged cache splits its
+# pages like a batch.
 DEFAULT_RULES = ShardingRules.of({
     "batch": ("data", "fsdp"),
     "length": None,
@@ -57,6 +58,7 @@ DEFAULT_RULES = ShardingRules.of({
     "mlp": "tensor",
     "vocab": "tensor",
     "layers": None,
+    "pages": ("data", "fsdp"),
 })
 
 

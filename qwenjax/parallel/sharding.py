@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from qwenjax._errors import ConfigError
-from qwenjax.model.kv_cache import KVCache
+from qwenjax.model.kv_cache import KVCache, PagedKVCache
 from qwenjax.parallel.axes import BATCH, DEFAULT_RULES, ShardingRules, spec_for, use_rules
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -168,6 +168,16 @@ def cache_sharding(cfg, mesh: Mesh | AbstractMesh, batch: int, max_len: int,
   kv = named_sharding(mesh, KVCache.AXES, kv_shape, rules)
   rows = named_sharding(mesh, (BATCH,), (batch,), rules)
   return KVCache(kv, kv, rows, rows)
+
+
+def paged_cache_sharding(cfg, mesh: Mesh | AbstractMesh, num_pages: int, page_size: int, quantized: bool = False,
+                         rules: ShardingRules = DEFAULT_RULES):
+  """A `PagedKVCache` of NamedShardings for a pool of `num_pages` pages: k and v by `PagedKVCache.AXES` (pages over
+  data, KV heads over tensor), int8 scales by `SCALE_AXES`."""
+  shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+  kv = named_sharding(mesh, PagedKVCache.AXES, shape, rules)
+  scale = named_sharding(mesh, PagedKVCache.SCALE_AXES, shape[:4], rules) if quantized else None
+  return PagedKVCache(kv, kv, scale, scale)
 
 
 @contextlib.contextmanager
