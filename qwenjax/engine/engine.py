@@ -27,7 +27,9 @@ Shapes: B slots, S cache positions, T prefill bucket, V vocabulary, E stop ids p
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -36,20 +38,30 @@ import jax
 import numpy as np
 from flax import nnx
 
-from qwenjax._errors import InputError
+from qwenjax._errors import ConfigError, InputError
 from qwenjax.engine import programs
 from qwenjax.engine import sampling as sampling_lib
 from qwenjax.engine.buckets import LengthBuckets, next_power_of_two
-from qwenjax.engine.programs import DecodeInputs, FirstTokenInputs, SlotState, TokenBatch, VisionInputs
+from qwenjax.engine.pages import PagePool, SequencePages, pages_needed
+from qwenjax.engine.programs import (
+  DecodeInputs,
+  FirstTokenInputs,
+  PagedBatch,
+  PagedDecodeInputs,
+  SlotState,
+  TokenBatch,
+  VisionInputs,
+)
 from qwenjax.engine.requests import Completion, Request, RequestOutput, StreamEvent, as_request, checked_message
 from qwenjax.engine.sampling import SamplingParams
+from qwenjax.kernels.attention import IMPLS, default_impl
 from qwenjax.model import qwen2_vl
-from qwenjax.model.decoder import Qwen2
-from qwenjax.model.kv_cache import KVCache
+from qwenjax.model.decoder import PagedInputs, Qwen2
+from qwenjax.model.kv_cache import KVCache, PagedKVCache, default_page_size, page_bytes, pages_for_memory
 from qwenjax.multimodal import processing
 from qwenjax.multimodal.positions import VLPrompt, vl_prompt
 from qwenjax.parallel import sharding
-from qwenjax.parallel.axes import DEFAULT_RULES, ShardingRules
+from qwenjax.parallel.axes import DEFAULT_RULES, KV_HEADS, PAGES, ShardingRules, spec_for
 from qwenjax.text.tokenizer import Tokenizer
 
 
@@ -74,6 +86,19 @@ class _Sequence:
   emitted_tokens: int = 0  # tokens and text already streamed
   emitted_text: int = 0
   searched_text: int = 0  # text already searched for stop strings
+  pages: SequencePages | None = None  # paged engine: the pages it holds while admitted
+  admitted: int = 0  # paged engine: admission order (the most recent is preempted first)
+  preemptions: int = 0
+
+  @property
+  def context(self) -> list[int]:
+    """What its cache holds once prefilled: the prompt, and on resuming after preemption the tokens it had
+    generated but the last (the next one decode feeds)."""
+    return self.prompt + self.tokens[:-1]
+
+  @property
+  def rope_offset(self) -> int:
+    return self.vision.rope_offset if self.vision is not None else 0
 
 
 # Decode variants, a static jit argument, three of them so that the compiled programs stay few: a greedy batch
@@ -94,9 +119,19 @@ class Engine:
   """Continuous-batching generation for one loaded model.
 
   tokenizer: renders chat messages, encodes text prompts, decodes completions; None: token ids only.
-  max_batch_size: decode slots (B). max_seq_len: cache positions per slot (prompt plus generated tokens).
-  max_prefill_chunk: the largest prefill bucket; longer prompts are prefilled in chunks of it.
+  max_batch_size: decode slots (B): sequences that decode together. max_seq_len: the longest sequence (prompt plus
+    generated tokens); with the paged cache it is a bound, not a reservation: the model's full context costs
+    nothing until a sequence grows that long.
+  max_prefill_chunk: the largest prefill bucket, and the tokens one packed prefill call holds (rows x bucket);
+    longer prompts are prefilled in chunks of it.
   decode_steps: decode steps per jitted call (fewer dispatches; a finished slot waits at most that many steps).
+  paged: keep keys and values in a pool of pages (the default) rather than one max_seq_len row per slot.
+  page_size: tokens per page (default by backend, `qwenjax.model.kv_cache.PAGE_SIZES`).
+  kv_cache_memory: GiB of KV pages per device. Default: on TPU/GPU 90% of what the device has free after the
+    weights; on CPU what the slots would fill at max_seq_len, at most 4 GiB (beside the weights, in host memory).
+  kv_cache_dtype: None (the compute dtype) or "int8" (int8 pages with a float32 scale per token and KV head).
+  attention_impl: "xla" or "pallas" (the Pallas kernels; interpret mode on CPU). Default: pallas on TPU/GPU, xla
+    on CPU. The paged cache only: the contiguous one has no kernel.
   image_processor: how a Qwen2.5-VL model's images are resized (its preprocessor_config.json; None: Qwen's
     released defaults).
   mesh: a device mesh (`qwenjax.parallel.sharding.make_mesh` / `mesh_from_flags`) to shard the weights (in place, unless
@@ -108,6 +143,8 @@ class Engine:
 
   def __init__(self, model: Qwen2, tokenizer: Tokenizer | None, *, max_batch_size: int = 8, max_seq_len: int = 4096,
                max_prefill_chunk: int = 512, decode_steps: int = 4, eos_token_ids: Iterable[int] | None = None,
+               paged: bool = True, page_size: int | None = None, kv_cache_memory: float | None = None,
+               kv_cache_dtype: str | None = None, attention_impl: str | None = None,
                image_processor: processing.ImageProcessorConfig | None = None,
                mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
                seed: int | None = None):
@@ -119,25 +156,69 @@ class Engine:
     self.vl_cfg = model.vl_cfg if isinstance(model, qwen2_vl.Qwen2VL) else None
     self.image_processor = image_processor or processing.ImageProcessorConfig()
     self.patch_buckets = qwen2_vl.patch_buckets(self.image_processor)
+    self.attention_impl = attention_impl or (default_impl() if paged else "xla")
+    if self.attention_impl not in IMPLS:
+      raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {', '.join(IMPLS)}.")
+    if self.attention_impl == "pallas" and not paged:
+      raise ConfigError("attention_impl 'pallas' needs the paged KV cache (paged=True).")
+    if kv_cache_dtype not in (None, "int8"):
+      raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not None (the compute dtype) or 'int8'.")
+    if kv_cache_dtype and not paged:
+      raise ConfigError("kv_cache_dtype 'int8' needs the paged KV cache (paged=True).")
+    if self.vl_cfg is not None:
+      model.visual.attention_impl = self.attention_impl
     self.graphdef, self.params = nnx.split(model)
     self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
     self.decode_steps = decode_steps
+    self.paged = paged
     self.buckets = LengthBuckets(maximum=min(max_prefill_chunk, max_seq_len),
                                  minimum=min(16, max_prefill_chunk, max_seq_len))
     if eos_token_ids is None:  # the tokenizer's (generation_config, <|im_end|>) and the model config's
       eos_token_ids = set(self.cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
     self.eos_token_ids = frozenset(eos_token_ids)
     b, v = max_batch_size, self.cfg.vocab_size
-    # Headroom of one prefill chunk past the context: a padded last chunk is written whole, never clamped.
-    cache_len = max_seq_len + self.buckets.maximum
-    cache_sharding = slot_sharding = None
-    if mesh is not None:
-      cache_sharding = sharding.cache_sharding(self.cfg, mesh, b, cache_len, rules)
-      slot_sharding = sharding.named_sharding(mesh, SlotState.AXES, (b, v), rules)
-    self._cache = KVCache.zeros(self.cfg, b, cache_len, model.dtype, sharding=cache_sharding)
+    slot_sharding = None if mesh is None else sharding.named_sharding(mesh, SlotState.AXES, (b, v), rules)
     self._slots = SlotState.zeros(b, v, slot_sharding)
+    if paged:
+      self._init_pages(page_size, kv_cache_memory, kv_cache_dtype == "int8")
+    else:
+      # Headroom of one prefill chunk past the context: a padded last chunk is written whole, never clamped.
+      cache_len = max_seq_len + self.buckets.maximum
+      cache_sharding = None if mesh is None else sharding.cache_sharding(self.cfg, mesh, b, cache_len, rules)
+      self._cache = KVCache.zeros(self.cfg, b, cache_len, model.dtype, sharding=cache_sharding)
+      self.context_len = max_seq_len
     self._seed_rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
-    self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_calls": 0, "prefill_calls": 0}
+    # preemptions, peak_sequences (most decoding at once) and peak_pages (most pages held): the paged engine's.
+    self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_calls": 0, "prefill_calls": 0,
+                  "preemptions": 0, "peak_sequences": 0, "peak_pages": 0}
+
+  def _init_pages(self, page_size: int | None, memory_gib: float | None, quantized: bool) -> None:
+    """The page pool: sized from the memory budget, sharded (pages over data, KV heads over tensor)."""
+    cfg, mesh = self.cfg, self.mesh
+    self.page_size = page_size or default_page_size()
+    if self.page_size < 1:
+      raise ConfigError(f"page_size must be a positive integer, got {self.page_size}.")
+    mesh_shape = dict(mesh.shape) if mesh is not None else {}
+    page_splits = math.prod(mesh_shape.get(a, 1) for a in self.rules[PAGES])  # pages: a multiple of it, split fully
+    head_spec = spec_for((KV_HEADS,), (cfg.num_kv_heads,), mesh_shape, self.rules)[0]
+    head_splits = math.prod(mesh_shape[a] for a in ((head_spec,) if isinstance(head_spec, str) else head_spec or ()))
+    if memory_gib is None:
+      pages = self.max_batch_size * pages_needed(self.max_seq_len, self.page_size)
+      memory_gib = _default_kv_memory_gib(self.model, pages, self.page_size, quantized, head_splits * page_splits)
+    if not memory_gib > 0:
+      raise ConfigError(f"kv_cache_memory must be a positive number of GiB, got {memory_gib}.")
+    num_pages = pages_for_memory(cfg, memory_gib * 2**30, self.page_size, self.model.dtype, quantized, page_splits,
+                                 head_splits)
+    if num_pages < page_splits:
+      raise ConfigError(f"kv_cache_memory={memory_gib:g} GiB holds no page of {self.page_size} tokens for this model "
+                        f"({PagedKVCache.__name__} of {cfg.num_layers} layers, {cfg.num_kv_heads} KV heads).")
+    self.pool = PagePool(num_pages, self.page_size)
+    where = (None if mesh is None else
+             sharding.paged_cache_sharding(cfg, mesh, num_pages, self.page_size, quantized, self.rules))
+    self._cache = PagedKVCache.zeros(cfg, num_pages, self.page_size, self.model.dtype, quantized, sharding=where)
+    # A sequence never needs more than the pool: contexts past it end with finish_reason "length".
+    self.context_len = min(self.max_seq_len, num_pages * self.page_size)
+    self.max_pages = pages_needed(self.context_len, self.page_size)  # widest page table
 
   @classmethod
   def load(cls, model: str | None = "default", *, dtype: str = "float32", scan_layers: bool | None = None,
@@ -191,8 +272,9 @@ class Engine:
     elif self.vl_cfg is not None and any(t in (self.vl_cfg.image_token_id, self.vl_cfg.video_token_id) for t in ids):
       raise InputError("the prompt holds image or video pad tokens but no images or videos were given.")
     n = len(_ids(prompt))
-    if n >= self.max_seq_len:
-      raise InputError(f"the prompt has {n} tokens; the context holds {self.max_seq_len} "
+    if n >= self.context_len:
+      held = "" if self.context_len == self.max_seq_len else f" (all {self.pool.num_pages} pages of the KV cache)"
+      raise InputError(f"the prompt has {n} tokens; the context holds {self.context_len}{held} "
                        "(prompt plus at least one generated token).")
     return prompt
 
@@ -270,7 +352,7 @@ class Engine:
     prompt = _ids(prompt)
     stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
     # The context bounds generation: a sequence that fills it ends with finish_reason "length".
-    max_tokens = min(params.max_tokens, self.max_seq_len - len(prompt))
+    max_tokens = min(params.max_tokens, self.context_len - len(prompt))
     seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
     return [_Sequence(index, j, prompt, params, seed, stop_ids, max_tokens, vision, features,
                       decoder=self.tokenizer.stream(skip_special_tokens=True) if self.tokenizer else _NoText())
@@ -279,6 +361,10 @@ class Engine:
   def _run(self, items: Iterator[tuple[int, Request, Any]], default, events: bool = False) -> Iterator[Any]:
     """Runs sequences to completion, pulling requests from `items` as slots free up. Yields each finished
     _Sequence, or StreamEvents if `events`."""
+    run = self._run_paged if self.paged else self._run_contiguous
+    yield from run(items, default, events)
+
+  def _run_contiguous(self, items, default, events: bool) -> Iterator[Any]:
     waiting: list[_Sequence] = []  # the current request's samples not yet admitted, reversed
     slots: list[_Sequence | None] = [None] * self.max_batch_size
     while True:
@@ -306,6 +392,268 @@ class Engine:
         yield from self._accept(seq, column[:n].tolist(), out_lp[:n, s].tolist(), events)
         if seq.finish_reason:
           slots[s] = None
+
+  # ---- the paged scheduler --------------------------------------------------------------------------------
+
+  def _run_paged(self, items, default, events: bool) -> Iterator[Any]:
+    """The paged cache's scheduler. Each iteration
+      1. admits waiting sequences (preempted ones first, then new requests in order) into free slots while the
+         pool has pages for their context plus one decode block of every admitted sequence, and prefills them
+         together in packed calls (`_prefill_packed`);
+      2. gives every decoding sequence pages for the next decode block, preempting the most recently admitted
+         ones (pages returned, tokens kept; their context is recomputed when they are readmitted) while the pool
+         is short: the oldest sequences always make progress, so every request finishes;
+      3. runs the decode block and does the host-side bookkeeping, returning a finished sequence's pages."""
+    waiting: collections.deque[_Sequence] = collections.deque()
+    slots: list[_Sequence | None] = [None] * self.max_batch_size
+    admissions = 0
+    while True:
+      admitted = []  # 1. admit
+      free = [s for s in range(self.max_batch_size) if slots[s] is None]
+      reserve = sum(self._block_pages(seq) for seq in slots if seq is not None)
+      while free:
+        if not waiting:
+          item = next(items, None)
+          if item is None:
+            break
+          waiting.extend(self._sequences(*item, default))
+        seq = waiting[0]
+        need = pages_needed(len(seq.context) + min(self.decode_steps, self._budget(seq)), self.page_size)
+        if need + reserve > self.pool.num_free and (admitted or any(slots)):
+          break  # admission waits for pages (FIFO: nothing overtakes the head)
+        waiting.popleft()
+        seq.pages, seq.admitted = SequencePages(self.pool), admissions
+        admissions += 1
+        reserve += need
+        slot = free.pop(0)
+        slots[slot] = seq
+        admitted.append((slot, seq))
+      for slot, seq, first in self._prefill_packed(admitted):
+        if first is not None:
+          yield from self._accept(seq, [first[0]], [first[1]], events)
+          if seq.finish_reason:
+            self._release(slots, slot)
+      live = [s for s in range(self.max_batch_size) if slots[s] is not None]
+      if not live:
+        if waiting:
+          continue
+        return
+      for s in sorted(live, key=lambda s: slots[s].admitted):  # 2. pages for the block, oldest first
+        seq = slots[s]
+        if seq is None:
+          continue
+        grow = min(self.decode_steps, self._budget(seq))
+        while True:
+          extra = pages_needed(seq.pages.length + grow, self.page_size) - len(seq.pages.pages)
+          if extra <= self.pool.num_free:
+            break
+          victim = max((v for v in range(self.max_batch_size) if slots[v] is not None),
+                       key=lambda v: slots[v].admitted)
+          self._preempt(slots, victim, waiting)
+          if victim == s:
+            break
+        if slots[s] is not None:
+          seq.pages.grow(grow)
+      live = [s for s in range(self.max_batch_size) if slots[s] is not None]
+      if not live:
+        continue
+      self.stats["peak_sequences"] = max(self.stats["peak_sequences"], len(live))
+      self.stats["peak_pages"] = max(self.stats["peak_pages"], self.pool.num_pages - self.pool.num_free)
+      out_tok, out_lp = self._decode_paged(slots)  # 3. decode
+      for s in live:
+        seq = slots[s]
+        column = out_tok[:, s]
+        n = int(np.argmax(column < 0)) if (column < 0).any() else len(column)
+        yield from self._accept(seq, column[:n].tolist(), out_lp[:n, s].tolist(), events)
+        if seq.finish_reason:
+          self._release(slots, s)
+
+  def _budget(self, seq: _Sequence) -> int:
+    """Tokens seq may still generate; the decode block writes at most this many of its positions."""
+    return seq.max_tokens - len(seq.tokens)
+
+  def _block_pages(self, seq: _Sequence) -> int:
+    """Pages seq needs beyond those it holds to run the next decode block."""
+    grow = min(self.decode_steps, self._budget(seq))
+    return max(0, pages_needed(seq.pages.length + grow, self.page_size) - len(seq.pages.pages))
+
+  def _release(self, slots: list, slot: int) -> None:
+    slots[slot].pages.release()
+    slots[slot] = None
+
+  def _preempt(self, slots: list, slot: int, waiting: collections.deque) -> None:
+    """Frees a decoding sequence's slot and pages; it waits at the head of the queue with its tokens, and its
+    context is prefilled again when it is readmitted (recompute: the outputs are unchanged)."""
+    seq = slots[slot]
+    self._release(slots, slot)
+    seq.pages = None
+    seq.preemptions += 1
+    self.stats["preemptions"] += 1
+    waiting.appendleft(seq)
+
+  def _prefill_packed(self, admitted: list[tuple[int, _Sequence]]) -> Iterator[tuple[int, _Sequence, Any]]:
+    """Prefills the admitted sequences' contexts, several rows per jitted call: every call takes the next chunk
+    (at most max_prefill_chunk tokens) of as many sequences as fit `rows x bucket <= max_prefill_chunk`. Yields
+    (slot, seq, (first token, logprob)) as each finishes, or (slot, seq, None) for a resumed sequence, whose
+    next token it already has (its penalty state is restored instead)."""
+    chunk = self.buckets.maximum
+    todo = [(slot, seq, seq.context) for slot, seq in admitted]
+    done = {id(seq): 0 for _, seq, _ in todo}  # context tokens prefilled so far
+    while todo:
+      group, width = [], 0
+      for item in todo:
+        piece = min(chunk, len(item[2]) - done[id(item[1])])
+        w = max(width, self.buckets.bucket(piece))
+        if group and not self._rows_fit(len(group) + 1, w):
+          break
+        group.append(item)
+        width = w
+      logits = self._prefill_call(group, done, width)
+      todo = [item for item in todo if done[id(item[1])] < len(item[2])]
+      for i, (slot, seq, context) in enumerate(group):
+        if done[id(seq)] == len(context):
+          yield slot, seq, self._start(slot, seq, logits[i:i + 1])
+
+  def _rows_fit(self, rows: int, width: int) -> bool:
+    """Whether a packed prefill call of `rows` rows (padded to a power of two) of `width` tokens is allowed."""
+    return next_power_of_two(rows) * width <= self.buckets.maximum and rows <= self.max_batch_size
+
+  def program_shapes(self) -> dict[str, list[tuple]]:
+    """Every shape the paged scheduler's programs can be called with (rows x tokens x page-table width for
+    prefill, page-table width for decode, padded prompt size for first tokens and restores): the bound on what a
+    job of any length compiles, per sampling variant. `warm_up` compiles them all."""
+    widths = sorted({self._table_width(p) for p in range(1, self.max_pages + 1)})
+    prefill = [(r, w, p) for w in self.buckets.sizes for r in (1 << i for i in range(self.max_batch_size.bit_length()))
+               if self._rows_fit(r, w) for p in widths if p >= min(self._table_width(pages_needed(w, self.page_size)),
+                                                                    self.max_pages)]
+    pads = sorted({_pad_width(n) for n in (1 << i for i in range(self.context_len.bit_length() + 1))
+                   if n <= self.context_len})
+    return {"prefill": prefill, "decode": widths, "first_token": pads, "restore_slot": pads}
+
+  def warm_up(self) -> int:
+    """Compiles every program the paged scheduler can call (`program_shapes`, each decode and first-token shape
+    for the greedy, sampling and penalty variants) with inputs that write nothing, so that a job compiles nothing
+    once it runs. Returns how many program variants it ran."""
+    if not self.paged:
+      raise ConfigError("warm_up enumerates the paged engine's programs; this engine has paged=False.")
+    shapes, b, v = self.program_shapes(), self.max_batch_size, self.cfg.vocab_size
+    count = 0
+    with self._on_mesh():
+      for r, w, p in shapes["prefill"]:
+        batch = PagedBatch(np.zeros((r, w), np.int32), np.zeros(r, np.int32),
+                           PagedInputs(np.full((r, w), -1, np.int32), np.zeros((r, p), np.int32),
+                                       np.zeros(r, np.int32)), np.zeros(r, np.int32))
+        vision = None
+        if self.vl_cfg is not None:
+          features = np.zeros((r * w, self.cfg.hidden_size), np.float32)
+          vision = VisionInputs(np.zeros((3, r, w), np.int32), None, features, np.full((r, w), -1, np.int32))
+        _, self._cache = programs.paged_prefill(self.graphdef, self.params, self._cache, batch, vision,
+                                                impl=self.attention_impl)
+        count += 1
+      idle = self._decode_inputs([None] * b)
+      for needs in (_GREEDY, _SAMPLE, _FULL):
+        for p in shapes["decode"]:
+          inputs = PagedDecodeInputs(idle, np.zeros(b, np.int32), np.zeros((b, p), np.int32), np.zeros(b, np.int32))
+          out = programs.paged_decode_block(self.graphdef, self.params, self._cache, self._slots, inputs,
+                                            needs=needs, num_steps=self.decode_steps, impl=self.attention_impl)
+          _, _, self._cache, self._slots = out
+          count += 1
+        for pad in shapes["first_token"]:
+          inputs = FirstTokenInputs(np.int32(0), np.zeros(pad, np.int32), np.int32(1), sampling_lib.pack(
+              [SamplingParams()], sample_indices=[0], seeds=[0]))
+          _, _, self._slots = programs.first_token(np.zeros((1, v), np.float32), self._slots, inputs, needs=needs)
+          count += 1
+      for pad in shapes["restore_slot"]:
+        self._slots = programs.restore_slot(self._slots, np.int32(0), np.zeros(pad, np.int32), np.int32(0),
+                                            np.zeros(pad, np.int32), np.int32(0))
+        count += 1
+    return count
+
+  def _prefill_call(self, group, done: dict, width: int) -> jax.Array:
+    """One packed prefill call: the next chunk of each sequence of `group`, a row each (rows padded to a power
+    of two, tokens to `width`). Returns the logits at each row's last token [rows, V]."""
+    rows = next_power_of_two(len(group))
+    tokens = np.zeros((rows, width), np.int32)
+    start, num_new, rope_offset = (np.zeros(rows, np.int32) for _ in range(3))
+    slots = np.full((rows, width), -1, np.int32)
+    pieces = []
+    for r, (_, seq, context) in enumerate(group):
+      lo = done[id(seq)]
+      piece = context[lo:lo + self.buckets.maximum]
+      tokens[r, :len(piece)] = piece
+      start[r], num_new[r], rope_offset[r] = lo, len(piece), seq.rope_offset
+      slots[r, :len(piece)] = seq.pages.grow(len(piece))
+      done[id(seq)] = lo + len(piece)
+      pieces.append((seq, lo))
+    table = self._page_table([seq for _, seq, _ in group], rows)
+    vision = self._vision_rows(pieces, rows, width) if self.vl_cfg is not None else None
+    batch = PagedBatch(tokens, start, PagedInputs(slots, table, num_new), rope_offset)
+    with self._on_mesh():
+      logits, self._cache = programs.paged_prefill(self.graphdef, self.params, self._cache, batch, vision,
+                                                   impl=self.attention_impl)
+    self.stats["prefill_calls"] += 1
+    self.stats["prompt_tokens"] += int(num_new.sum())
+    return logits
+
+  def _table_width(self, pages: int) -> int:
+    """The compiled page-table width for a widest table of `pages`: a power of two, capped at max_pages."""
+    return min(next_power_of_two(pages), self.max_pages)
+
+  def _page_table(self, seqs: list[_Sequence | None], rows: int) -> np.ndarray:
+    """[rows, P] page tables, P the widest table rounded by `_table_width` (few compiled widths)."""
+    width = self._table_width(max(len(s.pages.pages) for s in seqs if s is not None))
+    table = np.zeros((rows, width), np.int32)
+    for r, seq in enumerate(seqs):
+      if seq is not None:
+        table[r] = seq.pages.page_row(width)
+    return table
+
+  def _vision_rows(self, pieces: list[tuple[_Sequence, int]], rows: int, width: int) -> VisionInputs:
+    """A Qwen2.5-VL model's packed prefill inputs: each row's chunk's `_vision_chunk`, features stacked (row r's
+    index shifted by r * width)."""
+    parts = [self._vision_chunk(seq, lo, width) for seq, lo in pieces]
+    positions = np.zeros((3, rows, width), np.int32)
+    features = np.zeros((rows * width, self.cfg.hidden_size), np.float32)
+    index = np.full((rows, width), -1, np.int32)
+    for r, part in enumerate(parts):
+      positions[:, r] = part.rope_positions[:, 0]
+      features[r * width:(r + 1) * width] = part.features
+      index[r] = np.where(part.index[0] >= 0, part.index[0] + r * width, -1)
+    return VisionInputs(positions, None, features, index)
+
+  def _start(self, slot: int, seq: _Sequence, logits: jax.Array) -> tuple[int, float] | None:
+    """After seq's context is prefilled: its first token (sampled from `logits` [1, V]), or, for a resumed
+    sequence, None once its slot's penalty state is restored."""
+    if seq.tokens:  # prompt and tokens padded alike: one compiled shape per power of two
+      width = _pad_width(max(len(seq.prompt), len(seq.tokens)))
+      pad = lambda ids: np.pad(np.asarray(ids, np.int32), (0, width - len(ids)))
+      with self._on_mesh():
+        self._slots = programs.restore_slot(self._slots, np.int32(slot), pad(seq.prompt), np.int32(len(seq.prompt)),
+                                            pad(seq.tokens), np.int32(len(seq.tokens)))
+      return None
+    pad = lambda ids: np.pad(np.asarray(ids, np.int32), (0, _pad_width(len(ids)) - len(ids)))
+    inputs = FirstTokenInputs(np.int32(slot), pad(seq.prompt), np.int32(len(seq.prompt)),
+                              sampling_lib.pack([seq.params], sample_indices=[seq.sample_index], seeds=[seq.seed]))
+    with self._on_mesh():
+      tok, logprob, self._slots = programs.first_token(logits, self._slots, inputs, needs=_needs_of([seq.params]))
+    return int(tok), float(logprob)
+
+  def _decode_paged(self, slots: list[_Sequence | None]) -> tuple[np.ndarray, np.ndarray]:
+    b = self.max_batch_size
+    position, rope_offset = np.zeros(b, np.int32), np.zeros(b, np.int32)
+    for i, seq in enumerate(slots):
+      if seq is not None:
+        position[i], rope_offset[i] = len(seq.prompt) + len(seq.tokens) - 1, seq.rope_offset
+    inputs = PagedDecodeInputs(self._decode_inputs(slots), position, self._page_table(slots, b), rope_offset)
+    live = [s for s in slots if s is not None]
+    with self._on_mesh():
+      out_tok, out_lp, self._cache, self._slots = programs.paged_decode_block(
+          self.graphdef, self.params, self._cache, self._slots, inputs, needs=_needs_of(s.params for s in live),
+          num_steps=self.decode_steps, impl=self.attention_impl)
+    self.stats["decode_calls"] += 1
+    return np.asarray(out_tok), np.asarray(out_lp)
+
+  # ---- the contiguous scheduler's steps --------------------------------------------------------------------
 
   def _admit(self, seq: _Sequence, slot: int) -> tuple[int, float]:
     """Prefills seq's prompt into `slot` (chunked past the largest bucket); returns its first token."""
@@ -342,7 +690,8 @@ class Engine:
     vision = seq.vision
     part = vision.positions[:, start:start + width]
     positions[:, 0, :part.shape[1]] = part
-    positions[:, 0, part.shape[1]:] = part.max() + 1 + np.arange(width - part.shape[1])  # padding, never read
+    # Past the prompt (a resumed sequence's generated tokens, then padding): text positions, cache + rope offset.
+    positions[:, 0, part.shape[1]:] = start + np.arange(part.shape[1], width) + vision.rope_offset
     offset = 0
     for first, v in zip(vision.starts, vision.visuals):  # features row of each pad token of this chunk
       lo, hi = max(first, start), min(first + v.num_tokens, start + width)
@@ -352,12 +701,13 @@ class Engine:
       offset += v.num_tokens
     return VisionInputs(positions, np.array([vision.rope_offset], np.int32), features, index)
 
-  def _decode(self, slots: list[_Sequence | None]) -> tuple[np.ndarray, np.ndarray]:
+  def _decode_inputs(self, slots: list[_Sequence | None]) -> DecodeInputs:
+    """Every slot's DecodeInputs (idle slots inactive)."""
     b = self.max_batch_size
     live = [s for s in slots if s is not None]
     tokens, step, budget = (np.zeros(b, np.int32) for _ in range(3))
     active = np.zeros(b, bool)
-    width = next_power_of_two(max(8, max(len(s.stop_ids) for s in live)))
+    width = next_power_of_two(max([8] + [len(s.stop_ids) for s in live]))
     stop_ids = np.full((b, width), -1, np.int32)
     for i, seq in enumerate(slots):
       if seq is None:
@@ -367,7 +717,11 @@ class Engine:
     arrays = sampling_lib.pack([s.params if s else None for s in slots],
                                sample_indices=[s.sample_index if s else 0 for s in slots],
                                seeds=[s.seed if s else 0 for s in slots])
-    inputs = DecodeInputs(tokens, step, active, budget, stop_ids, arrays)
+    return DecodeInputs(tokens, step, active, budget, stop_ids, arrays)
+
+  def _decode(self, slots: list[_Sequence | None]) -> tuple[np.ndarray, np.ndarray]:
+    live = [s for s in slots if s is not None]
+    inputs = self._decode_inputs(slots)
     with self._on_mesh():
       out_tok, out_lp, self._cache, self._slots = programs.decode_block(
           self.graphdef, self.params, self._cache, self._slots, inputs, needs=_needs_of(s.params for s in live),
@@ -428,6 +782,24 @@ class _NoText:
     return ""
 
 
+def _pad_width(n: int) -> int:
+  """The padded size of a first-token prompt or a restored history: powers of two from 16 (few shapes)."""
+  return max(16, next_power_of_two(n))
+
+
 def _ids(prompt: list[int] | VLPrompt) -> list[int]:
   return prompt.ids if isinstance(prompt, VLPrompt) else prompt
 
+
+
+CPU_KV_MEMORY_GIB = 4.0  # the CPU default's cap: host memory beside the weights
+DEVICE_KV_FRACTION = 0.9  # TPU/GPU default: this fraction of what a device has free once the weights are on it
+
+
+def _default_kv_memory_gib(model: Qwen2, pages: int, page_size: int, quantized: bool, splits: int) -> float:
+  """The page pool's budget per device when none is given (see Engine's kv_cache_memory)."""
+  stats = None if jax.default_backend() == "cpu" else jax.local_devices()[0].memory_stats()
+  if stats and stats.get("bytes_limit"):
+    return DEVICE_KV_FRACTION * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) / 2**30
+  full = pages * page_bytes(model.cfg, page_size, model.dtype, quantized) / splits
+  return min(CPU_KV_MEMORY_GIB, full / 2**30)

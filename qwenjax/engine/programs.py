@@ -36,7 +36,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.engine import sampling as sampling_lib
-from qwenjax.model.kv_cache import KVCache
+from qwenjax.model.decoder import PagedInputs
+from qwenjax.model.kv_cache import KVCache, PagedKVCache
 from qwenjax.parallel.axes import BATCH, VOCAB, constrain
 
 # Named inputs and state: pytrees of arrays (None where absent), so jit traces them by shape and dtype.
@@ -265,5 +266,116 @@ def decode_block(graphdef, params, cache: KVCache, slots: SlotState, inputs: Dec
           jnp.full((num_steps, b), -1, jnp.int32), jnp.zeros((num_steps, b), jnp.float32))
   cache, counts, *_, out_tok, out_lp = jax.lax.fori_loop(0, num_steps, body, init)
   # Under a mesh, whole on every device: the host reads them (on every process of a multi-host mesh).
+  out_tok, out_lp = constrain(out_tok, (None, None)), constrain(out_lp, (None, None))
+  return out_tok, out_lp, cache, SlotState(prompt_mask, counts).constrained()
+
+
+# The paged engine's programs: the same steps over a PagedKVCache, whose page tables and slots the host computes
+# (`qwenjax.engine.pages`). Static arguments are the attention impl and, for decode, the sampling variant and
+# step count; shapes (rows b, tokens T, page-table width P) are bucketed by the engine.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedBatch:
+  """Prompt chunks of b sequences, one row each. tokens: [b, T] int32, right-padded; start: [b] int32, the cache
+  position of each row's first token (what its pages already hold); paged: the rows' slots [b, T], page tables
+  [b, P] and real token counts [b]; rope_offset: [b] int32, rotary minus cache position of the rows' text tokens
+  (0, or a Qwen2.5-VL prompt's `rope_deltas` for tokens past its images)."""
+
+  tokens: jax.Array
+  start: jax.Array
+  paged: PagedInputs
+  rope_offset: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedDecodeInputs:
+  """A decode block over a PagedKVCache: the slots' DecodeInputs, plus position: [B] int32, the cache position of
+  each slot's last token (the one it feeds); page_table: [B, P] int32, pages allocated for the block's k tokens
+  ahead; rope_offset: [B] int32 (see PagedBatch)."""
+
+  decode: DecodeInputs
+  position: jax.Array
+  page_table: jax.Array
+  rope_offset: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "all_logits"), donate_argnames=("cache",))
+def paged_prefill(graphdef, params, cache: PagedKVCache, batch: PagedBatch, vision: VisionInputs | None = None, *,
+                  impl: str = "xla", all_logits: bool = False) -> tuple[jax.Array, PagedKVCache]:
+  """Prompt chunks into their pages, several sequences in one call: each row attends to what its pages hold
+  and to its own chunk. vision: a Qwen2.5-VL model's rotary positions [3, b, T] and features (every chunk).
+  Returns logits at each row's last real token [b, V] (or at every token [b, T, V] with all_logits: scoring,
+  perplexity) and the cache."""
+  model = nnx.merge(graphdef, params)
+  tokens = batch.tokens
+  b, t = tokens.shape
+  positions = batch.start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [b, T]
+  rope_positions = positions + batch.rope_offset[:, None]
+  embeds = None
+  if vision is not None:
+    rope_positions = vision.rope_positions if vision.rope_positions is not None else rope_positions
+    embeds = None if vision.features is None else (vision.features, vision.index)
+  h, cache = model(tokens, positions, cache, rope_positions=rope_positions, embeds=embeds, paged=batch.paged,
+                   attention_impl=impl)  # [b, T, D]
+  if all_logits:
+    return model.logits(h), cache.constrained()
+  last = jnp.take_along_axis(h, jnp.maximum(batch.paged.num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [b, D]
+  return model.logits(last), cache.constrained()
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def restore_slot(slots: SlotState, slot: jax.Array, prompt: jax.Array, prompt_len: jax.Array,
+                 generated: jax.Array, num_generated: jax.Array) -> SlotState:
+  """A resumed (preempted) sequence's penalty state, as it was: its prompt's mask and the counts of the tokens it
+  had generated. prompt, generated: [T] int32 padded to powers of two, the first prompt_len / num_generated real."""
+  v = slots.prompt_mask.shape[1]
+  real = lambda ids, n: jnp.where(jnp.arange(ids.shape[0]) < n, ids, v)  # padding past the vocabulary: dropped
+  mask = jnp.zeros(v, bool).at[real(prompt, prompt_len)].set(True, mode="drop")
+  counts = jnp.zeros(v, jnp.int32).at[real(generated, num_generated)].add(1, mode="drop")
+  return SlotState(slots.prompt_mask.at[slot].set(mask), slots.counts.at[slot].set(counts)).constrained()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "num_steps", "impl"),
+                   donate_argnames=("cache", "slots"))
+def paged_decode_block(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs: PagedDecodeInputs,
+                       needs: sampling_lib.SamplingNeeds, num_steps: int, impl: str = "xla"
+                       ) -> tuple[jax.Array, jax.Array, PagedKVCache, SlotState]:
+  """`decode_block` over a PagedKVCache: num_steps decode + sample steps for all B slots, each token written to
+  the slot of its position in the row's page table, for the first min(num_steps, budget) steps (idle slots
+  write nothing). Returns tokens [k, B] (-1 where a
+  row had stopped), logprobs [k, B], the cache and the slot state."""
+  model = nnx.merge(graphdef, params)
+  d = inputs.decode
+  prompt_mask = slots.prompt_mask
+  table = inputs.page_table  # [B, P]
+  page_size = cache.page_size
+  num_new = d.active.astype(jnp.int32)
+
+  def body(i, carry):
+    cache, counts, tok, step, active, budget, out_tok, out_lp = carry
+    pos = inputs.position + i  # [B]
+    page = jnp.take_along_axis(table, jnp.minimum(pos // page_size, table.shape[1] - 1)[:, None], axis=1)[:, 0]
+    # A row writes the positions of the tokens it may generate (min(k, budget): the pages the host allocated),
+    # not those a stopped row runs on past its budget; an idle row writes nothing.
+    writes = d.active & (i < d.budget)
+    slot = jnp.where(writes, page * page_size + pos % page_size, -1)
+    paged = PagedInputs(slot[:, None], table, num_new)
+    h, cache = model(tok[:, None], pos[:, None], cache, rope_positions=(pos + inputs.rope_offset)[:, None],
+                     paged=paged, attention_impl=impl)
+    logits = model.logits(h[:, 0])  # [B, V]
+    new, logprob = sampling_lib.sample(logits, d.sampling, step, prompt_mask, counts, needs)
+    counts = constrain(sampling_lib.update_counts(counts, new, active), SlotState.AXES)
+    out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
+    out_lp = out_lp.at[i].set(logprob)
+    stopped = jnp.any(new[:, None] == d.stop_ids, axis=-1) | (budget <= 1)
+    return cache.constrained(), counts, new, step + 1, active & ~stopped, budget - 1, out_tok, out_lp
+
+  b = d.tokens.shape[0]
+  init = (cache, slots.counts, d.tokens, d.step, d.active, d.budget,
+          jnp.full((num_steps, b), -1, jnp.int32), jnp.zeros((num_steps, b), jnp.float32))
+  cache, counts, *_, out_tok, out_lp = jax.lax.fori_loop(0, num_steps, body, init)
   out_tok, out_lp = constrain(out_tok, (None, None)), constrain(out_lp, (None, None))
   return out_tok, out_lp, cache, SlotState(prompt_mask, counts).constrained()

@@ -177,8 +177,47 @@ def test_context_bounds_max_tokens(tiny):
   assert len(out.token_ids) == 16 and out.finish_reason == "length"
 
 
-def test_no_compilation_after_warm_up(tiny):
-  engine = _engine(tiny, max_batch_size=4, max_prefill_chunk=64)
+def test_paged_engine_compiles_nothing_after_warm_up(tiny):
+  """warm_up compiles the bounded set `program_shapes` names; a varied workload then compiles nothing."""
+  engine = _engine(tiny, max_batch_size=4, max_seq_len=128, max_prefill_chunk=64, page_size=16)
+  shapes = engine.program_shapes()
+  # Prefill: buckets 16/32/64 with 1/2/4, 1/2 and 1 rows (rows x bucket <= 64), page tables of 1..8 pages from
+  # the bucket's own pages (1, 2, 4) up; decode: every table width; first tokens and restores: pads 16..128.
+  assert engine.max_pages == 8 and shapes["decode"] == [1, 2, 4, 8]
+  assert len(shapes["prefill"]) == 3 * 4 + 2 * 3 + 1 * 2, shapes["prefill"]
+  assert shapes["first_token"] == [16, 32, 64, 128]
+  with count_compilations() as warm:
+    ran = engine.warm_up()
+  assert ran == len(shapes["prefill"]) + 3 * (4 + 4) + 4
+  assert sum(warm.values()) <= ran, warm
+  rng = np.random.default_rng(9)
+  workload = [Request(prompt=rng.integers(0, 600, size=int(rng.integers(1, 110))).tolist(),
+                      sampling=SamplingParams(max_tokens=int(rng.integers(1, 20)),
+                                              temperature=float(rng.choice([0.0, 0.8])), seed=int(i),
+                                              top_k=int(rng.choice([0, 5])), repetition_penalty=float(i % 2 + 1),
+                                              stop=["zz"] if i % 3 else ()))
+              for i in range(25)]
+  with count_compilations() as compiled:
+    outs = engine.generate(workload)
+  assert sum(compiled.values()) == 0, compiled
+  one_at_a_time = _engine(tiny, max_batch_size=1, max_seq_len=128).generate(workload)
+  assert [o.token_ids for o in outs] == [o.token_ids for o in one_at_a_time]
+  assert engine.pool.num_free == engine.pool.num_pages  # every page returned
+
+
+def test_packed_prefill_admits_many_prompts_in_few_calls(tiny):
+  """32 prompts into 32 slots: rows x bucket <= max_prefill_chunk tokens per call, so a handful of calls."""
+  hf = tiny[1]
+  prompts = _prompts(32, seed=4, lo=3, hi=30)  # buckets 16 and 32
+  engine = _engine(tiny, max_batch_size=32, max_prefill_chunk=512, decode_steps=4)
+  outs = engine.generate(prompts, SamplingParams(max_tokens=5))
+  assert engine.stats["prefill_calls"] <= 4, engine.stats
+  for p, out in zip(prompts, outs):
+    assert out.token_ids == _hf_greedy(hf, p, 5)
+
+
+def test_contiguous_engine_compiles_nothing_after_warm_up(tiny):
+  engine = _engine(tiny, max_batch_size=4, max_prefill_chunk=64, paged=False)
   greedy, sampled = SamplingParams(max_tokens=6), SamplingParams(max_tokens=6, temperature=0.7, top_p=0.9,
                                                                  repetition_penalty=1.1, seed=1)
   # Warm-up: every prefill bucket, fresh and appended (chunked), every first-token shape; greedy and sampled.

@@ -234,9 +234,11 @@ def _hf_chat_greedy(d, hf, messages, images, n):
   return len(ids), out[0, len(ids):].tolist()
 
 
-def test_engine_images_in_chat_match_transformers(tiny_vl_chat, tmp_path):
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_engine_images_in_chat_match_transformers(tiny_vl_chat, tmp_path, impl):
   """Images of different sizes from a path, a data: URL and PIL, mixed with a text request, two slots, prompts
-  longer than the largest prefill chunk (chunked prefill across image tokens)."""
+  longer than the largest prefill chunk (chunked prefill across image tokens), through the paged cache with the
+  XLA references and with the Pallas kernels (interpret mode: ragged paged attention, segment attention)."""
   import base64
 
   from PIL import Image
@@ -255,7 +257,8 @@ def test_engine_images_in_chat_match_transformers(tiny_vl_chat, tmp_path):
                                      {"type": "image_url", "image_url": {"url": data_url}},
                                      {"type": "image", "image": Image.open(a)}]}], [b, a]),
   ]
-  engine = Engine.load(str(d), max_batch_size=2, max_seq_len=256, max_prefill_chunk=16)
+  engine = Engine.load(str(d), max_batch_size=2, max_seq_len=256, max_prefill_chunk=16, page_size=16,
+                       attention_impl=impl)
   n = 10
   outs = engine.generate([{"messages": m} for m, _ in chats], SamplingParams(max_tokens=n, ignore_eos=True))
   for (messages, paths), out in zip(chats, outs):
@@ -325,7 +328,8 @@ def test_launch_generate_and_batch_jsonl_with_images(tiny_vl_chat, tmp_path):
   assert len(results["text"]["token_ids"]) == n
 
 
-def test_engine_video_from_frame_directory_matches_transformers(tiny_vl_chat, tmp_path):
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_engine_video_from_frame_directory_matches_transformers(tiny_vl_chat, tmp_path, impl):
   """A video as a directory of 3 frames (padded to 4: two temporal patches at 1 s each), through the engine,
   against transformers given the same pixel rows (its video processor needs torchvision, absent here; our video
   preprocessing is checked against its image processor frame by frame in test_image_processing)."""
@@ -342,7 +346,7 @@ def test_engine_video_from_frame_directory_matches_transformers(tiny_vl_chat, tm
   messages = [{"role": "user", "content": [{"type": "video", "video": str(frames)},
                                            {"type": "text", "text": "What happens?"}]}]
   n = 8
-  engine = Engine.load(str(d), max_batch_size=1, max_seq_len=256)
+  engine = Engine.load(str(d), max_batch_size=1, max_seq_len=256, page_size=16, attention_impl=impl)
   out = engine.generate([{"messages": messages}], SamplingParams(max_tokens=n, ignore_eos=True))[0]
 
   video = preprocess_video(str(frames), ImageProcessorConfig.from_file(d / "preprocessor_config.json"))
