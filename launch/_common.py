@@ -42,6 +42,21 @@ IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Don't stop at an end-of-seq
 _cli.validate_sampling_flags("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                              "frequency_penalty", "seed", max_new_tokens="max_tokens")
 
+# The KV cache and attention kernels.
+KV_CACHE = flags.DEFINE_enum("kv_cache", "paged", ["paged", "contiguous"], "paged: a pool of pages that sequences "
+                             "take as they grow (sized by --kv_cache_memory); contiguous: one --max_seq_len row per "
+                             "decode slot (the previous engine, kept for comparison).")
+KV_CACHE_MEMORY = flags.DEFINE_float("kv_cache_memory", None, "GiB of KV pages per device. Default: 90% of a "
+                                     "TPU/GPU's free memory after the weights (a topology's planned pool with "
+                                     "--topology); on CPU what the slots fill at --max_seq_len, at most 4 GiB.")
+KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "auto: pages in the compute dtype; "
+                                   "int8: int8 pages with a float32 scale per token and KV head.")
+PAGE_SIZE = flags.DEFINE_integer("page_size", None, "Tokens per KV page (default by backend: 64 on CPU, 16 on GPU, "
+                                 "128 on TPU).", lower_bound=1)
+ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "pallas"], "Attention kernels: xla (plain "
+                                   "JAX) or pallas (ragged paged attention, segment attention for the vision tower; "
+                                   "interpret mode on CPU, slow). auto: pallas on TPU/GPU, xla on CPU.")
+
 MESH = flags.DEFINE_string("mesh", None, "Device mesh of each host as comma-separated axis:size pairs over data, "
                            "fsdp and tensor, multiplying to the host's device count (e.g. tensor:8 or "
                            "data:2,tensor:4); weights and KV cache are sharded by qwenjax.parallel.sharding's rules. "
@@ -66,6 +81,18 @@ class Serving:
   max_seq_len: int
   max_prefill_chunk: int
   replica: object  # qwenjax.parallel.distributed.Replica
+  page_size: int | None = None  # the topology's planned pool, unless the flags name one
+  kv_cache_memory: float | None = None
+
+  def cache_kwargs(self) -> dict:
+    """The Engine's KV cache and attention arguments: the flags, then the topology's plan, then the defaults."""
+    paged = KV_CACHE.value == "paged"
+    kwargs = dict(paged=paged, attention_impl=None if ATTENTION_IMPL.value == "auto" else ATTENTION_IMPL.value)
+    if paged:
+      kwargs.update(page_size=PAGE_SIZE.value or self.page_size,
+                    kv_cache_memory=KV_CACHE_MEMORY.value or self.kv_cache_memory,
+                    kv_cache_dtype=None if KV_CACHE_DTYPE.value == "auto" else KV_CACHE_DTYPE.value)
+    return kwargs
 
 
 def sampling_params():
@@ -105,14 +132,14 @@ def serving(model: str | None, *, max_batch_size: int, max_seq_len: int, max_pre
     sharding,  # pylint: disable=g-import-not-at-top
   )
 
-  def build(mesh_text: str | None, *sizes) -> Serving:
+  def build(mesh_text: str | None, *sizes, **pool) -> Serving:
     size = math.prod(sharding.parse_mesh(mesh_text).values()) if mesh_text else None
     group = distributed.replica(size)
     try:
       mesh = sharding.mesh_from_flags(mesh_text, group.devices) if mesh_text else None
     except ConfigError as e:
       raise ConfigError(f"--mesh={mesh_text}: {e}") from None
-    return Serving(mesh, *sizes, group)
+    return Serving(mesh, *sizes, group, **pool)
 
   if TOPOLOGY.value is None:
     return build(MESH.value, max_batch_size, max_seq_len, max_prefill_chunk)
@@ -139,4 +166,5 @@ def serving(model: str | None, *, max_batch_size: int, max_seq_len: int, max_pre
     max_batch_size = max(1, entry.max_batch_size * replica_data // data)
   if "max_seq_len" not in explicit_sizes:
     max_seq_len = entry.max_seq_len
-  return build(mesh_text or None, max_batch_size, max_seq_len, entry.max_prefill_chunk)
+  return build(mesh_text or None, max_batch_size, max_seq_len, entry.max_prefill_chunk, page_size=entry.page_size,
+               kv_cache_memory=entry.kv_cache_memory_gib)

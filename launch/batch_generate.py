@@ -175,7 +175,8 @@ def main(argv):
     job_seed = distributed.broadcast(secrets.randbits(63) if distributed.process_index() == 0 else None)
     engine = Engine.load(model, dtype=_common.DTYPE.value, max_batch_size=serving.max_batch_size,
                          max_seq_len=serving.max_seq_len, max_prefill_chunk=serving.max_prefill_chunk,
-                         decode_steps=_common.DECODE_STEPS.value, mesh=serving.mesh, seed=job_seed)
+                         decode_steps=_common.DECODE_STEPS.value, mesh=serving.mesh, seed=job_seed,
+                         **serving.cache_kwargs())
     served, failed = _serve(engine, default, done, scanned, group, parts)
   except qwenjax.QwenJaxError as e:
     _cli.fail(e)

@@ -52,7 +52,7 @@ def main(argv):
     request.sampling = _common.sampling_params()
     engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=serving.max_seq_len,
                             max_prefill_chunk=serving.max_prefill_chunk, decode_steps=_common.DECODE_STEPS.value,
-                            image_processor=loaded.image_processor, mesh=serving.mesh)
+                            image_processor=loaded.image_processor, mesh=serving.mesh, **serving.cache_kwargs())
     [out] = engine.generate([request])
   except qwenjax.QwenJaxError as e:
     _cli.fail(e)
