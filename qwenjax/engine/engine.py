@@ -1,28 +1,35 @@
-"""Continuous batching over a fixed set of decode slots.
+"""Continuous batching over a fixed set of decode slots and a pool of KV pages.
 
     engine = Engine.load("default", max_batch_size=8)
     outs = engine.generate(["def fib(n):", {"messages": [{"role": "user", "content": "Hi"}]}],
                            SamplingParams(max_tokens=64))
     for event in engine.stream(requests): ...
 
-The engine holds one KV cache of B = max_batch_size rows (slots) and S = max_seq_len positions. Each scheduler
-iteration
-  1. admits waiting sequences into free slots: the prompt is prefilled straight into that slot's cache row, in
-     length buckets (chunked past the largest one), and its first token is sampled;
-  2. advances every slot `decode_steps` tokens in one jitted call (a `fori_loop` of decode + sample); stops that
+The engine holds B = max_batch_size decode slots and, by default, a `PagedKVCache` of pages sized from a memory
+budget (`kv_cache_memory`), with one host-side page table per sequence (`qwenjax.engine.pages`). Each scheduler
+iteration (`_run_paged`)
+  1. admits waiting sequences into free slots while the pool has pages for them, and prefills them together:
+     each packed call takes the next chunk of several prompts, a row each (length buckets; chunks of
+     max_prefill_chunk past the largest); then samples each one's first token;
+  2. gives every decoding sequence pages for its next `decode_steps` tokens, preempting the most recently
+     admitted ones while the pool is short (their context is recomputed when readmitted: outputs unchanged);
+  3. advances every slot `decode_steps` tokens in one jitted call (a `fori_loop` of decode + sample); stops that
      the device can see (end-of-sequence and stop token ids, max_tokens) end a row exactly where they occur;
-  3. on the host, appends the tokens, detokenizes incrementally, cuts stop strings, and frees finished slots at
-     once for the next waiting sequence.
-Programs compile once per prefill bucket and once per decode variant (greedy, or sampling with filters and
-penalties); no request shape compiles anything after warm-up. They live in `qwenjax.engine.programs`
-(`prefill_rows`, `first_token`, `decode_block`); the engine holds their device state (the cache and the
-`SlotState`) and does the host-side rest. What requests are, and what comes back, is `qwenjax.engine.requests`.
+  4. on the host, appends the tokens, detokenizes incrementally, cuts stop strings, and frees finished
+     sequences' slots and pages at once for the next waiting sequence.
+`paged=False` keeps the previous engine: one `KVCache` row of max_seq_len positions per slot, one prompt
+prefilled per call (`_run_contiguous`). Programs compile once per shape bucket and decode variant (greedy, or
+sampling with filters and penalties): `program_shapes` lists the paged engine's, `warm_up` compiles them, and no
+request shape compiles anything after that. They live in `qwenjax.engine.programs`; the engine holds their
+device state (the cache and the `SlotState`) and does the host-side rest. What requests are, and what comes back,
+is `qwenjax.engine.requests`.
 
 With a device mesh (`Engine(..., mesh=qwenjax.parallel.sharding.mesh_from_flags("data:2,tensor:4"))`) the weights, the
-cache and the [B, V] slot state are placed by `qwenjax.parallel.sharding`'s rules (slots over data, heads, MLP and
-vocabulary over tensor) and every jitted step returns them in the layout they came in.
+cache and the [B, V] slot state are placed by `qwenjax.parallel.sharding`'s rules (pages and slots over data,
+heads, MLP and vocabulary over tensor) and every jitted step returns them in the layout they came in.
 
-Shapes: B slots, S cache positions, T prefill bucket, V vocabulary, E stop ids per slot, k decode steps per call.
+Shapes: B slots, NP pages of PS tokens, P page-table width, T prefill bucket, V vocabulary, E stop ids per slot,
+k decode steps per call.
 """
 
 from __future__ import annotations
@@ -129,6 +136,7 @@ class Engine:
   page_size: tokens per page (default by backend, `qwenjax.model.kv_cache.PAGE_SIZES`).
   kv_cache_memory: GiB of KV pages per device. Default: on TPU/GPU 90% of what the device has free after the
     weights; on CPU what the slots would fill at max_seq_len, at most 4 GiB (beside the weights, in host memory).
+    The pool never takes more pages than every slot fills at max_seq_len.
   kv_cache_dtype: None (the compute dtype) or "int8" (int8 pages with a float32 scale per token and KV head).
   attention_impl: "xla" or "pallas" (the Pallas kernels; interpret mode on CPU). Default: pallas on TPU/GPU, xla
     on CPU. The paged cache only: the contiguous one has no kernel.
@@ -209,6 +217,9 @@ class Engine:
       raise ConfigError(f"kv_cache_memory must be a positive number of GiB, got {memory_gib}.")
     num_pages = pages_for_memory(cfg, memory_gib * 2**30, self.page_size, self.model.dtype, quantized, page_splits,
                                  head_splits)
+    # Never more than every slot can fill at max_seq_len (a topology planned for a larger device, one slot).
+    most = self.max_batch_size * pages_needed(self.max_seq_len, self.page_size)
+    num_pages = min(num_pages, -(-most // page_splits) * page_splits)
     if num_pages < page_splits:
       raise ConfigError(f"kv_cache_memory={memory_gib:g} GiB holds no page of {self.page_size} tokens for this model "
                         f"({PagedKVCache.__name__} of {cfg.num_layers} layers, {cfg.num_kv_heads} KV heads).")

@@ -12,7 +12,10 @@ Two sets, over the same unjitted steps:
   the engine's         `prefill_rows` (a prompt chunk into given cache rows), `first_token` (an admitted slot's
   programs             first sample), `decode_block` (k decode + sample steps for every slot in one `fori_loop`),
                        over the named inputs `TokenBatch`, `VisionInputs`, `FirstTokenInputs`, `DecodeInputs`
-                       and the per-slot penalty state `SlotState`, which they donate and return with the cache.
+                       and the per-slot penalty state `SlotState`, which they donate and return with the cache;
+                       over a `PagedKVCache`: `paged_prefill` (chunks of several prompts, a row each, packed in
+                       one call), `paged_decode_block` and `restore_slot` (a preempted sequence's penalty state),
+                       with `PagedBatch` / `PagedDecodeInputs` carrying the host's page tables and slots.
 
 On a device mesh, place params and cache with `qwenjax.parallel.sharding` (`shard_model`, `KVCache.zeros(...,
 sharding=cache_sharding(...))`) and call the programs inside `sharding.use_mesh(mesh)`: each returns the cache
