@@ -34,6 +34,7 @@ describe one host), into --output.part-i; when every process is done, process 0 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
@@ -178,6 +179,7 @@ def main(argv):
                          decode_steps=_common.DECODE_STEPS.value, mesh=serving.mesh, seed=job_seed,
                          **serving.cache_kwargs())
     served, failed = _serve(engine, default, done, scanned, group, parts)
+    logging.info("Engine stats: %s", json.dumps(engine.stats))  # read by launch.benchmark --job
   except qwenjax.QwenJaxError as e:
     _cli.fail(e)
   finally:

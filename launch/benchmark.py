@@ -3,12 +3,16 @@ r"""Side-by-side benchmark: qwenjax against transformers and llama.cpp, each fig
   python -m launch.benchmark                                       # the embedded model, batch 1, 8, 32
   python -m launch.benchmark --compare --output_dir=/tmp/bench     # + transformers and llama.cpp, same GGUF
   python -m launch.benchmark --preset=qwen2.5-1.5b --batch_sizes=1,8   # random weights of a preset size
+  python -m launch.benchmark --compare --job --concurrency --output_dir=/tmp/bench   # + the batch job, 32K contexts
 
 Every engine runs the same job: the same prompts (chat-formatted coding questions tokenized with the model's
 tokenizer and cut to exactly --prompt_tokens tokens; random token ids for a random-weight --preset), greedy,
-end-of-sequence ignored, --new_tokens generated per sequence. transformers runs on torch (CPU) with the same
-weights (the same GGUF, dequantized to --dtype) and batched `generate`; llama.cpp (llama-cpp-python) runs the same
-GGUF file, quantized as it is, one sequence at a time (its single-stream speed, batch 1 only).
+end-of-sequence ignored, --new_tokens generated per sequence. qwenjax runs twice, one engine per --kv_caches:
+"qwenjax" with the paged KV cache (the default engine: a page pool of the Engine's default size, packed prefill
+of several prompts per call) and "qwenjax-contiguous" (one row per slot, one prompt prefilled per call).
+transformers runs on torch (CPU) with the same weights (the same GGUF, dequantized to --dtype) and batched
+`generate`; llama.cpp (llama-cpp-python) runs the same GGUF file, quantized as it is, one sequence at a time (its
+single-stream speed, batch 1 only).
 
 For each engine and batch size B (prompts of T tokens, n new tokens each), wall-clock on this process (other
 processes on the machine skew every figure: the report records the load average at the start and the end):
@@ -31,8 +35,46 @@ one probe do not lower them): peak FLOP/s as the best of a jitted 2048^3 matmul 
 memory bandwidth as the best of 512 MiB reductions and a batch-1 matvec over a 512 MiB matrix. On an H200 the
 looked-up figures (4.8 TB/s, 989 TFLOP/s bf16 dense) are used instead.
 
+Ratios ("ratios" in report.json): qwenjax (paged) over each other engine, per batch size and as the two targets
+(batch-1 decode, whole-job throughput at the largest batch); paged over contiguous qwenjax per batch size, for
+decode_tokens_per_s, throughput_tokens_per_s and prefill_tokens_per_s.
+
+--job, the batch job ("job"): --job_requests chat requests (launch/bench/workload.py's job_requests: coding
+questions, 1 to 12 per request with openers, closers and code snippets, prompts of ~30 to ~400 tokens; max_tokens
+drawn from 16..256; every fourth request with stop strings; end-of-sequence NOT ignored; greedy), written to
+<output_dir>/job.jsonl and served first (before this process puts anything on the device, whose memory the
+subprocesses then find free), one engine after another, by
+  qwenjax, qwenjax-contiguous   `python -m launch.batch_generate --kv_cache=paged|contiguous`, --job_slots slots,
+                                --max_seq_len the longest prompt plus the largest max_tokens (rounded up to 128);
+  llamacpp                      `python -m launch.bench.llamacpp_job`: llama.cpp on the same GGUF file, one request
+                                at a time, the prompt tokens qwenjax's tokenizer made (chat template applied), the
+                                same max_tokens and stop strings, greedy; skipped, with the reason, when
+                                llama-cpp-python is not installed or the model is not a GGUF file.
+Per engine:
+  wall_s                  the whole subprocess, start to exit: Python and JAX starting, load, compile, serve
+  generated_tokens        completion tokens summed over the answered requests (each engine stops where its own
+                          greedy completion ends, so these differ between engines)
+  generated_tokens_per_s  generated_tokens / wall_s
+  finish_reasons, errors  counts of "stop" / "length", and of requests answered with an error record
+  stats                   the engine's counters (Engine.stats: peak_sequences, preemptions, ...) from
+                          batch_generate's "Engine stats: {...}" log line; null when it logs none
+identical_completions_with_qwenjax: per engine, the fraction of requests whose completion text equals paged
+qwenjax's exactly. ratios["job"]: paged_speedup_over_contiguous and paged_speedup_over_llamacpp, the other
+engine's wall_s over paged qwenjax's (the same requests; above 1: paged finishes first).
+
+--concurrency ("concurrency"): how many sequences --concurrency_kv_memory GiB of KV cache keeps decoding at once at
+--concurrency_seq_len positions. contiguous_sequences is computed: the budget over one slot's row, rounded down,
+L layers x 2 x K KV heads x H head dim x itemsize (of --dtype) x (seq_len + 512, the prefill chunk's headroom)
+bytes. The paged figure is measured: an Engine with --concurrency_max_batch_size slots and a page pool of the
+budget serves the batch job's first --concurrency_requests prompts, --concurrency_new_tokens tokens each
+(end-of-sequence ignored); peak_sequences is its stats["peak_sequences"], limited_by says what bounded it
+(pages, slots or the requests there were), pool_holds_sequences_of_this_job is the pool's pages over the mean
+pages a request takes. ratios["concurrency"]["paged_over_contiguous"]: peak_sequences / contiguous_sequences.
+
 stdout holds a table and the ratios; --output_dir gets report.json (every figure, the limits, versions, machine)
-and tokens_per_s.png (tokens/s against batch size, one line per engine). Logs go to stderr.
+and tokens_per_s.png (tokens/s against batch size, one line per engine; beside it, when measured, the batch job's
+whole-process seconds and the concurrency bars). The batch job's inputs, outputs and logs land there too
+(job*.jsonl, job_*.log). Logs go to stderr.
 """
 
 from __future__ import annotations
@@ -48,7 +90,7 @@ import time
 from absl import app, flags, logging
 
 from launch import _cli
-from launch.bench import adapters, costs, probes, workload
+from launch.bench import adapters, concurrency, costs, job, probes, workload
 from launch.bench.measure import add_fractions, agreement, measure, peak_rss_gib
 from launch.bench.report import compute_ratios, format_table, machine, plot, round_figures, versions
 
@@ -67,6 +109,26 @@ _COMPARE_WITH = flags.DEFINE_list("compare_with", list(adapters.ENGINES), "Engin
                                   f"{', '.join(adapters.ENGINES)}.")
 _SCAN_LAYERS = flags.DEFINE_enum("scan_layers", "auto", ["auto", "true", "false"],
                                  "Scanned (stacked) or unrolled layers; auto: unrolled on CPU only.")
+_KV_CACHES = flags.DEFINE_list("kv_caches", list(adapters.QWENJAX_VARIANTS), "The qwenjax engines measured, side by "
+                               "side on the same prompts and in the batch job: paged (the default engine, reported as "
+                               "'qwenjax'), contiguous (one max_seq_len row per slot, 'qwenjax-contiguous').")
+_JOB = flags.DEFINE_bool("job", False, "Also serve the batch job (--job_requests mixed chat requests) whole-process "
+                         "with launch.batch_generate, once per --kv_caches, and with llama.cpp when it can run.")
+_JOB_REQUESTS = flags.DEFINE_integer("job_requests", 128, "Requests in the batch job.", lower_bound=1)
+_JOB_SLOTS = flags.DEFINE_integer("job_slots", 32, "batch_generate's --max_batch_size in the batch job.",
+                                  lower_bound=1)
+_CONCURRENCY = flags.DEFINE_bool("concurrency", False, "Also measure how many sequences --concurrency_kv_memory of "
+                                 "KV cache keeps decoding at once at --concurrency_seq_len, paged against contiguous.")
+_CONCURRENCY_KV_MEMORY = flags.DEFINE_float("concurrency_kv_memory", 4.0, "The KV cache budget, GiB.",
+                                            lower_bound=1e-6)
+_CONCURRENCY_SEQ_LEN = flags.DEFINE_integer("concurrency_seq_len", 32768, "The engines' max_seq_len there.",
+                                            lower_bound=1)
+_CONCURRENCY_SLOTS = flags.DEFINE_integer("concurrency_max_batch_size", 256, "The paged engine's decode slots there.",
+                                          lower_bound=1)
+_CONCURRENCY_REQUESTS = flags.DEFINE_integer("concurrency_requests", 128, "Requests served there: the batch job's "
+                                             "first ones (the same prompts).", lower_bound=1)
+_CONCURRENCY_NEW_TOKENS = flags.DEFINE_integer("concurrency_new_tokens", 8, "Tokens generated per request there "
+                                               "(end-of-sequence ignored).", lower_bound=2)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join(tempfile.gettempdir(), "qwenjax-benchmark"),
                                   "Where report.json and tokens_per_s.png go.")
 
@@ -90,6 +152,8 @@ flags.register_validator("batch_sizes", _positive_integers, "expected positive i
 flags.register_validator("compare_with", lambda engines: set(engines) <= set(adapters.ENGINES),
                          f"expected engines among {', '.join(adapters.ENGINES)}")
 flags.register_validator("preset", _known_preset)
+flags.register_validator("kv_caches", lambda kinds: bool(kinds) and set(kinds) <= set(adapters.QWENJAX_VARIANTS),
+                         f"expected KV caches among {', '.join(adapters.QWENJAX_VARIANTS)}")
 
 
 def main(argv):
@@ -104,6 +168,10 @@ def main(argv):
   preset = _PRESET.value
   if preset is not None and flags.FLAGS["model"].present:
     _cli.fail("--model and --preset both name a model; pass one")
+  if preset is not None and (_JOB.value or _CONCURRENCY.value):
+    _cli.fail(f"--{'job' if _JOB.value else 'concurrency'} serves chat requests with a checkpoint and its tokenizer: "
+              "pass --model, not --preset")
+  kv_caches = list(dict.fromkeys(_KV_CACHES.value))
   n_prompt, n_new, dtype = _PROMPT_TOKENS.value, _NEW_TOKENS.value, _DTYPE.value
   compare_with = list(dict.fromkeys(_COMPARE_WITH.value)) if _COMPARE.value else []
   out_dir = pathlib.Path(_OUTPUT_DIR.value)
@@ -114,6 +182,19 @@ def main(argv):
   scan = {"auto": default_scan_layers(), "true": True, "false": False}[_SCAN_LAYERS.value]
   wall_start = time.perf_counter()
   load_before = os.getloadavg()[0]  # other processes on the machine skew every figure: recorded
+
+  sections = {}
+  if _JOB.value:  # first, before this process takes device memory: the subprocesses find it free
+    logging.info("The batch job: %d requests, %d slots.", _JOB_REQUESTS.value, _JOB_SLOTS.value)
+    try:
+      job_source, job_tokenizer = job.model_tokenizer(_MODEL.value)
+      files = job.prepare(out_dir, workload.job_requests(_JOB_REQUESTS.value), job_tokenizer)
+    except qwenjax.QwenJaxError as e:
+      _cli.fail(e)
+    except OSError as e:
+      _cli.fail(f"--output_dir={out_dir}: cannot write the batch job's input ({e.strerror})")
+    sections["job"] = job.serve(files, job_source, kv_caches=kv_caches, slots=_JOB_SLOTS.value, dtype=dtype)
+    del job_tokenizer
 
   logging.info("Probing the device's limits.")
   probe_runs = [probes.probe_device(dtype)]
@@ -143,20 +224,34 @@ def main(argv):
   float_costs = costs.model_costs(cfg, costs.streamed_params(cfg) * param_bytes, param_bytes)
 
   engines: dict[str, dict] = {}
-  generate = adapters.qwenjax_generate_fn(model, tokenizer, max_seq_len=max_seq_len)
-  engines["qwenjax"] = {"load_s": load_s, "scan_layers": model.scan_layers, "max_seq_len": max_seq_len,
-                        "runs": [measure("qwenjax", generate, prompts[:b], n_new, float_costs, compiles=True)
-                                 for b in batches],
-                        "peak_host_memory_gib": peak_rss_gib()}
-  reference = engines["qwenjax"]["runs"][0]["_tokens"][0]
-  del generate
-  gc.collect()
+  for kv in kv_caches:
+    name = adapters.QWENJAX_VARIANTS[kv]
+    generate = adapters.qwenjax_generate_fn(model, tokenizer, max_seq_len=max_seq_len, paged=kv == "paged")
+    engines[name] = {"load_s": load_s, "kv_cache": kv, "scan_layers": model.scan_layers, "max_seq_len": max_seq_len,
+                     "runs": [measure(name, generate, prompts[:b], n_new, float_costs, compiles=True)
+                              for b in batches],
+                     "peak_host_memory_gib": peak_rss_gib()}
+    del generate
+    gc.collect()
+  reference = next(iter(engines.values()))["runs"][0]["_tokens"][0]  # paged qwenjax's, unless not measured
 
   for engine in compare_with:
     if engine == "transformers":
       engines[engine] = adapters.run_transformers(source, model, dtype, tokenizer, prompts, batches, n_new, float_costs)
     elif engine == "llamacpp":
       engines[engine] = adapters.run_llamacpp(source, cfg, prompts, n_prompt, n_new)
+    gc.collect()
+
+  if _CONCURRENCY.value:
+    logging.info("Concurrency at %d positions.", _CONCURRENCY_SEQ_LEN.value)
+    try:
+      sections["concurrency"] = concurrency.measure(
+          model, tokenizer, workload.job_requests(_CONCURRENCY_REQUESTS.value),
+          memory_gib=_CONCURRENCY_KV_MEMORY.value, max_seq_len=_CONCURRENCY_SEQ_LEN.value,
+          max_batch_size=_CONCURRENCY_SLOTS.value, new_tokens=_CONCURRENCY_NEW_TOKENS.value)
+    except qwenjax.QwenJaxError as e:
+      _cli.fail(f"--concurrency (--concurrency_kv_memory={_CONCURRENCY_KV_MEMORY.value:g}, --concurrency_seq_len="
+                f"{_CONCURRENCY_SEQ_LEN.value}): {e}")
     gc.collect()
 
   logging.info("Probing the device's limits again.")
@@ -182,7 +277,8 @@ def main(argv):
                       "the head) + KV cache at the mean decode context T + n/2; prefill: 2 FLOPs per matmul weight "
                       "per token, the head at each prompt's last token, causal attention"},
       "engines": engines,
-      "ratios": compute_ratios(engines, batches),
+      **sections,
+      "ratios": compute_ratios(engines, batches, sections.get("job"), sections.get("concurrency")),
       "peak_host_memory_gib": peak_rss_gib(),
       "wall_s": time.perf_counter() - wall_start,
   }

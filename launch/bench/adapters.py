@@ -1,6 +1,7 @@
 """The engines, each behind a GenerateFn (launch/bench/measure.py): qwenjax, transformers on torch, llama.cpp.
 
-  qwenjax_generate_fn(model, tokenizer, max_seq_len=...)   the continuous-batching Engine, one slot per prompt
+  qwenjax_generate_fn(model, tokenizer, max_seq_len=..., paged=...)   the continuous-batching Engine, one slot per
+                          prompt, with the paged KV cache ("qwenjax") or the contiguous one ("qwenjax-contiguous")
   run_transformers(...)   the same weights in a transformers Qwen2ForCausalLM, batched greedy `generate`
   run_llamacpp(...)       llama-cpp-python on the same GGUF, quantized as it is, one sequence at a time
 
@@ -20,10 +21,12 @@ from launch.bench.costs import gguf_streamed_bytes, model_costs
 from launch.bench.measure import FirstTokens, GenerateFn, measure
 
 ENGINES = ("transformers", "llamacpp")  # the engines qwenjax is compared with (--compare_with)
+QWENJAX_VARIANTS = {"paged": "qwenjax", "contiguous": "qwenjax-contiguous"}  # --kv_caches -> the report's engine
 
 
-def qwenjax_generate_fn(model, tokenizer, *, max_seq_len: int) -> GenerateFn:
-  """The qwenjax side of every measurement: the continuous-batching Engine, one decode slot per prompt.
+def qwenjax_generate_fn(model, tokenizer, *, max_seq_len: int, paged: bool = True) -> GenerateFn:
+  """The qwenjax side of every measurement: the continuous-batching Engine, one decode slot per prompt; paged: its
+  KV cache is a page pool (the engine's default size on this backend), else one max_seq_len row per slot.
 
   `stream` is `generate` with events: the same scheduler loop, which also shows when first tokens arrive."""
   import qwenjax  # pylint: disable=g-import-not-at-top
@@ -33,7 +36,8 @@ def qwenjax_generate_fn(model, tokenizer, *, max_seq_len: int) -> GenerateFn:
   def generate(prompts, new_tokens):
     if len(prompts) not in engines:
       engines.clear()
-      engines[len(prompts)] = qwenjax.Engine(model, tokenizer, max_batch_size=len(prompts), max_seq_len=max_seq_len)
+      engines[len(prompts)] = qwenjax.Engine(model, tokenizer, max_batch_size=len(prompts), max_seq_len=max_seq_len,
+                                             paged=paged)
     clock, tokens = FirstTokens(len(prompts)), [[] for _ in prompts]
     for event in engines[len(prompts)].stream(prompts, qwenjax.SamplingParams(max_tokens=new_tokens,
                                                                               ignore_eos=True)):

@@ -1,5 +1,6 @@
 """The report's derived sections and its two views: ratios between engines, machine and versions, rounding, the
-stdout table, and tokens_per_s.png drawn with matplotlib (Agg, no display needed).
+stdout table, and tokens_per_s.png drawn with matplotlib (Agg, no display needed): tokens/s against batch size,
+and beside it, when measured, the batch job's whole-process seconds and the sequences each KV cache holds at once.
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ import platform
 from launch.bench.adapters import ENGINES
 from launch.bench.probes import cpuinfo
 
-LABELS = {"qwenjax": "qwenjax", "transformers": "transformers", "llamacpp": "llama.cpp"}
-COLORS = {"qwenjax": "tab:blue", "transformers": "tab:red", "llamacpp": "tab:green"}
+LABELS = {"qwenjax": "qwenjax", "qwenjax-contiguous": "qwenjax-contiguous", "transformers": "transformers",
+          "llamacpp": "llama.cpp"}
+COLORS = {"qwenjax": "tab:blue", "qwenjax-contiguous": "tab:purple", "transformers": "tab:red",
+          "llamacpp": "tab:green"}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
   return a / b if a and b else None
 
 
-def compute_ratios(engines: dict, batches: list[int]) -> dict:
-  """qwenjax over the others: batch-1 decode, throughput at the largest batch, and per batch size."""
+def compute_ratios(engines: dict, batches: list[int], job: dict | None = None,
+                   concurrency: dict | None = None) -> dict:
+  """qwenjax over the others: batch-1 decode, throughput at the largest batch, and per batch size; the paged KV
+  cache over the contiguous one per batch size; the batch job's speedups (the other engine's whole-process seconds
+  over paged qwenjax's, same requests); paged over contiguous sequences at once in the concurrency measurement."""
 
   def run(engine, batch):
     runs = engines.get(engine, {}).get("runs", [])
@@ -51,7 +57,19 @@ def compute_ratios(engines: dict, batches: list[int]) -> dict:
       for other in ENGINES:
         row[f"{key}_qwenjax_over_{other}"] = _ratio(get("qwenjax", b, key), get(other, b, key))
     per_batch.append(row)
-  return {"decode_batch_1": decode, "throughput_largest_batch": throughput, "per_batch": per_batch}
+  paged = [{"batch": b, **{key: _ratio(get("qwenjax", b, key), get("qwenjax-contiguous", b, key))
+                           for key in ("decode_tokens_per_s", "throughput_tokens_per_s", "prefill_tokens_per_s")}}
+           for b in batches]
+  ratios = {"decode_batch_1": decode, "throughput_largest_batch": throughput, "per_batch": per_batch,
+            "paged_over_contiguous": paged}
+  if job is not None:
+    wall = {name: e["wall_s"] for name, e in job["engines"].items() if "wall_s" in e and "failed" not in e}
+    ratios["job"] = {"paged_speedup_over_contiguous": _ratio(wall.get("qwenjax-contiguous"), wall.get("qwenjax")),
+                     "paged_speedup_over_llamacpp": _ratio(wall.get("llamacpp"), wall.get("qwenjax"))}
+  if concurrency is not None:
+    ratios["concurrency"] = {"paged_over_contiguous": _ratio(concurrency["paged"]["peak_sequences"],
+                                                             concurrency["contiguous_sequences"])}
+  return ratios
 
 
 def versions() -> dict:
@@ -98,17 +116,22 @@ def round_figures(value, digits: int = 4):
   return value
 
 
+def _times(x: float | None) -> str:
+  return "n/a" if x is None else f"{x:.2f}x"
+
+
 def format_table(report: dict) -> str:
-  """One row per engine and batch size, the limits used, and the two headline ratios against their targets."""
+  """One row per engine and batch size, the limits used, the headline ratios against their targets; then, when
+  measured, the batch job (a row per engine) and the concurrency at a long context."""
   cols = ("engine", "batch", "prefill tok/s", "TTFT s", "decode tok/s", "job tok/s", "compile s", "%BW", "%FLOPs")
-  lines = ["{:<13}{:>6}{:>15}{:>9}{:>14}{:>11}{:>11}{:>7}{:>8}".format(*cols)]
+  lines = ["{:<20}{:>6}{:>15}{:>9}{:>14}{:>11}{:>11}{:>7}{:>8}".format(*cols)]
   for name, engine in report["engines"].items():
     if "skipped" in engine:
-      lines.append(f"{LABELS[name]:<13}  skipped: {engine['skipped']}")
+      lines.append(f"{LABELS[name]:<20}  skipped: {engine['skipped']}")
       continue
     for r in engine["runs"]:
       compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
-      lines.append("{:<13}{:>6}{:>15.1f}{:>9.2f}{:>14.2f}{:>11.2f}{:>11}{:>6.1f}%{:>7.1f}%".format(
+      lines.append("{:<20}{:>6}{:>15.1f}{:>9.2f}{:>14.2f}{:>11.2f}{:>11}{:>6.1f}%{:>7.1f}%".format(
           LABELS[name], r["batch"], r["prefill_tokens_per_s"], r["time_to_first_token_s"],
           r["decode_tokens_per_s"], r["throughput_tokens_per_s"], compile_s, 100 * r["decode_bandwidth_fraction"],
           100 * r["prefill_flops_fraction"]))
@@ -116,20 +139,56 @@ def format_table(report: dict) -> str:
   lines.append(f"limits ({used['source']}): {used['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
                f"{used['peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
   ratios = report["ratios"]
-  fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"
   d, t = ratios["decode_batch_1"], ratios["throughput_largest_batch"]
-  lines.append(f"batch-1 decode, qwenjax / transformers: {fmt(d['qwenjax_over_transformers'])} "
+  lines.append(f"batch-1 decode, qwenjax / transformers: {_times(d['qwenjax_over_transformers'])} "
                f"(target {d['target']:.0f}x{'' if d['met'] is None else ': met' if d['met'] else ': not met'}); "
-               f"qwenjax / llama.cpp: {fmt(d['qwenjax_over_llamacpp'])}")
-  lines.append(f"batch-{t['batch']} job throughput, qwenjax / transformers: {fmt(t['qwenjax_over_transformers'])} "
+               f"qwenjax / llama.cpp: {_times(d['qwenjax_over_llamacpp'])}")
+  lines.append(f"batch-{t['batch']} job throughput, qwenjax / transformers: {_times(t['qwenjax_over_transformers'])} "
                f"(target {t['target']:.0f}x{'' if t['met'] is None else ': met' if t['met'] else ': not met'}); "
-               f"qwenjax / llama.cpp single stream: {fmt(t['qwenjax_over_llamacpp_single_stream'])}")
+               f"qwenjax / llama.cpp single stream: {_times(t['qwenjax_over_llamacpp_single_stream'])}")
+  paged = ratios["paged_over_contiguous"]
+  if any(r["decode_tokens_per_s"] is not None for r in paged):
+    lines.append("paged / contiguous KV cache, decode tok/s: "
+                 + ", ".join(f"batch {r['batch']} {_times(r['decode_tokens_per_s'])}" for r in paged)
+                 + "; job tok/s: " + ", ".join(f"batch {r['batch']} {_times(r['throughput_tokens_per_s'])}"
+                                               for r in paged))
+  if "job" in report:
+    lines += ["", _job_table(report["job"], ratios["job"])]
+  if "concurrency" in report:
+    c, paged = report["concurrency"], report["concurrency"]["paged"]
+    lines += ["", f"concurrency at {c['max_seq_len']} positions, {c['kv_cache_memory_gib']:g} GiB of KV cache: "
+              f"contiguous {c['contiguous_sequences']} sequences ({c['contiguous_row_bytes'] / 2**20:.0f} MiB a slot), "
+              f"paged {paged['peak_sequences']} decoding at once (limited by {paged['limited_by']}; its "
+              f"{paged['pool_pages']} pages hold ~{paged['pool_holds_sequences_of_this_job']} of this job's "
+              f"sequences): {_times(ratios['concurrency']['paged_over_contiguous'])}"]
+  return "\n".join(lines)
+
+
+def _job_table(job: dict, ratios: dict) -> str:
+  p, m = job["prompt_tokens"], job["max_tokens"]
+  lines = [f"batch job: {job['requests']} requests (prompts of {p['min']}-{p['max']} tokens, max_tokens "
+           f"{m['min']}-{m['max']}, {job['requests_with_stop_strings']} with stop strings), {job['slots']} slots, "
+           f"max_seq_len {job['max_seq_len']}; whole process: load, compile and serve",
+           "{:<20}{:>8}{:>12}{:>9}{:>22}".format("engine", "wall s", "generated", "tok/s", "identical to qwenjax")]
+  for name, e in job["engines"].items():
+    if "skipped" in e:
+      lines.append(f"{LABELS[name]:<20}  skipped: {e['skipped']}")
+      continue
+    same = job["identical_completions_with_qwenjax"].get(name)
+    lines.append("{:<20}{:>8.1f}{:>12}{:>9.2f}{:>22}".format(
+        LABELS[name], e["wall_s"], e["generated_tokens"], e["generated_tokens_per_s"],
+        "-" if same is None else f"{100 * same:.1f}%"))
+    if "failed" in e:
+      lines.append(f"{'':<20}  failed: {e['failed']}")
+  lines.append(f"job speedup of qwenjax (paged) over contiguous: {_times(ratios['paged_speedup_over_contiguous'])}; "
+               f"over llama.cpp: {_times(ratios['paged_speedup_over_llamacpp'])}")
   return "\n".join(lines)
 
 
 def plot(report: dict, path: pathlib.Path) -> None:
   """tokens/s against batch size (log-2 axis): decode solid, whole-job throughput dashed, one color per engine. A
-  single-stream engine (one batch size) continues as a thin level line across the larger batch sizes."""
+  single-stream engine (one batch size) continues as a thin level line across the larger batch sizes. Beside it,
+  when measured: the batch job's whole-process seconds per engine, and the sequences each KV cache holds at once."""
   # A Figure on the Agg canvas, not pyplot: no display, no global figure state.
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
@@ -137,9 +196,10 @@ def plot(report: dict, path: pathlib.Path) -> None:
 
   engines = {n: e for n, e in report["engines"].items() if "runs" in e}
   batches = sorted(report["benchmark"]["batch_sizes"])
-  figure = Figure(figsize=(9, 5.6), dpi=100, layout="constrained")
+  panels = [k for k in ("job", "concurrency") if k in report]
+  figure = Figure(figsize=(9 + 3.2 * len(panels), 5.6), dpi=100, layout="constrained")
   FigureCanvasAgg(figure)
-  ax = figure.add_subplot()
+  ax, *side = figure.subplots(1, 1 + len(panels), width_ratios=[3] + [1] * len(panels), squeeze=False)[0]
   for name, engine in engines.items():
     for key, style, what in (("decode_tokens_per_s", "-", "decode"), ("throughput_tokens_per_s", "--", "job")):
       xs, ys = [r["batch"] for r in engine["runs"]], [r[key] for r in engine["runs"]]
@@ -160,5 +220,26 @@ def plot(report: dict, path: pathlib.Path) -> None:
   bench = report["benchmark"]
   ax.set_title(f"{bench['model_name']}, {bench['dtype']}, {bench['prompt_tokens']}-token prompts, "
                f"{bench['new_tokens']} new tokens\non {report['machine']['description']}", loc="left", fontsize=10)
-  ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, frameon=False)
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
+  for panel, axis in zip(panels, side):
+    if panel == "job":
+      job = report["job"]
+      ran = {n: e for n, e in job["engines"].items() if "wall_s" in e}
+      bars = axis.bar([LABELS[n] for n in ran], [e["wall_s"] for e in ran.values()],
+                      color=[COLORS[n] for n in ran])
+      axis.bar_label(bars, [f"{e['generated_tokens']} tok" for e in ran.values()], fontsize=8)
+      axis.set_ylabel("whole-process seconds")
+      axis.set_title(f"batch job: {job['requests']} mixed requests,\n{job['slots']} slots (lower is better)",
+                     loc="left", fontsize=10)
+    else:
+      c = report["concurrency"]
+      bars = axis.bar(["contiguous", "paged"], [c["contiguous_sequences"], c["paged"]["peak_sequences"]],
+                      color=[COLORS["qwenjax-contiguous"], COLORS["qwenjax"]])
+      axis.bar_label(bars, fontsize=8)
+      axis.set_ylabel("sequences decoding at once")
+      axis.set_title(f"{c['kv_cache_memory_gib']:g} GiB of KV cache,\n{c['max_seq_len']}-position context",
+                     loc="left", fontsize=10)
+    axis.tick_params(axis="x", labelsize=8, labelrotation=20)
+    axis.grid(axis="y", color="0.88")
+    axis.set_axisbelow(True)
   figure.savefig(path, format="png")

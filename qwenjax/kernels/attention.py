@@ -3,8 +3,9 @@
 `attention` (the decoder's causal grouped-query attention over a contiguous cache, with sliding windows),
 `paged_attention` (the same over a paged cache) and `vision_attention` (the vision tower's non-causal attention
 within segments) route by `impl` to an implementation: "xla", the `*_reference` functions below, or "pallas", a
-Pallas kernel tested against its reference (`qwenjax.kernels.ragged_paged_attention` for paged attention,
-`qwenjax.kernels.segment_attention` for the tower; the contiguous cache has none, and asking for it is an error).
+Pallas kernel tested against its reference (paged attention: `qwenjax.kernels.ragged_paged_attention`, or its
+Mosaic variant `ragged_paged_attention_tpu` on TPU; the tower: `qwenjax.kernels.segment_attention`; the
+contiguous cache has none, and asking for it is an error).
 The models never choose by backend themselves: `default_impl` does, once, for the engine.
 
 Einsum legend (decoder):
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from qwenjax._errors import ConfigError
 from qwenjax.kernels.paged_attention import dequantize_kv
 from qwenjax.kernels.ragged_paged_attention import ragged_paged_attention
+from qwenjax.kernels.ragged_paged_attention_tpu import ragged_paged_attention_tpu
 from qwenjax.kernels.segment_attention import segment_attention
 
 IMPLS = ("xla", "pallas")
@@ -152,8 +154,11 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_posi
   index = jnp.where(offs[None, :] < num_new[:, None], cu[:-1, None] + offs[None, :], b * t).reshape(-1)  # [B*T]
   packed = jnp.zeros((b * t, n, h), q.dtype).at[index].set(q.reshape(b * t, n, h), mode="drop")
   kv_lens = q_positions[:, 0] + num_new  # [B]
-  kernel = lambda sw: ragged_paged_attention(packed, k_pages, v_pages, kv_lens, page_table, cu, b,
-                                             sliding_window=sw, k_scale=k_scale, v_scale=v_scale)
+  # TPU: the Mosaic kernel (pages DMA'd from HBM by a prefetched page table); elsewhere the generic one (Triton
+  # on GPU, interpret mode on CPU).
+  ragged = ragged_paged_attention_tpu if jax.default_backend() == "tpu" else ragged_paged_attention
+  kernel = lambda sw: ragged(packed, k_pages, v_pages, kv_lens, page_table, cu, b, sliding_window=sw,
+                             k_scale=k_scale, v_scale=v_scale)
   if isinstance(window, int):
     out = kernel(None if window >= FULL_WINDOW else window)
   elif sliding_window is None:

@@ -5,7 +5,7 @@ over the paged KV cache, with exactly the semantics of `qwenjax.kernels.paged_at
 Blocks. Before `pallas_call`, in plain JAX, each real sequence's query rows are cut into blocks of `block_q` rows
 that belong to that sequence alone (its last block partly filled); there are at most I = ceil(T / block_q) + S
 of them, a static count, and the ones past the real blocks are empty. Per block the wrapper computes its
-sequence, its first row in the packed q, its row count and the position of its first query (`_block_plan`),
+sequence, its first row in the packed q, its row count and the position of its first query (`block_plan`),
 and gathers its queries heads-grouped: [I, K, Q * G', H], the G query heads of one KV head side by side (G
 padded with zero heads to a power of two G', so 7, 6, 5 -> 8), so one program serves all G heads of its KV
 head with one [Q * G', H] x [H, page] dot per page (GQA without repeating K/V).
@@ -57,7 +57,7 @@ def _is_power_of_2(n: int) -> bool:
   return n >= 1 and not n & (n - 1)
 
 
-def _block_plan(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, num_blocks: int, block_q: int):
+def block_plan(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, num_blocks: int, block_q: int):
   """(cu, blk_cu, seq, start, rows, pos0): the cleaned query starts [S + 1], each sequence's first block [S + 1],
   and per query block [I] its sequence, first packed row, row count (0 past the real blocks) and the position of
   its first query."""
@@ -168,7 +168,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   num_blocks = -(-t // bq) + s  # each sequence adds at most one partly filled block
   num_seqs = jnp.asarray(num_seqs, jnp.int32)
 
-  cu, blk_cu, seq, start, rows, pos0 = _block_plan(cu_q_lens, kv_lens, num_seqs, num_blocks, bq)
+  cu, blk_cu, seq, start, rows, pos0 = block_plan(cu_q_lens, kv_lens, num_seqs, num_blocks, bq)
 
   # Queries per block, heads grouped by KV head: [I, Q] rows -> [I, K, Q * G', H], zeros for rows past the block.
   offs = jnp.arange(bq, dtype=jnp.int32)

@@ -1,4 +1,5 @@
-"""`python -m launch.benchmark` end to end on a tiny random model, and the pieces its comparison rests on."""
+"""`python -m launch.benchmark` end to end on a tiny random model and a tiny checkpoint (the batch job, the
+concurrency at a long context), and the pieces its comparison rests on."""
 
 import json
 import pathlib
@@ -13,7 +14,10 @@ from flax import nnx
 from PIL import Image
 
 import qwenjax
-from launch.bench import adapters, workload
+from launch.bench import adapters, concurrency, job, workload
+from launch.bench.report import compute_ratios
+
+from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -22,7 +26,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 def test_end_to_end_report_plot_and_table(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "launch.benchmark", "--preset=tiny", "--batch_sizes=1,2", "--prompt_tokens=16",
-       "--new_tokens=8", "--compare", "--compare_with=transformers,llamacpp", f"--output_dir={tmp_path}"],
+       "--new_tokens=8", "--compare", "--compare_with=transformers,llamacpp", "--kv_caches=paged",
+       f"--output_dir={tmp_path}"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())
@@ -37,6 +42,7 @@ def test_end_to_end_report_plot_and_table(tmp_path):
   # llama.cpp runs a GGUF file; a random-weight preset has none, and the report says so.
   assert "gguf" in report["engines"]["llamacpp"]["skipped"]
 
+  assert "qwenjax-contiguous" not in report["engines"]  # --kv_caches=paged: the contiguous engine is not measured
   for name in ("qwenjax", "transformers"):
     runs = report["engines"][name]["runs"]
     assert [r["batch"] for r in runs] == [1, 2]
@@ -88,3 +94,172 @@ def test_chat_prompts_have_the_exact_length(tiny_tokenizer_dir):
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
   with pytest.raises(Exception, match="too short for a chat prompt"):
     workload.chat_prompts(tok, 1, 10)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  d = save_tiny_tokenizer_dir(tmp_path_factory.mktemp("bench_ckpt"))
+  build_tiny_qwen2(d, vocab_size=640, num_key_value_heads=2)
+  return d
+
+
+@pytest.mark.slow
+def test_batch_job_and_concurrency_end_to_end(checkpoint, tmp_path):
+  """--job serves the mixed requests with batch_generate (paged, contiguous) and records llama.cpp as skipped for a
+  checkpoint directory; --concurrency counts sequences; both land in report.json, the table and the plot."""
+  memory = 0.01
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.benchmark", f"--model={checkpoint}", "--batch_sizes=1", "--prompt_tokens=64",
+       "--new_tokens=4", "--job", "--job_requests=3", "--job_slots=2", "--concurrency", "--concurrency_seq_len=2048",
+       "--concurrency_max_batch_size=4", "--concurrency_requests=3", f"--concurrency_kv_memory={memory}",
+       f"--output_dir={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((tmp_path / "report.json").read_text())
+  engines, ratios = report["engines"], report["ratios"]
+
+  # The fixed-length job: paged and contiguous qwenjax side by side, the same greedy tokens.
+  assert engines["qwenjax"]["kv_cache"] == "paged" and engines["qwenjax-contiguous"]["kv_cache"] == "contiguous"
+  paged, contiguous = engines["qwenjax"]["runs"][0], engines["qwenjax-contiguous"]["runs"][0]
+  assert contiguous["greedy_agreement_with_qwenjax"] == 1 and contiguous["compilations_after_warmup"] == 0
+  [row] = ratios["paged_over_contiguous"]
+  for key in ("decode_tokens_per_s", "throughput_tokens_per_s", "prefill_tokens_per_s"):
+    assert row[key] == pytest.approx(paged[key] / contiguous[key], rel=2e-3)
+
+  # The batch job: the same requests to every engine, each answered once, and the same greedy completions.
+  section = report["job"]
+  lines = [json.loads(line) for line in (tmp_path / "job.jsonl").read_text().splitlines()]
+  assert lines == workload.job_requests(3)
+  assert section["requests"] == 3 and section["slots"] == 2
+  assert "gguf" in section["engines"]["llamacpp"]["skipped"]
+  for name, kv in (("qwenjax", "paged"), ("qwenjax-contiguous", "contiguous")):
+    e = section["engines"][name]
+    assert f"--kv_cache={kv}" in e["command"] and "failed" not in e, e
+    records = job.read_results(tmp_path / f"job_{kv}.jsonl")
+    assert e["answered"] == len(records) == 3 and e["errors"] == 0
+    assert e["generated_tokens"] == sum(r["usage"]["completion_tokens"] for r in records.values())
+    assert 0 < e["generated_tokens"] <= section["max_tokens"]["total"] and e["wall_s"] > 0
+  assert section["identical_completions_with_qwenjax"] == {"qwenjax-contiguous": 1.0}
+  walls = {n: section["engines"][n]["wall_s"] for n in ("qwenjax", "qwenjax-contiguous")}
+  assert ratios["job"]["paged_speedup_over_contiguous"] == pytest.approx(
+      walls["qwenjax-contiguous"] / walls["qwenjax"], rel=2e-3)
+  assert ratios["job"]["paged_speedup_over_llamacpp"] is None
+
+  # Concurrency: contiguous computed from the budget, paged measured (here every request decodes at once).
+  c = report["concurrency"]
+  assert c["contiguous_sequences"] == int(memory * 2**30 // c["contiguous_row_bytes"]) > 0
+  assert c["paged"]["peak_sequences"] == 3 and c["paged"]["limited_by"] == "requests"
+  assert c["paged"]["pool_holds_sequences_of_this_job"] >= 3
+  assert ratios["concurrency"]["paged_over_contiguous"] == pytest.approx(3 / c["contiguous_sequences"], rel=2e-3)
+
+  assert "batch job: 3 requests" in proc.stdout and "concurrency at 2048 positions" in proc.stdout
+  assert "qwenjax-contiguous" in proc.stdout and "paged / contiguous KV cache" in proc.stdout
+  with Image.open(tmp_path / "tokens_per_s.png") as image:
+    assert image.format == "PNG" and image.size[0] > image.size[1]  # the job and concurrency panels beside
+
+
+def test_job_and_concurrency_need_a_checkpoint(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "launch.benchmark", "--preset=tiny", "--job",
+                         f"--output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == ("error: --job serves chat requests with a checkpoint and its "
+                                                  "tokenizer: pass --model, not --preset.")
+
+
+def test_job_requests_are_deterministic_and_mixed():
+  lines = workload.job_requests(64)
+  assert lines == workload.job_requests(64) and workload.job_requests(8) == lines[:8]
+  assert len({r["id"] for r in lines}) == 64
+  max_tokens = [r["sampling"]["max_tokens"] for r in lines]
+  assert all(16 <= m <= 256 for m in max_tokens) and len(set(max_tokens)) > 30
+  assert [i for i, r in enumerate(lines) if "stop" in r["sampling"]] == list(range(3, 64, 4))
+  assert not any(r["sampling"].get("ignore_eos") for r in lines)
+  users = [r["messages"][1]["content"] for r in lines]
+  assert len(set(users)) == 64 and min(map(len, users)) < 50 and max(map(len, users)) > 1200
+
+
+@pytest.mark.real_model
+def test_job_prompts_span_30_to_400_tokens_with_the_real_tokenizer(real_gguf_path):
+  from qwenjax.checkpoints.gguf_file import GGUFCheckpoint
+
+  tokenizer = GGUFCheckpoint(real_gguf_path).tokenizer()
+  lengths = [len(tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True))
+             for r in workload.job_requests(128)]
+  assert min(lengths) <= 35 and 350 <= max(lengths) <= 420
+  assert sum(100 <= n < 300 for n in lengths) > 50  # spread, not two clusters
+
+
+def test_contiguous_row_is_one_slot_of_the_kv_cache():
+  cfg = workload.tiny_config()
+  cache = qwenjax.KVCache.zeros(cfg, 1, 300 + 64)
+  assert concurrency.contiguous_row_bytes(cfg, 4, 300, 64) == cache.k.nbytes + cache.v.nbytes
+
+
+def test_ratios_come_from_the_figures():
+  def runs(decode, job_tps):
+    return {"runs": [{"batch": 1, "decode_tokens_per_s": decode, "throughput_tokens_per_s": job_tps,
+                      "prefill_tokens_per_s": 100.0}]}
+
+  engines = {"qwenjax": runs(12.0, 6.0), "qwenjax-contiguous": runs(8.0, 4.0), "transformers": runs(6.0, 3.0)}
+  job_section = {"engines": {"qwenjax": {"wall_s": 50.0}, "qwenjax-contiguous": {"wall_s": 75.0},
+                             "llamacpp": {"wall_s": 100.0}}}
+  conc = {"contiguous_sequences": 5, "paged": {"peak_sequences": 128}}
+  r = compute_ratios(engines, [1], job_section, conc)
+  assert r["paged_over_contiguous"] == [{"batch": 1, "decode_tokens_per_s": 1.5, "throughput_tokens_per_s": 1.5,
+                                         "prefill_tokens_per_s": 1.0}]
+  assert r["decode_batch_1"]["qwenjax_over_transformers"] == 2.0
+  assert r["job"] == {"paged_speedup_over_contiguous": 1.5, "paged_speedup_over_llamacpp": 2.0}
+  assert r["concurrency"] == {"paged_over_contiguous": 128 / 5}
+  # A skipped or failed engine, or a budget that holds no contiguous slot, has no ratio.
+  job_section["engines"]["llamacpp"] = {"skipped": "not installed"}
+  job_section["engines"]["qwenjax-contiguous"]["failed"] = "exit status 1"
+  r = compute_ratios({"qwenjax": runs(12.0, 6.0)}, [1], job_section, dict(conc, contiguous_sequences=0))
+  assert r["paged_over_contiguous"][0]["decode_tokens_per_s"] is None
+  assert r["job"] == {"paged_speedup_over_contiguous": None, "paged_speedup_over_llamacpp": None}
+  assert r["concurrency"]["paged_over_contiguous"] is None
+
+
+def test_completions_agree_by_exact_text_and_stats_are_read_from_the_log():
+  ref = {"a": {"text": "x"}, "b": {"text": "y"}, "c": {"error": "too long"}}
+  assert job.identical_fraction({"a": {"text": "x"}, "b": {"text": "z"}}, ref) == 0.5
+  assert job.identical_fraction({}, ref) == 0 and job.identical_fraction(ref, {}) is None
+  log = "I1202 01:29:35.65 1 batch_generate.py:190] Engine stats: {\"peak_sequences\": 32, \"preemptions\": 0}\n"
+  assert json.loads(job.STATS_LINE.findall(log)[-1]) == {"peak_sequences": 32, "preemptions": 0}
+
+
+def test_llamacpp_is_skipped_with_the_reason(tmp_path, monkeypatch):
+  assert "gguf" in job.llamacpp_unavailable(None) and "gguf" in job.llamacpp_unavailable(str(tmp_path))
+  monkeypatch.setattr(job.importlib.util, "find_spec", lambda name: None)
+  assert "llama-cpp-python is not installed" in job.llamacpp_unavailable(str(tmp_path / "model.gguf"))
+
+
+def test_a_failed_engine_is_recorded_with_its_error_line(tmp_path):
+  output, log = tmp_path / "out.jsonl", tmp_path / "run.log"
+  output.write_text(json.dumps({"id": "stale", "text": "from an earlier run"}) + "\n")
+  script = ("import json, sys; open(sys.argv[1], 'w').write(json.dumps({'id': 'a', 'text': 'x', 'finish_reason': "
+            "'stop', 'usage': {'completion_tokens': 3}}) + '\\n'); print('error: the model ran out of memory.'); "
+            "print('trailing noise'); sys.exit(1)")
+  entry = job._run("engine", [sys.executable, "-c", script, str(output)], output, log, expected=2)
+  assert entry["answered"] == 1 and entry["generated_tokens"] == 3  # the stale record was removed first
+  assert entry["failed"].startswith("exit status 1, 1 of 2 requests answered")
+  assert "error: the model ran out of memory." in entry["failed"]
+
+
+@pytest.mark.real_model
+def test_llamacpp_job_serves_the_prepared_tokens(real_gguf_path, tmp_path):
+  """llama.cpp's side of the batch job on the embedded GGUF: the prompt tokens qwenjax made, a stop string cut."""
+  pytest.importorskip("llama_cpp")
+  source, tokenizer = job.model_tokenizer(str(real_gguf_path))
+  requests = [dict(r, sampling={"max_tokens": 6, **({"stop": [" "]} if i else {})})
+              for i, r in enumerate(workload.job_requests(2))]
+  files = job.prepare(tmp_path, requests, tokenizer)
+  output, log = tmp_path / "out.jsonl", tmp_path / "run.log"
+  entry = job._run("llama.cpp", [sys.executable, "-m", "launch.bench.llamacpp_job", f"--model={source}",
+                                 f"--input={files.tokens}", f"--output={output}", f"--n_ctx={files.max_seq_len}"],
+                   output, log, expected=2)
+  assert "failed" not in entry, entry
+  records = job.read_results(output)
+  first, second = records["job-0000"], records["job-0001"]
+  assert first["usage"]["prompt_tokens"] == files.prompt_tokens[0] and first["usage"]["completion_tokens"] <= 6
+  assert first["finish_reason"] in ("stop", "length") and first["text"]
+  assert " " not in second["text"]  # cut at the stop string
