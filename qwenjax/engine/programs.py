@@ -252,17 +252,25 @@ def decode_block(graphdef, params, cache: KVCache, slots: SlotState, inputs: Dec
                  ) -> tuple[jax.Array, jax.Array, KVCache, SlotState]:
   """num_steps decode steps for all B slots; kv_len: static bound on the positions attended to. Returns tokens
   [k, B] (-1 where a row had already stopped), logprobs [k, B], the cache and the slot state."""
+  step = lambda i, cache, tok: decode_step_impl(graphdef, params, cache, tok, kv_len)
+  return _decode_loop(step, cache, slots, inputs, needs, num_steps)
+
+
+def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sampling_lib.SamplingNeeds,
+                 num_steps: int):
+  """num_steps of `step(i, cache, tokens [B]) -> (logits [B, V], cache)` then sampling, each row stopping where
+  its stop ids or budget say. Returns tokens [k, B] (-1 once a row stopped), logprobs [k, B], cache, slot state."""
   prompt_mask = slots.prompt_mask
 
   def body(i, carry):
-    cache, counts, tok, step, active, budget, out_tok, out_lp = carry
-    logits, cache = decode_step_impl(graphdef, params, cache, tok, kv_len)
-    new, logprob = sampling_lib.sample(logits, inputs.sampling, step, prompt_mask, counts, needs)
+    cache, counts, tok, step_count, active, budget, out_tok, out_lp = carry
+    logits, cache = step(i, cache, tok)
+    new, logprob = sampling_lib.sample(logits, inputs.sampling, step_count, prompt_mask, counts, needs)
     counts = constrain(sampling_lib.update_counts(counts, new, active), SlotState.AXES)
     out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
     out_lp = out_lp.at[i].set(logprob)
     stopped = jnp.any(new[:, None] == inputs.stop_ids, axis=-1) | (budget <= 1)
-    return cache, counts, new, step + 1, active & ~stopped, budget - 1, out_tok, out_lp
+    return cache, counts, new, step_count + 1, active & ~stopped, budget - 1, out_tok, out_lp
 
   b = inputs.tokens.shape[0]
   init = (cache, slots.counts, inputs.tokens, inputs.step, inputs.active, inputs.budget,
@@ -348,37 +356,23 @@ def paged_decode_block(graphdef, params, cache: PagedKVCache, slots: SlotState, 
                        ) -> tuple[jax.Array, jax.Array, PagedKVCache, SlotState]:
   """`decode_block` over a PagedKVCache: num_steps decode + sample steps for all B slots, each token written to
   the slot of its position in the row's page table, for the first min(num_steps, budget) steps (idle slots
-  write nothing). Returns tokens [k, B] (-1 where a
-  row had stopped), logprobs [k, B], the cache and the slot state."""
+  write nothing). Returns tokens [k, B] (-1 where a row had stopped), logprobs [k, B], the cache and the slot
+  state."""
   model = nnx.merge(graphdef, params)
   d = inputs.decode
-  prompt_mask = slots.prompt_mask
   table = inputs.page_table  # [B, P]
   page_size = cache.page_size
   num_new = d.active.astype(jnp.int32)
 
-  def body(i, carry):
-    cache, counts, tok, step, active, budget, out_tok, out_lp = carry
+  def step(i, cache, tok):
     pos = inputs.position + i  # [B]
     page = jnp.take_along_axis(table, jnp.minimum(pos // page_size, table.shape[1] - 1)[:, None], axis=1)[:, 0]
     # A row writes the positions of the tokens it may generate (min(k, budget): the pages the host allocated),
     # not those a stopped row runs on past its budget; an idle row writes nothing.
     writes = d.active & (i < d.budget)
     slot = jnp.where(writes, page * page_size + pos % page_size, -1)
-    paged = PagedInputs(slot[:, None], table, num_new)
     h, cache = model(tok[:, None], pos[:, None], cache, rope_positions=(pos + inputs.rope_offset)[:, None],
-                     paged=paged, attention_impl=impl)
-    logits = model.logits(h[:, 0])  # [B, V]
-    new, logprob = sampling_lib.sample(logits, d.sampling, step, prompt_mask, counts, needs)
-    counts = constrain(sampling_lib.update_counts(counts, new, active), SlotState.AXES)
-    out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
-    out_lp = out_lp.at[i].set(logprob)
-    stopped = jnp.any(new[:, None] == d.stop_ids, axis=-1) | (budget <= 1)
-    return cache.constrained(), counts, new, step + 1, active & ~stopped, budget - 1, out_tok, out_lp
+                     paged=PagedInputs(slot[:, None], table, num_new), attention_impl=impl)
+    return model.logits(h[:, 0]), cache.constrained()  # [B, V]
 
-  b = d.tokens.shape[0]
-  init = (cache, slots.counts, d.tokens, d.step, d.active, d.budget,
-          jnp.full((num_steps, b), -1, jnp.int32), jnp.zeros((num_steps, b), jnp.float32))
-  cache, counts, *_, out_tok, out_lp = jax.lax.fori_loop(0, num_steps, body, init)
-  out_tok, out_lp = constrain(out_tok, (None, None)), constrain(out_lp, (None, None))
-  return out_tok, out_lp, cache, SlotState(prompt_mask, counts).constrained()
+  return _decode_loop(step, cache, slots, d, needs, num_steps)

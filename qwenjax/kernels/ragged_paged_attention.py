@@ -206,11 +206,19 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       name="ragged_paged_attention",
   )(*args)  # [I, K, R, H]
 
-  # Back to packed rows: row t of sequence i is row (t - cu[i]) % Q of block blk_cu[i] + (t - cu[i]) // Q.
   out = out.reshape(num_blocks, k, bq, g_pad, h)[:, :, :, :g].transpose(0, 2, 1, 3, 4).reshape(num_blocks * bq, n, h)
+  return unpack_blocks(out, cu, blk_cu, num_seqs, t, bq).astype(q.dtype)
+
+
+def unpack_blocks(out: jax.Array, cu: jax.Array, blk_cu: jax.Array, num_seqs: jax.Array, t: int,
+                  block_q: int) -> jax.Array:
+  """The kernels' block-major output [I * Q, N, H] (block i's rows i * Q ..) back in packed row order [T, N, H]:
+  row t of sequence j is row (t - cu[j]) % Q of block blk_cu[j] + (t - cu[j]) // Q (`block_plan`'s cu and
+  blk_cu); padding rows come back as zeros."""
+  s = cu.shape[0] - 1
   packed = jnp.arange(t, dtype=jnp.int32)
   valid = packed < cu[num_seqs]
   row_seq = jnp.clip(jnp.searchsorted(cu, packed, side="right").astype(jnp.int32) - 1, 0, s - 1)
   local = packed - cu[row_seq]
-  flat = jnp.clip((blk_cu[row_seq] + local // bq) * bq + local % bq, 0, num_blocks * bq - 1)
-  return jnp.where(valid[:, None, None], out[flat], 0).astype(q.dtype)
+  flat = jnp.clip((blk_cu[row_seq] + local // block_q) * block_q + local % block_q, 0, out.shape[0] - 1)
+  return jnp.where(valid[:, None, None], out[flat], 0)

@@ -66,7 +66,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from qwenjax._errors import ConfigError
 from qwenjax.kernels.paged_attention import check_inputs
-from qwenjax.kernels.ragged_paged_attention import block_plan
+from qwenjax.kernels.ragged_paged_attention import block_plan, unpack_blocks
 
 # A finite "minus infinity" (see segment_attention): exp of a masked score underflows to 0, and a row whose first
 # step is all masked has its partial sums wiped by exp(m_old - m_new) = 0 once a real score arrives.
@@ -271,12 +271,6 @@ def ragged_paged_attention_tpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Ar
       name="ragged_paged_attention_tpu",
   )(*prefetch, *args)  # [I, K, R, H]
 
-  # Back to packed rows: row t of sequence i is row (t - cu[i]) % Q of block blk_cu[i] + (t - cu[i]) // Q.
   out = out[:, :, :block_q * g].reshape(num_blocks, k, block_q, g, h).transpose(0, 2, 1, 3, 4)
   out = out.reshape(num_blocks * block_q, n, h)
-  packed = jnp.arange(t, dtype=jnp.int32)
-  valid = packed < cu[num_seqs]
-  row_seq = jnp.clip(jnp.searchsorted(cu, packed, side="right").astype(jnp.int32) - 1, 0, s - 1)
-  local = packed - cu[row_seq]
-  flat = jnp.clip((blk_cu[row_seq] + local // block_q) * block_q + local % block_q, 0, num_blocks * block_q - 1)
-  return jnp.where(valid[:, None, None], out[flat], 0).astype(q.dtype)
+  return unpack_blocks(out, cu, blk_cu, num_seqs, t, block_q).astype(q.dtype)
