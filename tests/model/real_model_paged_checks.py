@@ -1,0 +1,129 @@
+"""The paged KV cache on the embedded Qwen2.5-Coder-0.5B-Instruct in float32: 32 slots at the model's full 32K
+context on this machine, and int8 pages measured against float32 pages (perplexity, greedy agreement)."""
+
+import gc
+import sysconfig
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import qwenjax
+from qwenjax import SamplingParams
+from qwenjax.engine import programs
+from qwenjax.engine.pages import PagePool, SequencePages
+from qwenjax.model.decoder import PagedInputs
+from qwenjax.model.kv_cache import PagedKVCache, page_bytes
+
+pytestmark = pytest.mark.real_model
+
+QUESTIONS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "What does `git rebase -i` do?",
+    "Explain list comprehensions with an example.",
+    "Write a SQL query for the ten most recent orders per customer.",
+    "How do I read a CSV file with pandas and drop empty rows?",
+    "Write a bash one-liner that counts lines in every .py file.",
+    "What is the difference between a process and a thread?",
+    "Implement binary search in C.",
+]
+
+
+@pytest.fixture(scope="module")
+def ours():
+  return qwenjax.load("default", dtype="float32")
+
+
+def _chats(tokenizer, n):
+  """n different chat prompts of mixed lengths."""
+  prompts = []
+  for i in range(n):
+    question = " ".join(QUESTIONS[(i + j) % len(QUESTIONS)] for j in range(1 + i % 4))
+    prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                 add_generation_prompt=True, tokenize=True))
+  return prompts
+
+
+def test_32_slots_at_32k_context_fit_and_equal_one_at_a_time(ours):
+  """A contiguous cache for 32 slots of 32768 positions would need 24 GiB in float32 (this machine's memory);
+  a 2 GiB pool (half the CPU default) holds what the sequences use. Every answer equals the one-prompt-at-a-time
+  contiguous engine's."""
+  cfg = ours.config
+  contiguous_gib = 2 * cfg.num_layers * 32 * (32768 + 512) * cfg.num_kv_heads * cfg.head_dim * 4 / 2**30
+  assert contiguous_gib > 24
+  gc.collect()  # what earlier tests left: this one holds the model, a 2 GiB pool and a second engine
+  engine = qwenjax.Engine(ours.model, ours.tokenizer, max_batch_size=32, max_seq_len=32768, kv_cache_memory=2.0)
+  pool_gib = engine.pool.num_pages * page_bytes(cfg, engine.page_size, np.float32) / 2**30
+  assert pool_gib <= 2.0 and engine.context_len == 32768
+  prompts = _chats(ours.tokenizer, 32)
+  params = SamplingParams(max_tokens=16)
+  batched = engine.generate(prompts, params)
+  assert engine.stats["peak_sequences"] == 32 and engine.stats["prefill_calls"] < 16, engine.stats
+  single = qwenjax.Engine(ours.model, ours.tokenizer, max_batch_size=1, max_seq_len=512, paged=False)
+  for ids, got, want in zip(prompts, batched, single.generate(prompts, params)):
+    assert got.token_ids == want.token_ids, ours.tokenizer.decode(ids)
+  print(f"pool {pool_gib:.2f} GiB ({engine.pool.num_pages} pages) vs {contiguous_gib:.1f} GiB contiguous; "
+        f"{engine.stats}")
+
+
+def _stdlib_text(tokens_wanted, tokenizer):
+  """Python's own standard library source (textwrap, then shlex, then string): a fixed corpus on any install."""
+  lib = Path(sysconfig.get_paths()["stdlib"])
+  ids = []
+  for name in ("textwrap.py", "shlex.py", "string.py"):
+    ids += tokenizer.encode((lib / name).read_text(encoding="utf-8"))
+    if len(ids) >= tokens_wanted:
+      break
+  return ids[:tokens_wanted]
+
+
+def _perplexity(model, ids, quantized, chunk=512, page_size=64):
+  """exp(mean negative log-likelihood) of ids[1:] given what precedes, teacher-forced through the paged cache in
+  chunks (each attending to the pages of those before it), from the logits at every position."""
+  graphdef, params = nnx.split(model)
+  pool = PagePool(-(-len(ids) // page_size), page_size)
+  cache = PagedKVCache.zeros(model.cfg, pool.num_pages, page_size, model.dtype, quantized)
+  seq = SequencePages(pool)
+  nll = []
+  for start in range(0, len(ids), chunk):
+    piece = ids[start:start + chunk]
+    tokens = np.zeros((1, chunk), np.int32)
+    tokens[0, :len(piece)] = piece
+    slots = np.full((1, chunk), -1, np.int32)
+    slots[0, :len(piece)] = seq.grow(len(piece))
+    batch = programs.PagedBatch(tokens, np.array([start], np.int32),
+                                PagedInputs(slots, seq.page_row(pool.num_pages)[None], np.array([len(piece)],
+                                                                                                 np.int32)),
+                                np.zeros(1, np.int32))
+    logits, cache = programs.paged_prefill(graphdef, params, cache, batch, all_logits=True)
+    logp = np.asarray(jax.nn.log_softmax(logits[0, :len(piece)], axis=-1))  # [T, V]
+    targets = ids[start + 1:start + len(piece) + 1]
+    nll += [-logp[i, t] for i, t in enumerate(targets)]
+  return float(np.exp(np.mean(nll)))
+
+
+def test_int8_pages_perplexity_within_half_a_percent(ours):
+  ids = _stdlib_text(2048, ours.tokenizer)
+  assert len(ids) == 2048
+  f32 = _perplexity(ours.model, ids, quantized=False)
+  int8 = _perplexity(ours.model, ids, quantized=True)
+  print(f"perplexity over {len(ids)} tokens of stdlib source: float32 pages {f32:.4f}, int8 pages {int8:.4f} "
+        f"({100 * (int8 / f32 - 1):+.3f}%)")
+  assert 1.0 < f32 < 20.0  # a code model on Python source
+  assert abs(int8 / f32 - 1) < 0.005
+
+
+def test_int8_pages_greedy_agreement_on_chat(ours):
+  prompts = _chats(ours.tokenizer, 8)
+  params = SamplingParams(max_tokens=48)
+  kw = dict(max_batch_size=8, max_seq_len=1024)
+  f32 = qwenjax.Engine(ours.model, ours.tokenizer, **kw).generate(prompts, params)
+  int8 = qwenjax.Engine(ours.model, ours.tokenizer, kv_cache_dtype="int8", **kw).generate(prompts, params)
+  identical = sum(a.token_ids == b.token_ids for a, b in zip(f32, int8))
+  tokens = [(a.token_ids, b.token_ids) for a, b in zip(f32, int8)]
+  prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in tokens]
+  print(f"int8 vs float32 pages, greedy: {identical}/{len(prompts)} completions identical; tokens before the first "
+        f"difference {prefix} (of up to {params.max_tokens})")
+  assert identical >= len(prompts) // 2
