@@ -398,9 +398,7 @@ class Engine:
       out_tok, out_lp = self._decode(slots)  # 2. advance every slot
       for s in active:  # 3. host-side bookkeeping
         seq = slots[s]
-        column = out_tok[:, s]
-        n = int(np.argmax(column < 0)) if (column < 0).any() else len(column)
-        yield from self._accept(seq, column[:n].tolist(), out_lp[:n, s].tolist(), events)
+        yield from self._accept_block(seq, out_tok[:, s], out_lp[:, s], events)
         if seq.finish_reason:
           slots[s] = None
 
@@ -473,9 +471,7 @@ class Engine:
       out_tok, out_lp = self._decode_paged(slots)  # 3. decode
       for s in live:
         seq = slots[s]
-        column = out_tok[:, s]
-        n = int(np.argmax(column < 0)) if (column < 0).any() else len(column)
-        yield from self._accept(seq, column[:n].tolist(), out_lp[:n, s].tolist(), events)
+        yield from self._accept_block(seq, out_tok[:, s], out_lp[:, s], events)
         if seq.finish_reason:
           self._release(slots, s)
 
@@ -534,9 +530,11 @@ class Engine:
     prefill, page-table width for decode, padded prompt size for first tokens and restores): the bound on what a
     job of any length compiles, per sampling variant. `warm_up` compiles them all."""
     widths = sorted({self._table_width(p) for p in range(1, self.max_pages + 1)})
-    prefill = [(r, w, p) for w in self.buckets.sizes for r in (1 << i for i in range(self.max_batch_size.bit_length()))
-               if self._rows_fit(r, w) for p in widths if p >= min(self._table_width(pages_needed(w, self.page_size)),
-                                                                    self.max_pages)]
+    prefill = []
+    for w in self.buckets.sizes:  # rows: the padded counts of every group size that fits
+      rows = sorted({next_power_of_two(n) for n in range(1, self.max_batch_size + 1) if self._rows_fit(n, w)})
+      least = self._table_width(pages_needed(w, self.page_size))
+      prefill += [(r, w, p) for r in rows for p in widths if p >= least]
     pads = sorted({_pad_width(n) for n in (1 << i for i in range(self.context_len.bit_length() + 1))
                    if n <= self.context_len})
     return {"prefill": prefill, "decode": widths, "first_token": pads, "restore_slot": pads}
@@ -637,13 +635,12 @@ class Engine:
     sequence, None once its slot's penalty state is restored."""
     if seq.tokens:  # prompt and tokens padded alike: one compiled shape per power of two
       width = _pad_width(max(len(seq.prompt), len(seq.tokens)))
-      pad = lambda ids: np.pad(np.asarray(ids, np.int32), (0, width - len(ids)))
       with self._on_mesh():
-        self._slots = programs.restore_slot(self._slots, np.int32(slot), pad(seq.prompt), np.int32(len(seq.prompt)),
-                                            pad(seq.tokens), np.int32(len(seq.tokens)))
+        self._slots = programs.restore_slot(self._slots, np.int32(slot), _padded(seq.prompt, width),
+                                            np.int32(len(seq.prompt)), _padded(seq.tokens, width),
+                                            np.int32(len(seq.tokens)))
       return None
-    pad = lambda ids: np.pad(np.asarray(ids, np.int32), (0, _pad_width(len(ids)) - len(ids)))
-    inputs = FirstTokenInputs(np.int32(slot), pad(seq.prompt), np.int32(len(seq.prompt)),
+    inputs = FirstTokenInputs(np.int32(slot), _padded(seq.prompt), np.int32(len(seq.prompt)),
                               sampling_lib.pack([seq.params], sample_indices=[seq.sample_index], seeds=[seq.seed]))
     with self._on_mesh():
       tok, logprob, self._slots = programs.first_token(logits, self._slots, inputs, needs=_needs_of([seq.params]))
@@ -681,9 +678,7 @@ class Engine:
                                                     vision, fresh=start == 0)
       self.stats["prefill_calls"] += 1
     self.stats["prompt_tokens"] += len(prompt)
-    padded = np.zeros(max(16, next_power_of_two(len(prompt))), np.int32)  # powers of two: few compiled shapes
-    padded[:len(prompt)] = prompt
-    inputs = FirstTokenInputs(np.int32(slot), padded, np.int32(len(prompt)),
+    inputs = FirstTokenInputs(np.int32(slot), _padded(prompt), np.int32(len(prompt)),
                               sampling_lib.pack([seq.params], sample_indices=[seq.sample_index], seeds=[seq.seed]))
     with self._on_mesh():
       tok, logprob, self._slots = programs.first_token(logits, self._slots, inputs, needs=_needs_of([seq.params]))
@@ -745,6 +740,11 @@ class Engine:
     furthest = max(len(s.prompt) + len(s.tokens) for s in live) + self.decode_steps
     return min(self.max_seq_len, max(128, next_power_of_two(furthest)))
 
+  def _accept_block(self, seq: _Sequence, tokens: np.ndarray, logprobs: np.ndarray, events: bool) -> Iterator[Any]:
+    """A decode block's column for seq: tokens [k] (-1 from where its row stopped) and logprobs [k]."""
+    n = int(np.argmax(tokens < 0)) if (tokens < 0).any() else len(tokens)
+    yield from self._accept(seq, tokens[:n].tolist(), logprobs[:n].tolist(), events)
+
   def _accept(self, seq: _Sequence, tokens: list[int], logprobs: list[float], events: bool) -> Iterator[Any]:
     """Appends tokens to seq, applying every stop condition exactly; yields what the caller asked for."""
     for tok, lp in zip(tokens, logprobs):
@@ -796,6 +796,12 @@ class _NoText:
 def _pad_width(n: int) -> int:
   """The padded size of a first-token prompt or a restored history: powers of two from 16 (few shapes)."""
   return max(16, next_power_of_two(n))
+
+
+def _padded(ids: list[int], width: int | None = None) -> np.ndarray:
+  """ids as int32, zero-padded to `width` (default `_pad_width(len(ids))`)."""
+  width = _pad_width(len(ids)) if width is None else width
+  return np.pad(np.asarray(ids, np.int32), (0, width - len(ids)))
 
 
 def _ids(prompt: list[int] | VLPrompt) -> list[int]:
