@@ -23,6 +23,12 @@ MODEL = flags.DEFINE_string("model", "default", "'default' (the embedded Qwen2.5
                             "file, a Hugging Face checkpoint directory, or an Orbax checkpoint from launch.convert.")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and weight dtype (float32 is the "
                           "CPU default; bfloat16 for TPU/GPU).")
+QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8", "w8a8"], "int8: int8 weights with a float32 "
+                             "scale per output channel, quantized as they load (w8a16: the matmul dequantizes tile "
+                             "by tile); w8a8: activations quantized per token too, int32 accumulation. Norms, biases "
+                             "and logits stay float32. An Orbax checkpoint keeps what it was converted with.")
+QUANTIZE_EMBEDDINGS = flags.DEFINE_bool("quantize_embeddings", False, "With --quantize, the embedding and lm_head "
+                                        "in int8 too (27% of the 0.5B model's weights).")
 MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 4096, "Context per sequence: prompt plus generated tokens.",
                                    lower_bound=1)
 DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "Decode steps per jitted call.", lower_bound=1)
@@ -93,6 +99,12 @@ class Serving:
                     kv_cache_memory=KV_CACHE_MEMORY.value or self.kv_cache_memory,
                     kv_cache_dtype=None if KV_CACHE_DTYPE.value == "auto" else KV_CACHE_DTYPE.value)
     return kwargs
+
+
+def load_kwargs() -> dict:
+  """`qwenjax.load` / `Engine.load` arguments of the model flags (dtype and quantization)."""
+  return dict(dtype=DTYPE.value, quantize=None if QUANTIZE.value == "none" else QUANTIZE.value,
+              quantize_embeddings=QUANTIZE_EMBEDDINGS.value)
 
 
 def sampling_params():

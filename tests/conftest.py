@@ -9,6 +9,7 @@ import pathlib
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -236,3 +237,39 @@ def tiny_vl_chat(tmp_path_factory):
                                                 ids["vision_end"]), eos=ids["im_end"])
   (d / "preprocessor_config.json").write_text(json.dumps(PROCESSOR))
   return d, hf
+
+
+# --- int8 references (tests/model/test_quantized.py, tests/launch/test_generate.py) ---
+
+def _fake_quant_rows(w: np.ndarray) -> np.ndarray:
+  """A torch Linear weight [out, in] quantized per output row (amax / 127, round half to even) and dequantized."""
+  w = w.astype(np.float32)
+  scale = np.abs(w).max(axis=1, keepdims=True) / np.float32(127)
+  q = np.clip(np.round(w / np.where(scale > 0, scale, 1)), -127, 127)
+  return (q * scale).astype(np.float32)
+
+
+def fake_quantized_reference(hf, *, embeddings: bool = False, activations: bool = False):
+  """`quantize="int8"` (w8a16) / `"w8a8"` done independently of qwenjax: a copy of the transformers model with
+  every decoder Linear's weight fake-quantized per output channel (and the embedding / lm_head per vocabulary row
+  with `embeddings`); with `activations`, each Linear's input is also fake-quantized per token (w8a8)."""
+  import torch  # noqa: PLC0415
+
+  ref = type(hf)(hf.config).eval()
+  ref.load_state_dict(hf.state_dict())
+  with torch.no_grad():
+    for name, module in ref.named_modules():
+      is_head = name in ("lm_head", "model.embed_tokens")
+      if isinstance(module, torch.nn.Linear) and not is_head or is_head and embeddings:
+        module.weight.copy_(torch.from_numpy(_fake_quant_rows(module.weight.numpy())))
+      if activations and isinstance(module, torch.nn.Linear) and (not is_head or embeddings):
+        module.register_forward_pre_hook(lambda _, args: (_fake_quant_activations(args[0]),))
+  return ref
+
+
+def _fake_quant_activations(x):
+  """A torch activation [..., K] quantized per token (row) and dequantized, as w8a8 does at run time."""
+  import torch  # noqa: PLC0415
+
+  scale = x.abs().amax(dim=-1, keepdim=True) / 127
+  return torch.clamp(torch.round(x / torch.where(scale > 0, scale, 1)), -127, 127) * scale

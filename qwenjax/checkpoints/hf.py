@@ -6,7 +6,9 @@ array at a time: `SafetensorsSource` reads Qwen's released checkpoints (one file
 `qwenjax.model.decoder`, so what is expected, its shape and its layout come from one place.
 
 Peak host memory stays near one copy of the weights: each stacked [L, ...] weight is filled layer by layer into
-one buffer, placed on device, and the buffer dropped before the next weight.
+one buffer, placed on device, and the buffer dropped before the next weight. A quantized model
+(`qwenjax.model.layers.QuantizedWeight`) is quantized the same way, one layer's float32 tensor at a time, so its
+peak is the int8 model plus one float32 tensor.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import numpy as np
 from flax import nnx
 
 from qwenjax._errors import CheckpointError, first_line
+from qwenjax.checkpoints import quantized_formats
 from qwenjax.config import QwenConfig, read_json
 from qwenjax.model import model_class
 from qwenjax.model.decoder import Qwen2, weight_declarations
+from qwenjax.model.layers import quantize_host
 from qwenjax.model.qwen2_vl import QwenVLConfig, is_vl_config
 from qwenjax.parallel import sharding
 from qwenjax.parallel.axes import LAYERS
@@ -116,8 +120,10 @@ def checkpoint_names(path: tuple, var: nnx.Param) -> list[str]:
 
 
 def expected_tensors(model: Qwen2) -> dict[str, tuple[int, ...]]:
-  """Every checkpoint tensor the model needs, with its checkpoint shape."""
-  return {name: var.hf.shape for path, var in weight_declarations(model) for name in checkpoint_names(path, var)}
+  """Every checkpoint tensor the model needs, with its checkpoint shape (a quantized weight's scale has none: it
+  comes from its values' tensor)."""
+  return {name: var.hf.shape for path, var in weight_declarations(model) if var.hf is not None
+          for name in checkpoint_names(path, var)}
 
 
 def load_params(model: Qwen2, source: TensorSource, *,
@@ -150,17 +156,37 @@ def load_params(model: Qwen2, source: TensorSource, *,
       raise CheckpointError(f"{source.describe(name)}: tensor {name!r} has shape {tuple(got)}, expected "
                             f"{tuple(shape)}.")
 
+  by_path = dict(decls)
   for path, var in decls:
-    dtype = np.dtype(var.dtype)
+    if var.hf is None:  # a quantized weight's scale: filled with its values below
+      continue
     names = checkpoint_names(path, var)
-    if var.axes[0] == LAYERS:  # stacked: fill [L, ...] layer by layer
-      buf = np.empty(var.shape, dtype)
+    stacked = var.axes[0] == LAYERS
+    contract = getattr(var, "contract", None)
+    if contract is None:
+      dtype = np.dtype(var.dtype)
+      if stacked:  # fill [L, ...] layer by layer
+        buf = np.empty(var.shape, dtype)
+        for i, name in enumerate(names):
+          buf[i] = _convert(source, name, var.hf, var.shape[1:], dtype)
+      else:
+        buf = _convert(source, names[0], var.hf, var.shape, dtype)
+      var.set_value(place(path, buf))
+      del buf
+      continue
+    # A QuantizedWeight's values: quantize each layer's float32 tensor as it is read, per output channel.
+    scale_path = path[:-1] + ("scale",)
+    scale_var = by_path[scale_path]
+    values, scales = np.empty(var.shape, np.int8), np.empty(scale_var.shape, np.float32)
+    if stacked:
+      per_layer = tuple(a - 1 for a in contract)
       for i, name in enumerate(names):
-        buf[i] = _convert(source, name, var.hf, var.shape[1:], dtype)
+        values[i], scales[i] = quantize_host(_convert(source, name, var.hf, var.shape[1:], np.float32), per_layer)
     else:
-      buf = _convert(source, names[0], var.hf, var.shape, dtype)
-    var.set_value(place(path, buf))
-    del buf
+      values[...], scales[...] = quantize_host(_convert(source, names[0], var.hf, var.shape, np.float32), contract)
+    var.set_value(place(path, values))
+    scale_var.set_value(place(scale_path, scales))
+    del values, scales
 
 
 def _convert(source: TensorSource, name: str, hf, shape, dtype) -> np.ndarray:
@@ -188,9 +214,18 @@ def load_model(directory: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None 
                rules: sharding.ShardingRules = sharding.DEFAULT_RULES, **model_kwargs) -> Qwen2:
   """A Hugging Face checkpoint directory -> a concrete model with its weights loaded: `Qwen2`, or
   `qwenjax.model.qwen2_vl.Qwen2VL` for a Qwen2.5-VL checkpoint. With a mesh, each weight goes straight into its
-  shards (`qwenjax.parallel.sharding.placer`)."""
-  return load_from_source(read_config(directory), SafetensorsSource(directory), mesh=mesh, rules=rules,
-                          **model_kwargs)
+  shards (`qwenjax.parallel.sharding.placer`). A GPTQ or AWQ checkpoint (Qwen's -GPTQ-Int4/-Int8 and -AWQ
+  releases: a `quantization_config`) is dequantized exactly, one linear at a time
+  (`qwenjax.checkpoints.quantized_formats`); pass `quantize="int8"` to serve it in int8 (the default for them)."""
+  directory = pathlib.Path(directory)
+  source: TensorSource = SafetensorsSource(directory)
+  qcfg = quantized_formats.quantization_config(read_json(directory / "config.json", error=CheckpointError),
+                                               directory)
+  if qcfg is not None:
+    source = quantized_formats.DequantizedSource(source, qcfg)
+    if model_kwargs.get("quantize") is None:  # int4 / int8 weights are not served as float
+      model_kwargs["quantize"] = "int8"
+  return load_from_source(read_config(directory), source, mesh=mesh, rules=rules, **model_kwargs)
 
 
 def load_from_source(cfg, source: TensorSource, *, mesh: jax.sharding.Mesh | None = None,

@@ -23,6 +23,7 @@ from qwenjax.checkpoints import embedded, hf, orbax_store
 from qwenjax.checkpoints.gguf_file import GGUFCheckpoint
 from qwenjax.config import DEFAULT_DTYPE, QwenConfig, check_dtype, default_scan_layers, read_json
 from qwenjax.model.decoder import Qwen2
+from qwenjax.model.layers import check_quantize
 from qwenjax.multimodal.processing import ImageProcessorConfig
 from qwenjax.parallel import sharding
 from qwenjax.text.tokenizer import Tokenizer
@@ -52,11 +53,17 @@ def read_config(model: str | None = None):
 
 def load(model: str | None = None, *, dtype: str = DEFAULT_DTYPE, param_dtype: str | None = None,
          scan_layers: bool | None = None, mesh: jax.sharding.Mesh | None = None,
-         rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> LoadedModel:
+         rules: sharding.ShardingRules = sharding.DEFAULT_RULES, quantize: str | None = None,
+         quantize_embeddings: bool = False) -> LoadedModel:
   """Loads weights and tokenizer. dtype: compute dtype; param_dtype: storage dtype (defaults to dtype).
-  mesh: load each weight straight into its shards over this mesh, by `rules` (None: one device)."""
+  mesh: load each weight straight into its shards over this mesh, by `rules` (None: one device).
+  quantize: None, "int8" (w8a16) or "w8a8": every projection is quantized to int8 per output channel as it loads,
+  one float32 tensor at a time (`qwenjax.model.layers.QuantizedWeight`); quantize_embeddings: the embedding and
+  lm_head too. An Orbax checkpoint keeps the quantization it was converted with."""
+  quantize = check_quantize(quantize)
   kwargs = dict(dtype=check_dtype(dtype), param_dtype=check_dtype(param_dtype or dtype, "param_dtype"),
-                scan_layers=default_scan_layers() if scan_layers is None else scan_layers)
+                scan_layers=default_scan_layers() if scan_layers is None else scan_layers, quantize=quantize,
+                quantize_embeddings=quantize_embeddings)
   path = pathlib.Path(embedded.resolve_model_arg(model))
   start = time.perf_counter()
   if path.is_file() and path.suffix == ".gguf":
@@ -69,7 +76,8 @@ def load(model: str | None = None, *, dtype: str = DEFAULT_DTYPE, param_dtype: s
                          str(path))
   elif orbax_store.is_orbax_checkpoint(path):  # before the next branch: it holds a config.json too
     restored, tokenizer, processor = orbax_store.restore(
-        path, dtype=dtype, param_dtype=param_dtype, scan_layers=kwargs["scan_layers"], mesh=mesh, rules=rules)
+        path, dtype=dtype, param_dtype=param_dtype, scan_layers=kwargs["scan_layers"], mesh=mesh, rules=rules,
+        quantize=quantize)
     loaded = LoadedModel(restored, tokenizer, str(path), processor)
   elif path.is_dir() and (path / "config.json").exists():
     processor = path / "preprocessor_config.json"
@@ -81,16 +89,19 @@ def load(model: str | None = None, *, dtype: str = DEFAULT_DTYPE, param_dtype: s
                           "Hugging Face checkpoint directory or a qwenjax Orbax checkpoint directory).")
   else:
     raise CheckpointError(f"{path}: neither a .gguf file nor a directory with config.json.")
-  logging.info("Loaded %s (%d layers, %s) in %.1f s.", path, loaded.config.num_layers, dtype,
-               time.perf_counter() - start)
+  logging.info("Loaded %s (%d layers, %s%s) in %.1f s.", path, loaded.config.num_layers, dtype,
+               f", {loaded.model.quantize} weights" if loaded.model.quantize else "", time.perf_counter() - start)
   return loaded
 
 
 def convert(source: str | os.PathLike[str] | None, output: str | os.PathLike[str], *, dtype: str = DEFAULT_DTYPE,
-            chunk_bytes: int = orbax_store.CHUNK_BYTES) -> pathlib.Path:
+            chunk_bytes: int = orbax_store.CHUNK_BYTES, quantize: str | None = None,
+            quantize_embeddings: bool = False) -> pathlib.Path:
   """Loads `source` (anything `load` takes: 'default', a .gguf file, a checkpoint directory) and writes it to the
-  new directory `output` as a qwenjax Orbax checkpoint (`qwenjax.checkpoints.orbax_store`) with weights in `dtype`.
+  new directory `output` as a qwenjax Orbax checkpoint (`qwenjax.checkpoints.orbax_store`) with weights in `dtype`,
+  or, with `quantize`, int8 values and float32 scales (restored straight into a mesh like any other weights).
   Returns `output`."""
+  quantize = check_quantize(quantize)
   path = pathlib.Path(embedded.resolve_model_arg(source))
   output = pathlib.Path(output)
   if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -99,7 +110,7 @@ def convert(source: str | os.PathLike[str] | None, output: str | os.PathLike[str
     output.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise CheckpointError(f"{output}: cannot create the output directory ({e.strerror}).") from None
-  loaded = load(str(path), dtype=dtype, scan_layers=True)
+  loaded = load(str(path), dtype=dtype, scan_layers=True, quantize=quantize, quantize_embeddings=quantize_embeddings)
   generation = {}
   processor = None
   if path.suffix == ".gguf" and path.is_file():

@@ -4,7 +4,9 @@
 directory, a GGUF file or the embedded model, and saves it; `python -m launch.convert` runs that) into a directory
 that holds everything a run needs:
 
-    qwenjax_checkpoint.json    marks the directory: format and version, weight dtype, source, param layout
+    qwenjax_checkpoint.json    marks the directory: format and version, weight dtype, quantization (none, int8 or
+                               w8a8: int8 values with their scales under `<weight>.values` / `.scale`), source,
+                               param layout
     config.json                the model's Hugging Face config (Qwen2.5-VL: Qwen's flat form with vision_config)
     tokenizer.json, tokenizer_config.json, generation_config.json    tokenizer, chat template, end-of-sequence ids
     preprocessor_config.json   Qwen2.5-VL only: the image processor's settings
@@ -30,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
@@ -38,6 +41,7 @@ from qwenjax.checkpoints.hf import parse_config
 from qwenjax.config import check_dtype, default_scan_layers, read_json
 from qwenjax.model import model_class
 from qwenjax.model.decoder import Qwen2, weight_declarations
+from qwenjax.model.layers import check_quantize
 from qwenjax.multimodal.processing import ImageProcessorConfig
 from qwenjax.parallel.axes import DEFAULT_RULES, ShardingRules
 from qwenjax.parallel.sharding import named_sharding
@@ -81,6 +85,7 @@ def save(directory: str | os.PathLike[str], model: Qwen2, tokenizer: Tokenizer, 
                           "config.")
   assert model.scan_layers, "the checkpoint layout is the stacked one: load the model with scan_layers=True"
   params = {path: var[...] for path, var in weight_declarations(model)}
+  float_dtype = next(str(a.dtype) for a in params.values() if a.dtype != np.int8)  # int8 values are not "the dtype"
   tree = _nest(params)
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), tree)
   with _checkpointer() as ckptr:
@@ -90,7 +95,8 @@ def save(directory: str | os.PathLike[str], model: Qwen2, tokenizer: Tokenizer, 
   if preprocessor_config is not None:
     _write_json(directory / "preprocessor_config.json", preprocessor_config)
   _write_json(directory / METADATA_FILE, {
-      "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": str(next(iter(params.values())).dtype),
+      "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": float_dtype,
+      "quantize": model.quantize or "none", "quantize_embeddings": model.quantize_embeddings,
       "source": source, "layout": LAYOUT, "model": type(model).__name__})
 
 
@@ -98,15 +104,17 @@ def save(directory: str | os.PathLike[str], model: Qwen2, tokenizer: Tokenizer, 
 
 
 def restore(directory: str | os.PathLike[str], *, dtype: str | None = None, param_dtype: str | None = None,
-            scan_layers: bool | None = None, mesh: Mesh | None = None,
-            rules: ShardingRules = DEFAULT_RULES) -> tuple[Qwen2, Tokenizer, ImageProcessorConfig | None]:
+            scan_layers: bool | None = None, mesh: Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
+            quantize: str | None = None) -> tuple[Qwen2, Tokenizer, ImageProcessorConfig | None]:
   """Restores a checkpoint `save` wrote: (model, tokenizer, image processor or None).
 
   dtype: compute dtype ('float32' or 'bfloat16'; default: the dtype the weights were written in); param_dtype:
     weight dtype (default: dtype), cast as the weights are read.
   scan_layers: stacked or per-layer weights (default: `qwenjax.config.default_scan_layers()`).
   mesh: each weight is read straight into `NamedSharding(mesh, spec_for(its logical axes))` under `rules`, every
-    host reading only its shards; None: one device.
+    host reading only its shards (an int8 checkpoint's values and scales alike); None: one device.
+  quantize: None takes the checkpoint's own quantization; any other value must match it (convert again with
+    `--quantize` to change it).
   Raises CheckpointError naming the directory (and the tensor) when the checkpoint is incomplete or does not
   fit its config.json.
   """
@@ -114,7 +122,13 @@ def restore(directory: str | os.PathLike[str], *, dtype: str | None = None, para
   meta = _read_metadata(directory)
   name, what = (dtype, "dtype") if dtype else (meta["dtype"], f"{directory / METADATA_FILE}: dtype")
   compute = check_dtype(name, what)
-  kwargs = dict(dtype=compute, param_dtype=check_dtype(param_dtype, "param_dtype") if param_dtype else compute)
+  stored_quantize = meta.get("quantize", "none")
+  if check_quantize(quantize) not in (None, check_quantize(stored_quantize)):
+    raise CheckpointError(f"{directory}: holds {stored_quantize!r} weights, not {quantize!r}; convert the source "
+                          f"again with --quantize={quantize}.")
+  kwargs = dict(dtype=compute, param_dtype=check_dtype(param_dtype, "param_dtype") if param_dtype else compute,
+                quantize=check_quantize(stored_quantize),
+                quantize_embeddings=bool(meta.get("quantize_embeddings", False)))
   scan_layers = default_scan_layers() if scan_layers is None else scan_layers
   config_file = directory / "config.json"
   cfg = parse_config(read_json(config_file, error=CheckpointError), str(config_file))

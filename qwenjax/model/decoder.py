@@ -27,7 +27,18 @@ from qwenjax.config import QwenConfig
 from qwenjax.kernels.attention import attention, paged_attention
 from qwenjax.kernels.paged_attention import quantize_kv
 from qwenjax.model.kv_cache import KVCache, PagedKVCache, write_rows, write_slots
-from qwenjax.model.layers import HFTensor, RMSNorm, declare, read, rope, rope_tables
+from qwenjax.model.layers import (
+  HFTensor,
+  RMSNorm,
+  check_quantize,
+  declare,
+  linear,
+  lookup,
+  read,
+  rope,
+  rope_tables,
+  vocab_logits,
+)
 from qwenjax.parallel.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP, VOCAB, constrain
 
 
@@ -64,10 +75,10 @@ class StepContext:
 class Attention(nnx.Module):
   """Grouped-query attention with q/k/v bias and no output bias."""
 
-  def __init__(self, cfg: QwenConfig, *, stack, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: QwenConfig, *, stack, dtype, param_dtype, quantize=None, rngs: nnx.Rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    w = lambda shape, axes, hf, init="normal": declare(rngs, shape, axes, hf, stack=stack, dtype=param_dtype,
-                                                       init=init)
+    w = lambda shape, axes, hf, init="normal", contract=(0,): declare(
+        rngs, shape, axes, hf, stack=stack, dtype=param_dtype, init=init, quantize=quantize, contract=contract)
     pre = "model.layers.{layer}.self_attn."
     self.q_kernel = w((d, n, h), (EMBED, HEADS, HEAD_DIM), HFTensor(pre + "q_proj.weight", (n * h, d), True))
     self.q_bias = w((n, h), (HEADS, HEAD_DIM), HFTensor(pre + "q_proj.bias", (n * h,)), "zeros")
@@ -75,7 +86,8 @@ class Attention(nnx.Module):
     self.k_bias = w((k, h), (KV_HEADS, HEAD_DIM), HFTensor(pre + "k_proj.bias", (k * h,)), "zeros")
     self.v_kernel = w((d, k, h), (EMBED, KV_HEADS, HEAD_DIM), HFTensor(pre + "v_proj.weight", (k * h, d), True))
     self.v_bias = w((k, h), (KV_HEADS, HEAD_DIM), HFTensor(pre + "v_proj.bias", (k * h,)), "zeros")
-    self.o_kernel = w((n, h, d), (HEADS, HEAD_DIM, EMBED), HFTensor(pre + "o_proj.weight", (d, n * h), True))
+    self.o_kernel = w((n, h, d), (HEADS, HEAD_DIM, EMBED), HFTensor(pre + "o_proj.weight", (d, n * h), True),
+                      contract=(0, 1))
     self.dtype = dtype
 
   def __call__(self, x, ctx: StepContext, kv: tuple, layer, window):
@@ -90,9 +102,9 @@ class Attention(nnx.Module):
     """
     positions = ctx.positions
     dt = self.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, read(self.q_kernel, dt)) + read(self.q_bias, dt)
-    k = jnp.einsum("btd,dkh->btkh", x, read(self.k_kernel, dt)) + read(self.k_bias, dt)
-    v = jnp.einsum("btd,dkh->btkh", x, read(self.v_kernel, dt)) + read(self.v_bias, dt)
+    q = linear(x, self.q_kernel, dt, ctx.impl) + read(self.q_bias, dt)  # [B, T, N, H]
+    k = linear(x, self.k_kernel, dt, ctx.impl) + read(self.k_bias, dt)  # [B, T, K, H]
+    v = linear(x, self.v_kernel, dt, ctx.impl) + read(self.v_bias, dt)
     q, k = rope(q, ctx.cos, ctx.sin), rope(k, ctx.cos, ctx.sin)
     # Under a mesh: query heads split over tensor; KV heads too where the tensor axis divides them, else whole
     # (replicated, exact). Pinning k and v keeps XLA from splitting the cache's KV heads like the query heads.
@@ -100,10 +112,10 @@ class Attention(nnx.Module):
     k, v = constrain(k, (BATCH, LENGTH, KV_HEADS, HEAD_DIM)), constrain(v, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
 
     b, t, n, h = q.shape
-    o_kernel = read(self.o_kernel, dt).reshape(n * h, -1)
+    project = lambda out: linear(out.reshape(b, t, n * h), self.o_kernel, dt, ctx.impl, n_in=2)  # [B, T, D]
     if ctx.paged is not None:
       out, kv = self._paged(q, k, v, ctx, kv, layer, window)
-      return jnp.einsum("bte,ed->btd", out.reshape(b, t, n * h), o_kernel), kv
+      return project(out), kv
 
     cache_k, cache_v = kv
     rows = jnp.arange(x.shape[0]) if ctx.rows is None else ctx.rows  # [B] cache row of each sequence
@@ -120,9 +132,8 @@ class Attention(nnx.Module):
     else:
       keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, T, H]
 
-    out = attention(q, keys, values, positions, key_pos, window, dtype=dt, impl=ctx.impl).reshape(b, t, n * h)
-    # One [N*H, D] matmul: contracting (n, h) in an einsum let XLA:CPU transpose the weight every step.
-    return jnp.einsum("bte,ed->btd", out, o_kernel), (cache_k, cache_v)
+    out = attention(q, keys, values, positions, key_pos, window, dtype=dt, impl=ctx.impl)
+    return project(out), (cache_k, cache_v)
 
   def _paged(self, q, k, v, ctx: StepContext, kv: tuple, layer, window):
     """q [B, T, N, H], k/v [B, T, K, H] of this step into and over a PagedKVCache's arrays `kv`."""
@@ -165,29 +176,27 @@ def _key_smoothing(k_bias: jax.Array) -> jax.Array:
 class FeedForward(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
-  def __init__(self, cfg: QwenConfig, *, stack, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: QwenConfig, *, stack, dtype, param_dtype, quantize=None, rngs: nnx.Rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
     pre = "model.layers.{layer}.mlp."
-    self.gate = declare(rngs, (d, f), (EMBED, MLP), HFTensor(pre + "gate_proj.weight", (f, d), True), stack=stack,
-                        dtype=param_dtype)
-    self.up = declare(rngs, (d, f), (EMBED, MLP), HFTensor(pre + "up_proj.weight", (f, d), True), stack=stack,
-                      dtype=param_dtype)
-    self.down = declare(rngs, (f, d), (MLP, EMBED), HFTensor(pre + "down_proj.weight", (d, f), True), stack=stack,
-                        dtype=param_dtype)
+    w = lambda shape, axes, hf: declare(rngs, shape, axes, hf, stack=stack, dtype=param_dtype, quantize=quantize)
+    self.gate = w((d, f), (EMBED, MLP), HFTensor(pre + "gate_proj.weight", (f, d), True))
+    self.up = w((d, f), (EMBED, MLP), HFTensor(pre + "up_proj.weight", (f, d), True))
+    self.down = w((f, d), (MLP, EMBED), HFTensor(pre + "down_proj.weight", (d, f), True))
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, impl: str = "xla") -> jax.Array:
     dt = self.dtype
-    g = jnp.einsum("btd,df->btf", x, read(self.gate, dt))
-    u = jnp.einsum("btd,df->btf", x, read(self.up, dt))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, read(self.down, dt))
+    g = linear(x, self.gate, dt, impl)  # [B, T, F]
+    u = linear(x, self.up, dt, impl)
+    return linear(jax.nn.silu(g) * u, self.down, dt, impl)  # [B, T, D]
 
 
 class Block(nnx.Module):
   """Pre-norm decoder layer: x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))."""
 
-  def __init__(self, cfg: QwenConfig, *, stack=(), dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(stack=stack, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, cfg: QwenConfig, *, stack=(), dtype, param_dtype, quantize=None, rngs: nnx.Rngs):
+    kw = dict(stack=stack, dtype=dtype, param_dtype=param_dtype, quantize=quantize, rngs=rngs)
     self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "model.layers.{layer}.input_layernorm.weight",
                              stack=stack, dtype=param_dtype, rngs=rngs)
     self.attn = Attention(cfg, **kw)
@@ -199,7 +208,7 @@ class Block(nnx.Module):
   def __call__(self, x, ctx: StepContext, kv: tuple, layer, window):
     a, kv = self.attn(self.attn_norm(x), ctx, kv, layer, window)
     x = x + a
-    return x + self.mlp(self.mlp_norm(x)), kv
+    return x + self.mlp(self.mlp_norm(x), ctx.impl), kv
 
 
 class Qwen2(nnx.Module):
@@ -208,17 +217,23 @@ class Qwen2(nnx.Module):
   dtype: compute dtype of activations and matmuls (float32 on CPU, bfloat16 on TPU/GPU); norms, softmax and
     logits are float32 regardless. param_dtype: storage dtype of weights.
   scan_layers: stacked weights under `lax.scan` (True) or one array per layer, unrolled (False).
+  quantize: None, "int8" (w8a16: int8 weights, activations in `dtype`) or "w8a8" (activations quantized per token
+    too): every projection of every layer is then a `QuantizedWeight`; quantize_embeddings: the embedding and
+    lm_head too (27% of the 0.5B model's weights). Norms, biases, softmax and logits stay float32.
   """
 
   def __init__(self, cfg: QwenConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = True,
-               rngs: nnx.Rngs):
+               quantize: str | None = None, quantize_embeddings: bool = False, rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
     self.scan_layers = scan_layers
+    self.quantize = quantize = check_quantize(quantize)
+    self.quantize_embeddings = quantize_embeddings = bool(quantize_embeddings and quantize)
     d, v = cfg.hidden_size, cfg.vocab_size
-    self.embed = declare(rngs, (v, d), (VOCAB, EMBED), HFTensor("model.embed_tokens.weight", (v, d)), stack=(),
-                         dtype=param_dtype)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    table = lambda name: declare(rngs, (v, d), (VOCAB, EMBED), HFTensor(name, (v, d)), stack=(), dtype=param_dtype,
+                                 quantize=quantize if quantize_embeddings else None, contract=(1,))
+    self.embed = table("model.embed_tokens.weight")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, quantize=quantize, rngs=rngs)
     if scan_layers:
       self.layers = Block(cfg, stack=(cfg.num_layers,), **kw)
     else:
@@ -226,8 +241,7 @@ class Qwen2(nnx.Module):
     self.final_norm = RMSNorm(d, cfg.rms_norm_eps, "model.norm.weight", dtype=param_dtype, rngs=rngs)
     if not cfg.tie_word_embeddings:
       # [V, D] as checkpoints store it (like the embedding): the largest weight loads without a transpose.
-      self.lm_head = declare(rngs, (v, d), (VOCAB, EMBED), HFTensor("lm_head.weight", (v, d)), stack=(),
-                             dtype=param_dtype)
+      self.lm_head = table("lm_head.weight")
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | PagedKVCache, *,
                rows: jax.Array | None = None, attend_to_cache: bool = True, kv_len: int | None = None,
@@ -244,7 +258,7 @@ class Qwen2(nnx.Module):
 
     Returns final hidden states [B, T, D] and the cache with this step's keys and values written (lengths are
     the caller's to advance)."""
-    x = read(self.embed)[tokens].astype(self.dtype)  # [B, T, D]
+    x = lookup(self.embed, tokens, self.dtype)  # [B, T, D]
     if embeds is not None:
       features, index = embeds
       x = jnp.where((index >= 0)[..., None], features.astype(self.dtype)[jnp.maximum(index, 0)], x)
@@ -279,10 +293,9 @@ class Qwen2(nnx.Module):
       return self.final_norm(x), dataclasses.replace(cache, k=kv[0], v=kv[1])
     return self.final_norm(x), PagedKVCache(*kv)
 
-  def logits(self, h: jax.Array) -> jax.Array:
-    """Final hidden states [..., D] -> float32 logits [..., V]."""
-    head = self.embed if self.cfg.tie_word_embeddings else self.lm_head  # [V, D]
-    return jnp.einsum("...d,vd->...v", h, read(head, h.dtype), preferred_element_type=jnp.float32)
+  def logits(self, h: jax.Array, impl: str = "xla") -> jax.Array:
+    """Final hidden states [..., D] -> float32 logits [..., V] (impl: a quantized head's matmul, "xla"/"pallas")."""
+    return vocab_logits(h, self.embed if self.cfg.tie_word_embeddings else self.lm_head, impl)  # [V, D] table
 
 
 def abstract_model(cfg: QwenConfig, **kwargs) -> Qwen2:
@@ -291,6 +304,7 @@ def abstract_model(cfg: QwenConfig, **kwargs) -> Qwen2:
 
 
 def weight_declarations(model: Qwen2) -> list[tuple[tuple, nnx.Param]]:
-  """(path, Param) for every weight, in a fixed order; each Param carries `axes` and `hf` metadata."""
+  """(path, Param) for every weight, in a fixed order; each Param carries `axes` and `hf` metadata (`hf` is None
+  for a QuantizedWeight's scale, which loads with its values: path (..., "values") beside (..., "scale"))."""
   return [(path, var) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]
 

@@ -3,10 +3,13 @@
 Every weight is declared once, by `declare`: its shape, logical axes (`qwenjax.parallel.axes`), initialiser, and
 where it comes from in a Hugging Face checkpoint (`HFTensor`). Abstract shapes (`nnx.eval_shape`), shardings
 (`qwenjax.parallel.sharding`) and checkpoint loading (`qwenjax.checkpoints.hf`) all read those declarations.
-Every use of a weight reads it through `read`, the one place a quantized weight (int8 values and their scales)
-will turn back into the compute dtype.
+Every use of a weight goes through one helper: `linear` (a matmul), `lookup` (embedding rows) or `read` (biases,
+norms). A declaration with `quantize` set gives a `QuantizedWeight` instead of a Param: int8 values and a float32
+scale per output channel, two Params whose logical axes follow the declaration's, so sharding rules, Orbax and the
+planner see two ordinary weights; the helpers hand it to `qwenjax.kernels.int8_matmul` and never materialise the
+float matrix.
 
-Legend: B batch, T tokens of this step, N heads, H head dim.
+Legend: B batch, T tokens of this step, N heads, H head dim, K contracted (input) size, O output size.
 """
 
 from __future__ import annotations
@@ -18,9 +21,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwenjax._errors import ConfigError
+from qwenjax.kernels.int8_matmul import int8_matmul, quantize_per_channel
 from qwenjax.parallel.axes import EMBED, LAYERS
 
 _INIT_STD = 0.02
+
+# `--quantize` values -> `qwenjax.kernels.int8_matmul` modes: weight-only int8 (w8a16), or int8 activations too.
+QUANTIZE_MODES = {"int8": "w8a16", "w8a8": "w8a8"}
+
+
+def check_quantize(quantize: str | None) -> str | None:
+  """None/"none" -> None; "int8" or "w8a8" as is; anything else is a ConfigError."""
+  if quantize in (None, "", "none"):
+    return None
+  if quantize not in QUANTIZE_MODES:
+    raise ConfigError(f"quantize must be one of none, {', '.join(QUANTIZE_MODES)}; got {quantize!r}.")
+  return quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +67,57 @@ class HFTensor:
     return np.ascontiguousarray(array.reshape(self.shape))
 
 
+class QuantizedWeight(nnx.Module):
+  """An int8 weight: w ~ values * scale, one float32 scale per output channel (symmetric, amax / 127).
+
+  values: Param int8 [*stack, *shape] with the declaration's logical axes, its checkpoint tensor (`hf`) and the
+    contracted dims counted in the stacked shape (`contract` metadata: what a loader quantizes over).
+  scale: Param float32 [*stack, *output dims]: the shape without the contracted dims, their axes dropped; `hf` is
+    None (it comes from the same checkpoint tensor, quantized as it loads).
+  contract: the contracted (input) dims of `shape`: the leading ones of a projection [K..., O...], the last of a
+    vocabulary table [V, D] (lm_head and the embedding, which one scale per row serves both as table and head).
+  mode: the `qwenjax.kernels.int8_matmul` mode, "w8a16" or "w8a8".
+  """
+
+  def __init__(self, values: nnx.Param, scale: nnx.Param, contract: tuple[int, ...], mode: str):
+    self.values = values
+    self.scale = scale
+    self.contract = contract
+    self.mode = mode
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.values.shape)
+
+  def dequantized(self, dtype=jnp.float32) -> jax.Array:
+    """The float weight (tests and the odd small weight; the matmuls never build it)."""
+    stack = self.values.ndim - self.scale.ndim - len(self.contract)
+    scale = jnp.expand_dims(self.scale[...], tuple(stack + a for a in self.contract))
+    return (self.values[...].astype(jnp.float32) * scale).astype(dtype)
+
+
+def quantize_host(array: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """A float weight on the host -> (int8 values, float32 scale over the remaining dims): scale = amax / 127 over
+  `axes`, values = round(w / scale) (half to even); a channel of zeros gets scale 0 and values 0. The loaders'
+  quantizer, the same rule as `qwenjax.kernels.int8_matmul.quantize_per_channel` on device."""
+  w = np.asarray(array, np.float32)
+  scale = np.max(np.abs(w), axis=axes) / np.float32(127)  # [remaining dims]
+  safe = np.expand_dims(np.where(scale > 0, scale, np.float32(1)), axes)
+  values = np.clip(np.round(w / safe), -127, 127).astype(np.int8)
+  return values, scale.astype(np.float32)
+
+
+def scale_axes(axes: tuple[str | None, ...], contract: tuple[int, ...]) -> tuple[str | None, ...]:
+  """The logical axes of a QuantizedWeight's scale: the weight's, without its contracted dims."""
+  return tuple(a for i, a in enumerate(axes) if i not in contract)
+
+
 def declare(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], hf: HFTensor, *,
-            stack: tuple[int, ...], dtype, init: str = "normal") -> nnx.Param:
-  """Declares one weight. `stack` is (L,) for scanned layers: it prepends the "layers" axis."""
+            stack: tuple[int, ...], dtype, init: str = "normal", quantize: str | None = None,
+            contract: tuple[int, ...] = (0,)) -> nnx.Param | QuantizedWeight:
+  """Declares one weight. `stack` is (L,) for scanned layers: it prepends the "layers" axis. quantize: None, or a
+  `QUANTIZE_MODES` key for a matrix ("normal" init): it is then a QuantizedWeight whose `contract` dims (of
+  `shape`) are the ones its matmul contracts."""
   full_shape = (*stack, *shape)
   full_axes = (LAYERS,) * len(stack) + axes
   assert len(shape) == len(axes), (shape, axes)
@@ -62,14 +127,54 @@ def declare(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...]
     value = jnp.zeros(full_shape, dtype)
   else:
     value = (_INIT_STD * jax.random.normal(rngs.params(), full_shape, jnp.float32)).astype(dtype)
-  return nnx.Param(value, axes=full_axes, hf=hf)
+  if quantize is None or init != "normal":
+    return nnx.Param(value, axes=full_axes, hf=hf)
+  full_contract = tuple(len(stack) + a for a in contract)
+  values, scale = quantize_per_channel(value.astype(jnp.float32), full_contract)
+  return QuantizedWeight(nnx.Param(values, axes=full_axes, hf=hf, contract=full_contract),
+                         nnx.Param(scale, axes=scale_axes(full_axes, full_contract), hf=None),
+                         contract, QUANTIZE_MODES[quantize])
 
 
-def read(param: nnx.Param, dtype=None) -> jax.Array:
-  """A weight's value, cast to `dtype` (the compute dtype; None: as stored). Every matmul, bias, norm and
-  embedding reads its weight here."""
+def read(param: nnx.Param | QuantizedWeight, dtype=None) -> jax.Array:
+  """A weight's value, cast to `dtype` (the compute dtype; None: as stored). Biases and norms read their weight
+  here; matmuls go through `linear` and embedding rows through `lookup`, which keep a QuantizedWeight in int8."""
+  if isinstance(param, QuantizedWeight):
+    return param.dequantized(jnp.float32 if dtype is None else dtype)
   value = param[...]
   return value if dtype is None else value.astype(dtype)
+
+
+def linear(x: jax.Array, weight: nnx.Param | QuantizedWeight, dtype, impl: str = "xla", n_in: int = 1) -> jax.Array:
+  """x [..., K] times a projection [K..., O...] whose first `n_in` dims (K in all: x's last dim flattens them) are
+  contracted -> [..., O...] in `dtype`. A QuantizedWeight multiplies through `int8_matmul` (`impl`: "xla" or
+  "pallas"), dequantizing tile by tile inside the matmul."""
+  k = x.shape[-1]
+  out_dims = tuple(weight.shape[n_in:])
+  if isinstance(weight, QuantizedWeight):
+    assert weight.contract == tuple(range(n_in)), (weight.contract, n_in)
+    out = int8_matmul(x.reshape(-1, k).astype(dtype), weight.values[...].reshape(k, -1),
+                      weight.scale[...].reshape(-1), mode=weight.mode, impl=impl, out_dtype=dtype)
+    return out.reshape(*x.shape[:-1], *out_dims)
+  # One [K, O] matmul: contracting several weight dims in an einsum let XLA:CPU transpose the weight every step.
+  return (x @ read(weight, dtype).reshape(k, -1)).reshape(*x.shape[:-1], *out_dims)
+
+
+def lookup(table: nnx.Param | QuantizedWeight, ids: jax.Array, dtype) -> jax.Array:
+  """Rows `ids` [...] of a [V, D] table -> [..., D] in `dtype`; a QuantizedWeight dequantizes just those rows."""
+  if isinstance(table, QuantizedWeight):
+    return (table.values[...][ids].astype(jnp.float32) * table.scale[...][ids][..., None]).astype(dtype)
+  return read(table)[ids].astype(dtype)
+
+
+def vocab_logits(h: jax.Array, table: nnx.Param | QuantizedWeight, impl: str = "xla") -> jax.Array:
+  """Hidden states [..., D] against a [V, D] vocabulary table (lm_head or the tied embedding) -> float32 [..., V]."""
+  if isinstance(table, QuantizedWeight):
+    d = h.shape[-1]
+    out = int8_matmul(h.reshape(-1, d), table.values[...], table.scale[...], mode=table.mode, impl=impl,
+                      transpose_rhs=True, out_dtype=jnp.float32)
+    return out.reshape(*h.shape[:-1], -1)
+  return jnp.einsum("...d,vd->...v", h, read(table, h.dtype), preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):

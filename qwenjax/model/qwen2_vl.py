@@ -109,11 +109,12 @@ class Qwen2VL(Qwen2):
   `visual.*`, as Qwen's released checkpoints store them."""
 
   def __init__(self, vl_cfg: QwenVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = True,
-               rngs: nnx.Rngs):
-    super().__init__(vl_cfg.text, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, rngs=rngs)
+               quantize: str | None = None, quantize_embeddings: bool = False, rngs: nnx.Rngs):
+    super().__init__(vl_cfg.text, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, quantize=quantize,
+                     quantize_embeddings=quantize_embeddings, rngs=rngs)
     self.vl_cfg = vl_cfg
     self.visual = VisionTower(vl_cfg.vision, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-                              rngs=rngs)
+                              quantize=quantize, rngs=rngs)
 
 
 def encode_visuals(tower: VisionTower, visuals: Sequence[VisualInput], buckets: PatchBuckets) -> np.ndarray:

@@ -41,7 +41,7 @@ from flax import nnx
 
 from qwenjax._errors import InputError
 from qwenjax.kernels.attention import vision_attention
-from qwenjax.model.layers import HFTensor, RMSNorm, declare, read, rope
+from qwenjax.model.layers import HFTensor, RMSNorm, check_quantize, declare, linear, read, rope
 from qwenjax.model.vision_config import VisionConfig
 from qwenjax.multimodal.vision_plan import PatchBuckets, PlanArrays, check_grid, plan, query_block
 from qwenjax.parallel.axes import EMBED, HEAD_DIM, HEADS, MLP
@@ -63,22 +63,23 @@ class _TowerContext:
 class VisionAttention(nnx.Module):
   """Fused qkv with bias, 2D RoPE, attention within a window or a frame, output projection with bias."""
 
-  def __init__(self, cfg: VisionConfig, *, stack, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, stack, dtype, param_dtype, quantize=None, rngs: nnx.Rngs):
     d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    w = lambda shape, axes, hf, init="normal": declare(rngs, shape, axes, hf, stack=stack, dtype=param_dtype,
-                                                       init=init)
+    w = lambda shape, axes, hf, init="normal", contract=(0,): declare(
+        rngs, shape, axes, hf, stack=stack, dtype=param_dtype, init=init, quantize=quantize, contract=contract)
     pre = "visual.blocks.{layer}.attn."
     # Checkpoint rows are (q|k|v, head, head_dim); the size-3 axis has no logical name: never sharded.
     self.qkv_kernel = w((d, 3, n, h), (EMBED, None, HEADS, HEAD_DIM), HFTensor(pre + "qkv.weight", (3 * d, d), True))
     self.qkv_bias = w((3, n, h), (None, HEADS, HEAD_DIM), HFTensor(pre + "qkv.bias", (3 * d,)), "zeros")
-    self.o_kernel = w((n, h, d), (HEADS, HEAD_DIM, EMBED), HFTensor(pre + "proj.weight", (d, d), True))
+    self.o_kernel = w((n, h, d), (HEADS, HEAD_DIM, EMBED), HFTensor(pre + "proj.weight", (d, d), True),
+                      contract=(0, 1))
     self.o_bias = w((d,), (EMBED,), HFTensor(pre + "proj.bias", (d,)), "zeros")
     self.dtype = dtype
 
   def __call__(self, x: jax.Array, ctx: _TowerContext, full) -> jax.Array:
     """x: [P, D]; full: this block attends over frames (a Python bool, or a traced one under scan)."""
     dt = self.dtype
-    qkv = jnp.einsum("pd,dsnh->spnh", x, read(self.qkv_kernel, dt)) + read(self.qkv_bias, dt)[:, None]
+    qkv = (linear(x, self.qkv_kernel, dt, ctx.impl) + read(self.qkv_bias, dt)).transpose(1, 0, 2, 3)  # [3, P, N, H]
     # RoPE in float32, as the reference does, then back to the compute dtype.
     q, k = (rope(a[None].astype(jnp.float32), ctx.cos[None], ctx.sin[None])[0].astype(dt) for a in qkv[:2])
     attend = functools.partial(vision_attention, q, k, qkv[2], block_q=ctx.block_q, impl=ctx.impl)
@@ -88,17 +89,17 @@ class VisionAttention(nnx.Module):
       out = in_frames() if full else in_windows()
     else:
       out = jax.lax.cond(full, in_frames, in_windows)  # [P, N, H]
-    n, h, d = self.o_kernel.shape[-3:]
-    return out.reshape(-1, n * h) @ read(self.o_kernel, dt).reshape(n * h, d) + read(self.o_bias, dt)
+    n, h = self.o_kernel.shape[-3:-1]
+    return linear(out.reshape(-1, n * h), self.o_kernel, dt, ctx.impl, n_in=2) + read(self.o_bias, dt)
 
 
 class VisionMLP(nnx.Module):
   """SwiGLU with biases: down(silu(gate(x)) * up(x))."""
 
-  def __init__(self, cfg: VisionConfig, *, stack, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, stack, dtype, param_dtype, quantize=None, rngs: nnx.Rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
     w = lambda shape, axes, hf, init="normal": declare(rngs, shape, axes, hf, stack=stack, dtype=param_dtype,
-                                                       init=init)
+                                                       init=init, quantize=quantize)
     pre = "visual.blocks.{layer}.mlp."
     self.gate = w((d, f), (EMBED, MLP), HFTensor(pre + "gate_proj.weight", (f, d), True))
     self.gate_bias = w((f,), (MLP,), HFTensor(pre + "gate_proj.bias", (f,)), "zeros")
@@ -108,18 +109,18 @@ class VisionMLP(nnx.Module):
     self.down_bias = w((d,), (EMBED,), HFTensor(pre + "down_proj.bias", (d,)), "zeros")
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, impl: str = "xla") -> jax.Array:
     dt = self.dtype
-    g = x @ read(self.gate, dt) + read(self.gate_bias, dt)  # [P, F]
-    u = x @ read(self.up, dt) + read(self.up_bias, dt)
-    return (jax.nn.silu(g) * u) @ read(self.down, dt) + read(self.down_bias, dt)
+    g = linear(x, self.gate, dt, impl) + read(self.gate_bias, dt)  # [P, F]
+    u = linear(x, self.up, dt, impl) + read(self.up_bias, dt)
+    return linear(jax.nn.silu(g) * u, self.down, dt, impl) + read(self.down_bias, dt)
 
 
 class VisionBlock(nnx.Module):
   """x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))."""
 
-  def __init__(self, cfg: VisionConfig, *, stack=(), dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(stack=stack, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, cfg: VisionConfig, *, stack=(), dtype, param_dtype, quantize=None, rngs: nnx.Rngs):
+    kw = dict(stack=stack, dtype=dtype, param_dtype=param_dtype, quantize=quantize, rngs=rngs)
     norm = lambda name: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, f"visual.blocks.{{layer}}.{name}.weight",
                                 stack=stack, dtype=param_dtype, rngs=rngs)
     self.norm1 = norm("norm1")
@@ -129,16 +130,16 @@ class VisionBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, ctx: _TowerContext, full) -> jax.Array:
     x = x + self.attn(self.norm1(x), ctx, full)
-    return x + self.mlp(self.norm2(x))
+    return x + self.mlp(self.norm2(x), ctx.impl)
 
 
 class PatchMerger(nnx.Module):
   """RMSNorm per patch, 2 x 2 units concatenated to E = 4 D, Linear -> exact GELU -> Linear to O."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, quantize=None, rngs: nnx.Rngs):
     d, e, o = cfg.hidden_size, cfg.hidden_size * cfg.merge_unit, cfg.out_hidden_size
     w = lambda shape, axes, hf, init="normal": declare(rngs, shape, axes, hf, stack=(), dtype=param_dtype,
-                                                       init=init)
+                                                       init=init, quantize=quantize)
     self.ln_q = RMSNorm(d, cfg.rms_norm_eps, "visual.merger.ln_q.weight", dtype=param_dtype, rngs=rngs)
     self.fc1 = w((e, e), (EMBED, MLP), HFTensor("visual.merger.mlp.0.weight", (e, e), True))
     self.fc1_bias = w((e,), (MLP,), HFTensor("visual.merger.mlp.0.bias", (e,)), "zeros")
@@ -146,12 +147,12 @@ class PatchMerger(nnx.Module):
     self.fc2_bias = w((o,), (EMBED,), HFTensor("visual.merger.mlp.2.bias", (o,)), "zeros")
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, impl: str = "xla") -> jax.Array:
     """x: [P, D], merge units contiguous -> [M, O]."""
     dt = self.dtype
     x = self.ln_q(x).reshape(-1, self.fc1.shape[0])  # [M, E]
-    x = jax.nn.gelu(x @ read(self.fc1, dt) + read(self.fc1_bias, dt), approximate=False)
-    return x @ read(self.fc2, dt) + read(self.fc2_bias, dt)
+    x = jax.nn.gelu(linear(x, self.fc1, dt, impl) + read(self.fc1_bias, dt), approximate=False)
+    return linear(x, self.fc2, dt, impl) + read(self.fc2_bias, dt)
 
 
 class VisionTower(nnx.Module):
@@ -162,11 +163,15 @@ class VisionTower(nnx.Module):
   blocks then pick their attention with `lax.cond`) or one array per block, unrolled (False).
   max_query_block: the most queries one attention block takes (fewer where scores would pass 256 MB).
   attention_impl: "xla" (the reference) or "pallas" (`qwenjax.kernels.segment_attention`, which skips blocks of
-  different segments); a static attribute, so the engine may set it before it splits the model.
+  different segments); a static attribute, so the engine may set it before it splits the model. It picks the
+  int8 matmuls' implementation too.
+  quantize: None, "int8" or "w8a8": every Linear of the tower (patch embedding, attention, MLP, merger) is then a
+  `qwenjax.model.layers.QuantizedWeight`.
   """
 
   def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = True,
-               max_query_block: int = 512, attention_impl: str = "xla", rngs: nnx.Rngs):
+               max_query_block: int = 512, attention_impl: str = "xla", quantize: str | None = None,
+               rngs: nnx.Rngs):
     self.cfg = cfg
     self.max_query_block = max_query_block
     self.attention_impl = attention_impl
@@ -175,9 +180,10 @@ class VisionTower(nnx.Module):
     c, d = cfg.patch_dim, cfg.hidden_size
     conv = (d, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
     # Conv3d with stride = kernel over rows already cut into patches: a [C, D] matmul. Pixel axis never sharded.
+    quantize = check_quantize(quantize)
     self.patch_embed = declare(rngs, (c, d), (None, EMBED), HFTensor("visual.patch_embed.proj.weight", conv, True),
-                               stack=(), dtype=param_dtype)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                               stack=(), dtype=param_dtype, quantize=quantize)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, quantize=quantize, rngs=rngs)
     if scan_layers:
       self.layers = VisionBlock(cfg, stack=(cfg.depth,), **kw)
     else:
@@ -191,7 +197,8 @@ class VisionTower(nnx.Module):
     cfg, dt = self.cfg, self.dtype
     p, plan = patches.shape[0], plan_arrays
     assert plan.patch_index.shape == (p,), (patches.shape, plan.patch_index.shape)
-    x = patches[plan.patch_index].astype(dt) @ read(self.patch_embed, dt)  # [P, D] window order
+    impl = self.attention_impl
+    x = linear(patches[plan.patch_index].astype(dt), self.patch_embed, dt, impl)  # [P, D] window order
     angles = plan.positions.astype(jnp.float32)[..., None] * jnp.asarray(cfg.rope_inv_freq())  # [P, 2, H/4]
     angles = angles.reshape(p, -1)  # [P, H/2]: h frequencies, then w frequencies
     ctx = _TowerContext(jnp.cos(angles), jnp.sin(angles), plan.window_segments, plan.frame_segments,
@@ -209,7 +216,7 @@ class VisionTower(nnx.Module):
     else:
       for i, block in enumerate(self.layers):
         x = block(x, ctx, bool(full[i]))
-    merged = self.merger(x)  # [M, O] window order
+    merged = self.merger(x, impl)  # [M, O] window order
     valid = plan.valid.reshape(-1, cfg.merge_unit)[:, 0]  # [M]
     return jnp.where(valid[plan.merge_restore][:, None], merged[plan.merge_restore], 0)
 

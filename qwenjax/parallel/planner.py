@@ -101,6 +101,7 @@ from qwenjax.config import DTYPES, PRESETS, QwenConfig, check_dtype, read_json
 from qwenjax.engine.pages import pages_needed
 from qwenjax.model.decoder import Qwen2, weight_declarations
 from qwenjax.model.kv_cache import PAGE_SIZES, PagedKVCache, page_bytes, pages_for_memory
+from qwenjax.model.layers import check_quantize
 from qwenjax.model.qwen2_vl import VL_PRESETS, Qwen2VL, QwenVLConfig
 from qwenjax.multimodal.vision_plan import PatchBuckets, query_block
 from qwenjax.parallel.axes import (
@@ -159,6 +160,7 @@ class MemoryPlan:
   prefill_activations: int
   vision_activations: int
   reserve: int
+  quantize: str | None = None  # None: weights in param_dtype; "int8" / "w8a8": int8 projections, float32 scales
 
   @property
   def activations(self) -> int:
@@ -189,12 +191,14 @@ class _Sharder:
 
 
 @functools.lru_cache(maxsize=32)
-def _declarations(config: QwenConfig | QwenVLConfig, param_dtype: str
+def _declarations(config: QwenConfig | QwenVLConfig, param_dtype: str, quantize: str | None = None
                   ) -> tuple[tuple[tuple, tuple[str | None, ...], tuple[int, ...], int], ...]:
-  """(path, logical axes, shape, itemsize) of every weight of the scanned-layer model, from `nnx.eval_shape`."""
+  """(path, logical axes, shape, itemsize) of every weight of the scanned-layer model, from `nnx.eval_shape` (a
+  quantized model's int8 values and float32 scales as the separate weights they are)."""
   cls = Qwen2VL if isinstance(config, QwenVLConfig) else Qwen2
   dt = DTYPES[param_dtype]
-  model = nnx.eval_shape(lambda: cls(config, dtype=dt, param_dtype=dt, scan_layers=True, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: cls(config, dtype=dt, param_dtype=dt, scan_layers=True, quantize=quantize,
+                                     rngs=nnx.Rngs(0)))
   return tuple((path, tuple(var.axes), tuple(var.shape), np.dtype(var.dtype).itemsize)
                for path, var in weight_declarations(model))
 
@@ -235,7 +239,7 @@ def plan_memory(model: str | QwenConfig | QwenVLConfig, *, mesh: Mapping[str, in
                 max_seq_len: int = 4096, max_prefill_chunk: int = 512, page_size: int = DEFAULT_PAGE_SIZE,
                 kv_cache_dtype: str | None = None, kv_cache_memory: float | None = None,
                 memory_gib: float | None = None, margin: float = 0.0, scan_layers: bool = True,
-                vision_patches: int = PatchBuckets().maximum,
+                vision_patches: int = PatchBuckets().maximum, quantize: str | None = None,
                 rules: ShardingRules = DEFAULT_RULES, reserve_bytes: int = RUNTIME_RESERVE_BYTES) -> MemoryPlan:
   """The per-device memory of serving `model` (a preset name, a QwenConfig or a QwenVLConfig), and its page pool.
 
@@ -246,7 +250,8 @@ def plan_memory(model: str | QwenConfig | QwenVLConfig, *, mesh: Mapping[str, in
   else (floored to KV_GIB_STEP), or, without memory_gib either, the pool that holds every slot at max_seq_len.
   ConfigError when the pool cannot hold one sequence of max_seq_len. scan_layers: stacked layers under `lax.scan`
   (the TPU/GPU default), whose step holds one layer's weights as a temporary. vision_patches: a VL model's largest
-  vision bucket (`PatchBuckets().maximum` by default).
+  vision bucket (`PatchBuckets().maximum` by default). quantize: None, "int8" or "w8a8": int8 projections with
+  float32 scales per output channel (`qwenjax.model.layers.QuantizedWeight`), as `qwenjax.load(quantize=...)`.
   """
   name, config = _resolve(model)
   mesh = _mesh(mesh)
@@ -273,7 +278,7 @@ def plan_memory(model: str | QwenConfig | QwenVLConfig, *, mesh: Mapping[str, in
   sharder = _Sharder(mesh, rules)
   gathered = _Sharder({**mesh, "fsdp": 1}, rules)  # a layer's weights as fsdp all-gathers them for use
 
-  decls = _declarations(config, param_dtype)
+  decls = _declarations(config, param_dtype, check_quantize(quantize))
   weights = sum(sharder.nbytes(axes, shape, item) for _, axes, shape, item in decls)
 
   def layer_weights(prefix: tuple) -> int:
@@ -359,7 +364,7 @@ def plan_memory(model: str | QwenConfig | QwenVLConfig, *, mesh: Mapping[str, in
                     kv_cache_dtype=kv_cache_dtype, kv_cache_memory=budget, num_pages=num_pages,
                     page_splits=page_splits, weights=weights, kv_cache=pool_bytes(num_pages), sampling=sampling,
                     decode_activations=decode, prefill_activations=prefill, vision_activations=vision_peak,
-                    reserve=int(reserve_bytes))
+                    reserve=int(reserve_bytes), quantize=check_quantize(quantize))
 
 
 def mesh_text(mesh: Mapping[str, int]) -> str:

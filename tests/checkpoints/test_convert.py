@@ -53,6 +53,39 @@ def converted(source, tmp_path_factory):
   return out
 
 
+@pytest.fixture(scope="module")
+def converted_int8(source, tmp_path_factory):
+  """The source converted with `--quantize=int8 --quantize_embeddings`, in a subprocess."""
+  out = tmp_path_factory.mktemp("converted_int8") / "orbax"
+  proc = subprocess.run([sys.executable, "-m", "launch.convert", f"--source={source[0]}", f"--output={out}",
+                         "--quantize=int8", "--quantize_embeddings"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return out
+
+
+def test_int8_checkpoint_restores_the_quantized_model_exactly(source, converted_int8):
+  """int8 values and float32 scales on disk; restored, they equal the weights quantized while loading the source,
+  and the logits are the quantized model's."""
+  meta = json.loads((converted_int8 / "qwenjax_checkpoint.json").read_text())
+  assert meta["quantize"] == "int8" and meta["quantize_embeddings"] is True and meta["dtype"] == "float32"
+  arrays = {p.name for p in (converted_int8 / "params").iterdir() if (p / "zarr.json").exists()}
+  assert {"layers.mlp.up.values", "layers.mlp.up.scale", "embed.values", "embed.scale"} <= arrays
+  zarr = json.loads((converted_int8 / "params" / "layers.mlp.up.values" / "zarr.json").read_text())
+  assert zarr["data_type"] == "int8"
+  loaded = load_model(source[0], quantize="int8", quantize_embeddings=True, scan_layers=True)
+  restored = {scan: load(str(converted_int8), scan_layers=scan).model for scan in (True, False)}
+  assert all(m.quantize == "int8" and m.quantize_embeddings for m in restored.values())
+  _assert_same_weights(restored[True], loaded)
+  ids = jnp.asarray([[3, 17, 99, 4, 250, 7, 0, 0]], jnp.int32)
+  logits = [np.asarray(prefill(*nnx.split(m), KVCache.zeros(m.cfg, 1, 16), ids, jnp.array([6]))[0])
+            for m in (loaded, restored[True], restored[False])]
+  np.testing.assert_array_equal(logits[0], logits[1])
+  np.testing.assert_allclose(logits[0], logits[2], atol=1e-5, rtol=0)  # unrolled: another float32 order
+  with pytest.raises(CheckpointError, match="holds 'int8' weights, not 'w8a8'"):
+    load(str(converted_int8), quantize="w8a8")
+
+
 def _weights(model):
   return {path: np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
@@ -94,7 +127,7 @@ def test_layout_on_disk(source, converted):
   assert "preprocessor_config.json" not in names
   meta = json.loads((converted / "qwenjax_checkpoint.json").read_text())
   assert meta == {"format": "qwenjax-orbax", "format_version": 1, "dtype": "float32", "source": str(source[0]),
-                  "layout": "stacked", "model": "Qwen2"}
+                  "layout": "stacked", "model": "Qwen2", "quantize": "none", "quantize_embeddings": False}
   assert json.loads((converted / "config.json").read_text()) == json.loads((source[0] / "config.json").read_text())
   # One Orbax array directory per weight, stacked over layers: the tiny model has 15 weights.
   arrays = sorted(p.name for p in (converted / "params").iterdir() if (p / "zarr.json").exists())
@@ -215,12 +248,12 @@ print(split)
 """
 
 
-def test_sharded_restore_into_a_mesh(source, converted, converted_vl, tmp_path):
+def test_sharded_restore_into_a_mesh(source, converted, converted_vl, converted_int8, tmp_path):
   # Small chunks as well, so that a shard reads some chunks of an array, not all of it.
   chunked = loader.convert(source[0], tmp_path / "chunked", chunk_bytes=4096)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", _SHARDED, f"{converted}:both", f"{chunked}:scanned",
-                         f"{converted_vl}:unrolled"],
+                         f"{converted_vl}:unrolled", f"{converted_int8}:both"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert int(proc.stdout.split()[-1]) > 40  # most weights are split over the tensor axis

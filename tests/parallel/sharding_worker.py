@@ -40,6 +40,7 @@ from qwenjax.parallel import sharding  # noqa: E402
 # mesh -> scan_layers. data x tensor 1x8, 2x4, 4x2, 8x1, and fsdp with stacked (scanned) layers.
 MESHES = {"tensor:8": False, "data:2,tensor:4": False, "data:4,tensor:2": False, "data:8": False,
           "fsdp:2,tensor:4": True}
+INT8_MESHES = ("data:2,tensor:4", "fsdp:2,tensor:4")  # int8 weights: unrolled and scanned
 SLOTS, CONTEXT, CHUNK = 8, 64, 8
 VL_IMAGE, VL_START, VL_END = 290, 292, 293  # tests/test_multimodal.py's build_tiny_vl ids
 
@@ -97,7 +98,7 @@ def _prefill_logits(engine: Engine, mesh, prompts) -> tuple[np.ndarray, list[str
   return np.asarray(logits)[valid], errors
 
 
-def _text_run(directory: str, mesh_text: str | None, scan: bool) -> dict:
+def _text_run(directory: str, mesh_text: str | None, scan: bool, quantize: str | None = None) -> dict:
   mesh = sharding.mesh_from_flags(mesh_text)
   rng = np.random.default_rng(0)
   # Ten prompts for eight slots, one to three chunks each (fresh and appended prefill), different budgets.
@@ -105,7 +106,7 @@ def _text_run(directory: str, mesh_text: str | None, scan: bool) -> dict:
   prompts = [rng.integers(0, 250, size=n).tolist() for n in lengths]
   budgets = [6, 12, 3, 9, 12, 5, 8, 12, 4, 10]
   again = [rng.integers(0, 250, size=n).tolist() for n in (14, 2)]
-  loaded = qwenjax.load(directory, scan_layers=scan, mesh=mesh)  # each weight straight into its shards
+  loaded = qwenjax.load(directory, scan_layers=scan, mesh=mesh, quantize=quantize)  # straight into its shards
   errors = [] if mesh is None else [f"loaded {e}" for e in _weight_layout_errors(loaded.model, mesh)]
   engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids=(), max_batch_size=SLOTS, max_seq_len=CONTEXT,
                   max_prefill_chunk=CHUNK, decode_steps=4, mesh=mesh)
@@ -155,6 +156,13 @@ def main(argv):
     run["max_logit_diff"] = float(np.max(np.abs(run.pop("logits") - reference["logits"])))
     run["scan_layers"] = scan
     result["meshes"][mesh_text] = run
+  # int8 weights (values and per-channel scales, each in its own sharding) on a mesh against one device.
+  int8_reference = _text_run(text_dir, None, scan=False, quantize="int8")
+  result["int8"] = {"reference": {k: v for k, v in int8_reference.items() if k != "logits"}}
+  for mesh_text in INT8_MESHES:
+    run = _text_run(text_dir, mesh_text, MESHES[mesh_text], quantize="int8")
+    run["max_logit_diff"] = float(np.max(np.abs(run.pop("logits") - int8_reference["logits"])))
+    result["int8"][mesh_text] = run
   if len(argv) > 2:
     reference, run = _vl_run(argv[2], None), _vl_run(argv[2], "data:2,tensor:4")
     run["max_feature_diff"] = float(np.max(np.abs(run.pop("features") - reference.pop("features"))))

@@ -215,6 +215,17 @@ def test_layouts_hold_and_nothing_recompiles(eight_devices, mesh):
   assert run["compiled_again"] == {} and reference["compiled_again"] == {}
 
 
+@pytest.mark.parametrize("mesh", ["data:2,tensor:4", "fsdp:2,tensor:4"])
+def test_int8_weights_on_a_mesh_equal_one_device(eight_devices, mesh):
+  """quantize="int8": int8 values shard like the float weights and their per-channel scales like the output axes
+  (the loader places both straight into their shards); tokens and logits equal the int8 model on one device."""
+  run, reference = eight_devices["int8"][mesh], eight_devices["int8"]["reference"]
+  assert run["layout_errors"] == []
+  assert run["tokens"] == reference["tokens"]
+  assert run["max_logit_diff"] < 1e-5
+  assert run["compiled_again"] == {}
+
+
 def test_vl_on_a_mesh_equals_one_device(eight_devices):
   """An image prompt and a text prompt through two slots on data 2 x tensor 4 (the tower's 2 heads stay whole, its
   MLP and merger split)."""

@@ -1,0 +1,141 @@
+"""`quantize="int8"` (w8a16) and `"w8a8"` on tiny Qwen2 checkpoints, against transformers models whose weights
+(and, for w8a8, whose Linear inputs) were quantized and dequantized by numpy, independently of qwenjax:
+logits within 1e-5 (w8a16) and greedy tokens identical; the loader quantizes one tensor at a time."""
+
+import tracemalloc
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from qwenjax import Engine, KVCache, SamplingParams, prefill
+from qwenjax.checkpoints.hf import load_model
+from qwenjax.model.layers import QuantizedWeight
+from qwenjax.parallel import planner
+
+from conftest import fake_quantized_reference
+
+CONFIG = dict(tie_word_embeddings=False, num_attention_heads=8, num_key_value_heads=2, rope_theta=1e6)
+
+
+def _logits(model, ids: np.ndarray) -> np.ndarray:
+  graphdef, params = nnx.split(model)
+  b, t = ids.shape
+  cache = KVCache.zeros(model.cfg, b, 64)
+  tokens = jnp.asarray(np.pad(ids, ((0, 0), (0, 32 - t))), jnp.int32)
+  logits, _ = prefill(graphdef, params, cache, tokens, jnp.full((b,), t, jnp.int32), all_logits=True)
+  return np.asarray(logits)[:, :t]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_factory):
+  return tiny_factory("quantized", **CONFIG)
+
+
+@pytest.mark.parametrize("embeddings", [False, True], ids=["layers", "with_embeddings"])
+def test_int8_logits_match_a_numpy_quantized_reference(tiny, embeddings):
+  path, hf = tiny
+  model = load_model(path, quantize="int8", quantize_embeddings=embeddings, scan_layers=False)
+  ids = np.random.default_rng(0).integers(0, 300, size=(2, 20))
+  ref = fake_quantized_reference(hf, embeddings=embeddings, activations=False)
+  with torch.no_grad():
+    expected = ref(torch.as_tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(_logits(model, ids), expected, atol=1e-5, rtol=0)
+  # The quantization itself moved the logits far more than that: the comparison is with the quantized model.
+  with torch.no_grad():
+    float_logits = hf(torch.as_tensor(ids)).logits.numpy()
+  assert np.abs(float_logits - expected).max() > 1e-3
+
+
+def test_w8a8_logits_match_a_fake_quantized_reference(tiny):
+  path, hf = tiny
+  model = load_model(path, quantize="w8a8", scan_layers=True)
+  ids = np.random.default_rng(1).integers(0, 300, size=(2, 20))
+  with torch.no_grad():
+    expected = fake_quantized_reference(hf, embeddings=False, activations=True)(torch.as_tensor(ids)).logits.numpy()
+  # int32 accumulation is exact; what is left is float32 rounding before the per-token rounding, which can move
+  # one activation by one step.
+  np.testing.assert_allclose(_logits(model, ids), expected, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "w8a8"])
+def test_engine_greedy_tokens_match_the_reference(tiny, quantize):
+  path, hf = tiny
+  ref = fake_quantized_reference(hf, embeddings=False, activations=quantize == "w8a8")
+  engine = Engine(load_model(path, quantize=quantize, scan_layers=False), None, max_batch_size=2, max_seq_len=64)
+  prompts = [[5, 17, 42, 7, 99, 3], [8, 1, 250, 31]]
+  outs = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+  for prompt, out in zip(prompts, outs):
+    with torch.no_grad():
+      want = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    assert out.token_ids == want[0, len(prompt):].tolist()
+
+
+def test_quantized_weights_are_int8_with_per_channel_scales(tiny):
+  path, _ = tiny
+  model = load_model(path, quantize="int8", scan_layers=True)
+  up = model.layers.mlp.up
+  assert isinstance(up, QuantizedWeight)
+  assert up.values[...].dtype == jnp.int8 and up.values.shape == (3, 64, 160) and up.scale.shape == (3, 160)
+  assert up.values.axes == ("layers", "embed", "mlp") and up.scale.axes == ("layers", "mlp")
+  o = model.layers.attn.o_kernel
+  assert o.values.shape == (3, 8, 8, 64) and o.scale.shape == (3, 64) and o.scale.axes == ("layers", "embed")
+  # Norms, biases and (by default) the embedding stay float32.
+  assert model.layers.attn.q_bias[...].dtype == jnp.float32 and model.embed[...].dtype == jnp.float32
+
+
+def test_loading_quantizes_one_tensor_at_a_time(tiny):
+  """Host allocations while loading peak near the int8 model plus one float32 tensor, not the float model."""
+  path, _ = tiny
+  tracemalloc.start()
+  try:
+    model = load_model(path, quantize="int8", quantize_embeddings=True, scan_layers=True)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  state = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  stored = sum(np.asarray(v[...]).nbytes for _, v in state)
+  float_model = sum(np.prod(v.shape) * 4 for _, v in state if v[...].dtype == jnp.int8)
+  largest_float = max(np.prod(v.shape[1:] if v.axes[0] == "layers" else v.shape) * 4 for _, v in state)
+  assert stored < 0.45 * float_model
+  assert peak < stored + 3 * largest_float + (1 << 20), (peak, stored, largest_float)
+
+
+def test_int8_weight_bytes_at_most_055_of_bfloat16():
+  """On the 0.5B and 7B configs: int8 projections and embeddings with their scales against bfloat16."""
+  for name in ("qwen2.5-0.5b", "qwen2.5-7b"):
+    bf16 = planner.plan_memory(name, dtype="bfloat16").weights
+    layers_only = planner.plan_memory(name, dtype="bfloat16", quantize="int8").weights
+    assert layers_only < bf16
+    assert planner.plan_memory(name, dtype="bfloat16", quantize="int8").quantize == "int8"
+    # Projections in int8, embeddings in bfloat16: 0.5B has 27% of its weights in its (tied) embedding.
+    assert layers_only / bf16 < (0.80 if name == "qwen2.5-0.5b" else 0.60), (name, layers_only / bf16)
+
+
+def test_quantize_must_be_known(tiny):
+  from qwenjax import ConfigError  # noqa: PLC0415
+  with pytest.raises(ConfigError, match="quantize must be one of"):
+    load_model(tiny[0], quantize="int4")
+
+
+def test_sharded_quantized_weights_follow_their_axes(tiny):
+  """On a data x fsdp x tensor mesh each int8 values array shards like the float weight it replaces, and its scale
+  like that weight's output dims (the specs come from the logical axes and the rules alone)."""
+  from qwenjax.parallel.sharding import param_specs  # noqa: PLC0415
+  mesh = {"data": 1, "fsdp": 2, "tensor": 2}
+  quantized = param_specs(load_model(tiny[0], quantize="int8", scan_layers=True), mesh)
+  floats = param_specs(load_model(tiny[0], scan_layers=True), mesh)
+  checked = 0
+  for name, spec in floats.items():
+    if name + "/values" not in quantized:
+      assert quantized[name] == spec, name
+      continue
+    assert quantized[name + "/values"] == spec, name
+    contract = (1, 2) if name.endswith("o_kernel") else (1,)  # counted with the layers axis
+    kept = tuple(a for i, a in enumerate(tuple(spec) + (None,) * 4) if i not in contract)[:len(spec) - len(contract)]
+    assert tuple(quantized[name + "/scale"]) == kept, (name, quantized[name + "/scale"], spec)
+    checked += 1
+  assert checked == 7  # q, k, v, o, gate, up, down
