@@ -10,15 +10,16 @@ r"""Generates for every line of a JSONL file with continuous batching; survives 
 Input lines: {"id": ..., "messages": [...]} (OpenAI chat format, rendered with the chat template) or
 {"id": ..., "prompt": "..."} (raw text), each with optional "sampling": {...} overrides of the flags
 (max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, stop,
-stop_token_ids, n, seed, logprobs, ignore_eos). A line without "id" is known by its line number. With a
-Qwen2.5-VL model, message content may be a list of OpenAI-style parts: {"type": "text", "text": ...},
+stop_token_ids, n, seed, logprobs, prompt_logprobs, ignore_eos). A line without "id" is known by its line number.
+With a Qwen2.5-VL model, message content may be a list of OpenAI-style parts: {"type": "text", "text": ...},
 {"type": "image_url", "image_url": {"url": <path, file:// or data: URL>}}, {"type": "video", "video": <frame
 directory or list of frames>}; images of different sizes share batches. A broken image fails its line alone.
 
 Output lines, in completion order: {"id", "text", "token_ids", "finish_reason", "usage"} (with n > 1, "choices"
-holds every sample), or {"id", "error"} for a line that cannot be served (not UTF-8, malformed JSON, not an object,
-missing fields, bad sampling values, a prompt longer than the context): it is recorded, keyed by its id or "line-N",
-and the job goes on. Every record is written whole and flushed as it completes; a rerun with the same --output skips
+holds every sample; "logprobs" and "prompt_logprobs", null for the first prompt token, when the line's sampling
+asks), or {"id", "error"} for a line that cannot be served (not UTF-8, malformed JSON, not an object, missing
+fields, bad sampling values, a prompt longer than the context): it is recorded, keyed by its id or "line-N", and
+the job goes on. Every record is written whole and flushed as it completes; a rerun with the same --output skips
 the ids already there (errors included), so a killed job resumes where it stopped.
 
 The output is only ever appended to, and only if it is this job's: an existing file that holds no results (a notes
@@ -174,7 +175,7 @@ def main(argv):
     scanned = jobs.scan_input(_INPUT.value, keep_first=_DUPLICATE_IDS.value == "keep_first")
     # Requests without a seed draw one from the engine's generator: the same on every process of a replica.
     job_seed = distributed.broadcast(secrets.randbits(63) if distributed.process_index() == 0 else None)
-    engine = Engine.load(model, dtype=_common.DTYPE.value, max_batch_size=serving.max_batch_size,
+    engine = Engine.load(model, **_common.load_kwargs(), max_batch_size=serving.max_batch_size,
                          max_seq_len=serving.max_seq_len, max_prefill_chunk=serving.max_prefill_chunk,
                          decode_steps=_common.DECODE_STEPS.value, mesh=serving.mesh, seed=job_seed,
                          **serving.cache_kwargs())
@@ -229,6 +230,8 @@ def _serve(engine, default, done: set[str], scanned, group, parts: list[str]) ->
                               "finish_reason": c.finish_reason} for c in result.outputs]
       if result.outputs[0].logprobs is not None:
         record["logprobs"] = result.outputs[0].logprobs
+      if result.prompt_logprobs is not None:
+        record["prompt_logprobs"] = result.prompt_logprobs
       write(record)
       served += 1
       progress.update(result.usage["completion_tokens"])

@@ -5,12 +5,15 @@ r"""Generates a completion for one prompt.
   python -m launch.generate --model=model.gguf --raw --prompt="def fib(n):" --max_new_tokens=64
   python -m launch.generate --model=/path/to/Qwen2.5-VL-3B-Instruct --image=chart.png --prompt="What does it show?"
   python -m launch.generate --model=/path/to/Qwen2.5-32B-Instruct --mesh=tensor:8 --dtype=bfloat16 --prompt="Hi"
+  python -m launch.generate --raw --prompt="def fib(n):" --max_new_tokens=1 --json --prompt_logprobs
+  python -m launch.generate --quantize=int8 --prompt="Write a quicksort in Python."
 
 stdout holds the generated text alone (or, with --json, one JSON object); logs go to stderr.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from absl import app, flags
@@ -22,6 +25,9 @@ _PROMPT = flags.DEFINE_string("prompt", None, "The user message, rendered with t
 _SYSTEM = flags.DEFINE_string("system", None, "System message; default: the chat template's own default.")
 _RAW = flags.DEFINE_bool("raw", False, "Treat --prompt as raw text: no chat template.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object with text, token_ids, finish_reason and usage.")
+_PROMPT_LOGPROBS = flags.DEFINE_bool("prompt_logprobs", False, "Add \"prompt_logprobs\" to the --json output: the "
+                                     "log-probability of each prompt token given those before it (null for the "
+                                     "first), scored in the prefill. Needs --json.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "An image (path, file:// or data: URL) placed before the prompt "
                                    "in the user message (repeatable; Qwen2.5-VL models). With --raw the prompt "
                                    "holds its own <|vision_start|><|image_pad|><|vision_end|> for each.")
@@ -34,10 +40,13 @@ def main(argv):
   import qwenjax  # pylint: disable=g-import-not-at-top  (after flag parsing: --help stays fast)
 
   try:
+    if _PROMPT_LOGPROBS.value and not _JSON.value:
+      raise qwenjax.ConfigError("--prompt_logprobs: prompt log-probabilities are printed in the --json output; "
+                                "pass --json too.")
     model = _common.MODEL.value
     serving = _common.serving(model, max_batch_size=1, max_seq_len=_common.MAX_SEQ_LEN.value,
                               explicit_sizes=_common.explicit("max_seq_len") | {"max_batch_size"})
-    loaded = qwenjax.load(model, dtype=_common.DTYPE.value, mesh=serving.mesh)
+    loaded = qwenjax.load(model, mesh=serving.mesh, **_common.load_kwargs())
     if _RAW.value:
       request = qwenjax.Request(prompt=_PROMPT.value, images=_IMAGE.value, videos=_VIDEO.value)
     else:
@@ -49,7 +58,7 @@ def main(argv):
                    + [{"type": "text", "text": _PROMPT.value}])
       messages.append({"role": "user", "content": content})
       request = qwenjax.Request(messages=messages)
-    request.sampling = _common.sampling_params()
+    request.sampling = dataclasses.replace(_common.sampling_params(), prompt_logprobs=_PROMPT_LOGPROBS.value)
     engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=serving.max_seq_len,
                             max_prefill_chunk=serving.max_prefill_chunk, decode_steps=_common.DECODE_STEPS.value,
                             image_processor=loaded.image_processor, mesh=serving.mesh, **serving.cache_kwargs())
@@ -59,8 +68,10 @@ def main(argv):
   # The text leaves out the end-of-sequence token, and a character that max_new_tokens cut in half (byte-level
   # BPE spreads some over several tokens) rather than show U+FFFD.
   if _JSON.value:
-    print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
-                      "usage": out.usage}, ensure_ascii=False))
+    record = {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason, "usage": out.usage}
+    if out.prompt_logprobs is not None:
+      record["prompt_logprobs"] = out.prompt_logprobs
+    print(json.dumps(record, ensure_ascii=False))
   else:
     print(out.text)
 

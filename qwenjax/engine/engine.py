@@ -18,11 +18,13 @@ iteration (`_run_paged`)
   4. on the host, appends the tokens, detokenizes incrementally, cuts stop strings, and frees finished
      sequences' slots and pages at once for the next waiting sequence.
 `paged=False` keeps the previous engine: one `KVCache` row of max_seq_len positions per slot, one prompt
-prefilled per call (`_run_contiguous`). Programs compile once per shape bucket and decode variant (greedy, or
-sampling with filters and penalties): `program_shapes` lists the paged engine's, `warm_up` compiles them, and no
-request shape compiles anything after that. They live in `qwenjax.engine.programs`; the engine holds their
-device state (the cache and the `SlotState`) and does the host-side rest. What requests are, and what comes back,
-is `qwenjax.engine.requests`.
+prefilled per call (`_run_contiguous`). A request with `prompt_logprobs` has its prompt scored by the prefill
+that runs anyway: each call whose rows ask passes the next prompt token of every position (`targets`), and the
+program returns their log-probabilities [rows, T], not the [rows, T, V] logits. Programs compile once per shape
+bucket and variant (decode: greedy, or sampling with filters and penalties; prefill: scoring or not):
+`program_shapes` lists the paged engine's, `warm_up` compiles them, and no request shape compiles anything after
+that. They live in `qwenjax.engine.programs`; the engine holds their device state (the cache and the `SlotState`)
+and does the host-side rest. What requests are, and what comes back, is `qwenjax.engine.requests`.
 
 With a device mesh (`Engine(..., mesh=qwenjax.parallel.sharding.mesh_from_flags("data:2,tensor:4"))`) the weights, the
 cache and the [B, V] slot state are placed by `qwenjax.parallel.sharding`'s rules (pages and slots over data,
@@ -88,6 +90,9 @@ class _Sequence:
   decoder: Any = None
   tokens: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
+  # Asked for (params.prompt_logprobs; sample 0 only, the request's n samples share a prompt): the log-probability
+  # of prompt tokens 1, 2, ... given those before them, as its prefill chunks score them; None: not asked.
+  prompt_logprobs: list[float] | None = None
   text: str = ""
   finish_reason: str | None = None
   emitted_tokens: int = 0  # tokens and text already streamed
@@ -106,6 +111,13 @@ class _Sequence:
   @property
   def rope_offset(self) -> int:
     return self.vision.rope_offset if self.vision is not None else 0
+
+  def targets(self, start: int, n: int) -> list[int]:
+    """The prompt tokens that context positions [start, start + n) score: those after each, within the prompt;
+    none unless prompt log-probabilities are asked and not yet taken (a resumed sequence has them already)."""
+    if self.prompt_logprobs is None or self.tokens:
+      return []
+    return self.prompt[start + 1:start + n + 1]
 
 
 # Decode variants, a static jit argument, three of them so that the compiled programs stay few: a greedy batch
@@ -233,12 +245,14 @@ class Engine:
 
   @classmethod
   def load(cls, model: str | None = "default", *, dtype: str = "float32", scan_layers: bool | None = None,
-           mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
-           **kwargs) -> Engine:
-    """Loads `model` (see `qwenjax.load`; with a mesh, each weight straight into its shards) into an Engine."""
+           mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES, quantize: str | None = None,
+           quantize_embeddings: bool = False, **kwargs) -> Engine:
+    """Loads `model` (see `qwenjax.load`; with a mesh, each weight straight into its shards; `quantize`: int8
+    weights) into an Engine."""
     from qwenjax.checkpoints.loader import load  # pylint: disable=g-import-not-at-top
 
-    loaded = load(model, dtype=dtype, scan_layers=scan_layers, mesh=mesh, rules=rules)
+    loaded = load(model, dtype=dtype, scan_layers=scan_layers, mesh=mesh, rules=rules, quantize=quantize,
+                  quantize_embeddings=quantize_embeddings)
     kwargs.setdefault("image_processor", loaded.image_processor)
     return cls(loaded.model, loaded.tokenizer, mesh=mesh, rules=rules, **kwargs)
 
@@ -329,6 +343,8 @@ class Engine:
       key, out, left = pending[seq.request_index]
       out.outputs.append(Completion(seq.text, seq.tokens, seq.finish_reason, seq.sample_index,
                                     seq.logprobs if seq.params.logprobs else None))
+      if seq.prompt_logprobs is not None:
+        out.prompt_logprobs = [None, *seq.prompt_logprobs]
       if left == 1:
         del pending[seq.request_index]
         out.outputs.sort(key=lambda c: c.index)
@@ -366,7 +382,8 @@ class Engine:
     max_tokens = min(params.max_tokens, self.context_len - len(prompt))
     seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
     return [_Sequence(index, j, prompt, params, seed, stop_ids, max_tokens, vision, features,
-                      decoder=self.tokenizer.stream(skip_special_tokens=True) if self.tokenizer else _NoText())
+                      decoder=self.tokenizer.stream(skip_special_tokens=True) if self.tokenizer else _NoText(),
+                      prompt_logprobs=[] if params.prompt_logprobs and j == 0 else None)
             for j in range(params.n)]
 
   def _run(self, items: Iterator[tuple[int, Request, Any]], default, events: bool = False) -> Iterator[Any]:
@@ -415,7 +432,7 @@ class Engine:
       3. runs the decode block and does the host-side bookkeeping, returning a finished sequence's pages."""
     waiting: collections.deque[_Sequence] = collections.deque()
     slots: list[_Sequence | None] = [None] * self.max_batch_size
-    admissions = 0
+    admissions, exhausted = 0, False
     while True:
       admitted = []  # 1. admit
       free = [s for s in range(self.max_batch_size) if slots[s] is None]
@@ -424,6 +441,7 @@ class Engine:
         if not waiting:
           item = next(items, None)
           if item is None:
+            exhausted = True
             break
           waiting.extend(self._sequences(*item, default))
         seq = waiting[0]
@@ -443,8 +461,8 @@ class Engine:
           if seq.finish_reason:
             self._release(slots, slot)
       live = [s for s in range(self.max_batch_size) if slots[s] is not None]
-      if not live:
-        if waiting:
+      if not live:  # every admitted sequence ended at its first token: admit more, unless there are none
+        if waiting or not exhausted:
           continue
         return
       for s in sorted(live, key=lambda s: slots[s].admitted):  # 2. pages for the block, oldest first
@@ -528,7 +546,8 @@ class Engine:
   def program_shapes(self) -> dict[str, list[tuple]]:
     """Every shape the paged scheduler's programs can be called with (rows x tokens x page-table width for
     prefill, page-table width for decode, padded prompt size for first tokens and restores): the bound on what a
-    job of any length compiles, per sampling variant. `warm_up` compiles them all."""
+    job of any length compiles, per sampling variant (and, for prefill, twice as many with prompt
+    log-probabilities). `warm_up` compiles them all."""
     widths = sorted({self._table_width(p) for p in range(1, self.max_pages + 1)})
     prefill = []
     for w in self.buckets.sizes:  # rows: the padded counts of every group size that fits
@@ -539,10 +558,11 @@ class Engine:
                    if n <= self.context_len})
     return {"prefill": prefill, "decode": widths, "first_token": pads, "restore_slot": pads}
 
-  def warm_up(self) -> int:
+  def warm_up(self, prompt_logprobs: bool = False) -> int:
     """Compiles every program the paged scheduler can call (`program_shapes`, each decode and first-token shape
     for the greedy, sampling and penalty variants) with inputs that write nothing, so that a job compiles nothing
-    once it runs. Returns how many program variants it ran."""
+    once it runs; prompt_logprobs: each prefill shape's scoring variant too (for jobs whose requests ask for
+    prompt log-probabilities). Returns how many program variants it ran."""
     if not self.paged:
       raise ConfigError("warm_up enumerates the paged engine's programs; this engine has paged=False.")
     shapes, b, v = self.program_shapes(), self.max_batch_size, self.cfg.vocab_size
@@ -556,9 +576,11 @@ class Engine:
         if self.vl_cfg is not None:
           features = np.zeros((r * w, self.cfg.hidden_size), np.float32)
           vision = VisionInputs(np.zeros((3, r, w), np.int32), None, features, np.full((r, w), -1, np.int32))
-        _, self._cache = programs.paged_prefill(self.graphdef, self.params, self._cache, batch, vision,
-                                                impl=self.attention_impl)
-        count += 1
+        for targets in (None, np.full((r, w), -1, np.int32)) if prompt_logprobs else (None,):
+          *_, self._cache = programs.paged_prefill(self.graphdef, self.params, self._cache,
+                                                   dataclasses.replace(batch, targets=targets), vision,
+                                                   impl=self.attention_impl)
+          count += 1
       idle = self._decode_inputs([None] * b)
       for needs in (_GREEDY, _SAMPLE, _FULL):
         for p in shapes["decode"]:
@@ -580,12 +602,13 @@ class Engine:
 
   def _prefill_call(self, group, done: dict, width: int) -> jax.Array:
     """One packed prefill call: the next chunk of each sequence of `group`, a row each (rows padded to a power
-    of two, tokens to `width`). Returns the logits at each row's last token [rows, V]."""
+    of two, tokens to `width`), scoring the prompt tokens of the rows that ask (`_Sequence.targets`). Returns the
+    logits at each row's last token [rows, V]."""
     rows = next_power_of_two(len(group))
     tokens = np.zeros((rows, width), np.int32)
     start, num_new, rope_offset = (np.zeros(rows, np.int32) for _ in range(3))
     slots = np.full((rows, width), -1, np.int32)
-    pieces = []
+    pieces, scored = [], []
     for r, (_, seq, context) in enumerate(group):
       lo = done[id(seq)]
       piece = context[lo:lo + self.buckets.maximum]
@@ -594,12 +617,15 @@ class Engine:
       slots[r, :len(piece)] = seq.pages.grow(len(piece))
       done[id(seq)] = lo + len(piece)
       pieces.append((seq, lo))
+      scored.append((seq, seq.targets(lo, len(piece))))
     table = self._page_table([seq for _, seq, _ in group], rows)
     vision = self._vision_rows(pieces, rows, width) if self.vl_cfg is not None else None
-    batch = PagedBatch(tokens, start, PagedInputs(slots, table, num_new), rope_offset)
+    batch = PagedBatch(tokens, start, PagedInputs(slots, table, num_new), rope_offset,
+                       _targets(scored, rows, width))
     with self._on_mesh():
-      logits, self._cache = programs.paged_prefill(self.graphdef, self.params, self._cache, batch, vision,
-                                                   impl=self.attention_impl)
+      logits, *scores, self._cache = programs.paged_prefill(self.graphdef, self.params, self._cache, batch, vision,
+                                                            impl=self.attention_impl)
+    _keep_scores(scored, scores)
     self.stats["prefill_calls"] += 1
     self.stats["prompt_tokens"] += int(num_new.sum())
     return logits
@@ -672,10 +698,12 @@ class Engine:
       tokens = np.zeros((1, self.buckets.bucket(len(piece))), np.int32)
       tokens[0, :len(piece)] = piece
       vision = self._vision_chunk(seq, start, tokens.shape[1]) if self.vl_cfg is not None else None
+      scored = [(seq, seq.targets(start, len(piece)))]
+      batch = TokenBatch(tokens, np.array([len(piece)], np.int32), rows, _targets(scored, 1, tokens.shape[1]))
       with self._on_mesh():
-        logits, self._cache = programs.prefill_rows(self.graphdef, self.params, self._cache,
-                                                    TokenBatch(tokens, np.array([len(piece)], np.int32), rows),
-                                                    vision, fresh=start == 0)
+        logits, *scores, self._cache = programs.prefill_rows(self.graphdef, self.params, self._cache, batch,
+                                                             vision, fresh=start == 0)
+      _keep_scores(scored, scores)
       self.stats["prefill_calls"] += 1
     self.stats["prompt_tokens"] += len(prompt)
     inputs = FirstTokenInputs(np.int32(slot), _padded(prompt), np.int32(len(prompt)),
@@ -806,6 +834,28 @@ def _padded(ids: list[int], width: int | None = None) -> np.ndarray:
 
 def _ids(prompt: list[int] | VLPrompt) -> list[int]:
   return prompt.ids if isinstance(prompt, VLPrompt) else prompt
+
+
+def _targets(scored: list[tuple[_Sequence, list[int]]], rows: int, width: int) -> np.ndarray | None:
+  """A prefill call's `targets` [rows, width]: row r's `_Sequence.targets` of its chunk (scored[r]), -1 past them
+  and in padding rows; None when no row scores anything (the call then runs the program without scoring)."""
+  if not any(t for _, t in scored):
+    return None
+  targets = np.full((rows, width), -1, np.int32)
+  for r, (_, t) in enumerate(scored):
+    targets[r, :len(t)] = t
+  return targets
+
+
+def _keep_scores(scored: list[tuple[_Sequence, list[int]]], scores: list[jax.Array]) -> None:
+  """Appends each row's prompt log-probabilities (scores: [] or [the call's [rows, width] log-probabilities])
+  to its sequence's `prompt_logprobs`, in prompt order: chunks are prefilled in order."""
+  if not scores:
+    return
+  values = np.asarray(scores[0])
+  for r, (seq, t) in enumerate(scored):
+    if t:
+      seq.prompt_logprobs.extend(values[r, :len(t)].tolist())
 
 
 

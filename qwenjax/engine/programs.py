@@ -11,6 +11,7 @@ Two sets, over the same unjitted steps:
                        `*_impl` are the same unjitted, for composing into larger jitted functions.
   the engine's         `prefill_rows` (a prompt chunk into given cache rows), `first_token` (an admitted slot's
   programs             first sample), `decode_block` (k decode + sample steps for every slot in one `fori_loop`),
+                       the prefills also scoring the prompt when asked (`targets`: prompt log-probabilities),
                        over the named inputs `TokenBatch`, `VisionInputs`, `FirstTokenInputs`, `DecodeInputs`
                        and the per-slot penalty state `SlotState`, which they donate and return with the cache;
                        over a `PagedKVCache`: `paged_prefill` (chunks of several prompts, a row each, packed in
@@ -50,11 +51,14 @@ from qwenjax.parallel.axes import BATCH, VOCAB, constrain
 @dataclasses.dataclass(frozen=True)
 class TokenBatch:
   """Tokens for cache rows. tokens: [B, T] int32, right-padded; num_new: [B] int32, how many of each row's T are
-  real (the rest is padding); rows: [B] int32, the cache rows they go to (None: rows 0..B-1 of a B-row cache)."""
+  real (the rest is padding); rows: [B] int32, the cache rows they go to (None: rows 0..B-1 of a B-row cache);
+  targets: [B, T] int32, the token that follows each position, whose log-probability the engine's prefill then
+  returns too (-1: none; see `target_logprobs`), or None: nothing scored, the program as without it."""
 
   tokens: jax.Array
   num_new: jax.Array
   rows: jax.Array | None = None
+  targets: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -159,8 +163,28 @@ def _run(graphdef, params, cache: KVCache, batch: TokenBatch, vision: VisionInpu
   cache = cache.constrained()  # under a mesh (`qwenjax.parallel.sharding.use_mesh`): returned in the layout it came in
   if all_logits:
     return model.logits(h), cache  # [B, T, V]
-  last = jnp.take_along_axis(h, jnp.maximum(batch.num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
-  return model.logits(last), cache  # [B, V]
+  return _last_logits(model, h, batch.num_new, batch.targets) + (cache,)
+
+
+def _last_logits(model, h: jax.Array, num_new: jax.Array, targets: jax.Array | None, impl: str = "xla"
+                 ) -> tuple[jax.Array, ...]:
+  """(logits at each row's last real token [B, V],) from hidden states h [B, T, D]; with targets [B, T], also
+  their log-probabilities [B, T] (`target_logprobs`). impl: a quantized head's matmul ("xla" or "pallas")."""
+  last = jnp.take_along_axis(h, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
+  logits = model.logits(last, impl)  # [B, V], as without targets: the first token sampled from it is the same
+  if targets is None:
+    return (logits,)
+  return logits, target_logprobs(model.logits(h, impl), targets)
+
+
+def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log_softmax(logits) at targets: logits [B, T, V] float32, targets [B, T] int32 (-1: none, scored 0) ->
+  [B, T] float32, whole on every device under a mesh (the host reads it). The raw distribution: no temperature,
+  no penalty. Prefill passes each position's next prompt token, so that position i scores token i + 1 and a
+  chunk's last position scores the next chunk's first token."""
+  picked = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]  # [B, T]
+  scores = jnp.where(targets >= 0, picked - jax.nn.logsumexp(logits, axis=-1), 0.0)
+  return constrain(scores, (None, None))
 
 
 def _set_rows(array: jax.Array, rows, values: jax.Array) -> jax.Array:
@@ -220,9 +244,10 @@ decode_step = jax.jit(decode_step_impl, static_argnames=("graphdef", "kv_len"), 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "fresh"), donate_argnames=("cache",))
 def prefill_rows(graphdef, params, cache: KVCache, batch: TokenBatch, vision: VisionInputs | None = None, *,
-                 fresh: bool) -> tuple[jax.Array, KVCache]:
+                 fresh: bool) -> tuple[jax.Array, ...]:
   """A prompt chunk into cache rows `batch.rows` ([b]): fresh rows start empty; otherwise the chunk is appended.
-  vision: a Qwen2.5-VL model's (every chunk). Returns logits at each row's last real token [b, V] and the cache."""
+  vision: a Qwen2.5-VL model's (every chunk). Returns logits at each row's last real token [b, V], with
+  `batch.targets` their log-probabilities [b, T], and the cache."""
   return _run(graphdef, params, cache, batch, vision, fresh=fresh, all_logits=False)
 
 
@@ -292,12 +317,13 @@ class PagedBatch:
   """Prompt chunks of b sequences, one row each. tokens: [b, T] int32, right-padded; start: [b] int32, the cache
   position of each row's first token (what its pages already hold); paged: the rows' slots [b, T], page tables
   [b, P] and real token counts [b]; rope_offset: [b] int32, rotary minus cache position of the rows' text tokens
-  (0, or a Qwen2.5-VL prompt's `rope_deltas` for tokens past its images)."""
+  (0, or a Qwen2.5-VL prompt's `rope_deltas` for tokens past its images); targets: as TokenBatch's (None: none)."""
 
   tokens: jax.Array
   start: jax.Array
   paged: PagedInputs
   rope_offset: jax.Array
+  targets: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -315,11 +341,11 @@ class PagedDecodeInputs:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl", "all_logits"), donate_argnames=("cache",))
 def paged_prefill(graphdef, params, cache: PagedKVCache, batch: PagedBatch, vision: VisionInputs | None = None, *,
-                  impl: str = "xla", all_logits: bool = False) -> tuple[jax.Array, PagedKVCache]:
+                  impl: str = "xla", all_logits: bool = False) -> tuple[jax.Array, ...]:
   """Prompt chunks into their pages, several sequences in one call: each row attends to what its pages hold
   and to its own chunk. vision: a Qwen2.5-VL model's rotary positions [3, b, T] and features (every chunk).
-  Returns logits at each row's last real token [b, V] (or at every token [b, T, V] with all_logits: scoring,
-  perplexity) and the cache."""
+  Returns logits at each row's last real token [b, V] (or at every token [b, T, V] with all_logits), with
+  `batch.targets` also their log-probabilities [b, T] (prompt log-probabilities, perplexity), and the cache."""
   model = nnx.merge(graphdef, params)
   tokens = batch.tokens
   b, t = tokens.shape
@@ -332,9 +358,8 @@ def paged_prefill(graphdef, params, cache: PagedKVCache, batch: PagedBatch, visi
   h, cache = model(tokens, positions, cache, rope_positions=rope_positions, embeds=embeds, paged=batch.paged,
                    attention_impl=impl)  # [b, T, D]
   if all_logits:
-    return model.logits(h), cache.constrained()
-  last = jnp.take_along_axis(h, jnp.maximum(batch.paged.num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [b, D]
-  return model.logits(last), cache.constrained()
+    return model.logits(h, impl), cache.constrained()
+  return _last_logits(model, h, batch.paged.num_new, batch.targets, impl) + (cache.constrained(),)
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
@@ -373,6 +398,6 @@ def paged_decode_block(graphdef, params, cache: PagedKVCache, slots: SlotState, 
     slot = jnp.where(writes, page * page_size + pos % page_size, -1)
     h, cache = model(tok[:, None], pos[:, None], cache, rope_positions=(pos + inputs.rope_offset)[:, None],
                      paged=PagedInputs(slot[:, None], table, num_new), attention_impl=impl)
-    return model.logits(h[:, 0]), cache.constrained()  # [B, V]
+    return model.logits(h[:, 0], impl), cache.constrained()  # [B, V]
 
   return _decode_loop(step, cache, slots, d, needs, num_steps)

@@ -55,11 +55,14 @@ class Completion:
 
 @dataclasses.dataclass
 class RequestOutput:
-  """A request's completions (n of them) and its token usage."""
+  """A request's completions (n of them) and its token usage. prompt_logprobs (when its sampling asks): one entry
+  per prompt token, the log-probability of that token given those before it under the model's raw distribution,
+  None for the first; shared by the n completions (the logprobs of their own tokens are in `outputs`)."""
 
   id: Any
   prompt_tokens: int
   outputs: list[Completion]
+  prompt_logprobs: list[float | None] | None = None
 
   @property
   def text(self) -> str:

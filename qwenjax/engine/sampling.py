@@ -92,6 +92,8 @@ class SamplingParams:
   n: completions to generate for the prompt.
   seed: seeds the request's random stream, in [0, 2**32); None lets the engine draw one.
   logprobs: report the log-probability of each chosen token under the model's raw distribution.
+  prompt_logprobs: report the log-probability of each prompt token given those before it, under the same raw
+    distribution (None for the first token), computed in the prefill; once per request, whatever n is.
   """
 
   max_tokens: int = 256
@@ -108,6 +110,7 @@ class SamplingParams:
   n: int = 1
   seed: int | None = None
   logprobs: bool = False
+  prompt_logprobs: bool = False
 
   def __post_init__(self):
     def fix(name, value):
@@ -148,7 +151,7 @@ class SamplingParams:
       raise InputError(f"stop_token_ids must be a list of integers >= 0, got {ids!r}.")
     fix("stop_token_ids", tuple(int(i) for i in ids))
 
-    for name in ("ignore_eos", "logprobs"):
+    for name in ("ignore_eos", "logprobs", "prompt_logprobs"):
       value = getattr(self, name)
       if not isinstance(value, (bool, np.bool_)):
         raise InputError(f"{name} must be true or false, got {value!r}.")

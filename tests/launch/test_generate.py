@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
+from conftest import build_tiny_qwen2, fake_quantized_reference, save_tiny_tokenizer_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -47,6 +47,24 @@ def test_json_output_matches_transformers(checkpoint):
   shown = ref[:-1] if out["finish_reason"] == "stop" else ref
   # A character cut in half at the end (this random model emits stray byte tokens) is left out, not shown.
   assert out["text"] == hf_tok.decode(shown, skip_special_tokens=True).rstrip("\ufffd")
+
+
+@pytest.mark.parametrize("quantize", ["int8", "w8a8"])
+def test_quantize_flag_serves_int8_weights(checkpoint, quantize):
+  """--quantize: greedy tokens equal transformers with its weights (and, w8a8, its Linear inputs) quantized to int8
+  per channel by numpy; the log says what was served."""
+  d, model, hf_tok = checkpoint
+  ids = hf_tok.encode("The quick brown fox")
+  ref = fake_quantized_reference(model, activations=quantize == "w8a8")
+  with torch.no_grad():
+    want = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                        pad_token_id=hf_tok.pad_token_id,
+                        attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+  proc = _run(f"--model={d}", "--raw", "--prompt=The quick brown fox", "--max_new_tokens=12", "--ignore_eos",
+              "--json", f"--quantize={quantize}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout)["token_ids"] == want
+  assert f"{quantize} weights" in proc.stderr
 
 
 def test_plain_output_is_the_text_alone(checkpoint):
