@@ -4,12 +4,16 @@ r"""Side-by-side benchmark: qwenjax against transformers and llama.cpp, each fig
   python -m launch.benchmark --compare --output_dir=/tmp/bench     # + transformers and llama.cpp, same GGUF
   python -m launch.benchmark --preset=qwen2.5-1.5b --batch_sizes=1,8   # random weights of a preset size
   python -m launch.benchmark --compare --job --concurrency --output_dir=/tmp/bench   # + the batch job, 32K contexts
+  python -m launch.benchmark --compare --job --quantize=none,int8,w8a8 --kv_caches=paged   # + int8 weights
 
 Every engine runs the same job: the same prompts (chat-formatted coding questions tokenized with the model's
 tokenizer and cut to exactly --prompt_tokens tokens; random token ids for a random-weight --preset), greedy,
 end-of-sequence ignored, --new_tokens generated per sequence. qwenjax runs twice, one engine per --kv_caches:
 "qwenjax" with the paged KV cache (the default engine: a page pool of the Engine's default size, packed prefill
-of several prompts per call) and "qwenjax-contiguous" (one row per slot, one prompt prefilled per call).
+of several prompts per call) and "qwenjax-contiguous" (one row per slot, one prompt prefilled per call). Each
+--quantize other than none adds a paged engine "qwenjax-int8" / "qwenjax-w8a8" over the same weights quantized to
+int8 as they load (`qwenjax.load(quantize=...)`; --quantize_embeddings: the embedding and head too); its
+weight_bytes are what it holds (int8 values and float32 scales), and the decode fraction counts those bytes.
 transformers runs on torch (CPU) with the same weights (the same GGUF, dequantized to --dtype) and batched
 `generate`; llama.cpp (llama-cpp-python) runs the same GGUF file, quantized as it is, one sequence at a time (its
 single-stream speed, batch 1 only).
@@ -60,7 +64,10 @@ Per engine:
                           batch_generate's "Engine stats: {...}" log line; null when it logs none
 identical_completions_with_qwenjax: per engine, the fraction of requests whose completion text equals paged
 qwenjax's exactly. ratios["job"]: paged_speedup_over_contiguous and paged_speedup_over_llamacpp, the other
-engine's wall_s over paged qwenjax's (the same requests; above 1: paged finishes first).
+engine's wall_s over paged qwenjax's (the same requests; above 1: paged finishes first), and per --quantize,
+<q>_speedup_over_llamacpp and <q>_speedup_over_float. Each subprocess's peak_rss_gib is its peak resident memory
+(os.wait4's ru_maxrss). ratios["quantized"]: per quantized engine, weight_bytes over the float engine's and over
+bfloat16's (the float weights at 2 bytes each), and its decode and throughput over float qwenjax's per batch size.
 
 --concurrency ("concurrency"): how many sequences --concurrency_kv_memory GiB of KV cache keeps decoding at once at
 --concurrency_seq_len positions. contiguous_sequences is computed: the budget over one slot's row, rounded down,
@@ -129,6 +136,10 @@ _CONCURRENCY_REQUESTS = flags.DEFINE_integer("concurrency_requests", 128, "Reque
                                              "first ones (the same prompts).", lower_bound=1)
 _CONCURRENCY_NEW_TOKENS = flags.DEFINE_integer("concurrency_new_tokens", 8, "Tokens generated per request there "
                                                "(end-of-sequence ignored).", lower_bound=2)
+_QUANTIZE = flags.DEFINE_list("quantize", ["none"], "Weights of the qwenjax engines: none (--dtype), int8 (w8a16), "
+                               "w8a8; each one besides none is one more paged engine, and one more batch job run.")
+_QUANTIZE_EMBEDDINGS = flags.DEFINE_bool("quantize_embeddings", False, "The quantized engines' embedding and head "
+                                         "in int8 too.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join(tempfile.gettempdir(), "qwenjax-benchmark"),
                                   "Where report.json and tokens_per_s.png go.")
 
@@ -152,6 +163,8 @@ flags.register_validator("batch_sizes", _positive_integers, "expected positive i
 flags.register_validator("compare_with", lambda engines: set(engines) <= set(adapters.ENGINES),
                          f"expected engines among {', '.join(adapters.ENGINES)}")
 flags.register_validator("preset", _known_preset)
+flags.register_validator("quantize", lambda qs: bool(qs) and set(qs) <= {"none", "int8", "w8a8"},
+                         "expected values among none, int8, w8a8")
 flags.register_validator("kv_caches", lambda kinds: bool(kinds) and set(kinds) <= set(adapters.QWENJAX_VARIANTS),
                          f"expected KV caches among {', '.join(adapters.QWENJAX_VARIANTS)}")
 
@@ -172,6 +185,7 @@ def main(argv):
     _cli.fail(f"--{'job' if _JOB.value else 'concurrency'} serves chat requests with a checkpoint and its tokenizer: "
               "pass --model, not --preset")
   kv_caches = list(dict.fromkeys(_KV_CACHES.value))
+  quantized = [q for q in dict.fromkeys(_QUANTIZE.value) if q != "none"]
   n_prompt, n_new, dtype = _PROMPT_TOKENS.value, _NEW_TOKENS.value, _DTYPE.value
   compare_with = list(dict.fromkeys(_COMPARE_WITH.value)) if _COMPARE.value else []
   out_dir = pathlib.Path(_OUTPUT_DIR.value)
@@ -193,7 +207,8 @@ def main(argv):
       _cli.fail(e)
     except OSError as e:
       _cli.fail(f"--output_dir={out_dir}: cannot write the batch job's input ({e.strerror})")
-    sections["job"] = job.serve(files, job_source, kv_caches=kv_caches, slots=_JOB_SLOTS.value, dtype=dtype)
+    sections["job"] = job.serve(files, job_source, kv_caches=kv_caches, slots=_JOB_SLOTS.value, dtype=dtype,
+                                quantize=quantized, quantize_embeddings=_QUANTIZE_EMBEDDINGS.value)
     del job_tokenizer
 
   logging.info("Probing the device's limits.")
@@ -224,14 +239,26 @@ def main(argv):
   float_costs = costs.model_costs(cfg, costs.streamed_params(cfg) * param_bytes, param_bytes)
 
   engines: dict[str, dict] = {}
-  for kv in kv_caches:
-    name = adapters.QWENJAX_VARIANTS[kv]
-    generate = adapters.qwenjax_generate_fn(model, tokenizer, max_seq_len=max_seq_len, paged=kv == "paged")
-    engines[name] = {"load_s": load_s, "kv_cache": kv, "scan_layers": model.scan_layers, "max_seq_len": max_seq_len,
-                     "runs": [measure(name, generate, prompts[:b], n_new, float_costs, compiles=True)
+  variants = [(kv, None) for kv in kv_caches] + [("paged", q) for q in quantized]
+  for kv, quantize in variants:
+    name = adapters.QWENJAX_VARIANTS[kv] + (f"-{quantize}" if quantize else "")
+    run_model, run_costs, run_load_s = model, float_costs, load_s
+    if quantize:
+      start = time.perf_counter()
+      try:
+        run_model = _quantized_model(model, quantize, _QUANTIZE_EMBEDDINGS.value, source, dtype, scan)
+      except qwenjax.QwenJaxError as e:
+        _cli.fail(e)
+      run_load_s = time.perf_counter() - start
+      run_costs = costs.model_costs(cfg, costs.streamed_bytes(run_model), param_bytes)
+    generate = adapters.qwenjax_generate_fn(run_model, tokenizer, max_seq_len=max_seq_len, paged=kv == "paged")
+    engines[name] = {"load_s": run_load_s, "kv_cache": kv, "quantize": quantize or "none",
+                     "weight_bytes": costs.weight_bytes(run_model), "scan_layers": run_model.scan_layers,
+                     "max_seq_len": max_seq_len,
+                     "runs": [measure(name, generate, prompts[:b], n_new, run_costs, compiles=True)
                               for b in batches],
                      "peak_host_memory_gib": peak_rss_gib()}
-    del generate
+    del generate, run_model
     gc.collect()
   reference = next(iter(engines.values()))["runs"][0]["_tokens"][0]  # paged qwenjax's, unless not measured
 
@@ -278,7 +305,7 @@ def main(argv):
                       "per token, the head at each prompt's last token, causal attention"},
       "engines": engines,
       **sections,
-      "ratios": compute_ratios(engines, batches, sections.get("job"), sections.get("concurrency")),
+      "ratios": compute_ratios(engines, batches, sections.get("job"), sections.get("concurrency"), dtype=dtype),
       "peak_host_memory_gib": peak_rss_gib(),
       "wall_s": time.perf_counter() - wall_start,
   }
@@ -288,6 +315,22 @@ def main(argv):
   print(format_table(report))
   print(f"report: {out_dir / 'report.json'}  plot: {out_dir / 'tokens_per_s.png'}")
   sys.stdout.flush()
+
+
+def _quantized_model(model, quantize: str, embeddings: bool, source: str | None, dtype: str, scan: bool):
+  """The benchmark's model with int8 weights: loaded again from `source` (quantized one tensor at a time), or, for a
+  random-weight preset (no source), built again from the same seed with `quantize` (the same random draws,
+  quantized as they are made)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  import qwenjax  # pylint: disable=g-import-not-at-top
+  from qwenjax.config import DTYPES  # pylint: disable=g-import-not-at-top
+
+  if source is not None:
+    return qwenjax.load(source, dtype=dtype, scan_layers=scan, quantize=quantize,
+                        quantize_embeddings=embeddings).model
+  return qwenjax.Qwen2(model.cfg, rngs=nnx.Rngs(0), dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], scan_layers=scan,
+                       quantize=quantize, quantize_embeddings=embeddings)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,18 @@ def gguf_streamed_bytes(path: str) -> int:
   if "output.weight" in sizes:
     sizes.pop("token_embd.weight", None)
   return sum(sizes.values())
+
+
+def weight_bytes(model) -> int:
+  """Bytes of every weight `model` holds, as stored (int8 values and their float32 scales for a quantized one)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  return sum(int(v[...].nbytes) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def streamed_bytes(model) -> int:
+  """The bytes a decode step of `model` streams, as stored: every weight but an untied embedding table."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  skip = () if model.cfg.tie_word_embeddings else ("embed",)
+  return sum(int(v[...].nbytes) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if path[0] not in skip)

@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import importlib.util
 import json
+import os
 import pathlib
 import re
 import shlex
@@ -120,14 +121,16 @@ def _run(name: str, command: list[str], output: pathlib.Path, log: pathlib.Path,
   logging.info("Job, %s: %s", name, shlex.join(command))
   start = time.perf_counter()
   with log.open("w") as f:
-    returncode = subprocess.run(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+    proc = subprocess.Popen(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)  # its own rusage: the peak resident memory of this run alone
+    proc.returncode = returncode = os.waitstatus_to_exitcode(status)
   seconds = time.perf_counter() - start
   records = read_results(output)
   answered = [r for r in records.values() if "error" not in r]
   generated = sum(r["usage"]["completion_tokens"] for r in answered)
   entry = {"command": shlex.join(command), "wall_s": seconds, "answered": len(answered),
            "errors": len(records) - len(answered), "generated_tokens": generated,
-           "generated_tokens_per_s": generated / seconds,
+           "generated_tokens_per_s": generated / seconds, "peak_rss_gib": usage.ru_maxrss / 2**20,
            "finish_reasons": dict(collections.Counter(r["finish_reason"] for r in answered)),
            "output": str(output), "log": str(log)}
   if returncode != 0 or len(answered) != expected:
@@ -140,17 +143,22 @@ def _run(name: str, command: list[str], output: pathlib.Path, log: pathlib.Path,
   return entry
 
 
-def serve(files: JobFiles, source: str, *, kv_caches: list[str], slots: int, dtype: str) -> dict:
-  """Serves the job with batch_generate for each KV cache of `kv_caches` (`slots` decode slots each), then with
-  llama.cpp one request at a time when it can run here. Returns the report's "job" section."""
+def serve(files: JobFiles, source: str, *, kv_caches: list[str], slots: int, dtype: str,
+          quantize: list[str] = (), quantize_embeddings: bool = False) -> dict:
+  """Serves the job with batch_generate for each KV cache of `kv_caches` (`slots` decode slots each) and, paged,
+  for each of `quantize` ("int8", "w8a8"), then with llama.cpp one request at a time when it can run here.
+  Returns the report's "job" section."""
   n = len(files.prompt_tokens)
   engines, results = {}, {}
-  for kv in kv_caches:
-    name = QWENJAX_VARIANTS[kv]
-    output, log = files.directory / f"job_{kv}.jsonl", files.directory / f"job_{kv}.log"
+  for kv, q in [(kv, None) for kv in kv_caches] + [("paged", q) for q in quantize]:
+    name = QWENJAX_VARIANTS[kv] + (f"-{q}" if q else "")
+    tag = kv + (f"_{q}" if q else "")
+    output, log = files.directory / f"job_{tag}.jsonl", files.directory / f"job_{tag}.log"
     command = [sys.executable, "-m", "launch.batch_generate", f"--model={source}", f"--input={files.requests}",
                f"--output={output}", f"--kv_cache={kv}", f"--max_batch_size={slots}",
                f"--max_seq_len={files.max_seq_len}", f"--dtype={dtype}"]
+    if q:
+      command += [f"--quantize={q}"] + (["--quantize_embeddings"] if quantize_embeddings else [])
     engines[name] = _run(name, command, output, log, n)
     stats = STATS_LINE.findall(log.read_text(errors="replace"))
     engines[name]["stats"] = json.loads(stats[-1]) if stats else None

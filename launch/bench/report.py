@@ -14,9 +14,9 @@ from launch.bench.adapters import ENGINES
 from launch.bench.probes import cpuinfo
 
 LABELS = {"qwenjax": "qwenjax", "qwenjax-contiguous": "qwenjax-contiguous", "transformers": "transformers",
-          "llamacpp": "llama.cpp"}
+          "llamacpp": "llama.cpp", "qwenjax-int8": "qwenjax-int8", "qwenjax-w8a8": "qwenjax-w8a8"}
 COLORS = {"qwenjax": "tab:blue", "qwenjax-contiguous": "tab:purple", "transformers": "tab:red",
-          "llamacpp": "tab:green"}
+          "llamacpp": "tab:green", "qwenjax-int8": "tab:orange", "qwenjax-w8a8": "tab:brown"}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -24,7 +24,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def compute_ratios(engines: dict, batches: list[int], job: dict | None = None,
-                   concurrency: dict | None = None) -> dict:
+                   concurrency: dict | None = None, dtype: str = "float32") -> dict:
   """qwenjax over the others: batch-1 decode, throughput at the largest batch, and per batch size; the paged KV
   cache over the contiguous one per batch size; the batch job's speedups (the other engine's whole-process seconds
   over paged qwenjax's, same requests); paged over contiguous sequences at once in the concurrency measurement."""
@@ -62,10 +62,34 @@ def compute_ratios(engines: dict, batches: list[int], job: dict | None = None,
            for b in batches]
   ratios = {"decode_batch_1": decode, "throughput_largest_batch": throughput, "per_batch": per_batch,
             "paged_over_contiguous": paged}
+  quantized = {}
+  for name, engine in engines.items():
+    q = engine.get("quantize", "none")
+    if q == "none" or "qwenjax" not in engines:
+      continue
+    float_bytes = engines["qwenjax"].get("weight_bytes")
+    bf16_bytes = None if float_bytes is None else float_bytes * 2 // (4 if dtype == "float32" else 2)
+    quantized[name] = {
+        "weight_bytes": engine["weight_bytes"], "over_float": _ratio(engine["weight_bytes"], float_bytes),
+        "over_bfloat16": _ratio(engine["weight_bytes"], bf16_bytes), "bfloat16_target": 0.55,
+        "per_batch": [{"batch": b, **{f"{key}_over_float": _ratio(get(name, b, key), get("qwenjax", b, key))
+                                      for key in ("decode_tokens_per_s", "throughput_tokens_per_s")},
+                       "throughput_over_transformers": _ratio(get(name, b, "throughput_tokens_per_s"),
+                                                              get("transformers", b, "throughput_tokens_per_s")),
+                       "decode_over_llamacpp_single_stream": _ratio(get(name, b, "decode_tokens_per_s"),
+                                                                    single_stream)}
+                      for b in batches]}
+  if quantized:
+    ratios["quantized"] = quantized
   if job is not None:
     wall = {name: e["wall_s"] for name, e in job["engines"].items() if "wall_s" in e and "failed" not in e}
     ratios["job"] = {"paged_speedup_over_contiguous": _ratio(wall.get("qwenjax-contiguous"), wall.get("qwenjax")),
                      "paged_speedup_over_llamacpp": _ratio(wall.get("llamacpp"), wall.get("qwenjax"))}
+    for name in wall:
+      if name.startswith("qwenjax-") and name != "qwenjax-contiguous":
+        q = name[len("qwenjax-"):]
+        ratios["job"][f"{q}_speedup_over_llamacpp"] = _ratio(wall.get("llamacpp"), wall[name])
+        ratios["job"][f"{q}_speedup_over_float"] = _ratio(wall.get("qwenjax"), wall[name])
   if concurrency is not None:
     ratios["concurrency"] = {"paged_over_contiguous": _ratio(concurrency["paged"]["peak_sequences"],
                                                              concurrency["contiguous_sequences"])}
@@ -152,6 +176,13 @@ def format_table(report: dict) -> str:
                  + ", ".join(f"batch {r['batch']} {_times(r['decode_tokens_per_s'])}" for r in paged)
                  + "; job tok/s: " + ", ".join(f"batch {r['batch']} {_times(r['throughput_tokens_per_s'])}"
                                                for r in paged))
+  for name, q in ratios.get("quantized", {}).items():
+    per_batch = lambda key, q=q: ", ".join(f"batch {r['batch']} {_times(r[key])}" for r in q["per_batch"])
+    lines.append(f"{name}: weights {q['weight_bytes'] / 2**20:.0f} MiB, {_times(q['over_float'])} float, "
+                 f"{_times(q['over_bfloat16'])} bfloat16 (target <= {q['bfloat16_target']}); decode tok/s over "
+                 f"float: {per_batch('decode_tokens_per_s_over_float')}; job tok/s over transformers: "
+                 f"{per_batch('throughput_over_transformers')}; batch-1 decode over llama.cpp: "
+                 f"{_times(q['per_batch'][0]['decode_over_llamacpp_single_stream'])}")
   if "job" in report:
     lines += ["", _job_table(report["job"], ratios["job"])]
   if "concurrency" in report:
@@ -169,19 +200,25 @@ def _job_table(job: dict, ratios: dict) -> str:
   lines = [f"batch job: {job['requests']} requests (prompts of {p['min']}-{p['max']} tokens, max_tokens "
            f"{m['min']}-{m['max']}, {job['requests_with_stop_strings']} with stop strings), {job['slots']} slots, "
            f"max_seq_len {job['max_seq_len']}; whole process: load, compile and serve",
-           "{:<20}{:>8}{:>12}{:>9}{:>22}".format("engine", "wall s", "generated", "tok/s", "identical to qwenjax")]
+           "{:<20}{:>8}{:>12}{:>9}{:>22}{:>10}".format("engine", "wall s", "generated", "tok/s", "identical to qwenjax",
+                                                      "peak GiB")]
   for name, e in job["engines"].items():
     if "skipped" in e:
       lines.append(f"{LABELS[name]:<20}  skipped: {e['skipped']}")
       continue
     same = job["identical_completions_with_qwenjax"].get(name)
-    lines.append("{:<20}{:>8.1f}{:>12}{:>9.2f}{:>22}".format(
+    lines.append("{:<20}{:>8.1f}{:>12}{:>9.2f}{:>22}{:>10.2f}".format(
         LABELS[name], e["wall_s"], e["generated_tokens"], e["generated_tokens_per_s"],
-        "-" if same is None else f"{100 * same:.1f}%"))
+        "-" if same is None else f"{100 * same:.1f}%", e.get("peak_rss_gib", float("nan"))))
     if "failed" in e:
       lines.append(f"{'':<20}  failed: {e['failed']}")
   lines.append(f"job speedup of qwenjax (paged) over contiguous: {_times(ratios['paged_speedup_over_contiguous'])}; "
                f"over llama.cpp: {_times(ratios['paged_speedup_over_llamacpp'])}")
+  for key, value in ratios.items():
+    if key.endswith("_speedup_over_llamacpp") and not key.startswith("paged"):
+      q = key[:-len("_speedup_over_llamacpp")]
+      lines.append(f"job speedup of qwenjax-{q} over llama.cpp: {_times(value)}; over float qwenjax: "
+                   f"{_times(ratios.get(f'{q}_speedup_over_float'))}")
   return "\n".join(lines)
 
 

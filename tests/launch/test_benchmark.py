@@ -27,7 +27,7 @@ def test_end_to_end_report_plot_and_table(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "launch.benchmark", "--preset=tiny", "--batch_sizes=1,2", "--prompt_tokens=16",
        "--new_tokens=8", "--compare", "--compare_with=transformers,llamacpp", "--kv_caches=paged",
-       f"--output_dir={tmp_path}"],
+       "--quantize=none,int8", f"--output_dir={tmp_path}"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())
@@ -61,6 +61,20 @@ def test_end_to_end_report_plot_and_table(tmp_path):
   assert ratios["throughput_largest_batch"]["batch"] == 2
   assert ratios["throughput_largest_batch"]["qwenjax_over_transformers"] > 0
   assert ratios["decode_batch_1"]["qwenjax_over_llamacpp"] is None
+
+  # --quantize=int8: one more paged engine over the same random weights in int8, side by side.
+  q = report["engines"]["qwenjax-int8"]
+  assert q["quantize"] == "int8" and [r["batch"] for r in q["runs"]] == [1, 2]
+  assert all(r["compilations_after_warmup"] == 0 and r["decode_tokens_per_s"] > 0 for r in q["runs"])
+  float_bytes = report["engines"]["qwenjax"]["weight_bytes"]
+  assert float_bytes == 4 * workload.tiny_config().num_params()
+  assert 0.25 < q["weight_bytes"] / float_bytes < 0.5  # int8 projections (+ scales); the float32 embedding
+  quantized = ratios["quantized"]["qwenjax-int8"]
+  assert quantized["over_float"] == pytest.approx(q["weight_bytes"] / float_bytes, rel=1e-3)
+  assert quantized["over_bfloat16"] == pytest.approx(2 * quantized["over_float"], rel=1e-3)
+  assert quantized["per_batch"][0]["decode_tokens_per_s_over_float"] == pytest.approx(
+      q["runs"][0]["decode_tokens_per_s"] / report["engines"]["qwenjax"]["runs"][0]["decode_tokens_per_s"], rel=2e-3)
+  assert "qwenjax-int8: weights" in proc.stdout
 
   with Image.open(tmp_path / "tokens_per_s.png") as image:
     assert image.format == "PNG" and image.size[0] > 0 and image.size[1] > 0
@@ -104,6 +118,10 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.slow
+def walls_of(section: dict) -> dict:
+  return {n: e["wall_s"] for n, e in section["engines"].items() if "wall_s" in e}
+
+
 def test_batch_job_and_concurrency_end_to_end(checkpoint, tmp_path):
   """--job serves the mixed requests with batch_generate (paged, contiguous) and records llama.cpp as skipped for a
   checkpoint directory; --concurrency counts sequences; both land in report.json, the table and the plot."""
@@ -112,7 +130,7 @@ def test_batch_job_and_concurrency_end_to_end(checkpoint, tmp_path):
       [sys.executable, "-m", "launch.benchmark", f"--model={checkpoint}", "--batch_sizes=1", "--prompt_tokens=64",
        "--new_tokens=4", "--job", "--job_requests=3", "--job_slots=2", "--concurrency", "--concurrency_seq_len=2048",
        "--concurrency_max_batch_size=4", "--concurrency_requests=3", f"--concurrency_kv_memory={memory}",
-       f"--output_dir={tmp_path}"],
+       "--quantize=none,int8", f"--output_dir={tmp_path}"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())
@@ -139,7 +157,14 @@ def test_batch_job_and_concurrency_end_to_end(checkpoint, tmp_path):
     assert e["answered"] == len(records) == 3 and e["errors"] == 0
     assert e["generated_tokens"] == sum(r["usage"]["completion_tokens"] for r in records.values())
     assert 0 < e["generated_tokens"] <= section["max_tokens"]["total"] and e["wall_s"] > 0
-  assert section["identical_completions_with_qwenjax"] == {"qwenjax-contiguous": 1.0}
+  # --quantize=int8: one more batch_generate run, paged, with int8 weights; each run's own peak memory.
+  q = section["engines"]["qwenjax-int8"]
+  assert "--quantize=int8" in q["command"] and "--kv_cache=paged" in q["command"] and "failed" not in q, q
+  assert q["answered"] == 3 and len(job.read_results(tmp_path / "job_paged_int8.jsonl")) == 3
+  assert all(section["engines"][n]["peak_rss_gib"] > 0.1 for n in ("qwenjax", "qwenjax-contiguous", "qwenjax-int8"))
+  assert ratios["job"]["int8_speedup_over_float"] == pytest.approx(walls_of(section)["qwenjax"] / q["wall_s"], rel=2e-3)
+  assert set(section["identical_completions_with_qwenjax"]) == {"qwenjax-contiguous", "qwenjax-int8"}
+  assert section["identical_completions_with_qwenjax"]["qwenjax-contiguous"] == 1.0
   walls = {n: section["engines"][n]["wall_s"] for n in ("qwenjax", "qwenjax-contiguous")}
   assert ratios["job"]["paged_speedup_over_contiguous"] == pytest.approx(
       walls["qwenjax-contiguous"] / walls["qwenjax"], rel=2e-3)
