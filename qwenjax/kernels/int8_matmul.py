@@ -112,6 +112,22 @@ def rhs_dims(values: jax.Array, transpose_rhs: bool) -> tuple[int, int]:
   return values.shape[::-1] if transpose_rhs else values.shape
 
 
+def kernel_operands(kernel: str, x: jax.Array, values: jax.Array, scale, x_scale, transpose_rhs: bool
+                    ) -> tuple[int, int, int, bool]:
+  """(M, K, N, x is int8) of a Pallas kernel's 2D operands; ConfigError naming `kernel` when x's shape or the
+  scales given do not fit: float x (w8a16) takes scale [N] and no x_scale; int8 x takes both (w8a8) or neither."""
+  m = x.shape[0]
+  k, n = rhs_dims(values, transpose_rhs)
+  integer = x.dtype == jnp.int8
+  if x.ndim != 2 or x.shape[1] != k:
+    raise ConfigError(f"{kernel} x has shape {x.shape}; expected [M, K={k}].")
+  if integer and (scale is None) != (x_scale is None):
+    raise ConfigError(f"{kernel} with int8 x takes both scale and x_scale (w8a8) or neither (int32).")
+  if not integer and (scale is None or x_scale is not None):
+    raise ConfigError(f"{kernel} with float x (w8a16) takes scale [N] and no x_scale.")
+  return m, k, n, integer
+
+
 def check_operands(x: jax.Array, values: jax.Array, scale: jax.Array | None, *, mode: str | None,
                    transpose_rhs: bool) -> tuple[int, int]:
   """ConfigError naming the operand that does not fit; returns (K, N). x: [..., K]; values int8 [K, N] or [N, K];
@@ -303,15 +319,7 @@ def int8_matmul_pallas(x: jax.Array, values: jax.Array, scale: jax.Array | None 
   block_k: powers of two >= 16. interpret: None runs Pallas interpret mode on CPU and compiles elsewhere. Returns
   [M, N] in out_dtype (default: x's dtype for float x, float32 for scaled int8 x, int32 for the bare dot).
   """
-  m = x.shape[0]
-  k, n = rhs_dims(values, transpose_rhs)
-  integer = x.dtype == jnp.int8
-  if x.ndim != 2 or x.shape[1] != k:
-    raise ConfigError(f"int8_matmul_pallas x has shape {x.shape}; expected [M, K={k}].")
-  if integer and (scale is None) != (x_scale is None):
-    raise ConfigError("int8_matmul_pallas with int8 x takes both scale and x_scale (w8a8) or neither (int32).")
-  if not integer and (scale is None or x_scale is not None):
-    raise ConfigError("int8_matmul_pallas with float x (w8a16) takes scale [N] and no x_scale.")
+  m, k, n, integer = kernel_operands("int8_matmul_pallas", x, values, scale, x_scale, transpose_rhs)
   block_m = block_m or min(64, max(_MIN_BLOCK, _next_power_of_two(m)))
   for name, size in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
     if size < _MIN_BLOCK or size & (size - 1):

@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from qwenjax._errors import ConfigError
-from qwenjax.kernels.int8_matmul import dot_dims, dot_precision, rhs_dims
+from qwenjax.kernels.int8_matmul import dot_dims, dot_precision, kernel_operands
 
 _LANES = 128
 _TARGET_BLOCK = 1024  # bk and bn at most (a 1 MiB int8 weight tile)
@@ -113,15 +113,7 @@ def int8_matmul_tpu(x: jax.Array, values: jax.Array, scale: jax.Array | None = N
   everywhere but on TPU, where it compiles with Mosaic; True forces it, False compiles; an `InterpretParams` is
   passed through. Returns [M, N] in out_dtype (default x's dtype for float x, float32 for w8a8, int32 bare).
   """
-  m = x.shape[0]
-  k, n = rhs_dims(values, transpose_rhs)
-  integer = x.dtype == jnp.int8
-  if x.ndim != 2 or x.shape[1] != k:
-    raise ConfigError(f"int8_matmul_tpu x has shape {x.shape}; expected [M, K={k}].")
-  if integer and (scale is None) != (x_scale is None):
-    raise ConfigError("int8_matmul_tpu with int8 x takes both scale and x_scale (w8a8) or neither (int32).")
-  if not integer and (scale is None or x_scale is not None):
-    raise ConfigError("int8_matmul_tpu with float x (w8a16) takes scale [N] and no x_scale.")
+  m, k, n, integer = kernel_operands("int8_matmul_tpu", x, values, scale, x_scale, transpose_rhs)
   bm, bk, bn = block_sizes or tpu_block_sizes(m, k, n, x.dtype)
   sub = _sublanes(x.dtype)
   if bm < 1 or bm % sub:
