@@ -223,6 +223,31 @@ class GGUFCheckpoint:
     raw = None  # the view of the map goes now, not with the closure
     return out.reshape(t.shape)
 
+  def get_int8_rows(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A Q8_0 tensor straight to int8 with one scale per row, or None for any other type (`get_tensor` then).
+
+    Returns (values int8 [rows, row], scale float32 [rows]) in PyTorch shape's row order: the file's int8 values
+    rescaled from their 32-value blocks' float16 scales d to one scale per row (s = max |d q| / 127, values =
+    round(d q / s)), a chunk of rows at a time, so no float32 copy of the tensor is made. The numbers equal
+    `qwenjax.model.layers.quantize_host(get_tensor(name), axes=(1,))` exactly: d q is exact in float32."""
+    t = self._tensor(name)
+    if t.ggml_type != _GGMLType.Q8_0 or len(t.dims) != 2:
+      return None
+    row, rows = t.dims
+    raw = np.frombuffer(self._mmap, np.uint8, t.nbytes, t.start).reshape(rows, row // 32, 34)
+    values, scale = np.empty((rows, row), np.int8), np.empty(rows, np.float32)
+    step = max(1, _CHUNK_VALUES // row)
+    for begin in range(0, rows, step):
+      blocks = raw[begin:begin + step]  # [r, B, 34]: float16 d, then 32 int8 values
+      d = blocks[:, :, :2].copy().view(np.float16).astype(np.float32)  # [r, B, 1]
+      w = blocks[:, :, 2:].copy().view(np.int8).astype(np.float32) * d  # [r, B, 32], exact
+      s = np.max(np.abs(w), axis=(1, 2)) / np.float32(127)  # [r]
+      safe = np.where(s > 0, s, np.float32(1))[:, None, None]
+      values[begin:begin + step] = np.clip(np.round(w / safe), -127, 127).astype(np.int8).reshape(-1, row)
+      scale[begin:begin + step] = s
+    raw = None
+    return values, scale
+
   def hf_config(self) -> dict[str, Any]:
     """The Hugging Face `config.json` dict of Qwen2ForCausalLM that this file's metadata describes."""
     hidden = self._int("qwen2.embedding_length")

@@ -174,19 +174,41 @@ def load_params(model: Qwen2, source: TensorSource, *,
       var.set_value(place(path, buf))
       del buf
       continue
-    # A QuantizedWeight's values: quantize each layer's float32 tensor as it is read, per output channel.
+    # A QuantizedWeight's values: quantize each layer's float32 tensor as it is read, per output channel (a GGUF
+    # Q8_0 tensor goes straight to int8, `_int8_rows`).
     scale_path = path[:-1] + ("scale",)
     scale_var = by_path[scale_path]
     values, scales = np.empty(var.shape, np.int8), np.empty(scale_var.shape, np.float32)
-    if stacked:
-      per_layer = tuple(a - 1 for a in contract)
-      for i, name in enumerate(names):
-        values[i], scales[i] = quantize_host(_convert(source, name, var.hf, var.shape[1:], np.float32), per_layer)
-    else:
-      values[...], scales[...] = quantize_host(_convert(source, names[0], var.hf, var.shape, np.float32), contract)
+    per_layer = tuple(a - 1 for a in contract) if stacked else contract
+    for i, name in enumerate(names):
+      at = i if stacked else ...
+      shape = var.shape[1:] if stacked else var.shape
+      direct = _int8_rows(source, name, var.hf, shape, per_layer)
+      if direct is None:
+        direct = quantize_host(_convert(source, name, var.hf, shape, np.float32), per_layer)
+      values[at], scales[at] = direct
     var.set_value(place(path, values))
     scale_var.set_value(place(scale_path, scales))
     del values, scales
+
+
+def _int8_rows(source: TensorSource, name: str, hf, shape, contract) -> tuple[np.ndarray, np.ndarray] | None:
+  """(int8 values in param layout, scale) straight from a source that stores `name` as int8 rows (a GGUF Q8_0
+  tensor: `get_int8_rows`), when its rows are the weight's output channels: a 2-D checkpoint tensor whose second
+  dim is what the matmul contracts (the input dims of a transposed projection, D of a [V, D] table). Else None."""
+  get = getattr(source, "get_int8_rows", None)
+  transposed_in = hf.transpose and contract == tuple(range(len(contract)))
+  table_in = not hf.transpose and contract == tuple(range(len(shape) - len(contract), len(shape)))
+  if get is None or len(hf.shape) != 2 or not (transposed_in or table_in):
+    return None
+  rows = get(name)
+  if rows is None:
+    return None
+  values, scale = rows
+  if not np.isfinite(scale).all():
+    raise CheckpointError(f"{source.describe(name)}: tensor {name!r} holds NaN or infinite values.")
+  out_shape = tuple(d for i, d in enumerate(shape) if i not in contract)
+  return hf.to_param(values, shape), scale.reshape(out_shape)
 
 
 def _convert(source: TensorSource, name: str, hf, shape, dtype) -> np.ndarray:
@@ -216,7 +238,8 @@ def load_model(directory: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None 
   `qwenjax.model.qwen2_vl.Qwen2VL` for a Qwen2.5-VL checkpoint. With a mesh, each weight goes straight into its
   shards (`qwenjax.parallel.sharding.placer`). A GPTQ or AWQ checkpoint (Qwen's -GPTQ-Int4/-Int8 and -AWQ
   releases: a `quantization_config`) is dequantized exactly, one linear at a time
-  (`qwenjax.checkpoints.quantized_formats`); pass `quantize="int8"` to serve it in int8 (the default for them)."""
+  (`qwenjax.checkpoints.quantized_formats`), then requantized per output channel and served in int8: w8a16, or
+  w8a8 with `quantize="w8a8"` (never as float: its 4-bit weights would take 8 times the memory)."""
   directory = pathlib.Path(directory)
   source: TensorSource = SafetensorsSource(directory)
   qcfg = quantized_formats.quantization_config(read_json(directory / "config.json", error=CheckpointError),

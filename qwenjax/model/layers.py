@@ -90,10 +90,16 @@ class QuantizedWeight(nnx.Module):
     return tuple(self.values.shape)
 
   def dequantized(self, dtype=jnp.float32) -> jax.Array:
-    """The float weight (tests and the odd small weight; the matmuls never build it)."""
-    stack = self.values.ndim - self.scale.ndim - len(self.contract)
-    scale = jnp.expand_dims(self.scale[...], tuple(stack + a for a in self.contract))
-    return (self.values[...].astype(jnp.float32) * scale).astype(dtype)
+    """The float weight (tests and the odd small weight; the matmuls never build it). Stacked [L, ...] or one
+    layer's slice (inside `lax.scan`) alike: the leading dims before `contract` are found from the shapes."""
+    values, scale = self.values[...], self.scale[...]
+    for lead in range(values.ndim - len(self.contract) + 1):
+      dims = tuple(lead + a for a in self.contract)
+      if tuple(d for i, d in enumerate(values.shape) if i not in dims) == scale.shape:
+        break
+    else:
+      raise ValueError(f"a quantized weight of shape {values.shape} has scales of shape {scale.shape}.")
+    return (values.astype(jnp.float32) * jnp.expand_dims(scale, dims)).astype(dtype)
 
 
 def quantize_host(array: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

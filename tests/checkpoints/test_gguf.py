@@ -210,6 +210,37 @@ def test_dequantized_values(model_file, encoded):
   np.testing.assert_array_equal(checkpoint.get_tensor("model.norm.weight"), encoded["output_norm.weight"][0])
 
 
+def test_q8_0_loads_straight_to_int8(model_file, monkeypatch):
+  """quantize="int8": Q8_0 tensors (the embedding, layer 0's down_proj) are read as int8 rows, never dequantized
+  to float32, into the values and scales quantizing the dequantized tensor would give; other types dequantize and
+  requantize."""
+  from qwenjax.checkpoints.hf import load_from_source  # noqa: PLC0415
+  from qwenjax.config import QwenConfig  # noqa: PLC0415
+  from qwenjax.model.layers import quantize_host  # noqa: PLC0415
+
+  checkpoint = GGUFCheckpoint(model_file)
+  expected = {name: quantize_host(checkpoint.get_tensor(name), (1,))
+              for name in ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight",
+                           "model.layers.0.self_attn.q_proj.weight")}
+  dequantized = []
+  get_tensor = GGUFCheckpoint.get_tensor
+  monkeypatch.setattr(GGUFCheckpoint, "get_tensor",
+                      lambda self, name: dequantized.append(name) or get_tensor(self, name))
+  cfg = QwenConfig.from_hf_config(checkpoint.hf_config())
+  model = load_from_source(cfg, checkpoint, scan_layers=False, quantize="int8", quantize_embeddings=True)
+  assert "model.embed_tokens.weight" not in dequantized and "model.layers.0.mlp.down_proj.weight" not in dequantized
+  assert "model.layers.0.self_attn.q_proj.weight" in dequantized  # Q4_0: dequantized, then requantized
+  for weight, name in ((model.embed, "model.embed_tokens.weight"),
+                       (model.layers[0].mlp.down, "model.layers.0.mlp.down_proj.weight"),
+                       (model.layers[0].attn.q_kernel, "model.layers.0.self_attn.q_proj.weight")):
+    values, scale = expected[name]  # [out, in] rows of the checkpoint tensor, a scale per output row
+    got = np.asarray(weight.values[...])
+    np.testing.assert_array_equal(got if name.endswith("embed_tokens.weight") else got.reshape(values.shape[1], -1).T,
+                                  values, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(weight.scale[...]).reshape(-1), scale, err_msg=name)
+  assert checkpoint.get_int8_rows("model.layers.0.self_attn.q_proj.weight") is None
+
+
 def test_threaded_dequantization_matches_one_call(tmp_path, monkeypatch):
   from qwenjax.checkpoints import gguf_file
 

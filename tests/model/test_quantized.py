@@ -148,3 +148,13 @@ def test_sharded_quantized_weights_follow_their_axes(tiny):
     assert tuple(quantized[name + "/scale"]) == kept, (name, quantized[name + "/scale"], spec)
     checked += 1
   assert checked == 7  # q, k, v, o, gate, up, down
+
+
+def test_dequantized_weights_equal_values_times_scales(tiny):
+  """QuantizedWeight.dequantized on stacked and unrolled weights, against numpy on the stored arrays."""
+  scanned = load_model(tiny[0], quantize="int8", scan_layers=True)
+  unrolled = load_model(tiny[0], quantize="int8", scan_layers=False)
+  for w, contract in ((scanned.layers.attn.o_kernel, (1, 2)), (scanned.layers.mlp.down, (1,)),
+                      (unrolled.layers[2].attn.o_kernel, (0, 1)), (unrolled.layers[0].mlp.up, (0,))):
+    values, scale = np.asarray(w.values[...]), np.asarray(w.scale[...])
+    np.testing.assert_array_equal(np.asarray(w.dequantized()), values * np.expand_dims(scale, contract))
