@@ -260,8 +260,9 @@ def fake_quantized_reference(hf, *, embeddings: bool = False, activations: bool 
   with torch.no_grad():
     for name, module in ref.named_modules():
       is_head = name in ("lm_head", "model.embed_tokens")
-      if isinstance(module, torch.nn.Linear) and not is_head or is_head and embeddings:
-        module.weight.copy_(torch.from_numpy(_fake_quant_rows(module.weight.numpy())))
+      if isinstance(module, (torch.nn.Linear, torch.nn.Conv3d)) and not is_head or is_head and embeddings:
+        w = module.weight.numpy()  # a Conv3d (the vision patch embedding): per output channel over the rest
+        module.weight.copy_(torch.from_numpy(_fake_quant_rows(w.reshape(w.shape[0], -1)).reshape(w.shape)))
       if activations and isinstance(module, torch.nn.Linear) and (not is_head or embeddings):
         module.register_forward_pre_hook(lambda _, args: (_fake_quant_activations(args[0]),))
   return ref

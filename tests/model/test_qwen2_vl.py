@@ -194,6 +194,30 @@ def test_multimodal_logits_and_greedy_match_transformers(tiny_vl, scan):
   assert tokens == expected
 
 
+def test_int8_vision_tower_and_decoder_match_a_fake_quantized_reference(tiny_vl):
+  """quantize="int8" quantizes the tower's Linears (patch embedding, qkv, proj, MLP, merger) and the decoder's:
+  logits of an image prompt within 1e-5 of transformers with those weights quantized and dequantized by numpy."""
+  from qwenjax.model.layers import QuantizedWeight  # noqa: PLC0415
+
+  from conftest import fake_quantized_reference  # noqa: PLC0415
+
+  d, hf = tiny_vl
+  model = load_model(d, scan_layers=False, quantize="int8")
+  tower = model.visual
+  assert all(isinstance(w, QuantizedWeight) for w in (tower.patch_embed, tower.layers[0].attn.qkv_kernel,
+                                                      tower.layers[0].mlp.down, tower.merger.fc2))
+  rng = np.random.default_rng(3)
+  visuals = [_visual(rng, (1, 6, 4))]
+  prompt = vl_prompt([10, 11, START, IMAGE, END, 12, 13], visuals, model.vl_cfg)
+  logits = _run_prefill(model, prompt)[0]
+  position_ids = torch.from_numpy(prompt.positions.astype(np.int64))[:, None]
+  with torch.no_grad():
+    ref = fake_quantized_reference(hf)(**_hf_inputs(prompt, visuals), position_ids=position_ids).logits[0].numpy()
+    floats = hf(**_hf_inputs(prompt, visuals), position_ids=position_ids).logits[0].numpy()
+  np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=0)
+  assert np.abs(floats - ref).max() > 1e-4  # the comparison is with the quantized model, not the float one
+
+
 # --- The engine: chat requests with images, mixed with text, through continuous batching -----------------------
 
 def _png(path, height, width, seed):
