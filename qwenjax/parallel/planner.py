@@ -669,6 +669,8 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
       memory_gib=flags.DEFINE_float("memory_gib", None, "With --model: memory per device, to size the page pool "
                                     "from and say whether the plan fits."),
       margin=flags.DEFINE_float("margin", 0.1, "With --model and --memory_gib: fraction of memory kept free."),
+      quantize=flags.DEFINE_enum("quantize", "none", ["none", "int8", "w8a8"], "With --model: int8 projections "
+                                 "with float32 scales per output channel, as `qwenjax.load(quantize=...)`."),
       readme=flags.DEFINE_bool("readme", False, "Print the tables of tpu_configs/README.md."),
       derive_topologies=flags.DEFINE_bool("derive_topologies", False, "Rewrite every tpu_configs/*.json (or "
                                           "--topology alone) with the page_size and kv_cache_memory_gib the "
@@ -700,7 +702,7 @@ def main(argv, f: dict[str, flags.FlagHolder]):
                          max_batch_size=f["max_batch_size"].value, max_seq_len=f["max_seq_len"].value,
                          max_prefill_chunk=f["max_prefill_chunk"].value, page_size=f["page_size"].value,
                          kv_cache_dtype=f["kv_cache_dtype"].value, kv_cache_memory=f["kv_cache_memory_gib"].value,
-                         memory_gib=memory, margin=margin)
+                         memory_gib=memory, margin=margin, quantize=f["quantize"].value)
       print(format_table([plan], memory, margin))
     else:
       raise app.UsageError("give --topology, --model, --readme or --derive_topologies.")
