@@ -38,15 +38,13 @@ from __future__ import annotations
 import math
 import pathlib
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from qwenjax._errors import CheckpointError
 from qwenjax.config import read_json
 
-if TYPE_CHECKING:
-  from qwenjax.checkpoints.hf import TensorSource
 
 GPTQ_BITS = (2, 4, 8)
 AWQ_BITS = (4,)
@@ -317,7 +315,7 @@ class DequantizedSource:
   source is built; a missing or mis-shaped companion tensor is a CheckpointError naming its file and name.
   """
 
-  def __init__(self, base: TensorSource, qcfg: Mapping[str, Any]):
+  def __init__(self, base, qcfg: Mapping[str, Any]):  # base: a `qwenjax.checkpoints.hf.TensorSource`
     self.base, self.qcfg = base, dict(qcfg)
     self._gptq = qcfg["quant_method"] == "gptq"
     parts = _GPTQ_PARTS if self._gptq else _AWQ_PARTS

@@ -58,8 +58,12 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from qwenjax._errors import ConfigError
+from qwenjax.kernels.int8_matmul_tpu import int8_matmul_tpu
+from qwenjax.kernels.int8_operands import MODES, check_operands, dot_dims, dot_precision, kernel_operands, rhs_dims
 
-MODES = ("w8a16", "w8a8")
+__all__ = ["MODES", "int8_dot_int32", "int8_matmul", "int8_matmul_reference", "quantize_activations",
+           "quantize_per_channel"]
+
 IMPLS = ("xla", "pallas")
 INT8_MAX = 127  # symmetric int8: values in [-127, 127], scale = amax / 127
 # Divisions are written as multiplications by a reciprocal: scale = amax * float32(1 / 127), values = round(w * (1 /
@@ -104,68 +108,9 @@ def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 # --- Checks ---
 
-def rhs_dims(values: jax.Array, transpose_rhs: bool) -> tuple[int, int]:
-  """(K, N) of the int8 weight, [K, N] or (transpose_rhs) [N, K]."""
-  if values.ndim != 2:
-    raise ConfigError(f"int8 matmul values have shape {values.shape}; expected 2D [K, N] ([N, K] with "
-                      "transpose_rhs=True): reshape the weight first.")
-  return values.shape[::-1] if transpose_rhs else values.shape
-
-
-def kernel_operands(kernel: str, x: jax.Array, values: jax.Array, scale, x_scale, transpose_rhs: bool
-                    ) -> tuple[int, int, int, bool]:
-  """(M, K, N, x is int8) of a Pallas kernel's 2D operands; ConfigError naming `kernel` when x's shape or the
-  scales given do not fit: float x (w8a16) takes scale [N] and no x_scale; int8 x takes both (w8a8) or neither."""
-  m = x.shape[0]
-  k, n = rhs_dims(values, transpose_rhs)
-  integer = x.dtype == jnp.int8
-  if x.ndim != 2 or x.shape[1] != k:
-    raise ConfigError(f"{kernel} x has shape {x.shape}; expected [M, K={k}].")
-  if integer and (scale is None) != (x_scale is None):
-    raise ConfigError(f"{kernel} with int8 x takes both scale and x_scale (w8a8) or neither (int32).")
-  if not integer and (scale is None or x_scale is not None):
-    raise ConfigError(f"{kernel} with float x (w8a16) takes scale [N] and no x_scale.")
-  return m, k, n, integer
-
-
-def check_operands(x: jax.Array, values: jax.Array, scale: jax.Array | None, *, mode: str | None,
-                   transpose_rhs: bool) -> tuple[int, int]:
-  """ConfigError naming the operand that does not fit; returns (K, N). x: [..., K]; values int8 [K, N] or [N, K];
-  scale float [N] (None: the bare int32 dot, x int8)."""
-  if mode is not None and mode not in MODES:
-    raise ConfigError(f"int8 matmul mode={mode!r} is not one of {MODES}.")
-  if values.dtype != jnp.int8:
-    raise ConfigError(f"int8 matmul values are {values.dtype}; expected int8 (quantize_per_channel).")
-  k, n = rhs_dims(values, transpose_rhs)
-  if x.ndim < 1 or x.shape[-1] != k:
-    layout = "[N, K]" if transpose_rhs else "[K, N]"
-    raise ConfigError(f"int8 matmul x has shape {x.shape}; expected [..., K={k}] for values {values.shape} "
-                      f"({layout}).")
-  if scale is None:
-    if x.dtype != jnp.int8:
-      raise ConfigError(f"int8_dot_int32 x is {x.dtype}; expected int8 (quantize_activations).")
-  else:
-    if scale.shape != (n,):
-      raise ConfigError(f"int8 matmul scale has shape {scale.shape}; expected [N={n}], one per output channel of "
-                        f"values {values.shape}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ConfigError(f"int8 matmul x is {x.dtype}; expected a float dtype (the model's activations).")
-  return k, n
-
-
 def _check_impl(impl: str) -> None:
   if impl not in IMPLS:
     raise ConfigError(f"int8 matmul impl={impl!r} is not one of {IMPLS}.")
-
-
-def dot_dims(transpose_rhs: bool):
-  """dot_general dimension numbers of lhs [M, K] by rhs [K, N] (or [N, K])."""
-  return (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
-
-
-def dot_precision(dtype):
-  """HIGHEST for float32 operands (true float32 products, not TF32 or bfloat16 passes); the default otherwise."""
-  return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def _convert_dot(x: jax.Array, values: jax.Array, transpose_rhs: bool) -> jax.Array:
@@ -364,7 +309,6 @@ def _pallas_kernel_for(interpret):
   """The Pallas kernel impl="pallas" runs: the Mosaic one on TPU, or anywhere when asked for with an
   `InterpretParams` (TPU interpret mode); the generic one elsewhere."""
   if jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams):
-    from qwenjax.kernels.int8_matmul_tpu import int8_matmul_tpu  # pylint: disable=g-import-not-at-top  (a cycle)
 
     return int8_matmul_tpu
   return int8_matmul_pallas

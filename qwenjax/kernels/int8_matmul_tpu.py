@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from qwenjax._errors import ConfigError
-from qwenjax.kernels.int8_matmul import dot_dims, dot_precision, kernel_operands
+from qwenjax.kernels.int8_operands import dot_dims, dot_precision, kernel_operands
 
 _LANES = 128
 _TARGET_BLOCK = 1024  # bk and bn at most (a 1 MiB int8 weight tile)
