@@ -48,6 +48,7 @@ from gguf import constants as gguf_constants
 from gguf import quants as gguf_quants
 
 from qwenjax._errors import CheckpointError
+from qwenjax.model.layers import quantize_host
 from qwenjax.text.tokenizer import Tokenizer
 
 _GGMLType = gguf_constants.GGMLQuantizationType
@@ -241,10 +242,7 @@ class GGUFCheckpoint:
       blocks = raw[begin:begin + step]  # [r, B, 34]: float16 d, then 32 int8 values
       d = blocks[:, :, :2].copy().view(np.float16).astype(np.float32)  # [r, B, 1]
       w = blocks[:, :, 2:].copy().view(np.int8).astype(np.float32) * d  # [r, B, 32], exact
-      s = np.max(np.abs(w), axis=(1, 2)) / np.float32(127)  # [r]
-      safe = np.where(s > 0, s, np.float32(1))[:, None, None]
-      values[begin:begin + step] = np.clip(np.round(w / safe), -127, 127).astype(np.int8).reshape(-1, row)
-      scale[begin:begin + step] = s
+      values[begin:begin + step], scale[begin:begin + step] = quantize_host(w.reshape(-1, row), (1,))
     raw = None
     return values, scale
 

@@ -309,7 +309,6 @@ def _pallas_kernel_for(interpret):
   """The Pallas kernel impl="pallas" runs: the Mosaic one on TPU, or anywhere when asked for with an
   `InterpretParams` (TPU interpret mode); the generic one elsewhere."""
   if jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams):
-
     return int8_matmul_tpu
   return int8_matmul_pallas
 
