@@ -40,6 +40,12 @@ class Request:
   id: Any = None
   images: list[Any] | None = None
   videos: list[Any] | None = None
+  # Constrained decoding (`qwenjax.engine.constraints`). response_format, OpenAI's: {"type": "text"},
+  # {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}, and ours:
+  # {"type": "regex", "regex": ...}, {"type": "grammar", "grammar": <Lark>}. tool_choice, OpenAI's: "none",
+  # "auto" (the default with tools), "required", or {"type": "function", "function": {"name": ...}}.
+  response_format: dict[str, Any] | None = None
+  tool_choice: str | dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -63,6 +69,7 @@ class RequestOutput:
   prompt_tokens: int
   outputs: list[Completion]
   prompt_logprobs: list[float | None] | None = None
+  cached_tokens: int = 0  # prompt tokens read from shared prefix pages instead of computed (first sample's)
 
   @property
   def text(self) -> str:
@@ -100,10 +107,11 @@ def as_request(r: Request | str | Sequence[int] | dict) -> Request:
   if isinstance(r, str):
     return Request(prompt=r)
   if isinstance(r, dict):
-    unknown = set(r) - {"prompt", "messages", "tools", "sampling", "id", "images", "videos"}
+    unknown = set(r) - {"prompt", "messages", "tools", "sampling", "id", "images", "videos", "response_format",
+                        "tool_choice"}
     if unknown:
       raise InputError(f"unknown request field {sorted(unknown)[0]!r} (expected prompt, messages, tools, "
-                       "sampling, id, images, videos).")
+                       "sampling, id, images, videos, response_format, tool_choice).")
     for key in ("images", "videos"):
       if r.get(key) is not None and not isinstance(r[key], list):
         raise InputError(f"'{key}' must be a list.")
@@ -116,7 +124,8 @@ def as_request(r: Request | str | Sequence[int] | dict) -> Request:
     if r.get("prompt") is not None and not isinstance(r["prompt"], (str, list)):
       raise InputError("'prompt' must be a string or a list of token ids.")
     return Request(prompt=r.get("prompt"), messages=messages, tools=r.get("tools"), sampling=sampling,
-                   id=r.get("id"), images=r.get("images"), videos=r.get("videos"))
+                   id=r.get("id"), images=r.get("images"), videos=r.get("videos"),
+                   response_format=r.get("response_format"), tool_choice=r.get("tool_choice"))
   if isinstance(r, (list, tuple, np.ndarray)):
     return Request(prompt=list(r))
   raise InputError(f"a request must be text, token ids or a dict, got {type(r).__name__}.")
