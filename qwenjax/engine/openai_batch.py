@@ -101,23 +101,26 @@ def to_request(obj: Mapping[str, Any], default: SamplingParams) -> Request:
   for key, value in body.items():
     if key not in fields:
       raise InputError(f"body.{key} is not a {url} parameter that qwenjax supports.")
-    if key in _ONLY and value != _ONLY[key][0]:
+    if key in _ONLY and (type(value) is not type(_ONLY[key][0]) or value != _ONLY[key][0]):  # 0 is not false
       allowed, why = _ONLY[key]
       raise InputError(f"body.{key} must be {_json_repr(allowed)} ({why}), got {_json_repr(value)}.")
   if "suffix" in body:
     raise InputError("body.suffix is not supported (no fill-in-the-middle through /v1/completions).")
 
   sampling = {name: body[name] for name in _SAMPLING if name in body}
-  if "max_tokens" in body or "max_completion_tokens" in body:
-    limits = {body[k] for k in ("max_tokens", "max_completion_tokens") if k in body}
-    if len(limits) > 1:
-      raise InputError("body.max_tokens and body.max_completion_tokens disagree; give one of them.")
-    sampling["max_tokens"] = limits.pop()
+  limits = [body[k] for k in ("max_tokens", "max_completion_tokens") if k in body]
+  if len(limits) == 2 and limits[0] != limits[1]:
+    raise InputError("body.max_tokens and body.max_completion_tokens disagree; give one of them.")
+  if limits:
+    sampling["max_tokens"] = limits[0]
   sampling["logprobs"] = _chat_logprobs_flag(body) if chat else _completion_logprobs_flag(body)
   try:
     params = SamplingParams.from_dict(sampling, base=default)
   except InputError as e:
-    raise InputError(f"body.{e}") from None
+    problem = str(e)
+    if problem.startswith("max_tokens") and "max_tokens" not in body:  # it came as max_completion_tokens
+      problem = "max_completion_tokens" + problem.removeprefix("max_tokens")
+    raise InputError(f"body.{problem}") from None
 
   response_format = _response_format(body.get("response_format"))
   if chat:
@@ -231,7 +234,7 @@ def _response_format(fmt: Any) -> dict[str, Any] | None:
   if fmt is None:
     return None
   kind = fmt.get("type") if isinstance(fmt, dict) else None
-  if kind not in _RESPONSE_FORMATS:
+  if not isinstance(kind, str) or kind not in _RESPONSE_FORMATS:
     raise InputError(f"body.response_format.type must be one of {', '.join(_RESPONSE_FORMATS)}, got "
                      f"{_json_repr(kind)}.")
   for key in _RESPONSE_FORMATS[kind]:
