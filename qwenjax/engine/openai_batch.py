@@ -113,7 +113,9 @@ def to_request(obj: Mapping[str, Any], default: SamplingParams) -> Request:
     raise InputError("body.max_tokens and body.max_completion_tokens disagree; give one of them.")
   if limits:
     sampling["max_tokens"] = limits[0]
-  sampling["logprobs"] = _chat_logprobs_flag(body) if chat else _completion_logprobs_flag(body)
+  logprobs = _chat_logprobs_flag(body) if chat else _completion_logprobs_flag(body)
+  if logprobs is not None:  # unset: the default's
+    sampling["logprobs"] = logprobs
   try:
     params = SamplingParams.from_dict(sampling, base=default)
   except InputError as e:
@@ -145,9 +147,9 @@ def _json_repr(value: Any) -> str:
     return repr(value)
 
 
-def _chat_logprobs_flag(body: Mapping[str, Any]) -> bool:
-  logprobs, top = body.get("logprobs", False), body.get("top_logprobs", 0)
-  if not isinstance(logprobs, bool):
+def _chat_logprobs_flag(body: Mapping[str, Any]) -> bool | None:
+  logprobs, top = body.get("logprobs"), body.get("top_logprobs", 0)
+  if logprobs is not None and not isinstance(logprobs, bool):
     raise InputError(f"body.logprobs must be true or false, got {_json_repr(logprobs)}.")
   if not (isinstance(top, int) and not isinstance(top, bool) and 0 <= top <= 20):
     raise InputError(f"body.top_logprobs must be an integer in [0, 20], got {_json_repr(top)}.")
@@ -156,9 +158,9 @@ def _chat_logprobs_flag(body: Mapping[str, Any]) -> bool:
   return logprobs
 
 
-def _completion_logprobs_flag(body: Mapping[str, Any]) -> bool:
+def _completion_logprobs_flag(body: Mapping[str, Any]) -> bool | None:
   if "logprobs" not in body:
-    return False
+    return None
   logprobs = body["logprobs"]
   if not (isinstance(logprobs, int) and not isinstance(logprobs, bool) and 0 <= logprobs <= 5):
     raise InputError(f"body.logprobs must be an integer in [0, 5], got {_json_repr(logprobs)}.")

@@ -148,6 +148,7 @@ def test_nulls_keep_the_defaults_and_vllm_extras_apply():
   default = SamplingParams(max_tokens=11, temperature=0.7, seed=5)
   request = openai_batch.to_request(line, default)
   assert request.sampling == default and request.tools is None and request.tool_choice is None
+  assert openai_batch.to_request(line, SamplingParams(logprobs=True)).sampling.logprobs  # unset: the default's
   line["body"].update(top_k=4, min_p=0.05, repetition_penalty=1.1, stop_token_ids=[3], ignore_eos=True)
   assert openai_batch.to_request(line, default).sampling == SamplingParams(
       max_tokens=11, temperature=0.7, seed=5, top_k=4, min_p=0.05, repetition_penalty=1.1, stop_token_ids=(3,),
