@@ -375,8 +375,9 @@ def _token_texts(tokenizer, ids: list[int]) -> list[tuple[str, list[int] | None]
 
 
 def _text_offsets(tokenizer, c: Completion) -> list[int]:
-  """Where in the completion's text each token's text begins (a token that completes a character, or that a stop
-  string cut, begins at or past where the text ends: clipped to its length)."""
+  """Where in the completion's text each token begins: the length of the text decoded before it, so a token that
+  starts a character which a later token completes begins where that character does. Clipped to the text's
+  length, which a stop string may have cut short of the tokens."""
   if tokenizer is None:
     return [0] * len(c.token_ids)
   stream, offsets, at = tokenizer.stream(skip_special_tokens=True), [], 0

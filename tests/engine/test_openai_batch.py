@@ -391,3 +391,27 @@ def test_lines_through_the_engine(tiny):
   _, text_body = _output(text, output=served[1], tokenizer=tok)
   assert text_body.choices[0].text == served[1].text and len(text_body.choices[0].logprobs.tokens) == 5
   assert text_body.choices[0].logprobs.token_logprobs == served[1].outputs[0].logprobs
+
+
+def test_a_tool_history_line_renders_as_transformers_renders_it(tiny):
+  """An OpenAI-typed history (tool_calls with string arguments, tool messages with tool_call_id) through
+  to_request and Engine.prepare: the prompt ids transformers makes from the same history with dict arguments."""
+  d, model, tok = tiny
+  args = [{"city": "Zürich"}, {}]
+  messages = [
+      {"role": "user", "content": "Weather in Zürich, and the time?"},
+      {"role": "assistant", "content": None, "tool_calls": [
+          {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(args[0])}},
+          {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "3 °C"},
+      {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
+  ]
+  line = _line("hist", {"messages": messages, "tools": [WEATHER, CLOCK]})
+  engine = Engine(model, tok, eos_token_ids=(), max_seq_len=1024)
+  ids = engine.prepare(openai_batch.to_request(line, SamplingParams()))
+  with_dicts = [*messages[:1], {"role": "assistant", "tool_calls": [
+      {"type": "function", "function": {"name": "get_weather", "arguments": args[0]}},
+      {"type": "function", "function": {"name": "now", "arguments": args[1]}}]}, *messages[2:]]
+  want = transformers.AutoTokenizer.from_pretrained(d).apply_chat_template(
+      with_dicts, tools=[WEATHER, CLOCK], add_generation_prompt=True, tokenize=True, return_dict=False)
+  assert ids == list(want)
