@@ -148,8 +148,12 @@ def _replica_file(output: str, replica: int) -> str:
 
 
 def remove_replica_files(output: str) -> None:
-  """The per-replica progress files of this or an earlier run (any host count)."""
-  for path in glob.glob(glob.escape(output) + ".progress-*.json"):
+  """The per-replica progress files of this or an earlier run (any host count), and the temporary copies of
+  reports a kill left before their rename."""
+  base = glob.escape(output)
+  stale = [base + ".progress-*.json", base + ".progress-*.json.tmp-*", glob.escape(output + PROGRESS_SUFFIX) + ".tmp-*",
+           glob.escape(output + SUMMARY_SUFFIX) + ".tmp-*"]
+  for path in {p for pattern in stale for p in glob.glob(pattern)}:
     os.remove(path)
 
 
