@@ -1,36 +1,67 @@
-r"""Generates for every line of a JSONL file with continuous batching; survives being killed.
+r"""Generates for every line of JSONL files with continuous batching; every line answered exactly once, however
+often the job is killed and rerun.
 
   python -m launch.batch_generate --input=prompts.jsonl --output=out.jsonl --max_batch_size=32
+  python -m launch.batch_generate --input='shards/*.jsonl,extra.jsonl' --output=out.jsonl   # several files, globs
   python -m launch.batch_generate --model=/ckpt/Qwen2.5-7B-Instruct --mesh=data:2,tensor:4 --max_batch_size=64 \
-      --dtype=bfloat16 --input=prompts.jsonl --output=out.jsonl
+      --dtype=bfloat16 --input=batch.jsonl --output=out.jsonl     # OpenAI Batch lines answered in its format
   python -m launch.batch_generate --model=/ckpt/qwen7b-orbax --topology=v5e-8 --dtype=bfloat16 ...  # planned sizes
   # Every host of a pod slice (TPU pods find the coordinator themselves; elsewhere pass it, or set QWENJAX_*):
   python -m launch.batch_generate --coordinator_address=host0:8476 --num_processes=4 --process_id=$I ...
 
-Input lines: {"id": ..., "messages": [...]} (OpenAI chat format, rendered with the chat template) or
-{"id": ..., "prompt": "..."} (raw text), each with optional "sampling": {...} overrides of the flags
-(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, stop,
-stop_token_ids, n, seed, logprobs, prompt_logprobs, ignore_eos). A line without "id" is known by its line number.
-With a Qwen2.5-VL model, message content may be a list of OpenAI-style parts: {"type": "text", "text": ...},
+--input: comma-separated files and glob patterns, read in that order (a pattern's matches sorted, each file once;
+a pattern never matches the output or its side files). Ids must be unique across all the files (an error before
+the model loads; --duplicate_ids=keep_first serves the first line of each instead). Error messages name the line
+as <file>:<line>; a line without an id is known as "line-N", or "<file>:line-N" in a job of several files.
+
+Input lines, of either format, mixed freely:
+- simple: {"id": ..., "messages": [...]} (OpenAI chat format, rendered with the chat template) or
+  {"id": ..., "prompt": "..."} (raw text), with optional "tools" (OpenAI function tools, rendered by the
+  template), "tool_choice", "response_format", and "sampling": {...} overrides of the flags (max_tokens,
+  temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, stop,
+  stop_token_ids, n, seed, logprobs, prompt_logprobs, ignore_eos).
+- OpenAI Batch: {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}
+  (`qwenjax.engine.openai_batch` lists the body fields); the custom_id is the line's id.
+Any line may carry "metadata" (any JSON): it is copied untouched into that line's output record. With a
+Qwen2.5-VL model, message content may be a list of OpenAI-style parts: {"type": "text", "text": ...},
 {"type": "image_url", "image_url": {"url": <path, file:// or data: URL>}}, {"type": "video", "video": <frame
 directory or list of frames>}; images of different sizes share batches. A broken image fails its line alone.
 
-Output lines, in completion order: {"id", "text", "token_ids", "finish_reason", "usage"} (with n > 1, "choices"
-holds every sample; "logprobs" and "prompt_logprobs", null for the first prompt token, when the line's sampling
-asks), or {"id", "error"} for a line that cannot be served (not UTF-8, malformed JSON, not an object, missing
-fields, bad sampling values, a prompt longer than the context): it is recorded, keyed by its id or "line-N", and
-the job goes on. Every record is written whole and flushed as it completes; a rerun with the same --output skips
-the ids already there (errors included), so a killed job resumes where it stopped.
+Output lines, in completion order, in the format of their input line:
+- simple: {"id", "text", "token_ids", "finish_reason", "usage"} (with n > 1, "choices" holds every sample;
+  "logprobs" and "prompt_logprobs", null for the first prompt token, when the line's sampling asks; "tool_calls",
+  OpenAI's {"id", "type", "function": {"name", "arguments"}}, and "tool_call_errors" for malformed blocks, when
+  the line has tools; usage's "cached_tokens" when prompt tokens came from shared prefix pages), or
+  {"id", "error", "code"} for a line that cannot be served (code: invalid_json for a line that is not UTF-8, not
+  JSON or not an object; context_length_exceeded; invalid_request for the rest: missing fields, bad sampling
+  values, a bad schema or image).
+- OpenAI Batch: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}, a 400 status and
+  "error": {"code", "message"} for a line that cannot be served.
+A line that cannot be served is recorded, keyed by its id, and the job goes on.
 
-The output is only ever appended to, and only if it is this job's: an existing file that holds no results (a notes
-file, the input itself) is refused before the model loads, untouched. A corrupt region in it (a record torn by a
-kill, garbage) is moved to <output>.corrupt, never deleted, and only the ids it lacks are redone. One job at a time
-per output: <output>.lock, taken over from a killed job. Ids must be unique (--duplicate_ids=keep_first serves the
-first line of each). Progress (requests done, tokens/s, time left) goes to stderr.
+Exactly once. The output is only ever appended to, one record per line, each written whole and flushed as it
+completes; a rerun with the same --output (and --input) skips the ids already there (errors included), so a job
+killed at any moment (SIGKILL while loading, decoding, writing or merging) resumes where it stopped, with any
+number of hosts. Durability: --fsync_every_lines / --fsync_every_seconds fsync the output (and on close): a file
+system that uploads only on fsync or close (gcsfuse and other object-store mounts) keeps what was fsynced when a
+host is lost, and the next run redoes the rest; each fsync there uploads, so it is not done per line. An existing
+file that holds no results (a notes file, the input itself) is refused before the model loads, untouched. A
+corrupt region in it (a record torn by a kill, garbage) is moved to <output>.corrupt, never deleted, and only the
+ids it lacks are redone. One job at a time per output: <output>.lock (flock; the second job is refused naming
+the holder), taken over from a killed job.
 
-Multi-host: process i of n serves the lines whose number is i modulo n, on its own devices (--mesh / --topology
-describe one host), into --output.part-i; when every process is done, process 0 merges the parts into --output
-(once per id) and removes them. What is already answered is read by process 0 and broadcast, so all agree.
+Reports. <output>.progress.json, rewritten every --progress_every_seconds while the job runs: lines done of this
+run's total over every host, rates, the time left. <output>.summary.json when the job ends, counted from the
+output file itself: lines answered and failed (by error code), finish reasons, prompt / cached / generated tokens,
+missing lines, and "this_run": the records this run added, its wall, serve and compile time (jax.monitoring's
+compile events), tokens per second and per chip. The progress bar on stderr shows requests, tokens/s and the
+share of prompt tokens read from cached prefixes.
+
+Multi-host: process i of n serves the lines whose position (over all the files) is i modulo n, on its own devices
+(--mesh / --topology describe one host), into <output>.part-i; when every process is done, process 0 merges the
+parts into --output (once per id), fsyncs it, and only then removes them. Before anything is served, process 0
+locks the output, recovers it and merges every part it finds there, left by a run with any number of hosts; what
+is then answered is broadcast, so all agree.
 """
 
 from __future__ import annotations
@@ -47,124 +78,187 @@ from absl import app, flags, logging
 
 from launch import _cli, _common
 
-_INPUT = flags.DEFINE_string("input", None, "JSONL file of requests.", required=True)
+_INPUT = flags.DEFINE_list("input", None, "JSONL files of requests: comma-separated paths and glob patterns.",
+                           required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL file of results (appended to; resumable).", required=True)
 _MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 8, "Decode slots: sequences generated at once.",
                                        lower_bound=1)
 _DUPLICATE_IDS = flags.DEFINE_enum("duplicate_ids", "error", ["error", "keep_first"], "An id on several input "
                                    "lines: stop before loading the model (error), or serve its first line only.")
+_FSYNC_EVERY_LINES = flags.DEFINE_integer("fsync_every_lines", 10000, "fsync the output after this many records "
+                                          "(0: off). Every record is flushed anyway; fsync is what a network file "
+                                          "system that uploads on fsync or close keeps if the host is lost.",
+                                          lower_bound=0)
+_FSYNC_EVERY_SECONDS = flags.DEFINE_float("fsync_every_seconds", 30.0, "fsync the output when this many seconds "
+                                          "passed since the last fsync, at the next record (0: off).",
+                                          lower_bound=0)
+_PROGRESS_EVERY_SECONDS = flags.DEFINE_float("progress_every_seconds", 30.0, "Rewrite <output>.progress.json "
+                                             "this often (0: only at the end).", lower_bound=0)
 
 
-def _requests(path: str, skip: set[str], errors: list[dict], engine, default, share: tuple[int, int],
-              skipped_lines: frozenset[int]) -> Iterator[tuple[Any, Any, list]]:
-  """(id, request, prompt) for each servable line of this process's share (line numbers congruent to its index
-  modulo the process count); a line that cannot be served lands in `errors`, keyed by its id (or line number)
-  so that a rerun, which skips the ids in `skip`, does not record it again."""
+def _error_code(message: str) -> str:
+  """The kind of a request's error, for the summary and OpenAI's error.code."""
+  return "context_length_exceeded" if "the context holds" in message else "invalid_request"
+
+
+def _error_record(line, message: str, code: str) -> dict:
+  """The record of a line that cannot be served, in its format."""
+  from qwenjax.engine import openai_batch  # pylint: disable=g-import-not-at-top
+
+  if line.openai and isinstance(line.key, str) and line.key:
+    record = openai_batch.error_line(line.key, code, message)
+  else:
+    record = {"id": line.key, "error": message, "code": code}
+  if line.obj is not None and "metadata" in line.obj:
+    record.setdefault("metadata", line.obj["metadata"])
+  return record
+
+
+def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, default, share: tuple[int, int],
+              skipped_lines: frozenset) -> Iterator[tuple[Any, Any, list]]:
+  """(input line, request, prompt) for each servable line of this process's share (positions congruent to its
+  index modulo the process count); a line that cannot be served lands in `errors`, keyed by its id (or line
+  number) so that a rerun, which skips the ids in `skip`, does not record it again."""
   from qwenjax import QwenJaxError  # pylint: disable=g-import-not-at-top
-  from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import jobs, openai_batch  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.requests import as_request  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
 
-  for line in jobs.read_input(path, share):
-    if line.number in skipped_lines or jobs.record_key(line.key) in skip:
+  for line in jobs.read_input(paths, share):
+    if (line.path, line.number) in skipped_lines or jobs.record_key(line.key) in skip:
       continue
     if line.error is not None:
-      errors.append({"id": line.key, "error": line.error})
+      errors.append(_error_record(line, line.error, line.code))
       continue
-    number, obj = line.number, line.obj
+    obj = line.obj
     try:
-      if "prompt" not in obj and "messages" not in obj:
-        raise QwenJaxError("needs a 'prompt' or 'messages' field.")
-      sampling = obj.get("sampling")
-      if sampling is not None and not isinstance(sampling, dict):
-        raise QwenJaxError("'sampling' must be an object.")
-      request = as_request({**obj, "id": line.key, "sampling": None})
-      request.sampling = SamplingParams.from_dict(sampling, base=default) if sampling else default
-      yield line.key, request, engine.prepare(request)
+      if line.openai:
+        request = openai_batch.to_request(obj, default)
+      else:
+        if "prompt" not in obj and "messages" not in obj:
+          raise QwenJaxError("needs a 'prompt' or 'messages' field.")
+        sampling = obj.get("sampling")
+        if sampling is not None and not isinstance(sampling, dict):
+          raise QwenJaxError("'sampling' must be an object.")
+        fields = {k: v for k, v in obj.items() if k != "metadata"}
+        request = as_request({**fields, "id": line.key, "sampling": None})
+        request.sampling = SamplingParams.from_dict(sampling, base=default) if sampling else default
+      yield line, request, engine.prepare(request)
     except QwenJaxError as e:
-      errors.append({"id": line.key, "error": f"line {number}: {e}"})
+      errors.append(_error_record(line, f"{line.where}: {e}", _error_code(str(e))))
 
 
-class _Progress:
-  """One status line on stderr: requests done of total, generated tokens/s, estimated time left."""
+def _record(line, request, result, engine) -> dict:
+  """The output record of a served line, in its format."""
+  from qwenjax.engine import jobs, openai_batch  # pylint: disable=g-import-not-at-top
+  from qwenjax.text import tool_calls  # pylint: disable=g-import-not-at-top
+
+  if line.openai:
+    return openai_batch.result_line(line.obj, result, model=_model_name(), tokenizer=engine.tokenizer)
+  usage = dict(result.usage)
+  if result.cached_tokens:
+    usage["cached_tokens"] = result.cached_tokens
+  record = {"id": line.key, "text": result.text, "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason, "usage": usage}
+  if len(result.outputs) > 1:
+    record["choices"] = [{"index": c.index, "text": c.text, "token_ids": c.token_ids,
+                          "finish_reason": c.finish_reason} for c in result.outputs]
+  if result.outputs[0].logprobs is not None:
+    record["logprobs"] = result.outputs[0].logprobs
+  if result.prompt_logprobs is not None:
+    record["prompt_logprobs"] = result.prompt_logprobs
+  if request.tools and request.tool_choice != "none":
+    parsed = tool_calls.parse(result.text, key=jobs.record_key(line.key))
+    record["tool_calls"] = parsed.calls
+    if parsed.errors:
+      record["tool_call_errors"] = parsed.errors
+  if "metadata" in line.obj:
+    record["metadata"] = line.obj["metadata"]
+  return record
+
+
+def _model_name() -> str:
+  """The model as OpenAI output lines name it: the checkpoint's file or directory name."""
+  model = _common.MODEL.value
+  if model == "default":
+    return "Qwen2.5-Coder-0.5B-Instruct"
+  return os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+
+
+class _Bar:
+  """One status line on stderr: requests done of total, generated tokens/s, the share of prompt tokens read from
+  shared prefix pages (RequestOutput.cached_tokens), estimated time left."""
 
   def __init__(self, total: int):
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
     self.bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
-    self.start, self.tokens = time.perf_counter(), 0
+    self.start, self.tokens, self.prompt, self.cached = time.perf_counter(), 0, 0, 0
 
-  def update(self, tokens: int) -> None:
-    self.tokens += tokens
-    self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):.1f} tok/s")
+  def update(self, tokens: int = 0, prompt: int = 0, cached: int = 0) -> None:
+    self.tokens, self.prompt, self.cached = self.tokens + tokens, self.prompt + prompt, self.cached + cached
+    rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+    self.bar.set_postfix_str(f"{rate:.1f} tok/s, cached {100 * self.cached / max(self.prompt, 1):.0f}%")
     self.bar.update(1)
 
   def close(self) -> None:
     self.bar.close()
 
 
-def _merge(output: str, parts: list[str]) -> None:
-  """Appends each process's part to the output (ids already there skipped: a merge cut short is redone
-  safely), then removes the parts."""
-  from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
+def _prepare_files(output: str) -> tuple[set[str], Any]:
+  """On process 0, before the model loads: the output is locked and recovered, and the parts any earlier
+  multi-host run left (with any number of hosts) are merged into it; returns the ids answered and the lock.
+  InputError, nothing touched, for an output that is not this job's to write."""
+  from qwenjax.engine import jobs, reports  # pylint: disable=g-import-not-at-top
 
-  present = jobs.recover(output).ids
-  with jobs.ResultWriter(output) as out:
-    for part in parts:
-      if not os.path.exists(part):
-        continue
-      jobs.recover(part)
-      for record, key in jobs.iter_records(part):
-        if key not in present:
-          out.write_raw(record)
-          present.add(key)
-  for part in parts:
-    if os.path.exists(part):
-      os.remove(part)
-
-
-def _prepare_files(parts: list[str]) -> tuple[set[str], Any]:
-  """On process 0, before the model loads: the output is locked and recovered, its parts too; returns the ids
-  already answered and the lock. InputError, nothing touched, for an output that is not this job's to write."""
-  from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
-
-  lock = jobs.OutputLock(_OUTPUT.value).acquire()
+  lock = jobs.OutputLock(output).acquire()
   try:
-    done: set[str] = set()
-    for path in [_OUTPUT.value, *parts]:
-      done |= jobs.recover(path).ids
+    done = jobs.recover(output).ids
+    parts = jobs.existing_parts(output)
+    for part in parts:
+      jobs.recover(part)  # refuses (untouched) a part that is not results before anything is merged
+    if parts:
+      added = jobs.merge_parts(output, parts, **_fsync_policy())
+      logging.info("Merged %d record(s) of %d part(s) an earlier run left: %s.", added, len(parts), ", ".join(parts))
+      done = jobs.recover(output).ids
+    reports.remove_replica_files(output)
   except BaseException:
     lock.release()
     raise
   return done, lock
 
 
+def _fsync_policy() -> dict:
+  return dict(fsync_every_lines=_FSYNC_EVERY_LINES.value, fsync_every_seconds=_FSYNC_EVERY_SECONDS.value)
+
+
 def main(argv):
   del argv
+  started = time.monotonic()
   import qwenjax  # pylint: disable=g-import-not-at-top
-  from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import jobs, reports  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.engine import Engine  # pylint: disable=g-import-not-at-top
   from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
   lock = None
+  served = failed = 0
   try:
+    compile_timer = reports.CompileTimer()
     _common.initialize_distributed()
     model = _common.MODEL.value
     serving = _common.serving(model, max_batch_size=_MAX_BATCH_SIZE.value, max_seq_len=_common.MAX_SEQ_LEN.value,
                               explicit_sizes=_common.explicit("max_batch_size", "max_seq_len"))
-    jobs.check_paths(_INPUT.value, _OUTPUT.value)
+    inputs = jobs.expand_inputs(_INPUT.value, _OUTPUT.value)
+    jobs.check_paths(inputs, _OUTPUT.value)
     default = _common.sampling_params()
     # Replicas (a host each, or several hosts in lockstep for a model larger than one) split the lines; each
     # replica's rank-0 process writes its part, merged into --output at the end. What is already answered must
-    # be the same everywhere: process 0 locks and recovers the output and the parts and broadcasts it (or why
-    # the job cannot write there), before any model is loaded.
-    group = serving.replica
-    count = group.count
-    parts = [f"{_OUTPUT.value}.part-{i}" for i in range(count)] if count > 1 else []
+    # be the same everywhere: process 0 locks and recovers the output (merging any parts left there) and
+    # broadcasts it (or why the job cannot write there), before any model is loaded.
     verdict: dict[str, Any] = {}
     if distributed.process_index() == 0:
       try:
-        done, lock = _prepare_files(parts)
+        done, lock = _prepare_files(_OUTPUT.value)
         verdict = {"done": sorted(done)}
       except qwenjax.QwenJaxError as e:
         verdict = {"error": str(e)}
@@ -172,14 +266,16 @@ def main(argv):
     if "error" in verdict:
       raise qwenjax.InputError(verdict["error"])
     done = set(verdict["done"])
-    scanned = jobs.scan_input(_INPUT.value, keep_first=_DUPLICATE_IDS.value == "keep_first")
+    scanned = jobs.scan_input(inputs, keep_first=_DUPLICATE_IDS.value == "keep_first")
     # Requests without a seed draw one from the engine's generator: the same on every process of a replica.
     job_seed = distributed.broadcast(secrets.randbits(63) if distributed.process_index() == 0 else None)
     engine = Engine.load(model, **_common.load_kwargs(), max_batch_size=serving.max_batch_size,
                          max_seq_len=serving.max_seq_len, max_prefill_chunk=serving.max_prefill_chunk,
                          decode_steps=_common.DECODE_STEPS.value, mesh=serving.mesh, seed=job_seed,
                          **serving.cache_kwargs())
-    served, failed = _serve(engine, default, done, scanned, group, parts)
+    if jobs.crash_point("load"):
+      jobs.crash()
+    served, failed = _serve(engine, default, inputs, done, scanned, serving.replica, compile_timer, started)
     logging.info("Engine stats: %s", json.dumps(engine.stats))  # read by launch.benchmark --job
   except qwenjax.QwenJaxError as e:
     _cli.fail(e)
@@ -189,63 +285,85 @@ def main(argv):
   logging.info("Done: %d answered, %d errors.", served, failed)
 
 
-def _serve(engine, default, done: set[str], scanned, group, parts: list[str]) -> tuple[int, int]:
-  """Serves this process's share of the input into its results file; process 0 merges the parts at the end.
-  Returns (answered, errors) of this process."""
-  from qwenjax.engine import jobs  # pylint: disable=g-import-not-at-top
+def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, compile_timer,
+           started: float) -> tuple[int, int]:
+  """Serves this process's share of the input into its results file; process 0 merges the parts at the end and
+  writes the summary. Returns (answered, errors) of this process."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from qwenjax.engine import jobs, reports  # pylint: disable=g-import-not-at-top
   from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
+  output = _OUTPUT.value
   index, count = group.index, group.count
-  target = parts[index] if parts else _OUTPUT.value
+  target = jobs.part_path(output, index) if count > 1 else output
   if distributed.process_count() > 1:
     logging.info("Multi-host: process %d of %d, rank %d of replica %d of %d, serves lines %d, %d + %d, ...; "
                  "results merge into %s.", distributed.process_index(), distributed.process_count(), group.rank,
-                 index, count, index + 1, index + 1, count, _OUTPUT.value)
+                 index, count, index + 1, index + 1, count, output)
   if done:
-    logging.info("Resuming: %d lines already answered in %s.", len(done), _OUTPUT.value)
+    logging.info("Resuming: %d lines already answered in %s.", len(done), output)
+  lines = scanned.lines - len(scanned.skipped)
+  todo = max(0, lines - len(done))
   errors: list[dict] = []
-  progress = _Progress(max(0, (scanned.lines - len(scanned.skipped) - len(done)) // count))
+  bar = _Bar(todo // count + (index < todo % count))
+  progress = reports.Progress(output, replica=index, replicas=count, total=todo,
+                              every=_PROGRESS_EVERY_SECONDS.value, compile_timer=compile_timer,
+                              writes=group.rank == 0)
+  serve_start = time.monotonic()
   served = failed = 0
-  out = jobs.ResultWriter(target) if group.rank == 0 else None
-
-  def write(record: dict) -> None:
-    if out is not None:
-      out.write(record)
+  out = jobs.ResultWriter(target, **_fsync_policy()) if group.rank == 0 else None
 
   def drain_errors() -> None:
     nonlocal failed
     while errors:
-      write(errors.pop(0))
+      record = errors.pop(0)
+      if out is not None:
+        out.write(record)
       failed += 1
-      progress.update(0)
+      progress.add(failed=1)
+      bar.update()
 
   try:
-    items = _requests(_INPUT.value, done, errors, engine, default, (index, count), scanned.skipped)
-    for key, result in engine.serve(items):
+    items = _requests(inputs, done, errors, engine, default, (index, count), scanned.skipped)
+    keyed = (((line, request), request, prompt) for line, request, prompt in items)
+    for (line, request), result in engine.serve(keyed):
       drain_errors()
-      record = {"id": key, "text": result.text, "token_ids": result.token_ids,
-                "finish_reason": result.finish_reason, "usage": result.usage}
-      if len(result.outputs) > 1:
-        record["choices"] = [{"index": c.index, "text": c.text, "token_ids": c.token_ids,
-                              "finish_reason": c.finish_reason} for c in result.outputs]
-      if result.outputs[0].logprobs is not None:
-        record["logprobs"] = result.outputs[0].logprobs
-      if result.prompt_logprobs is not None:
-        record["prompt_logprobs"] = result.prompt_logprobs
-      write(record)
+      if out is not None:
+        out.write(_record(line, request, result, engine))
       served += 1
-      progress.update(result.usage["completion_tokens"])
+      generated = result.usage["completion_tokens"]
+      progress.add(answered=1, prompt_tokens=result.prompt_tokens, cached_tokens=result.cached_tokens,
+                   generated_tokens=generated)
+      bar.update(generated, result.prompt_tokens, result.cached_tokens)
     drain_errors()
   finally:
     if out is not None:
       out.close()
-    progress.close()
+    bar.close()
   logging.info("Served %d, %d errors, into %s.", served, failed, target)
+  serve_seconds = time.monotonic() - serve_start
+  if index != 0:
+    progress.close()
   if distributed.process_count() > 1:
     distributed.barrier("batch_generate-served")
-    if distributed.process_index() == 0 and parts:
-      _merge(_OUTPUT.value, parts)
-      logging.info("Merged %d parts into %s.", count, _OUTPUT.value)
+  if distributed.process_index() == 0:
+    if count > 1:
+      added = jobs.merge_parts(output, jobs.existing_parts(output), **_fsync_policy())
+      logging.info("Merged %d records of %d parts into %s.", added, count, output)
+    progress.close()
+    others = progress.replica_reports()
+    run = {"processes": distributed.process_count(), "replicas": count, "chips": jax.device_count(),
+           "wall_seconds": time.monotonic() - started, "serve_seconds": serve_seconds,
+           "compile_seconds": compile_timer.seconds, "compilations": compile_timer.count,
+           "compile_seconds_max_over_replicas": max([compile_timer.seconds] + [
+               r.get("compile_seconds") or 0.0 for r in others])}
+    summary = reports.summary(output, lines=lines, done_before=done, run=run)
+    reports.write_json(output + reports.SUMMARY_SUFFIX, summary)
+    reports.remove_replica_files(output)
+    logging.info("Summary in %s: %d answered, %d failed, %d missing.", output + reports.SUMMARY_SUFFIX,
+                 summary["answered"], summary["failed"], summary["missing"])
+  if distributed.process_count() > 1:
     distributed.barrier("batch_generate-merged")
   return served, failed
 

@@ -1,19 +1,33 @@
-"""The files of a batch job: its JSONL input, read line by line as bytes, and its results file, which is only ever
+"""The files of a batch job: its JSONL inputs, read line by line as bytes, and its results file, which is only ever
 recognised, recovered, locked and appended to, never overwritten.
 
-    jobs.check_paths("in.jsonl", "out.jsonl")            # InputError before anything is loaded
-    with jobs.OutputLock("out.jsonl"):                   # one job per output; a killed job's lock is taken over
-      done = jobs.recover("out.jsonl").ids                # corrupt regions moved to out.jsonl.corrupt, not deleted
-      ids = jobs.scan_input("in.jsonl")                   # duplicate ids are an error before decoding
-      with jobs.ResultWriter("out.jsonl") as out:
-        for line in jobs.read_input("in.jsonl"): ...      # InputLine(number, key, obj, error)
-          out.write({"id": ..., "text": ...})             # whole, newline-terminated, flushed
+    inputs = jobs.expand_inputs(["a.jsonl", "shards/*.jsonl"], "out.jsonl")   # globs, each file once, sorted
+    jobs.check_paths(inputs, "out.jsonl")                 # InputError before anything is loaded
+    with jobs.OutputLock("out.jsonl"):                    # one job per output; a killed job's lock is taken over
+      done = jobs.recover("out.jsonl").ids                 # corrupt regions moved to out.jsonl.corrupt, not deleted
+      jobs.merge_parts("out.jsonl", jobs.existing_parts("out.jsonl"))   # a multi-host run's leftovers, any count
+      ids = jobs.scan_input(inputs)                        # duplicate ids (across files) are an error before decoding
+      with jobs.ResultWriter("out.jsonl", fsync_every_lines=1000, fsync_every_seconds=30) as out:
+        for line in jobs.read_input(inputs): ...           # InputLine(number, key, obj, error, path, code)
+          out.write({"id": ..., "text": ...})              # whole, newline-terminated, flushed; fsynced on the policy
 
-A results file is recognised as a job's own when every record in it has the shape `batch_generate` writes: a JSON
-object with an "id" and either an "error" string or "text", "token_ids", "finish_reason" and "usage". A file with no
-such record (a notes file, another job's input, a binary) is refused untouched; so is the input itself. Records
-glued together on one line, or separated by garbage, are split apart again; what is not a record is appended to
-`<output>.corrupt` before the output is rewritten (atomically) without it, so no byte is ever lost.
+A results file is recognised as a job's own when every record in it has a shape `batch_generate` writes: a JSON
+object with an "id" and either an "error" string or "text", "token_ids", "finish_reason" and "usage" (the simple
+format), or an OpenAI Batch output line (`openai_batch.is_result`, keyed by its "custom_id"). A file with no such
+record (a notes file, another job's input, a binary) is refused untouched; so is the input itself. Records glued
+together on one line, or separated by garbage, are split apart again; what is not a record is appended to
+`<output>.corrupt` before the output is rewritten (atomically) without it, so no byte is ever lost. A record is
+looked for only where a JSON value can begin, never inside an object that failed to parse: a record torn by a
+kill whose "metadata" holds something record-shaped does not count as that inner record.
+
+Exactly once, whatever moment a kill strikes: every record is one unbuffered append, so a kill leaves at most a
+torn last line, which `recover` moves aside and whose id is redone. A multi-host run writes `<output>.part-<i>`
+per replica; `merge_parts` appends to the output only the ids it lacks, fsyncs, and only then removes the parts,
+so a merge cut short is redone by the next run, with any number of hosts (`existing_parts` finds every part).
+
+Fault injection for the kill harness (tests/launch/test_kill_harness.py): QWENJAX_CRASH_AT="write:37" kills the
+process with SIGKILL halfway through the bytes of its 37th record, "merge:3" likewise in a merge, "recover" just
+before a rewritten results file replaces the old one, "load" (batch_generate) once the model is loaded.
 """
 
 from __future__ import annotations
@@ -23,19 +37,25 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import glob
 import json
 import os
+import re
+import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from absl import logging
 
 from qwenjax._errors import InputError
+from qwenjax.engine import openai_batch
 
 CORRUPT_SUFFIX = ".corrupt"
 LOCK_SUFFIX = ".lock"
+PART_SUFFIX = ".part-"
+CRASH_ENV = "QWENJAX_CRASH_AT"
 _DECODER = json.JSONDecoder()
 _BLANK = " \t\r"  # JSON whitespace between records (newlines end lines); anything else is kept
 
@@ -45,35 +65,82 @@ def record_key(key: Any) -> str:
   return json.dumps(key)
 
 
+def result_key(obj: Any) -> str | None:
+  """The record_key() of the id a record answers, if `obj` is a record as `batch_generate` writes it: an OpenAI
+  Batch output line (its custom_id), or a simple answer or error (its id). None for anything else."""
+  if not isinstance(obj, dict):
+    return None
+  if openai_batch.is_result(obj):
+    return record_key(openai_batch.result_key(obj))
+  if not isinstance(obj.get("id"), (str, int)) or isinstance(obj["id"], bool):
+    return None
+  if isinstance(obj.get("error"), str) or (
+      isinstance(obj.get("text"), str) and isinstance(obj.get("token_ids"), list)
+      and isinstance(obj.get("finish_reason"), str) and isinstance(obj.get("usage"), dict)):
+    return record_key(obj["id"])
+  return None
+
+
 def is_result(obj: Any) -> bool:
-  """Whether `obj` is a record as `batch_generate` writes it: an answer or an error, keyed by an id."""
-  if not isinstance(obj, dict) or not isinstance(obj.get("id"), (str, int)) or isinstance(obj["id"], bool):
-    return False
-  if isinstance(obj.get("error"), str):
-    return True
-  return (isinstance(obj.get("text"), str) and isinstance(obj.get("token_ids"), list)
-          and isinstance(obj.get("finish_reason"), str) and isinstance(obj.get("usage"), dict))
+  """Whether `obj` is a record as `batch_generate` writes it (either format)."""
+  return result_key(obj) is not None
+
+
+def crash_point(point: str) -> bool:
+  """Whether the kill harness asked (QWENJAX_CRASH_AT, comma-separated) for a SIGKILL at `point`."""
+  return point in os.environ.get(CRASH_ENV, "").split(",")
+
+
+def crash() -> None:
+  """SIGKILL to this process: no handler, no flush, no atexit, as a preempted host dies."""
+  os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- Paths -----------------------------------------------------------------------------------------------------
 
 
-def check_paths(input_path: str, output_path: str) -> None:
+def expand_inputs(values: Sequence[str], output_path: str | None = None) -> list[str]:
+  """--input's values (files and glob patterns) -> the files, in the order given, a pattern's matches sorted, each
+  file once. A pattern skips the output and its side files (it may match them on a rerun: `data/*.jsonl` with
+  --output=data/out.jsonl). InputError for a pattern that matches nothing."""
+  side = os.path.abspath(output_path) if output_path else None
+  files, seen = [], set()
+  for value in values:
+    if glob.has_magic(value):
+      matches = [m for m in sorted(glob.glob(value)) if side is None or not (
+          os.path.abspath(m) == side or os.path.abspath(m).startswith(side + "."))]
+      if not matches:
+        raise InputError(f"--input={value}: no file matches.")
+    else:
+      matches = [value]
+    for path in matches:
+      real = os.path.realpath(path)
+      if real not in seen:
+        seen.add(real)
+        files.append(path)
+  if not files:
+    raise InputError("--input: name at least one file.")
+  return files
+
+
+def check_paths(input_paths: str | Sequence[str], output_path: str) -> None:
   """InputError naming the flag for an input that is not a readable file, an output that is a directory, in a
-  missing directory or the input itself."""
-  if not os.path.exists(input_path):
-    raise InputError(f"--input={input_path}: no such file.")
-  if not os.path.isfile(input_path):
-    raise InputError(f"--input={input_path}: not a regular file.")
-  if not os.access(input_path, os.R_OK):
-    raise InputError(f"--input={input_path}: not readable.")
+  missing directory or one of the inputs."""
+  input_paths = [input_paths] if isinstance(input_paths, str) else list(input_paths)
+  for input_path in input_paths:
+    if not os.path.exists(input_path):
+      raise InputError(f"--input={input_path}: no such file.")
+    if not os.path.isfile(input_path):
+      raise InputError(f"--input={input_path}: not a regular file.")
+    if not os.access(input_path, os.R_OK):
+      raise InputError(f"--input={input_path}: not readable.")
   parent = os.path.dirname(os.path.abspath(output_path))
   if not os.path.isdir(parent):
     raise InputError(f"--output={output_path}: directory {parent} does not exist.")
   if os.path.isdir(output_path):
     raise InputError(f"--output={output_path}: is a directory; name a file.")
   if os.path.exists(output_path):
-    if os.path.samefile(input_path, output_path):
+    if any(os.path.samefile(i, output_path) for i in input_paths):
       raise InputError(f"--output={output_path} is the input file; results would overwrite the requests.")
     if not os.path.isfile(output_path):
       raise InputError(f"--output={output_path}: not a regular file.")
@@ -109,7 +176,8 @@ def scan_results(data: bytes) -> Scan:
 
 def _split_line(line: bytes) -> tuple[list[tuple[bytes, str]], list[bytes]]:
   """One line (no newline) -> its records as (exact bytes, record_key of the id), and its corrupt regions.
-  Records glued together or separated by garbage are found by trying a JSON object at every "{"."""
+  Records glued together or separated by garbage are found by trying a JSON object at each "{" that is not inside
+  a value that failed to parse (or parsed as something else): a torn record's nested objects are never records."""
   records: list[tuple[bytes, str]] = []
   corrupt: list[bytes] = []
   # Undecodable bytes become lone surrogates: a region holding one is never a record, and the mapping back to
@@ -120,37 +188,64 @@ def _split_line(line: bytes) -> tuple[list[tuple[bytes, str]], list[bytes]]:
     if text[pos] in _BLANK and bad_from is None:
       pos += 1
       continue
-    obj, end = _record_at(text, pos)
-    if obj is None:
+    key, end = _record_at(text, pos)
+    if key is None:
       bad_from = pos if bad_from is None else bad_from
-      nxt = text.find("{", pos + 1)
+      nxt = text.find("{", _value_end(text, pos))
       pos = len(text) if nxt < 0 else nxt
       continue
     if bad_from is not None and text[bad_from:pos].strip(_BLANK):
       corrupt.append(text[bad_from:pos].encode("utf-8", "surrogateescape"))
     bad_from = None
-    records.append((text[pos:end].encode("utf-8"), record_key(obj["id"])))
+    records.append((text[pos:end].encode("utf-8"), key))
     pos = end
   if bad_from is not None and text[bad_from:].strip(_BLANK):
     corrupt.append(text[bad_from:].encode("utf-8", "surrogateescape"))
   return records, corrupt
 
 
-def _record_at(text: str, pos: int) -> tuple[dict[str, Any] | None, int]:
-  """A whole, cleanly encoded record starting at text[pos] and where it ends; (None, pos) if there is none."""
+def _record_at(text: str, pos: int) -> tuple[str | None, int]:
+  """The record_key of a whole, cleanly encoded record starting at text[pos] and where it ends; (None, pos) if
+  there is none."""
   if text[pos] != "{":
     return None, pos
   try:
     obj, end = _DECODER.raw_decode(text, pos)
   except ValueError:
     return None, pos
-  if not is_result(obj):
+  key = result_key(obj)
+  if key is None:
     return None, pos
   try:
     text[pos:end].encode("utf-8")
   except UnicodeEncodeError:  # it spans an undecodable byte (a surrogate inside a string)
     return None, pos
-  return obj, end
+  return key, end
+
+
+def _value_end(text: str, pos: int) -> int:
+  """Where the bracketed value opening at text[pos] closes, read leniently (strings and escapes tracked, nothing
+  else checked): the end of the line if it never does, as for a torn record. pos + 1 if text[pos] opens none."""
+  if text[pos] not in "{[":
+    return pos + 1
+  depth, in_string, i = 0, False, pos
+  while i < len(text):
+    c = text[i]
+    if in_string:
+      if c == "\\":
+        i += 1
+      elif c == '"':
+        in_string = False
+    elif c == '"':
+      in_string = True
+    elif c in "{[":
+      depth += 1
+    elif c in "}]":
+      depth -= 1
+      if depth == 0:
+        return i + 1
+    i += 1
+  return len(text)
 
 
 @dataclasses.dataclass
@@ -170,6 +265,8 @@ def recover(path: str) -> Recovered:
   glued together go on lines of their own, a last record gets its newline, and corrupt regions (a record torn
   by a kill, garbage, lines of another format) are first appended to `path + ".corrupt"`. Streams the file: its
   records are never all in memory."""
+  for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # a rewrite killed before its replace: a copy, no more
+    os.remove(stale)
   if not os.path.exists(path):
     return Recovered(set())
   found, bad_lines, canonical, first = Recovered(set()), [], True, b""
@@ -213,6 +310,8 @@ def recover(path: str) -> Recovered:
   else:
     logging.info("%s: rewritten with one record per line (%d records).", path, found.records)
   os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+  if crash_point("recover"):
+    crash()
   os.replace(tmp, path)
   _fsync_directory(path)
   return found
@@ -246,32 +345,49 @@ def _fsync_directory(path: str) -> None:
 
 
 class ResultWriter:
-  """Appends records to a results file, each whole and newline-terminated, flushed as it is written (fsynced
-  every `sync_every` seconds and on close)."""
+  """Appends records to a results file, each whole and newline-terminated in one unbuffered write (so a reader, or
+  the next run, sees every record the moment it is written, and a kill tears at most the last line).
 
-  def __init__(self, path: str, sync_every: float = 10.0):
+  Durability is a policy: fsync after every `fsync_every_lines` records and whenever `fsync_every_seconds` have
+  passed since the last one (0 turns either off), and on close. A file system that uploads only on fsync or
+  close (gcsfuse, other object-store mounts) holds on the server what was last fsynced: that is what survives the
+  loss of the host, and the rest is redone by the next run. Each fsync there uploads, so it is not per line."""
+
+  def __init__(self, path: str, *, fsync_every_lines: int = 0, fsync_every_seconds: float = 10.0,
+               crash_label: str = "write"):
     self.path = path
     self._file = open(path, "ab", buffering=0)  # pylint: disable=consider-using-with
-    self._sync_every, self._synced = sync_every, time.monotonic()
+    self._every_lines, self._every_seconds = fsync_every_lines, fsync_every_seconds
+    self._unsynced, self._synced = 0, time.monotonic()
+    self._label, self.written = crash_label, 0
 
   def write(self, record: dict[str, Any]) -> None:
-    data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    self.write_raw((json.dumps(record, ensure_ascii=False)).encode("utf-8"))
+
+  def write_raw(self, record: bytes) -> None:
+    """A record's exact bytes (from `iter_records`, or encoded by `write`), newline added."""
+    data = memoryview(record + b"\n")
+    self.written += 1
     try:
+      if crash_point(f"{self._label}:{self.written}"):
+        self._file.write(data[:len(data) // 2])
+        crash()
       while data:
         data = data[self._file.write(data):]
-      if time.monotonic() - self._synced > self._sync_every:
-        os.fsync(self._file.fileno())
-        self._synced = time.monotonic()
+      self._unsynced += 1
+      if (self._every_lines and self._unsynced >= self._every_lines) or (
+          self._every_seconds and time.monotonic() - self._synced >= self._every_seconds):
+        self.sync()
     except OSError as e:
       raise InputError(f"--output={self.path}: write failed ({e.strerror}); rerun the job to resume.") from None
 
-  def write_raw(self, record: bytes) -> None:
-    """A record's exact bytes (from `iter_records`), newline added."""
-    self._file.write(record + b"\n")
+  def sync(self) -> None:
+    os.fsync(self._file.fileno())
+    self._unsynced, self._synced = 0, time.monotonic()
 
   def close(self) -> None:
     if not self._file.closed:
-      os.fsync(self._file.fileno())
+      self.sync()
       self._file.close()
 
   def __enter__(self) -> ResultWriter:
@@ -279,6 +395,48 @@ class ResultWriter:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+# --- A multi-host run's parts -----------------------------------------------------------------------------------
+
+
+def part_path(output: str, index: int) -> str:
+  """The results file replica `index` of a multi-host run writes."""
+  return f"{output}{PART_SUFFIX}{index}"
+
+
+def existing_parts(output: str) -> list[str]:
+  """Every `<output>.part-<i>` there is, by index: left by a run with any number of hosts, not only this one's."""
+  pattern = re.compile(re.escape(os.path.basename(output) + PART_SUFFIX) + r"(\d+)")
+  found = []
+  for path in glob.glob(glob.escape(output + PART_SUFFIX) + "*"):
+    m = pattern.fullmatch(os.path.basename(path))
+    if m and os.path.isfile(path):
+      found.append((int(m.group(1)), path))
+  return [path for _, path in sorted(found)]
+
+
+def merge_parts(output: str, parts: Sequence[str], **writer_kwargs) -> int:
+  """Appends to the output each record of the parts whose id it does not hold yet, fsyncs it, then removes the
+  parts; returns how many records it added. Safe to cut short at any moment: the next merge recovers a torn last
+  line and skips what is already there. The caller holds the output's lock."""
+  present = recover(output).ids
+  added = 0
+  parts = [p for p in parts if os.path.exists(p)]
+  with ResultWriter(output, crash_label="merge", **writer_kwargs) as out:
+    for part in parts:
+      recover(part)
+      for record, key in iter_records(part):
+        if key not in present:
+          out.write_raw(record)
+          present.add(key)
+          added += 1
+  # Only now, the output fsynced with every record: the parts go.
+  for part in parts:
+    os.remove(part)
+  if parts:
+    _fsync_directory(output)
+  return added
 
 
 class OutputLock:
@@ -333,44 +491,67 @@ class OutputLock:
     self.release()
 
 
-# --- The input file ---------------------------------------------------------------------------------------------
+# --- The input files --------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class InputLine:
-  """One non-blank input line. key: its "id", or "line-N" when it has none or cannot be read; obj: the request
-  object, or None with `error` saying why the line cannot be served."""
+  """One non-blank input line: line `number` of file `path`. key: its "custom_id" (an OpenAI Batch line) or "id",
+  else "line-N" ("<path>:line-N" in a job of several files); obj: the request object, or None with `error` saying
+  why the line cannot be served (and `code`, its kind: invalid_json, invalid_request)."""
 
   number: int
   key: Any
   obj: dict[str, Any] | None
   error: str | None = None
+  path: str = ""
+  code: str | None = None
+
+  @property
+  def where(self) -> str:
+    """How error messages name the line: "<path>:<number>"."""
+    return f"{self.path}:{self.number}" if self.path else f"line {self.number}"
+
+  @property
+  def openai(self) -> bool:
+    """Whether the line is in the OpenAI Batch format (answered in its output format)."""
+    return self.obj is not None and openai_batch.is_batch_line(self.obj)
 
 
-def parse_input_line(raw: bytes, number: int) -> InputLine:
+def parse_input_line(raw: bytes, number: int, path: str = "", keyed_by_path: bool = False) -> InputLine:
   """One line's bytes (BOM already removed) -> InputLine; never raises for bad content."""
-  key: Any = f"line-{number}"
+  key: Any = f"{path}:line-{number}" if keyed_by_path else f"line-{number}"
+  where = f"{path}:{number}" if path else f"line {number}"
+
+  def failed(message: str, code: str = "invalid_json") -> InputLine:
+    return InputLine(number, key, None, f"{where}: {message}", path, code)
+
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
     # Still key the error by the line's id when the rest of it parses.
     try:
       obj = json.loads(raw.decode("utf-8", "replace"))
-      key = _valid_id(obj.get("id"), key) if isinstance(obj, dict) else key
+      key = _line_id(obj, key)[0] if isinstance(obj, dict) else key
     except ValueError:
       pass
-    return InputLine(number, key, None, f"line {number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                        f"{e.start + 1}).")
+    return failed(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}).")
   try:
     obj = json.loads(text)
   except json.JSONDecodeError as e:
-    return InputLine(number, key, None, f"line {number}: malformed JSON ({e.msg} at column {e.colno}).")
+    return failed(f"malformed JSON ({e.msg} at column {e.colno}).")
   if not isinstance(obj, dict):
-    return InputLine(number, key, None, f"line {number}: expected a JSON object, got {_json_type(obj)}.")
-  if "id" in obj and _valid_id(obj["id"], None) is None:
-    return InputLine(number, key, None, f"line {number}: 'id' must be a string or an integer, got "
-                                        f"{_json_type(obj['id'])}.")
-  return InputLine(number, obj.get("id", key), obj)
+    return failed(f"expected a JSON object, got {_json_type(obj)}.")
+  key, field = _line_id(obj, key)
+  if field is not None and _valid_id(obj[field], None) is None:
+    return failed(f"'{field}' must be a string or an integer, got {_json_type(obj[field])}.", "invalid_request")
+  return InputLine(number, key, obj, None, path)
+
+
+def _line_id(obj: dict, default: Any) -> tuple[Any, str | None]:
+  """(the line's key, the field it comes from): an OpenAI Batch line's custom_id, else its id, else `default`."""
+  field = "custom_id" if openai_batch.is_batch_line(obj) else "id" if "id" in obj else None
+  return (default, None) if field is None else (_valid_id(obj[field], default), field)
 
 
 def _valid_id(value: Any, default: Any) -> Any:
@@ -383,46 +564,50 @@ def _json_type(value: Any) -> str:
   return names.get(type(value), type(value).__name__)
 
 
-def read_input(path: str, share: tuple[int, int] = (0, 1)) -> Iterator[InputLine]:
-  """The non-blank lines of a JSONL file whose 1-based numbers are congruent to share[0] + 1 modulo share[1]. A
-  UTF-8 byte-order mark at the start of the file is skipped."""
-  with open(path, "rb") as f:
-    for number, raw in enumerate(f, 1):
-      if number == 1 and raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-      if not raw.strip() or (number - 1) % share[1] != share[0]:
-        continue
-      yield parse_input_line(raw, number)
+def read_input(paths: str | Sequence[str], share: tuple[int, int] = (0, 1)) -> Iterator[InputLine]:
+  """The non-blank lines of the JSONL files, in order, whose 0-based position in all of them (blank lines
+  counted) is congruent to share[0] modulo share[1]. A UTF-8 byte-order mark at the start of a file is skipped."""
+  paths = [paths] if isinstance(paths, str) else list(paths)
+  keyed_by_path, position = len(paths) > 1, 0
+  for path in paths:
+    with open(path, "rb") as f:
+      for number, raw in enumerate(f, 1):
+        position += 1
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+          raw = raw[len(codecs.BOM_UTF8):]
+        if not raw.strip() or (position - 1) % share[1] != share[0]:
+          continue
+        yield parse_input_line(raw, number, path, keyed_by_path)
 
 
 @dataclasses.dataclass(frozen=True)
 class InputScan:
-  """lines: non-blank lines in the file; skipped: numbers of the lines that repeat an earlier line's id (kept
-  out of the job with keep_first)."""
+  """lines: non-blank lines in the files; skipped: (path, number) of the lines that repeat an earlier line's id
+  (kept out of the job with keep_first)."""
 
   lines: int
-  skipped: frozenset[int]
+  skipped: frozenset[tuple[str, int]]
 
 
-def scan_input(path: str, keep_first: bool = False) -> InputScan:
-  """Reads every line's id once before the job starts. InputError for an id used twice, naming both lines,
-  unless `keep_first` (the later lines are then skipped, with a warning)."""
-  first: dict[str, int] = {}
-  skipped: list[tuple[int, int, Any]] = []
+def scan_input(paths: str | Sequence[str], keep_first: bool = False) -> InputScan:
+  """Reads every line's id once before the job starts. InputError for an id used twice (in one file or across
+  them), naming both lines, unless `keep_first` (the later lines are then skipped, with a warning)."""
+  first: dict[str, str] = {}
+  skipped: list[tuple[InputLine, str]] = []
   lines = 0
-  for line in read_input(path):
+  for line in read_input(paths):
     lines += 1
     k = record_key(line.key)
     if k in first:
-      skipped.append((line.number, first[k], line.key))
+      skipped.append((line, first[k]))
     else:
-      first[k] = line.number
+      first[k] = line.where
   if skipped and not keep_first:
-    number, earlier, key = skipped[0]
+    line, earlier = skipped[0]
     more = f" ({len(skipped) - 1} more)" if len(skipped) > 1 else ""
-    raise InputError(f"--input={path}: id {record_key(key)} is on lines {earlier} and {number}{more}; ids must be "
+    raise InputError(f"--input: id {record_key(line.key)} is on {earlier} and {line.where}{more}; ids must be "
                      "unique in the output (or pass --duplicate_ids=keep_first).")
   if skipped:
-    logging.warning("%s: %d line(s) repeat an earlier id and are skipped (first: line %d, id %s).", path,
-                    len(skipped), skipped[0][0], record_key(skipped[0][2]))
-  return InputScan(lines, frozenset(n for n, _, _ in skipped))
+    logging.warning("--input: %d line(s) repeat an earlier id and are skipped (first: %s, id %s).", len(skipped),
+                    skipped[0][0].where, record_key(skipped[0][0].key))
+  return InputScan(lines, frozenset((line.path, line.number) for line, _ in skipped))

@@ -143,6 +143,10 @@ def checked_message(index: int, message: Any, visuals: list[tuple[str, Any]], *,
     raise InputError(f"{where}: {problem} (expected system, user, assistant or tool).")
   if tool_calls is not None and not (role == "assistant" and isinstance(tool_calls, list)):
     raise InputError(f"{where}: tool_calls must be a list, in an assistant message.")
+  for j, call in enumerate(tool_calls or ()):
+    _check_tool_call(call, f"{where}: tool_calls[{j}]")
+  if role == "tool" and not isinstance(message.get("tool_call_id", ""), (str, type(None))):
+    raise InputError(f"{where}: tool_call_id must be a string, got {type(message['tool_call_id']).__name__}.")
   if content is None and not (role == "assistant" and tool_calls):
     raise InputError(f"{where}: {role} messages need content (a string or a list of content parts)"
                      f"{' or tool_calls' if role == 'assistant' else ''}.")
@@ -161,6 +165,22 @@ def checked_message(index: int, message: Any, visuals: list[tuple[str, Any]], *,
   if join_text and len(texts) == len(content):
     return dict(message, content="".join(texts))
   return message
+
+
+def _check_tool_call(call: Any, where: str) -> None:
+  """An assistant message's tool call: OpenAI's {"type": "function", "function": {"name", "arguments"}} or the bare
+  {"name", "arguments"}; arguments an object or a JSON string of one (the chat template parses the string)."""
+  if not isinstance(call, dict):
+    raise InputError(f"{where}: expected an object with 'function', got {type(call).__name__}.")
+  if call.get("type") not in (None, "function"):
+    raise InputError(f"{where}: unsupported tool call type {call['type']!r} (expected function).")
+  function = call["function"] if call.get("function") is not None else call
+  if not isinstance(function, dict):
+    raise InputError(f"{where}: 'function' must be an object with 'name' and 'arguments'.")
+  if not (isinstance(function.get("name"), str) and function["name"]):
+    raise InputError(f"{where}: the function needs a 'name' (a non-empty string).")
+  if not isinstance(function.get("arguments"), (str, dict)):
+    raise InputError(f"{where}: the function's 'arguments' must be a JSON object or a string holding one.")
 
 
 def _content_part(part: Any, where: str) -> tuple[str, Any]:

@@ -64,7 +64,9 @@ class ChatTemplate:
     """The template's text for a conversation.
 
     Args:
-      messages: [{"role": ..., "content": ...}, ...]; keys set to None are dropped.
+      messages: [{"role": ..., "content": ...}, ...]; keys set to None are dropped. An assistant message's
+        tool_calls may carry their arguments as a JSON string, as OpenAI clients send them: it is parsed to the
+        object templates expect (InputError if it is not a JSON object).
       tools: JSON schemas of the callable functions, or None.
       add_generation_prompt: end with the header of an assistant turn.
       variables: the other template variables (special tokens, `enable_thinking`, ...), passed as plain data.
@@ -245,11 +247,36 @@ def _template_messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(message, Mapping):
       raise InputError(f"messages[{i}] is a {type(message).__name__}, not a dict with 'role' and 'content'.")
     message = _plain({k: v for k, v in message.items() if v is not None})
+    if message.get("role") == "assistant" and isinstance(message.get("tool_calls"), list):
+      message["tool_calls"] = [_tool_call_with_object_arguments(call, f"messages[{i}].tool_calls[{j}]")
+                               for j, call in enumerate(message["tool_calls"])]
     reasoning = next((message[k] for k in _REASONING_KEYS if message.get(k) is not None), None)
     if reasoning is not None:  # Offer it under the names templates read, as transformers does.
       message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
     out.append(message)
   return out
+
+
+def _tool_call_with_object_arguments(call: Any, where: str) -> Any:
+  """An assistant tool call whose arguments are a JSON string (as OpenAI clients send them) with those arguments
+  parsed, as vLLM does: templates render `arguments | tojson`, which is only right for an object. Both OpenAI's
+  {"function": {"name", "arguments"}} and the bare {"name", "arguments"} are accepted."""
+  if not isinstance(call, dict):
+    return call
+  function = call.get("function")
+  holder = function if isinstance(function, dict) else call
+  arguments = holder.get("arguments")
+  if not isinstance(arguments, str):
+    return call
+  field = "function.arguments" if holder is function else "arguments"
+  try:
+    parsed = json.loads(arguments)
+  except json.JSONDecodeError as e:
+    raise InputError(f"{where}: {field} is not valid JSON ({e.msg} at character {e.pos}).") from None
+  if not isinstance(parsed, dict):
+    raise InputError(f"{where}: {field} must be a JSON object, got {type(parsed).__name__}.")
+  fixed = {**holder, "arguments": parsed}
+  return {**call, "function": fixed} if holder is function else fixed
 
 
 def _template_tools(tools: Any) -> list[Any] | None:

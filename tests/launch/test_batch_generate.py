@@ -66,7 +66,7 @@ def test_every_line_is_answered_or_recorded(checkpoint, tmp_path):
   assert [c["index"] for c in records['"c"']["choices"]] == [0, 1]
   assert "\n" not in records["7"]["text"] and len(records["7"]["logprobs"]) == len(records["7"]["token_ids"])
   errors = {k: records[json.dumps(k)]["error"] for k in BAD}
-  assert "malformed JSON" in errors["line-5"] and errors["line-5"].startswith("line 5:")
+  assert "malformed JSON" in errors["line-5"] and errors["line-5"].startswith(f"{inp}:5: ")  # names file and line
   assert "needs a 'prompt' or 'messages'" in errors["d"]
   assert "temperature" in errors["e"]
   assert "the context holds 256" in errors["f"]

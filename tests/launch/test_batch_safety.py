@@ -132,9 +132,10 @@ def test_bad_bytes_resume_and_rerun(checkpoint, tmp_path):
   records = {r["id"]: r for r in _records(out)}
   assert set(records) == {"r0", "r1", "r2", "r3", "r4", "latin1", "line-4", "line-5"}
   assert all("error" not in records[f"r{i}"] for i in range(5))
-  assert records["latin1"]["error"] == "line 3: not valid UTF-8 (byte 0xe9 at column 32)."
-  assert records["line-4"]["error"] == "line 4: expected a JSON object, got an array."
-  assert records["line-5"]["error"].startswith("line 5: malformed JSON")
+  assert records["latin1"]["error"] == f"{inp}:3: not valid UTF-8 (byte 0xe9 at column 32)."
+  assert records["line-4"]["error"] == f"{inp}:4: expected a JSON object, got an array."
+  assert records["line-5"]["error"].startswith(f"{inp}:5: malformed JSON")
+  assert {records[k]["code"] for k in ("latin1", "line-4", "line-5")} == {"invalid_json"}
   complete = out.read_bytes()
 
   # A rerun of a finished job appends nothing: error records are not written again.
@@ -176,7 +177,7 @@ def test_duplicate_ids_are_an_error_before_decoding_or_keep_first(checkpoint, tm
   inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
   _write_lines(inp, [PROMPTS[0], PROMPTS[1], {"id": "r0", "prompt": "another"}, PROMPTS[2]])
   err = _error_line(_run(checkpoint, inp, out))
-  assert 'id "r0" is on lines 1 and 3' in err and "--duplicate_ids=keep_first" in err
+  assert f'id "r0" is on {inp}:1 and {inp}:3' in err and "--duplicate_ids=keep_first" in err
   assert not out.exists()
   proc = _run(checkpoint, inp, out, "--duplicate_ids=keep_first")
   assert proc.returncode == 0, proc.stderr[-3000:]
