@@ -28,10 +28,11 @@ class Request:
 
   A message's content may be a list of OpenAI-style parts: {"type": "text", "text": ...}, {"type": "image_url",
   "image_url": {"url": ...}} (a path, file:// or data: URL), {"type": "image", "image": path | PIL image},
-  {"type": "video", "video": video file | [frames] | frame directory}, {"type": "video_url", "video_url": {"url":
-  path, file:// or data:video/ URL}}. A raw prompt places its own `<|image_pad|>` /
-  `<|video_pad|>` tokens (one each, between `<|vision_start|>` and `<|vision_end|>`) and passes `images` and
-  `videos` in the order their pads appear. Images and videos need a Qwen2.5-VL model.
+  {"type": "video", "video": video file | [frames] | frame directory} (with qwen-vl-utils' options beside "video":
+  fps, nframes, max_pixels, ...), {"type": "video_url", "video_url": {"url": path, file:// or data:video/ URL}}.
+  A raw prompt places its own `<|image_pad|>` / `<|video_pad|>` tokens (one each, between `<|vision_start|>` and
+  `<|vision_end|>`) and passes `images` and `videos` in the order their pads appear. Images and videos need a
+  Qwen2.5-VL model.
   """
 
   prompt: str | Sequence[int] | None = None
@@ -189,7 +190,8 @@ def _content_part(part: Any, where: str) -> tuple[str, Any]:
   if kind == "video" or (kind is None and "video" in part):
     if part.get("video") is None:
       raise InputError(f"{where}: a video part needs {{'video': video file, [frames] or a frame directory}}.")
-    return "video", part["video"]
+    options = set(part) - {"type", "video"}  # fps, max_pixels, ...: preprocess_video takes the whole part
+    return "video", dict(part) if options else part["video"]
   if kind == "video_url":  # vLLM's OpenAI-style video part
     url = part.get("video_url")
     url = url.get("url") if isinstance(url, dict) else url

@@ -294,14 +294,15 @@ def load_video_frames(source: str | os.PathLike | Sequence[ImageSource]) -> list
   return frames
 
 
-def preprocess_video(video: str | os.PathLike | Sequence[ImageSource],
+def preprocess_video(video: str | os.PathLike | Sequence[ImageSource] | Mapping[str, Any],
                      cfg: ImageProcessorConfig = ImageProcessorConfig(), fps: float = FPS, *,
                      min_pixels: int | None = None, max_pixels: int | None = None,
                      total_pixels: float = VIDEO_TOTAL_PIXELS, nframes: int | None = None,
                      min_frames: int = FPS_MIN_FRAMES, max_frames: int | None = None,
                      video_start: float | None = None, video_end: float | None = None) -> VisualInput:
   """A video as patches, the way qwen-vl-utils and transformers take it: a video file, or frames (a list or a
-  directory).
+  directory), or a qwen-vl-utils video element, {"video": file or frames, "fps": 1.0, "max_pixels": ..., ...}
+  (a content part as Qwen's examples write it), whose keys set the keyword arguments of the same names.
 
   Follows qwen-vl-utils' `fetch_video` as its current version (0.0.14, QwenLM/Qwen3-VL repository) has it,
   called with 14-pixel patches for Qwen2.5-VL, then transformers' video processor. A video FILE (a path that is
@@ -328,6 +329,9 @@ def preprocess_video(video: str | os.PathLike | Sequence[ImageSource],
   (x - 255·mean) / (255·std) (differences up to 2.4e-7). Decoded colours are FFmpeg's (swscale) YUV to RGB,
   as with decord and torchcodec.
   """
+  if isinstance(video, Mapping):
+    source, options = _video_element(video)
+    return preprocess_video(source, cfg, **options)
   if not fps > 0:
     raise InputError(f"fps must be positive, got {fps}.")
   tp = cfg.temporal_patch_size
@@ -354,6 +358,11 @@ def preprocess_video(video: str | os.PathLike | Sequence[ImageSource],
     patches, grid = _patchify(pixels, cfg)
     return VisualInput(patches, grid, tp / sample_fps, "video", cfg.merge_size)
 
+  file_only = [name for name, value, default in (("nframes", nframes, None), ("min_frames", min_frames, FPS_MIN_FRAMES),
+                                                  ("max_frames", max_frames, None), ("video_start", video_start, None),
+                                                  ("video_end", video_end, None)) if value != default]
+  if file_only:
+    raise InputError(f"{', '.join(file_only)}: sample video files; a video given as frames keeps every frame.")
   images = load_video_frames(video)
   images += [images[-1]] * (-len(images) % tp)
   first = images[0]
@@ -365,6 +374,31 @@ def preprocess_video(video: str | os.PathLike | Sequence[ImageSource],
   pixels = np.stack([_normalize(_resize_through(image, sizes, cfg), cfg) for image in images])  # [T, H, W, C]
   patches, grid = _patchify(pixels, cfg)
   return VisualInput(patches, grid, tp / fps, "video", cfg.merge_size)
+
+
+# qwen-vl-utils' video element keys that preprocess_video takes, with the kind of number each holds.
+_VIDEO_OPTIONS = {"fps": float, "nframes": int, "min_frames": int, "max_frames": int, "min_pixels": int,
+                  "max_pixels": int, "total_pixels": float, "video_start": float, "video_end": float}
+
+
+def _video_element(element: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """(source, preprocess_video keyword arguments) of a qwen-vl-utils video element; InputError naming the key for
+  an unknown key, a value that is not a non-negative number of its kind, or fps and nframes together."""
+  if element.get("video") is None:
+    raise InputError("a video element needs {'video': video file, [frames] or a frame directory}.")
+  unknown = sorted(set(element) - set(_VIDEO_OPTIONS) - {"type", "video"})
+  if unknown:
+    raise InputError(f"unknown video option {unknown[0]!r} (expected {', '.join(_VIDEO_OPTIONS)}).")
+  options = {k: v for k, v in element.items() if k in _VIDEO_OPTIONS and v is not None}
+  for key, value in options.items():
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    if not number or _VIDEO_OPTIONS[key] is int and not float(value).is_integer():
+      kind = "integer" if _VIDEO_OPTIONS[key] is int else "number"
+      raise InputError(f"video option {key!r} must be a non-negative {kind}, got {value!r}.")
+    options[key] = _VIDEO_OPTIONS[key](value)
+  if "fps" in options and "nframes" in options:
+    raise InputError("video options 'fps' and 'nframes' exclude each other (qwen-vl-utils takes one or the other).")
+  return element["video"], options
 
 
 def _is_video_file(video: Any) -> bool:
@@ -381,6 +415,8 @@ def _video_sizes(size: tuple[int, int], num_frames: int, cfg: ImageProcessorConf
                   int(video_min * 1.05))
   if max_pixels is not None:
     video_max = min(max_pixels, video_max)
+  if video_max < video_min:  # qwen-vl-utils 0.0.14's smart_resize asserts this
+    raise InputError(f"{name}: max_pixels {max_pixels} is below the frames' min_pixels {video_min}.")
   try:
     budget = smart_resize(*size, cfg.factor, video_min, video_max)
     return [budget, smart_resize(*budget, cfg.factor, cfg.min_pixels, cfg.max_pixels)]

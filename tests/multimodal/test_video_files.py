@@ -119,11 +119,33 @@ def test_pixel_budget_per_frame(tmp_path):
   # max = max(min(768·28², 360,000 / 6 · 2), int(1.05 · 128·28²)) = 120,000: β = √(172,800 / 120,000) = 1.2,
   # floor(300 / 28) · 28 = 280, floor(400 / 28) · 28 = 392.
   assert preprocess_video(path, total_pixels=360_000).grid_thw == (3, 20, 28)
-  # max_pixels lowers the budget to 50,000: β = 1.859, floor(193.6 / 28) · 28 = 168, floor(258.2 / 28) · 28 = 252.
-  assert preprocess_video(path, max_pixels=50_000).grid_thw == (3, 12, 18)
+  # max_pixels lowers the budget to 110,000: β = 1.2534, floor(287.2 / 28) · 28 = 280, floor(383.0 / 28) · 28 = 364;
+  # as a qwen-vl-utils element (a content part) too. Below the frames' min_pixels (128·28²) it is an error.
+  assert preprocess_video(path, max_pixels=110_000).grid_thw == (3, 20, 26)
+  assert preprocess_video({"type": "video", "video": str(path), "max_pixels": 110_000}).grid_thw == (3, 20, 26)
+  with pytest.raises(InputError, match="max_pixels 50000 is below"):
+    preprocess_video(path, max_pixels=50_000)
   # The processor's own max_pixels (24·28² = 18,816) then applies: 364x476 -> β = 3.035 -> 112x140.
   small = ImageProcessorConfig(min_pixels=4 * 28 * 28, max_pixels=24 * 28 * 28)
   assert preprocess_video(path, small).grid_thw == (3, 8, 10)
+
+
+def test_video_elements_carry_qwen_vl_utils_options(clips):
+  """Content parts as Qwen's examples write them: options beside "video" (checked), frame-only ones refused."""
+  path = str(clips["x264.mp4"])
+  one_fps = preprocess_video({"type": "video", "video": path, "fps": 1})  # [0, 30, 59, 89]: SAMPLING above
+  assert one_fps.grid_thw == (2, 20, 28) and one_fps.second_per_grid_t == pytest.approx(2 / (4 / 90 * 30))
+  clip = preprocess_video({"video": path, "video_start": 1, "video_end": 2.5})
+  np.testing.assert_array_equal(clip.patches, preprocess_video(path, video_start=1.0, video_end=2.5).patches)
+  for element, match in [({"video": path, "fps": 1, "nframes": 4}, "exclude each other"),
+                         ({"video": path, "fsp": 1}, "unknown video option 'fsp'"),
+                         ({"video": path, "fps": "2"}, "'fps' must be a non-negative number"),
+                         ({"video": path, "nframes": 4.5}, "'nframes' must be a non-negative integer"),
+                         ({"video": path, "video_start": 2, "video_end": 1}, "leave no clip"),
+                         ({"fps": 1}, "needs {'video'"),
+                         ({"video": [Image.new("RGB", (56, 56))] * 2, "nframes": 2}, "nframes: sample video files")]:
+    with pytest.raises(InputError, match=match):
+      preprocess_video(element)
 
 
 def _silent_audio(container):
@@ -201,6 +223,8 @@ def test_engine_generate_and_batch_with_video_files(tiny_vl_chat, clips, tmp_pat
   # 280x392 frames, then the tiny processor's 24·28² cap: 112x140 = 4x5 merged tokens per temporal patch, 3 patches.
   prompt = engine.prepare({"messages": [{"role": "user", "content": [parts[0], text]}]})
   assert prompt.ids.count(engine.vl_cfg.video_token_id) == 60 and len(outs[0].token_ids) == n
+  one_fps = engine.prepare({"messages": [{"role": "user", "content": [dict(parts[0], fps=1.0), text]}]})
+  assert one_fps.ids.count(engine.vl_cfg.video_token_id) == 40  # 4 frames: 2 temporal patches
   assert outs[0].token_ids == outs[1].token_ids == outs[2].token_ids
   assert outs[0].usage == outs[1].usage == outs[2].usage
   assert outs[3].token_ids != outs[0].token_ids  # the frames matter
