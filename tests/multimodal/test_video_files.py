@@ -6,6 +6,7 @@ Clips are written here with PyAV. Frame i is one solid colour that encodes i (le
 moves a channel by at most ~7), so every decoded frame says which frame it is.
 """
 
+import base64
 import json
 import pathlib
 import subprocess
@@ -131,10 +132,13 @@ def test_pixel_budget_per_frame(tmp_path):
 
 
 def test_video_elements_carry_qwen_vl_utils_options(clips):
-  """Content parts as Qwen's examples write them: options beside "video" (checked), frame-only ones refused."""
+  """Content parts as Qwen's examples write them: options beside "video" (checked), frame-only ones refused; a
+  data: URL decodes as its file does."""
   path = str(clips["x264.mp4"])
   one_fps = preprocess_video({"type": "video", "video": path, "fps": 1})  # [0, 30, 59, 89]: SAMPLING above
   assert one_fps.grid_thw == (2, 20, 28) and one_fps.second_per_grid_t == pytest.approx(2 / (4 / 90 * 30))
+  data_url = "data:video/webm;base64," + base64.b64encode(clips["vp8.webm"].read_bytes()).decode()
+  np.testing.assert_array_equal(preprocess_video(data_url).patches, preprocess_video(clips["vp8.webm"]).patches)
   clip = preprocess_video({"video": path, "video_start": 1, "video_end": 2.5})
   np.testing.assert_array_equal(clip.patches, preprocess_video(path, video_start=1.0, video_end=2.5).patches)
   for element, match in [({"video": path, "fps": 1, "nframes": 4}, "exclude each other"),
