@@ -119,7 +119,12 @@ def test_pixel_budget_per_frame(tmp_path):
   assert preprocess_video(path).grid_thw == (3, 26, 34)  # within 768·28²: 364x476
   # max = max(min(768·28², 360,000 / 6 · 2), int(1.05 · 128·28²)) = 120,000: β = √(172,800 / 120,000) = 1.2,
   # floor(300 / 28) · 28 = 280, floor(400 / 28) · 28 = 392.
-  assert preprocess_video(path, total_pixels=360_000).grid_thw == (3, 20, 28)
+  budgeted = preprocess_video(path, total_pixels=360_000)
+  assert budgeted.grid_thw == (3, 20, 28)
+  everything = pyav_frames(path)  # resized once, from the decoded size, as qwen-vl-utils resizes a video file
+  ref, _ = hf_video_patches([everything[i] for i in [0, 7, 14, 21, 28, 35]],
+                            Qwen2VLImageProcessorPil(min_pixels=VIDEO_MIN_PIXELS, max_pixels=120_000))
+  np.testing.assert_allclose(budgeted.patches, ref, rtol=0, atol=1e-5)
   # max_pixels lowers the budget to 110,000: β = 1.2534, floor(287.2 / 28) · 28 = 280, floor(383.0 / 28) · 28 = 364;
   # as a qwen-vl-utils element (a content part) too. Below the frames' min_pixels (128·28²) it is an error.
   assert preprocess_video(path, max_pixels=110_000).grid_thw == (3, 20, 26)
