@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import dataclasses
 import io
 import math
@@ -142,27 +143,50 @@ def probe_video(source: VideoSource) -> VideoInfo:
     return VideoInfo(total, float(rate))
 
 
+# Sampled frames at least this far apart on average make a first demux pass (reading the file, not decoding it)
+# worth its cost: decoding can then jump from keyframe to keyframe.
+_SEEK_GAP = 32
+
+
+class _NoSeek(Exception):
+  """The packets' timestamps cannot place the wanted frames: decode straight through instead."""
+
+
 def decode_frames(source: VideoSource, indices: Sequence[int], convert: Callable[[Any], Any] | None = None,
                   total_frames: int | None = None) -> list[Any]:
   """The frames at `indices` (increasing, as `sample_frame_indices` gives them) as RGB PIL images, or as
   `convert(image)` of each: pass a resize there and a long video never holds more than its sampled frames at
   the size the model takes.
 
-  Frames are counted in presentation order from the first (the numbering decord and torchcodec use). Decoding
-  runs straight through and stops after the last index, so a clip is read once; nothing is seeked. A decode
-  error, or a stream that ends before the last index (`total_frames`, the count the file declared, goes into
-  the message), is an InputError naming the source: the file is truncated or corrupt.
+  Frames are counted in presentation order from the first (the numbering decord and torchcodec use). Dense
+  indices (2 fps of a short clip) are decoded in one pass that stops after the last index. Sparse ones (on
+  average `_SEEK_GAP` frames apart or more: a long video capped at 768 frames, a low fps, a small nframes) first
+  read every packet's timestamp, then jump to the last keyframe before each wanted frame that lies past what is
+  already decoded; the frames are the same (decoding from a keyframe needs nothing before it). A decode error,
+  or a stream that ends before the last index (`total_frames`, the count the file declared, goes into the
+  message), is an InputError naming the source: the file is truncated or corrupt.
   """
   wanted = [int(i) for i in indices]
   if any(b < a for a, b in zip(wanted, wanted[1:])) or (wanted and wanted[0] < 0):
     raise InputError(f"frame indices must be non-negative and increasing, got {wanted[:8]}.")
+  convert = convert or (lambda image: image)
+  if len(wanted) > 1 and (wanted[-1] - wanted[0]) / (len(wanted) - 1) >= _SEEK_GAP:
+    try:
+      return _decode_seeking(source, wanted, convert)
+    except _NoSeek:
+      pass
+  return _decode_straight(source, wanted, convert, total_frames)
+
+
+def _decode_straight(source: VideoSource, wanted: list[int], convert: Callable[[Any], Any],
+                     total_frames: int | None) -> list[Any]:
+  """decode_frames in one pass from the first frame, stopping after the last wanted one."""
   frames, decoded = [], 0
   with _Container(source) as c:
     c.stream.thread_type = "AUTO"
     for frame in c.container.decode(c.stream):
       while len(frames) < len(wanted) and wanted[len(frames)] == decoded:
-        image = frame.to_image()  # RGB, converted from the stream's pixel format by swscale
-        frames.append(image if convert is None else convert(image))
+        frames.append(convert(frame.to_image()))  # RGB, converted from the stream's pixel format by swscale
       decoded += 1
       if len(frames) == len(wanted):
         break
@@ -171,6 +195,38 @@ def decode_frames(source: VideoSource, indices: Sequence[int], convert: Callable
     raise InputError(f"{c.name}: the video stream ends after {decoded} frames{declared}, before frame "
                      f"{wanted[len(frames)]}: the file is truncated or corrupt.")
   return frames
+
+
+def _decode_seeking(source: VideoSource, wanted: list[int], convert: Callable[[Any], Any]) -> list[Any]:
+  """decode_frames by timestamps: frame i is the i-th smallest packet timestamp; each wanted frame is decoded from
+  the last keyframe at or before it, or onwards from the previous one when no keyframe lies between. _NoSeek when
+  a timestamp is missing or a decoded frame does not land where the packets said."""
+  with _Container(source) as c:
+    stream = c.stream
+    packets = [(p.pts, p.is_keyframe) for p in c.container.demux(stream) if p.size and not p.is_discard]
+    if not packets or any(pts is None for pts, _ in packets) or len(packets) <= wanted[-1]:
+      raise _NoSeek()
+    order = sorted(pts for pts, _ in packets)
+    keys = sorted(pts for pts, key in packets if key)
+    if not keys or keys[0] != order[0]:
+      raise _NoSeek()
+    stream.thread_type = "AUTO"
+    frames, decoder, position = [], None, None
+    for target in (order[i] for i in wanted):
+      key = keys[bisect.bisect_right(keys, target) - 1]
+      if decoder is None or key > position:
+        c.container.seek(key, stream=stream, backward=True)  # flushes the decoder too
+        decoder = c.container.decode(stream)
+      for frame in decoder:
+        position = frame.pts
+        if position is None or position > target:
+          raise _NoSeek()
+        if position == target:
+          frames.append(convert(frame.to_image()))
+          break
+      else:
+        raise _NoSeek()  # the stream ended early: the straight decode says where
+    return frames
 
 
 def frame_range(total_frames: int, video_fps: float, video_start: float | None = None,

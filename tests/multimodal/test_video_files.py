@@ -19,6 +19,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from qwenjax._errors import InputError
+from qwenjax.multimodal import video as video_module
 from qwenjax.multimodal.processing import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, ImageProcessorConfig, preprocess_video
 from qwenjax.multimodal.video import decode_frames, probe_video, sample_frame_indices
 
@@ -36,10 +37,12 @@ def frame_number(rgb):
   return level[0] + 5 * level[1] + 25 * level[2]
 
 
-def write_clip(path, codec, num_frames, rate, height=56, width=84, options=None):
+def write_clip(path, codec, num_frames, rate, height=56, width=84, options=None, gop=None):
   with av.open(str(path), "w", options=options or {}) as container:
     stream = container.add_stream(codec, rate=rate)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    if gop is not None:
+      stream.codec_context.gop_size = gop
     for i in range(num_frames):
       frame = av.VideoFrame.from_ndarray(np.broadcast_to(color(i), (height, width, 3)).copy(), format="rgb24")
       container.mux(stream.encode(frame))
@@ -111,6 +114,27 @@ def test_frames_are_sampled_decoded_and_patched_by_qwens_rules(clips, name, opti
                                Qwen2VLImageProcessorPil(min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS))
   assert grid == video.grid_thw
   np.testing.assert_allclose(video.patches, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,codec", [("gop.mp4", "libx264"), ("gop.webm", "libvpx"), ("gop.mkv", "libvpx-vp9")])
+def test_sparse_frames_are_decoded_from_keyframes(tmp_path, name, codec):
+  """Frames ~100 apart in a clip with a keyframe every 10 or fewer: decoding jumps between keyframes, and the
+  frames equal those of decoding everything; a cut file still fails as truncated."""
+  path = write_clip(tmp_path / name, codec, 300, 30, gop=10)
+  want = sample_frame_indices(300, 30.0, nframes=4).tolist()
+  assert want == [0, 100, 199, 299]  # linspace(0, 299, 4) = 0, 99.67, 199.33, 299
+  everything = pyav_frames(path)
+  decoded = decode_frames(path, want)
+  assert [frame_number(f) for f in decoded] == [i % 125 for i in want]
+  for image, i in zip(decoded, want):
+    np.testing.assert_array_equal(np.asarray(image), everything[i])
+  seeking = video_module._decode_seeking(path, want, lambda image: image)  # no silent fall-back to one pass
+  assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(seeking, decoded))
+  if name.endswith(".mp4"):
+    cut = _written(tmp_path / "cut.mp4", write_clip(tmp_path / "fs.mp4", codec, 300, 30, gop=10,
+                                                    options={"movflags": "faststart"}).read_bytes()[:-3000])
+    with pytest.raises(InputError, match="cut.mp4: the video stream ends after .* of the 300 it declares"):
+      decode_frames(cut, want, total_frames=300)
 
 
 def test_pixel_budget_per_frame(tmp_path):
