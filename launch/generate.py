@@ -4,6 +4,7 @@ r"""Generates a completion for one prompt.
   python -m launch.generate --model=/path/to/Qwen2.5-0.5B-Instruct --prompt="Hi" --json
   python -m launch.generate --model=model.gguf --raw --prompt="def fib(n):" --max_new_tokens=64
   python -m launch.generate --model=/path/to/Qwen2.5-VL-3B-Instruct --image=chart.png --prompt="What does it show?"
+  python -m launch.generate --model=/path/to/Qwen2.5-VL-3B-Instruct --video=clip.mp4 --prompt="What happens?"
   python -m launch.generate --model=/path/to/Qwen2.5-32B-Instruct --mesh=tensor:8 --dtype=bfloat16 --prompt="Hi"
   python -m launch.generate --raw --prompt="def fib(n):" --max_new_tokens=1 --json --prompt_logprobs
   python -m launch.generate --quantize=int8 --prompt="Write a quicksort in Python."
@@ -31,8 +32,10 @@ _PROMPT_LOGPROBS = flags.DEFINE_bool("prompt_logprobs", False, "Add \"prompt_log
 _IMAGE = flags.DEFINE_multi_string("image", [], "An image (path, file:// or data: URL) placed before the prompt "
                                    "in the user message (repeatable; Qwen2.5-VL models). With --raw the prompt "
                                    "holds its own <|vision_start|><|image_pad|><|vision_end|> for each.")
-_VIDEO = flags.DEFINE_multi_string("video", [], "A video as a directory of frame images, read in name order at 2 "
-                                   "frames per second (repeatable; Qwen2.5-VL models).")
+_VIDEO = flags.DEFINE_multi_string("video", [], "A video placed before the prompt in the user message (repeatable; "
+                                   "Qwen2.5-VL models): a video file (mp4, webm, mkv, ...: decoded with PyAV and "
+                                   "sampled at 2 frames per second by Qwen's rules), or a directory of frame images "
+                                   "read in name order as frames taken at 2 per second.")
 
 
 def main(argv):

@@ -28,9 +28,11 @@ class Request:
 
   A message's content may be a list of OpenAI-style parts: {"type": "text", "text": ...}, {"type": "image_url",
   "image_url": {"url": ...}} (a path, file:// or data: URL), {"type": "image", "image": path | PIL image},
-  {"type": "video", "video": [frames] | frame directory}. A raw prompt places its own `<|image_pad|>` /
-  `<|video_pad|>` tokens (one each, between `<|vision_start|>` and `<|vision_end|>`) and passes `images` and
-  `videos` in the order their pads appear. Images and videos need a Qwen2.5-VL model.
+  {"type": "video", "video": video file | [frames] | frame directory} (with qwen-vl-utils' options beside "video":
+  fps, nframes, max_pixels, ...), {"type": "video_url", "video_url": {"url": path, file:// or data:video/ URL}}.
+  A raw prompt places its own `<|image_pad|>` / `<|video_pad|>` tokens (one each, between `<|vision_start|>` and
+  `<|vision_end|>`) and passes `images` and `videos` in the order their pads appear. Images and videos need a
+  Qwen2.5-VL model.
   """
 
   prompt: str | Sequence[int] | None = None
@@ -162,6 +164,9 @@ def checked_message(index: int, message: Any, visuals: list[tuple[str, Any]], *,
       texts.append(source)
     else:
       visuals.append((kind, source))
+  if any(part.get("type") == "video_url" for part in content):  # chat templates render {"type": "video"} parts
+    message = dict(message, content=[{"type": "video", "video": _content_part(part, where)[1]}
+                                     if part.get("type") == "video_url" else part for part in content])
   if join_text and len(texts) == len(content):
     return dict(message, content="".join(texts))
   return message
@@ -204,6 +209,14 @@ def _content_part(part: Any, where: str) -> tuple[str, Any]:
     return "image", part["image"]
   if kind == "video" or (kind is None and "video" in part):
     if part.get("video") is None:
-      raise InputError(f"{where}: a video part needs {{'video': [frames] or a frame directory}}.")
-    return "video", part["video"]
-  raise InputError(f"{where}: unsupported content part type {kind!r} (expected text, image_url, image or video).")
+      raise InputError(f"{where}: a video part needs {{'video': video file, [frames] or a frame directory}}.")
+    options = set(part) - {"type", "video"}  # fps, max_pixels, ...: preprocess_video takes the whole part
+    return "video", dict(part) if options else part["video"]
+  if kind == "video_url":  # vLLM's OpenAI-style video part
+    url = part.get("video_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not url:
+      raise InputError(f"{where}: a video_url part needs {{'video_url': {{'url': ...}}}}.")
+    return "video", url
+  raise InputError(f"{where}: unsupported content part type {kind!r} (expected text, image_url, image, video or "
+                   "video_url).")

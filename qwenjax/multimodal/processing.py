@@ -1,11 +1,13 @@
 """Qwen2.5-VL image and video preprocessing in numpy and Pillow, matching transformers' Qwen2-VL processor.
 
-An image or a list of video frames becomes rows of C·Tp·P·P = 1176 float32 values for the vision tower:
+An image, a video file or a list of video frames becomes rows of C·Tp·P·P = 1176 float32 values for the vision
+tower:
 
     cfg = ImageProcessorConfig.from_file("Qwen2.5-VL-7B-Instruct/preprocessor_config.json")
     image = preprocess_image("cat.png", cfg)     # a path, file:// or data: URL, or a PIL image
     image.patches.shape                          # [gt·gh·gw, 1176]; image.grid_thw == (1, gh, gw)
     image.num_tokens                             # gt·gh·gw / 4 <|image_pad|> tokens in the prompt
+    video = preprocess_video("clip.mp4", cfg)    # sampled at 2 frames per second (Qwen's rules), PyAV-decoded
     video = preprocess_video("frames/", cfg, fps=2.0)   # a folder of frames, or a list of images
 
 Images follow transformers' `Qwen2VLImageProcessorPil` (transformers 5.24) op for op: convert to RGB,
@@ -36,6 +38,8 @@ from PIL import Image
 
 from qwenjax._errors import ConfigError, InputError
 from qwenjax.config import read_field, read_json
+from qwenjax.multimodal import video as video_files
+from qwenjax.multimodal.video import FPS, FPS_MAX_FRAMES, FPS_MIN_FRAMES, sample_frame_indices  # noqa: F401
 
 # Qwen's released preprocessor_config.json (Qwen2.5-VL 3B…72B), also qwen-vl-utils' image MIN/MAX_PIXELS.
 # transformers' class defaults differ (max_pixels 28·28·1280); the released values are what Qwen runs.
@@ -49,9 +53,6 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 VIDEO_TOTAL_PIXELS = 128000 * 28 * 28 * 0.9  # 90% of a 128K-token context, as qwen-vl-utils sets it
-FPS = 2.0
-FPS_MIN_FRAMES = 4
-FPS_MAX_FRAMES = 768
 
 ImageSource = str | os.PathLike | Image.Image
 
@@ -271,15 +272,16 @@ def load_video_frames(source: str | os.PathLike | Sequence[ImageSource]) -> list
   """RGB frames from a list of images (paths, URLs, PIL images) or a directory of frame images.
 
   A directory's non-hidden files are read in name order (plain string sort: zero-pad frame numbers);
-  a file there that is not an image is an InputError, never skipped. Video files are not decoded.
+  a file there that is not an image is an InputError, never skipped. Video files are not decoded here
+  (`preprocess_video` decodes them).
   """
   if isinstance(source, (str, os.PathLike)):
     path = pathlib.Path(source)
     if not path.exists():
       raise InputError(f"{path}: no such frame directory.")
     if not path.is_dir():
-      raise InputError(f"{_describe(source)}: a video must be a list of frames or a directory of frame images "
-                       "(video files are not decoded).")
+      raise InputError(f"{_describe(source)}: load_video_frames takes a list of frames or a directory of frame "
+                       "images (video files are not decoded here: preprocess_video decodes them).")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
       raise InputError(f"{path}: the frame directory holds no files.")
@@ -292,94 +294,139 @@ def load_video_frames(source: str | os.PathLike | Sequence[ImageSource]) -> list
   return frames
 
 
-def preprocess_video(frames: str | os.PathLike | Sequence[ImageSource],
+def preprocess_video(video: str | os.PathLike | Sequence[ImageSource] | Mapping[str, Any],
                      cfg: ImageProcessorConfig = ImageProcessorConfig(), fps: float = FPS, *,
                      min_pixels: int | None = None, max_pixels: int | None = None,
-                     total_pixels: float = VIDEO_TOTAL_PIXELS) -> VisualInput:
-  """A video given as frames (a list or a directory) as patches, the way qwen-vl-utils and transformers take it.
+                     total_pixels: float = VIDEO_TOTAL_PIXELS, nframes: int | None = None,
+                     min_frames: int = FPS_MIN_FRAMES, max_frames: int | None = None,
+                     video_start: float | None = None, video_end: float | None = None) -> VisualInput:
+  """A video as patches, the way qwen-vl-utils and transformers take it: a video file, or frames (a list or a
+  directory), or a qwen-vl-utils video element, {"video": file or frames, "fps": 1.0, "max_pixels": ..., ...}
+  (a content part as Qwen's examples write it), whose keys set the keyword arguments of the same names.
 
-  Follows qwen-vl-utils' `fetch_video` for a list of frames as its current version has it (QwenLM/Qwen3-VL
-  repository, called with 14-pixel patches for Qwen2.5-VL; older releases skipped step 3), then transformers'
-  video processor:
+  Follows qwen-vl-utils' `fetch_video` as its current version (0.0.14, QwenLM/Qwen3-VL repository) has it,
+  called with 14-pixel patches for Qwen2.5-VL, then transformers' video processor. A video FILE (a path that is
+  not a directory, a file:// or data:video/ URL; decoded with PyAV, `qwenjax.multimodal.video`):
+  1. T frames are sampled at `fps` (2) per second, T even and within [min_frames, max_frames] (4, 768), or
+     exactly `nframes`; video_start / video_end (seconds) cut the clip first (`video.sample_frame_indices`);
+  2. each frame is resized once under the video budget (step 3 below) from its decoded size;
+  and `fps` is the sampling rate asked for: the frames stand for T / clip frames · the file's rate, which sets
+  second_per_grid_t = Tp / that rate. FRAMES (nframes, min_frames, max_frames, video_start, video_end unused):
   1. every frame is an image (`fetch_image`): RGB, resized with smart_resize under min_pixels/max_pixels
      when given, else the image defaults 4·28² and 16384·28²;
   2. frames are not subsampled: the list is padded with its last frame to a multiple of Tp (2);
-  3. the frames are resized again under the video budget: smart_resize with min = min_pixels or
-     128·28², max = max(min(768·28², total_pixels / T · 2), int(min · 1.05)), lowered to max_pixels if given;
+  and `fps` is the rate the frames were sampled at; it only sets second_per_grid_t = Tp / fps. Then both:
+  3. the frames are resized under the video budget: smart_resize with min = min_pixels or 128·28²,
+     max = max(min(768·28², total_pixels / T · 2), int(min · 1.05)), lowered to max_pixels if given;
   4. transformers' processor applies smart_resize with cfg's min/max_pixels (a no-op for sizes from step 3
      within them), rescales, normalises and patchifies T frames into T/2 temporal patches.
-  `fps` is the rate the frames were sampled at; it only sets second_per_grid_t = Tp / fps.
 
   Differences from the reference: every frame gets the first frame's sizes (qwen-vl-utils fails on frames
   of different sizes); resizes are PIL bicubic on uint8 where qwen-vl-utils' step 3 uses torchvision's
   antialiased bicubic on uint8 (its kernel comes from Pillow-SIMD; values may differ by a grey level
-  where step 3 changes the size); rescale and normalise are the image processor's float32 ops, not the
-  torchvision video processor's fused (x - 255·mean) / (255·std) (differences up to 2.4e-7).
+  where step 3 changes the size, and torchvision keeps the resized values unrounded); rescale and normalise
+  are the image processor's float32 ops, not the torchvision video processor's fused
+  (x - 255·mean) / (255·std) (differences up to 2.4e-7). Decoded colours are FFmpeg's (swscale) YUV to RGB,
+  as with decord and torchcodec.
   """
+  if isinstance(video, Mapping):
+    source, options = _video_element(video)
+    return preprocess_video(source, cfg, **options)
   if not fps > 0:
     raise InputError(f"fps must be positive, got {fps}.")
-  images = load_video_frames(frames)
-  tp, factor = cfg.temporal_patch_size, cfg.factor
+  tp = cfg.temporal_patch_size
+  if _is_video_file(video):
+    name = video_files.describe(video)
+    info = video_files.probe_video(video)
+    try:
+      first, last = video_files.frame_range(info.total_frames, info.video_fps, video_start, video_end)
+      indices = video_files.sample_frame_indices(info.total_frames, info.video_fps, fps, nframes=nframes,
+                                                 min_frames=min_frames, max_frames=max_frames,
+                                                 frame_factor=tp, video_start=video_start, video_end=video_end)
+    except InputError as e:
+      raise InputError(f"{name}: {e}") from None
+    sample_fps = video_files.sampled_fps(len(indices), last - first + 1, info.video_fps)
+    sizes: list[tuple[int, int]] = []  # [video budget, processor] sizes, set from the first decoded frame
+
+    def convert(image: Image.Image) -> np.ndarray:
+      if not sizes:
+        sizes.extend(_video_sizes((image.height, image.width), len(indices), cfg, name, min_pixels, max_pixels,
+                                  total_pixels))
+      return _normalize(_resize_through(image, sizes, cfg), cfg)
+
+    pixels = np.stack(video_files.decode_frames(video, indices, convert, info.total_frames))  # [T, H, W, C]
+    patches, grid = _patchify(pixels, cfg)
+    return VisualInput(patches, grid, tp / sample_fps, "video", cfg.merge_size)
+
+  file_only = [name for name, value, default in (("nframes", nframes, None), ("min_frames", min_frames, FPS_MIN_FRAMES),
+                                                  ("max_frames", max_frames, None), ("video_start", video_start, None),
+                                                  ("video_end", video_end, None)) if value != default]
+  if file_only:
+    raise InputError(f"{', '.join(file_only)}: sample video files; a video given as frames keeps every frame.")
+  images = load_video_frames(video)
   images += [images[-1]] * (-len(images) % tp)
-  num_frames = len(images)
   first = images[0]
   try:
-    size1 = smart_resize(first.height, first.width, factor, min_pixels or MIN_PIXELS, max_pixels or MAX_PIXELS)
-    video_min = min_pixels or VIDEO_MIN_PIXELS
-    video_max = max(min(VIDEO_MAX_PIXELS, total_pixels / num_frames * tp), int(video_min * 1.05))
-    if max_pixels is not None:
-      video_max = min(max_pixels, video_max)
-    size2 = smart_resize(*size1, factor, video_min, video_max)
-    size3 = smart_resize(*size2, factor, cfg.min_pixels, cfg.max_pixels)
+    size1 = smart_resize(first.height, first.width, cfg.factor, min_pixels or MIN_PIXELS, max_pixels or MAX_PIXELS)
   except InputError as e:
     raise InputError(f"video frames: {e}") from None
-
-  def resize(image: Image.Image) -> Image.Image:
-    for height, width in (size1, size2, size3):
-      if image.size != (width, height):
-        image = image.resize((width, height), resample=cfg.resample)
-    return image
-
-  pixels = np.stack([_normalize(resize(image), cfg) for image in images])  # [T, H, W, C]
+  sizes = [size1, *_video_sizes(size1, len(images), cfg, "video frames", min_pixels, max_pixels, total_pixels)]
+  pixels = np.stack([_normalize(_resize_through(image, sizes, cfg), cfg) for image in images])  # [T, H, W, C]
   patches, grid = _patchify(pixels, cfg)
   return VisualInput(patches, grid, tp / fps, "video", cfg.merge_size)
 
 
-def sample_frame_indices(total_frames: int, video_fps: float, fps: float = FPS, *, nframes: int | None = None,
-                         min_frames: int = FPS_MIN_FRAMES, max_frames: int | None = None,
-                         frame_factor: int = 2) -> np.ndarray:
-  """Indices of the frames to keep from a decoded video: qwen-vl-utils' `smart_nframes` and its sampling.
-
-  The count is `nframes` rounded to a multiple of frame_factor, or else total_frames / video_fps · fps
-  clamped to [ceil(min_frames), floor(max_frames)] (max_frames defaults to min(768, total_frames)) and to
-  total_frames, then floored to a multiple of frame_factor. The indices are qwen-vl-utils'
-  `torch.linspace(0, total_frames - 1, n).round()`, reproduced in float32 (round half to even) and equal to
-  torch's on CPU even for long videos, where float32 rounding moves an index. video_start/video_end are not
-  supported: pass the frame count of the clip.
-  """
-  if total_frames < 1 or not video_fps > 0:
-    raise InputError(f"a video needs frames and a positive frame rate, got {total_frames} frames at {video_fps} fps.")
-  if nframes is not None:
-    n = round(nframes / frame_factor) * frame_factor
-  else:
-    lo = math.ceil(min_frames / frame_factor) * frame_factor
-    hi = math.floor((min(FPS_MAX_FRAMES, total_frames) if max_frames is None else max_frames) / frame_factor)
-    hi *= frame_factor
-    n = min(min(max(total_frames / video_fps * fps, lo), hi), total_frames)
-    n = math.floor(n / frame_factor) * frame_factor
-  if not frame_factor <= n <= total_frames:
-    raise InputError(f"cannot sample {n} frames from a video of {total_frames} (need {frame_factor} to "
-                     f"{total_frames}).")
-  return _torch_linspace_f32(0, total_frames - 1, n).round().astype(np.int64)
+# qwen-vl-utils' video element keys that preprocess_video takes, with the kind of number each holds.
+_VIDEO_OPTIONS = {"fps": float, "nframes": int, "min_frames": int, "max_frames": int, "min_pixels": int,
+                  "max_pixels": int, "total_pixels": float, "video_start": float, "video_end": float}
 
 
-def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-  """torch.linspace in float32 as ATen computes it on CPU: the first half is start + step·i, the rest
-  end - step·(steps - 1 - i), each one fused multiply-add (one rounding), with step rounded to float32."""
-  if steps == 1:
-    return np.array([start], np.float32)
-  step = np.float64((np.float32(end) - np.float32(start)) / np.float32(steps - 1))
-  i = np.arange(steps, dtype=np.float64)
-  up = np.float64(np.float32(start)) + step * i  # exact in float64 for these magnitudes; rounded once below
-  down = np.float64(np.float32(end)) - step * (steps - 1 - i)
-  return np.where(i < steps // 2, up, down).astype(np.float32)
+def _video_element(element: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """(source, preprocess_video keyword arguments) of a qwen-vl-utils video element; InputError naming the key for
+  an unknown key, a value that is not a non-negative number of its kind, or fps and nframes together."""
+  if element.get("video") is None:
+    raise InputError("a video element needs {'video': video file, [frames] or a frame directory}.")
+  unknown = sorted(set(element) - set(_VIDEO_OPTIONS) - {"type", "video"})
+  if unknown:
+    raise InputError(f"unknown video option {unknown[0]!r} (expected {', '.join(_VIDEO_OPTIONS)}).")
+  options = {k: v for k, v in element.items() if k in _VIDEO_OPTIONS and v is not None}
+  for key, value in options.items():
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    if not number or _VIDEO_OPTIONS[key] is int and not float(value).is_integer():
+      kind = "integer" if _VIDEO_OPTIONS[key] is int else "number"
+      raise InputError(f"video option {key!r} must be a non-negative {kind}, got {value!r}.")
+    options[key] = _VIDEO_OPTIONS[key](value)
+  if "fps" in options and "nframes" in options:
+    raise InputError("video options 'fps' and 'nframes' exclude each other (qwen-vl-utils takes one or the other).")
+  return element["video"], options
+
+
+def _is_video_file(video: Any) -> bool:
+  """Whether preprocess_video takes `video` as a video file: text or a path that is not a directory."""
+  return isinstance(video, (str, os.PathLike)) and not os.path.isdir(video)
+
+
+def _video_sizes(size: tuple[int, int], num_frames: int, cfg: ImageProcessorConfig, name: str,
+                 min_pixels: int | None, max_pixels: int | None, total_pixels: float) -> list[tuple[int, int]]:
+  """[(H, W) under qwen-vl-utils' video budget for num_frames frames of `size`, (H, W) after transformers'
+  processor], steps 3 and 4 of preprocess_video."""
+  video_min = min_pixels or VIDEO_MIN_PIXELS
+  video_max = max(min(VIDEO_MAX_PIXELS, total_pixels / num_frames * video_files.FRAME_FACTOR),
+                  int(video_min * 1.05))
+  if max_pixels is not None:
+    video_max = min(max_pixels, video_max)
+  if video_max < video_min:  # qwen-vl-utils 0.0.14's smart_resize asserts this
+    raise InputError(f"{name}: max_pixels {max_pixels} is below the frames' min_pixels {video_min}.")
+  try:
+    budget = smart_resize(*size, cfg.factor, video_min, video_max)
+    return [budget, smart_resize(*budget, cfg.factor, cfg.min_pixels, cfg.max_pixels)]
+  except InputError as e:
+    raise InputError(f"{name}: {e}") from None
+
+
+def _resize_through(image: Image.Image, sizes: Sequence[tuple[int, int]], cfg: ImageProcessorConfig) -> Image.Image:
+  """`image` resized to each (H, W) of `sizes` in turn (PIL, cfg's filter), skipping those it already has."""
+  for height, width in sizes:
+    if image.size != (width, height):
+      image = image.resize((width, height), resample=cfg.resample)
+  return image
