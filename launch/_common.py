@@ -59,6 +59,10 @@ KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "
                                    "int8: int8 pages with a float32 scale per token and KV head.")
 PAGE_SIZE = flags.DEFINE_integer("page_size", None, "Tokens per KV page (default by backend: 64 on CPU, 16 on GPU, "
                                  "128 on TPU).", lower_bound=1)
+PREFIX_CACHING = flags.DEFINE_bool("prefix_caching", True, "Requests that share a prompt prefix (a system prompt, "
+                                    "a few-shot header, the n samples of one request) read its KV pages instead of "
+                                    "computing them again; released prefix pages stay cached, evicted least "
+                                    "recently used first. Outputs are unchanged. Paged cache only.")
 ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "pallas"], "Attention kernels: xla (plain "
                                    "JAX) or pallas (ragged paged attention, segment attention for the vision tower; "
                                    "interpret mode on CPU, slow). auto: pallas on TPU/GPU, xla on CPU.")
@@ -97,7 +101,8 @@ class Serving:
     if paged:
       kwargs.update(page_size=PAGE_SIZE.value or self.page_size,
                     kv_cache_memory=KV_CACHE_MEMORY.value or self.kv_cache_memory,
-                    kv_cache_dtype=None if KV_CACHE_DTYPE.value == "auto" else KV_CACHE_DTYPE.value)
+                    kv_cache_dtype=None if KV_CACHE_DTYPE.value == "auto" else KV_CACHE_DTYPE.value,
+                    prefix_caching=PREFIX_CACHING.value)
     return kwargs
 
 

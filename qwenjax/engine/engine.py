@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import math
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,7 +52,7 @@ from qwenjax._errors import ConfigError, InputError
 from qwenjax.engine import programs
 from qwenjax.engine import sampling as sampling_lib
 from qwenjax.engine.buckets import LengthBuckets, next_power_of_two
-from qwenjax.engine.pages import PagePool, SequencePages, pages_needed
+from qwenjax.engine.pages import PagePool, SequencePages, common_prefix, pages_needed, prefix_hashes, prefix_root
 from qwenjax.engine.programs import (
   DecodeInputs,
   FirstTokenInputs,
@@ -99,6 +100,10 @@ class _Sequence:
   emitted_text: int = 0
   searched_text: int = 0  # text already searched for stop strings
   pages: SequencePages | None = None  # paged engine: the pages it holds while admitted
+  # Prefix caching: the root its page hashes chain from (`pages.prefix_root` of its images' and videos' digest;
+  # None until first admitted), and the prompt tokens its first admission read from shared pages, not computed.
+  prefix_root: bytes | None = None
+  cached_tokens: int = 0
   admitted: int = 0  # paged engine: admission order (the most recent is preempted first)
   preemptions: int = 0
 
@@ -118,6 +123,22 @@ class _Sequence:
     if self.prompt_logprobs is None or self.tokens:
       return []
     return self.prompt[start + 1:start + n + 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _PrefixMatch:
+  """What an admission reads of a sequence's context from cached pages. pages: full pages it shares (by block
+  hash); copy: (a registered page, m) whose first m tokens continue the context, copied into a private page;
+  hashes: the context's full-page digests; wait: a sequence admitted this round writes a page that shares more of
+  the context than the cache holds, so this one waits for the next round and reads it."""
+
+  pages: list[int]
+  copy: tuple[int, int] | None
+  hashes: list[bytes]
+  wait: bool = False
+
+
+_NO_MATCH = _PrefixMatch([], None, [])
 
 
 # Decode variants, a static jit argument, three of them so that the compiled programs stay few: a greedy batch
@@ -152,6 +173,10 @@ class Engine:
   kv_cache_dtype: None (the compute dtype) or "int8" (int8 pages with a float32 scale per token and KV head).
   attention_impl: "xla" or "pallas" (the Pallas kernels; interpret mode on CPU). Default: pallas on TPU/GPU, xla
     on CPU. The paged cache only: the contiguous one has no kernel.
+  prefix_caching: sequences that share a prompt prefix (a system prompt, a few-shot header, the n samples of one
+    request) read its keys and values from the same pages instead of computing them again: full pages found by
+    their chained block hash, plus a copy of the shared start of a partial page; pages that held a prefix stay
+    cached when released, evicted least recently used first. Outputs are those without it. The paged cache only.
   image_processor: how a Qwen2.5-VL model's images are resized (its preprocessor_config.json; None: Qwen's
     released defaults).
   mesh: a device mesh (`qwenjax.parallel.sharding.make_mesh` / `mesh_from_flags`) to shard the weights (in place, unless
@@ -164,7 +189,7 @@ class Engine:
   def __init__(self, model: Qwen2, tokenizer: Tokenizer | None, *, max_batch_size: int = 8, max_seq_len: int = 4096,
                max_prefill_chunk: int = 512, decode_steps: int = 4, eos_token_ids: Iterable[int] | None = None,
                paged: bool = True, page_size: int | None = None, kv_cache_memory: float | None = None,
-               kv_cache_dtype: str | None = None, attention_impl: str | None = None,
+               kv_cache_dtype: str | None = None, attention_impl: str | None = None, prefix_caching: bool = True,
                image_processor: processing.ImageProcessorConfig | None = None,
                mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
                seed: int | None = None):
@@ -191,6 +216,7 @@ class Engine:
     self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
     self.decode_steps = decode_steps
     self.paged = paged
+    self.prefix_caching = bool(prefix_caching and paged)
     self.buckets = LengthBuckets(maximum=min(max_prefill_chunk, max_seq_len),
                                  minimum=min(16, max_prefill_chunk, max_seq_len))
     if eos_token_ids is None:  # the tokenizer's (generation_config, <|im_end|>) and the model config's
@@ -208,9 +234,10 @@ class Engine:
       self._cache = KVCache.zeros(self.cfg, b, cache_len, model.dtype, sharding=cache_sharding)
       self.context_len = max_seq_len
     self._seed_rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
-    # preemptions, peak_sequences (most decoding at once) and peak_pages (most pages held): the paged engine's.
+    # prompt_tokens: computed (prefilled) context tokens. The paged engine's: preemptions, peak_sequences (most
+    # decoding at once), peak_pages (most pages held) and cached_tokens (context tokens read from shared pages).
     self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_calls": 0, "prefill_calls": 0,
-                  "preemptions": 0, "peak_sequences": 0, "peak_pages": 0}
+                  "preemptions": 0, "peak_sequences": 0, "peak_pages": 0, "cached_tokens": 0}
 
   def _init_pages(self, page_size: int | None, memory_gib: float | None, quantized: bool) -> None:
     """The page pool: sized from the memory budget, sharded (pages over data, KV heads over tensor)."""
@@ -345,6 +372,8 @@ class Engine:
                                     seq.logprobs if seq.params.logprobs else None))
       if seq.prompt_logprobs is not None:
         out.prompt_logprobs = [None, *seq.prompt_logprobs]
+      if seq.sample_index == 0:
+        out.cached_tokens = seq.cached_tokens
       if left == 1:
         del pending[seq.request_index]
         out.outputs.sort(key=lambda c: c.index)
@@ -434,7 +463,8 @@ class Engine:
     slots: list[_Sequence | None] = [None] * self.max_batch_size
     admissions, exhausted = 0, False
     while True:
-      admitted = []  # 1. admit
+      admitted, copies = [], []  # 1. admit
+      pending: dict[bytes, list[np.ndarray]] = {}  # the pages this round's admissions write, by parent digest
       free = [s for s in range(self.max_batch_size) if slots[s] is None]
       reserve = sum(self._block_pages(seq) for seq in slots if seq is not None)
       while free:
@@ -445,16 +475,27 @@ class Engine:
             break
           waiting.extend(self._sequences(*item, default))
         seq = waiting[0]
-        need = pages_needed(len(seq.context) + min(self.decode_steps, self._budget(seq)), self.page_size)
-        if need + reserve > self.pool.num_free and (admitted or any(slots)):
+        match = self._match_prefix(seq, pending) if self.prefix_caching else _NO_MATCH
+        if match.wait:
+          break  # its prefix is being written this round: it reads it next round (FIFO)
+        # Pages taken from the pool: now, cached pages it shares and the copy (its source held until copied);
+        # later, by prefill and its first decode block, the rest.
+        later = (pages_needed(len(seq.context) + min(self.decode_steps, self._budget(seq)), self.page_size)
+                 - len(match.pages) - (match.copy is not None))
+        now = sum(self.pool.refcount(p) == 0 for p in match.pages)
+        if match.copy is not None:
+          now += 1 + (self.pool.refcount(match.copy[0]) == 0)
+        if later + now + reserve > self.pool.num_free and (admitted or any(slots)):
           break  # admission waits for pages (FIFO: nothing overtakes the head)
         waiting.popleft()
-        seq.pages, seq.admitted = SequencePages(self.pool), admissions
+        seq.pages, seq.admitted = self._share_prefix(seq, match, copies, pending), admissions
         admissions += 1
-        reserve += need
+        reserve += later
         slot = free.pop(0)
         slots[slot] = seq
         admitted.append((slot, seq))
+      if copies:
+        self._copy_pages(copies)
       for slot, seq, first in self._prefill_packed(admitted):
         if first is not None:
           yield from self._accept(seq, [first[0]], [first[1]], events)
@@ -503,12 +544,14 @@ class Engine:
     return max(0, pages_needed(seq.pages.length + grow, self.page_size) - len(seq.pages.pages))
 
   def _release(self, slots: list, slot: int) -> None:
+    """Frees a slot and lets go of its sequence's pages (those registered stay cached for later prefixes)."""
     slots[slot].pages.release()
     slots[slot] = None
 
   def _preempt(self, slots: list, slot: int, waiting: collections.deque) -> None:
-    """Frees a decoding sequence's slot and pages; it waits at the head of the queue with its tokens, and its
-    context is prefilled again when it is readmitted (recompute: the outputs are unchanged)."""
+    """Frees a decoding sequence's slot and pages (its holds on shared ones dropped); it waits at the head of the
+    queue with its tokens, and its context is prefilled again when it is readmitted (recompute, from the prefix
+    pages still cached: the outputs are unchanged)."""
     seq = slots[slot]
     self._release(slots, slot)
     seq.pages = None
@@ -523,7 +566,7 @@ class Engine:
     next token it already has (its penalty state is restored instead)."""
     chunk = self.buckets.maximum
     todo = [(slot, seq, seq.context) for slot, seq in admitted]
-    done = {id(seq): 0 for _, seq, _ in todo}  # context tokens prefilled so far
+    done = {id(seq): seq.pages.length for _, seq, _ in todo}  # context tokens in its pages: shared, or prefilled
     while todo:
       group, width = [], 0
       for item in todo:
@@ -537,11 +580,92 @@ class Engine:
       todo = [item for item in todo if done[id(item[1])] < len(item[2])]
       for i, (slot, seq, context) in enumerate(group):
         if done[id(seq)] == len(context):
+          if self.prefix_caching:
+            self._register_prefix(seq)
           yield slot, seq, self._start(slot, seq, logits[i:i + 1])
 
   def _rows_fit(self, rows: int, width: int) -> bool:
     """Whether a packed prefill call of `rows` rows (padded to a power of two) of `width` tokens is allowed."""
     return next_power_of_two(rows) * width <= self.buckets.maximum and rows <= self.max_batch_size
+
+  # ---- prefix caching -------------------------------------------------------------------------------------
+
+  def _match_prefix(self, seq: _Sequence, pending: dict[bytes, list[np.ndarray]]) -> _PrefixMatch:
+    """The cached pages seq's context can start from: the longest run of full pages whose block hashes the pool
+    holds, then the registered page under the last one that shares most of the next tokens (copied, if at least
+    page_size / 8 of them). At most len(context) - 1 tokens: the last is computed, its logits give the next token.
+    The first sample of a request with prompt_logprobs shares nothing (its prefill scores every prompt token); its
+    other samples do. `pending`: the pages sequences admitted this round are about to write (not yet readable)."""
+    ps, context = self.page_size, seq.context
+    if seq.prefix_root is None:
+      seq.prefix_root = prefix_root(_visual_digest(seq.vision))
+    hashes = prefix_hashes(context, ps, seq.prefix_root)
+    if seq.prompt_logprobs is not None and not seq.tokens:
+      return _PrefixMatch([], None, hashes)
+    limit = len(context) - 1
+    pages = []
+    for digest in hashes[:limit // ps]:
+      page = self.pool.lookup(digest)
+      if page is None:
+        break
+      pages.append(page)
+    parent = hashes[len(pages) - 1] if pages else seq.prefix_root
+    rest = np.asarray(context[len(pages) * ps:min(limit, (len(pages) + 1) * ps)], np.int64)
+    least = max(1, ps // 8)  # a partial match of fewer tokens saves less than the copy's extra call costs
+    source, m = self.pool.longest_child(parent, rest) if len(rest) else (None, 0)
+    if m < least:
+      source, m = None, 0
+    ahead = max((common_prefix(tokens, rest) for tokens in pending.get(parent, ())), default=0)
+    return _PrefixMatch(pages, None if source is None else (source, m), hashes, wait=ahead >= least and ahead > m)
+
+  def _share_prefix(self, seq: _Sequence, match: _PrefixMatch, copies: list[tuple[int, int]],
+                    pending: dict[bytes, list[np.ndarray]]) -> SequencePages:
+    """seq's page table at admission: the shared pages of its match (a hold taken on each), then a fresh page for
+    the copy of a partial one (`copies` gets (source, page); the source is held until copied). Notes in `pending`
+    the pages its prefill writes and counts the tokens it reads."""
+    pages = SequencePages(self.pool)
+    if not self.prefix_caching:
+      return pages
+    ps, table = self.page_size, list(match.pages)
+    for page in table:
+      self.pool.acquire(page)
+    length = len(table) * ps
+    if match.copy is not None:
+      source, m = match.copy
+      self.pool.acquire(source)  # allocating the copy's page must not evict its source
+      table += self.pool.alloc(1)
+      copies.append((source, table[-1]))
+      length += m
+    pages.adopt(table, length)
+    context = seq.context
+    for j in range(len(match.pages), pages_needed(len(context), ps)):
+      parent = match.hashes[j - 1] if j else seq.prefix_root
+      pending.setdefault(parent, []).append(np.asarray(context[j * ps:(j + 1) * ps], np.int64))
+    self.stats["cached_tokens"] += length
+    if not seq.tokens:
+      seq.cached_tokens = length
+    return pages
+
+  def _copy_pages(self, copies: list[tuple[int, int]]) -> None:
+    """The round's partial-page copies in one call (`programs.copy_pages`, one compiled shape of B pairs: at most
+    one per admitted sequence), then the holds on their sources dropped."""
+    src, dst = np.zeros(self.max_batch_size, np.int32), np.full(self.max_batch_size, -1, np.int32)
+    for i, (source, page) in enumerate(copies):
+      src[i], dst[i] = source, page
+    with self._on_mesh():
+      self._cache = programs.copy_pages(self._cache, src, dst)
+    for source, _ in copies:
+      self.pool.free([source])
+
+  def _register_prefix(self, seq: _Sequence) -> None:
+    """Once seq's prefill has written its context: each full page under its block hash, and its partial last
+    page's tokens (whose start later prompts may copy), for the sequences admitted from the next round on. Those
+    positions are never written again: decode writes past the context."""
+    ps, context = self.page_size, seq.context
+    hashes = prefix_hashes(context, ps, seq.prefix_root)
+    parents = [seq.prefix_root, *hashes]
+    for i, page in enumerate(seq.pages.pages[:pages_needed(len(context), ps)]):
+      self.pool.register(page, parents[i], context[i * ps:(i + 1) * ps], hashes[i] if i < len(hashes) else None)
 
   def program_shapes(self) -> dict[str, list[tuple]]:
     """Every shape the paged scheduler's programs can be called with (rows x tokens x page-table width for
@@ -556,7 +680,8 @@ class Engine:
       prefill += [(r, w, p) for r in rows for p in widths if p >= least]
     pads = sorted({_pad_width(n) for n in (1 << i for i in range(self.context_len.bit_length() + 1))
                    if n <= self.context_len})
-    return {"prefill": prefill, "decode": widths, "first_token": pads, "restore_slot": pads}
+    copy = [self.max_batch_size] if self.prefix_caching else []  # pairs per copy_pages call
+    return {"prefill": prefill, "decode": widths, "first_token": pads, "restore_slot": pads, "copy_pages": copy}
 
   def warm_up(self, prompt_logprobs: bool = False) -> int:
     """Compiles every program the paged scheduler can call (`program_shapes`, each decode and first-token shape
@@ -597,6 +722,9 @@ class Engine:
       for pad in shapes["restore_slot"]:
         self._slots = programs.restore_slot(self._slots, np.int32(0), np.zeros(pad, np.int32), np.int32(0),
                                             np.zeros(pad, np.int32), np.int32(0))
+        count += 1
+      for pairs in shapes["copy_pages"]:  # every destination -1: copies nothing
+        self._cache = programs.copy_pages(self._cache, np.zeros(pairs, np.int32), np.full(pairs, -1, np.int32))
         count += 1
     return count
 
@@ -830,6 +958,19 @@ def _padded(ids: list[int], width: int | None = None) -> np.ndarray:
   """ids as int32, zero-padded to `width` (default `_pad_width(len(ids))`)."""
   width = _pad_width(len(ids)) if width is None else width
   return np.pad(np.asarray(ids, np.int32), (0, width - len(ids)))
+
+
+def _visual_digest(vision: VLPrompt | None) -> bytes:
+  """What a multimodal prompt's keys and values depend on besides its token ids (its images' and videos' pixels,
+  grids and frame timing; its positions follow from those), for the root of its block hashes: b"" for text."""
+  if vision is None:
+    return b""
+  h = hashlib.blake2b(digest_size=16)
+  for v in vision.visuals:
+    h.update(repr((v.kind, v.grid_thw, v.second_per_grid_t, v.merge_size, v.patches.shape, v.patches.dtype.str))
+             .encode())
+    h.update(np.ascontiguousarray(v.patches).tobytes())
+  return h.digest()
 
 
 def _ids(prompt: list[int] | VLPrompt) -> list[int]:

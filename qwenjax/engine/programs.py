@@ -401,3 +401,18 @@ def paged_decode_block(graphdef, params, cache: PagedKVCache, slots: SlotState, 
     return model.logits(h[:, 0], impl), cache.constrained()  # [B, V]
 
   return _decode_loop(step, cache, slots, d, needs, num_steps)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
+  """Page src[i] of every layer (keys, values and int8 scales) copied to page dst[i]; src, dst: [n] int32, dst -1
+  where pair i copies nothing. The engine's copy-on-write of a shared prefix's partial page: a sequence whose
+  prompt begins as a cached page does takes a private copy, then writes its own tokens past the shared ones."""
+
+  def copy(pages):  # [L, NP, PS, ...]
+    if pages is None:
+      return None
+    target = jnp.where(dst < 0, pages.shape[1], dst)  # past the end: dropped
+    return pages.at[:, target].set(pages[:, src], mode="drop")
+
+  return PagedKVCache(*(copy(a) for a in (cache.k, cache.v, cache.k_scale, cache.v_scale))).constrained()

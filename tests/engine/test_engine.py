@@ -188,7 +188,8 @@ def test_paged_engine_compiles_nothing_after_warm_up(tiny):
   assert shapes["first_token"] == [16, 32, 64, 128]
   with count_compilations() as warm:
     ran = engine.warm_up()
-  assert ran == len(shapes["prefill"]) + 3 * (4 + 4) + 4
+  assert shapes["copy_pages"] == [4]  # prefix caching's page copy: one shape, B pairs
+  assert ran == len(shapes["prefill"]) + 3 * (4 + 4) + 4 + 1
   assert sum(warm.values()) <= ran, warm
   rng = np.random.default_rng(9)
   workload = [Request(prompt=rng.integers(0, 600, size=int(rng.integers(1, 110))).tolist(),

@@ -142,8 +142,9 @@ def test_warm_up_covers_the_scoring_variants(tiny):
 
   engine = _engine(tiny, max_batch_size=1, max_seq_len=16, max_prefill_chunk=16)  # one program of each kind
   shapes = engine.program_shapes()
-  assert shapes == {"prefill": [(1, 16, 1)], "decode": [1], "first_token": [16], "restore_slot": [16]}
-  assert engine.warm_up(prompt_logprobs=True) == 2 + 3 * (1 + 1) + 1  # prefill plain and scoring
+  assert shapes == {"prefill": [(1, 16, 1)], "decode": [1], "first_token": [16], "restore_slot": [16],
+                    "copy_pages": [1]}
+  assert engine.warm_up(prompt_logprobs=True) == 2 + 3 * (1 + 1) + 1 + 1  # prefill plain and scoring; page copy
   with count_compilations() as compiled:
     engine.generate([[5], *_prompts(2, 8, 2, 13)], _scored(3))
   assert sum(compiled.values()) == 0, compiled
