@@ -78,6 +78,11 @@ budget serves the batch job's first --concurrency_requests prompts, --concurrenc
 (pages, slots or the requests there were), pool_holds_sequences_of_this_job is the pool's pages over the mean
 pages a request takes. ratios["concurrency"]["paged_over_contiguous"]: peak_sequences / contiguous_sequences.
 
+--prefix ("prefix"): --prefix_requests chat requests sharing a system message of ~--prefix_tokens tokens, a
+question each, --prefix_new_tokens greedy tokens (end-of-sequence ignored), --job_slots slots, served by a paged
+engine with prefix caching and by one without, one after the other: seconds, prompt tokens computed and read
+from cached pages, against the job's unique prompt tokens, and whether the completions are identical.
+
 stdout holds a table and the ratios; --output_dir gets report.json (every figure, the limits, versions, machine)
 and tokens_per_s.png (tokens/s against batch size, one line per engine; beside it, when measured, the batch job's
 whole-process seconds and the concurrency bars). The batch job's inputs, outputs and logs land there too
@@ -97,7 +102,7 @@ import time
 from absl import app, flags, logging
 
 from launch import _cli
-from launch.bench import adapters, concurrency, costs, job, probes, workload
+from launch.bench import adapters, concurrency, costs, job, prefix, probes, workload
 from launch.bench.measure import add_fractions, agreement, measure, peak_rss_gib
 from launch.bench.report import compute_ratios, format_table, machine, plot, round_figures, versions
 
@@ -136,6 +141,12 @@ _CONCURRENCY_REQUESTS = flags.DEFINE_integer("concurrency_requests", 128, "Reque
                                              "first ones (the same prompts).", lower_bound=1)
 _CONCURRENCY_NEW_TOKENS = flags.DEFINE_integer("concurrency_new_tokens", 8, "Tokens generated per request there "
                                                "(end-of-sequence ignored).", lower_bound=2)
+_PREFIX = flags.DEFINE_bool("prefix", False, "Also serve a job of --prefix_requests requests sharing a "
+                            "--prefix_tokens header with prefix caching on and off (launch/bench/prefix.py).")
+_PREFIX_REQUESTS = flags.DEFINE_integer("prefix_requests", 64, "Requests in the shared-prefix job.", lower_bound=1)
+_PREFIX_TOKENS = flags.DEFINE_integer("prefix_tokens", 1500, "Tokens of their shared header.", lower_bound=1)
+_PREFIX_NEW_TOKENS = flags.DEFINE_integer("prefix_new_tokens", 16, "Tokens generated per request there.",
+                                          lower_bound=1)
 _QUANTIZE = flags.DEFINE_list("quantize", ["none"], "Weights of the qwenjax engines: none (--dtype), int8 (w8a16), "
                                "w8a8; each one besides none is one more paged engine, and one more batch job run.")
 _QUANTIZE_EMBEDDINGS = flags.DEFINE_bool("quantize_embeddings", False, "The quantized engines' embedding and head "
@@ -279,6 +290,14 @@ def main(argv):
     except qwenjax.QwenJaxError as e:
       _cli.fail(f"--concurrency (--concurrency_kv_memory={_CONCURRENCY_KV_MEMORY.value:g}, --concurrency_seq_len="
                 f"{_CONCURRENCY_SEQ_LEN.value}): {e}")
+    gc.collect()
+
+  if _PREFIX.value:
+    if tokenizer is None:
+      _cli.fail("--prefix serves chat requests: pass --model, not --preset")
+    sections["prefix"] = prefix.measure(model, tokenizer, count=_PREFIX_REQUESTS.value,
+                                        header_tokens=_PREFIX_TOKENS.value, new_tokens=_PREFIX_NEW_TOKENS.value,
+                                        max_batch_size=_JOB_SLOTS.value)
     gc.collect()
 
   logging.info("Probing the device's limits again.")

@@ -192,6 +192,14 @@ def format_table(report: dict) -> str:
               f"paged {paged['peak_sequences']} decoding at once (limited by {paged['limited_by']}; its "
               f"{paged['pool_pages']} pages hold ~{paged['pool_holds_sequences_of_this_job']} of this job's "
               f"sequences): {_times(ratios['concurrency']['paged_over_contiguous'])}"]
+  if "prefix" in report:
+    p = report["prefix"]
+    lines += ["", f"shared prefixes ({p['requests']} requests, {p['shared_prefix_tokens']}-token header, "
+              f"{p['unique_prompt_tokens']} unique prompt tokens): shared {p['shared']['seconds']:.1f} s, "
+              f"{p['shared']['computed_prompt_tokens']} computed; unshared {p['unshared']['seconds']:.1f} s, "
+              f"{p['unshared']['computed_prompt_tokens']} computed; unshared / shared time "
+              f"{_times(p['ratios']['unshared_seconds_over_shared'])}, identical completions: "
+              f"{p['identical_completions']}"]
   return "\n".join(lines)
 
 

@@ -64,7 +64,8 @@ def test_packed_prompts_of_different_lengths(tiny):
   asks for nothing: each row scores its own tokens; the one that did not ask gets no field."""
   hf = tiny[0]
   prompts = [[7], *_prompts(3, 1, 5, 30)]
-  engine = _engine(tiny, max_batch_size=5, max_prefill_chunk=256)
+  # Without prefix caching: with it, the last request would wait a round to read the pages prompt 2 writes.
+  engine = _engine(tiny, max_batch_size=5, max_prefill_chunk=256, prefix_caching=False)
   requests = [Request(prompt=p, sampling=_scored()) for p in prompts] + [Request(prompt=prompts[2])]
   outs = engine.generate(requests, SamplingParams(max_tokens=4))
   assert engine.stats["prefill_calls"] == 1, engine.stats
@@ -131,7 +132,9 @@ def test_preempted_sequences_keep_their_prompt_logprobs(tiny):
   ample = _engine(tiny, max_batch_size=4, max_seq_len=128).generate(requests)
   for p, out, ref in zip(prompts, outs, ample):
     assert out.token_ids == ref.token_ids
-    assert out.prompt_logprobs == ref.prompt_logprobs
+    # One entry per prompt token, as the ample pool's (to float rounding: the packing of calls differs).
+    assert len(out.prompt_logprobs) == len(ref.prompt_logprobs) == len(p) and out.prompt_logprobs[0] is None
+    np.testing.assert_allclose(out.prompt_logprobs[1:], ref.prompt_logprobs[1:], rtol=1e-5, atol=1e-6)
     _assert_matches(out.prompt_logprobs, _hf_prompt_logprobs(hf, p))
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 from PIL import Image
 
 import qwenjax
-from launch.bench import adapters, concurrency, job, workload
+from launch.bench import adapters, concurrency, job, prefix, workload
 from launch.bench.report import compute_ratios
 
 from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
@@ -117,11 +117,11 @@ def checkpoint(tmp_path_factory):
   return d
 
 
-@pytest.mark.slow
 def walls_of(section: dict) -> dict:
   return {n: e["wall_s"] for n, e in section["engines"].items() if "wall_s" in e}
 
 
+@pytest.mark.slow
 def test_batch_job_and_concurrency_end_to_end(checkpoint, tmp_path):
   """--job serves the mixed requests with batch_generate (paged, contiguous) and records llama.cpp as skipped for a
   checkpoint directory; --concurrency counts sequences; both land in report.json, the table and the plot."""
@@ -288,3 +288,20 @@ def test_llamacpp_job_serves_the_prepared_tokens(real_gguf_path, tmp_path):
   assert first["usage"]["prompt_tokens"] == files.prompt_tokens[0] and first["usage"]["completion_tokens"] <= 6
   assert first["finish_reason"] in ("stop", "length") and first["text"]
   assert " " not in second["text"]  # cut at the stop string
+
+
+def test_prefix_section_shares_the_header_and_changes_no_completion(checkpoint):
+  """--prefix's job on a tiny checkpoint: with caching, the prefill computes about the unique prompt tokens
+  (counted here as the distinct prefixes of the prompts), without it every prompt token; the same tokens."""
+  loaded = qwenjax.load(str(checkpoint), dtype="float32")
+  section = prefix.measure(loaded.model, loaded.tokenizer, count=6, header_tokens=300, new_tokens=3,
+                           max_batch_size=4)
+  prompts = [loaded.tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)
+             for r in prefix.requests(loaded.tokenizer, 6, 300)]
+  unique = len({tuple(p[:i]) for p in prompts for i in range(1, len(p) + 1)})
+  assert section["unique_prompt_tokens"] == unique and section["prompt_tokens"] == sum(map(len, prompts))
+  assert section["shared_prefix_tokens"] >= 250
+  assert section["identical_completions"]
+  assert section["unshared"]["computed_prompt_tokens"] == section["prompt_tokens"]
+  assert section["shared"]["computed_prompt_tokens"] <= 1.1 * unique
+  assert section["shared"]["cached_tokens"] + section["shared"]["computed_prompt_tokens"] == section["prompt_tokens"]
