@@ -12,8 +12,9 @@ What constrains a request:
     "grammar": lark}: text in the Lark grammar (llguidance's dialect); {"type": "text"} or None: nothing.
   tool_choice "required" (with `tools`): one or more Qwen (hermes) tool-call blocks, `<tool_call>\\n{"name": <a
     listed tool>, "arguments": <an object valid under that tool's parameters>}\\n</tool_call>`, separated by
-    newlines; a named function {"type": "function", "function": {"name": f}}: exactly one block calling f;
-    "none": the `<tool_call>` token is never sampled; "auto" or None: nothing.
+    newlines, then an optional newline (Qwen2.5 ends its turn so); a named function {"type": "function",
+    "function": {"name": f}}: exactly one block calling f; "none": the `<tool_call>` token is never sampled;
+    "auto" or None: nothing.
 
 Grammars are llguidance's (no torch): a spec's grammar is compiled and checked against the vocabulary once per
 `Grammars` (one per engine; keyed by the spec's canonical JSON), and each sequence gets a fresh `LLMatcher` over
@@ -205,7 +206,8 @@ class Grammars:
               "required": ["name", "arguments"], "additionalProperties": False} for f, p in functions.items()]
     body = dict(calls[0] if len(calls) == 1 else {"anyOf": calls}, **{"x-guidance": _JSON_LAYOUT})
     repeat = "" if name is not None else ' ("\\n" call)*'
-    return (f"start: call{repeat}\n"
+    # A trailing newline may end the turn: Qwen2.5 models write "</tool_call>\n" and then end-of-sequence.
+    return (f'start: call{repeat} "\\n"?\n'
             f'call: <[{self.tool_call_id}]> "\\n" body "\\n" <[{self.tool_call_end_id}]>\n'
             f"body: %json {json.dumps(body)}\n")
 
