@@ -160,6 +160,22 @@ def tiny_tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tokenizer(tiny_tokenizer_dir):
+  """qwenjax's Tokenizer of the tiny tokenizer directory."""
+  from qwenjax.text.tokenizer import Tokenizer
+
+  return Tokenizer.from_directory(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tiny_tokenizer_dir):
+  """transformers' tokenizer of the same directory: the reference."""
+  import transformers
+
+  return transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
 def real_gguf_path():
   """The assembled embedded GGUF; skips only when its part packages are not installed at all."""
   import importlib.util

@@ -49,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from qwenjax._errors import ConfigError, InputError
+from qwenjax.engine import constraints as constraints_lib
 from qwenjax.engine import programs
 from qwenjax.engine import sampling as sampling_lib
 from qwenjax.engine.buckets import LengthBuckets, next_power_of_two
@@ -106,6 +107,9 @@ class _Sequence:
   cached_tokens: int = 0
   admitted: int = 0  # paged engine: admission order (the most recent is preempted first)
   preemptions: int = 0
+  # Its response_format / tool_choice (`qwenjax.engine.constraints`): the host-side matcher, which has consumed
+  # exactly `tokens` (it stays with the sequence through preemption), or None: unconstrained.
+  constraint: constraints_lib.Constraint | None = None
 
   @property
   def context(self) -> list[int]:
@@ -234,6 +238,7 @@ class Engine:
       self._cache = KVCache.zeros(self.cfg, b, cache_len, model.dtype, sharding=cache_sharding)
       self.context_len = max_seq_len
     self._seed_rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
+    self._grammars: constraints_lib.Grammars | None = None  # built on the first constrained request
     # prompt_tokens: computed (prefilled) context tokens. The paged engine's: preemptions, peak_sequences (most
     # decoding at once), peak_pages (most pages held) and cached_tokens (context tokens read from shared pages).
     self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_calls": 0, "prefill_calls": 0,
@@ -328,6 +333,7 @@ class Engine:
       held = "" if self.context_len == self.max_seq_len else f" (all {self.pool.num_pages} pages of the KV cache)"
       raise InputError(f"the prompt has {n} tokens; the context holds {self.context_len}{held} "
                        "(prompt plus at least one generated token).")
+    self._constraint_spec(request)  # a malformed or uncompilable response_format / tool_choice: InputError here
     return prompt
 
   def _raw_prompt_visuals(self, ids: list[int], images: list, videos: list) -> list:
@@ -410,10 +416,44 @@ class Engine:
     # The context bounds generation: a sequence that fills it ends with finish_reason "length".
     max_tokens = min(params.max_tokens, self.context_len - len(prompt))
     seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
-    return [_Sequence(index, j, prompt, params, seed, stop_ids, max_tokens, vision, features,
+    seqs = [_Sequence(index, j, prompt, params, seed, stop_ids, max_tokens, vision, features,
                       decoder=self.tokenizer.stream(skip_special_tokens=True) if self.tokenizer else _NoText(),
                       prompt_logprobs=[] if params.prompt_logprobs and j == 0 else None)
             for j in range(params.n)]
+    return self._constrain(req, seqs)
+
+  # ---- constrained decoding (`qwenjax.engine.constraints`) -----------------------------------------------
+
+  @property
+  def grammars(self) -> constraints_lib.Grammars:
+    """The engine's grammar compiler and cache (each distinct response_format / tool_choice compiles once)."""
+    if self._grammars is None:
+      self._grammars = constraints_lib.Grammars(self.tokenizer, self.cfg.vocab_size, self.eos_token_ids)
+    return self._grammars
+
+  def _constraint_spec(self, request: Request) -> dict | None:
+    """What constrains `request` (None: nothing), its grammar compiled; InputError if it is malformed."""
+    if request.response_format is None and request.tool_choice is None:
+      return None
+    if self.tokenizer is None:
+      raise InputError("response_format and tool_choice need an engine with a tokenizer.")
+    return self.grammars.spec(request)
+
+  def _constrain(self, request: Request, seqs: list[_Sequence]) -> list[_Sequence]:
+    """Gives each of a request's sequences its own constraint (n samples: n matchers), if the request has one."""
+    spec = self._constraint_spec(request)
+    if spec is not None:
+      for seq in seqs:
+        seq.constraint = self.grammars.constraint(spec, seq.stop_ids)
+    return seqs
+
+  def _masks(self, seqs: Sequence[_Sequence | None]) -> np.ndarray:
+    """[len(seqs), W] int32: the tokens each may sample next (every bit set for an idle or free slot)."""
+    mask = np.full((len(seqs), constraints_lib.words(self.cfg.vocab_size)), -1, np.int32)
+    for i, seq in enumerate(seqs):
+      if seq is not None and seq.constraint is not None:
+        seq.constraint.fill(mask[i])
+    return mask
 
   def _run(self, items: Iterator[tuple[int, Request, Any]], default, events: bool = False) -> Iterator[Any]:
     """Runs sequences to completion, pulling requests from `items` as slots free up. Yields each finished
@@ -535,7 +575,11 @@ class Engine:
           self._release(slots, s)
 
   def _budget(self, seq: _Sequence) -> int:
-    """Tokens seq may still generate; the decode block writes at most this many of its positions."""
+    """Tokens the next decode block may generate for seq, and so the most of its positions it writes: what seq
+    may still generate, or 1 if a grammar constrains it (the host computes its mask one token at a time, so it
+    pauses after one token of each block; it does not end)."""
+    if seq.constraint is not None and seq.constraint.per_token:
+      return 1
     return seq.max_tokens - len(seq.tokens)
 
   def _block_pages(self, seq: _Sequence) -> int:
@@ -667,11 +711,13 @@ class Engine:
     for i, page in enumerate(seq.pages.pages[:pages_needed(len(context), ps)]):
       self.pool.register(page, parents[i], context[i * ps:(i + 1) * ps], hashes[i] if i < len(hashes) else None)
 
-  def program_shapes(self) -> dict[str, list[tuple]]:
+  def program_shapes(self, constrained: bool = False) -> dict[str, list[tuple]]:
     """Every shape the paged scheduler's programs can be called with (rows x tokens x page-table width for
     prefill, page-table width for decode, padded prompt size for first tokens and restores): the bound on what a
     job of any length compiles, per sampling variant (and, for prefill, twice as many with prompt
-    log-probabilities). `warm_up` compiles them all."""
+    log-probabilities). constrained: also the masked variants, "masked_decode" (steps, page-table width), steps
+    decode_steps and 1 (a block of grammar-constrained slots only), and "masked_first_token" (padded prompt
+    size), per sampling variant. `warm_up` compiles them all."""
     widths = sorted({self._table_width(p) for p in range(1, self.max_pages + 1)})
     prefill = []
     for w in self.buckets.sizes:  # rows: the padded counts of every group size that fits
@@ -681,16 +727,21 @@ class Engine:
     pads = sorted({_pad_width(n) for n in (1 << i for i in range(self.context_len.bit_length() + 1))
                    if n <= self.context_len})
     copy = [self.max_batch_size] if self.prefix_caching else []  # pairs per copy_pages call
-    return {"prefill": prefill, "decode": widths, "first_token": pads, "restore_slot": pads, "copy_pages": copy}
+    shapes = {"prefill": prefill, "decode": widths, "first_token": pads, "restore_slot": pads, "copy_pages": copy}
+    if constrained:
+      steps = sorted({self.decode_steps, 1})
+      shapes.update(masked_decode=[(k, p) for k in steps for p in widths], masked_first_token=pads)
+    return shapes
 
-  def warm_up(self, prompt_logprobs: bool = False) -> int:
+  def warm_up(self, prompt_logprobs: bool = False, constrained: bool = False) -> int:
     """Compiles every program the paged scheduler can call (`program_shapes`, each decode and first-token shape
     for the greedy, sampling and penalty variants) with inputs that write nothing, so that a job compiles nothing
     once it runs; prompt_logprobs: each prefill shape's scoring variant too (for jobs whose requests ask for
-    prompt log-probabilities). Returns how many program variants it ran."""
+    prompt log-probabilities); constrained: the masked decode and first-token variants too (for jobs with
+    response_format or tool_choice). Returns how many program variants it ran."""
     if not self.paged:
       raise ConfigError("warm_up enumerates the paged engine's programs; this engine has paged=False.")
-    shapes, b, v = self.program_shapes(), self.max_batch_size, self.cfg.vocab_size
+    shapes, b, v = self.program_shapes(constrained), self.max_batch_size, self.cfg.vocab_size
     count = 0
     with self._on_mesh():
       for r, w, p in shapes["prefill"]:
@@ -719,6 +770,8 @@ class Engine:
               [SamplingParams()], sample_indices=[0], seeds=[0]))
           _, _, self._slots = programs.first_token(np.zeros((1, v), np.float32), self._slots, inputs, needs=needs)
           count += 1
+        if constrained:
+          count += self._warm_up_masked(shapes, needs, idle)
       for pad in shapes["restore_slot"]:
         self._slots = programs.restore_slot(self._slots, np.int32(0), np.zeros(pad, np.int32), np.int32(0),
                                             np.zeros(pad, np.int32), np.int32(0))
@@ -726,6 +779,24 @@ class Engine:
       for pairs in shapes["copy_pages"]:  # every destination -1: copies nothing
         self._cache = programs.copy_pages(self._cache, np.zeros(pairs, np.int32), np.full(pairs, -1, np.int32))
         count += 1
+    return count
+
+  def _warm_up_masked(self, shapes: dict, needs: sampling_lib.SamplingNeeds, idle: DecodeInputs) -> int:
+    """warm_up's masked variants of one sampling variant (`program_shapes(constrained=True)`); returns how many."""
+    b, v = self.max_batch_size, self.cfg.vocab_size
+    needs, count = dataclasses.replace(needs, masked=True), 0
+    idle = dataclasses.replace(idle, mask=self._masks([None] * b))
+    for k, p in shapes["masked_decode"]:
+      inputs = PagedDecodeInputs(idle, np.zeros(b, np.int32), np.zeros((b, p), np.int32), np.zeros(b, np.int32))
+      *_, self._cache, self._slots = programs.paged_decode_block(self.graphdef, self.params, self._cache, self._slots,
+                                                                 inputs, needs=needs, num_steps=k,
+                                                                 impl=self.attention_impl)
+      count += 1
+    for pad in shapes["masked_first_token"]:
+      inputs = FirstTokenInputs(np.int32(0), np.zeros(pad, np.int32), np.int32(1), sampling_lib.pack(
+          [SamplingParams()], sample_indices=[0], seeds=[0]), self._masks([None]))
+      _, _, self._slots = programs.first_token(np.zeros((1, v), np.float32), self._slots, inputs, needs=needs)
+      count += 1
     return count
 
   def _prefill_call(self, group, done: dict, width: int) -> jax.Array:
@@ -794,10 +865,20 @@ class Engine:
                                             np.int32(len(seq.prompt)), _padded(seq.tokens, width),
                                             np.int32(len(seq.tokens)))
       return None
+    return self._first_token(slot, seq, logits)
+
+  def _first_token(self, slot: int, seq: _Sequence, logits: jax.Array) -> tuple[int, float]:
+    """seq's first token and its log-probability, sampled from its prompt's last logits [1, V] into `slot`
+    (penalty state reset to the prompt); masked by its constraint, if it has one."""
+    mask = None
+    if seq.constraint is not None:
+      mask = self._masks([seq])
     inputs = FirstTokenInputs(np.int32(slot), _padded(seq.prompt), np.int32(len(seq.prompt)),
-                              sampling_lib.pack([seq.params], sample_indices=[seq.sample_index], seeds=[seq.seed]))
+                              sampling_lib.pack([seq.params], sample_indices=[seq.sample_index], seeds=[seq.seed]),
+                              mask)
+    needs = dataclasses.replace(_needs_of([seq.params]), masked=mask is not None)
     with self._on_mesh():
-      tok, logprob, self._slots = programs.first_token(logits, self._slots, inputs, needs=_needs_of([seq.params]))
+      tok, logprob, self._slots = programs.first_token(logits, self._slots, inputs, needs=needs)
     return int(tok), float(logprob)
 
   def _decode_paged(self, slots: list[_Sequence | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -807,11 +888,11 @@ class Engine:
       if seq is not None:
         position[i], rope_offset[i] = len(seq.prompt) + len(seq.tokens) - 1, seq.rope_offset
     inputs = PagedDecodeInputs(self._decode_inputs(slots), position, self._page_table(slots, b), rope_offset)
-    live = [s for s in slots if s is not None]
+    needs, num_steps = self._decode_variant(slots)
     with self._on_mesh():
       out_tok, out_lp, self._cache, self._slots = programs.paged_decode_block(
-          self.graphdef, self.params, self._cache, self._slots, inputs, needs=_needs_of(s.params for s in live),
-          num_steps=self.decode_steps, impl=self.attention_impl)
+          self.graphdef, self.params, self._cache, self._slots, inputs, needs=needs, num_steps=num_steps,
+          impl=self.attention_impl)
     self.stats["decode_calls"] += 1
     return np.asarray(out_tok), np.asarray(out_lp)
 
@@ -834,11 +915,7 @@ class Engine:
       _keep_scores(scored, scores)
       self.stats["prefill_calls"] += 1
     self.stats["prompt_tokens"] += len(prompt)
-    inputs = FirstTokenInputs(np.int32(slot), _padded(prompt), np.int32(len(prompt)),
-                              sampling_lib.pack([seq.params], sample_indices=[seq.sample_index], seeds=[seq.seed]))
-    with self._on_mesh():
-      tok, logprob, self._slots = programs.first_token(logits, self._slots, inputs, needs=_needs_of([seq.params]))
-    return int(tok), float(logprob)
+    return self._first_token(slot, seq, logits)
 
   def _vision_chunk(self, seq: _Sequence, start: int, width: int) -> VisionInputs:
     """A Qwen2.5-VL model's extra prefill inputs for prompt tokens [start, start + width): 3D positions, the
@@ -874,20 +951,30 @@ class Engine:
     for i, seq in enumerate(slots):
       if seq is None:
         continue
-      tokens[i], step[i], budget[i], active[i] = seq.tokens[-1], len(seq.tokens), seq.max_tokens - len(seq.tokens), True
+      tokens[i], step[i], budget[i], active[i] = seq.tokens[-1], len(seq.tokens), self._budget(seq), True
       stop_ids[i, :len(seq.stop_ids)] = sorted(seq.stop_ids)
     arrays = sampling_lib.pack([s.params if s else None for s in slots],
                                sample_indices=[s.sample_index if s else 0 for s in slots],
                                seeds=[s.seed if s else 0 for s in slots])
-    return DecodeInputs(tokens, step, active, budget, stop_ids, arrays)
+    mask = self._masks(slots) if any(s.constraint is not None for s in live) else None
+    return DecodeInputs(tokens, step, active, budget, stop_ids, arrays, mask)
+
+  def _decode_variant(self, slots: list[_Sequence | None]) -> tuple[sampling_lib.SamplingNeeds, int]:
+    """A decode block's static variant: the sampling needs (masked if any slot is constrained) and its steps,
+    one when every live slot is grammar-constrained (each samples one token per block: more steps would idle)."""
+    live = [s for s in slots if s is not None]
+    masked = any(s.constraint is not None for s in live)
+    paused = all(s.constraint is not None and s.constraint.per_token for s in live)
+    return dataclasses.replace(_needs_of(s.params for s in live), masked=masked), 1 if paused else self.decode_steps
 
   def _decode(self, slots: list[_Sequence | None]) -> tuple[np.ndarray, np.ndarray]:
     live = [s for s in slots if s is not None]
     inputs = self._decode_inputs(slots)
+    needs, num_steps = self._decode_variant(slots)
     with self._on_mesh():
       out_tok, out_lp, self._cache, self._slots = programs.decode_block(
-          self.graphdef, self.params, self._cache, self._slots, inputs, needs=_needs_of(s.params for s in live),
-          num_steps=self.decode_steps, kv_len=self._kv_len(live))
+          self.graphdef, self.params, self._cache, self._slots, inputs, needs=needs, num_steps=num_steps,
+          kv_len=self._kv_len(live))
     self.stats["decode_calls"] += 1
     return np.asarray(out_tok), np.asarray(out_lp)
 
@@ -911,6 +998,9 @@ class Engine:
         seq.finish_reason = "stop"
         break
       seq.text += seq.decoder.add(tok)
+      if seq.constraint is not None and not seq.constraint.advance(tok):
+        seq.finish_reason = constraints_lib.GRAMMAR_ERROR  # never with a mask that held; a matcher's limit, say
+        break
       if seq.params.stop and self._cut_stop_string(seq):
         break
       if len(seq.tokens) >= seq.max_tokens:

@@ -42,6 +42,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qwenjax._errors import InputError
+from qwenjax.engine.constraints import GRAMMAR_ERROR
 from qwenjax.engine.requests import Completion, Request, RequestOutput
 from qwenjax.engine.sampling import SamplingParams
 from qwenjax.text import tool_calls as tool_calls_lib
@@ -268,6 +269,10 @@ def result_line(obj: Mapping[str, Any], output: RequestOutput, *, model: str, to
   created: the body's Unix time (default: now).
   """
   custom_id, digest = obj["custom_id"], _digest(obj["custom_id"])
+  broken = [c.index for c in output.outputs if c.finish_reason == GRAMMAR_ERROR]
+  if broken:  # no API finish_reason says "the constraint failed"; the line is a server error, not a bad answer
+    return error_line(custom_id, GRAMMAR_ERROR, f"choice {broken[0]}: the grammar of its response_format / "
+                      "tool_choice refused a token (a matcher limit); the output would not conform.", 500)
   body = {k: v for k, v in obj.get("body", {}).items() if v is not None}
   chat = obj.get("url") == CHAT_URL
   parse_tools = chat and bool(body.get("tools")) and body.get("tool_choice") != "none"

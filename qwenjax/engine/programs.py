@@ -104,12 +104,14 @@ class SlotState:
 @dataclasses.dataclass(frozen=True)
 class FirstTokenInputs:
   """One admitted slot's first sample. slot: [] int32; prompt: [T] int32, its prompt padded to a power of two;
-  prompt_len: [] int32, the real tokens of `prompt`; sampling: its SamplingArrays (one row)."""
+  prompt_len: [] int32, the real tokens of `prompt`; sampling: its SamplingArrays (one row); mask: [1, W] int32,
+  the tokens it may sample (`qwenjax.engine.constraints`), read with needs.masked (else None)."""
 
   slot: jax.Array
   prompt: jax.Array
   prompt_len: jax.Array
   sampling: sampling_lib.SamplingArrays
+  mask: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -117,7 +119,10 @@ class FirstTokenInputs:
 class DecodeInputs:
   """Every slot's inputs to a decode block. tokens: [B] int32, each slot's last token; step: [B] int32, tokens
   it has generated; active: [B] bool, slots that decode (the rest idle); budget: [B] int32, tokens it may still
-  generate; stop_ids: [B, E] int32, its stop token ids (-1 padded); sampling: the slots' SamplingArrays."""
+  generate; stop_ids: [B, E] int32, its stop token ids (-1 padded); sampling: the slots' SamplingArrays; mask:
+  [B, W] int32, the tokens each slot may sample (`qwenjax.engine.constraints`; -1 words: all), read with
+  needs.masked (else None). The same mask holds for all k steps: a slot whose mask changes per token (a grammar)
+  gets budget 1, so it samples one token and then idles until the host has advanced its grammar."""
 
   tokens: jax.Array
   step: jax.Array
@@ -125,6 +130,7 @@ class DecodeInputs:
   budget: jax.Array
   stop_ids: jax.Array
   sampling: sampling_lib.SamplingArrays
+  mask: jax.Array | None = None
 
 
 # The model steps, unjitted.
@@ -263,7 +269,7 @@ def first_token(logits: jax.Array, slots: SlotState, inputs: FirstTokenInputs, n
   prompt_mask = prompt_mask.at[slot].set(row)
   counts = counts.at[slot].set(0)
   tok, logprob = sampling_lib.sample(logits, inputs.sampling, jnp.zeros((1,), jnp.int32), prompt_mask[slot][None],
-                                     counts[slot][None], needs)
+                                     counts[slot][None], needs, mask=inputs.mask)
   counts = counts.at[slot, tok[0]].add(1)
   # The token and its log-probability whole on every device: every process of a multi-host mesh reads them.
   return (constrain(tok[0], ()), constrain(logprob[0], ()),
@@ -290,7 +296,8 @@ def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sam
   def body(i, carry):
     cache, counts, tok, step_count, active, budget, out_tok, out_lp = carry
     logits, cache = step(i, cache, tok)
-    new, logprob = sampling_lib.sample(logits, inputs.sampling, step_count, prompt_mask, counts, needs)
+    new, logprob = sampling_lib.sample(logits, inputs.sampling, step_count, prompt_mask, counts, needs,
+                                       mask=inputs.mask)
     counts = constrain(sampling_lib.update_counts(counts, new, active), SlotState.AXES)
     out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
     out_lp = out_lp.at[i].set(logprob)

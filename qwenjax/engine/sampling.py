@@ -11,7 +11,8 @@ top-k/top-p, which gives a different result only when top_p and min_p are both s
 
   1. penalties, on the raw logits l. Repetition (transformers' and vLLM's CTRL rule), over every token that is in
      the prompt or was generated: l / r where l > 0, l * r otherwise. Then OpenAI's presence and frequency
-     penalties, over generated tokens only: l - presence * (count > 0) - frequency * count.
+     penalties, over generated tokens only: l - presence * (count > 0) - frequency * count. A constrained slot's
+     forbidden tokens (its row of a token bitmask, `qwenjax.engine.constraints`) then become -inf.
   2. temperature: greedy (argmax of the penalised logits; the lowest id wins a tie) where temperature is 0, else
      z = l / temperature. Temperatures below 1e-5 count as 0 (vLLM's rule), which keeps z finite.
   3. top-k: keep the tokens whose z is at least the k-th largest. Every token tied with the k-th is kept, as in
@@ -195,6 +196,7 @@ class SamplingNeeds:
   top_p: bool = False  # some sampling slot has top_p < 1
   min_p: bool = False  # some sampling slot has min_p > 0
   penalties: bool = False  # some slot has a repetition, presence or frequency penalty
+  masked: bool = False  # some slot is constrained: `sample` takes a token bitmask (`qwenjax.engine.constraints`)
 
 
 @jax.tree_util.register_dataclass
@@ -468,6 +470,12 @@ def _draw(pen: jax.Array, weight, u: jax.Array) -> jax.Array:
   return (blk * _BLOCK + jnp.minimum(j, last_positive(inner))).astype(jnp.int32)
 
 
+def _unpack(mask: jax.Array, v: int) -> jax.Array:
+  """[B, W] int32 bitmask -> [B, V] bool: token t allowed where bit t % 32 of word t // 32 is set."""
+  bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+  return bits.reshape(mask.shape[0], -1)[:, :v].astype(bool)
+
+
 def _slot_uniforms(seed: jax.Array, sample_index: jax.Array, step: jax.Array) -> jax.Array:
   """[B] uniforms in [0, 1), slot b's from fold_in(fold_in(key(seed[b]), sample_index[b]), step[b])."""
 
@@ -480,12 +488,15 @@ def _slot_uniforms(seed: jax.Array, sample_index: jax.Array, step: jax.Array) ->
 
 def sample(logits: jax.Array, arrays: SamplingArrays, step: jax.Array, prompt_mask: jax.Array | None,
            output_counts: jax.Array | None, needs: SamplingNeeds, *, fast_k: int = _FAST_K,
-           ) -> tuple[jax.Array, jax.Array]:
+           mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Next tokens [B] int32 and their log-probabilities [B] float32 under the raw logits. Jittable, needs static.
 
   logits [B, V] raw model logits; step [B] int32 (or a scalar), the index of the token each slot generates;
   prompt_mask [B, V] bool and output_counts [B, V] int32 are read only if needs.penalties (else may be None).
   fast_k: how many of the largest logits top-k and top-p look at before bisecting (static; tests lower it).
+  mask: [B, W] int32 token bitmask (`qwenjax.engine.constraints`; -1 words allow everything), read only if
+    needs.masked: a forbidden token's penalised logit becomes -inf before every filter, so neither greedy nor
+    sampling ever picks it (each row must allow some token). The log-probability reported stays the raw one.
   """
   logits = logits.astype(jnp.float32)
   b, v = logits.shape
@@ -494,9 +505,11 @@ def sample(logits: jax.Array, arrays: SamplingArrays, step: jax.Array, prompt_ma
   if needs.penalties:
     pen = apply_penalties(logits, prompt_mask, output_counts, a.repetition_penalty, a.presence_penalty,
                           a.frequency_penalty)
+  if needs.masked:
+    pen = jnp.where(_unpack(mask, v), pen, -jnp.inf)
   tokens = _argmax(pen)  # [B] greedy
   pen_max = jnp.take_along_axis(pen, tokens[:, None], -1)[:, 0]  # [B]
-  raw_max = jnp.max(logits, axis=-1) if needs.penalties else pen_max
+  raw_max = jnp.max(logits, axis=-1) if needs.penalties or needs.masked else pen_max
   lse = raw_max + jnp.log(jnp.sum(jnp.exp(logits - raw_max[:, None]), axis=-1))  # [B]
   if needs.sampling:
     live = a.temperature > 0  # [B]

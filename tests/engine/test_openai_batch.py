@@ -105,16 +105,6 @@ WEATHER = {"type": "function", "function": {
 CLOCK = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-  return Tokenizer.from_directory(tiny_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_tok(tiny_tokenizer_dir):
-  return transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-
-
 def _completion(tok, text, index=0, finish="stop", logprobs=False):
   ids = tok.encode(text, add_special_tokens=False)
   return Completion(text, ids, finish, index, [-0.25 * (i + 1) for i in range(len(ids))] if logprobs else None)
@@ -243,12 +233,12 @@ def test_bad_lines_raise_one_error_naming_the_field(change, message):
 # --- Output lines (synthetic outputs) -----------------------------------------------------------------------
 
 
-def test_chat_result_with_n_choices_usage_and_metadata(tok):
+def test_chat_result_with_n_choices_usage_and_metadata(tokenizer):
   line = _line("n2", {"messages": [{"role": "user", "content": "Hi"}], "n": 2})
   line["metadata"] = {"shard": 3, "tags": ["a"]}
-  output = RequestOutput("n2", 17, [_completion(tok, "Hello there.", 0), _completion(tok, "Hi!", 1, "length")],
-                         cached_tokens=16)
-  out, body = _output(line, output=output, tokenizer=tok)
+  choices = [_completion(tokenizer, "Hello there.", 0), _completion(tokenizer, "Hi!", 1, "length")]
+  output = RequestOutput("n2", 17, choices, cached_tokens=16)
+  out, body = _output(line, output=output, tokenizer=tokenizer)
   assert out["metadata"] == {"shard": 3, "tags": ["a"]}
   assert body.object == "chat.completion" and body.model == "qwen2.5-tiny" and body.created == 1_700_000_000
   assert [(c.index, c.message.role, c.message.content, c.finish_reason, c.logprobs) for c in body.choices] == [
@@ -257,24 +247,24 @@ def test_chat_result_with_n_choices_usage_and_metadata(tok):
   assert (body.usage.prompt_tokens, body.usage.completion_tokens, body.usage.total_tokens) == (17, generated,
                                                                                                 17 + generated)
   assert body.usage.prompt_tokens_details.cached_tokens == 16
-  again = openai_batch.result_line(line, output, model="qwen2.5-tiny", tokenizer=tok, created=1_700_000_000)
+  again = openai_batch.result_line(line, output, model="qwen2.5-tiny", tokenizer=tokenizer, created=1_700_000_000)
   assert again == out  # ids derive from the custom_id: a rerun writes the same line
-  other = openai_batch.result_line(dict(line, custom_id="n3"), output, model="m", tokenizer=tok)
+  other = openai_batch.result_line(dict(line, custom_id="n3"), output, model="m", tokenizer=tokenizer)
   assert other["id"] != out["id"] and other["response"]["body"]["id"] != body.id
 
 
-def test_tool_calls_become_openai_tool_calls(tok):
+def test_tool_calls_become_openai_tool_calls(tokenizer):
   line = _line("tools", {"messages": [{"role": "user", "content": "Weather in Paris and the time?"}],
                          "tools": [WEATHER, CLOCK], "n": 3})
   calls = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
            '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
   bad = '<tool_call>\n{"name": "now", "arguments": {]}\n</tool_call>'
   output = RequestOutput("tools", 40, [
-      _completion(tok, "Checking.\n" + calls, 0),
-      _completion(tok, f"{bad}\nSorry.", 1),
-      _completion(tok, calls[:110], 2, "length"),  # cut inside the second call by max_tokens
+      _completion(tokenizer, "Checking.\n" + calls, 0),
+      _completion(tokenizer, f"{bad}\nSorry.", 1),
+      _completion(tokenizer, calls[:110], 2, "length"),  # cut inside the second call by max_tokens
   ])
-  out, body = _output(line, output=output, tokenizer=tok)
+  out, body = _output(line, output=output, tokenizer=tokenizer)
   first, second, third = body.choices
   assert first.finish_reason == "tool_calls" and first.message.content == "Checking."
   assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in first.message.tool_calls] == [
@@ -292,12 +282,12 @@ def test_tool_calls_become_openai_tool_calls(tok):
       "tool call block 2: the text ends inside the block (cut short?)"]
 
 
-def test_without_tools_or_with_tool_choice_none_the_text_is_content(tok):
+def test_without_tools_or_with_tool_choice_none_the_text_is_content(tokenizer):
   text = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
-  output = RequestOutput("x", 5, [_completion(tok, text)])
+  output = RequestOutput("x", 5, [_completion(tokenizer, text)])
   for body in ({}, {"tools": [CLOCK], "tool_choice": "none"}):
     line = _line("x", {"messages": [{"role": "user", "content": "?"}], **body})
-    _, parsed = _output(line, output=output, tokenizer=tok)
+    _, parsed = _output(line, output=output, tokenizer=tokenizer)
     assert parsed.choices[0].message.content == text and parsed.choices[0].message.tool_calls is None
     assert parsed.choices[0].finish_reason == "stop"
 
@@ -308,31 +298,31 @@ def _reference_bytes(hf, ids):
   return [bytes(byte_of[c] for c in piece) for piece in hf.convert_ids_to_tokens(ids)]
 
 
-def test_chat_logprobs_report_each_chosen_token(tok, hf_tok):
+def test_chat_logprobs_report_each_chosen_token(tokenizer, hf_tokenizer):
   line = _line("lp", {"messages": [{"role": "user", "content": "?"}], "logprobs": True, "top_logprobs": 0})
-  completion = _completion(tok, "Café naïve 😀 done", logprobs=True)
-  _, body = _output(line, output=RequestOutput("lp", 3, [completion]), tokenizer=tok)
+  completion = _completion(tokenizer, "Café naïve 😀 done", logprobs=True)
+  _, body = _output(line, output=RequestOutput("lp", 3, [completion]), tokenizer=tokenizer)
   content = body.choices[0].logprobs.content
   assert [t.logprob for t in content] == completion.logprobs
-  want = _reference_bytes(hf_tok, completion.token_ids)
+  want = _reference_bytes(hf_tokenizer, completion.token_ids)
   assert [bytes(t.bytes) for t in content] == want
   assert [t.token for t in content] == [b.decode("utf-8", errors="replace") for b in want]
   assert b"".join(want).decode() == completion.text and all(t.top_logprobs == [] for t in content)
 
 
-def test_completion_logprobs_and_text_offsets(tok, hf_tok):
+def test_completion_logprobs_and_text_offsets(tokenizer, hf_tokenizer):
   line = _line("cl", {"prompt": "x", "logprobs": 0, "n": 2}, url="/v1/completions")
   texts = ["print(x.sum())  # 你好", "12345"]
-  output = RequestOutput("cl", 1, [_completion(tok, t, i, logprobs=True) for i, t in enumerate(texts)])
-  out, body = _output(line, output=output, tokenizer=tok)
+  output = RequestOutput("cl", 1, [_completion(tokenizer, t, i, logprobs=True) for i, t in enumerate(texts)])
+  out, body = _output(line, output=output, tokenizer=tokenizer)
   assert body.object == "text_completion" and [c.text for c in body.choices] == texts
   for choice, completion in zip(body.choices, output.outputs):
     ids = completion.token_ids
     assert choice.logprobs.token_logprobs == completion.logprobs
-    want = _reference_bytes(hf_tok, ids)
+    want = _reference_bytes(hf_tokenizer, ids)
     assert choice.logprobs.tokens == [b.decode("utf-8", errors="replace") for b in want]
     # Offsets: the characters fully decoded before each token (a partial character is not yet text).
-    assert choice.logprobs.text_offset == [len(hf_tok.decode(ids[:k]).rstrip("\ufffd")) for k in range(len(ids))]
+    assert choice.logprobs.text_offset == [len(hf_tokenizer.decode(ids[:k]).rstrip("\ufffd")) for k in range(len(ids))]
   assert body.usage.completion_tokens == sum(len(c.token_ids) for c in output.outputs)
 
 
@@ -349,6 +339,18 @@ def test_error_lines_carry_status_code_and_message():
   assert server["response"]["status_code"] == 500 and server["response"]["body"]["error"]["type"] == "server_error"
   assert not openai_batch.is_result({"id": "x", "text": "hi"}) and not openai_batch.is_result(
       {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}})
+
+
+def test_a_choice_whose_grammar_failed_makes_the_line_a_server_error(tokenizer):
+  """finish_reason "grammar_error" (a matcher refused a token) has no API value: the line becomes a 500 error
+  rather than a 200 whose content breaks its response_format."""
+  line = _line("g", {"messages": [{"role": "user", "content": "Hi"}], "n": 2,
+                     "response_format": {"type": "json_object"}})
+  output = RequestOutput("g", 9, [_completion(tokenizer, "{}", 0), _completion(tokenizer, "{\"a", 1, "grammar_error")])
+  out = openai_batch.result_line(line, output, model="m", tokenizer=tokenizer)
+  envelope = _BatchOutputLine.model_validate(out)
+  assert envelope.response.status_code == 500 and envelope.error.code == "grammar_error"
+  assert envelope.error.message.startswith("choice 1: ")
 
 
 # --- Through a real engine ----------------------------------------------------------------------------------

@@ -89,3 +89,74 @@ def test_a_killed_job_resumes_without_duplicates(checkpoint, tmp_path):
   assert len(resumed) == len(complete)
   # Greedy and seeded requests answer the same whichever run served them.
   assert {json.dumps(r["id"]): r for r in resumed} == complete
+
+
+COLOR = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer",
+         "minimum": 0, "maximum": 99}}, "required": ["color", "n"], "additionalProperties": False}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+    "a": {"type": "integer", "minimum": 0, "maximum": 9}, "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+
+
+def _openai_line(custom_id, **body):
+  return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+          "body": {"model": "qwen", "messages": [{"role": "user", "content": "Add two numbers"}], **body}}
+
+
+def test_a_glob_of_simple_and_openai_files_with_constraints(checkpoint, tmp_path):
+  """Two input files named by a glob, one per format: JSON-schema outputs sampled at temperature 1 validate,
+  a named tool_choice (one call) and "required" (one or more: this random model goes on to max_tokens) become
+  tool_calls, an invalid schema is that line's error (the others
+  are served), metadata passes through untouched, and the summary counts every line."""
+  import jsonschema  # pylint: disable=g-import-not-at-top
+  import openai.types.chat as oai_chat  # pylint: disable=g-import-not-at-top
+
+  simple = [{"id": "s1", "messages": [{"role": "user", "content": "Add 2 and 3"}], "tools": [ADD],
+             "tool_choice": {"type": "function", "function": {"name": "add"}},
+             "sampling": {"max_tokens": 60, "temperature": 1.0, "seed": 1},
+             "metadata": {"split": "train", "n": [1, 2]}},
+            {"id": "s2", "prompt": "A color:", "sampling": {"temperature": 1.0, "seed": 2, "max_tokens": 40},
+             "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": COLOR}}}]
+  fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": COLOR}}
+  batch = [_openai_line("o1", response_format=fmt, temperature=1.0, seed=3, n=2, max_tokens=40),
+           _openai_line("o2", tools=[ADD], tool_choice="required", max_tokens=60, temperature=1.0, seed=4) | {
+               "metadata": {"keep": True}},
+           _openai_line("o3", response_format={"type": "json_schema", "json_schema": {
+               "name": "bad", "schema": {"type": "nope"}}})]
+  (tmp_path / "in-1.jsonl").write_text("".join(json.dumps(x) + "\n" for x in simple))
+  (tmp_path / "in-2.jsonl").write_text("".join(json.dumps(x) + "\n" for x in batch))
+  out = tmp_path / "out.jsonl"
+  proc = subprocess.run([sys.executable, "-m", "launch.batch_generate", f"--model={checkpoint}",
+                         f"--input={tmp_path}/in-*.jsonl", f"--output={out}", "--max_batch_size=4",
+                         "--max_seq_len=1024"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = _records(out)
+  by_id = {r.get("custom_id", r.get("id")): r for r in records}
+  assert sorted(by_id) == ["o1", "o2", "o3", "s1", "s2"] and len(records) == 5
+
+  s1 = by_id["s1"]
+  assert s1["metadata"] == {"split": "train", "n": [1, 2]} and s1["finish_reason"] == "stop", s1
+  [call] = s1["tool_calls"]  # a named function: exactly one call
+  assert call["function"]["name"] == "add" and "tool_call_errors" not in s1
+  jsonschema.validate(json.loads(call["function"]["arguments"]), ADD["function"]["parameters"])
+  jsonschema.validate(json.loads(by_id["s2"]["text"]), COLOR)
+
+  o1 = oai_chat.ChatCompletion.model_validate(by_id["o1"]["response"]["body"])
+  assert len(o1.choices) == 2
+  for choice in o1.choices:
+    assert choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(choice.message.content), COLOR)
+  o2 = oai_chat.ChatCompletion.model_validate(by_id["o2"]["response"]["body"])
+  assert by_id["o2"]["metadata"] == {"keep": True}
+  calls = o2.choices[0].message.tool_calls
+  assert o2.choices[0].finish_reason in ("tool_calls", "length") and calls
+  for call in calls:
+    assert call.function.name == "add"
+    jsonschema.validate(json.loads(call.function.arguments), ADD["function"]["parameters"])
+  o3 = by_id["o3"]
+  assert o3["response"]["status_code"] == 400 and "invalid JSON schema" in o3["error"]["message"], o3
+  assert o3["error"]["message"].startswith(f"{tmp_path}/in-2.jsonl:3: ")
+
+  summary = json.loads(pathlib.Path(f"{out}.summary.json").read_text())
+  assert summary["answered"] == 4 and summary["failed"] == 1 and summary["errors"] == {"invalid_request": 1}, summary
+  assert summary["complete"] and sum(summary["finish_reasons"].values()) == 5, summary

@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-import transformers
 
 from qwenjax._errors import CheckpointError, ConfigError, InputError
 from qwenjax.text.gguf_vocab import QWEN2_SPLIT_REGEX
@@ -80,16 +79,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ours(tiny_tokenizer_dir):
-  return Tokenizer.from_directory(tiny_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def theirs(tiny_tokenizer_dir):
-  return transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-
-
 def _copy_dir(src, dst, **files):
   """Copies a tokenizer directory, then writes (name=text) or deletes (name=None) files."""
   shutil.copytree(src, dst)
@@ -105,47 +94,47 @@ def _copy_dir(src, dst, **files):
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("with_tools", [False, True])
 @pytest.mark.parametrize("chat", sorted(CHATS))
-def test_chat_template_matches_transformers(ours, theirs, chat, with_tools, add_generation_prompt):
+def test_chat_template_matches_transformers(tokenizer, hf_tokenizer, chat, with_tools, add_generation_prompt):
   tools = [WEATHER_TOOL, SEARCH_TOOL] if with_tools else None
-  expected = theirs.apply_chat_template(CHATS[chat], tools=tools, add_generation_prompt=add_generation_prompt,
+  expected = hf_tokenizer.apply_chat_template(CHATS[chat], tools=tools, add_generation_prompt=add_generation_prompt,
                                         tokenize=False)
-  got = ours.apply_chat_template(CHATS[chat], tools=tools, add_generation_prompt=add_generation_prompt)
+  got = tokenizer.apply_chat_template(CHATS[chat], tools=tools, add_generation_prompt=add_generation_prompt)
   assert got.encode("utf-8") == expected.encode("utf-8")
 
 
-def test_chat_template_tokenized_matches_transformers(ours, theirs):
+def test_chat_template_tokenized_matches_transformers(tokenizer, hf_tokenizer):
   messages = CHATS["tool_calls"]
-  expected = theirs.apply_chat_template(messages, tools=[WEATHER_TOOL], add_generation_prompt=True,
+  expected = hf_tokenizer.apply_chat_template(messages, tools=[WEATHER_TOOL], add_generation_prompt=True,
                                         tokenize=True, return_dict=False)
-  assert ours.apply_chat_template(messages, tools=[WEATHER_TOOL], tokenize=True) == list(expected)
+  assert tokenizer.apply_chat_template(messages, tools=[WEATHER_TOOL], tokenize=True) == list(expected)
 
 
-def test_template_variables_match_transformers(tiny_tokenizer_dir, tmp_path, theirs):
+def test_template_variables_match_transformers(tiny_tokenizer_dir, tmp_path, hf_tokenizer):
   template = "[{{ bos_token }}|{{ eos_token }}|{{ pad_token }}|{{ unk_token }}|{{ flavour }}|{{ tools }}|" \
              "{{ documents }}]"
   directory = _copy_dir(tiny_tokenizer_dir, tmp_path / "t", chat_template__jinja=template)
   messages = [{"role": "user", "content": "x"}]
-  expected = theirs.apply_chat_template(messages, chat_template=template, tokenize=False, flavour="mint")
+  expected = hf_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, flavour="mint")
   assert Tokenizer.from_directory(directory).apply_chat_template(messages, flavour="mint") == expected
 
 
-def test_encode_decode_match_transformers(ours, theirs):
+def test_encode_decode_match_transformers(tokenizer, hf_tokenizer):
   for text in TEXTS:
-    ids = ours.encode(text)
-    assert ids == theirs.encode(text), text
-    assert ours.decode(ids) == theirs.decode(ids) == text
-    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
-  assert ours.decode(ours.encode("<tool_call><|im_end|>"), skip_special_tokens=True) == "<tool_call>"
+    ids = tokenizer.encode(text)
+    assert ids == hf_tokenizer.encode(text), text
+    assert tokenizer.decode(ids) == hf_tokenizer.decode(ids) == text
+    assert tokenizer.decode(ids, skip_special_tokens=True) == hf_tokenizer.decode(ids, skip_special_tokens=True)
+  assert tokenizer.decode(tokenizer.encode("<tool_call><|im_end|>"), skip_special_tokens=True) == "<tool_call>"
 
 
-def test_special_ids_and_vocab(ours, theirs):
-  im_end, endoftext = ours.token_to_id("<|im_end|>"), ours.token_to_id("<|endoftext|>")
-  assert ours.eos_token_ids == [im_end, endoftext]
-  assert ours.pad_token_id == endoftext == theirs.pad_token_id
-  assert ours.vocab_size == len(theirs)
-  assert ours.special_tokens["eos_token"] == "<|im_end|>" and ours.special_tokens["bos_token"] is None
+def test_special_ids_and_vocab(tokenizer, hf_tokenizer):
+  im_end, endoftext = tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
+  assert tokenizer.eos_token_ids == [im_end, endoftext]
+  assert tokenizer.pad_token_id == endoftext == hf_tokenizer.pad_token_id
+  assert tokenizer.vocab_size == len(hf_tokenizer)
+  assert tokenizer.special_tokens["eos_token"] == "<|im_end|>" and tokenizer.special_tokens["bos_token"] is None
   for token in ("<|im_start|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|vision_start|>"):
-    assert ours.encode(token) == [ours.token_to_id(token)]
+    assert tokenizer.encode(token) == [tokenizer.token_to_id(token)]
 
 
 def test_split_regex_is_qwen2s():
@@ -154,8 +143,8 @@ def test_split_regex_is_qwen2s():
   assert QWEN2_SPLIT_REGEX == PRETOKENIZE_REGEX
 
 
-def test_eos_ids_union_in_order(tiny_tokenizer_dir, tmp_path, ours):
-  im_end, endoftext, im_start = (ours.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>"))
+def test_eos_ids_union_in_order(tiny_tokenizer_dir, tmp_path, tokenizer):
+  im_end, endoftext, im_start = (tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>"))
   directory = _copy_dir(tiny_tokenizer_dir, tmp_path / "t",
                         generation_config__json=json.dumps({"eos_token_id": endoftext}),
                         config__json=json.dumps({"eos_token_id": [im_start, endoftext]}))
@@ -204,21 +193,21 @@ def test_template_errors_are_one_line(tiny_tokenizer_dir, tmp_path, template, er
   assert "\n" not in message and str(directory / "chat_template.jinja") in message
 
 
-def test_bad_messages_are_input_errors(ours):
+def test_bad_messages_are_input_errors(tokenizer):
   with pytest.raises(InputError, match="list of dicts"):
-    ours.apply_chat_template("hello")
+    tokenizer.apply_chat_template("hello")
   with pytest.raises(InputError, match="empty"):
-    ours.apply_chat_template([])
+    tokenizer.apply_chat_template([])
   with pytest.raises(InputError, match=r"messages\[1\] is a str"):
-    ours.apply_chat_template([{"role": "user", "content": "a"}, "b"])
+    tokenizer.apply_chat_template([{"role": "user", "content": "a"}, "b"])
   with pytest.raises(InputError, match="UndefinedError") as err:  # Qwen's template concatenates content.
-    ours.apply_chat_template([{"role": "user"}])
+    tokenizer.apply_chat_template([{"role": "user"}])
   assert "\n" not in str(err.value)
   with pytest.raises(InputError, match="encode takes a str"):
-    ours.encode(b"bytes")
+    tokenizer.encode(b"bytes")
   with pytest.raises(InputError, match="decode got -1, which is not a token id"):
-    ours.decode([5, -1])
-  assert ours.decode([ours.vocab_size + 10]) == ""  # Unknown ids decode to nothing, as in transformers.
+    tokenizer.decode([5, -1])
+  assert tokenizer.decode([tokenizer.vocab_size + 10]) == ""  # Unknown ids decode to nothing, as in transformers.
 
 
 def test_directory_errors_name_the_file(tiny_tokenizer_dir, tmp_path):
@@ -236,11 +225,11 @@ def test_directory_errors_name_the_file(tiny_tokenizer_dir, tmp_path):
     Tokenizer.from_directory(tmp_path / "nowhere")
 
 
-def test_stream_decoder_never_splits_a_character(ours):
+def test_stream_decoder_never_splits_a_character(tokenizer):
   text = "naïve 😀 世界 🇯🇵 done 👩‍💻!"
-  ids = ours.encode(text)
+  ids = tokenizer.encode(text)
   assert len(ids) > len(text)  # The tiny vocabulary spells most of these characters byte by byte.
-  stream = ours.stream()
+  stream = tokenizer.stream()
   pieces = [stream.add(i) for i in ids]
   assert "".join(pieces) + stream.flush() == text
   assert not any("\ufffd" in piece for piece in pieces)
@@ -249,12 +238,12 @@ def test_stream_decoder_never_splits_a_character(ours):
   assert all(text.startswith("".join(pieces[:k])) for k in range(len(pieces) + 1))
 
 
-def test_stream_decoder_flushes_incomplete_bytes_and_skips_specials(ours):
-  stream = ours.stream()
-  lead_byte = ours.token_to_id("ð")  # Byte 0xF0 in the byte-level alphabet: starts a 4-byte character.
-  assert stream.add(ours.token_to_id("a")) == "a"
+def test_stream_decoder_flushes_incomplete_bytes_and_skips_specials(tokenizer):
+  stream = tokenizer.stream()
+  lead_byte = tokenizer.token_to_id("ð")  # Byte 0xF0 in the byte-level alphabet: starts a 4-byte character.
+  assert stream.add(tokenizer.token_to_id("a")) == "a"
   assert stream.add(lead_byte) == ""
   assert stream.flush() == "\ufffd"
-  quiet = ours.stream(skip_special_tokens=True)
-  ids = ours.encode("<|im_start|>hi there<|im_end|>")
+  quiet = tokenizer.stream(skip_special_tokens=True)
+  ids = tokenizer.encode("<|im_start|>hi there<|im_end|>")
   assert "".join(quiet.add(i) for i in ids) + quiet.flush() == "hi there"

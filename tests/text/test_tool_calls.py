@@ -6,12 +6,10 @@ import json
 
 import openai.types.chat as oai
 import pytest
-import transformers
 
 from qwenjax._errors import InputError
 from qwenjax.engine.requests import checked_message
 from qwenjax.text import tool_calls
-from qwenjax.text.tokenizer import Tokenizer
 
 _CALL = oai.ChatCompletionMessageFunctionToolCall
 
@@ -198,35 +196,25 @@ def _with_dict_arguments(messages):
   return messages
 
 
-@pytest.fixture(scope="module")
-def ours(tiny_tokenizer_dir):
-  return Tokenizer.from_directory(tiny_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def theirs(tiny_tokenizer_dir):
-  return transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-
-
 @pytest.mark.parametrize("with_tools", [False, True])
 @pytest.mark.parametrize("history", sorted(HISTORIES))
-def test_string_arguments_render_as_transformers_renders_dicts(ours, theirs, history, with_tools):
+def test_string_arguments_render_as_transformers_renders_dicts(tokenizer, hf_tokenizer, history, with_tools):
   messages = HISTORIES[history]
   tools = [WEATHER, CLOCK] if with_tools else None
-  expected = theirs.apply_chat_template(_with_dict_arguments(messages), tools=tools, add_generation_prompt=True,
+  expected = hf_tokenizer.apply_chat_template(_with_dict_arguments(messages), tools=tools, add_generation_prompt=True,
                                         tokenize=False)
   before = copy.deepcopy(messages)
-  got = ours.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+  got = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
   assert got.encode("utf-8") == expected.encode("utf-8")
   assert messages == before  # the caller's messages are not modified
   for m in messages:  # every message is one checked_message accepts
     checked_message(0, m, [], join_text=True)
 
 
-def test_rendered_calls_parse_back(ours):
+def test_rendered_calls_parse_back(tokenizer):
   """The template's own rendering of an assistant turn is what the model is taught to write: parse it back."""
   messages = HISTORIES["parallel_calls_consecutive_tools"][:3]
-  prompt = ours.apply_chat_template(messages, tools=[WEATHER, CLOCK], add_generation_prompt=False)
+  prompt = tokenizer.apply_chat_template(messages, tools=[WEATHER, CLOCK], add_generation_prompt=False)
   turn = prompt.rsplit("<|im_start|>assistant\n", 1)[1].removesuffix("<|im_end|>\n")
   parsed = tool_calls.parse(turn)
   sent = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in messages[2]["tool_calls"]]
@@ -238,12 +226,12 @@ def test_rendered_calls_parse_back(ours):
     ("\"text\"", r"messages\[1\].tool_calls\[0\]: function.arguments must be a JSON object, got str"),
     ("{\"city\": ", r"messages\[1\].tool_calls\[0\]: function.arguments is not valid JSON"),
 ])
-def test_string_arguments_that_are_not_an_object_are_an_input_error(ours, arguments, message):
+def test_string_arguments_that_are_not_an_object_are_an_input_error(tokenizer, arguments, message):
   messages = [{"role": "user", "content": "hi"},
               {"role": "assistant", "tool_calls": [{"type": "function",
                                                     "function": {"name": "f", "arguments": arguments}}]}]
   with pytest.raises(InputError, match=message):
-    ours.apply_chat_template(messages, tools=[WEATHER])
+    tokenizer.apply_chat_template(messages, tools=[WEATHER])
 
 
 @pytest.mark.parametrize("message, error", [
