@@ -41,7 +41,7 @@ from qwenjax.parallel import sharding  # noqa: E402
 MESHES = {"tensor:8": False, "data:2,tensor:4": False, "data:4,tensor:2": False, "data:8": False,
           "fsdp:2,tensor:4": True}
 INT8_MESHES = ("data:2,tensor:4", "fsdp:2,tensor:4")  # int8 weights: unrolled and scanned
-SLOTS, CONTEXT, CHUNK = 8, 64, 8
+SLOTS, CONTEXT, CHUNK, PAGE = 8, 64, 8, 8
 VL_IMAGE, VL_START, VL_END = 290, 292, 293  # tests/test_multimodal.py's build_tiny_vl ids
 
 
@@ -109,16 +109,29 @@ def _text_run(directory: str, mesh_text: str | None, scan: bool, quantize: str |
   loaded = qwenjax.load(directory, scan_layers=scan, mesh=mesh, quantize=quantize)  # straight into its shards
   errors = [] if mesh is None else [f"loaded {e}" for e in _weight_layout_errors(loaded.model, mesh)]
   engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids=(), max_batch_size=SLOTS, max_seq_len=CONTEXT,
-                  max_prefill_chunk=CHUNK, decode_steps=4, mesh=mesh)
+                  max_prefill_chunk=CHUNK, page_size=PAGE, decode_steps=4, mesh=mesh)
   requests = [Request(prompt=p, sampling=SamplingParams(max_tokens=m)) for p, m in zip(prompts, budgets)]
   with count_compilations() as first:
     outs = engine.generate(requests)
   with count_compilations() as second:
     engine.generate(again, SamplingParams(max_tokens=6))
+  # Prompts sharing a header of one and a half pages: later ones read its full page from the cache and copy
+  # its partial page (copy_pages) on the mesh; compiles what it needs (copy_pages) outside the counts above.
+  ps = PAGE
+  header = rng.integers(0, 250, size=ps + ps // 2).tolist()
+  shared = [header + rng.integers(0, 250, size=n).tolist() for n in (1, 3, 5, 2)]
+  cached_before = engine.stats["cached_tokens"]
+  shared_outs = engine.generate(shared, SamplingParams(max_tokens=6))
+  shared_run = {"tokens": [o.token_ids for o in shared_outs], "cached": engine.stats["cached_tokens"] - cached_before}
+  if mesh is None:  # the reference: the same prompts without prefix caching
+    plain = Engine(loaded.model, loaded.tokenizer, eos_token_ids=(), max_batch_size=SLOTS, max_seq_len=CONTEXT,
+                   max_prefill_chunk=CHUNK, page_size=PAGE, decode_steps=4, prefix_caching=False)
+    shared_run["unshared_tokens"] = [o.token_ids for o in plain.generate(shared, SamplingParams(max_tokens=6))]
   errors += [] if mesh is None else _engine_layout_errors(engine, mesh)
   logits, prefill_errors = _prefill_logits(engine, mesh, [p[:CHUNK] for p in prompts[:SLOTS]])
   return {
       "tokens": [o.token_ids for o in outs],
+      "shared_prefix": shared_run,
       "logits": logits,
       "compiled_first": dict(first),
       "compiled_again": dict(second),

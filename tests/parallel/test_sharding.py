@@ -205,6 +205,16 @@ def test_greedy_tokens_and_logits_equal_one_device(eight_devices, mesh):
 
 
 @pytest.mark.parametrize("mesh", MESHES)
+def test_shared_prefix_pages_on_a_mesh(eight_devices, mesh):
+  """Four prompts sharing a page and a half: cached full pages and copied partial pages on the mesh give the tokens
+  of one device, which equal those of an engine without prefix caching."""
+  run, reference = eight_devices["meshes"][mesh]["shared_prefix"], eight_devices["reference"]["shared_prefix"]
+  assert reference["tokens"] == reference["unshared_tokens"]
+  assert run["tokens"] == reference["tokens"]
+  assert run["cached"] == reference["cached"] > 0
+
+
+@pytest.mark.parametrize("mesh", MESHES)
 def test_layouts_hold_and_nothing_recompiles(eight_devices, mesh):
   """Weights load into the rules' shardings; after prefill and decode the cache and slot state keep theirs (the
   donated cache is taken and returned in place); a mesh compiles the same programs as one device, and nothing
