@@ -19,7 +19,7 @@ Input lines, of either format, mixed freely:
   {"id": ..., "prompt": "..."} (raw text), with optional "tools" (OpenAI function tools, rendered by the
   template), "tool_choice", "response_format", and "sampling": {...} overrides of the flags (max_tokens,
   temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, stop,
-  stop_token_ids, n, seed, logprobs, prompt_logprobs, ignore_eos).
+  stop_token_ids, n, seed, logprobs, top_logprobs, prompt_logprobs, ignore_eos).
 - OpenAI Batch: {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}
   (`qwenjax.engine.openai_batch` lists the body fields); the custom_id is the line's id.
 Any line may carry "metadata" (any JSON): it is copied untouched into that line's output record. With a
@@ -29,7 +29,8 @@ directory or list of frames>}; images of different sizes share batches. A broken
 
 Output lines, in completion order, in the format of their input line:
 - simple: {"id", "text", "token_ids", "finish_reason", "usage"} (with n > 1, "choices" holds every sample;
-  "logprobs" and "prompt_logprobs", null for the first prompt token, when the line's sampling asks; "tool_calls",
+  "logprobs", "top_logprobs" ([{"token_id", "logprob"}] per generated token) and "prompt_logprobs", null for
+  the first prompt token, when the line's sampling asks; "tool_calls",
   OpenAI's {"id", "type", "function": {"name", "arguments"}}, and "tool_call_errors" for malformed blocks, when
   the line has tools; usage's "cached_tokens" when prompt tokens came from shared prefix pages), or
   {"id", "error", "code"} for a line that cannot be served (code: invalid_json for a line that is not UTF-8, not
@@ -165,6 +166,9 @@ def _record(line, request, result, engine) -> dict:
                           "finish_reason": c.finish_reason} for c in result.outputs]
   if result.outputs[0].logprobs is not None:
     record["logprobs"] = result.outputs[0].logprobs
+  if result.outputs[0].top_logprobs is not None:
+    record["top_logprobs"] = [[{"token_id": i, "logprob": lp} for i, lp in top]
+                              for top in result.outputs[0].top_logprobs]
   if result.prompt_logprobs is not None:
     record["prompt_logprobs"] = result.prompt_logprobs
   if request.tools and request.tool_choice != "none":

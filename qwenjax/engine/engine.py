@@ -92,6 +92,7 @@ class _Sequence:
   decoder: Any = None
   tokens: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
+  top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # params.top_logprobs > 0
   # Asked for (params.prompt_logprobs; sample 0 only, the request's n samples share a prompt): the log-probability
   # of prompt tokens 1, 2, ... given those before them, as its prefill chunks score them; None: not asked.
   prompt_logprobs: list[float] | None = None
@@ -153,10 +154,13 @@ _FULL = sampling_lib.SamplingNeeds(sampling=True, top_k=True, top_p=True, min_p=
 
 
 def _needs_of(params: Iterable[SamplingParams]) -> sampling_lib.SamplingNeeds:
-  needs = sampling_lib.pack(list(params)).needs
-  if needs.penalties:
-    return _FULL
-  return _SAMPLE if needs.sampling else _GREEDY
+  """One of the three decode variants, with top log-probabilities if some slot asks for them."""
+  params = list(params)
+  needs = sampling_lib.pack(params).needs
+  variant = _FULL if needs.penalties else _SAMPLE if needs.sampling else _GREEDY
+  if any(p.top_logprobs for p in params):
+    variant = dataclasses.replace(variant, top_logprobs=True)
+  return variant
 
 
 class Engine:
@@ -375,7 +379,8 @@ class Engine:
     for seq in self._run(keyed, sampling):
       key, out, left = pending[seq.request_index]
       out.outputs.append(Completion(seq.text, seq.tokens, seq.finish_reason, seq.sample_index,
-                                    seq.logprobs if seq.params.logprobs else None))
+                                    seq.logprobs if seq.params.logprobs else None,
+                                    seq.top_logprobs if seq.params.top_logprobs else None))
       if seq.prompt_logprobs is not None:
         out.prompt_logprobs = [None, *seq.prompt_logprobs]
       if seq.sample_index == 0:
@@ -733,12 +738,13 @@ class Engine:
       shapes.update(masked_decode=[(k, p) for k in steps for p in widths], masked_first_token=pads)
     return shapes
 
-  def warm_up(self, prompt_logprobs: bool = False, constrained: bool = False) -> int:
+  def warm_up(self, prompt_logprobs: bool = False, constrained: bool = False, top_logprobs: bool = False) -> int:
     """Compiles every program the paged scheduler can call (`program_shapes`, each decode and first-token shape
     for the greedy, sampling and penalty variants) with inputs that write nothing, so that a job compiles nothing
     once it runs; prompt_logprobs: each prefill shape's scoring variant too (for jobs whose requests ask for
     prompt log-probabilities); constrained: the masked decode and first-token variants too (for jobs with
-    response_format or tool_choice). Returns how many program variants it ran."""
+    response_format or tool_choice); top_logprobs: every decode and first-token variant again with top
+    log-probabilities (for jobs whose requests ask for them). Returns how many program variants it ran."""
     if not self.paged:
       raise ConfigError("warm_up enumerates the paged engine's programs; this engine has paged=False.")
     shapes, b, v = self.program_shapes(constrained), self.max_batch_size, self.cfg.vocab_size
@@ -758,7 +764,10 @@ class Engine:
                                                    impl=self.attention_impl)
           count += 1
       idle = self._decode_inputs([None] * b)
-      for needs in (_GREEDY, _SAMPLE, _FULL):
+      variants = (_GREEDY, _SAMPLE, _FULL)
+      if top_logprobs:
+        variants += tuple(dataclasses.replace(n, top_logprobs=True) for n in variants)
+      for needs in variants:
         for p in shapes["decode"]:
           inputs = PagedDecodeInputs(idle, np.zeros(b, np.int32), np.zeros((b, p), np.int32), np.zeros(b, np.int32))
           out = programs.paged_decode_block(self.graphdef, self.params, self._cache, self._slots, inputs,
@@ -879,7 +888,8 @@ class Engine:
     needs = dataclasses.replace(_needs_of([seq.params]), masked=mask is not None)
     with self._on_mesh():
       tok, logprob, self._slots = programs.first_token(logits, self._slots, inputs, needs=needs)
-    return int(tok), float(logprob)
+    logprob = np.asarray(logprob)
+    return int(tok), float(logprob) if logprob.ndim == 0 else logprob.tolist()
 
   def _decode_paged(self, slots: list[_Sequence | None]) -> tuple[np.ndarray, np.ndarray]:
     b = self.max_batch_size
@@ -991,6 +1001,10 @@ class Engine:
   def _accept(self, seq: _Sequence, tokens: list[int], logprobs: list[float], events: bool) -> Iterator[Any]:
     """Appends tokens to seq, applying every stop condition exactly; yields what the caller asked for."""
     for tok, lp in zip(tokens, logprobs):
+      if isinstance(lp, list):  # a row of sampling.with_top_logprobs: some slot of the call asked for them
+        lp, top = sampling_lib.split_top_logprobs(lp, seq.params.top_logprobs)
+        if seq.params.top_logprobs:
+          seq.top_logprobs.append(top)
       seq.tokens.append(tok)
       seq.logprobs.append(lp)
       self.stats["generated_tokens"] += 1

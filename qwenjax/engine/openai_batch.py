@@ -16,15 +16,15 @@ Body fields, with null meaning unset as OpenAI clients send it:
 - chat: messages ("developer" is rendered as "system"), tools (functions), tool_choice ("none" | "auto" |
   "required" | {"type": "function", "function": {"name"}}), parallel_tool_calls (true only), response_format
   (text, json_object, json_schema, and ours: {"type": "regex", "regex"}, {"type": "grammar", "grammar": <Lark>}),
-  max_tokens / max_completion_tokens, logprobs (bool), top_logprobs (0 only).
-- completions: prompt (a string, token ids, or a list holding one of those), logprobs (0 only: the chosen
-  tokens'), echo (false), best_of (1), suffix (unset), response_format as above.
+  max_tokens / max_completion_tokens, logprobs (bool), top_logprobs (0 to 20, with logprobs true).
+- completions: prompt (a string, token ids, or a list holding one of those), logprobs (0 to 5: the chosen
+  tokens' and that many alternatives), echo (false), best_of (1), suffix (unset), response_format as above.
 - both: temperature, top_p, n, stop, seed, presence_penalty, frequency_penalty, vLLM's top_k, min_p,
   repetition_penalty, stop_token_ids, ignore_eos; model, user, metadata, store, service_tier, ... are accepted
   and ignored; stream must be false. Anything else is an InputError naming the field.
 
-Logprobs: the engine reports the log-probability of each chosen token only, so top_logprobs > 0 (chat) and
-logprobs > 0 (completions) are InputErrors rather than lists quietly shorter than asked for.
+Logprobs: each chosen token's log-probability and, when asked, its position's most likely tokens, all under the
+model's raw distribution (before temperature, filters and constraints), as the API reports them.
 
 Tool calls: with tools (and tool_choice other than "none"), each choice's text is parsed by
 `qwenjax.text.tool_calls`: the calls become message.tool_calls (finish_reason "tool_calls" when generation
@@ -114,9 +114,10 @@ def to_request(obj: Mapping[str, Any], default: SamplingParams) -> Request:
     raise InputError("body.max_tokens and body.max_completion_tokens disagree; give one of them.")
   if limits:
     sampling["max_tokens"] = limits[0]
-  logprobs = _chat_logprobs_flag(body) if chat else _completion_logprobs_flag(body)
+  logprobs, top = _chat_logprobs(body) if chat else _completion_logprobs(body)
   if logprobs is not None:  # unset: the default's
     sampling["logprobs"] = logprobs
+    sampling["top_logprobs"] = top
   try:
     params = SamplingParams.from_dict(sampling, base=default)
   except InputError as e:
@@ -148,27 +149,26 @@ def _json_repr(value: Any) -> str:
     return repr(value)
 
 
-def _chat_logprobs_flag(body: Mapping[str, Any]) -> bool | None:
+def _chat_logprobs(body: Mapping[str, Any]) -> tuple[bool | None, int]:
+  """(logprobs, top_logprobs) of a chat body: top_logprobs in [0, 20] needs logprobs true, as the API says."""
   logprobs, top = body.get("logprobs"), body.get("top_logprobs", 0)
   if logprobs is not None and not isinstance(logprobs, bool):
     raise InputError(f"body.logprobs must be true or false, got {_json_repr(logprobs)}.")
   if not (isinstance(top, int) and not isinstance(top, bool) and 0 <= top <= 20):
     raise InputError(f"body.top_logprobs must be an integer in [0, 20], got {_json_repr(top)}.")
-  if top > 0:
-    raise InputError(f"body.top_logprobs must be 0 (the engine reports only the chosen token's logprob), got {top}.")
-  return logprobs
+  if top > 0 and not logprobs:
+    raise InputError("body.top_logprobs needs body.logprobs: true.")
+  return logprobs, top
 
 
-def _completion_logprobs_flag(body: Mapping[str, Any]) -> bool | None:
+def _completion_logprobs(body: Mapping[str, Any]) -> tuple[bool | None, int]:
+  """(logprobs, top_logprobs) of a completions body, whose logprobs is the number of alternatives, 0 to 5."""
   if "logprobs" not in body:
-    return None
+    return None, 0
   logprobs = body["logprobs"]
   if not (isinstance(logprobs, int) and not isinstance(logprobs, bool) and 0 <= logprobs <= 5):
     raise InputError(f"body.logprobs must be an integer in [0, 5], got {_json_repr(logprobs)}.")
-  if logprobs > 0:
-    raise InputError("body.logprobs must be 0 (the engine reports only the chosen token's logprob, no "
-                     f"alternatives), got {logprobs}.")
-  return True
+  return True, logprobs
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:
@@ -330,16 +330,25 @@ def _chat_choice(c: Completion, tokenizer, parse_tools: bool, key: str) -> dict[
       choice["tool_call_errors"] = parsed.errors
   if c.logprobs is not None:
     tokens = _token_texts(tokenizer, c.token_ids)
-    choice["logprobs"] = {"content": [{"token": text, "bytes": raw, "logprob": lp, "top_logprobs": []}
-                                      for (text, raw), lp in zip(tokens, c.logprobs)], "refusal": None}
+    tops = c.top_logprobs or [[] for _ in c.token_ids]
+    content = []
+    for (text, raw), lp, top in zip(tokens, c.logprobs, tops):
+      alternatives = [{"token": t, "bytes": b, "logprob": v}
+                      for (t, b), (_, v) in zip(_token_texts(tokenizer, [i for i, _ in top]), top)]
+      content.append({"token": text, "bytes": raw, "logprob": lp, "top_logprobs": alternatives})
+    choice["logprobs"] = {"content": content, "refusal": None}
   return choice
 
 
 def _text_choice(c: Completion, tokenizer) -> dict[str, Any]:
   logprobs = None
   if c.logprobs is not None:
+    top = None
+    if c.top_logprobs is not None:  # the legacy format: {token text: logprob} per position
+      top = [{t: v for (t, _), (_, v) in zip(_token_texts(tokenizer, [i for i, _ in pairs]), pairs)}
+             for pairs in c.top_logprobs]
     logprobs = {"tokens": [text for text, _ in _token_texts(tokenizer, c.token_ids)],
-                "token_logprobs": list(c.logprobs), "text_offset": _text_offsets(tokenizer, c), "top_logprobs": None}
+                "token_logprobs": list(c.logprobs), "text_offset": _text_offsets(tokenizer, c), "top_logprobs": top}
   return {"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
 

@@ -261,7 +261,8 @@ def prefill_rows(graphdef, params, cache: KVCache, batch: TokenBatch, vision: Vi
 def first_token(logits: jax.Array, slots: SlotState, inputs: FirstTokenInputs, needs: sampling_lib.SamplingNeeds
                 ) -> tuple[jax.Array, jax.Array, SlotState]:
   """Resets the slot's penalty state to its prompt, then samples its first token. logits: [1, V].
-  Returns the token [], its log-probability [] and the slot state."""
+  Returns the token [], its log-probability [] ([1 + 2 TOP_LOGPROBS] with needs.top_logprobs: see
+  `sampling.with_top_logprobs`) and the slot state."""
   prompt_mask, counts, slot = slots.prompt_mask, slots.counts, inputs.slot
   valid = jnp.arange(inputs.prompt.shape[0]) < inputs.prompt_len
   row = jnp.zeros(prompt_mask.shape[1], bool).at[jnp.where(valid, inputs.prompt, prompt_mask.shape[1])].set(
@@ -270,9 +271,11 @@ def first_token(logits: jax.Array, slots: SlotState, inputs: FirstTokenInputs, n
   counts = counts.at[slot].set(0)
   tok, logprob = sampling_lib.sample(logits, inputs.sampling, jnp.zeros((1,), jnp.int32), prompt_mask[slot][None],
                                      counts[slot][None], needs, mask=inputs.mask)
+  if needs.top_logprobs:
+    logprob = sampling_lib.with_top_logprobs(logits, logprob)  # [1, 1 + 2 TOP_LOGPROBS]
   counts = counts.at[slot, tok[0]].add(1)
   # The token and its log-probability whole on every device: every process of a multi-host mesh reads them.
-  return (constrain(tok[0], ()), constrain(logprob[0], ()),
+  return (constrain(tok[0], ()), constrain(logprob[0], (None,) * (logprob.ndim - 1)),
           SlotState(prompt_mask, counts).constrained())
 
 
@@ -290,7 +293,8 @@ def decode_block(graphdef, params, cache: KVCache, slots: SlotState, inputs: Dec
 def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sampling_lib.SamplingNeeds,
                  num_steps: int):
   """num_steps of `step(i, cache, tokens [B]) -> (logits [B, V], cache)` then sampling, each row stopping where
-  its stop ids or budget say. Returns tokens [k, B] (-1 once a row stopped), logprobs [k, B], cache, slot state."""
+  its stop ids or budget say. Returns tokens [k, B] (-1 once a row stopped), logprobs [k, B] ([k, B, 1 + 2
+  TOP_LOGPROBS] with needs.top_logprobs: `sampling.with_top_logprobs`), cache, slot state."""
   prompt_mask = slots.prompt_mask
 
   def body(i, carry):
@@ -298,6 +302,8 @@ def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sam
     logits, cache = step(i, cache, tok)
     new, logprob = sampling_lib.sample(logits, inputs.sampling, step_count, prompt_mask, counts, needs,
                                        mask=inputs.mask)
+    if needs.top_logprobs:
+      logprob = sampling_lib.with_top_logprobs(logits, logprob)  # [B, 1 + 2 TOP_LOGPROBS]
     counts = constrain(sampling_lib.update_counts(counts, new, active), SlotState.AXES)
     out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
     out_lp = out_lp.at[i].set(logprob)
@@ -305,11 +311,12 @@ def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sam
     return cache, counts, new, step_count + 1, active & ~stopped, budget - 1, out_tok, out_lp
 
   b = inputs.tokens.shape[0]
+  lp_shape = (1 + 2 * sampling_lib.TOP_LOGPROBS,) if needs.top_logprobs else ()
   init = (cache, slots.counts, inputs.tokens, inputs.step, inputs.active, inputs.budget,
-          jnp.full((num_steps, b), -1, jnp.int32), jnp.zeros((num_steps, b), jnp.float32))
+          jnp.full((num_steps, b), -1, jnp.int32), jnp.zeros((num_steps, b, *lp_shape), jnp.float32))
   cache, counts, *_, out_tok, out_lp = jax.lax.fori_loop(0, num_steps, body, init)
   # Under a mesh, whole on every device: the host reads them (on every process of a multi-host mesh).
-  out_tok, out_lp = constrain(out_tok, (None, None)), constrain(out_lp, (None, None))
+  out_tok, out_lp = constrain(out_tok, (None, None)), constrain(out_lp, (None,) * out_lp.ndim)
   return out_tok, out_lp, cache, SlotState(prompt_mask, counts).constrained()
 
 

@@ -59,6 +59,8 @@ class Completion:
   finish_reason: str  # "stop": an end-of-sequence/stop token or stop string; "length": max_tokens or context
   index: int = 0  # which of the request's n samples
   logprobs: list[float] | None = None
+  # sampling.top_logprobs > 0: per generated token, the (token id, log-probability) of the most likely tokens there
+  top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclasses.dataclass

@@ -95,6 +95,8 @@ class SamplingParams:
   logprobs: report the log-probability of each chosen token under the model's raw distribution.
   prompt_logprobs: report the log-probability of each prompt token given those before it, under the same raw
     distribution (None for the first token), computed in the prefill; once per request, whatever n is.
+  top_logprobs: also report, at each generated position, the top_logprobs most likely tokens and their
+    log-probabilities under the raw distribution (0 to TOP_LOGPROBS; more than 0 turns logprobs on).
   """
 
   max_tokens: int = 256
@@ -112,6 +114,7 @@ class SamplingParams:
   seed: int | None = None
   logprobs: bool = False
   prompt_logprobs: bool = False
+  top_logprobs: int = 0
 
   def __post_init__(self):
     def fix(name, value):
@@ -122,6 +125,9 @@ class SamplingParams:
       if not (_is_int(value) and value >= 1):
         raise InputError(f"{name} must be an integer >= 1, got {value!r}.")
       fix(name, int(value))
+    if not (_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= TOP_LOGPROBS):
+      raise InputError(f"top_logprobs must be an integer in [0, {TOP_LOGPROBS}], got {self.top_logprobs!r}.")
+    fix("top_logprobs", int(self.top_logprobs))
     if not (_is_int(self.top_k) and self.top_k >= 0):
       raise InputError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}.")
     fix("top_k", int(self.top_k))
@@ -157,6 +163,8 @@ class SamplingParams:
       if not isinstance(value, (bool, np.bool_)):
         raise InputError(f"{name} must be true or false, got {value!r}.")
       fix(name, bool(value))
+    if self.top_logprobs:
+      fix("logprobs", True)
 
     if self.seed is not None:
       if not (_is_int(self.seed) and 0 <= self.seed < _MAX_SEED):
@@ -184,6 +192,9 @@ class SamplingParams:
     return dataclasses.replace(base if base is not None else cls(), **updates)
 
 
+TOP_LOGPROBS = 20  # the most top log-probabilities a position reports (OpenAI's limit); computed for all 20
+
+
 # --- Per-slot arrays ----------------------------------------------------------------------------------------
 
 
@@ -197,6 +208,7 @@ class SamplingNeeds:
   min_p: bool = False  # some sampling slot has min_p > 0
   penalties: bool = False  # some slot has a repetition, presence or frequency penalty
   masked: bool = False  # some slot is constrained: `sample` takes a token bitmask (`qwenjax.engine.constraints`)
+  top_logprobs: bool = False  # some slot reports top log-probabilities (`with_top_logprobs`)
 
 
 @jax.tree_util.register_dataclass
@@ -468,6 +480,22 @@ def _draw(pen: jax.Array, weight, u: jax.Array) -> jax.Array:
   # The first j whose running sum passes the rest has w[j] > 0 (adding 0 changes no sum).
   j = jnp.sum(jnp.cumsum(inner, axis=-1) <= (target - before)[:, None], axis=-1)
   return (blk * _BLOCK + jnp.minimum(j, last_positive(inner))).astype(jnp.int32)
+
+
+def with_top_logprobs(logits: jax.Array, logprobs: jax.Array) -> jax.Array:
+  """[B, 1 + 2 TOP_LOGPROBS] float32: each row's chosen-token log-probability (`sample`'s [B]), then the ids
+  (exact in float32: below 2**24) and the log-probabilities of its TOP_LOGPROBS most likely tokens under the raw
+  logits [B, V], most likely first (the lower id first among equals). Unpack with `split_top_logprobs`."""
+  raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  values, ids = jax.lax.top_k(raw, TOP_LOGPROBS)
+  return jnp.concatenate([logprobs[:, None], ids.astype(jnp.float32), values], axis=-1)
+
+
+def split_top_logprobs(row, k: int) -> tuple[float, list[tuple[int, float]]]:
+  """A host row of `with_top_logprobs` ([1 + 2 TOP_LOGPROBS] floats) -> (chosen logprob, its first k (id, logprob)
+  pairs)."""
+  ids, values = row[1:1 + TOP_LOGPROBS], row[1 + TOP_LOGPROBS:]
+  return float(row[0]), [(int(i), float(v)) for i, v in zip(ids[:k], values[:k])]
 
 
 def _unpack(mask: jax.Array, v: int) -> jax.Array:

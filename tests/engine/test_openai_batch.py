@@ -191,7 +191,7 @@ _CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
     ({"body": {**_CHAT, "stream": 0}}, "body.stream must be false"),
     ({"body": {**_CHAT, "parallel_tool_calls": False, "tools": [WEATHER]}}, "body.parallel_tool_calls must be true"),
     ({"body": {**_CHAT, "logit_bias": {"5": 10}}}, "body.logit_bias must be {}"),
-    ({"body": {**_CHAT, "logprobs": True, "top_logprobs": 3}}, "body.top_logprobs must be 0"),
+    ({"body": {**_CHAT, "top_logprobs": 3}}, "body.top_logprobs needs body.logprobs: true"),
     ({"body": {**_CHAT, "top_logprobs": 50}}, r"body.top_logprobs must be an integer in \[0, 20\]"),
     ({"body": {**_CHAT, "logprobs": 1}}, "body.logprobs must be true or false"),
     ({"body": {**_CHAT, "max_tokens": 5, "max_completion_tokens": 6}}, "disagree"),
@@ -218,7 +218,8 @@ _CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
     ({"body": {**_CHAT, "response_format": {"type": "regex", "regex": ""}}}, "response_format.regex must be"),
     ({"url": "/v1/completions", "body": {"prompt": ["a", "b"]}}, "body.prompt holds 2 prompts"),
     ({"url": "/v1/completions", "body": {"prompt": {"text": "a"}}}, "body.prompt must be a string"),
-    ({"url": "/v1/completions", "body": {"prompt": "a", "logprobs": 2}}, "body.logprobs must be 0"),
+    ({"url": "/v1/completions", "body": {"prompt": "a", "logprobs": 6}},
+     r"body.logprobs must be an integer in \[0, 5\]"),
     ({"url": "/v1/completions", "body": {"prompt": "a", "echo": True}}, "body.echo must be false"),
     ({"url": "/v1/completions", "body": {"prompt": "a", "suffix": "b"}}, "body.suffix is not supported"),
     ({"url": "/v1/completions", "body": {"prompt": "a", "tools": [WEATHER]}}, "body.tools is not a /v1/completions"),
@@ -324,6 +325,28 @@ def test_completion_logprobs_and_text_offsets(tokenizer, hf_tokenizer):
     # Offsets: the characters fully decoded before each token (a partial character is not yet text).
     assert choice.logprobs.text_offset == [len(hf_tokenizer.decode(ids[:k]).rstrip("\ufffd")) for k in range(len(ids))]
   assert body.usage.completion_tokens == sum(len(c.token_ids) for c in output.outputs)
+
+
+def test_top_logprobs_in_both_formats(tokenizer, hf_tokenizer):
+  """Each position's alternatives: chat's [{"token", "bytes", "logprob"}], completions' {token text: logprob}
+  (the tokens spelled as transformers spells them); the request side maps onto SamplingParams.top_logprobs."""
+  chat = _line("t", {"messages": [{"role": "user", "content": "?"}], "logprobs": True, "top_logprobs": 2})
+  text = _line("u", {"prompt": "x", "logprobs": 2}, url="/v1/completions")
+  for line in (chat, text):
+    params = openai_batch.to_request(line, SamplingParams()).sampling
+    assert params.logprobs and params.top_logprobs == 2
+  completion = _completion(tokenizer, "ab cd", logprobs=True)
+  alt = [tokenizer.encode(w, add_special_tokens=False)[0] for w in ("x", "y")]
+  completion.top_logprobs = [[(alt[0], -0.1 * (i + 1)), (alt[1], -0.2 * (i + 1))]
+                             for i in range(len(completion.token_ids))]
+  names = [b.decode() for b in _reference_bytes(hf_tokenizer, alt)]
+  _, body = _output(chat, output=RequestOutput("t", 3, [completion]), tokenizer=tokenizer)
+  for i, t in enumerate(body.choices[0].logprobs.content):
+    assert [(a.token, bytes(a.bytes).decode(), a.logprob) for a in t.top_logprobs] == [
+        (names[0], names[0], -0.1 * (i + 1)), (names[1], names[1], -0.2 * (i + 1))]
+  _, body = _output(text, output=RequestOutput("u", 1, [completion]), tokenizer=tokenizer)
+  assert body.choices[0].logprobs.top_logprobs == [{names[0]: -0.1 * (i + 1), names[1]: -0.2 * (i + 1)}
+                                                   for i in range(len(completion.token_ids))]
 
 
 def test_error_lines_carry_status_code_and_message():

@@ -23,7 +23,7 @@ GOOD = [
     {"id": "a", "prompt": "def fibonacci(n):"},
     {"id": "b", "messages": [{"role": "user", "content": "Write a haiku"}], "sampling": {"max_tokens": 3}},
     {"id": "c", "prompt": "The quick brown fox", "sampling": {"temperature": 0.8, "seed": 3, "n": 2}},
-    {"id": 7, "prompt": "import numpy as np", "sampling": {"stop": ["\n"], "logprobs": True}},
+    {"id": 7, "prompt": "import numpy as np", "sampling": {"stop": ["\n"], "logprobs": True, "top_logprobs": 2}},
 ]
 BAD = {
     "line-5": "{not json",
@@ -65,6 +65,10 @@ def test_every_line_is_answered_or_recorded(checkpoint, tmp_path):
   assert len(records['"b"']["token_ids"]) <= 3
   assert [c["index"] for c in records['"c"']["choices"]] == [0, 1]
   assert "\n" not in records["7"]["text"] and len(records["7"]["logprobs"]) == len(records["7"]["token_ids"])
+  tops = records["7"]["top_logprobs"]
+  assert len(tops) == len(records["7"]["token_ids"]) and all(len(t) == 2 for t in tops)
+  for top, lp in zip(tops, records["7"]["logprobs"]):  # greedy: the chosen token is the most likely one
+    assert top[0]["logprob"] >= top[1]["logprob"] and abs(top[0]["logprob"] - lp) < 1e-5
   errors = {k: records[json.dumps(k)]["error"] for k in BAD}
   assert "malformed JSON" in errors["line-5"] and errors["line-5"].startswith(f"{inp}:5: ")  # names file and line
   assert "needs a 'prompt' or 'messages'" in errors["d"]
