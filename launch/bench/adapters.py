@@ -28,7 +28,9 @@ def qwenjax_generate_fn(model, tokenizer, *, max_seq_len: int, paged: bool = Tru
   """The qwenjax side of every measurement: the continuous-batching Engine, one decode slot per prompt; paged: its
   KV cache is a page pool (the engine's default size on this backend), else one max_seq_len row per slot.
 
-  `stream` is `generate` with events: the same scheduler loop, which also shows when first tokens arrive."""
+  `stream` is `generate` with events: the same scheduler loop, which also shows when first tokens arrive. Prefix
+  caching is off: the timed run repeats the warm-up's prompts, which it would otherwise read from cached pages
+  (--prefix measures sharing on its own job)."""
   import qwenjax  # pylint: disable=g-import-not-at-top
 
   engines: dict[int, qwenjax.Engine] = {}  # batch size -> its engine (a KV cache of that many slots)
@@ -37,7 +39,7 @@ def qwenjax_generate_fn(model, tokenizer, *, max_seq_len: int, paged: bool = Tru
     if len(prompts) not in engines:
       engines.clear()
       engines[len(prompts)] = qwenjax.Engine(model, tokenizer, max_batch_size=len(prompts), max_seq_len=max_seq_len,
-                                             paged=paged)
+                                             paged=paged, prefix_caching=False)
     clock, tokens = FirstTokens(len(prompts)), [[] for _ in prompts]
     for event in engines[len(prompts)].stream(prompts, qwenjax.SamplingParams(max_tokens=new_tokens,
                                                                               ignore_eos=True)):

@@ -127,10 +127,14 @@ class _Runs:
 
 
 def _normalized(record: dict) -> dict:
-  """A record without what legitimately differs between runs: an OpenAI body's creation time."""
+  """A record without what legitimately differs between runs: an OpenAI body's creation time, and the prompt
+  tokens read from shared prefix pages (which depend on what the pool held when the request came: a rerun serves
+  a different mix)."""
   record = json.loads(json.dumps(record))
   if "custom_id" in record and (record.get("response") or {}).get("body"):
     record["response"]["body"].pop("created", None)
+    (record["response"]["body"].get("usage") or {}).pop("prompt_tokens_details", None)
+  (record.get("usage") or {}).pop("cached_tokens", None)
   return record
 
 
