@@ -40,8 +40,9 @@ import collections
 import dataclasses
 import hashlib
 import math
+import os
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -49,6 +50,7 @@ import numpy as np
 from flax import nnx
 
 from qwenjax._errors import ConfigError, InputError
+from qwenjax.checkpoints.peft import load_adapter
 from qwenjax.engine import constraints as constraints_lib
 from qwenjax.engine import programs
 from qwenjax.engine import sampling as sampling_lib
@@ -66,9 +68,11 @@ from qwenjax.engine.programs import (
 from qwenjax.engine.requests import Completion, Request, RequestOutput, StreamEvent, as_request, checked_message
 from qwenjax.engine.sampling import SamplingParams
 from qwenjax.kernels.attention import IMPLS, default_impl
+from qwenjax.model import lora as lora_lib
 from qwenjax.model import qwen2_vl
 from qwenjax.model.decoder import PagedInputs, Qwen2
 from qwenjax.model.kv_cache import KVCache, PagedKVCache, default_page_size, page_bytes, pages_for_memory
+from qwenjax.model.lora import Adapter, LoraBank
 from qwenjax.multimodal import processing
 from qwenjax.multimodal.positions import VLPrompt, vl_prompt
 from qwenjax.parallel import sharding
@@ -111,6 +115,7 @@ class _Sequence:
   # Its response_format / tool_choice (`qwenjax.engine.constraints`): the host-side matcher, which has consumed
   # exactly `tokens` (it stays with the sequence through preemption), or None: unconstrained.
   constraint: constraints_lib.Constraint | None = None
+  adapter: int = -1  # its LoRA adapter's index in the engine's bank (-1: the base model)
 
   @property
   def context(self) -> list[int]:
@@ -192,6 +197,10 @@ class Engine:
     several processes (hosts): each then runs the same requests in lockstep and sees the same tokens.
   seed: seeds the per-request seeds of requests that set none (default: fresh entropy); processes that share a
     mesh must pass the same one.
+  lora: LoRA adapters by name (`qwenjax.model.lora.Adapter`s, or PEFT adapter directories): a request names its
+    own (`Request.lora`; none: the base model), and rows with different adapters, or none, decode in one batch
+    (`qwenjax.model.lora.LoraBank`). merge_lora: fold the one adapter given into the weights instead (every
+    request then runs the tuned model; float weights only).
   """
 
   def __init__(self, model: Qwen2, tokenizer: Tokenizer | None, *, max_batch_size: int = 8, max_seq_len: int = 4096,
@@ -200,9 +209,23 @@ class Engine:
                kv_cache_dtype: str | None = None, attention_impl: str | None = None, prefix_caching: bool = True,
                image_processor: processing.ImageProcessorConfig | None = None,
                mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
-               seed: int | None = None):
+               seed: int | None = None, lora: Mapping[str, Adapter | str | os.PathLike] | None = None,
+               merge_lora: bool = False):
     self.model, self.tokenizer = model, tokenizer
     self.mesh, self.rules = mesh, rules
+    adapters = {name: a if isinstance(a, Adapter) else load_adapter(a, model.cfg) for name, a in (lora or {}).items()}
+    self.adapters: dict[str, int] = {}  # name -> index in the bank (a merged adapter: none)
+    self._merged_lora: str | None = None
+    bank = None
+    if merge_lora:
+      if len(adapters) != 1:
+        raise ConfigError(f"merge_lora folds exactly one LoRA adapter into the weights; {len(adapters)} given.")
+      (self._merged_lora, adapter), = adapters.items()
+      lora_lib.merge(model, adapter)
+    elif adapters:
+      bank = LoraBank.of(model.cfg, adapters)
+      self.adapters = {name: i for i, name in enumerate(adapters)}
+    model.lora = bank  # in the programs' params (placed on the mesh with the weights); detached below
     if mesh is not None:
       sharding.shard_model(model, mesh, rules)
     self.cfg = model.cfg
@@ -221,6 +244,7 @@ class Engine:
     if self.vl_cfg is not None:
       model.visual.attention_impl = self.attention_impl
     self.graphdef, self.params = nnx.split(model)
+    model.lora = None  # the model object stays as it came; this engine's params hold the bank
     self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
     self.decode_steps = decode_steps
     self.paged = paged
@@ -338,7 +362,17 @@ class Engine:
       raise InputError(f"the prompt has {n} tokens; the context holds {self.context_len}{held} "
                        "(prompt plus at least one generated token).")
     self._constraint_spec(request)  # a malformed or uncompilable response_format / tool_choice: InputError here
+    self._adapter_of(request)
     return prompt
+
+  def _adapter_of(self, request: Request) -> int:
+    """The index of the request's LoRA adapter in the bank (-1: the base model); InputError for an unknown name."""
+    if request.lora is None or request.lora == self._merged_lora:
+      return -1
+    if request.lora not in self.adapters:
+      known = ", ".join(self.adapters) or "none: it was started without --lora"
+      raise InputError(f"LoRA adapter {request.lora!r} is not loaded in this engine (loaded: {known}).")
+    return self.adapters[request.lora]
 
   def _raw_prompt_visuals(self, ids: list[int], images: list, videos: list) -> list:
     visuals = []
@@ -425,6 +459,8 @@ class Engine:
                       decoder=self.tokenizer.stream(skip_special_tokens=True) if self.tokenizer else _NoText(),
                       prompt_logprobs=[] if params.prompt_logprobs and j == 0 else None)
             for j in range(params.n)]
+    for seq in seqs:
+      seq.adapter = self._adapter_of(req)
     return self._constrain(req, seqs)
 
   # ---- constrained decoding (`qwenjax.engine.constraints`) -----------------------------------------------
@@ -647,7 +683,9 @@ class Engine:
     other samples do. `pending`: the pages sequences admitted this round are about to write (not yet readable)."""
     ps, context = self.page_size, seq.context
     if seq.prefix_root is None:
-      seq.prefix_root = prefix_root(_visual_digest(seq.vision))
+      # Keys and values depend on the adapter too (it adapts k and v): each adapter's prefixes are its own.
+      adapter = b"" if seq.adapter < 0 else b"lora:" + list(self.adapters)[seq.adapter].encode()
+      seq.prefix_root = prefix_root(_visual_digest(seq.vision) + adapter)
     hashes = prefix_hashes(context, ps, seq.prefix_root)
     if seq.prompt_logprobs is not None and not seq.tokens:
       return _PrefixMatch([], None, hashes)
@@ -753,7 +791,8 @@ class Engine:
       for r, w, p in shapes["prefill"]:
         batch = PagedBatch(np.zeros((r, w), np.int32), np.zeros(r, np.int32),
                            PagedInputs(np.full((r, w), -1, np.int32), np.zeros((r, p), np.int32),
-                                       np.zeros(r, np.int32)), np.zeros(r, np.int32))
+                                       np.zeros(r, np.int32)), np.zeros(r, np.int32),
+                           adapter=self._adapter_rows([], r))
         vision = None
         if self.vl_cfg is not None:
           features = np.zeros((r * w, self.cfg.hidden_size), np.float32)
@@ -829,7 +868,7 @@ class Engine:
     table = self._page_table([seq for _, seq, _ in group], rows)
     vision = self._vision_rows(pieces, rows, width) if self.vl_cfg is not None else None
     batch = PagedBatch(tokens, start, PagedInputs(slots, table, num_new), rope_offset,
-                       _targets(scored, rows, width))
+                       _targets(scored, rows, width), self._adapter_rows([seq for _, seq, _ in group], rows))
     with self._on_mesh():
       logits, *scores, self._cache = programs.paged_prefill(self.graphdef, self.params, self._cache, batch, vision,
                                                             impl=self.attention_impl)
@@ -918,7 +957,8 @@ class Engine:
       tokens[0, :len(piece)] = piece
       vision = self._vision_chunk(seq, start, tokens.shape[1]) if self.vl_cfg is not None else None
       scored = [(seq, seq.targets(start, len(piece)))]
-      batch = TokenBatch(tokens, np.array([len(piece)], np.int32), rows, _targets(scored, 1, tokens.shape[1]))
+      batch = TokenBatch(tokens, np.array([len(piece)], np.int32), rows, _targets(scored, 1, tokens.shape[1]),
+                         self._adapter_rows([seq], 1))
       with self._on_mesh():
         logits, *scores, self._cache = programs.prefill_rows(self.graphdef, self.params, self._cache, batch,
                                                              vision, fresh=start == 0)
@@ -967,7 +1007,18 @@ class Engine:
                                sample_indices=[s.sample_index if s else 0 for s in slots],
                                seeds=[s.seed if s else 0 for s in slots])
     mask = self._masks(slots) if any(s.constraint is not None for s in live) else None
-    return DecodeInputs(tokens, step, active, budget, stop_ids, arrays, mask)
+    return DecodeInputs(tokens, step, active, budget, stop_ids, arrays, mask, self._adapter_rows(slots, b))
+
+  def _adapter_rows(self, seqs: Sequence[_Sequence | None], rows: int) -> np.ndarray | None:
+    """[rows] int32: each row's LoRA adapter (-1: none, and for padding rows); None when the engine has no bank
+    (the programs are then those of a model without adapters)."""
+    if not self.adapters:
+      return None
+    index = np.full(rows, -1, np.int32)
+    for r, seq in enumerate(seqs):
+      if seq is not None:
+        index[r] = seq.adapter
+    return index
 
   def _decode_variant(self, slots: list[_Sequence | None]) -> tuple[sampling_lib.SamplingNeeds, int]:
     """A decode block's static variant: the sampling needs (masked if any slot is constrained) and its steps,

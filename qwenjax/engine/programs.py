@@ -53,12 +53,14 @@ class TokenBatch:
   """Tokens for cache rows. tokens: [B, T] int32, right-padded; num_new: [B] int32, how many of each row's T are
   real (the rest is padding); rows: [B] int32, the cache rows they go to (None: rows 0..B-1 of a B-row cache);
   targets: [B, T] int32, the token that follows each position, whose log-probability the engine's prefill then
-  returns too (-1: none; see `target_logprobs`), or None: nothing scored, the program as without it."""
+  returns too (-1: none; see `target_logprobs`), or None: nothing scored, the program as without it; adapter:
+[B] int32, each row's LoRA adapter in the model's bank (-1: none), or None: a model without adapters."""
 
   tokens: jax.Array
   num_new: jax.Array
   rows: jax.Array | None = None
   targets: jax.Array | None = None
+  adapter: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -122,7 +124,8 @@ class DecodeInputs:
   generate; stop_ids: [B, E] int32, its stop token ids (-1 padded); sampling: the slots' SamplingArrays; mask:
   [B, W] int32, the tokens each slot may sample (`qwenjax.engine.constraints`; -1 words: all), read with
   needs.masked (else None). The same mask holds for all k steps: a slot whose mask changes per token (a grammar)
-  gets budget 1, so it samples one token and then idles until the host has advanced its grammar."""
+  gets budget 1, so it samples one token and then idles until the host has advanced its grammar. adapter: [B]
+  int32, each slot's LoRA adapter (see TokenBatch), or None."""
 
   tokens: jax.Array
   step: jax.Array
@@ -131,6 +134,7 @@ class DecodeInputs:
   stop_ids: jax.Array
   sampling: sampling_lib.SamplingArrays
   mask: jax.Array | None = None
+  adapter: jax.Array | None = None
 
 
 # The model steps, unjitted.
@@ -162,7 +166,7 @@ def _run(graphdef, params, cache: KVCache, batch: TokenBatch, vision: VisionInpu
     rope_positions = positions + row(cache.rope_offset)[:, None]
   embeds = None if vision.features is None else (vision.features, vision.index)
   h, cache = model(tokens, positions, cache, rows=rows, attend_to_cache=not fresh, kv_len=kv_len,
-                   rope_positions=rope_positions, embeds=embeds)  # [B, T, D]
+                   rope_positions=rope_positions, embeds=embeds, lora_index=batch.adapter)  # [B, T, D]
   cache = dataclasses.replace(cache, lengths=_set_rows(cache.lengths, rows, lengths + batch.num_new))
   if rope_offset is not None:
     cache = dataclasses.replace(cache, rope_offset=_set_rows(cache.rope_offset, rows, rope_offset))
@@ -226,13 +230,15 @@ def extend_impl(graphdef, params, cache: KVCache, tokens: jax.Array, num_new: ja
               fresh=False, all_logits=all_logits)
 
 
-def decode_step_impl(graphdef, params, cache: KVCache, tokens: jax.Array, kv_len: int | None = None):
-  """One token per sequence, each at its own position. tokens: [B] -> logits [B, V].
+def decode_step_impl(graphdef, params, cache: KVCache, tokens: jax.Array, kv_len: int | None = None,
+                     adapter: jax.Array | None = None):
+  """One token per sequence, each at its own position. tokens: [B] -> logits [B, V]; adapter: [B] each row's
+  LoRA adapter (-1: none), or None.
 
   kv_len (static): attend to positions [0, kv_len) only; every row's position must be below it. A cache of
   4096 positions holding 300-token sequences then reads 512 positions per step, not 4096."""
-  return _run(graphdef, params, cache, TokenBatch(tokens[:, None], jnp.ones_like(cache.lengths)), None, fresh=False,
-              all_logits=False, kv_len=kv_len)
+  batch = TokenBatch(tokens[:, None], jnp.ones_like(cache.lengths), adapter=adapter)
+  return _run(graphdef, params, cache, batch, None, fresh=False, all_logits=False, kv_len=kv_len)
 
 
 # The library's steps, one call each.
@@ -286,7 +292,7 @@ def decode_block(graphdef, params, cache: KVCache, slots: SlotState, inputs: Dec
                  ) -> tuple[jax.Array, jax.Array, KVCache, SlotState]:
   """num_steps decode steps for all B slots; kv_len: static bound on the positions attended to. Returns tokens
   [k, B] (-1 where a row had already stopped), logprobs [k, B], the cache and the slot state."""
-  step = lambda i, cache, tok: decode_step_impl(graphdef, params, cache, tok, kv_len)
+  step = lambda i, cache, tok: decode_step_impl(graphdef, params, cache, tok, kv_len, inputs.adapter)
   return _decode_loop(step, cache, slots, inputs, needs, num_steps)
 
 
@@ -331,13 +337,14 @@ class PagedBatch:
   """Prompt chunks of b sequences, one row each. tokens: [b, T] int32, right-padded; start: [b] int32, the cache
   position of each row's first token (what its pages already hold); paged: the rows' slots [b, T], page tables
   [b, P] and real token counts [b]; rope_offset: [b] int32, rotary minus cache position of the rows' text tokens
-  (0, or a Qwen2.5-VL prompt's `rope_deltas` for tokens past its images); targets: as TokenBatch's (None: none)."""
+  (0, or a Qwen2.5-VL prompt's `rope_deltas` for tokens past its images); targets, adapter: as TokenBatch's."""
 
   tokens: jax.Array
   start: jax.Array
   paged: PagedInputs
   rope_offset: jax.Array
   targets: jax.Array | None = None
+  adapter: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -370,7 +377,7 @@ def paged_prefill(graphdef, params, cache: PagedKVCache, batch: PagedBatch, visi
     rope_positions = vision.rope_positions if vision.rope_positions is not None else rope_positions
     embeds = None if vision.features is None else (vision.features, vision.index)
   h, cache = model(tokens, positions, cache, rope_positions=rope_positions, embeds=embeds, paged=batch.paged,
-                   attention_impl=impl)  # [b, T, D]
+                   attention_impl=impl, lora_index=batch.adapter)  # [b, T, D]
   if all_logits:
     return model.logits(h, impl), cache.constrained()
   return _last_logits(model, h, batch.paged.num_new, batch.targets, impl) + (cache.constrained(),)
@@ -411,7 +418,7 @@ def paged_decode_block(graphdef, params, cache: PagedKVCache, slots: SlotState, 
     writes = d.active & (i < d.budget)
     slot = jnp.where(writes, page * page_size + pos % page_size, -1)
     h, cache = model(tok[:, None], pos[:, None], cache, rope_positions=(pos + inputs.rope_offset)[:, None],
-                     paged=PagedInputs(slot[:, None], table, num_new), attention_impl=impl)
+                     paged=PagedInputs(slot[:, None], table, num_new), attention_impl=impl, lora_index=d.adapter)
     return model.logits(h[:, 0], impl), cache.constrained()  # [B, V]
 
   return _decode_loop(step, cache, slots, d, needs, num_steps)

@@ -48,6 +48,7 @@ class Request:
   # "auto" (the default with tools), "required", or {"type": "function", "function": {"name": ...}}.
   response_format: dict[str, Any] | None = None
   tool_choice: str | dict[str, Any] | None = None
+  lora: str | None = None  # the name of the engine's LoRA adapter to generate with (None: the base model)
 
 
 @dataclasses.dataclass
@@ -112,10 +113,12 @@ def as_request(r: Request | str | Sequence[int] | dict) -> Request:
     return Request(prompt=r)
   if isinstance(r, dict):
     unknown = set(r) - {"prompt", "messages", "tools", "sampling", "id", "images", "videos", "response_format",
-                        "tool_choice"}
+                        "tool_choice", "lora"}
     if unknown:
       raise InputError(f"unknown request field {sorted(unknown)[0]!r} (expected prompt, messages, tools, "
-                       "sampling, id, images, videos, response_format, tool_choice).")
+                       "sampling, id, images, videos, response_format, tool_choice, lora).")
+    if r.get("lora") is not None and not isinstance(r["lora"], str):
+      raise InputError(f"'lora' must be the name of a LoRA adapter (a string), got {type(r['lora']).__name__}.")
     for key in ("images", "videos"):
       if r.get(key) is not None and not isinstance(r[key], list):
         raise InputError(f"'{key}' must be a list.")
@@ -129,7 +132,7 @@ def as_request(r: Request | str | Sequence[int] | dict) -> Request:
       raise InputError("'prompt' must be a string or a list of token ids.")
     return Request(prompt=r.get("prompt"), messages=messages, tools=r.get("tools"), sampling=sampling,
                    id=r.get("id"), images=r.get("images"), videos=r.get("videos"),
-                   response_format=r.get("response_format"), tool_choice=r.get("tool_choice"))
+                   response_format=r.get("response_format"), tool_choice=r.get("tool_choice"), lora=r.get("lora"))
   if isinstance(r, (list, tuple, np.ndarray)):
     return Request(prompt=list(r))
   raise InputError(f"a request must be text, token ids or a dict, got {type(r).__name__}.")

@@ -39,6 +39,7 @@ from qwenjax.model.layers import (
   rope_tables,
   vocab_logits,
 )
+from qwenjax.model.lora import LoraBank
 from qwenjax.parallel.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP, VOCAB, constrain
 
 
@@ -70,6 +71,22 @@ class StepContext:
   paged: PagedInputs | None = None  # a PagedKVCache step: its slots and page tables (rows and kv_len unused)
   impl: str = "xla"  # attention implementation, `qwenjax.kernels.attention.IMPLS`
   sliding_window: int | None = None  # the model's window, when some layer slides (static)
+  lora: LoraBank | None = None  # the model's adapters, when it has a bank
+  lora_index: jax.Array | None = None  # [B] each row's adapter in `lora` (-1: none)
+  lora_key: jax.Array | None = None  # dropout on the adapters' inputs (training)
+  # Training (no cache): query (b, t) attends to keys t - span[b, t] < s <= t of its own row, its segment of a
+  # packed row; None: a cache step.
+  span: jax.Array | None = None
+
+  def project(self, x: jax.Array, weight, target: str, layer, dtype, n_in: int = 1) -> jax.Array:
+    """`linear(x, weight)` plus the rows' LoRA updates of `target` (x: [B, T, K...] -> [B, T, O...])."""
+    out = linear(x, weight, dtype, self.impl, n_in)
+    if self.lora is None or self.lora_index is None:
+      return out
+    flat = x.reshape(*x.shape[:2], -1)
+    key = None if self.lora_key is None else jax.random.fold_in(self.lora_key, layer)
+    delta = self.lora.delta(target, layer, flat, self.lora_index, key)
+    return out if delta is None else out + delta.reshape(out.shape).astype(out.dtype)
 
 
 class Attention(nnx.Module):
@@ -102,9 +119,9 @@ class Attention(nnx.Module):
     """
     positions = ctx.positions
     dt = self.dtype
-    q = linear(x, self.q_kernel, dt, ctx.impl) + read(self.q_bias, dt)  # [B, T, N, H]
-    k = linear(x, self.k_kernel, dt, ctx.impl) + read(self.k_bias, dt)  # [B, T, K, H]
-    v = linear(x, self.v_kernel, dt, ctx.impl) + read(self.v_bias, dt)
+    q = ctx.project(x, self.q_kernel, "q", layer, dt) + read(self.q_bias, dt)  # [B, T, N, H]
+    k = ctx.project(x, self.k_kernel, "k", layer, dt) + read(self.k_bias, dt)  # [B, T, K, H]
+    v = ctx.project(x, self.v_kernel, "v", layer, dt) + read(self.v_bias, dt)
     q, k = rope(q, ctx.cos, ctx.sin), rope(k, ctx.cos, ctx.sin)
     # Under a mesh: query heads split over tensor; KV heads too where the tensor axis divides them, else whole
     # (replicated, exact). Pinning k and v keeps XLA from splitting the cache's KV heads like the query heads.
@@ -112,7 +129,11 @@ class Attention(nnx.Module):
     k, v = constrain(k, (BATCH, LENGTH, KV_HEADS, HEAD_DIM)), constrain(v, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
 
     b, t, n, h = q.shape
-    project = lambda out: linear(out.reshape(b, t, n * h), self.o_kernel, dt, ctx.impl, n_in=2)  # [B, T, D]
+    project = lambda out: ctx.project(out.reshape(b, t, n * h), self.o_kernel, "o", layer, dt, n_in=2)  # [B, T, D]
+    if ctx.span is not None:  # training: within the step's tokens, each query over its span (its segment)
+      keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+      span = jnp.minimum(ctx.span, window)[:, :, None]  # [B, T, 1]
+      return project(attention(q, keys, values, positions, positions, span, dtype=dt, impl=ctx.impl)), kv
     if ctx.paged is not None:
       out, kv = self._paged(q, k, v, ctx, kv, layer, window)
       return project(out), kv
@@ -185,11 +206,11 @@ class FeedForward(nnx.Module):
     self.down = w((f, d), (MLP, EMBED), HFTensor(pre + "down_proj.weight", (d, f), True))
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array, impl: str = "xla") -> jax.Array:
+  def __call__(self, x: jax.Array, ctx: StepContext, layer) -> jax.Array:
     dt = self.dtype
-    g = linear(x, self.gate, dt, impl)  # [B, T, F]
-    u = linear(x, self.up, dt, impl)
-    return linear(jax.nn.silu(g) * u, self.down, dt, impl)  # [B, T, D]
+    g = ctx.project(x, self.gate, "gate", layer, dt)  # [B, T, F]
+    u = ctx.project(x, self.up, "up", layer, dt)
+    return ctx.project(jax.nn.silu(g) * u, self.down, "down", layer, dt)  # [B, T, D]
 
 
 class Block(nnx.Module):
@@ -208,7 +229,7 @@ class Block(nnx.Module):
   def __call__(self, x, ctx: StepContext, kv: tuple, layer, window):
     a, kv = self.attn(self.attn_norm(x), ctx, kv, layer, window)
     x = x + a
-    return x + self.mlp(self.mlp_norm(x), ctx.impl), kv
+    return x + self.mlp(self.mlp_norm(x), ctx, layer), kv
 
 
 class Qwen2(nnx.Module):
@@ -242,12 +263,14 @@ class Qwen2(nnx.Module):
     if not cfg.tie_word_embeddings:
       # [V, D] as checkpoints store it (like the embedding): the largest weight loads without a transpose.
       self.lm_head = table("lm_head.weight")
+    self.lora = nnx.data(None)  # a `qwenjax.model.lora.LoraBank` when adapters are attached
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | PagedKVCache, *,
                rows: jax.Array | None = None, attend_to_cache: bool = True, kv_len: int | None = None,
                rope_positions: jax.Array | None = None, embeds: tuple[jax.Array, jax.Array] | None = None,
-               paged: PagedInputs | None = None, attention_impl: str = "xla"
-               ) -> tuple[jax.Array, KVCache | PagedKVCache]:
+               paged: PagedInputs | None = None, attention_impl: str = "xla", lora_index: jax.Array | None = None,
+               lora_key: jax.Array | None = None, span: jax.Array | None = None
+               ) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
     """tokens, positions: [B, T] int32 (positions: where in the cache each token goes); rows: [B] cache row of
     each sequence (None: row b is sequence b); kv_len: static bound on the cache positions attended to (every
     position in `positions` must be below it). rope_positions: the rotary positions, [B, T], or [3, B, T] for
@@ -255,6 +278,10 @@ class Qwen2(nnx.Module):
     features[index[b, t]] instead of its token's where index >= 0 (vision features at image pad tokens).
     paged: with a PagedKVCache, where the tokens go and which pages each row reads (rows, attend_to_cache and
     kv_len are then unused: rows attend to their pages). attention_impl: "xla" or "pallas" (paged cache only).
+    lora_index: [B] each row's adapter in `self.lora` (-1: none; None: no adapter anywhere); lora_key: dropout
+    on the adapters' inputs (training). span: training, with cache None: no cache is read or written, and query
+    (b, t) attends to positions[b, t] - span[b, t] < p <= positions[b, t] of its row (packed rows: `positions` the
+    row offsets, `rope_positions` and `span - 1` the positions within each segment).
 
     Returns final hidden states [B, T, D] and the cache with this step's keys and values written (lengths are
     the caller's to advance)."""
@@ -269,10 +296,15 @@ class Qwen2(nnx.Module):
     cos, sin = rope_tables(*self.cfg.rope_frequencies(), rope_positions, self.cfg.mrope_section)
     if (paged is None) != (not isinstance(cache, PagedKVCache)):
       raise ValueError("a PagedKVCache step needs `paged` inputs, and only it takes them.")
+    if (cache is None) != (span is not None):
+      raise ValueError("a training step (span) takes no cache, and only it runs without one.")
     sliding = self.cfg.sliding_window if self.cfg.use_sliding_window else None
-    ctx = StepContext(cos, sin, positions, rows, attend_to_cache, kv_len, paged, attention_impl, sliding)
+    ctx = StepContext(cos, sin, positions, rows, attend_to_cache, kv_len, paged, attention_impl, sliding, self.lora,
+                      lora_index, lora_key, span)
     windows = self.cfg.layer_windows()  # [L]
-    if paged is None:
+    if cache is None:
+      kv = None
+    elif paged is None:
       kv = (cache.k, cache.v)
     else:
       kv = (cache.k, cache.v, cache.k_scale, cache.v_scale)
@@ -289,6 +321,8 @@ class Qwen2(nnx.Module):
     else:
       for i, block in enumerate(self.layers):
         x, kv = block(x, ctx, kv, i, int(windows[i]))
+    if cache is None:
+      return self.final_norm(x), None
     if paged is None:
       return self.final_norm(x), dataclasses.replace(cache, k=kv[0], v=kv[1])
     return self.final_norm(x), PagedKVCache(*kv)

@@ -1,0 +1,125 @@
+"""LoRA adapters in PEFT's layout, both ways: `adapter_config.json` + `adapter_model.safetensors`.
+
+    adapter = load_adapter("my-lora/", cfg)           # a directory PEFT's save_pretrained wrote (or ours)
+    save_adapter("out-lora/", adapter, base_model="Qwen/Qwen2.5-0.5B-Instruct")
+
+PEFT stores, per adapted module of a causal LM, `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
+[r, in] and `....lora_B.weight` [out, r] (torch Linear layout); ours are A [L, in, r] and B [L, r, out]
+(`qwenjax.model.lora.Adapter`). What PEFT's LoRA can express and this loader cannot serve (DoRA, per-module ranks
+or alphas, bias training, extra trained modules, fan_in_fan_out layers) is a CheckpointError naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+
+import numpy as np
+import safetensors.numpy
+
+from qwenjax._errors import CheckpointError, ConfigError
+from qwenjax.config import QwenConfig, read_json
+from qwenjax.model.lora import TARGETS, Adapter, check_targets, target_dims
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+_KEY = re.compile(r"(?:base_model\.model\.)?(?:model\.)?(?:language_model\.)?layers\.(\d+)\.(\w+\.\w+)\."
+                  r"lora_([AB])(?:\.\w+)?\.weight")
+_MODULES = {hf: t for t, (_, _, hf) in TARGETS.items()}
+
+
+def _module_targets(config: dict, source: str) -> tuple[str, ...]:
+  """PEFT's target_modules (a list of module names, "all-linear", or a regex over module paths) as our targets."""
+  modules = config.get("target_modules")
+  if modules == "all-linear":
+    return tuple(TARGETS)
+  if isinstance(modules, str):  # a regex PEFT full-matches against each module's path
+    found = [t for t, (_, _, hf) in TARGETS.items() if re.fullmatch(modules, f"model.layers.0.{hf}")]
+    if not found:
+      raise CheckpointError(f"{source}: target_modules {modules!r} matches none of the decoder's projections.")
+    return tuple(found)
+  try:
+    return check_targets([str(m).rpartition(".")[2] for m in modules or ()])
+  except ConfigError as e:
+    raise CheckpointError(f"{source}: target_modules {modules!r}: {e}") from None
+
+
+def load_adapter(path: str | os.PathLike[str], cfg: QwenConfig) -> Adapter:
+  """A PEFT LoRA adapter directory -> Adapter for a model of `cfg` (CheckpointError naming the file and field)."""
+  directory = pathlib.Path(path)
+  config_path, weights_path = directory / CONFIG, directory / WEIGHTS
+  if not directory.is_dir():
+    raise CheckpointError(f"LoRA adapter {directory}: not a directory (expected {CONFIG} and {WEIGHTS} in it).")
+  config = read_json(config_path, error=CheckpointError)
+  src = str(config_path)
+  if config.get("peft_type", "LORA") != "LORA":
+    raise CheckpointError(f"{src}: peft_type {config.get('peft_type')!r} is not LORA.")
+  for field, ok in (("use_dora", not config.get("use_dora")), ("rank_pattern", not config.get("rank_pattern")),
+                    ("alpha_pattern", not config.get("alpha_pattern")), ("bias", config.get("bias", "none") == "none"),
+                    ("modules_to_save", not config.get("modules_to_save")),
+                    ("fan_in_fan_out", not config.get("fan_in_fan_out"))):
+    if not ok:
+      raise CheckpointError(f"{src}: {field}={config[field]!r} is not supported (plain LoRA on the projections).")
+  rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    raise CheckpointError(f"{src}: r must be a positive integer, got {rank!r}.")
+  if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+    raise CheckpointError(f"{src}: lora_alpha must be a number, got {alpha!r}.")
+  targets = _module_targets(config, src)
+  layers = config.get("layers_to_transform")
+  layers = set(range(cfg.num_layers)) if layers is None else {layers} if isinstance(layers, int) else set(layers)
+  if not weights_path.is_file():
+    raise CheckpointError(f"LoRA adapter {directory}: {WEIGHTS} is missing.")
+  try:
+    tensors = safetensors.numpy.load_file(weights_path)
+  except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+    raise CheckpointError(f"{weights_path}: not a readable safetensors file ({e}).") from None
+  weights = {t: (np.zeros((cfg.num_layers, target_dims(cfg, t)[0], rank), np.float32),
+                 np.zeros((cfg.num_layers, rank, target_dims(cfg, t)[1]), np.float32)) for t in targets}
+  seen = set()
+  for key, value in tensors.items():
+    m = _KEY.fullmatch(key)
+    if m is None or m.group(2) not in _MODULES:
+      raise CheckpointError(f"{weights_path}: tensor {key!r} is not a LoRA A/B weight of a decoder projection.")
+    layer, target, which = int(m.group(1)), _MODULES[m.group(2)], m.group(3)
+    if target not in weights or layer >= cfg.num_layers or layer not in layers:
+      raise CheckpointError(f"{weights_path}: tensor {key!r} is outside {src}'s target_modules / layers, or "
+                            f"this model's {cfg.num_layers} layers.")
+    a, b = weights[target]
+    want = (rank, a.shape[1]) if which == "A" else (b.shape[2], rank)
+    if value.shape != want:
+      raise CheckpointError(f"{weights_path}: tensor {key!r} has shape {value.shape}; this model and r={rank} "
+                            f"need {want}.")
+    (a if which == "A" else b)[layer] = np.asarray(value, np.float32).T
+    seen.add((layer, target, which))
+  missing = [(l, t, w) for t in targets for l in sorted(layers) for w in "AB" if (l, t, w) not in seen]
+  if missing:
+    l, t, w = missing[0]
+    raise CheckpointError(f"{weights_path}: lora_{w} of layer {l}'s {TARGETS[t][2]} is missing "
+                          f"({len(missing)} tensor(s) in all).")
+  return Adapter(rank, float(alpha), weights, bool(config.get("use_rslora", False)),
+                 float(config.get("lora_dropout", 0.0) or 0.0))
+
+
+def save_adapter(path: str | os.PathLike[str], adapter: Adapter, base_model: str | None = None) -> None:
+  """Writes `adapter` as PEFT's save_pretrained does, so peft / transformers load it (`PeftModel.from_pretrained`)."""
+  directory = pathlib.Path(path)
+  directory.mkdir(parents=True, exist_ok=True)
+  tensors = {}
+  for t, (a, b) in adapter.weights.items():
+    for layer in range(a.shape[0]):
+      prefix = f"base_model.model.model.layers.{layer}.{TARGETS[t][2]}"
+      tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[layer].T, np.float32)  # [r, in]
+      tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[layer].T, np.float32)  # [out, r]
+  config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+      "r": adapter.rank, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
+      "target_modules": [TARGETS[t][2].rpartition(".")[2] for t in adapter.targets],
+      "bias": "none", "fan_in_fan_out": False, "use_rslora": adapter.use_rslora, "use_dora": False,
+      "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
+      "rank_pattern": {}, "alpha_pattern": {},
+  }
+  safetensors.numpy.save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+  (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
