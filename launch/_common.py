@@ -67,6 +67,12 @@ ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "pa
                                    "JAX) or pallas (ragged paged attention, segment attention for the vision tower; "
                                    "interpret mode on CPU, slow). auto: pallas on TPU/GPU, xla on CPU.")
 
+LORA = flags.DEFINE_multi_string("lora", [], "A LoRA adapter to serve, NAME=PATH (repeatable; PATH a PEFT adapter "
+                                 "directory, as peft's save_pretrained or launch.finetune writes it). A request picks "
+                                 "its adapter by name (a batch line's \"lora\" field, an OpenAI Batch body's "
+                                 "\"model\"); rows with different adapters, or none, share one decode batch.")
+MERGE_LORA = flags.DEFINE_bool("merge_lora", False, "Fold the one --lora adapter into the weights instead (every "
+                               "request then runs the tuned model; float weights only).")
 MESH = flags.DEFINE_string("mesh", None, "Device mesh of each host as comma-separated axis:size pairs over data, "
                            "fsdp and tensor, multiplying to the host's device count (e.g. tensor:8 or "
                            "data:2,tensor:4); weights and KV cache are sharded by qwenjax.parallel.sharding's rules. "
@@ -110,6 +116,21 @@ def load_kwargs() -> dict:
   """`qwenjax.load` / `Engine.load` arguments of the model flags (dtype and quantization)."""
   return dict(dtype=DTYPE.value, quantize=None if QUANTIZE.value == "none" else QUANTIZE.value,
               quantize_embeddings=QUANTIZE_EMBEDDINGS.value)
+
+
+def lora_kwargs() -> dict:
+  """The Engine's `lora` / `merge_lora` arguments of --lora and --merge_lora (InputError for a malformed entry)."""
+  from qwenjax import InputError  # pylint: disable=g-import-not-at-top
+
+  adapters = {}
+  for entry in LORA.value:
+    name, sep, path = entry.partition("=")
+    if not sep or not name or not path:
+      raise InputError(f"--lora={entry}: expected NAME=PATH (a name for requests to use, a PEFT adapter directory).")
+    if name in adapters:
+      raise InputError(f"--lora: the name {name!r} is given twice.")
+    adapters[name] = path
+  return dict(lora=adapters or None, merge_lora=MERGE_LORA.value)
 
 
 def sampling_params():

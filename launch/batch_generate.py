@@ -134,7 +134,7 @@ def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, defa
     obj = line.obj
     try:
       if line.openai:
-        request = openai_batch.to_request(obj, default)
+        request = openai_batch.to_request(obj, default, engine.lora_names)
       else:
         if "prompt" not in obj and "messages" not in obj:
           raise QwenJaxError("needs a 'prompt' or 'messages' field.")
@@ -276,7 +276,7 @@ def main(argv):
     engine = Engine.load(model, **_common.load_kwargs(), max_batch_size=serving.max_batch_size,
                          max_seq_len=serving.max_seq_len, max_prefill_chunk=serving.max_prefill_chunk,
                          decode_steps=_common.DECODE_STEPS.value, mesh=serving.mesh, seed=job_seed,
-                         **serving.cache_kwargs())
+                         **serving.cache_kwargs(), **_common.lora_kwargs())
     if jobs.crash_point("load"):
       jobs.crash()
     served, failed = _serve(engine, default, inputs, done, scanned, serving.replica, compile_timer, started)

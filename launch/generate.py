@@ -25,6 +25,8 @@ _PROMPT = flags.DEFINE_string("prompt", None, "The user message, rendered with t
                               "--raw).", required=True)
 _SYSTEM = flags.DEFINE_string("system", None, "System message; default: the chat template's own default.")
 _RAW = flags.DEFINE_bool("raw", False, "Treat --prompt as raw text: no chat template.")
+_USE_LORA = flags.DEFINE_string("use_lora", None, "The --lora adapter (by name) to answer with; default: the only "
+                                "one given, if one is (and none with several: the base model).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object with text, token_ids, finish_reason and usage.")
 _PROMPT_LOGPROBS = flags.DEFINE_bool("prompt_logprobs", False, "Add \"prompt_logprobs\" to the --json output: the "
                                      "log-probability of each prompt token given those before it (null for the "
@@ -62,9 +64,13 @@ def main(argv):
       messages.append({"role": "user", "content": content})
       request = qwenjax.Request(messages=messages)
     request.sampling = dataclasses.replace(_common.sampling_params(), prompt_logprobs=_PROMPT_LOGPROBS.value)
+    lora = _common.lora_kwargs()
     engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=serving.max_seq_len,
                             max_prefill_chunk=serving.max_prefill_chunk, decode_steps=_common.DECODE_STEPS.value,
-                            image_processor=loaded.image_processor, mesh=serving.mesh, **serving.cache_kwargs())
+                            image_processor=loaded.image_processor, mesh=serving.mesh, **serving.cache_kwargs(),
+                            **lora)
+    names = list(lora["lora"] or ())
+    request.lora = _USE_LORA.value or (names[0] if len(names) == 1 else None)
     [out] = engine.generate([request])
   except qwenjax.QwenJaxError as e:
     _cli.fail(e)

@@ -17,7 +17,7 @@ LAYERS = (
      "qwenjax.engine.buckets", "qwenjax.engine.pages", "qwenjax.model.kv_cache"),
     ("qwenjax.model", "qwenjax.text", "qwenjax.multimodal"),
     ("qwenjax.checkpoints",),
-    ("qwenjax.parallel.planner", "qwenjax.engine"),
+    ("qwenjax.parallel.planner", "qwenjax.engine", "qwenjax.training"),
     ("qwenjax",),
 )
 
@@ -128,5 +128,5 @@ def test_the_top_level_is_the_api_errors_and_configs():
   flat = sorted(p.name for p in PACKAGE.glob("*.py"))
   assert flat == ["__init__.py", "_errors.py", "config.py"], flat
   folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
-  assert folders == ["checkpoints", "engine", "kernels", "model", "multimodal", "parallel", "text"]
+  assert folders == ["checkpoints", "engine", "kernels", "model", "multimodal", "parallel", "text", "training"]
   assert all((PACKAGE / f / "__init__.py").is_file() for f in folders)

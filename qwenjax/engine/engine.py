@@ -365,6 +365,11 @@ class Engine:
     self._adapter_of(request)
     return prompt
 
+  @property
+  def lora_names(self) -> tuple[str, ...]:
+    """The LoRA adapters requests may name (a merged one included)."""
+    return (*self.adapters, *((self._merged_lora,) if self._merged_lora else ()))
+
   def _adapter_of(self, request: Request) -> int:
     """The index of the request's LoRA adapter in the bank (-1: the base model); InputError for an unknown name."""
     if request.lora is None or request.lora == self._merged_lora:

@@ -38,7 +38,7 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from qwenjax._errors import InputError
@@ -82,9 +82,11 @@ def is_batch_line(obj: Any) -> bool:
   return isinstance(obj, dict) and "custom_id" in obj
 
 
-def to_request(obj: Mapping[str, Any], default: SamplingParams) -> Request:
+def to_request(obj: Mapping[str, Any], default: SamplingParams, adapters: Collection[str] = ()) -> Request:
   """The Request of an OpenAI Batch input line; its sampling is `default` updated with the body's fields, its id
-  the custom_id. InputError, naming the field, for anything malformed or unsupported."""
+  the custom_id; a body.model that names one of the engine's LoRA `adapters` selects it (as the OpenAI API serves
+  fine-tuned models by name; any other model name: the base model). InputError, naming the field, for anything
+  malformed or unsupported."""
   custom_id = _custom_id(obj)
   unknown = sorted(set(obj) - set(_LINE_KEYS))
   if unknown:
@@ -127,11 +129,14 @@ def to_request(obj: Mapping[str, Any], default: SamplingParams) -> Request:
     raise InputError(f"body.{problem}") from None
 
   response_format = _response_format(body.get("response_format"))
+  lora = body.get("model") if isinstance(body.get("model"), str) and body.get("model") in adapters else None
   if chat:
     tools = _tools(body.get("tools"))
     return Request(messages=_messages(body.get("messages")), tools=tools, sampling=params, id=custom_id,
-                   response_format=response_format, tool_choice=_tool_choice(body.get("tool_choice"), tools))
-  return Request(prompt=_prompt(body.get("prompt")), sampling=params, id=custom_id, response_format=response_format)
+                   response_format=response_format, tool_choice=_tool_choice(body.get("tool_choice"), tools),
+                   lora=lora)
+  return Request(prompt=_prompt(body.get("prompt")), sampling=params, id=custom_id, response_format=response_format,
+                 lora=lora)
 
 
 def _custom_id(obj: Mapping[str, Any]) -> str:

@@ -1,0 +1,152 @@
+r"""Fine-tunes a LoRA adapter on chat data and writes it in PEFT's layout.
+
+    # From chat JSONL (the format batch jobs read, assistant turns included: the loss falls on them):
+    python -m launch.finetune --data=train.jsonl --output=my-lora --steps=200 --rank=16
+    # From a batch job: its requests joined by id with the replies it generated:
+    python -m launch.finetune --requests=prompts.jsonl --responses=answers.jsonl --output=my-lora
+    # Then serve it:
+    python -m launch.batch_generate --lora=mine=my-lora --input=more.jsonl --output=out.jsonl  # lines: "lora": "mine"
+
+Conversations are packed into rows of --row_len tokens (one compiled step); --eval_fraction of the rows is held
+out and its loss reported every --eval_every steps and at the end. Orbax checkpoints of the adapter and the
+optimizer state go to --checkpoint_dir (default: <output>/checkpoints) every --save_every steps; rerunning the same
+command after a kill resumes from the latest and ends with the adapter an uninterrupted run writes, bit for bit.
+Progress (loss, tokens/s, ETA) goes to stderr; the adapter directory's path to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+from absl import app, flags, logging
+
+from launch import _cli
+
+_MODEL = flags.DEFINE_string("model", "default", "The base model: 'default' (the embedded Qwen2.5-Coder-0.5B-"
+                             "Instruct), a .gguf file, a Hugging Face checkpoint directory, or an Orbax checkpoint.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and base-weight dtype (the adapter "
+                           "and optimizer state are float32).")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: the frozen base in int8 weights "
+                              "(QLoRA-style: a quarter of float32's memory).")
+_DATA = flags.DEFINE_multi_string("data", [], "Chat JSONL to train on (repeatable): {\"messages\": [...]} lines or "
+                                  "OpenAI Batch request lines, assistant turns included.")
+_REQUESTS = flags.DEFINE_string("requests", None, "A batch job's input JSONL; with --responses, its conversations "
+                                "plus the generated replies are the training data.")
+_RESPONSES = flags.DEFINE_string("responses", None, "The batch job's output JSONL (simple or OpenAI format).")
+_KEEP_TRUNCATED = flags.DEFINE_bool("keep_truncated", False, "Also learn replies that max_tokens cut off.")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory for the adapter (adapter_config.json, "
+                              "adapter_model.safetensors).", required=True)
+_CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "Orbax checkpoints (default: <output>/checkpoints).")
+_RANK = flags.DEFINE_integer("rank", 16, "LoRA rank.", lower_bound=1)
+_ALPHA = flags.DEFINE_float("alpha", 32.0, "LoRA alpha (the update is scaled by alpha / rank).")
+_DROPOUT = flags.DEFINE_float("dropout", 0.0, "Dropout on the adapters' inputs.", lower_bound=0.0, upper_bound=0.99)
+_TARGETS = flags.DEFINE_string("targets", "all", "Adapted projections, comma-separated among q, k, v, o, gate, up, "
+                               "down (or all).")
+_STEPS = flags.DEFINE_integer("steps", 100, "Optimizer steps.", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Packed rows per micro-batch (over all devices).", lower_bound=1)
+_GRAD_ACCUM = flags.DEFINE_integer("grad_accum", 1, "Micro-batches per optimizer step.", lower_bound=1)
+_ROW_LEN = flags.DEFINE_integer("row_len", 512, "Tokens per packed row (longer conversations are cut).",
+                                lower_bound=8)
+_LR = flags.DEFINE_float("learning_rate", 2e-4, "Peak learning rate (AdamW).", lower_bound=0.0)
+_WARMUP = flags.DEFINE_integer("warmup_steps", 10, "Linear warmup steps, then cosine decay.", lower_bound=0)
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.", lower_bound=0.0)
+_CLIP = flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clip (0: none).", lower_bound=0.0)
+_SEED = flags.DEFINE_integer("seed", 0, "Seeds the adapter's initialisation, the row order and dropout.")
+_EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "Fraction of packed rows held out for evaluation.",
+                                    lower_bound=0.0, upper_bound=0.9)
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 0, "Held-out loss every N steps (and always at the end).",
+                                   lower_bound=0)
+_SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "Checkpoint every N steps (and at the end).", lower_bound=1)
+_LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Progress line every N steps.", lower_bound=1)
+_MESH = flags.DEFINE_string("mesh", None, "Device mesh, axis:size pairs over data, fsdp and tensor (e.g. data:2,"
+                            "tensor:4): base weights sharded by the inference rules, rows split over data and fsdp.")
+
+
+def _conversations():
+  from qwenjax import InputError  # pylint: disable=g-import-not-at-top
+  from qwenjax.training import data  # pylint: disable=g-import-not-at-top
+
+  if (_REQUESTS.value is None) != (_RESPONSES.value is None):
+    raise InputError("--requests and --responses go together (a batch job's input and its output).")
+  if not _DATA.value and _REQUESTS.value is None:
+    raise InputError("no training data: give --data (chat JSONL) or --requests with --responses.")
+  for path in _DATA.value:
+    yield from data.conversations(path)
+  if _REQUESTS.value is not None:
+    yield from data.conversations_from_job(_REQUESTS.value, _RESPONSES.value, finished_only=not _KEEP_TRUNCATED.value)
+
+
+def main(argv):
+  del argv
+  from qwenjax import QwenJaxError  # pylint: disable=g-import-not-at-top  (--help stays fast)
+
+  try:
+    _run()
+  except QwenJaxError as e:
+    _cli.fail(e)
+
+
+def _run():
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  # Orbax logs each save's threads at INFO through absl: keep stderr to this script's progress.
+  logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+
+  import qwenjax  # pylint: disable=g-import-not-at-top
+  from qwenjax.checkpoints.peft import save_adapter  # pylint: disable=g-import-not-at-top
+  from qwenjax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from qwenjax.training import data  # pylint: disable=g-import-not-at-top
+  from qwenjax.training.lora_trainer import LoraTrainer, TrainConfig  # pylint: disable=g-import-not-at-top
+
+  config = TrainConfig(rank=_RANK.value, alpha=_ALPHA.value, dropout=_DROPOUT.value, targets=_TARGETS.value,
+                       steps=_STEPS.value, batch_size=_BATCH_SIZE.value, grad_accum=_GRAD_ACCUM.value,
+                       learning_rate=_LR.value, warmup_steps=_WARMUP.value, weight_decay=_WEIGHT_DECAY.value,
+                       clip_norm=_CLIP.value, seed=_SEED.value).check()
+  output = pathlib.Path(_OUTPUT.value)
+  if output.exists() and not output.is_dir():
+    raise qwenjax.InputError(f"--output={output}: exists and is not a directory.")
+  mesh = sharding.mesh_from_flags(_MESH.value)
+  loaded = qwenjax.load(_MODEL.value, dtype=_DTYPE.value, mesh=mesh,
+                        quantize=None if _QUANTIZE.value == "none" else _QUANTIZE.value)
+  examples, skipped = [], 0
+  for where, messages, tools in _conversations():
+    try:
+      examples.append(data.encode_chat(loaded.tokenizer, messages, tools))
+    except qwenjax.InputError as e:  # one bad conversation is reported and skipped; the run goes on
+      logging.warning("%s: skipped: %s", where, e)
+      skipped += 1
+  if not examples:
+    raise qwenjax.InputError("no usable conversation in the training data.")
+  rows, cut = data.pack(examples, _ROW_LEN.value)
+  train, held_out = data.split_rows(rows, _EVAL_FRACTION.value, _SEED.value)
+  logging.info("%d conversations (%d skipped, %d cut to --row_len=%d) packed into %d rows: %d to train, %d held out.",
+               len(examples), skipped, cut, _ROW_LEN.value, len(rows), len(train), 0 if held_out is None else len(held_out))
+  trainer = LoraTrainer(loaded.model, config, mesh=mesh)
+  checkpoint_dir = pathlib.Path(_CHECKPOINT_DIR.value or output / "checkpoints").absolute()
+  manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  if trainer.restore(manager):
+    logging.info("Resumed from %s at step %d of %d.", checkpoint_dir, trainer.step, config.steps)
+  start, first, tokens, history = time.perf_counter(), trainer.step, 0, []
+  for metrics in trainer.fit(train, held_out, manager=manager, save_every=_SAVE_EVERY.value,
+                             eval_every=_EVAL_EVERY.value):
+    step = metrics["step"] + 1
+    tokens += metrics["tokens"]
+    history.append({k: metrics[k] for k in ("step", "loss", "grad_norm", "learning_rate", "eval_loss") if k in metrics})
+    if step % _LOG_EVERY.value == 0 or step == config.steps or "eval_loss" in metrics:
+      elapsed = time.perf_counter() - start
+      eta = elapsed / (step - first) * (config.steps - step)
+      line = (f"step {step}/{config.steps}  loss {metrics['loss']:.4f}  lr {metrics['learning_rate']:.2e}  "
+              f"{tokens / elapsed:.0f} tokens/s  ETA {eta:.0f} s")
+      if "eval_loss" in metrics:
+        line += f"  eval_loss {metrics['eval_loss']:.4f}"
+      logging.info("%s", line)
+  manager.close()
+  save_adapter(output, trainer.adapter(), base_model=_MODEL.value)
+  (output / "training_log.jsonl").open("a").writelines(json.dumps(h) + "\n" for h in history)
+  print(output)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_cli.parse_flags)

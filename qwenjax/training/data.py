@@ -1,0 +1,179 @@
+"""Fine-tuning data: chat conversations -> token ids with a loss mask on the assistant turns -> packed rows.
+
+    examples = [encode_chat(tokenizer, line["messages"]) for line in lines]   # (ids, mask) each
+    rows = pack(examples, row_len=512)                                           # PackedRows, fixed shape
+
+Conversations come in the format batch jobs read (`{"messages": [...]}` lines, assistant turns included), or as a
+batch job's requests joined with its results by id (`conversations_from_job`): each request's messages plus the
+generated reply as the assistant turn. The loss falls on the assistant turns only, each through its `<|im_end|>`
+(what the model must learn to write and where to stop), never on the system, user or tool text or the template's
+headers. Packing puts several conversations in one row of `row_len` tokens, each its own segment (attention stays
+within it, positions restart), so every step has one shape and compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from qwenjax._errors import InputError
+from qwenjax.text.tokenizer import Tokenizer
+
+
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], tools=None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """(ids [n] int32, mask [n] bool): the conversation rendered with the chat template, tokenized once; mask is
+  True on the tokens of each assistant turn's reply, through its end-of-turn token (its trailing newline not).
+
+  The reply of assistant message i spans the text between the rendering of messages[:i] with the generation
+  prompt and that of messages[:i + 1]; InputError if the template does not render turns as prefixes."""
+  if not any(m.get("role") == "assistant" for m in messages):
+    raise InputError("the conversation has no assistant turn to learn from.")
+  full = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=False)
+  spans = []
+  for i, m in enumerate(messages):
+    if m.get("role") != "assistant":
+      continue
+    head = tokenizer.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True) if i else ""
+    turn = tokenizer.apply_chat_template(messages[:i + 1], tools=tools, add_generation_prompt=False)
+    if not (full.startswith(turn) and turn.startswith(head)):
+      raise InputError(f"message {i}: the chat template does not render the conversation's turns as prefixes of "
+                       "one another, so the assistant's tokens cannot be told apart.")
+    end = len(turn.rstrip())
+    spans.append((len(head), end))
+  encoding = tokenizer.backend.encode(full, add_special_tokens=False)
+  ids = np.asarray(encoding.ids, np.int32)
+  starts = np.asarray([s for s, _ in encoding.offsets], np.int64)
+  mask = np.zeros(len(ids), bool)
+  for lo, hi in spans:
+    mask |= (starts >= lo) & (starts < hi)
+  return ids, mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedRows:
+  """N rows of T tokens. tokens [N, T] int32 (0 past the last segment); positions [N, T] int32, each token's
+  position within its segment; targets [N, T] int32, the next token of its segment (-1: none); weights [N, T]
+  float32, 1 where the target is an assistant token (the loss mask), else 0."""
+
+  tokens: np.ndarray
+  positions: np.ndarray
+  targets: np.ndarray
+  weights: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  def take(self, index: np.ndarray) -> PackedRows:
+    return PackedRows(*(a[index] for a in dataclasses.astuple(self)))
+
+
+def pack(examples: Iterable[tuple[np.ndarray, np.ndarray]], row_len: int) -> tuple[PackedRows, int]:
+  """Packs (ids, mask) examples into rows of row_len tokens, in order, first fit (a row takes the next example
+  while it fits; an example longer than a row is cut to its first row_len tokens). Returns the rows and how many
+  examples were cut."""
+  rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
+  used, cut = 0, 0
+  for ids, mask in examples:
+    if len(ids) > row_len:
+      ids, mask, cut = ids[:row_len], mask[:row_len], cut + 1
+    if used + len(ids) > row_len:
+      rows.append([])
+      used = 0
+    rows[-1].append((ids, mask))
+    used += len(ids)
+  rows = [r for r in rows if r]
+  n = len(rows)
+  tokens = np.zeros((n, row_len), np.int32)
+  positions = np.zeros((n, row_len), np.int32)
+  targets = np.full((n, row_len), -1, np.int32)
+  weights = np.zeros((n, row_len), np.float32)
+  for r, segments in enumerate(rows):
+    at = 0
+    for ids, mask in segments:
+      k = len(ids)
+      tokens[r, at:at + k] = ids
+      positions[r, at:at + k] = np.arange(k)
+      targets[r, at:at + k - 1] = ids[1:]
+      weights[r, at:at + k - 1] = mask[1:]  # position t predicts token t + 1: weighted if that one is learned
+      at += k
+  return PackedRows(tokens, positions, targets, weights), cut
+
+
+def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(line number, object) of each non-blank line; InputError naming the file and line for one that is not a
+  JSON object."""
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}).") from None
+      if not isinstance(obj, dict):
+        raise InputError(f"{path}:{number}: a line must be a JSON object, got {type(obj).__name__}.")
+      yield number, obj
+
+
+def conversations(path: str) -> Iterator[tuple[str, list[dict[str, Any]], Any]]:
+  """(where, messages, tools) of each line of a chat JSONL file: simple lines ({"messages": [...]}) or OpenAI
+  Batch request lines ({"custom_id", "body": {"messages": [...]}}), assistant turns included."""
+  for number, obj in read_jsonl(path):
+    body = obj.get("body") if isinstance(obj.get("body"), dict) else obj
+    messages = body.get("messages")
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+      raise InputError(f"{path}:{number}: needs 'messages', a list of {{'role': ..., 'content': ...}} objects.")
+    yield f"{path}:{number}", messages, body.get("tools")
+
+
+def conversations_from_job(requests: str, results: str, finished_only: bool = True
+                           ) -> Iterator[tuple[str, list[dict[str, Any]], Any]]:
+  """A batch job's requests (`batch_generate --input`) joined with its results (`--output`) by id: each request's
+  messages with its reply appended as the assistant turn. Error records are skipped, and with finished_only so
+  are replies cut by max_tokens (finish_reason "length")."""
+  replies = {}
+  for _, obj in read_jsonl(results):
+    key = obj.get("custom_id", obj.get("id"))
+    if "response" in obj:  # an OpenAI Batch output line
+      body = (obj.get("response") or {}).get("body") or {}
+      choice = (body.get("choices") or [None])[0]
+      if not choice or (obj["response"].get("status_code") != 200):
+        continue
+      text = (choice.get("message") or {}).get("content", choice.get("text"))
+    else:
+      choice = obj
+      text = obj.get("text")
+    if not isinstance(text, str) or (finished_only and choice.get("finish_reason") == "length"):
+      continue
+    replies[json.dumps(key)] = text
+  for where, messages, tools in _keyed_conversations(requests):
+    key, messages = messages
+    if key in replies:
+      yield where, [*messages, {"role": "assistant", "content": replies[key]}], tools
+
+
+def _keyed_conversations(path: str) -> Iterator[tuple[str, tuple[str, list], Any]]:
+  for number, obj in read_jsonl(path):
+    body = obj.get("body") if isinstance(obj.get("body"), dict) else obj
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages:
+      yield f"{path}:{number}", (json.dumps(obj.get("custom_id", obj.get("id"))), messages), body.get("tools")
+
+
+def split_rows(rows: PackedRows, eval_fraction: float, seed: int) -> tuple[PackedRows, PackedRows | None]:
+  """(train, held-out) rows: a fixed random eval_fraction of the rows (at least one) held out, by seed."""
+  if eval_fraction <= 0:
+    return rows, None
+  order = np.random.default_rng(seed).permutation(len(rows))
+  n_eval = max(1, int(round(eval_fraction * len(rows))))
+  if n_eval >= len(rows):
+    raise InputError(f"{len(rows)} packed row(s) leave nothing to train on after holding out {n_eval} for "
+                     "evaluation; lower --eval_fraction or add data.")
+  return rows.take(np.sort(order[n_eval:])), rows.take(np.sort(order[:n_eval]))

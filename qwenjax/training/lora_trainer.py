@@ -1,0 +1,244 @@
+"""LoRA fine-tuning: the base model frozen (float, or int8 as loaded), one adapter trained with optax.
+
+    trainer = LoraTrainer(model, TrainConfig(rank=16, steps=200), mesh=mesh)
+    for step, metrics in trainer.fit(train_rows, eval_rows, checkpoints=CheckpointManager(dir)):  # resumes
+      ...
+    save_adapter("out-lora/", trainer.adapter())                                    # PEFT's layout
+
+One jitted step: `grad_accum` micro-batches of `batch_size` packed rows (`qwenjax.training.data.PackedRows`)
+scanned, their gradients summed and divided by the number of target tokens of the whole step (the loss is the
+mean over every assistant token of the step, however the rows fall into micro-batches), clipped by global norm,
+then AdamW on a warmup + cosine schedule. The adapter and the optimizer state are donated. On a mesh the base
+weights are sharded by the same rules as inference (`qwenjax.parallel.sharding`), rows split over data and fsdp,
+the adapter replicated.
+
+Which rows a step reads and its dropout key follow from (seed, step) alone: epoch e visits the rows in
+permutation e of the seed. A run resumed from an Orbax checkpoint of (adapter, optimizer state, step) therefore
+ends with the adapter an uninterrupted run ends with, bit for bit.
+
+Legend: A micro-batches per step, B rows per micro-batch, T row length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from qwenjax._errors import ConfigError
+from qwenjax.model.lora import Adapter, LoraBank, LoraWeight, init_adapter
+from qwenjax.parallel import sharding
+from qwenjax.parallel.axes import BATCH, DEFAULT_RULES, ShardingRules
+from qwenjax.training.data import PackedRows
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """rank, alpha, dropout, targets: the adapter (`qwenjax.model.lora`); steps: optimizer steps; batch_size: rows
+  per micro-batch (over all devices); grad_accum: micro-batches per step; learning_rate: the peak, reached after
+  warmup_steps (linear from 0), then cosine decay to end_lr_fraction of it at `steps`; clip_norm: global gradient
+  norm clip (0: none); seed: the adapter's initialisation, the row order and dropout."""
+
+  rank: int = 16
+  alpha: float = 32.0
+  dropout: float = 0.0
+  targets: str = "all"
+  steps: int = 100
+  batch_size: int = 8
+  grad_accum: int = 1
+  learning_rate: float = 2e-4
+  warmup_steps: int = 10
+  end_lr_fraction: float = 0.1
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+  seed: int = 0
+
+  def check(self) -> TrainConfig:
+    for name in ("rank", "steps", "batch_size", "grad_accum"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    if not 0 <= self.dropout < 1:
+      raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
+    if not self.learning_rate > 0 or self.warmup_steps < 0 or self.clip_norm < 0:
+      raise ConfigError("learning_rate must be > 0, warmup_steps and clip_norm >= 0.")
+    return self
+
+  def schedule(self) -> optax.Schedule:
+    warmup = min(self.warmup_steps, self.steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, warmup, self.steps,
+                                              self.learning_rate * self.end_lr_fraction)
+
+  def optimizer(self) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(self.clip_norm)] if self.clip_norm > 0 else []
+    return optax.chain(*parts, optax.adamw(self.schedule(), weight_decay=self.weight_decay))
+
+
+def _loss_sums(lora, graphdef, base, tokens, positions, targets, weights, key):
+  """(sum of weighted next-token NLL, sum of weights) over rows [B, T] of packed segments."""
+  model = nnx.merge(graphdef, lora, base)
+  b, t = tokens.shape
+  offsets = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  h, _ = model(tokens, offsets, None, rope_positions=positions, lora_index=jnp.zeros(b, jnp.int32), lora_key=key,
+               span=positions + 1)  # [B, T, D]
+  logits = model.logits(h)  # [B, T, V] float32
+  logp = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(
+      logits, axis=-1)  # [B, T]
+  return -jnp.sum(logp * weights), jnp.sum(weights)
+
+
+def _value_and_grad(lora, graphdef, base, tokens, positions, targets, weights, key):
+  """(loss sum, weight sum, d loss sum / d lora) of one micro-batch."""
+  (loss_sum, n), grads = jax.value_and_grad(_loss_sums, has_aux=True)(lora, graphdef, base, tokens, positions,
+                                                                      targets, weights, key)
+  return loss_sum, n, grads
+
+
+def _train_step(graphdef, tx, lora, opt_state, base, batch: PackedRows, key):
+  """One optimizer step over micro-batches batch.* [A, B, T]. Returns the new adapter and optimizer state, the
+  step's mean loss over its target tokens, and the gradient's global norm (before clipping)."""
+
+  def body(carry, xs):
+    grads, total, count = carry
+    tokens, positions, targets, weights, i = xs
+    loss_sum, n, g = _value_and_grad(lora, graphdef, base, tokens, positions, targets, weights,
+                                     jax.random.fold_in(key, i))
+    return (jax.tree.map(jnp.add, grads, g), total + loss_sum, count + n), None
+
+  xs = (batch.tokens, batch.positions, batch.targets, batch.weights, jnp.arange(batch.tokens.shape[0]))
+  init = (jax.tree.map(jnp.zeros_like, lora), jnp.float32(0), jnp.float32(0))
+  (grads, total, count), _ = jax.lax.scan(body, init, xs)
+  count = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
+  norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, opt_state, lora)
+  return optax.apply_updates(lora, updates), opt_state, total / count, norm
+
+
+def _eval_sums(graphdef, lora, base, batch: PackedRows):
+  """(loss sum, weight sum) of rows [B, T], no dropout."""
+  return _loss_sums(lora, graphdef, base, batch.tokens, batch.positions, batch.targets, batch.weights, None)
+
+
+class LoraTrainer:
+  """Trains one LoRA adapter on a frozen model (see the module docstring). adapter: start from it (default: a
+  fresh one from `config`, B zero); mesh, rules: shard the base weights and split rows as inference does."""
+
+  def __init__(self, model, config: TrainConfig, *, adapter: Adapter | None = None,
+               mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES):
+    self.config = config.check()
+    self.mesh, self.rules = mesh, rules
+    self.like = adapter or init_adapter(model.cfg, config.rank, config.alpha, config.targets, seed=config.seed,
+                                        dropout=config.dropout)
+    self.like = dataclasses.replace(self.like, dropout=config.dropout)
+    model.lora = LoraBank.of(model.cfg, {"train": self.like})
+    if mesh is not None:
+      sharding.shard_model(model, mesh, rules)
+    self.graphdef, self.lora, self.base = nnx.split(model, LoraWeight, ...)
+    model.lora = None
+    self.tx = config.optimizer()
+    self.opt_state = self.tx.init(self.lora)
+    self.step = 0
+    self._step_fn = jax.jit(functools.partial(_train_step, self.graphdef, self.tx), donate_argnums=(0, 1))
+    self._eval_fn = jax.jit(functools.partial(_eval_sums, self.graphdef))
+
+  # ---- data --------------------------------------------------------------------------------------------
+
+  def rows_for_step(self, step: int, num_rows: int) -> np.ndarray:
+    """[A, B] row indices of `step`: positions step*A*B ... of the stream of per-epoch permutations (by seed)."""
+    c = self.config
+    need = c.grad_accum * c.batch_size
+    flat = np.arange(step * need, (step + 1) * need)
+    epochs = flat // num_rows
+    out = np.empty(need, np.int64)
+    for e in np.unique(epochs):
+      perm = np.random.default_rng([c.seed, int(e)]).permutation(num_rows)
+      out[epochs == e] = perm[flat[epochs == e] % num_rows]
+    return out.reshape(c.grad_accum, c.batch_size)
+
+  def _place(self, rows: PackedRows) -> PackedRows:
+    """Rows [..., B, T] onto the mesh, B split over data and fsdp (one device: as is)."""
+    if self.mesh is None:
+      return rows
+    def put(a):
+      axes = (None,) * (a.ndim - 2) + (BATCH, None)
+      return jax.device_put(a, sharding.named_sharding(self.mesh, axes, a.shape, self.rules))
+    return PackedRows(*(put(a) for a in dataclasses.astuple(rows)))
+
+  # ---- steps ---------------------------------------------------------------------------------------------
+
+  def train_step(self, rows: PackedRows) -> dict[str, float]:
+    """Runs step `self.step` on its rows of `rows`; returns its loss, gradient norm and learning rate."""
+    index = self.rows_for_step(self.step, len(rows))
+    host = rows.take(index)  # [A, B, T]
+    batch = self._place(host)
+    key = jax.random.fold_in(jax.random.key(self.config.seed), self.step)
+    with sharding.use_mesh(self.mesh, self.rules):
+      self.lora, self.opt_state, loss, norm = self._step_fn(self.lora, self.opt_state, self.base, batch, key)
+    lr = float(self.config.schedule()(self.step))
+    self.step += 1
+    real = int(np.count_nonzero((host.targets >= 0) | (host.positions > 0)))  # tokens of segments, not padding
+    return {"loss": float(loss), "grad_norm": float(norm), "learning_rate": lr, "tokens": real}
+
+  def evaluate(self, rows: PackedRows) -> float:
+    """Mean loss over every target token of `rows` (held-out), in batches of batch_size rows."""
+    b = self.config.batch_size
+    total, count = 0.0, 0.0
+    for lo in range(0, len(rows), b):
+      index = np.arange(lo, lo + b) % len(rows)
+      part = rows.take(index)
+      weights = part.weights * (np.arange(lo, lo + b) < len(rows))[:, None]  # wrapped rows count nothing
+      part = dataclasses.replace(part, weights=weights.astype(np.float32))
+      with sharding.use_mesh(self.mesh, self.rules):
+        s, n = self._eval_fn(self.lora, self.base, self._place(part))
+      total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+  def adapter(self) -> Adapter:
+    """The trained adapter on the host (PEFT-savable: `qwenjax.checkpoints.peft.save_adapter`)."""
+    model = nnx.merge(self.graphdef, self.lora, self.base)
+    return model.lora.adapter(0, like=self.like)
+
+  # ---- checkpoints ------------------------------------------------------------------------------------------
+
+  def state(self) -> dict:
+    return {"lora": nnx.to_pure_dict(self.lora), "opt_state": self.opt_state, "step": np.array(self.step, np.int64)}
+
+  def save(self, manager: ocp.CheckpointManager) -> None:
+    manager.save(self.step, args=ocp.args.StandardSave(self.state()))
+    manager.wait_until_finished()
+
+  def restore(self, manager: ocp.CheckpointManager) -> bool:
+    """Restores the latest checkpoint of `manager` (True), or leaves the fresh state (False: there is none)."""
+    latest = manager.latest_step()
+    if latest is None:
+      return False
+    restored = manager.restore(latest, args=ocp.args.StandardRestore(self.state()))
+    nnx.replace_by_pure_dict(self.lora, restored["lora"])
+    self.opt_state = restored["opt_state"]
+    self.step = int(restored["step"])
+    return True
+
+  def fit(self, train: PackedRows, held_out: PackedRows | None = None, *, manager: ocp.CheckpointManager | None = None,
+          save_every: int = 0, eval_every: int = 0) -> Iterator[dict[str, float]]:
+    """Runs steps from `self.step` (after `restore`, the checkpoint's) to config.steps, yielding each step's
+    metrics (with "eval_loss" every eval_every steps and at the end, on `held_out`) and saving a checkpoint to
+    `manager` every save_every steps and at the end."""
+    while self.step < self.config.steps:
+      start = time.perf_counter()
+      metrics = {"step": self.step, **self.train_step(train)}
+      metrics["seconds"] = time.perf_counter() - start
+      last = self.step == self.config.steps
+      if held_out is not None and ((eval_every and self.step % eval_every == 0) or last):
+        metrics["eval_loss"] = self.evaluate(held_out)
+      if manager is not None and ((save_every and self.step % save_every == 0) or last):
+        self.save(manager)
+      yield metrics
