@@ -121,8 +121,9 @@ def _run():
     raise qwenjax.InputError("no usable conversation in the training data.")
   rows, cut = data.pack(examples, _ROW_LEN.value)
   train, held_out = data.split_rows(rows, _EVAL_FRACTION.value, _SEED.value)
-  logging.info("%d conversations (%d skipped, %d cut to --row_len=%d) packed into %d rows: %d to train, %d held out.",
-               len(examples), skipped, cut, _ROW_LEN.value, len(rows), len(train), 0 if held_out is None else len(held_out))
+  logging.info("%d conversations (%d skipped, %d cut to --row_len=%d) packed into %d rows: %d to train, %d held "
+               "out.", len(examples), skipped, cut, _ROW_LEN.value, len(rows), len(train),
+               0 if held_out is None else len(held_out))
   trainer = LoraTrainer(loaded.model, config, mesh=mesh)
   checkpoint_dir = pathlib.Path(_CHECKPOINT_DIR.value or output / "checkpoints").absolute()
   manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))

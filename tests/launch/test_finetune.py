@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -17,7 +18,6 @@ import safetensors.numpy
 import torch
 import transformers
 
-import jax.numpy as jnp
 from qwenjax.checkpoints.hf import load_model
 from qwenjax.checkpoints.peft import load_adapter
 from qwenjax.model.kv_cache import KVCache

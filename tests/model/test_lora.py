@@ -3,12 +3,12 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
 import torch
 
-import jax.numpy as jnp
 from qwenjax import CheckpointError, InputError
 from qwenjax.checkpoints.hf import load_model
 from qwenjax.checkpoints.peft import load_adapter, save_adapter

@@ -1,13 +1,13 @@
 """The fine-tuning loss and its gradients against transformers + peft, and the packing and loss mask against
 hand-derived expectations."""
 
+import jax
 import numpy as np
 import peft
 import pytest
 import torch
 import transformers
 
-import jax
 from qwenjax.checkpoints.hf import load_model
 from qwenjax.model.lora import TARGETS
 from qwenjax.training import data
