@@ -803,9 +803,10 @@ class Engine:
           features = np.zeros((r * w, self.cfg.hidden_size), np.float32)
           vision = VisionInputs(np.zeros((3, r, w), np.int32), None, features, np.full((r, w), -1, np.int32))
         for targets in (None, np.full((r, w), -1, np.int32)) if prompt_logprobs else (None,):
-          *_, self._cache = programs.paged_prefill(self.graphdef, self.params, self._cache,
-                                                   dataclasses.replace(batch, targets=targets), vision,
-                                                   impl=self.attention_impl)
+          logits, *_, self._cache = programs.paged_prefill(self.graphdef, self.params, self._cache,
+                                                           dataclasses.replace(batch, targets=targets), vision,
+                                                           impl=self.attention_impl)
+          logits[0:1].block_until_ready()  # `_prefill_packed` slices each row's logits: that slice per row count
           count += 1
       idle = self._decode_inputs([None] * b)
       variants = (_GREEDY, _SAMPLE, _FULL)

@@ -74,6 +74,8 @@ class TrainConfig:
 
   def schedule(self) -> optax.Schedule:
     warmup = min(self.warmup_steps, self.steps - 1)
+    if warmup == 0:
+      return optax.cosine_decay_schedule(self.learning_rate, self.steps, self.end_lr_fraction)
     return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, warmup, self.steps,
                                               self.learning_rate * self.end_lr_fraction)
 
@@ -145,6 +147,7 @@ class LoraTrainer:
     self.graphdef, self.lora, self.base = nnx.split(model, LoraWeight, ...)
     model.lora = None
     self.tx = config.optimizer()
+    self._schedule = config.schedule()
     self.opt_state = self.tx.init(self.lora)
     self.step = 0
     self._step_fn = jax.jit(functools.partial(_train_step, self.graphdef, self.tx), donate_argnums=(0, 1))
@@ -183,7 +186,7 @@ class LoraTrainer:
     key = jax.random.fold_in(jax.random.key(self.config.seed), self.step)
     with sharding.use_mesh(self.mesh, self.rules):
       self.lora, self.opt_state, loss, norm = self._step_fn(self.lora, self.opt_state, self.base, batch, key)
-    lr = float(self.config.schedule()(self.step))
+    lr = float(self._schedule(self.step))
     self.step += 1
     real = int(np.count_nonzero((host.targets >= 0) | (host.positions > 0)))  # tokens of segments, not padding
     return {"loss": float(loss), "grad_norm": float(norm), "learning_rate": lr, "tokens": real}

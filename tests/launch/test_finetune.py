@@ -113,16 +113,68 @@ def test_a_killed_run_resumes_to_the_same_adapter_bit_for_bit(task, tmp_path):
   assert [h["loss"] for h in _log(whole)][20:] == [h["loss"] for h in _log(killed)][-20:]
 
 
-def test_a_mesh_run_matches_one_device(task, tmp_path):
-  """data:2,tensor:2 on 4 CPU devices: base weights sharded by the inference rules, rows split over data."""
+@pytest.mark.parametrize("mesh_shape", ["data:2,tensor:2", "fsdp:2,tensor:2"])
+def test_a_mesh_run_matches_one_device(task, tmp_path, mesh_shape):
+  """4 CPU devices: base weights sharded by the inference rules (embed over fsdp, heads and MLP over tensor),
+  rows split over data (or fsdp)."""
   args = ("--steps=12", "--eval_fraction=0.25")
   one = tmp_path / "one"
   _run(_command(task, one, *args))
   mesh = tmp_path / "mesh"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  _run(_command(task, mesh, *args, "--mesh=data:2,tensor:2"), env=env)
+  _run(_command(task, mesh, *args, f"--mesh={mesh_shape}"), env=env)
   for x, y in zip(_log(one), _log(mesh)):
     assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
   a, b = _adapter_tensors(one), _adapter_tensors(mesh)
   for key in a:
     np.testing.assert_allclose(a[key], b[key], atol=1e-4, rtol=0, err_msg=key)
+
+
+def _greedy(model, ids, n):
+  with torch.no_grad():
+    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+  return out[0, len(ids):].tolist()
+
+
+def test_from_a_batch_job_to_a_tuned_adapter_to_serving_it(task, tmp_path):
+  """The README's path: batch_generate answers prompts with the base model; finetune learns from its requests
+  joined with those answers; batch_generate --lora serves the adapter to lines that name it (a simple line's
+  "lora", an OpenAI Batch body's "model") beside lines that do not, each with transformers + peft's tokens."""
+  from qwenjax.text.tokenizer import Tokenizer
+
+  requests = tmp_path / "requests.jsonl"
+  chats = [[{"role": "user", "content": f"reverse {w}"}] for w in ("abc", "fed", "cab", "bead", "dab", "ace")] * 4
+  requests.write_text("".join(json.dumps({"id": f"r{i}", "messages": m}) + "\n" for i, m in enumerate(chats)))
+  answers = tmp_path / "answers.jsonl"
+  generate = [sys.executable, "-m", "launch.batch_generate", f"--model={task / 'model'}", "--max_new_tokens=6",
+              "--max_seq_len=128", "--max_batch_size=4"]
+  _run([*generate, f"--input={requests}", f"--output={answers}"])
+  adapter = tmp_path / "tuned"
+  _run([sys.executable, "-m", "launch.finetune", f"--model={task / 'model'}", f"--requests={requests}",
+        f"--responses={answers}", "--keep_truncated", f"--output={adapter}", "--steps=8", "--batch_size=4",
+        "--row_len=64", "--rank=4", "--learning_rate=1e-2", "--eval_fraction=0"])
+  assert (adapter / "adapter_config.json").is_file()
+
+  mixed = tmp_path / "mixed.jsonl"
+  lines = [{"id": "t", "messages": chats[0], "lora": "tuned"}, {"id": "b", "messages": chats[0]},
+           {"custom_id": "o", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "tuned", "messages": chats[1], "max_tokens": 6}},
+           {"custom_id": "p", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "Qwen2.5-0.5B-Instruct", "messages": chats[1], "max_tokens": 6}}]
+  mixed.write_text("".join(json.dumps(x) + "\n" for x in lines))
+  served = tmp_path / "served.jsonl"
+  _run([*generate, f"--input={mixed}", f"--output={served}", f"--lora=tuned={adapter}", "--ignore_eos"])
+  records = {r.get("custom_id", r.get("id")): r for r in map(json.loads, served.read_text().splitlines())}
+
+  tok = Tokenizer.from_directory(task / "model")
+  base = transformers.Qwen2ForCausalLM.from_pretrained(task / "model").eval()
+  prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in chats[:2]]
+  want_base = [_greedy(base, p, 6) for p in prompts]
+  tuned = peft.PeftModel.from_pretrained(base, adapter).eval()
+  want_tuned = [_greedy(tuned, p, 6) for p in prompts]
+  assert want_tuned != want_base  # the adapter changes these answers
+  text = lambda ids: tok.decode(ids, skip_special_tokens=True)
+  assert records["t"]["token_ids"] == want_tuned[0] and records["b"]["token_ids"] == want_base[0]
+  assert records["o"]["response"]["body"]["choices"][0]["message"]["content"] == text(want_tuned[1])
+  assert records["p"]["response"]["body"]["choices"][0]["message"]["content"] == text(want_base[1])

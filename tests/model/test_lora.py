@@ -189,3 +189,20 @@ def test_bad_adapters_and_names_are_one_line_errors(tiny, tmp_path):
     engine.generate([Request(prompt=[1, 2], lora="c")])
   with pytest.raises(InputError, match="'lora' must be the name of a LoRA adapter"):
     engine.generate([{"prompt": [1, 2], "lora": 3}])
+
+
+def test_a_paged_engine_with_adapters_compiles_nothing_after_warm_up(tiny):
+  from qwenjax.engine.profiling import count_compilations
+
+  root, _ = tiny
+  engine = Engine(load_model(root / "base"), None, max_batch_size=4, max_seq_len=128, eos_token_ids=(),
+                  lora={"a": root / "a", "b": root / "b"})
+  engine.warm_up()
+  rng = np.random.default_rng(5)
+  requests = [Request(prompt=rng.integers(0, 390, int(rng.integers(3, 90))).tolist(), lora=[None, "a", "b"][i % 3],
+                      sampling=SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=[0.0, 0.9][i % 2],
+                                              seed=i))
+              for i in range(12)]
+  with count_compilations() as compiled:
+    engine.generate(requests)
+  assert sum(compiled.values()) == 0, compiled

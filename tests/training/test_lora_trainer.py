@@ -13,7 +13,7 @@ from qwenjax.model.lora import TARGETS
 from qwenjax.training import data
 from qwenjax.training.lora_trainer import LoraTrainer, TrainConfig, _value_and_grad
 
-from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
+from conftest import build_tiny_qwen2, fake_quantized_reference, save_tiny_tokenizer_dir
 
 CHATS = [
     [{"role": "user", "content": "reverse abc"}, {"role": "assistant", "content": "cba"}],
@@ -53,23 +53,27 @@ def test_packing_restarts_positions_and_never_predicts_across_segments():
   np.testing.assert_array_equal(rows.weights[0], [0, 1, 1, 1, 0, 1, 1, 0])
 
 
-def test_loss_and_gradients_equal_transformers_and_peft(tiny):
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_loss_and_gradients_equal_transformers_and_peft(tiny, quantize):
   """Three chats packed into one row: qwenjax's masked mean loss and its gradients with respect to every A and B
-  equal those of transformers + peft running each chat alone (random B, so that A's gradients are not zero)."""
+  equal those of transformers + peft running each chat alone (random B, so that A's gradients are not zero).
+  int8: a frozen int8 base (QLoRA-style), against transformers with its weights quantized and dequantized."""
   d, tok = tiny
   examples = [data.encode_chat(tok, chat) for chat in CHATS]
   rows, _ = data.pack(examples, 256)
   assert len(rows) == 1
-  trainer = LoraTrainer(load_model(d), TrainConfig(rank=4, alpha=8, steps=1, batch_size=1, seed=3))
+  trainer = LoraTrainer(load_model(d, quantize=quantize), TrainConfig(rank=4, alpha=8, steps=1, batch_size=1, seed=3))
   rng = np.random.default_rng(0)
   adapter = trainer.like
   adapter.weights = {t: (a, rng.normal(0, 0.2, b.shape).astype(np.float32)) for t, (a, b) in adapter.weights.items()}
-  trainer = LoraTrainer(load_model(d), trainer.config, adapter=adapter)
+  trainer = LoraTrainer(load_model(d, quantize=quantize), trainer.config, adapter=adapter)
   loss_sum, count, grads = _value_and_grad(trainer.lora, trainer.graphdef, trainer.base, rows.tokens,
                                            rows.positions, rows.targets, rows.weights, None)
   ours = float(loss_sum) / float(count)
 
   hf = transformers.Qwen2ForCausalLM.from_pretrained(d).eval()
+  if quantize:
+    hf = fake_quantized_reference(hf)
   ref = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
   with torch.no_grad():
     for t, (a, b) in adapter.weights.items():
