@@ -109,6 +109,7 @@ class _Sequence:
   # Prefix caching: the root its page hashes chain from (`pages.prefix_root` of its images' and videos' digest;
   # None until first admitted), and the prompt tokens its first admission read from shared pages, not computed.
   prefix_root: bytes | None = None
+  prefix_hashes: list[bytes] | None = None  # its context's full-page digests at its latest admission
   cached_tokens: int = 0
   admitted: int = 0  # paged engine: admission order (the most recent is preempted first)
   preemptions: int = 0
@@ -464,8 +465,9 @@ class Engine:
                       decoder=self.tokenizer.stream(skip_special_tokens=True) if self.tokenizer else _NoText(),
                       prompt_logprobs=[] if params.prompt_logprobs and j == 0 else None)
             for j in range(params.n)]
+    adapter = self._adapter_of(req)
     for seq in seqs:
-      seq.adapter = self._adapter_of(req)
+      seq.adapter = adapter
     return self._constrain(req, seqs)
 
   # ---- constrained decoding (`qwenjax.engine.constraints`) -----------------------------------------------
@@ -729,6 +731,7 @@ class Engine:
       copies.append((source, table[-1]))
       length += m
     pages.adopt(table, length)
+    seq.prefix_hashes = match.hashes  # `_register_prefix` files its pages under them once prefilled
     context = seq.context
     for j in range(len(match.pages), pages_needed(len(context), ps)):
       parent = match.hashes[j - 1] if j else seq.prefix_root
@@ -753,8 +756,7 @@ class Engine:
     """Once seq's prefill has written its context: each full page under its block hash, and its partial last
     page's tokens (whose start later prompts may copy), for the sequences admitted from the next round on. Those
     positions are never written again: decode writes past the context."""
-    ps, context = self.page_size, seq.context
-    hashes = prefix_hashes(context, ps, seq.prefix_root)
+    ps, context, hashes = self.page_size, seq.context, seq.prefix_hashes
     parents = [seq.prefix_root, *hashes]
     for i, page in enumerate(seq.pages.pages[:pages_needed(len(context), ps)]):
       self.pool.register(page, parents[i], context[i * ps:(i + 1) * ps], hashes[i] if i < len(hashes) else None)
