@@ -178,3 +178,32 @@ def test_from_a_batch_job_to_a_tuned_adapter_to_serving_it(task, tmp_path):
   assert records["t"]["token_ids"] == want_tuned[0] and records["b"]["token_ids"] == want_base[0]
   assert records["o"]["response"]["body"]["choices"][0]["message"]["content"] == text(want_tuned[1])
   assert records["p"]["response"]["body"]["choices"][0]["message"]["content"] == text(want_base[1])
+
+
+def test_generate_serves_an_adapter_merged_or_not(task, tmp_path):
+  """launch.generate --lora (and --merge_lora) answers with the adapter: transformers + peft's greedy tokens."""
+  from qwenjax.checkpoints.peft import save_adapter
+  from qwenjax.model.lora import init_adapter
+  from qwenjax.text.tokenizer import Tokenizer
+
+  model = load_model(task / "model")
+  adapter = init_adapter(model.cfg, rank=4, alpha=8, targets="all", seed=2)
+  rng = np.random.default_rng(3)
+  adapter.weights = {t: (a, rng.normal(0, 0.5, b.shape).astype(np.float32)) for t, (a, b) in adapter.weights.items()}
+  save_adapter(tmp_path / "ad", adapter)
+  cmd = [sys.executable, "-m", "launch.generate", f"--model={task / 'model'}", "--prompt=reverse abc", "--json",
+         "--max_new_tokens=6", "--ignore_eos", "--max_seq_len=128", f"--lora=x={tmp_path / 'ad'}"]
+  unmerged = json.loads(_run(cmd).stdout)["token_ids"]
+  merged = json.loads(_run([*cmd, "--merge_lora"]).stdout)["token_ids"]
+  base_tokens = json.loads(_run(cmd[:-1]).stdout)["token_ids"]
+  tok = Tokenizer.from_directory(task / "model")
+  ids = tok.apply_chat_template([{"role": "user", "content": "reverse abc"}], add_generation_prompt=True,
+                                tokenize=True)
+  base = transformers.Qwen2ForCausalLM.from_pretrained(task / "model").eval()
+  assert base_tokens == _greedy(base, ids, 6)
+  want = _greedy(peft.PeftModel.from_pretrained(base, tmp_path / "ad").eval(), ids, 6)
+  assert unmerged == merged == want != base_tokens
+  bad = subprocess.run([*cmd[:-1], "--lora=nameless"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1] == ("error: --lora=nameless: expected NAME=PATH (a name for requests to "
+                                                 "use, a PEFT adapter directory).")
