@@ -254,6 +254,7 @@ def main(argv):
                               explicit_sizes=_common.explicit("max_batch_size", "max_seq_len"))
     inputs = jobs.expand_inputs(_INPUT.value, _OUTPUT.value)
     jobs.check_paths(inputs, _OUTPUT.value)
+    lora = _common.lora_kwargs()  # a malformed --lora fails before the model loads
     default = _common.sampling_params()
     # Replicas (a host each, or several hosts in lockstep for a model larger than one) split the lines; each
     # replica's rank-0 process writes its part, merged into --output at the end. What is already answered must
@@ -276,7 +277,7 @@ def main(argv):
     engine = Engine.load(model, **_common.load_kwargs(), max_batch_size=serving.max_batch_size,
                          max_seq_len=serving.max_seq_len, max_prefill_chunk=serving.max_prefill_chunk,
                          decode_steps=_common.DECODE_STEPS.value, mesh=serving.mesh, seed=job_seed,
-                         **serving.cache_kwargs(), **_common.lora_kwargs())
+                         **serving.cache_kwargs(), **lora)
     if jobs.crash_point("load"):
       jobs.crash()
     served, failed = _serve(engine, default, inputs, done, scanned, serving.replica, compile_timer, started)

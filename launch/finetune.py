@@ -111,11 +111,13 @@ def _run():
   loaded = qwenjax.load(_MODEL.value, dtype=_DTYPE.value, mesh=mesh,
                         quantize=None if _QUANTIZE.value == "none" else _QUANTIZE.value)
   examples, skipped = [], 0
-  for where, messages, tools in _conversations():
+  for conversation in _conversations():  # a bad line or conversation is reported and skipped; the run goes on
     try:
-      examples.append(data.encode_chat(loaded.tokenizer, messages, tools))
-    except qwenjax.InputError as e:  # one bad conversation is reported and skipped; the run goes on
-      logging.warning("%s: skipped: %s", where, e)
+      if conversation.error is not None:
+        raise qwenjax.InputError(conversation.error)
+      examples.append(data.encode_chat(loaded.tokenizer, conversation.messages, conversation.tools))
+    except qwenjax.InputError as e:
+      logging.warning("skipped %s", e if conversation.error else f"{conversation.where}: {e}")
       skipped += 1
   if not examples:
     raise qwenjax.InputError("no usable conversation in the training data.")

@@ -48,6 +48,7 @@ def main(argv):
     if _PROMPT_LOGPROBS.value and not _JSON.value:
       raise qwenjax.ConfigError("--prompt_logprobs: prompt log-probabilities are printed in the --json output; "
                                 "pass --json too.")
+    lora = _common.lora_kwargs()  # a malformed --lora fails before the model loads
     model = _common.MODEL.value
     serving = _common.serving(model, max_batch_size=1, max_seq_len=_common.MAX_SEQ_LEN.value,
                               explicit_sizes=_common.explicit("max_seq_len") | {"max_batch_size"})
@@ -64,7 +65,6 @@ def main(argv):
       messages.append({"role": "user", "content": content})
       request = qwenjax.Request(messages=messages)
     request.sampling = dataclasses.replace(_common.sampling_params(), prompt_logprobs=_PROMPT_LOGPROBS.value)
-    lora = _common.lora_kwargs()
     engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=serving.max_seq_len,
                             max_prefill_chunk=serving.max_prefill_chunk, decode_steps=_common.DECODE_STEPS.value,
                             image_processor=loaded.image_processor, mesh=serving.mesh, **serving.cache_kwargs(),

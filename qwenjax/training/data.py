@@ -14,7 +14,6 @@ within it, positions restart), so every step has one shape and compiles once.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ import jax
 import numpy as np
 
 from qwenjax._errors import InputError
+from qwenjax.engine import jobs
 from qwenjax.text.tokenizer import Tokenizer
 
 
@@ -106,65 +106,61 @@ def pack(examples: Iterable[tuple[np.ndarray, np.ndarray]], row_len: int) -> tup
   return PackedRows(tokens, positions, targets, weights), cut
 
 
-def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-  """(line number, object) of each non-blank line; InputError naming the file and line for one that is not a
-  JSON object."""
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}).") from None
-      if not isinstance(obj, dict):
-        raise InputError(f"{path}:{number}: a line must be a JSON object, got {type(obj).__name__}.")
-      yield number, obj
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+  """One training example from a JSONL line: where it came from ("<path>:<line>"), its messages and tools, or
+  `error` (messages None) saying why the line cannot be used: the caller reports it and goes on."""
+
+  where: str
+  messages: list[dict[str, Any]] | None
+  tools: Any = None
+  error: str | None = None
 
 
-def conversations(path: str) -> Iterator[tuple[str, list[dict[str, Any]], Any]]:
-  """(where, messages, tools) of each line of a chat JSONL file: simple lines ({"messages": [...]}) or OpenAI
-  Batch request lines ({"custom_id", "body": {"messages": [...]}}), assistant turns included."""
-  for number, obj in read_jsonl(path):
-    body = obj.get("body") if isinstance(obj.get("body"), dict) else obj
-    messages = body.get("messages")
-    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
-      raise InputError(f"{path}:{number}: needs 'messages', a list of {{'role': ..., 'content': ...}} objects.")
-    yield f"{path}:{number}", messages, body.get("tools")
+def _messages_of(line: jobs.InputLine) -> Conversation:
+  """A parsed line's conversation: simple ({"messages": [...]}) or OpenAI Batch ({"body": {"messages": ...}})."""
+  if line.error is not None:
+    return Conversation(line.where, None, error=line.error)
+  body = line.obj.get("body") if isinstance(line.obj.get("body"), dict) else line.obj
+  messages = body.get("messages")
+  if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+    return Conversation(line.where, None, error=f"{line.where}: needs 'messages', a list of {{'role': ..., "
+                        "'content': ...}} objects.")
+  return Conversation(line.where, messages, body.get("tools"))
 
 
-def conversations_from_job(requests: str, results: str, finished_only: bool = True
-                           ) -> Iterator[tuple[str, list[dict[str, Any]], Any]]:
+def conversations(path: str) -> Iterator[Conversation]:
+  """Each non-blank line of a chat JSONL file (`qwenjax.engine.jobs.read_input`: BOM, UTF-8 and JSON errors are
+  that line's `error`): simple or OpenAI Batch request lines, assistant turns included."""
+  for line in jobs.read_input(path):
+    yield _messages_of(line)
+
+
+def conversations_from_job(requests: str, results: str, finished_only: bool = True) -> Iterator[Conversation]:
   """A batch job's requests (`batch_generate --input`) joined with its results (`--output`) by id: each request's
-  messages with its reply appended as the assistant turn. Error records are skipped, and with finished_only so
-  are replies cut by max_tokens (finish_reason "length")."""
+  messages with its reply appended as the assistant turn. Error records and requests without a result are left
+  out, and with finished_only so are replies cut by max_tokens (finish_reason "length")."""
   replies = {}
-  for _, obj in read_jsonl(results):
-    key = obj.get("custom_id", obj.get("id"))
+  for line in jobs.read_input(results):
+    if line.error is not None:
+      continue  # a torn record of a killed job: its request was redone under the same id
+    obj = line.obj
     if "response" in obj:  # an OpenAI Batch output line
-      body = (obj.get("response") or {}).get("body") or {}
-      choice = (body.get("choices") or [None])[0]
-      if not choice or (obj["response"].get("status_code") != 200):
+      response = obj.get("response") or {}
+      choice = ((response.get("body") or {}).get("choices") or [None])[0]
+      if not choice or response.get("status_code") != 200:
         continue
       text = (choice.get("message") or {}).get("content", choice.get("text"))
     else:
-      choice = obj
-      text = obj.get("text")
-    if not isinstance(text, str) or (finished_only and choice.get("finish_reason") == "length"):
-      continue
-    replies[json.dumps(key)] = text
-  for where, messages, tools in _keyed_conversations(requests):
-    key, messages = messages
-    if key in replies:
-      yield where, [*messages, {"role": "assistant", "content": replies[key]}], tools
-
-
-def _keyed_conversations(path: str) -> Iterator[tuple[str, tuple[str, list], Any]]:
-  for number, obj in read_jsonl(path):
-    body = obj.get("body") if isinstance(obj.get("body"), dict) else obj
-    messages = body.get("messages")
-    if isinstance(messages, list) and messages:
-      yield f"{path}:{number}", (json.dumps(obj.get("custom_id", obj.get("id"))), messages), body.get("tools")
+      choice, text = obj, obj.get("text")
+    if isinstance(text, str) and not (finished_only and choice.get("finish_reason") == "length"):
+      replies[jobs.record_key(line.key)] = text
+  for line in jobs.read_input(requests):
+    conversation = _messages_of(line)
+    key = jobs.record_key(line.key)
+    if conversation.error is None and key in replies:
+      yield dataclasses.replace(conversation,
+                                messages=[*conversation.messages, {"role": "assistant", "content": replies[key]}])
 
 
 def split_rows(rows: PackedRows, eval_fraction: float, seed: int) -> tuple[PackedRows, PackedRows | None]:

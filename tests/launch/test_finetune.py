@@ -59,8 +59,14 @@ def _log(output):
 
 def test_finetune_drives_the_loss_down_and_peft_loads_the_adapter(task, tmp_path):
   out = tmp_path / "lora"
-  proc = _run(_command(task, out, "--steps=150", "--eval_every=50", "--save_every=50"))
+  bad = tmp_path / "bad.jsonl"  # a second --data file: its bad lines are reported and skipped, the run goes on
+  bad.write_text('{"messages": [{"role": "user", "content": "hi"}\n'
+                 + json.dumps({"messages": [{"role": "user", "content": "no reply"}]}) + "\n")
+  proc = _run(_command(task, out, "--steps=150", "--eval_every=50", "--save_every=50", f"--data={bad}"))
   assert proc.stdout.strip() == str(out)
+  assert f"skipped {bad}:1: malformed JSON" in proc.stderr
+  assert f"skipped {bad}:2: the conversation has no assistant turn" in proc.stderr
+  assert "64 conversations (2 skipped, 0 cut" in proc.stderr
   assert "tokens/s" in proc.stderr and "ETA" in proc.stderr and "eval_loss" in proc.stderr
   log = _log(out)
   assert [h["step"] for h in log] == list(range(150))
@@ -113,16 +119,15 @@ def test_a_killed_run_resumes_to_the_same_adapter_bit_for_bit(task, tmp_path):
   assert [h["loss"] for h in _log(whole)][20:] == [h["loss"] for h in _log(killed)][-20:]
 
 
-@pytest.mark.parametrize("mesh_shape", ["data:2,tensor:2", "fsdp:2,tensor:2"])
-def test_a_mesh_run_matches_one_device(task, tmp_path, mesh_shape):
-  """4 CPU devices: base weights sharded by the inference rules (embed over fsdp, heads and MLP over tensor),
-  rows split over data (or fsdp)."""
+def test_a_mesh_run_matches_one_device(task, tmp_path):
+  """data:2,fsdp:2,tensor:2 on 8 CPU devices: base weights sharded by the inference rules (embed over fsdp,
+  heads and MLP over tensor), rows split over data and fsdp."""
   args = ("--steps=12", "--eval_fraction=0.25")
   one = tmp_path / "one"
   _run(_command(task, one, *args))
   mesh = tmp_path / "mesh"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  _run(_command(task, mesh, *args, f"--mesh={mesh_shape}"), env=env)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  _run(_command(task, mesh, *args, "--mesh=data:2,fsdp:2,tensor:2"), env=env)
   for x, y in zip(_log(one), _log(mesh)):
     assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
   a, b = _adapter_tensors(one), _adapter_tensors(mesh)
