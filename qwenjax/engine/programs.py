@@ -54,7 +54,7 @@ class TokenBatch:
   real (the rest is padding); rows: [B] int32, the cache rows they go to (None: rows 0..B-1 of a B-row cache);
   targets: [B, T] int32, the token that follows each position, whose log-probability the engine's prefill then
   returns too (-1: none; see `target_logprobs`), or None: nothing scored, the program as without it; adapter:
-[B] int32, each row's LoRA adapter in the model's bank (-1: none), or None: a model without adapters."""
+  [B] int32, each row's LoRA adapter in the model's bank (-1: none), or None: a model without adapters."""
 
   tokens: jax.Array
   num_new: jax.Array
