@@ -19,31 +19,15 @@ import re
 import numpy as np
 import safetensors.numpy
 
-from qwenjax._errors import CheckpointError, ConfigError
+from qwenjax._errors import CheckpointError
 from qwenjax.config import QwenConfig, read_json
-from qwenjax.model.lora import TARGETS, Adapter, check_targets, target_dims
+from qwenjax.model.lora import TARGETS, Adapter, target_dims
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 _KEY = re.compile(r"(?:base_model\.model\.)?(?:model\.)?(?:language_model\.)?layers\.(\d+)\.(\w+\.\w+)\."
                   r"lora_([AB])(?:\.\w+)?\.weight")
 _MODULES = {hf: t for t, (_, _, hf) in TARGETS.items()}
-
-
-def _module_targets(config: dict, source: str) -> tuple[str, ...]:
-  """PEFT's target_modules (a list of module names, "all-linear", or a regex over module paths) as our targets."""
-  modules = config.get("target_modules")
-  if modules == "all-linear":
-    return tuple(TARGETS)
-  if isinstance(modules, str):  # a regex PEFT full-matches against each module's path
-    found = [t for t, (_, _, hf) in TARGETS.items() if re.fullmatch(modules, f"model.layers.0.{hf}")]
-    if not found:
-      raise CheckpointError(f"{source}: target_modules {modules!r} matches none of the decoder's projections.")
-    return tuple(found)
-  try:
-    return check_targets([str(m).rpartition(".")[2] for m in modules or ()])
-  except ConfigError as e:
-    raise CheckpointError(f"{source}: target_modules {modules!r}: {e}") from None
 
 
 def load_adapter(path: str | os.PathLike[str], cfg: QwenConfig) -> Adapter:
@@ -67,7 +51,6 @@ def load_adapter(path: str | os.PathLike[str], cfg: QwenConfig) -> Adapter:
     raise CheckpointError(f"{src}: r must be a positive integer, got {rank!r}.")
   if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
     raise CheckpointError(f"{src}: lora_alpha must be a number, got {alpha!r}.")
-  targets = _module_targets(config, src)
   layers = config.get("layers_to_transform")
   layers = set(range(cfg.num_layers)) if layers is None else {layers} if isinstance(layers, int) else set(layers)
   if not weights_path.is_file():
@@ -76,17 +59,26 @@ def load_adapter(path: str | os.PathLike[str], cfg: QwenConfig) -> Adapter:
     tensors = safetensors.numpy.load_file(weights_path)
   except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
     raise CheckpointError(f"{weights_path}: not a readable safetensors file ({e}).") from None
+  # The targets are the projections the file holds tensors for (target_modules may be a regex over module paths
+  # that differ between Qwen2 and Qwen2.5-VL checkpoints); every adapted layer must have both A and B.
+  parsed = {}
+  for key in tensors:
+    m = _KEY.fullmatch(key)
+    if m is None or m.group(2) not in _MODULES:
+      raise CheckpointError(f"{weights_path}: tensor {key!r} is not a LoRA A/B weight of a decoder projection "
+                            "(only the decoder's q/k/v/o/gate/up/down projections can be adapted).")
+    parsed[key] = (int(m.group(1)), _MODULES[m.group(2)], m.group(3))
+  targets = tuple(t for t in TARGETS if any(t == target for _, target, _ in parsed.values()))
+  if not targets:
+    raise CheckpointError(f"{weights_path}: holds no LoRA weights.")
   weights = {t: (np.zeros((cfg.num_layers, target_dims(cfg, t)[0], rank), np.float32),
                  np.zeros((cfg.num_layers, rank, target_dims(cfg, t)[1]), np.float32)) for t in targets}
   seen = set()
   for key, value in tensors.items():
-    m = _KEY.fullmatch(key)
-    if m is None or m.group(2) not in _MODULES:
-      raise CheckpointError(f"{weights_path}: tensor {key!r} is not a LoRA A/B weight of a decoder projection.")
-    layer, target, which = int(m.group(1)), _MODULES[m.group(2)], m.group(3)
-    if target not in weights or layer >= cfg.num_layers or layer not in layers:
-      raise CheckpointError(f"{weights_path}: tensor {key!r} is outside {src}'s target_modules / layers, or "
-                            f"this model's {cfg.num_layers} layers.")
+    layer, target, which = parsed[key]
+    if layer >= cfg.num_layers or layer not in layers:
+      raise CheckpointError(f"{weights_path}: tensor {key!r} is outside {src}'s layers_to_transform or this "
+                            f"model's {cfg.num_layers} layers.")
     a, b = weights[target]
     want = (rank, a.shape[1]) if which == "A" else (b.shape[2], rank)
     if value.shape != want:
