@@ -188,6 +188,15 @@ def real_gguf_path():
   return embedded.default_model_path()
 
 
+@pytest.fixture(scope="session")
+def real_float32():
+  """The embedded Qwen2.5-Coder-0.5B-Instruct loaded once in float32 (~10 s a load) for the real-model modules
+  that only read it (tests/model/test_real_model*.py); nothing here changes the model."""
+  import qwenjax
+
+  return qwenjax.load("default", dtype="float32")
+
+
 # --- Tiny Qwen2.5-VL checkpoints (model/test_qwen2_vl.py, checkpoints/test_convert.py, parallel/test_sharding.py) ---
 
 IMAGE, VIDEO, START, END = 290, 291, 292, 293

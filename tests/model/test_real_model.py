@@ -26,8 +26,8 @@ CHATS = [
 
 
 @pytest.fixture(scope="module")
-def ours():
-  return qwenjax.load("default", dtype="float32")
+def ours(real_float32):
+  return real_float32
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,9 @@ from launch.bench import perplexity as ppl
 pytestmark = pytest.mark.real_model
 
 
-def test_int8_and_w8a8_perplexity_stay_within_the_targets():
-  loaded = qwenjax.load("default", dtype="float32")
-  tokens = loaded.tokenizer.encode(ppl.CORPUS.read_text(encoding="utf-8"))[:512]
-  scores = {"float32": ppl.perplexity(loaded, tokens, window=512)["ppl"]}
-  del loaded
+def test_int8_and_w8a8_perplexity_stay_within_the_targets(real_float32):
+  tokens = real_float32.tokenizer.encode(ppl.CORPUS.read_text(encoding="utf-8"))[:512]
+  scores = {"float32": ppl.perplexity(real_float32, tokens, window=512)["ppl"]}
   for quantize in ("int8", "w8a8"):
     quantized = qwenjax.load("default", dtype="float32", quantize=quantize)
     assert quantized.model.quantize == quantize

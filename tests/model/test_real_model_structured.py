@@ -8,7 +8,6 @@ import re
 import jsonschema
 import pytest
 
-import qwenjax
 from qwenjax.engine.engine import Engine
 from qwenjax.engine.requests import Request
 from qwenjax.engine.sampling import SamplingParams
@@ -47,8 +46,8 @@ TOOLS = [
 
 
 @pytest.fixture(scope="module")
-def engine():
-  loaded = qwenjax.load("default", dtype="float32")
+def engine(real_float32):
+  loaded = real_float32
   return Engine(loaded.model, loaded.tokenizer, max_batch_size=8, max_seq_len=1024, decode_steps=4)
 
 
