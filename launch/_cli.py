@@ -5,14 +5,21 @@ a traceback.
     ...
     app.run(main, flags_parser=_cli.parse_flags)
 
-and in main, `except QwenJaxError as e: _cli.fail(e)`. Kept apart from `_common`, whose mesh and multi-host flags
+and in main, `except QwenJaxError as e: _cli.fail(e)`. A script that writes files a rerun resumes wraps its main in
+`_cli.interruptible(main, "rerun the same command to resume")`: Ctrl-C and SIGTERM then unwind it like an error (its
+`finally` blocks flush and release their locks) and end in one line and exit status 130 (SIGINT) or 143 (SIGTERM).
+
+Kept apart from `_common`, whose mesh and multi-host flags
 only the scripts that serve a model should define.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import signal
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from absl import flags
@@ -23,6 +30,33 @@ def fail(error: BaseException | str) -> NoReturn:
   text = " ".join(str(error).split()) or type(error).__name__
   print(f"error: {text if text.endswith(('.', '?', '!')) else text + '.'}", file=sys.stderr)
   sys.exit(1)
+
+
+class Terminated(BaseException):
+  """SIGTERM, raised in the main thread as SIGINT raises KeyboardInterrupt, so that it unwinds the same way."""
+
+
+def interruptible(main: Callable, resume: str) -> Callable:
+  """`main` with SIGINT and SIGTERM turned into one `interrupted (SIGINT); <resume>` line on stderr and exit status
+  130 or 143, after `main`'s own `finally` blocks ran (a second signal during that unwinding is ignored)."""
+
+  def on_term(signum, frame):
+    del signum, frame
+    raise Terminated()
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+      return main(argv)
+    except (KeyboardInterrupt, Terminated) as e:
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
+      signal.signal(signal.SIGTERM, signal.SIG_IGN)
+      name, status = ("SIGINT", 130) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", 143)
+      print(f"interrupted ({name}); {resume}.", file=sys.stderr, flush=True)
+      sys.exit(status)
+
+  return wrapped
 
 
 def parse_flags(argv: list[str]) -> list[str]:
