@@ -1,1 +1,1 @@
-"""Attention (and, later, matmul) kernels, each beside the plain-JAX reference it is tested against."""
+"""Attention and int8 matmul kernels, each beside the plain-JAX reference it is tested against."""

@@ -1,5 +1,5 @@
 """Paged KV cache and ragged paged attention, in plain JAX: the references that CPU runs and that the Pallas kernels
-(not written yet) will be tested against.
+(`ragged_paged_attention.py`, `ragged_paged_attention_tpu.py`) are tested against.
 
 The cache is a pool of fixed-size pages shared by all sequences; a sequence owns a list of pages (its page table)
 and its token at position p lives in page `page_indices[s, p // page_size]` at offset `p % page_size`. A step's
