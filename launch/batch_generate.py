@@ -25,7 +25,9 @@ Input lines, of either format, mixed freely:
 Any line may carry "metadata" (any JSON): it is copied untouched into that line's output record. With a
 Qwen2.5-VL model, message content may be a list of OpenAI-style parts: {"type": "text", "text": ...},
 {"type": "image_url", "image_url": {"url": <path, file:// or data: URL>}}, {"type": "video", "video": <frame
-directory or list of frames>}; images of different sizes share batches. A broken image fails its line alone.
+directory or list of frames>}; images of different sizes share batches. A broken image fails its line alone. Local
+files must lie inside --media_root (default: the directory of the line's input file; relative paths start there):
+any other path, symlinks resolved, is that line's error, in the same words whatever the file is.
 
 Output lines, in completion order, in the format of their input line:
 - simple: {"id", "text", "token_ids", "finish_reason", "usage"} (with n > 1, "choices" holds every sample;
