@@ -25,7 +25,9 @@ Input lines, of either format, mixed freely:
 Any line may carry "metadata" (any JSON): it is copied untouched into that line's output record. With a
 Qwen2.5-VL model, message content may be a list of OpenAI-style parts: {"type": "text", "text": ...},
 {"type": "image_url", "image_url": {"url": <path, file:// or data: URL>}}, {"type": "video", "video": <frame
-directory or list of frames>}; images of different sizes share batches. A broken image fails its line alone.
+directory or list of frames>}; images of different sizes share batches. A broken image fails its line alone. Local
+files must lie inside --media_root (default: the directory of the line's input file; relative paths start there):
+any other path, symlinks resolved, is that line's error, in the same words whatever the file is.
 
 Output lines, in completion order, in the format of their input line:
 - simple: {"id", "text", "token_ids", "finish_reason", "usage"} (with n > 1, "choices" holds every sample;
@@ -93,6 +95,10 @@ _FSYNC_EVERY_LINES = flags.DEFINE_integer("fsync_every_lines", 10000, "fsync the
 _FSYNC_EVERY_SECONDS = flags.DEFINE_float("fsync_every_seconds", 30.0, "fsync the output when this many seconds "
                                           "passed since the last fsync, at the next record (0: off).",
                                           lower_bound=0)
+_MEDIA_ROOT = flags.DEFINE_string("media_root", None, "The directory whose files lines may name as images, videos "
+                                  "and frame directories (relative paths are taken from it); any other local path, "
+                                  "symlinks resolved, is that line's error. Default: the directory of the input file "
+                                  "the line came from.")
 _PROGRESS_EVERY_SECONDS = flags.DEFINE_float("progress_every_seconds", 30.0, "Rewrite <output>.progress.json "
                                              "this often (0: only at the end).", lower_bound=0)
 
@@ -144,7 +150,8 @@ def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, defa
         fields = {k: v for k, v in obj.items() if k != "metadata"}
         request = as_request({**fields, "id": line.key, "sampling": None})
         request.sampling = SamplingParams.from_dict(sampling, base=default) if sampling else default
-      yield line, request, engine.prepare(request)
+      media_root = _MEDIA_ROOT.value or os.path.dirname(os.path.abspath(line.path))
+      yield line, request, engine.prepare(request, media_root=media_root)
     except QwenJaxError as e:
       errors.append(_error_record(line, f"{line.where}: {e}", _error_code(str(e))))
 
@@ -255,6 +262,8 @@ def main(argv):
     inputs = jobs.expand_inputs(_INPUT.value, _OUTPUT.value)
     jobs.check_paths(inputs, _OUTPUT.value)
     lora = _common.lora_kwargs()  # a malformed --lora fails before the model loads
+    if _MEDIA_ROOT.value is not None and not os.path.isdir(_MEDIA_ROOT.value):
+      raise qwenjax.InputError(f"--media_root={_MEDIA_ROOT.value}: not a directory.")
     default = _common.sampling_params()
     # Replicas (a host each, or several hosts in lockstep for a model larger than one) split the lines; each
     # replica's rank-0 process writes its part, merged into --output at the end. What is already answered must

@@ -39,6 +39,10 @@ _VIDEO = flags.DEFINE_multi_string("video", [], "A video placed before the promp
                                    "sampled at 2 frames per second by Qwen's rules), or a directory of frame images "
                                    "read in name order as frames taken at 2 per second.")
 
+_MEDIA_ROOT = flags.DEFINE_string("media_root", "/", "The directory --image and --video paths must lie in, symlinks "
+                                  "resolved (default: anywhere: the command line is yours; batch_generate's lines are "
+                                  "held to their input file's directory).")
+
 
 def main(argv):
   del argv
@@ -68,7 +72,7 @@ def main(argv):
     engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=serving.max_seq_len,
                             max_prefill_chunk=serving.max_prefill_chunk, decode_steps=_common.DECODE_STEPS.value,
                             image_processor=loaded.image_processor, mesh=serving.mesh, **serving.cache_kwargs(),
-                            **lora)
+                            media_root=_MEDIA_ROOT.value, **lora)
     names = list(lora["lora"] or ())
     request.lora = _USE_LORA.value or (names[0] if len(names) == 1 else None)
     [out] = engine.generate([request])

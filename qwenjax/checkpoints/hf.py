@@ -205,16 +205,21 @@ def _int8_rows(source: TensorSource, name: str, hf, shape, contract) -> tuple[np
   if rows is None:
     return None
   values, scale = rows
-  if not np.isfinite(scale).all():
-    raise CheckpointError(f"{source.describe(name)}: tensor {name!r} holds NaN or infinite values.")
+  check_finite(scale, source.describe(name), name)
   out_shape = tuple(d for i, d in enumerate(shape) if i not in contract)
   return hf.to_param(values, shape), scale.reshape(out_shape)
 
 
+def check_finite(array: np.ndarray, file: str, name: str) -> None:
+  """CheckpointError naming `file` and tensor `name` if `array` holds a NaN or an infinity (every checkpoint's
+  tensors pass here on their way in: a model's, a LoRA adapter's)."""
+  if not np.isfinite(array).all():
+    raise CheckpointError(f"{file}: tensor {name!r} holds NaN or infinite values.")
+
+
 def _convert(source: TensorSource, name: str, hf, shape, dtype) -> np.ndarray:
   array = source.get_tensor(name)
-  if not np.isfinite(array).all():
-    raise CheckpointError(f"{source.describe(name)}: tensor {name!r} holds NaN or infinite values.")
+  check_finite(array, source.describe(name), name)
   return hf.to_param(array, shape).astype(dtype, copy=False)
 
 

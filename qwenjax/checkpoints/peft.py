@@ -19,8 +19,9 @@ import re
 import numpy as np
 import safetensors.numpy
 
-from qwenjax._errors import CheckpointError
-from qwenjax.config import QwenConfig, read_json
+from qwenjax._errors import CheckpointError, ConfigError
+from qwenjax.checkpoints.hf import check_finite
+from qwenjax.config import QwenConfig, read_field, read_json
 from qwenjax.model.lora import TARGETS, Adapter, target_dims
 
 CONFIG = "adapter_config.json"
@@ -46,11 +47,15 @@ def load_adapter(path: str | os.PathLike[str], cfg: QwenConfig) -> Adapter:
                     ("fan_in_fan_out", not config.get("fan_in_fan_out"))):
     if not ok:
       raise CheckpointError(f"{src}: {field}={config[field]!r} is not supported (plain LoRA on the projections).")
-  rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
-  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-    raise CheckpointError(f"{src}: r must be a positive integer, got {rank!r}.")
-  if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-    raise CheckpointError(f"{src}: lora_alpha must be a number, got {alpha!r}.")
+  try:  # the fields' checks of a model's config.json: finite numbers (no NaN, no Infinity), exact types
+    rank = read_field(config, "r", int, src, positive=True)
+    alpha = read_field(config, "lora_alpha", float, src, float(rank))
+    dropout = read_field(config, "lora_dropout", float, src, 0.0)
+    use_rslora = read_field(config, "use_rslora", bool, src, False)
+  except ConfigError as e:
+    raise CheckpointError(str(e)) from None
+  if not 0 <= dropout < 1:
+    raise CheckpointError(f"{src}: lora_dropout must be a number in [0, 1), got {dropout!r}.")
   layers = config.get("layers_to_transform")
   layers = set(range(cfg.num_layers)) if layers is None else {layers} if isinstance(layers, int) else set(layers)
   if not weights_path.is_file():
@@ -71,28 +76,33 @@ def load_adapter(path: str | os.PathLike[str], cfg: QwenConfig) -> Adapter:
   targets = tuple(t for t in TARGETS if any(t == target for _, target, _ in parsed.values()))
   if not targets:
     raise CheckpointError(f"{weights_path}: holds no LoRA weights.")
-  weights = {t: (np.zeros((cfg.num_layers, target_dims(cfg, t)[0], rank), np.float32),
-                 np.zeros((cfg.num_layers, rank, target_dims(cfg, t)[1]), np.float32)) for t in targets}
+  # Every tensor's layer and shape is checked against the model and r, and its values are finite, before anything
+  # is allocated: r is the file's word, and r=2^40 must be an error naming a tensor, not an allocation that size.
   seen = set()
   for key, value in tensors.items():
     layer, target, which = parsed[key]
     if layer >= cfg.num_layers or layer not in layers:
       raise CheckpointError(f"{weights_path}: tensor {key!r} is outside {src}'s layers_to_transform or this "
                             f"model's {cfg.num_layers} layers.")
-    a, b = weights[target]
-    want = (rank, a.shape[1]) if which == "A" else (b.shape[2], rank)
+    k, o = target_dims(cfg, target)
+    want = (rank, k) if which == "A" else (o, rank)
     if value.shape != want:
       raise CheckpointError(f"{weights_path}: tensor {key!r} has shape {value.shape}; this model and r={rank} "
                             f"need {want}.")
-    (a if which == "A" else b)[layer] = np.asarray(value, np.float32).T
+    check_finite(value, str(weights_path), key)
     seen.add((layer, target, which))
   missing = [(l, t, w) for t in targets for l in sorted(layers) for w in "AB" if (l, t, w) not in seen]
   if missing:
     l, t, w = missing[0]
     raise CheckpointError(f"{weights_path}: lora_{w} of layer {l}'s {TARGETS[t][2]} is missing "
                           f"({len(missing)} tensor(s) in all).")
-  return Adapter(rank, float(alpha), weights, bool(config.get("use_rslora", False)),
-                 float(config.get("lora_dropout", 0.0) or 0.0))
+  weights = {t: (np.zeros((cfg.num_layers, target_dims(cfg, t)[0], rank), np.float32),
+                 np.zeros((cfg.num_layers, rank, target_dims(cfg, t)[1]), np.float32)) for t in targets}
+  for key, value in tensors.items():
+    layer, target, which = parsed[key]
+    a, b = weights[target]
+    (a if which == "A" else b)[layer] = np.asarray(value, np.float32).T
+  return Adapter(rank, alpha, weights, use_rslora, dropout)
 
 
 def save_adapter(path: str | os.PathLike[str], adapter: Adapter, base_model: str | None = None) -> None:

@@ -193,6 +193,12 @@ class Engine:
     cached when released, evicted least recently used first. Outputs are those without it. The paged cache only.
   image_processor: how a Qwen2.5-VL model's images are resized (its preprocessor_config.json; None: Qwen's
     released defaults).
+  media_root: the directory whose files requests may name as images, videos and frames (a path or file:// URL;
+    relative ones are taken from it): each must resolve inside it, symlinks included, else that request's
+    InputError names the field and says only that it is outside (never whether the file exists or what it is).
+    None: the working directory when the engine was made, so a request cannot read /etc or ~/.ssh; "/" lets
+    requests read any file this process can (only for requests you wrote). `prepare(..., media_root=)` sets one
+    per request (batch jobs: the directory of the line's input file).
   mesh: a device mesh (`qwenjax.parallel.sharding.make_mesh` / `mesh_from_flags`) to shard the weights (in place, unless
     loaded onto it already), the KV cache and the slot state over, by `rules`; None: one device. A mesh may span
     several processes (hosts): each then runs the same requests in lockstep and sees the same tokens.
@@ -211,8 +217,9 @@ class Engine:
                image_processor: processing.ImageProcessorConfig | None = None,
                mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
                seed: int | None = None, lora: Mapping[str, Adapter | str | os.PathLike] | None = None,
-               merge_lora: bool = False):
+               merge_lora: bool = False, media_root: str | os.PathLike | None = None):
     self.model, self.tokenizer = model, tokenizer
+    self.media_root = os.path.realpath(os.getcwd() if media_root is None else media_root)
     self.mesh, self.rules = mesh, rules
     adapters = {name: a if isinstance(a, Adapter) else load_adapter(a, model.cfg) for name, a in (lora or {}).items()}
     self.adapters: dict[str, int] = {}  # name -> index in the bank (a merged adapter: none)
@@ -323,15 +330,17 @@ class Engine:
 
   # ---- requests -------------------------------------------------------------------------------------------
 
-  def prepare(self, request: Request | str | Sequence[int] | dict) -> list[int] | VLPrompt:
+  def prepare(self, request: Request | str | Sequence[int] | dict,
+              media_root: str | os.PathLike | None = None) -> list[int] | VLPrompt:
     """A request's prompt as token ids, or, with images or videos, as a `VLPrompt` (ids with one pad per merged
-    patch, 3D positions, preprocessed images). InputError for anything malformed, unreadable or too long."""
+    patch, 3D positions, preprocessed images). InputError for anything malformed, unreadable or too long.
+    media_root: where this request's local media must lie (default: the engine's)."""
     request = as_request(request)
     if self.tokenizer is None and (request.messages is not None or isinstance(request.prompt, str)):
       raise InputError("this engine has no tokenizer: prompts must be token ids.")
     if request.messages is not None and (request.images or request.videos):
       raise InputError("'images' and 'videos' go with a raw 'prompt'; with 'messages', give them as content parts.")
-    visuals = []  # (kind, source) in the order their pads appear
+    visuals = []  # (kind, source, field) in the order their pads appear
     messages = None if request.messages is None else [checked_message(i, m, visuals, join_text=self.vl_cfg is None)
                                                       for i, m in enumerate(request.messages)]
     if self.vl_cfg is None and (visuals or request.images or request.videos):
@@ -354,7 +363,8 @@ class Engine:
       raise InputError("the prompt is empty.")
     prompt = ids
     if visuals:
-      prompt = vl_prompt(ids, [self._preprocess(kind, source) for kind, source in visuals], self.vl_cfg)
+      root = self.media_root if media_root is None else media_root
+      prompt = vl_prompt(ids, [self._preprocess(*visual, root) for visual in visuals], self.vl_cfg)
     elif self.vl_cfg is not None and any(t in (self.vl_cfg.image_token_id, self.vl_cfg.video_token_id) for t in ids):
       raise InputError("the prompt holds image or video pad tokens but no images or videos were given.")
     n = len(_ids(prompt))
@@ -381,22 +391,26 @@ class Engine:
     return self.adapters[request.lora]
 
   def _raw_prompt_visuals(self, ids: list[int], images: list, videos: list) -> list:
-    visuals = []
+    visuals, given = [], {"image": len(images), "video": len(videos)}
     for t in ids:
       if t in (self.vl_cfg.image_token_id, self.vl_cfg.video_token_id):
         pool, kind = (images, "image") if t == self.vl_cfg.image_token_id else (videos, "video")
         if not pool:
           raise InputError(f"the prompt has more <|{kind}_pad|> tokens than {kind}s given.")
-        visuals.append((kind, pool.pop(0)))
+        visuals.append((kind, pool.pop(0), f"{kind}s[{given[kind] - len(pool) - 1}]"))
     if images or videos:
       raise InputError(f"{len(images)} image(s) and {len(videos)} video(s) have no <|image_pad|> / <|video_pad|> "
                        "token in the prompt.")
     return visuals
 
-  def _preprocess(self, kind: str, source) -> processing.VisualInput:
-    if kind == "image":
-      return processing.preprocess_image(source, self.image_processor)
-    return processing.preprocess_video(source, self.image_processor)
+  def _preprocess(self, kind: str, source, field: str, media_root: str | os.PathLike) -> processing.VisualInput:
+    """An image or video of a request; its InputError names the request's field."""
+    try:
+      if kind == "image":
+        return processing.preprocess_image(source, self.image_processor, media_root=media_root)
+      return processing.preprocess_video(source, self.image_processor, media_root=media_root)
+    except InputError as e:
+      raise InputError(f"{field}: {e}") from None
 
   def generate(self, requests: Sequence[Request | str | Sequence[int] | dict],
                sampling: SamplingParams | None = None) -> list[RequestOutput]:

@@ -138,9 +138,10 @@ def as_request(r: Request | str | Sequence[int] | dict) -> Request:
   raise InputError(f"a request must be text, token ids or a dict, got {type(r).__name__}.")
 
 
-def checked_message(index: int, message: Any, visuals: list[tuple[str, Any]], *, join_text: bool) -> dict:
+def checked_message(index: int, message: Any, visuals: list[tuple[str, Any, str]], *, join_text: bool) -> dict:
   """Checks message `index` (its role and content) and appends its image and video parts to `visuals` as
-  (kind, source), in order. join_text (a text model): a content list of text parts only becomes one string."""
+  (kind, source, field), in order; field: where the request holds it, `messages[0].content[1].image_url`.
+  join_text (a text model): a content list of text parts only becomes one string."""
   where = f"message {index}"
   if not isinstance(message, dict):
     raise InputError(f"{where}: expected an object with 'role' and 'content', got {type(message).__name__}.")
@@ -163,12 +164,12 @@ def checked_message(index: int, message: Any, visuals: list[tuple[str, Any]], *,
     raise InputError(f"{where}: content must be a string or a list of content parts, got "
                      f"{type(content).__name__}.")
   texts = []
-  for part in content:
-    kind, source = _content_part(part, where)
+  for j, part in enumerate(content):
+    kind, source, key = _content_part(part, where)
     if kind == "text":
       texts.append(source)
     else:
-      visuals.append((kind, source))
+      visuals.append((kind, source, f"messages[{index}].content[{j}].{key}"))
   if any(part.get("type") == "video_url" for part in content):  # chat templates render {"type": "video"} parts
     message = dict(message, content=[{"type": "video", "video": _content_part(part, where)[1]}
                                      if part.get("type") == "video_url" else part for part in content])
@@ -193,35 +194,36 @@ def _check_tool_call(call: Any, where: str) -> None:
     raise InputError(f"{where}: the function's 'arguments' must be a JSON object or a string holding one.")
 
 
-def _content_part(part: Any, where: str) -> tuple[str, Any]:
-  """One OpenAI-style content part of message `where` -> ("text", text) | ("image", source) | ("video", frames)."""
+def _content_part(part: Any, where: str) -> tuple[str, Any, str]:
+  """One OpenAI-style content part of message `where` -> ("text", text) | ("image", source) | ("video", frames),
+  and the part's key that holds it."""
   if not isinstance(part, dict):
     raise InputError(f"{where}: a content part must be an object, got {type(part).__name__}.")
   kind = part.get("type")
   if kind == "text" or (kind is None and "text" in part):
     if not isinstance(part.get("text"), str):
       raise InputError(f"{where}: a text part needs {{'text': string}}.")
-    return "text", part["text"]
+    return "text", part["text"], "text"
   if kind == "image_url" or (kind is None and "image_url" in part):
     url = part.get("image_url")
     url = url.get("url") if isinstance(url, dict) else url
     if not url:
       raise InputError(f"{where}: an image_url part needs {{'image_url': {{'url': ...}}}}.")
-    return "image", url
+    return "image", url, "image_url"
   if kind == "image" or (kind is None and "image" in part):
     if part.get("image") is None:
       raise InputError(f"{where}: an image part needs {{'image': path or URL}}.")
-    return "image", part["image"]
+    return "image", part["image"], "image"
   if kind == "video" or (kind is None and "video" in part):
     if part.get("video") is None:
       raise InputError(f"{where}: a video part needs {{'video': video file, [frames] or a frame directory}}.")
     options = set(part) - {"type", "video"}  # fps, max_pixels, ...: preprocess_video takes the whole part
-    return "video", dict(part) if options else part["video"]
+    return "video", dict(part) if options else part["video"], "video"
   if kind == "video_url":  # vLLM's OpenAI-style video part
     url = part.get("video_url")
     url = url.get("url") if isinstance(url, dict) else url
     if not url:
       raise InputError(f"{where}: a video_url part needs {{'video_url': {{'url': ...}}}}.")
-    return "video", url
+    return "video", url, "video_url"
   raise InputError(f"{where}: unsupported content part type {kind!r} (expected text, image_url, image, video or "
                    "video_url).")

@@ -29,7 +29,6 @@ import io
 import math
 import os
 import pathlib
-import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -191,14 +190,20 @@ def _to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def load_image(source: ImageSource, *, media_root: str | os.PathLike | None = None) -> Image.Image:
   """An RGB PIL image from a path, a `file://` URL, a `data:image/...;base64,` URL, or a PIL image.
 
   Modes convert as transformers converts them (RGBA, LA and palette transparency composited onto white;
   L, P, CMYK, ... through PIL's convert). Like qwen-vl-utils' `fetch_image`, EXIF orientation is not applied.
   A missing, unreadable or truncated file, or one that is not an image, is an InputError naming the source.
+  media_root: a local path must lie inside this directory, symlinks resolved (relative paths are taken from it);
+  one outside is an InputError that says only that (`video.local_path`). None: any path (the caller's own).
   """
-  name = _describe(source)
+  return _load_image(source, _describe(source), media_root)
+
+
+def _load_image(source: ImageSource, name: str, media_root: str | os.PathLike | None) -> Image.Image:
+  """load_image, its errors naming the source as `name`."""
   try:
     if isinstance(source, Image.Image):
       return _to_rgb(source)
@@ -218,10 +223,10 @@ def load_image(source: ImageSource) -> Image.Image:
       with Image.open(io.BytesIO(data)) as image:
         image.load()
         return _to_rgb(image)
-    if isinstance(source, str) and text.startswith("file://"):
-      text = text[len("file://"):]
-      if not os.path.exists(text) and os.path.exists(urllib.parse.unquote(text)):
-        text = urllib.parse.unquote(text)
+    try:
+      text = video_files.local_path(source, media_root)
+    except InputError as e:  # outside the root: the same words for every path, under the name given
+      raise InputError(f"{name}: {str(e).partition(': ')[2]}") from None
     with Image.open(text) as image:
       image.load()  # decode now, so a truncated file fails here
       return _to_rgb(image)
@@ -256,9 +261,11 @@ def _patchify(frames: np.ndarray, cfg: ImageProcessorConfig) -> tuple[np.ndarray
   return np.ascontiguousarray(x).reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
 
 
-def preprocess_image(image: ImageSource, cfg: ImageProcessorConfig = ImageProcessorConfig()) -> VisualInput:
-  """One image as patches, equal to transformers' Qwen2-VL image processor's `pixel_values` and `image_grid_thw`."""
-  rgb = load_image(image)
+def preprocess_image(image: ImageSource, cfg: ImageProcessorConfig = ImageProcessorConfig(), *,
+                     media_root: str | os.PathLike | None = None) -> VisualInput:
+  """One image as patches, equal to transformers' Qwen2-VL image processor's `pixel_values` and `image_grid_thw`.
+  media_root: as in `load_image`."""
+  rgb = load_image(image, media_root=media_root)
   try:
     height, width = smart_resize(rgb.height, rgb.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
   except InputError as e:
@@ -268,27 +275,34 @@ def preprocess_image(image: ImageSource, cfg: ImageProcessorConfig = ImageProces
   return VisualInput(patches, grid, None, "image", cfg.merge_size)
 
 
-def load_video_frames(source: str | os.PathLike | Sequence[ImageSource]) -> list[Image.Image]:
+def load_video_frames(source: str | os.PathLike | Sequence[ImageSource], *,
+                      media_root: str | os.PathLike | None = None) -> list[Image.Image]:
   """RGB frames from a list of images (paths, URLs, PIL images) or a directory of frame images.
 
   A directory's non-hidden files are read in name order (plain string sort: zero-pad frame numbers);
-  a file there that is not an image is an InputError, never skipped. Video files are not decoded here
-  (`preprocess_video` decodes them).
+  a file there that is not an image is an InputError, never skipped, naming it by position (never by name: an
+  error lists no directory). Video files are not decoded here (`preprocess_video` decodes them). media_root: as in
+  `load_image`, for the directory, each of its entries, and each frame of a list.
   """
   if isinstance(source, (str, os.PathLike)):
-    path = pathlib.Path(source)
+    name = _describe(source)
+    path = pathlib.Path(video_files.local_path(source, media_root))
     if not path.exists():
-      raise InputError(f"{path}: no such frame directory.")
+      raise InputError(f"{name}: no such frame directory.")
     if not path.is_dir():
-      raise InputError(f"{_describe(source)}: load_video_frames takes a list of frames or a directory of frame "
+      raise InputError(f"{name}: load_video_frames takes a list of frames or a directory of frame "
                        "images (video files are not decoded here: preprocess_video decodes them).")
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    for i, entry in enumerate(entries):
+      if not video_files.inside_root(str(entry), media_root):
+        raise InputError(f"{name}: frame {i} (in name order): {video_files.OUTSIDE_ROOT}.")
+    files = [p for p in entries if p.is_file()]
     if not files:
-      raise InputError(f"{path}: the frame directory holds no files.")
-    return [load_image(f) for f in files]
+      raise InputError(f"{name}: the frame directory holds no files.")
+    return [_load_image(f, f"{name}: frame {i} (in name order)", media_root) for i, f in enumerate(files)]
   if isinstance(source, Image.Image) or not isinstance(source, Iterable):
     raise InputError(f"a video must be a list of frames or a directory of frame images, got {type(source).__name__}.")
-  frames = [load_image(f) for f in source]
+  frames = [_load_image(f, f"frame {i}: {_describe(f)}", media_root) for i, f in enumerate(source)]
   if not frames:
     raise InputError("a video needs at least one frame; got an empty list.")
   return frames
@@ -299,7 +313,8 @@ def preprocess_video(video: str | os.PathLike | Sequence[ImageSource] | Mapping[
                      min_pixels: int | None = None, max_pixels: int | None = None,
                      total_pixels: float = VIDEO_TOTAL_PIXELS, nframes: int | None = None,
                      min_frames: int = FPS_MIN_FRAMES, max_frames: int | None = None,
-                     video_start: float | None = None, video_end: float | None = None) -> VisualInput:
+                     video_start: float | None = None, video_end: float | None = None,
+                     media_root: str | os.PathLike | None = None) -> VisualInput:
   """A video as patches, the way qwen-vl-utils and transformers take it: a video file, or frames (a list or a
   directory), or a qwen-vl-utils video element, {"video": file or frames, "fps": 1.0, "max_pixels": ..., ...}
   (a content part as Qwen's examples write it), whose keys set the keyword arguments of the same names.
@@ -328,10 +343,15 @@ def preprocess_video(video: str | os.PathLike | Sequence[ImageSource] | Mapping[
   are the image processor's float32 ops, not the torchvision video processor's fused
   (x - 255·mean) / (255·std) (differences up to 2.4e-7). Decoded colours are FFmpeg's (swscale) YUV to RGB,
   as with decord and torchcodec.
+
+  media_root: as in `load_image`, for a video file, a frame directory and its entries, and each frame of a list.
   """
   if isinstance(video, Mapping):
     source, options = _video_element(video)
-    return preprocess_video(source, cfg, **options)
+    return preprocess_video(source, cfg, **options, media_root=media_root)
+  remote = ("data:", "http://", "https://")
+  if media_root is not None and isinstance(video, (str, os.PathLike)) and not str(video).startswith(remote):
+    video = video_files.local_path(video, media_root)  # the real path inside the root, or the one refusal
   if not fps > 0:
     raise InputError(f"fps must be positive, got {fps}.")
   tp = cfg.temporal_patch_size
@@ -363,7 +383,7 @@ def preprocess_video(video: str | os.PathLike | Sequence[ImageSource] | Mapping[
                                                   ("video_end", video_end, None)) if value != default]
   if file_only:
     raise InputError(f"{', '.join(file_only)}: sample video files; a video given as frames keeps every frame.")
-  images = load_video_frames(video)
+  images = load_video_frames(video, media_root=media_root)
   images += [images[-1]] * (-len(images) % tp)
   first = images[0]
   try:

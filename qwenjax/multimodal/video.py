@@ -53,6 +53,43 @@ def describe(source: Any) -> str:
   return f"{text[:48]}... ({len(text)} characters)" if len(text) > 80 else text
 
 
+# What a request is told for any local path outside the media root: the same words whatever the path is (missing,
+# not an image, a directory, unreadable), so that requests cannot probe the file system through their errors.
+OUTSIDE_ROOT = "outside the media root (Engine media_root / --media_root): no file there is read"
+
+
+def local_path(source: str | os.PathLike, media_root: str | os.PathLike | None = None) -> str:
+  """The file a local path or `file://` URL names (a file URL's percent-escapes decoded when only the decoded
+  spelling exists). With media_root: relative paths are taken from it, and the result is the real path (every
+  symlink resolved), which must lie inside media_root's real path; else an InputError that says only that, never
+  whether or what the file is. Without one: the path as given (relative to the working directory)."""
+  text = os.fspath(source)
+  if not isinstance(text, str):
+    raise InputError(f"{describe(source)}: a local path must be text, not bytes.")
+  url = text.startswith("file://")
+  text = text[len("file://"):] if url else text
+  spellings = [text] + ([urllib.parse.unquote(text)] if url and urllib.parse.unquote(text) != text else [])
+  if media_root is None:
+    return next((s for s in spellings if os.path.exists(s)), text)
+  root = os.path.realpath(media_root)
+  try:
+    real = [os.path.realpath(os.path.join(root, s)) for s in spellings]
+    inside = all(os.path.commonpath([root, r]) == root for r in real)  # every spelling: no probing by escapes
+  except ValueError:  # a NUL byte
+    inside = False
+  if not inside:
+    raise InputError(f"{describe(source)}: {OUTSIDE_ROOT}.")
+  return next((r for r in real if os.path.exists(r)), real[0])
+
+
+def inside_root(path: str, media_root: str | os.PathLike | None) -> bool:
+  """Whether `path`'s real path lies inside media_root's (always, without one)."""
+  if media_root is None:
+    return True
+  root = os.path.realpath(media_root)
+  return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
 def _openable(source: VideoSource) -> str | io.BytesIO:
   """The path or in-memory file PyAV opens for `source`; InputError for a URL form that is not supported."""
   if not isinstance(source, (str, os.PathLike)):
@@ -71,10 +108,7 @@ def _openable(source: VideoSource) -> str | io.BytesIO:
       return io.BytesIO(base64.b64decode(payload, validate=True))
     except (binascii.Error, ValueError) as e:
       raise InputError(f"{describe(source)}: the base64 payload does not decode ({e}).") from None
-  if text.startswith("file://"):
-    text = text[len("file://"):]
-    if not os.path.exists(text) and os.path.exists(urllib.parse.unquote(text)):
-      text = urllib.parse.unquote(text)
+  text = local_path(text)
   if os.path.isdir(text):
     raise InputError(f"{describe(source)}: is a directory, not a video file.")
   if not os.path.exists(text):

@@ -18,7 +18,7 @@ from qwenjax.engine.sampling import SamplingParams
 from qwenjax.model.kv_cache import KVCache
 from qwenjax.model.lora import LoraBank, init_adapter, merge
 
-from conftest import build_tiny_qwen2
+from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -40,7 +40,8 @@ def tiny(tmp_path_factory):
   """A tiny Qwen2, two PEFT adapters (all seven projections at rank 4; q/v at rank 2 with rsLoRA) and the
   reference PeftModel holding both."""
   root = tmp_path_factory.mktemp("lora")
-  base = build_tiny_qwen2(root / "base", vocab_size=400, num_key_value_heads=2)
+  save_tiny_tokenizer_dir(root / "base")  # for launch.generate
+  base = build_tiny_qwen2(root / "base", vocab_size=640, num_key_value_heads=2)
   base = _random_peft(base, root / "a", 1, 4, 8, ALL)
   base = _random_peft(base, root / "b", 2, 2, 6, ["q_proj", "v_proj"], use_rslora=True)
   ref = peft.PeftModel.from_pretrained(base, root / "a", adapter_name="a").eval()
@@ -189,6 +190,78 @@ def test_bad_adapters_and_names_are_one_line_errors(tiny, tmp_path):
     engine.generate([Request(prompt=[1, 2], lora="c")])
   with pytest.raises(InputError, match="'lora' must be the name of a LoRA adapter"):
     engine.generate([{"prompt": [1, 2], "lora": 3}])
+
+
+def _corrupt_copy(source, directory, config=None, tensors=None):
+  """A copy of the PEFT adapter in `source` with its config's fields updated by `config` and tensors changed by
+  `tensors(dict)` (written back with safetensors, as a tool other than ours would)."""
+  import safetensors.numpy
+
+  directory.mkdir()
+  values = safetensors.numpy.load_file(source / "adapter_model.safetensors")
+  if tensors is not None:
+    tensors(values)
+  safetensors.numpy.save_file(values, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+  fields = json.loads((source / "adapter_config.json").read_text())
+  # NaN and Infinity as Python's json writes them (and reads them back).
+  (directory / "adapter_config.json").write_text(json.dumps({**fields, **(config or {})}))
+  return directory
+
+
+def _poison(value):
+  def change(values):
+    key = sorted(k for k in values if "layers.1.mlp.down_proj.lora_B" in k)[0]
+    values[key] = values[key].copy()
+    values[key][0, 1] = value
+  return change
+
+
+@pytest.mark.parametrize("config, tensors, message", [
+    ({"lora_alpha": float("nan")}, None, r"adapter_config.json: lora_alpha must be a number, got NaN\."),
+    ({"lora_alpha": float("inf")}, None, r"adapter_config.json: lora_alpha must be a number, got Infinity\."),
+    ({"lora_alpha": "8"}, None, r'adapter_config.json: lora_alpha must be a number, got the string "8"\.'),
+    ({"lora_dropout": float("nan")}, None, r"adapter_config.json: lora_dropout must be a number, got NaN\."),
+    ({"use_rslora": "no"}, None, r'adapter_config.json: use_rslora must be a boolean, got the string "no"\.'),
+    ({"r": 2 ** 40}, None, r"adapter_model.safetensors: tensor 'base_model.model.model.layers.0.mlp.down_proj"
+                           r".lora_A.weight' has shape \(4, 160\); this model and r=1099511627776 need "
+                           r"\(1099511627776, 160\)\."),
+    ({"lora_dropout": 1.0}, None, r"adapter_config.json: lora_dropout must be a number in \[0, 1\), got 1.0\."),
+    ({"r": 0}, None, r"adapter_config.json: r must be a positive integer, got 0"),
+    (None, _poison(float("nan")), r"adapter_model.safetensors: tensor 'base_model.model.model.layers.1.mlp.down_proj"
+                                  r".lora_B.weight' holds NaN or infinite values"),
+    (None, _poison(-float("inf")), r"adapter_model.safetensors: tensor 'base_model.model.model.layers.1.mlp."
+                                   r"down_proj.lora_B.weight' holds NaN or infinite values"),
+])
+def test_non_finite_or_oversized_adapters_are_checkpoint_errors(tiny, tmp_path, config, tensors, message):
+  """Issue 21, defect 6: an adapter whose alpha is NaN or infinite, whose r does not match its tensors (2^40: no
+  allocation before the shapes are checked), or whose tensors hold NaN/inf is a CheckpointError naming the file and
+  the field or tensor, as a model checkpoint's is; PEFT itself would serve NaN logits."""
+  root, _ = tiny
+  model = load_model(root / "base")
+  bad = _corrupt_copy(root / "a", tmp_path / "bad", config, tensors)
+  with pytest.raises(CheckpointError, match=message) as caught:
+    load_adapter(bad, model.cfg)
+  assert str(bad) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_launch_generate_with_a_nan_adapter_is_one_error_line(tiny, tmp_path):
+  """Issue 21, defect 6: `launch.generate --lora=a=<NaN adapter>` ends with one `error:` line naming the field and
+  the file, exit 1, no traceback."""
+  import pathlib
+  import subprocess
+  import sys
+
+  root, _ = tiny
+  bad = _corrupt_copy(root / "a", tmp_path / "bad", {"lora_alpha": float("nan")})
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  proc = subprocess.run([sys.executable, "-m", "launch.generate", f"--model={root / 'base'}", "--prompt=hi",
+                         f"--lora=a={bad}", "--max_new_tokens=2"], cwd=repo, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [f"error: {bad / 'adapter_config.json'}: lora_alpha must be a number, got NaN."], \
+      proc.stderr[-2000:]
 
 
 def test_a_paged_engine_with_adapters_compiles_nothing_after_warm_up(tiny):

@@ -282,7 +282,7 @@ def test_engine_images_in_chat_match_transformers(tiny_vl_chat, tmp_path, impl):
                                      {"type": "image", "image": Image.open(a)}]}], [b, a]),
   ]
   engine = Engine.load(str(d), max_batch_size=2, max_seq_len=256, max_prefill_chunk=16, page_size=16,
-                       attention_impl=impl)
+                       attention_impl=impl, media_root=tmp_path)
   n = 10
   outs = engine.generate([{"messages": m} for m, _ in chats], SamplingParams(max_tokens=n, ignore_eos=True))
   for (messages, paths), out in zip(chats, outs):
@@ -299,7 +299,7 @@ def test_engine_rejects_broken_images_per_request(tiny_vl_chat, tmp_path):
   d, _ = tiny_vl_chat
   broken = tmp_path / "broken.png"
   broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-  engine = Engine.load(str(d), max_batch_size=1, max_seq_len=128)
+  engine = Engine.load(str(d), max_batch_size=1, max_seq_len=128, media_root=tmp_path)
   image_part = {"type": "image_url", "image_url": {"url": str(broken)}}
   with pytest.raises(InputError, match="broken.png"):
     engine.prepare({"messages": [{"role": "user", "content": [image_part]}]})
@@ -370,7 +370,8 @@ def test_engine_video_from_frame_directory_matches_transformers(tiny_vl_chat, tm
   messages = [{"role": "user", "content": [{"type": "video", "video": str(frames)},
                                            {"type": "text", "text": "What happens?"}]}]
   n = 8
-  engine = Engine.load(str(d), max_batch_size=1, max_seq_len=256, page_size=16, attention_impl=impl)
+  engine = Engine.load(str(d), max_batch_size=1, max_seq_len=256, page_size=16, attention_impl=impl,
+                       media_root=tmp_path)
   out = engine.generate([{"messages": messages}], SamplingParams(max_tokens=n, ignore_eos=True))[0]
 
   video = preprocess_video(str(frames), ImageProcessorConfig.from_file(d / "preprocessor_config.json"))

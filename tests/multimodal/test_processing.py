@@ -313,8 +313,9 @@ def test_video_directory_loads_in_name_order(tmp_path):
   assert from_dir.grid_thw == from_list.grid_thw == (2, 24, 24)  # 3 frames -> 4; 56x56 -> 336x336 (video min)
   np.testing.assert_array_equal(from_dir.patches, from_list.patches)
   (tmp_path / "notes.txt").write_text("not a frame")
-  with pytest.raises(InputError, match="notes.txt"):
-    load_video_frames(tmp_path)
+  with pytest.raises(InputError, match=r"frame 3 \(in name order\): not an image file") as e:
+    load_video_frames(tmp_path)  # by position: an error never names what a directory holds
+  assert "notes" not in str(e.value).replace(str(tmp_path), "")
   (tmp_path / "clip.mp4").write_bytes(b"\0")
   with pytest.raises(InputError, match="not decoded"):
     load_video_frames(tmp_path / "clip.mp4")
@@ -399,3 +400,83 @@ def test_bad_config_files_are_config_errors_naming_the_file(tmp_path, content, m
   with pytest.raises(ConfigError, match=match) as e:
     ImageProcessorConfig.from_file(path)
   assert str(path) in str(e.value)
+
+
+# --- local files and the media root (issue 21, defect 14) ---
+
+OUTSIDE_ROOT = "outside the media root (Engine media_root / --media_root): no file there is read"
+
+
+@pytest.fixture
+def media(tmp_path):
+  """root/ with an image, a frame directory and symlinks pointing out of it; outside/ beside it with an image, a
+  text file and a frame directory whose entries have telling names."""
+  root, outside = tmp_path / "root", tmp_path / "outside"
+  (root / "frames").mkdir(parents=True)
+  (outside / "frames").mkdir(parents=True)
+  random_image(40, 50, seed=1).save(root / "in.png")
+  for i in range(2):
+    random_image(56, 56, seed=2 + i).save(root / "frames" / f"{i:03d}.png")
+  random_image(40, 50, seed=4).save(outside / "secret.png")
+  (outside / "notes.txt").write_text("not an image\n")
+  random_image(56, 56, seed=5).save(outside / "frames" / "id_rsa_first_entry.png")
+  (root / "link.png").symlink_to(outside / "secret.png")
+  (root / "linkdir").symlink_to(outside / "frames")
+  return root, outside
+
+
+def _outside_sources(root, outside):
+  """Local media outside `root` spelt every way a request can: existing or not, an image or not, a directory,
+  through a symlink inside the root, through '..', as a file:// URL (percent-escaped too), and system files."""
+  return [str(outside / "secret.png"), str(outside / "notes.txt"), str(outside / "missing.png"), str(outside),
+          str(outside / "frames"), str(root / "link.png"), str(root / "linkdir"), str(root / ".." / "outside"),
+          "../outside/secret.png", f"file://{outside / 'secret.png'}", f"file://{root}/%2E%2E/outside/secret.png",
+          "file:///etc/passwd", "/etc/passwd", "/proc/self/environ", "/root/.ssh", "/nonexistent/x.png"]
+
+
+def test_local_media_outside_the_root_are_refused_alike(media):
+  """Every local path outside media_root (symlinks resolved) is refused with the same words, whatever it is: the
+  message never tells a missing file from a non-image, a directory or an unreadable one, and never names what a
+  directory holds (before: 'image file not found' vs 'not an image file PIL can read', and a frame directory's
+  first entry in the message)."""
+  root, outside = media
+  seen = set()
+  for source in _outside_sources(root, outside):
+    for load in (lambda s: load_image(s, media_root=root), lambda s: load_video_frames(s, media_root=root),
+                 lambda s: preprocess_image(s, media_root=root), lambda s: preprocess_video(s, media_root=root),
+                 lambda s: preprocess_video([root / "in.png", s], media_root=root)):
+      with pytest.raises(InputError) as e:
+        load(source)
+      message = str(e.value)
+      assert OUTSIDE_ROOT in message, (source, message)
+      named, said = message[:message.index(OUTSIDE_ROOT)], message[message.index(OUTSIDE_ROOT):]
+      assert named.removeprefix("frame 1: ").removesuffix(": ") in (source, f"{source[:48]}... ({len(source)} "
+                                                                    "characters)"), (source, message)
+      assert "id_rsa" not in message and "\n" not in message
+      seen.add(said)
+  assert seen == {OUTSIDE_ROOT + "."}, seen
+
+
+def test_local_media_inside_the_root_load_and_keep_their_messages(media):
+  """Inside media_root, paths (relative ones from the root), file:// URLs and frame directories load as without a
+  root; a broken file keeps its own message, but a frame directory's entries are named by position, never by name,
+  and an entry that links out of the root is refused like any path outside it."""
+  root, _ = media
+  want = preprocess_image(root / "in.png").patches
+  for source in ("in.png", str(root / "in.png"), f"file://{root}/in.png", root / "frames" / ".." / "in.png"):
+    np.testing.assert_array_equal(preprocess_image(source, media_root=root).patches, want, err_msg=str(source))
+  frames = preprocess_video(root / "frames")
+  np.testing.assert_array_equal(preprocess_video("frames", media_root=root).patches, frames.patches)
+  with pytest.raises(InputError, match="missing.png: image file not found"):
+    load_image("missing.png", media_root=root)
+  (root / "frames" / "001.png").write_text("not an image either")
+  with pytest.raises(InputError) as e:
+    load_video_frames(root / "frames", media_root=root)
+  assert "frame 1 (in name order): not an image file PIL can read" in str(e.value)
+  assert "001.png" not in str(e.value)
+  (root / "frames" / "001.png").unlink()
+  (root / "frames" / "002.png").symlink_to(media[1] / "secret.png")
+  with pytest.raises(InputError) as e:
+    load_video_frames(root / "frames", media_root=root)
+  assert "frame 1 (in name order)" in str(e.value) and OUTSIDE_ROOT in str(e.value)
+  assert "002" not in str(e.value) and "secret" not in str(e.value)

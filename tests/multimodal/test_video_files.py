@@ -249,7 +249,8 @@ def test_engine_generate_and_batch_with_video_files(tiny_vl_chat, clips, tmp_pat
   others = [Image.fromarray(f) for f in np.asarray(pyav_frames(path))[[1, 19, 37, 54, 72, 88]]]  # a frame off
   parts = [{"type": "video", "video": str(path)}, {"type": "video_url", "video_url": {"url": f"file://{path}"}},
            {"type": "video", "video": frames}, {"type": "video", "video": others}]
-  engine = Engine.load(str(d), max_batch_size=2, max_seq_len=256, page_size=16)
+  media = tmp_path.parent  # holds the clips fixture's directory and tmp_path
+  engine = Engine.load(str(d), max_batch_size=2, max_seq_len=256, page_size=16, media_root=media)
   n = 8
   outs = engine.generate([{"messages": [{"role": "user", "content": [part, text]}]} for part in parts],
                          SamplingParams(max_tokens=n, ignore_eos=True))
@@ -277,8 +278,8 @@ def test_engine_generate_and_batch_with_video_files(tiny_vl_chat, clips, tmp_pat
   out_path = tmp_path / "out.jsonl"
   proc = subprocess.run([sys.executable, "-m", "launch.batch_generate", f"--model={d}",
                          f"--input={tmp_path / 'in.jsonl'}", f"--output={out_path}", "--max_batch_size=2",
-                         f"--max_new_tokens={n}", "--ignore_eos"], cwd=REPO, capture_output=True, text=True,
-                        timeout=600)
+                         f"--max_new_tokens={n}", "--ignore_eos", f"--media_root={media}"], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   results = {r["id"]: r for r in map(json.loads, out_path.read_text().splitlines())}
   assert sorted(results) == ["corrupt", "good", "missing", "text"]
@@ -286,3 +287,88 @@ def test_engine_generate_and_batch_with_video_files(tiny_vl_chat, clips, tmp_pat
   assert "corrupt.mp4" in results["corrupt"]["error"] and "not a video file" in results["corrupt"]["error"]
   assert "gone.webm" in results["missing"]["error"] and "not found" in results["missing"]["error"]
   assert len(results["text"]["token_ids"]) == n
+
+
+# --- local files and the media root (issue 21, defect 14) ---
+
+OUTSIDE_ROOT = "outside the media root (Engine media_root / --media_root): no file there is read."
+
+
+def _image_line(key, url):
+  return {"id": key, "messages": [{"role": "user", "content": [{"type": "text", "text": "Look:"},
+                                                               {"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+def _outside_tree(tmp_path):
+  """jobs/ (the input's directory: an image, a symlink out) and outside/ beside it (an image, a text file, a frame
+  directory whose one entry has a telling name)."""
+  jobs, outside = tmp_path / "jobs", tmp_path / "outside"
+  (outside / "frames").mkdir(parents=True)
+  jobs.mkdir()
+  Image.fromarray(np.full((56, 84, 3), 90, np.uint8)).save(jobs / "in.png")
+  Image.fromarray(np.full((56, 84, 3), 30, np.uint8)).save(outside / "secret.png")
+  Image.fromarray(np.full((56, 84, 3), 60, np.uint8)).save(outside / "frames" / "id_rsa_first_entry.png")
+  (outside / "notes.txt").write_text("not an image\n")
+  (jobs / "link.png").symlink_to(outside / "secret.png")
+  return jobs, outside
+
+
+def test_engine_holds_requests_to_its_media_root(tiny_vl_chat, clips, tmp_path):
+  """Engine(media_root=...): an image or video outside it is that request's InputError naming the request's field
+  (a content part, or a raw prompt's images[i] / videos[i]) and saying only that it is outside; the default root is
+  the working directory; prepare(..., media_root=) sets one per request."""
+  from qwenjax import Engine, InputError
+
+  d, _ = tiny_vl_chat
+  jobs, outside = _outside_tree(tmp_path)
+  engine = Engine.load(str(d), max_batch_size=1, max_seq_len=256, page_size=16, media_root=jobs)
+  assert len(engine.prepare(_image_line("in", "in.png")).visuals) == 1  # relative: from the root
+  video = {"role": "user", "content": [{"type": "text", "text": "Watch:"}, {"type": "video", "video": str(clips[
+      "vp8.webm"])}]}
+  cases = [(_image_line("x", str(outside / "secret.png")), "messages[0].content[1].image_url"),
+           (_image_line("x", "link.png"), "messages[0].content[1].image_url"),
+           ({"messages": [video]}, "messages[0].content[1].video"),
+           ({"messages": [dict(video, content=[{"type": "video", "video": str(outside / "frames")}])]},
+            "messages[0].content[0].video"),
+           ({"prompt": "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>",
+             "images": [str(jobs / "in.png")], "videos": ["/etc"]}, "videos[0]")]
+  for request, field in cases:
+    with pytest.raises(InputError) as e:
+      engine.prepare(request)
+    assert str(e.value).startswith(f"{field}: ") and str(e.value).endswith(f": {OUTSIDE_ROOT}"), str(e.value)
+    assert "id_rsa" not in str(e.value)
+  assert engine.prepare(cases[2][0], media_root=clips["vp8.webm"].parent).visuals[0].kind == "video"
+  default = Engine.load(str(d), max_batch_size=1, max_seq_len=256, page_size=16)
+  with pytest.raises(InputError) as e:
+    default.prepare(_image_line("in", str(jobs / "in.png")))  # tmp_path is outside the working directory
+  assert str(e.value) == f"messages[0].content[1].image_url: {jobs / 'in.png'}: {OUTSIDE_ROOT}"
+
+
+def test_batch_lines_cannot_read_or_probe_files_outside_the_input_directory(tiny_vl_chat, tmp_path):
+  """A batch file from someone else: /etc/passwd, a file:// URL outside the root, a symlink inside the root that
+  points out, a frame directory outside, a missing file and a text file outside are all error records in the same
+  words (before: 'not found' vs 'not an image' vs the frame directory's first entry named); an image beside the
+  input file is served. With --media_root=outside/, the outside image is served and the inside one refused."""
+  d, _ = tiny_vl_chat
+  jobs, outside = _outside_tree(tmp_path)
+  frames = {"id": "frames", "messages": [{"role": "user", "content": [{"type": "video", "video": str(outside /
+                                                                                                     "frames")}]}]}
+  lines = [_image_line("passwd", "/etc/passwd"), _image_line("url", f"file://{outside / 'secret.png'}"),
+           _image_line("link", str(jobs / "link.png")), frames, _image_line("missing", str(outside / "gone.png")),
+           _image_line("text", str(outside / "notes.txt")), _image_line("good", "in.png")]
+  (jobs / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  out_path = tmp_path / "out.jsonl"
+  proc = subprocess.run([sys.executable, "-m", "launch.batch_generate", f"--model={d}",
+                         f"--input={jobs / 'in.jsonl'}", f"--output={out_path}", "--max_batch_size=1",
+                         "--max_new_tokens=2", "--ignore_eos"], cwd=REPO, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  results = {r["id"]: r for r in map(json.loads, out_path.read_text().splitlines())}
+  said = set()
+  for line_number, line in enumerate(lines[:-1], 1):
+    error = results[line["id"]]["error"]
+    field = "messages[0].content[0].video" if line["id"] == "frames" else "messages[0].content[1].image_url"
+    assert error.startswith(f"{jobs / 'in.jsonl'}:{line_number}: {field}: ") and "id_rsa" not in error, error
+    said.add(error[error.index(OUTSIDE_ROOT[:20]):])
+  assert said == {OUTSIDE_ROOT}, said
+  assert len(results["good"]["token_ids"]) == 2 and "error" not in results["good"]  # relative: from jobs/
