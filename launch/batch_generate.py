@@ -93,6 +93,9 @@ _FSYNC_EVERY_LINES = flags.DEFINE_integer("fsync_every_lines", 10000, "fsync the
 _FSYNC_EVERY_SECONDS = flags.DEFINE_float("fsync_every_seconds", 30.0, "fsync the output when this many seconds "
                                           "passed since the last fsync, at the next record (0: off).",
                                           lower_bound=0)
+_MAX_LINE_BYTES = flags.DEFINE_integer("max_line_bytes", 8 << 20, "An input line longer than this (bytes) is an "
+                                      "error record, read past in chunks and never held whole: memory per line "
+                                      "stays bounded. Default 8 MiB.", lower_bound=1)
 _PROGRESS_EVERY_SECONDS = flags.DEFINE_float("progress_every_seconds", 30.0, "Rewrite <output>.progress.json "
                                              "this often (0: only at the end).", lower_bound=0)
 
@@ -116,16 +119,19 @@ def _error_record(line, message: str, code: str) -> dict:
 
 
 def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, default, share: tuple[int, int],
-              skipped_lines: frozenset) -> Iterator[tuple[Any, Any, list]]:
+              skipped_lines: frozenset, *, keyed_by_path: bool | None = None,
+              max_line_bytes: int | None = None) -> Iterator[tuple[Any, Any, list]]:
   """(input line, request, prompt) for each servable line of this process's share (positions congruent to its
   index modulo the process count); a line that cannot be served lands in `errors`, keyed by its id (or line
-  number) so that a rerun, which skips the ids in `skip`, does not record it again."""
+  number) so that a rerun, which skips the ids in `skip`, does not record it again. keyed_by_path and
+  max_line_bytes: as `jobs.read_input` takes them (the defaults: its own)."""
   from qwenjax import QwenJaxError  # pylint: disable=g-import-not-at-top
   from qwenjax.engine import jobs, openai_batch  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.requests import as_request  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
 
-  for line in jobs.read_input(paths, share):
+  bound = {} if max_line_bytes is None else {"max_line_bytes": max_line_bytes}
+  for line in jobs.read_input(paths, share, keyed_by_path=keyed_by_path, **bound):
     if (line.path, line.number) in skipped_lines or jobs.record_key(line.key) in skip:
       continue
     if line.error is not None:
@@ -151,11 +157,14 @@ def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, defa
 
 def _record(line, request, result, engine) -> dict:
   """The output record of a served line, in its format."""
-  from qwenjax.engine import jobs, openai_batch  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import constraints, jobs, openai_batch  # pylint: disable=g-import-not-at-top
   from qwenjax.text import tool_calls  # pylint: disable=g-import-not-at-top
 
   if line.openai:
     return openai_batch.result_line(line.obj, result, model=_model_name(), tokenizer=engine.tokenizer)
+  broken = openai_batch.grammar_failure(result)
+  if broken is not None:  # not an answer: the output would not conform to the line's constraint
+    return _error_record(line, f"{line.where}: {broken}", constraints.GRAMMAR_ERROR)
   usage = dict(result.usage)
   if result.cached_tokens:
     usage["cached_tokens"] = result.cached_tokens
@@ -271,7 +280,8 @@ def main(argv):
     if "error" in verdict:
       raise qwenjax.InputError(verdict["error"])
     done = set(verdict["done"])
-    scanned = jobs.scan_input(inputs, keep_first=_DUPLICATE_IDS.value == "keep_first")
+    scanned = jobs.scan_input(inputs, keep_first=_DUPLICATE_IDS.value == "keep_first",
+                              keyed_by_path=jobs.keyed_by_path(_INPUT.value), max_line_bytes=_MAX_LINE_BYTES.value)
     # Requests without a seed draw one from the engine's generator: the same on every process of a replica.
     job_seed = distributed.broadcast(secrets.randbits(63) if distributed.process_index() == 0 else None)
     engine = Engine.load(model, **_common.load_kwargs(), max_batch_size=serving.max_batch_size,
@@ -330,16 +340,22 @@ def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, c
       bar.update()
 
   try:
-    items = _requests(inputs, done, errors, engine, default, (index, count), scanned.skipped)
+    items = _requests(inputs, done, errors, engine, default, (index, count), scanned.skipped,
+                      keyed_by_path=jobs.keyed_by_path(_INPUT.value), max_line_bytes=_MAX_LINE_BYTES.value)
     keyed = (((line, request), request, prompt) for line, request, prompt in items)
     for (line, request), result in engine.serve(keyed):
       drain_errors()
+      record = _record(line, request, result, engine)
       if out is not None:
-        out.write(_record(line, request, result, engine))
-      served += 1
+        out.write(record)
       generated = result.usage["completion_tokens"]
-      progress.add(answered=1, prompt_tokens=result.prompt_tokens, cached_tokens=result.cached_tokens,
-                   generated_tokens=generated)
+      if record.get("error") is not None:  # a grammar that failed mid-decode: the line failed, not answered
+        failed += 1
+        progress.add(failed=1)
+      else:
+        served += 1
+        progress.add(answered=1, prompt_tokens=result.prompt_tokens, cached_tokens=result.cached_tokens,
+                     generated_tokens=generated)
       bar.update(generated, result.prompt_tokens, result.cached_tokens)
     drain_errors()
   finally:

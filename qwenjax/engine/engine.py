@@ -420,7 +420,8 @@ class Engine:
       key, out, left = pending[seq.request_index]
       out.outputs.append(Completion(seq.text, seq.tokens, seq.finish_reason, seq.sample_index,
                                     seq.logprobs if seq.params.logprobs else None,
-                                    seq.top_logprobs if seq.params.top_logprobs else None))
+                                    seq.top_logprobs if seq.params.top_logprobs else None,
+                                    seq.constraint.error if seq.constraint is not None else None))
       if seq.prompt_logprobs is not None:
         out.prompt_logprobs = [None, *seq.prompt_logprobs]
       if seq.sample_index == 0:
