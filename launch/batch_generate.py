@@ -12,7 +12,10 @@ often the job is killed and rerun.
 --input: comma-separated files and glob patterns, read in that order (a pattern's matches sorted, each file once;
 a pattern never matches the output or its side files). Ids must be unique across all the files (an error before
 the model loads; --duplicate_ids=keep_first serves the first line of each instead). Error messages name the line
-as <file>:<line>; a line without an id is known as "line-N", or "<file>:line-N" in a job of several files.
+as <file>:<line>; a line without an id is known as "line-N", or "<file>:line-N" whenever --input is a glob or a
+list (even one matching a single file: a glob that gains a file between runs never re-keys a line). A line over
+--max_line_bytes (default 8 MiB) is an error record, read past in chunks and never held whole; JSON nested deeper
+than 100 levels is that line's error.
 
 Input lines, of either format, mixed freely:
 - simple: {"id": ..., "messages": [...]} (OpenAI chat format, rendered with the chat template) or
@@ -34,8 +37,9 @@ Output lines, in completion order, in the format of their input line:
   OpenAI's {"id", "type", "function": {"name", "arguments"}}, and "tool_call_errors" for malformed blocks, when
   the line has tools; usage's "cached_tokens" when prompt tokens came from shared prefix pages), or
   {"id", "error", "code"} for a line that cannot be served (code: invalid_json for a line that is not UTF-8, not
-  JSON or not an object; context_length_exceeded; invalid_request for the rest: missing fields, bad sampling
-  values, a bad schema or image).
+  JSON, nested deeper than 100 levels or not an object; context_length_exceeded; grammar_error for a constraint
+  whose matcher failed mid-decode (the output would not conform); invalid_request for the rest: missing fields,
+  bad sampling values, a line over --max_line_bytes, a bad schema or image).
 - OpenAI Batch: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}, a 400 status and
   "error": {"code", "message"} for a line that cannot be served.
 A line that cannot be served is recorded, keyed by its id, and the job goes on.
