@@ -96,8 +96,9 @@ class Constraint:
     row &= self._allowed
 
   def advance(self, token: int) -> bool:
-    """Consumes a sampled token; False (and `error` set) if the grammar refuses it."""
-    if self.matcher is None or self.matcher.consume_token(int(token)):
+    """Consumes a sampled token; False (and `error` set) if the grammar refuses it or its matcher has failed (a
+    failed matcher's mask allows every token, and it may still "accept" one)."""
+    if self.matcher is None or (self.matcher.consume_token(int(token)) and not self.matcher.is_error()):
       return True
     error = self.matcher.get_error()
     self.error = _first_line(error, 1) if error else f"token {token} is not allowed here"
@@ -157,9 +158,9 @@ class Grammars:
       allowed &= ~pack_ids(spec["forbid"], self.vocab_size)
     matcher = None
     if spec["grammar"] is not None:
+      # A matcher that fails here (checked when compiled, so only a resource limit) fails its sequence's first
+      # token: finish_reason GRAMMAR_ERROR, that request's error record, never an exception mid-job.
       matcher = llguidance.LLMatcher(self._tokenizer, self._grammar(spec["grammar"]), log_level=0)
-      if matcher.is_error():  # checked when compiled, so only a resource limit lands here
-        raise InputError(f"the {spec['grammar'][0]} constraint cannot be used: {matcher.get_error()}")
     return Constraint(matcher, allowed, pack_ids(stop_ids, self.vocab_size))
 
   def _grammar(self, grammar: tuple[str, Any]) -> str:

@@ -178,6 +178,7 @@ from qwenjax.engine.sampling import SamplingParams
 from qwenjax.text.tokenizer import Tokenizer
 
 ckpt, small, big = sys.argv[1:]
+batch_generate.flags.FLAGS(["rss", f"--input={small}", "--output=unused.jsonl"])  # the job's flag defaults
 engine = Engine(load_model(ckpt), Tokenizer.from_directory(ckpt), max_seq_len=128, max_batch_size=2)
 default = SamplingParams(max_tokens=2)
 
@@ -225,6 +226,26 @@ def test_a_30_mb_line_costs_under_a_gib_above_the_baseline(checkpoint, tmp_path)
 def test_a_grammar_that_fails_before_the_first_token_is_refused_in_prepare(engine):
   with pytest.raises(InputError, match="invalid JSON schema: .*cannot be used"):
     engine.prepare({"prompt": "hi", "response_format": RECURSIVE_REF})
+
+
+def test_a_matcher_that_has_failed_refuses_the_next_token(engine):
+  """A failed matcher may still "accept" a token its mask allowed: its sequence must end as a grammar error then,
+  with the matcher's reason (it used to go on, its masks meaningless)."""
+  import llguidance  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from qwenjax.engine import constraints  # pylint: disable=g-import-not-at-top
+
+  grammars = engine.grammars
+  text = llguidance.LLMatcher.grammar_from_json_schema(RECURSIVE_REF["json_schema"]["schema"])
+  matcher = llguidance.LLMatcher(grammars._tokenizer, text, log_level=0)  # pylint: disable=protected-access
+  constraint = constraints.Constraint(matcher, constraints.pack_ids(range(600), grammars.vocab_size),
+                                      constraints.pack_ids([], grammars.vocab_size))
+  row = np.zeros(constraints.words(grammars.vocab_size), np.int32)
+  constraint.fill(row)
+  allowed = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))
+  assert matcher.is_error() and len(allowed)
+  assert not constraint.advance(int(allowed[0])) and constraint.error == "NoExtensionBias"
 
 
 def test_a_grammar_that_fails_mid_decode_is_an_error_record_on_the_simple_format(engine):
