@@ -12,7 +12,10 @@ often the job is killed and rerun.
 --input: comma-separated files and glob patterns, read in that order (a pattern's matches sorted, each file once;
 a pattern never matches the output or its side files). Ids must be unique across all the files (an error before
 the model loads; --duplicate_ids=keep_first serves the first line of each instead). Error messages name the line
-as <file>:<line>; a line without an id is known as "line-N", or "<file>:line-N" in a job of several files.
+as <file>:<line>; a line without an id is known as "line-N", or "<file>:line-N" whenever --input is a glob or a
+list (even one matching a single file: a glob that gains a file between runs never re-keys a line). A line over
+--max_line_bytes (default 8 MiB) is an error record, read past in chunks and never held whole; JSON nested deeper
+than 100 levels is that line's error.
 
 Input lines, of either format, mixed freely:
 - simple: {"id": ..., "messages": [...]} (OpenAI chat format, rendered with the chat template) or
@@ -36,8 +39,9 @@ Output lines, in completion order, in the format of their input line:
   OpenAI's {"id", "type", "function": {"name", "arguments"}}, and "tool_call_errors" for malformed blocks, when
   the line has tools; usage's "cached_tokens" when prompt tokens came from shared prefix pages), or
   {"id", "error", "code"} for a line that cannot be served (code: invalid_json for a line that is not UTF-8, not
-  JSON or not an object; context_length_exceeded; invalid_request for the rest: missing fields, bad sampling
-  values, a bad schema or image).
+  JSON, nested deeper than 100 levels or not an object; context_length_exceeded; grammar_error for a constraint
+  whose matcher failed mid-decode (the output would not conform); invalid_request for the rest: missing fields,
+  bad sampling values, a line over --max_line_bytes, a bad schema or image).
 - OpenAI Batch: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}, a 400 status and
   "error": {"code", "message"} for a line that cannot be served.
 A line that cannot be served is recorded, keyed by its id, and the job goes on.
@@ -99,6 +103,9 @@ _MEDIA_ROOT = flags.DEFINE_string("media_root", None, "The directory whose files
                                   "and frame directories (relative paths are taken from it); any other local path, "
                                   "symlinks resolved, is that line's error. Default: the directory of the input file "
                                   "the line came from.")
+_MAX_LINE_BYTES = flags.DEFINE_integer("max_line_bytes", 8 << 20, "An input line longer than this (bytes) is an "
+                                      "error record, read past in chunks and never held whole: memory per line "
+                                      "stays bounded. Default 8 MiB.", lower_bound=1)
 _PROGRESS_EVERY_SECONDS = flags.DEFINE_float("progress_every_seconds", 30.0, "Rewrite <output>.progress.json "
                                              "this often (0: only at the end).", lower_bound=0)
 
@@ -122,16 +129,19 @@ def _error_record(line, message: str, code: str) -> dict:
 
 
 def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, default, share: tuple[int, int],
-              skipped_lines: frozenset) -> Iterator[tuple[Any, Any, list]]:
+              skipped_lines: frozenset, *, keyed_by_path: bool | None = None,
+              max_line_bytes: int | None = None) -> Iterator[tuple[Any, Any, list]]:
   """(input line, request, prompt) for each servable line of this process's share (positions congruent to its
   index modulo the process count); a line that cannot be served lands in `errors`, keyed by its id (or line
-  number) so that a rerun, which skips the ids in `skip`, does not record it again."""
+  number) so that a rerun, which skips the ids in `skip`, does not record it again. keyed_by_path and
+  max_line_bytes: as `jobs.read_input` takes them (the defaults: its own)."""
   from qwenjax import QwenJaxError  # pylint: disable=g-import-not-at-top
   from qwenjax.engine import jobs, openai_batch  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.requests import as_request  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
 
-  for line in jobs.read_input(paths, share):
+  bound = {} if max_line_bytes is None else {"max_line_bytes": max_line_bytes}
+  for line in jobs.read_input(paths, share, keyed_by_path=keyed_by_path, **bound):
     if (line.path, line.number) in skipped_lines or jobs.record_key(line.key) in skip:
       continue
     if line.error is not None:
@@ -158,11 +168,14 @@ def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, defa
 
 def _record(line, request, result, engine) -> dict:
   """The output record of a served line, in its format."""
-  from qwenjax.engine import jobs, openai_batch  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import constraints, jobs, openai_batch  # pylint: disable=g-import-not-at-top
   from qwenjax.text import tool_calls  # pylint: disable=g-import-not-at-top
 
   if line.openai:
     return openai_batch.result_line(line.obj, result, model=_model_name(), tokenizer=engine.tokenizer)
+  broken = openai_batch.grammar_failure(result)
+  if broken is not None:  # not an answer: the output would not conform to the line's constraint
+    return _error_record(line, f"{line.where}: {broken}", constraints.GRAMMAR_ERROR)
   usage = dict(result.usage)
   if result.cached_tokens:
     usage["cached_tokens"] = result.cached_tokens
@@ -280,7 +293,8 @@ def main(argv):
     if "error" in verdict:
       raise qwenjax.InputError(verdict["error"])
     done = set(verdict["done"])
-    scanned = jobs.scan_input(inputs, keep_first=_DUPLICATE_IDS.value == "keep_first")
+    scanned = jobs.scan_input(inputs, keep_first=_DUPLICATE_IDS.value == "keep_first",
+                              keyed_by_path=jobs.keyed_by_path(_INPUT.value), max_line_bytes=_MAX_LINE_BYTES.value)
     # Requests without a seed draw one from the engine's generator: the same on every process of a replica.
     job_seed = distributed.broadcast(secrets.randbits(63) if distributed.process_index() == 0 else None)
     engine = Engine.load(model, **_common.load_kwargs(), max_batch_size=serving.max_batch_size,
@@ -339,16 +353,22 @@ def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, c
       bar.update()
 
   try:
-    items = _requests(inputs, done, errors, engine, default, (index, count), scanned.skipped)
+    items = _requests(inputs, done, errors, engine, default, (index, count), scanned.skipped,
+                      keyed_by_path=jobs.keyed_by_path(_INPUT.value), max_line_bytes=_MAX_LINE_BYTES.value)
     keyed = (((line, request), request, prompt) for line, request, prompt in items)
     for (line, request), result in engine.serve(keyed):
       drain_errors()
+      record = _record(line, request, result, engine)
       if out is not None:
-        out.write(_record(line, request, result, engine))
-      served += 1
+        out.write(record)
       generated = result.usage["completion_tokens"]
-      progress.add(answered=1, prompt_tokens=result.prompt_tokens, cached_tokens=result.cached_tokens,
-                   generated_tokens=generated)
+      if record.get("error") is not None:  # a grammar that failed mid-decode: the line failed, not answered
+        failed += 1
+        progress.add(failed=1)
+      else:
+        served += 1
+        progress.add(answered=1, prompt_tokens=result.prompt_tokens, cached_tokens=result.cached_tokens,
+                     generated_tokens=generated)
       bar.update(generated, result.prompt_tokens, result.cached_tokens)
     drain_errors()
   finally:

@@ -53,23 +53,23 @@ class JSONDepthError(json.JSONDecodeError):
     super().__init__(f"nested deeper than {MAX_JSON_DEPTH} levels", doc, pos)
 
 
-def loads(text: str | bytes) -> Any:
+def loads(text: str | bytes, *, decoder: json.JSONDecoder | None = None) -> Any:
   """json.loads, but JSON nested deeper than MAX_JSON_DEPTH raises JSONDepthError instead of RecursionError (or
-  of a value that something later cannot walk)."""
+  of a value that something later cannot walk). `decoder`: one with hooks of its own (parse_constant, ...)."""
   if isinstance(text, (bytes, bytearray)):
     text = text.decode("utf-8")
-  obj, end = raw_decode(text, 0)
+  obj, end = raw_decode(text, 0, decoder=decoder)
   end = _skip_blank(text, end)
   if end != len(text):
     raise json.JSONDecodeError("Extra data", text, end)
   return obj
 
 
-def raw_decode(text: str, pos: int = 0) -> tuple[Any, int]:
+def raw_decode(text: str, pos: int = 0, *, decoder: json.JSONDecoder | None = None) -> tuple[Any, int]:
   """JSONDecoder.raw_decode with the same depth bound as `loads` (leading whitespace skipped, as loads does)."""
   pos = _skip_blank(text, pos)
   try:
-    obj, end = _DECODER.raw_decode(text, pos)
+    obj, end = (decoder or _DECODER).raw_decode(text, pos)
   except RecursionError:
     raise JSONDepthError(text, _too_deep_at(text, pos)) from None
   if _may_be_deep(text, pos, end) and _depth(obj) > MAX_JSON_DEPTH:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenjax import _files
 from qwenjax._errors import ConfigError, QwenJaxError, first_line
 
 # The dtypes a model computes and stores its weights in, by the names flags and files use.
@@ -57,7 +58,7 @@ def read_json(path: str | pathlib.Path, *, error: type[QwenJaxError] = ConfigErr
   except (OSError, UnicodeDecodeError) as e:
     raise error(f"{path}: cannot be read ({first_line(e)}).") from None
   try:
-    value = json.loads(text)
+    value = _files.loads(text)  # depth-bounded: a JSONDecodeError, never a RecursionError
   except json.JSONDecodeError as e:
     raise error(f"{path} is not valid JSON (line {e.lineno}: {e.msg}).") from None
   if not isinstance(value, dict):

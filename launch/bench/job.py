@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from absl import logging
 
 from launch.bench.adapters import QWENJAX_VARIANTS
+from qwenjax import _files
 
 if TYPE_CHECKING:
   from qwenjax import Tokenizer
@@ -100,7 +101,7 @@ def read_results(path: pathlib.Path) -> dict[str, dict]:
   records = {}
   for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
     try:
-      record = json.loads(line)
+      record = _files.loads(line)
       records[str(record["id"])] = record
     except (ValueError, KeyError, TypeError) as e:
       raise RuntimeError(f"{path} line {number} is not a result record ({e}).") from None
@@ -161,7 +162,7 @@ def serve(files: JobFiles, source: str, *, kv_caches: list[str], slots: int, dty
       command += [f"--quantize={q}"] + (["--quantize_embeddings"] if quantize_embeddings else [])
     engines[name] = _run(name, command, output, log, n)
     stats = STATS_LINE.findall(log.read_text(errors="replace"))
-    engines[name]["stats"] = json.loads(stats[-1]) if stats else None
+    engines[name]["stats"] = _files.loads(stats[-1]) if stats else None
     results[name] = read_results(output)
   why = llamacpp_unavailable(source)
   if why is None:

@@ -17,6 +17,7 @@ import os
 from absl import app, flags, logging
 
 from launch import _cli
+from qwenjax import _files
 
 _MODEL = flags.DEFINE_string("model", None, "The GGUF file.", required=True)
 _INPUT = flags.DEFINE_string("input", None, "JSONL of {id, prompt_ids, max_tokens, stop} lines.", required=True)
@@ -37,7 +38,7 @@ def main(argv):
   with open(_INPUT.value, encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
       try:
-        obj = json.loads(line)
+        obj = _files.loads(line)
         requests.append((obj["id"], [int(t) for t in obj["prompt_ids"]], int(obj["max_tokens"]), obj.get("stop")))
       except (ValueError, KeyError, TypeError) as e:
         _cli.fail(f"{_INPUT.value} line {number}: expected {{id, prompt_ids, max_tokens, stop}} ({e})")

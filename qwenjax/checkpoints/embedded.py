@@ -34,6 +34,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 
+from qwenjax import _files
 from qwenjax._errors import CheckpointError
 
 try:
@@ -239,7 +240,7 @@ def _verified(target: pathlib.Path, bundle: Bundle) -> bool:
     if target.stat().st_size != bundle.size:
       return False
     with contextlib.suppress(OSError, ValueError):
-      if json.loads(_stamp_path(target).read_text()) == _stamp_of(target, bundle):
+      if _files.loads(_stamp_path(target).read_text()) == _stamp_of(target, bundle):
         return True
     digest = hashlib.sha256()
     buffer = memoryview(bytearray(_CHUNK_BYTES))

@@ -4,7 +4,8 @@
     spec = grammars.spec(request)        # None (free), or what constrains it; InputError if malformed
     constraint = grammars.constraint(spec)   # one per sequence: its own matcher
     constraint.fill(mask[row])           # int32 [W] bits of the tokens allowed next
-    constraint.advance(token)            # False: the matcher refused it (finish_reason "grammar_error")
+    constraint.advance(token)            # False: the matcher refused it (finish_reason "grammar_error", which
+                                         # batch_generate records as an error, code "grammar_error")
 
 What constrains a request:
   response_format {"type": "json_object"}: any JSON object; {"type": "json_schema", "json_schema": {"schema":
@@ -95,10 +96,12 @@ class Constraint:
     row &= self._allowed
 
   def advance(self, token: int) -> bool:
-    """Consumes a sampled token; False (and `error` set) if the grammar refuses it."""
-    if self.matcher is None or self.matcher.consume_token(int(token)):
+    """Consumes a sampled token; False (and `error` set) if the grammar refuses it or its matcher has failed (a
+    failed matcher's mask allows every token, and it may still "accept" one)."""
+    if self.matcher is None or (self.matcher.consume_token(int(token)) and not self.matcher.is_error()):
       return True
-    self.error = self.matcher.get_error() or f"token {token} is not allowed here"
+    error = self.matcher.get_error()
+    self.error = _first_line(error, 1) if error else f"token {token} is not allowed here"
     return False
 
 
@@ -155,9 +158,9 @@ class Grammars:
       allowed &= ~pack_ids(spec["forbid"], self.vocab_size)
     matcher = None
     if spec["grammar"] is not None:
+      # A matcher that fails here (checked when compiled, so only a resource limit) fails its sequence's first
+      # token: finish_reason GRAMMAR_ERROR, that request's error record, never an exception mid-job.
       matcher = llguidance.LLMatcher(self._tokenizer, self._grammar(spec["grammar"]), log_level=0)
-      if matcher.is_error():  # checked when compiled, so only a resource limit lands here
-        raise InputError(f"the {spec['grammar'][0]} constraint cannot be used: {matcher.get_error()}")
     return Constraint(matcher, allowed, pack_ids(stop_ids, self.vocab_size))
 
   def _grammar(self, grammar: tuple[str, Any]) -> str:
@@ -173,7 +176,7 @@ class Grammars:
           text = llguidance.LLMatcher.grammar_from_regex(source)
         else:
           text = llguidance.LLMatcher.grammar_from_lark(source)
-        problem = llguidance.LLMatcher.validate_grammar(text, self._tokenizer)
+        problem = llguidance.LLMatcher.validate_grammar(text, self._tokenizer) or self._first_mask_problem(text)
       except (ValueError, TypeError) as e:
         problem = str(e)
       self._compiled[key] = InputError(f"invalid {_WHAT[kind]}: {_first_line(problem)}") if problem else text
@@ -181,6 +184,15 @@ class Grammars:
     if isinstance(found, InputError):
       raise found
     return found
+
+  def _first_mask_problem(self, text: str) -> str | None:
+    """Why a grammar that validates still cannot be used, found by computing its first mask once (a recursive
+    $ref, say: its matcher fails there, and a mask of a failed matcher allows every token); None if it can. A
+    grammar that fails only later (a lexer limit met after some tokens) ends its sequence with GRAMMAR_ERROR."""
+    matcher = llguidance.LLMatcher(self._tokenizer, text, log_level=0)
+    if not matcher.is_error():
+      llg_numpy.fill_next_token_bitmask(matcher, np.zeros((1, words(self.vocab_size)), np.int32))
+    return f"it cannot be used ({_first_line(matcher.get_error(), 1)})" if matcher.is_error() else None
 
   def _tool_grammar(self, tools: Any, name: str | None) -> str:
     """Lark text of tool-call blocks: one call of `name`, or (None) one or more calls of any listed tool."""
@@ -215,9 +227,11 @@ class Grammars:
 _WHAT = {"json_schema": "JSON schema", "regex": "regex", "lark": "Lark grammar"}
 
 
-def _first_line(text: str) -> str:
+def _first_line(text: str, count: int = 2) -> str:
+  """The first `count` non-blank lines of a matcher's or compiler's message, joined (llguidance appends the whole
+  grammar to some)."""
   lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-  return "; ".join(lines[:2]) if lines else "unknown error"
+  return "; ".join(lines[:count]) if lines else "unknown error"
 
 
 def _named_function(choice) -> str | None:

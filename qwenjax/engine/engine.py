@@ -150,6 +150,9 @@ class _PrefixMatch:
 
 
 _NO_MATCH = _PrefixMatch([], None, [])
+# A prompt whose text (a raw prompt, or its messages' content together) is longer than this, in characters, is first
+# counted in bounded pieces (`Engine._refuse_far_over`), so that one far over the context costs little to refuse.
+_COUNT_FROM_CHARS = 1 << 18
 
 
 # Decode variants, a static jit argument, three of them so that the compiled programs stay few: a greedy batch
@@ -346,11 +349,15 @@ class Engine:
     if self.vl_cfg is None and (visuals or request.images or request.videos):
       raise InputError(f"this model ({type(self.model).__name__}) takes no images or videos.")
     if messages is not None:
+      self._refuse_far_over([(f"messages[{i}]", _content_text(m)) for i, m in enumerate(messages)])
       ids = self.tokenizer.apply_chat_template(messages, tools=request.tools, add_generation_prompt=True,
                                                tokenize=True)
     elif isinstance(request.prompt, str):
+      self._refuse_far_over([("the prompt", request.prompt)])
       ids = self.tokenizer.encode(request.prompt)
     elif request.prompt is not None:
+      if len(request.prompt) >= self.context_len:  # images only add tokens: too long before anything is read
+        self._refuse_length(len(request.prompt))
       ids = [int(t) for t in request.prompt]
       bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
       if bad:
@@ -369,12 +376,41 @@ class Engine:
       raise InputError("the prompt holds image or video pad tokens but no images or videos were given.")
     n = len(_ids(prompt))
     if n >= self.context_len:
-      held = "" if self.context_len == self.max_seq_len else f" (all {self.pool.num_pages} pages of the KV cache)"
-      raise InputError(f"the prompt has {n} tokens; the context holds {self.context_len}{held} "
-                       "(prompt plus at least one generated token).")
+      self._refuse_length(n)
     self._constraint_spec(request)  # a malformed or uncompilable response_format / tool_choice: InputError here
     self._adapter_of(request)
     return prompt
+
+  def _held(self) -> str:
+    """The context's size as errors say it: "128", or "64 (all 4 pages of the KV cache)"."""
+    held = "" if self.context_len == self.max_seq_len else f" (all {self.pool.num_pages} pages of the KV cache)"
+    return f"{self.context_len}{held}"
+
+  def _refuse_length(self, n: int) -> None:
+    raise InputError(f"the prompt has {n} tokens; the context holds {self._held()} (prompt plus at least one "
+                     "generated token).")
+
+  def _refuse_far_over(self, texts: Sequence[tuple[str, str]]) -> None:
+    """InputError if texts that a prompt holds verbatim, (name, text) pairs (a raw prompt, each message's content),
+    certainly hold far more tokens than the context: counted in bounded pieces (`Tokenizer.count_tokens`), each
+    stopping past twice the context, so a prompt of any size is refused for about that many tokens' work, before
+    it is rendered or tokenized whole, and blamed on the text at fault. Texts of _COUNT_FROM_CHARS characters or
+    fewer in all are left to the exact count; so is anything that may fit (its count is never above the truth)."""
+    if sum(len(text) for _, text in texts) <= _COUNT_FROM_CHARS:
+      return
+    bound, total = 2 * self.context_len, 0
+    for i, (what, text) in enumerate(texts):
+      counted = self.tokenizer.count_tokens(text, stop_after=bound - total) if text else 0
+      total += counted
+      if total > bound:
+        if counted <= bound:  # several texts together
+          size = sum(len(t.encode("utf-8")) for _, t in texts[:i + 1])
+          culprit, counted = f"{texts[0][0]} to {what}: their content is", total
+        else:
+          size = len(text.encode("utf-8"))
+          culprit = "the prompt is" if what == "the prompt" else f"{what}: its content is"
+        raise InputError(f"{culprit} {size:,} bytes, at least {counted:,} tokens; the context holds {self._held()} "
+                         "tokens (prompt plus at least one generated token).")
 
   @property
   def lora_names(self) -> tuple[str, ...]:
@@ -434,7 +470,8 @@ class Engine:
       key, out, left = pending[seq.request_index]
       out.outputs.append(Completion(seq.text, seq.tokens, seq.finish_reason, seq.sample_index,
                                     seq.logprobs if seq.params.logprobs else None,
-                                    seq.top_logprobs if seq.params.top_logprobs else None))
+                                    seq.top_logprobs if seq.params.top_logprobs else None,
+                                    seq.constraint.error if seq.constraint is not None else None))
       if seq.prompt_logprobs is not None:
         out.prompt_logprobs = [None, *seq.prompt_logprobs]
       if seq.sample_index == 0:
@@ -1124,6 +1161,17 @@ class _NoText:
   def add(self, token_id: int) -> str:
     del token_id
     return ""
+
+
+def _content_text(message: dict) -> str:
+  """The text a message's content holds (a string, or its text parts), as the chat template renders it."""
+  content = message.get("content")
+  if isinstance(content, str):
+    return content
+  if isinstance(content, list):
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type", "text")
+                   == "text" and isinstance(part.get("text"), str))
+  return ""
 
 
 def _pad_width(n: int) -> int:

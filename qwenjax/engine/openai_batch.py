@@ -266,6 +266,18 @@ def _digest(custom_id: Any) -> str:
   return hashlib.sha256(str(custom_id).encode()).hexdigest()[:24]
 
 
+def grammar_failure(output: RequestOutput) -> str | None:
+  """Why a served request is not an answer, if one of its samples ended with finish_reason "grammar_error" (its
+  constraint's matcher failed mid-decode, at a resource limit: the output would not conform); else None. Both
+  formats record such a line as an error, code "grammar_error"."""
+  broken = [c for c in output.outputs if c.finish_reason == GRAMMAR_ERROR]
+  if not broken:
+    return None
+  reason = f" ({broken[0].error})" if broken[0].error else ""
+  return (f"choice {broken[0].index}: the grammar of its response_format / tool_choice failed while decoding"
+          f"{reason}; the output would not conform.")
+
+
 def result_line(obj: Mapping[str, Any], output: RequestOutput, *, model: str, tokenizer,
                 created: int | None = None) -> dict[str, Any]:
   """The output line of input line `obj` (already accepted by `to_request`) served as `output`.
@@ -274,10 +286,9 @@ def result_line(obj: Mapping[str, Any], output: RequestOutput, *, model: str, to
   created: the body's Unix time (default: now).
   """
   custom_id, digest = obj["custom_id"], _digest(obj["custom_id"])
-  broken = [c.index for c in output.outputs if c.finish_reason == GRAMMAR_ERROR]
-  if broken:  # no API finish_reason says "the constraint failed"; the line is a server error, not a bad answer
-    return error_line(custom_id, GRAMMAR_ERROR, f"choice {broken[0]}: the grammar of its response_format / "
-                      "tool_choice refused a token (a matcher limit); the output would not conform.", 500)
+  broken = grammar_failure(output)
+  if broken is not None:  # no API finish_reason says "the constraint failed"; the line is a server error
+    return error_line(custom_id, GRAMMAR_ERROR, broken, 500)
   body = {k: v for k, v in obj.get("body", {}).items() if v is not None}
   chat = obj.get("url") == CHAT_URL
   parse_tools = chat and bool(body.get("tools")) and body.get("tool_choice") != "none"

@@ -57,11 +57,14 @@ class Completion:
 
   text: str
   token_ids: list[int]
-  finish_reason: str  # "stop": an end-of-sequence/stop token or stop string; "length": max_tokens or context
+  # "stop": an end-of-sequence/stop token or stop string; "length": max_tokens or context; "grammar_error": the
+  # constraint's matcher failed mid-decode (a resource limit), so the text would not conform: not an answer
+  finish_reason: str
   index: int = 0  # which of the request's n samples
   logprobs: list[float] | None = None
   # sampling.top_logprobs > 0: per generated token, the (token id, log-probability) of the most likely tokens there
   top_logprobs: list[list[tuple[int, float]]] | None = None
+  error: str | None = None  # finish_reason "grammar_error": what the constraint's matcher said
 
 
 @dataclasses.dataclass

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from qwenjax import _files
 from qwenjax._errors import ConfigError
 
 _ENV = ("QWENJAX_COORDINATOR_ADDRESS", "QWENJAX_NUM_PROCESSES", "QWENJAX_PROCESS_ID")
@@ -70,7 +71,7 @@ def broadcast(value: Any) -> Any:
   buf = np.zeros(size, np.uint8)
   buf[:data.size] = data
   out = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)
-  return json.loads(out.tobytes().decode())
+  return _files.loads(out.tobytes().decode())
 
 
 def barrier(name: str) -> None:

@@ -29,6 +29,7 @@ import jinja2.sandbox
 import jinja2.utils
 import numpy as np
 
+from qwenjax import _files
 from qwenjax._errors import ConfigError, InputError
 
 # Default bounds on one rendering (`qwenjax.text.tokenizer.Tokenizer.render_seconds` / `render_max_chars`); the
@@ -270,7 +271,7 @@ def _tool_call_with_object_arguments(call: Any, where: str) -> Any:
     return call
   field = "function.arguments" if holder is function else "arguments"
   try:
-    parsed = json.loads(arguments)
+    parsed = _files.loads(arguments)  # depth-bounded: a history's arguments are input too
   except json.JSONDecodeError as e:
     raise InputError(f"{where}: {field} is not valid JSON ({e.msg} at character {e.pos}).") from None
   if not isinstance(parsed, dict):

@@ -27,6 +27,12 @@ from qwenjax.config import read_json
 from qwenjax.text import gguf_vocab
 from qwenjax.text.chat_template import RENDER_MAX_CHARS, RENDER_SECONDS, ChatTemplate
 
+# `Tokenizer.count_tokens` tokenizes a long text in pieces of about this many characters (bounded memory), and takes
+# this many tokens off per piece it had to cut inside a word (a cut there may split a token, or an added token
+# such as <|im_start|>, into several), so that its count never exceeds the whole text's.
+PIECE_CHARS = 1 << 16
+_HARD_CUT_SLACK = 32
+
 # Named special tokens a chat template can read, as transformers passes them.
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Variables `apply_chat_template` sets itself.
@@ -198,6 +204,23 @@ class Tokenizer:
       raise InputError(f"Tokenizer.encode takes a str, not {type(text).__name__}.")
     return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+  def count_tokens(self, text: str, stop_after: int) -> int:
+    """How many tokens `text` holds (no special tokens added), counted in pieces of about PIECE_CHARS characters,
+    so that memory stays bounded whatever its size, and stopping as soon as the count passes `stop_after` (so a
+    text far over a bound costs about that many tokens to refuse). A piece ends before a space that follows a
+    non-space and precedes one (" word"), where a byte-level BPE pre-tokenizer splits the text anyway: the count
+    is then the whole text's. A piece without such a space is cut where it must be, and _HARD_CUT_SLACK tokens
+    are taken off for that cut: the count never exceeds the whole text's."""
+    count, start, n = 0, 0, len(text)
+    while start < n and count <= stop_after:
+      end, slack = min(n, start + PIECE_CHARS), 0
+      if end < n:
+        cut = _word_start(text, start + PIECE_CHARS // 2, end)
+        end, slack = (end, _HARD_CUT_SLACK) if cut is None else (cut, 0)
+      count += len(self._backend.encode(text[start:end], add_special_tokens=False).ids) - slack
+      start = end
+    return max(count, 0)
+
   def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
     """The text of `ids`; ids the tokenizer does not know decode to nothing, as in transformers."""
     ids = [int(i) for i in ids]
@@ -250,6 +273,14 @@ class Tokenizer:
     if self._compiled is None:
       self._compiled = ChatTemplate(self._chat_template, self._template_source)
     return self._compiled
+
+
+def _word_start(text: str, lo: int, hi: int) -> int | None:
+  """The last i in (lo, hi) where text[i] is a space between a non-space and a non-space, or None."""
+  i = text.rfind(" ", lo, hi)
+  while i > lo and (text[i - 1].isspace() or i + 1 >= len(text) or text[i + 1].isspace()):
+    i = text.rfind(" ", lo, i)
+  return i if i > lo else None
 
 
 class StreamDecoder:

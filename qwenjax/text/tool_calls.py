@@ -25,6 +25,8 @@ import json
 import secrets
 from typing import Any
 
+from qwenjax import _files
+
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
@@ -90,7 +92,7 @@ def _read_block(text: str, i: int) -> tuple[dict | None, int, str | None]:
     end = _block_end(text, i)
     return None, end, f"expected a JSON object after {OPEN}, got {text[j:min(j + 20, end)]!r}"
   try:
-    obj, k = _DECODER.raw_decode(text, j)
+    obj, k = _files.raw_decode(text, j, decoder=_DECODER)  # depth-bounded: a model's output is input too
   except (json.JSONDecodeError, ValueError) as e:
     end = _block_end(text, i)
     closed = text.rfind(CLOSE, i, end) >= 0
