@@ -75,6 +75,8 @@ def interruptible(main: Callable, resume: str) -> Callable:
 
   @functools.wraps(main)
   def wrapped(argv):
+    global _pending, _swallowed
+    _pending, _swallowed = None, False
     for signum in (signal.SIGINT, signal.SIGTERM):
       if signal.getsignal(signum) is not signal.SIG_IGN:
         signal.signal(signum, _on_signal)
