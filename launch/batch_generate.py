@@ -224,15 +224,17 @@ def _prepare_files(output: str) -> tuple[set[str], Any]:
 
   lock = jobs.OutputLock(output).acquire()
   try:
+    # First what refuses a file that is not the job's, before anything is written: a summary or progress file,
+    # a part that is a link.
+    reports.prepare(output)
+    parts = jobs.existing_parts(output)
     done = jobs.recover(output).ids
-    parts = jobs.existing_parts(output)  # refuses (untouched) a link
     for part in parts:
       jobs.recover(part)  # refuses (untouched) a part that is not results before anything is merged
     if parts:
       added = jobs.merge_parts(output, parts, **_fsync_policy())
       logging.info("Merged %d record(s) of %d part(s) an earlier run left: %s.", added, len(parts), ", ".join(parts))
       done = jobs.recover(output).ids
-    reports.prepare(output)  # refuses (untouched) a summary or progress file that is not the job's
   except BaseException:
     lock.release()
     raise
