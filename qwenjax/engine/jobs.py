@@ -314,8 +314,11 @@ def recover(path: str) -> Recovered:
       if crash_point("recover"):
         crash()
       _files.replace(tmp, path, what=what)  # onto the real file, if the output is a symlink
-    except InputError as e:  # the temporary is gone (create_exclusive, replace); the side file is cut back
-      raise InputError(f"{e} The output is unchanged; rerun the same command once that is fixed.") from None
+    except (InputError, OSError) as e:  # the temporary goes (if create_exclusive did not); the side file is cut back
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+      message = str(e) if isinstance(e, InputError) else f"{what}: rewriting it failed ({e.strerror})."
+      raise InputError(f"{message} The output is unchanged; rerun the same command once that is fixed.") from None
   if found.corrupt:
     shown = ", ".join(map(str, bad_lines[:10])) + (", ..." if len(bad_lines) > 10 else "")
     logging.warning("%s: %d corrupt region(s) on line(s) %s moved to %s; %d record(s) kept, the ids the regions "
