@@ -36,19 +36,55 @@ class Terminated(BaseException):
   """SIGTERM, raised in the main thread as SIGINT raises KeyboardInterrupt, so that it unwinds the same way."""
 
 
+_pending: BaseException | None = None  # the interrupt being handled, once a signal came
+_swallowed = False  # it struck inside a gc callback or a __del__, where Python can only print it
+
+
+def check_interrupted() -> None:
+  """Raises the interrupt again if it struck where Python swallows exceptions (a gc callback, such as jax's, or a
+  `__del__`: printed as "Exception ignored", and the program went on). Long loops call this at safe points."""
+  global _swallowed
+  if _swallowed:
+    _swallowed = False
+    raise _pending
+
+
+def _on_signal(signum, frame):
+  del frame
+  global _pending
+  if _pending is not None:  # a second signal: ignored while the first unwinds, raised if the first was swallowed
+    check_interrupted()
+    return
+  _pending = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+  raise _pending
+
+
+def _on_unraisable(args) -> None:
+  global _swallowed
+  if _pending is not None and args.exc_value is _pending:
+    _swallowed = True  # no "Exception ignored ... Traceback": check_interrupted() raises it where it can unwind
+    return
+  sys.__unraisablehook__(args)
+
+
 def interruptible(main: Callable, resume: str) -> Callable:
   """`main` with SIGINT and SIGTERM turned into one `interrupted (SIGINT); <resume>` line on stderr and exit status
-  130 or 143, after `main`'s own `finally` blocks ran (a second signal during that unwinding is ignored)."""
-
-  def on_term(signum, frame):
-    del signum, frame
-    raise Terminated()
+  130 or 143, after `main`'s own `finally` blocks ran (a second signal during that unwinding is ignored). A signal
+  that strikes inside a gc callback, where Python swallows exceptions, is raised again at the next
+  `check_interrupted()` (or when `main` returns). A signal ignored when the program started stays ignored."""
 
   @functools.wraps(main)
   def wrapped(argv):
-    signal.signal(signal.SIGTERM, on_term)
+    global _pending, _swallowed
+    _pending, _swallowed = None, False
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      if signal.getsignal(signum) is not signal.SIG_IGN:
+        signal.signal(signum, _on_signal)
+    sys.unraisablehook = _on_unraisable
     try:
-      return main(argv)
+      result = main(argv)
+      check_interrupted()
+      return result
     except (KeyboardInterrupt, Terminated) as e:
       signal.signal(signal.SIGINT, signal.SIG_IGN)
       signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -54,8 +54,15 @@ system that uploads only on fsync or close (gcsfuse and other object-store mount
 host is lost, and the next run redoes the rest; each fsync there uploads, so it is not done per line. An existing
 file that holds no results (a notes file, the input itself) is refused before the model loads, untouched. A
 corrupt region in it (a record torn by a kill, garbage) is moved to <output>.corrupt, never deleted, and only the
-ids it lacks are redone. One job at a time per output: <output>.lock (flock; the second job is refused naming
-the holder), taken over from a killed job.
+ids it lacks are redone. One job at a time per output file, whatever path names it (a symlink, a second mount):
+an flock on <real output>.qwenjax-lock (the second job is refused naming the holder), taken over from a killed
+job. Files beside the output are written or removed only when they are the job's own (a name and a content
+marker of qwenjax's: `qwenjax._files`): a file of the user's, or a link, at <output>.corrupt, .summary.json,
+.progress.json, .part-<i> is refused untouched, and <output>.lock is never opened. Ctrl-C or SIGTERM: the
+output is flushed, the lock released, one line says how to resume, exit status 130 / 143. A full disk: one
+`error:` line; nothing half-written is left (the output and .corrupt as they were, no temporary); if every
+record was written but the summary or progress file could not be, exit status 1 with a line saying so, and a
+rerun (which adds no record) writes them.
 
 Reports. <output>.progress.json, rewritten every --progress_every_seconds while the job runs: lines done of this
 run's total over every host, rates, the time left. <output>.summary.json when the job ends, counted from the
@@ -78,7 +85,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from absl import app, flags, logging
@@ -237,19 +244,36 @@ def _prepare_files(output: str) -> tuple[set[str], Any]:
 
   lock = jobs.OutputLock(output).acquire()
   try:
-    done = jobs.recover(output).ids
+    # First what refuses a file that is not the job's, before anything is written: a summary or progress file,
+    # a part that is a link.
+    reports.prepare(output)
     parts = jobs.existing_parts(output)
+    done = jobs.recover(output).ids
     for part in parts:
       jobs.recover(part)  # refuses (untouched) a part that is not results before anything is merged
     if parts:
       added = jobs.merge_parts(output, parts, **_fsync_policy())
       logging.info("Merged %d record(s) of %d part(s) an earlier run left: %s.", added, len(parts), ", ".join(parts))
       done = jobs.recover(output).ids
-    reports.remove_replica_files(output)
   except BaseException:
     lock.release()
     raise
   return done, lock
+
+
+def _write_reports(output: str, write: Callable[[], Any]) -> Any:
+  """`write()` (which writes the job's progress and summary files, after every record is in the output); if that
+  fails (a full disk), an InputError that says the records are safe and how to get the reports."""
+  from qwenjax import InputError  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import reports  # pylint: disable=g-import-not-at-top
+
+  try:
+    return write()
+  except InputError as e:
+    every, _ = reports.count_results(output)
+    raise InputError(f"--output={output}: every record is written ({every['answered']} answered, "
+                     f"{every['failed']} failed), but its report files are not: {e} Rerun the same command once "
+                     "there is space: it adds no record and writes them.") from None
 
 
 def _fsync_policy() -> dict:
@@ -303,6 +327,7 @@ def main(argv):
                          **serving.cache_kwargs(), **lora)
     if jobs.crash_point("load"):
       jobs.crash()
+    _cli.check_interrupted()
     served, failed = _serve(engine, default, inputs, done, scanned, serving.replica, compile_timer, started)
     logging.info("Engine stats: %s", json.dumps(engine.stats))  # read by launch.benchmark --job
   except qwenjax.QwenJaxError as e:
@@ -319,6 +344,7 @@ def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, c
   writes the summary. Returns (answered, errors) of this process."""
   import jax  # pylint: disable=g-import-not-at-top
 
+  import qwenjax  # pylint: disable=g-import-not-at-top
   from qwenjax.engine import jobs, reports  # pylint: disable=g-import-not-at-top
   from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
@@ -340,10 +366,12 @@ def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, c
                               writes=group.rank == 0)
   serve_start = time.monotonic()
   served = failed = 0
-  out = jobs.ResultWriter(target, **_fsync_policy()) if group.rank == 0 else None
+  # The output may be a link the user made; a part is a file of the job's own, never written through one.
+  out = jobs.ResultWriter(target, follow_links=count == 1, **_fsync_policy()) if group.rank == 0 else None
 
   def drain_errors() -> None:
     nonlocal failed
+    _cli.check_interrupted()
     while errors:
       record = errors.pop(0)
       if out is not None:
@@ -372,29 +400,38 @@ def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, c
       bar.update(generated, result.prompt_tokens, result.cached_tokens)
     drain_errors()
   finally:
+    progress.stop()
+    bar.close()
     if out is not None:
       out.close()
-    bar.close()
   logging.info("Served %d, %d errors, into %s.", served, failed, target)
   serve_seconds = time.monotonic() - serve_start
   if index != 0:
-    progress.close()
+    try:
+      progress.close()
+    except qwenjax.InputError as e:  # process 0 counts the summary from the output, and must not wait for us
+      logging.warning("%s", e)
   if distributed.process_count() > 1:
     distributed.barrier("batch_generate-served")
   if distributed.process_index() == 0:
     if count > 1:
       added = jobs.merge_parts(output, jobs.existing_parts(output), **_fsync_policy())
       logging.info("Merged %d records of %d parts into %s.", added, count, output)
-    progress.close()
-    others = progress.replica_reports()
-    run = {"processes": distributed.process_count(), "replicas": count, "chips": jax.device_count(),
-           "wall_seconds": time.monotonic() - started, "serve_seconds": serve_seconds,
-           "compile_seconds": compile_timer.seconds, "compilations": compile_timer.count,
-           "compile_seconds_max_over_replicas": max([compile_timer.seconds] + [
-               r.get("compile_seconds") or 0.0 for r in others])}
-    summary = reports.summary(output, lines=lines, done_before=done, run=run)
-    reports.write_json(output + reports.SUMMARY_SUFFIX, summary)
-    reports.remove_replica_files(output)
+
+    def summarize() -> dict:
+      progress.close()
+      others = progress.replica_reports()
+      run = {"processes": distributed.process_count(), "replicas": count, "chips": jax.device_count(),
+             "wall_seconds": time.monotonic() - started, "serve_seconds": serve_seconds,
+             "compile_seconds": compile_timer.seconds, "compilations": compile_timer.count,
+             "compile_seconds_max_over_replicas": max([compile_timer.seconds] + [
+                 r.get("compile_seconds") or 0.0 for r in others])}
+      summary = reports.summary(output, lines=lines, done_before=done, run=run)
+      reports.write_summary(output, summary)
+      reports.remove_replica_files(output)
+      return summary
+
+    summary = _write_reports(output, summarize)
     logging.info("Summary in %s: %d answered, %d failed, %d missing.", output + reports.SUMMARY_SUFFIX,
                  summary["answered"], summary["failed"], summary["missing"])
   if distributed.process_count() > 1:
@@ -403,4 +440,4 @@ def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, c
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_cli.parse_flags)
+  app.run(_cli.interruptible(main, "rerun the same command to resume"), flags_parser=_cli.parse_flags)

@@ -3,7 +3,7 @@ recognised, recovered, locked and appended to, never overwritten.
 
     inputs = jobs.expand_inputs(["a.jsonl", "shards/*.jsonl"], "out.jsonl")   # globs, each file once, sorted
     jobs.check_paths(inputs, "out.jsonl")                 # InputError before anything is loaded
-    with jobs.OutputLock("out.jsonl"):                    # one job per output; a killed job's lock is taken over
+    with jobs.OutputLock("out.jsonl"):                    # one job per file, any spelling; a killed one is taken over
       done = jobs.recover("out.jsonl").ids                 # corrupt regions moved to out.jsonl.corrupt, not deleted
       jobs.merge_parts("out.jsonl", jobs.existing_parts("out.jsonl"))   # a multi-host run's leftovers, any count
       ids = jobs.scan_input(inputs)                        # duplicate ids (across files) are an error before decoding
@@ -16,9 +16,17 @@ object with an "id" and either an "error" string or "text", "token_ids", "finish
 format), or an OpenAI Batch output line (`openai_batch.is_result`, keyed by its "custom_id"). A file with no such
 record (a notes file, another job's input, a binary) is refused untouched; so is the input itself. Records glued
 together on one line, or separated by garbage, are split apart again; what is not a record is appended to
-`<output>.corrupt` before the output is rewritten (atomically) without it, so no byte is ever lost. A record is
+`<output>.corrupt` before the output is rewritten (atomically, onto the file a symlinked output names) without it,
+so no byte is ever lost. A record is
 looked for only where a JSON value can begin, never inside an object that failed to parse: a record torn by a
 kill whose "metadata" holds something record-shaped does not count as that inner record.
+
+Files beside the output are touched only when they are provably the job's own (`qwenjax._files`): the lock is
+`<real output>.qwenjax-lock`, so a file of the user's named `<output>.lock` is never opened; `<output>.corrupt` is
+created with O_EXCL and a header line (CORRUPT_HEADER) and appended to only when it starts with it; a part is
+merged and removed only when it is a regular file (never a link) that holds results; temporaries are named by
+`_files.temporary_path` and only those are ever removed. A write that fails (a full disk) is an InputError naming
+the file, and leaves the output, the .corrupt and every temporary as they were.
 
 Exactly once, whatever moment a kill strikes: every record is one unbuffered append, so a kill leaves at most a
 torn last line, which `recover` moves aside and whose id is redone. A multi-host run writes `<output>.part-<i>`
@@ -35,14 +43,12 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
-import datetime
-import fcntl
 import glob
 import json
 import os
 import re
 import signal
-import socket
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
@@ -54,10 +60,10 @@ from qwenjax._errors import InputError
 from qwenjax.engine import openai_batch
 
 CORRUPT_SUFFIX = ".corrupt"
-LOCK_SUFFIX = ".lock"
+# The first line of every .corrupt file, written only by the job that creates it: what proves the file is ours.
+CORRUPT_HEADER = b"# qwenjax: regions of the results file beside this one that were not records, one per line\n"
 PART_SUFFIX = ".part-"
 CRASH_ENV = "QWENJAX_CRASH_AT"
-_DECODER = json.JSONDecoder()
 _BLANK = " \t\r"  # JSON whitespace between records (newlines end lines); anything else is kept
 
 
@@ -217,7 +223,7 @@ def _record_at(text: str, pos: int) -> tuple[str | None, int]:
   if text[pos] != "{":
     return None, pos
   try:
-    obj, end = _DECODER.raw_decode(text, pos)
+    obj, end = _files.raw_decode(text, pos)  # nesting past its bound is not a record (JSONDepthError)
   except ValueError:
     return None, pos
   key = result_key(obj)
@@ -272,8 +278,7 @@ def recover(path: str) -> Recovered:
   glued together go on lines of their own, a last record gets its newline, and corrupt regions (a record torn
   by a kill, garbage, lines of another format) are first appended to `path + ".corrupt"`. Streams the file: its
   records are never all in memory."""
-  for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # a rewrite killed before its replace: a copy, no more
-    os.remove(stale)
+  _files.remove_stale_temporaries(path)  # a rewrite killed before its replace: a copy, no more
   if not os.path.exists(path):
     return Recovered(set())
   found, bad_lines, canonical, first = Recovered(set()), [], True, b""
@@ -298,30 +303,100 @@ def recover(path: str) -> Recovered:
   if canonical:
     return found
   # One pass splits every line again: records to a temporary file, corrupt regions to the side file. The side
-  # file is fsynced before the output is replaced, so no byte exists nowhere at any moment.
-  side, tmp = path + CORRUPT_SUFFIX, f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as out, open(side, "ab") if found.corrupt else contextlib.nullcontext() as aside:
-    for records, corrupt in _split_lines(path):
-      for record, _ in records:
-        out.write(record + b"\n")
-      for region in corrupt:
-        aside.write(region + b"\n")
-    for f in (aside, out):
-      if f is not None:
-        f.flush()
-        os.fsync(f.fileno())
+  # file is fsynced before the output is replaced, so no byte exists nowhere at any moment; if anything fails
+  # (a full disk), the temporary goes and the side file is cut back to what it held.
+  side, tmp, what = path + CORRUPT_SUFFIX, _files.temporary_path(path), f"--output={path}"
+  with _corrupt_file(path) if found.corrupt else contextlib.nullcontext() as aside:
+    try:
+      with _files.create_exclusive(tmp, what=what) as out:
+        for records, corrupt in _split_lines(path):
+          for record, _ in records:
+            out.write(record + b"\n")
+          for region in corrupt:
+            aside.write(region + b"\n")
+      if aside is not None:
+        aside.sync()
+      os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+      if crash_point("recover"):
+        crash()
+      _files.replace(tmp, path, what=what)  # onto the real file, if the output is a symlink
+    except (InputError, OSError) as e:  # the temporary goes (if create_exclusive did not); the side file is cut back
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+      message = str(e) if isinstance(e, InputError) else f"{what}: rewriting it failed ({e.strerror})."
+      raise InputError(f"{message} The output is unchanged; rerun the same command once that is fixed.") from None
   if found.corrupt:
     shown = ", ".join(map(str, bad_lines[:10])) + (", ..." if len(bad_lines) > 10 else "")
     logging.warning("%s: %d corrupt region(s) on line(s) %s moved to %s; %d record(s) kept, the ids the regions "
                     "held are redone.", path, found.corrupt, shown, side, found.records)
   else:
     logging.info("%s: rewritten with one record per line (%d records).", path, found.records)
-  os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-  if crash_point("recover"):
-    crash()
-  os.replace(tmp, path)
-  _fsync_directory(path)
   return found
+
+
+class _SideFile:
+  """An open `.corrupt` file: whole appends, fsync; an OSError (a full disk) is an InputError naming it."""
+
+  def __init__(self, fd: int, path: str, what: str):
+    self.fd, self.path, self.what = fd, path, what
+
+  def write(self, data: bytes) -> None:
+    view = memoryview(data)
+    try:
+      while view:
+        view = view[os.write(self.fd, view):]
+    except OSError as e:
+      raise InputError(f"{self.what}: writing {self.path} failed ({e.strerror}).") from None
+
+  def sync(self) -> None:
+    try:
+      os.fsync(self.fd)
+    except OSError as e:
+      raise InputError(f"{self.what}: writing {self.path} failed ({e.strerror}).") from None
+
+
+@contextlib.contextmanager
+def _corrupt_file(path: str) -> Iterator[_SideFile]:
+  """`path + ".corrupt"` opened for appending: created here (O_EXCL | O_NOFOLLOW) with CORRUPT_HEADER, or an
+  existing regular file that starts with it. InputError, untouched, for anything else there (a link, a file of
+  the user's). If the block fails, the file is cut back to what it held (removed if it was created here)."""
+  side, what = path + CORRUPT_SUFFIX, f"--output={path}"
+  flags = os.O_RDWR | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+  created = True
+  try:
+    fd = os.open(side, flags | os.O_CREAT | os.O_EXCL, 0o644)
+  except FileExistsError:
+    created = False
+    if os.path.islink(side):
+      raise InputError(f"{what}: {side} is a symbolic link; refusing to append to it (move it away).") from None
+    if not stat.S_ISREG(os.lstat(side).st_mode):
+      raise InputError(f"{what}: {side} is not a regular file; refusing to append to it (move it away).") from None
+    try:
+      fd = os.open(side, flags)
+    except OSError as e:
+      raise InputError(f"{what}: cannot open {side} ({e.strerror}).") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode) or os.pread(fd, len(CORRUPT_HEADER), 0) != CORRUPT_HEADER:
+      os.close(fd)
+      raise InputError(f"{what}: {side} exists and was not written by qwenjax (it does not start with its header "
+                       "line); refusing to append to it (move it away).") from None
+  except OSError as e:
+    raise InputError(f"{what}: cannot create {side} ({e.strerror}).") from None
+  size = os.fstat(fd).st_size
+  try:
+    f = _SideFile(fd, side, what)
+    if created:
+      f.write(CORRUPT_HEADER)
+    yield f
+  except BaseException:
+    if created:
+      with contextlib.suppress(OSError):
+        os.remove(side)
+    else:
+      with contextlib.suppress(OSError):
+        os.ftruncate(fd, size)
+    raise
+  finally:
+    os.close(fd)
 
 
 def iter_records(path: str) -> Iterator[tuple[bytes, str]]:
@@ -343,14 +418,6 @@ def _torn_first_record(path: str, first: bytes, corrupt: int) -> bool:
       os.path.getsize(path) == len(first))
 
 
-def _fsync_directory(path: str) -> None:
-  dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-  try:
-    os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
-
-
 class ResultWriter:
   """Appends records to a results file, each whole and newline-terminated in one unbuffered write (so a reader, or
   the next run, sees every record the moment it is written, and a kill tears at most the last line).
@@ -361,9 +428,15 @@ class ResultWriter:
   loss of the host, and the rest is redone by the next run. Each fsync there uploads, so it is not per line."""
 
   def __init__(self, path: str, *, fsync_every_lines: int = 0, fsync_every_seconds: float = 10.0,
-               crash_label: str = "write"):
+               crash_label: str = "write", follow_links: bool = True):
+    """follow_links: False for a file the job names itself (a part), which a link must not redirect."""
     self.path = path
-    self._file = open(path, "ab", buffering=0)  # pylint: disable=consider-using-with
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+    try:
+      fd = os.open(path, flags | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0)), 0o644)
+    except OSError as e:
+      raise InputError(f"--output={path}: cannot be opened for appending ({e.strerror}).") from None
+    self._file = os.fdopen(fd, "ab", buffering=0)
     self._every_lines, self._every_seconds = fsync_every_lines, fsync_every_seconds
     self._unsynced, self._synced = 0, time.monotonic()
     self._label, self.written = crash_label, 0
@@ -389,13 +462,18 @@ class ResultWriter:
       raise InputError(f"--output={self.path}: write failed ({e.strerror}); rerun the job to resume.") from None
 
   def sync(self) -> None:
-    os.fsync(self._file.fileno())
+    try:
+      os.fsync(self._file.fileno())
+    except OSError as e:
+      raise InputError(f"--output={self.path}: fsync failed ({e.strerror}); rerun the job to resume.") from None
     self._unsynced, self._synced = 0, time.monotonic()
 
   def close(self) -> None:
     if not self._file.closed:
-      self.sync()
-      self._file.close()
+      try:
+        self.sync()
+      finally:
+        self._file.close()
 
   def __enter__(self) -> ResultWriter:
     return self
@@ -413,26 +491,37 @@ def part_path(output: str, index: int) -> str:
 
 
 def existing_parts(output: str) -> list[str]:
-  """Every `<output>.part-<i>` there is, by index: left by a run with any number of hosts, not only this one's."""
+  """Every `<output>.part-<i>` there is, by index: left by a run with any number of hosts, not only this one's.
+  InputError, untouched, for one that is a link or not a regular file: a part is never read through a link."""
   pattern = re.compile(re.escape(os.path.basename(output) + PART_SUFFIX) + r"(\d+)")
   found = []
   for path in glob.glob(glob.escape(output + PART_SUFFIX) + "*"):
     m = pattern.fullmatch(os.path.basename(path))
-    if m and os.path.isfile(path):
-      found.append((int(m.group(1)), path))
+    if not m:
+      continue
+    if os.path.islink(path) or not os.path.isfile(path):
+      kind = "a symbolic link" if os.path.islink(path) else "not a regular file"
+      raise InputError(f"--output={output}: {path} is {kind}, not a part a job wrote; refusing to merge or remove "
+                       "it (move it away).")
+    found.append((int(m.group(1)), path))
   return [path for _, path in sorted(found)]
 
 
 def merge_parts(output: str, parts: Sequence[str], **writer_kwargs) -> int:
   """Appends to the output each record of the parts whose id it does not hold yet, fsyncs it, then removes the
   parts; returns how many records it added. Safe to cut short at any moment: the next merge recovers a torn last
-  line and skips what is already there. The caller holds the output's lock."""
+  line and skips what is already there. Only results are merged and removed: `recover` refuses (InputError,
+  untouched) a part that holds none, and an empty part (a replica killed before its first record) is removed.
+  The caller holds the output's lock."""
   present = recover(output).ids
   added = 0
-  parts = [p for p in parts if os.path.exists(p)]
+  parts = [p for p in parts if os.path.lexists(p)]
+  for part in parts:
+    if os.path.islink(part) or not os.path.isfile(part):
+      raise InputError(f"--output={output}: {part} is not a regular file; refusing to merge it.")
+    recover(part)
   with ResultWriter(output, crash_label="merge", **writer_kwargs) as out:
     for part in parts:
-      recover(part)
       for record, key in iter_records(part):
         if key not in present:
           out.write_raw(record)
@@ -442,60 +531,31 @@ def merge_parts(output: str, parts: Sequence[str], **writer_kwargs) -> int:
   for part in parts:
     os.remove(part)
   if parts:
-    _fsync_directory(output)
+    _files.fsync_directory(output)
   return added
 
 
-class OutputLock:
-  """One job at a time per results file: an exclusive `flock` on `<output>.lock`, which the kernel releases when
-  its process dies, so a lock left by a killed job is taken over (with a warning naming it). The file holds the
-  holder's pid, host and start time, for the error the next job prints."""
+class OutputLock(_files.OwnedLock):
+  """One job at a time per results file, whatever the spelling of its path: `_files.OwnedLock` on
+  `<real path>.qwenjax-lock` (a link, `..` or a second mount of the directory find the same lock; `<output>.lock`
+  is never touched). A file with several hard links has several real paths, so it is refused once locked."""
 
   def __init__(self, output: str):
-    self.output, self.path = output, output + LOCK_SUFFIX
-    self._fd: int | None = None
+    super().__init__(_files.lock_path_for(output), f"--output={output}")
+    self.output = output
 
   def acquire(self) -> OutputLock:
-    while True:
-      try:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-      except OSError as e:
-        raise InputError(f"{self.path}: cannot create the job's lock file ({e.strerror}).") from None
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a job"
-        os.close(fd)
-        raise InputError(f"--output={self.output} is being written by another job ({holder}); one job at a time "
-                         f"per output (its lock: {self.path}).") from None
-      # A job that just finished may have removed the file we opened: lock the file that is there now.
-      try:
-        same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-      except FileNotFoundError:
-        same = False
-      if same:
-        break
-      os.close(fd)
-    previous = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-    if previous:
-      logging.warning("%s: taking over the lock of a job that ended without releasing it (%s).", self.path, previous)
-    os.ftruncate(fd, 0)
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
-    self._fd = fd
+    super().acquire()
+    try:
+      links = os.stat(self.output).st_nlink
+    except FileNotFoundError:
+      links = 1
+    if links > 1:
+      self.release()
+      raise InputError(f"--output={self.output}: has {links} hard links; a job locks its output by its real path, "
+                       "so another name of the same file could be written by a second job at once (copy it to a "
+                       "file of its own).")
     return self
-
-  def release(self) -> None:
-    if self._fd is not None:
-      os.unlink(self.path)  # while still held: a waiting job re-checks the path (above)
-      os.close(self._fd)
-      self._fd = None
-
-  def __enter__(self) -> OutputLock:
-    return self.acquire()
-
-  def __exit__(self, *exc) -> None:
-    self.release()
 
 
 # --- The input files --------------------------------------------------------------------------------------------

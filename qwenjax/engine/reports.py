@@ -5,41 +5,48 @@ itself (so the two never disagree), and a progress file refreshed while it runs,
     progress = reports.Progress("out.jsonl", replica=0, replicas=2, total=1000, every=30)
     progress.add(answered=1, prompt_tokens=12, generated_tokens=8)      # per record written
     progress.close()                                     # the last refresh; process 0 writes out.jsonl.progress.json
-    reports.write_json("out.jsonl.summary.json", reports.summary("out.jsonl", lines=1000, run={...}))
+    reports.write_summary("out.jsonl", reports.summary("out.jsonl", lines=1000, run={...}))
 
 Progress across hosts goes through files, not the jax.distributed key-value store: every replica but the first
 rewrites `<output>.progress-<i>.json` (atomically) and process 0 reads them beside its own counts. The job already
 needs one file system that every host writes (the parts merge through it); a file is readable after a host
 died, needs no collective (a host busy in a long decode step still answers), and no private JAX API.
+
+Every report file is written by `_files.write_json` with a marker of its kind, atomically, and only over a file of
+the same marker: `prepare` (before the job starts) refuses a summary or progress file that is not the job's,
+untouched, and removes only the per-host files and temporaries of ours that an earlier run left.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime
-import glob
-import json
 import os
+import re
 import threading
 import time
 from typing import Any
 
+from absl import logging
+
+from qwenjax import _files
+from qwenjax._errors import InputError
 from qwenjax.engine import jobs
 
 SUMMARY_SUFFIX = ".summary.json"
 PROGRESS_SUFFIX = ".progress.json"
+SUMMARY_MARKER = "batch_generate summary"
+PROGRESS_MARKER = "batch_generate progress"
+REPLICA_MARKER = "batch_generate replica progress"
 # jax.monitoring duration events of a compilation (tracing, lowering, XLA compile or a persistent-cache read).
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` as JSON so that a reader sees the old file or the new one, never half of one."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+def write_summary(output: str, summary: dict[str, Any]) -> None:
+  """`<output>.summary.json`, atomically, over nothing or an earlier summary only (InputError otherwise, and for
+  a write that fails: no temporary is left)."""
+  _files.write_json(output + SUMMARY_SUFFIX, summary, marker=SUMMARY_MARKER)
 
 
 def _now() -> str:
@@ -112,7 +119,7 @@ def count_results(path: str, new_since: set[str] | None = None) -> tuple[dict[st
   every, new = _counts(), _counts()
   if os.path.exists(path):
     for data, key in jobs.iter_records(path):
-      record = json.loads(data)
+      record = _files.loads(data)
       _add(every, record)
       if new_since is not None and key not in new_since:
         _add(new, record)
@@ -147,14 +154,49 @@ def _replica_file(output: str, replica: int) -> str:
   return f"{output}.progress-{replica}.json"
 
 
+def _replica_files(output: str) -> list[str]:
+  """Every `<output>.progress-<i>.json` there is, or was (a temporary of ours left by a kill before its rename)."""
+  base = os.path.basename(output)
+  name = re.compile(r"\.?" + re.escape(base) + r"\.progress-(\d+)\.json(?:" + re.escape(_files.TMP_INFIX) + r"\d+)?")
+  try:
+    names = os.listdir(os.path.dirname(os.path.abspath(output)))
+  except OSError:
+    return []
+  return sorted({_replica_file(output, int(m.group(1))) for m in map(name.fullmatch, names) if m})
+
+
 def remove_replica_files(output: str) -> None:
-  """The per-replica progress files of this or an earlier run (any host count), and the temporary copies of
-  reports a kill left before their rename."""
-  base = glob.escape(output)
-  stale = [base + ".progress-*.json", base + ".progress-*.json.tmp-*", glob.escape(output + PROGRESS_SUFFIX) + ".tmp-*",
-           glob.escape(output + SUMMARY_SUFFIX) + ".tmp-*"]
-  for path in {p for pattern in stale for p in glob.glob(pattern)}:
-    os.remove(path)
+  """The per-replica progress files of this or an earlier run (any host count) and the temporary copies of
+  reports that a kill left before their rename: only files of ours (by marker; temporaries by their name)."""
+  for path in _replica_files(output):
+    _files.remove_stale_temporaries(path)
+    _files.remove_if_ours(path, REPLICA_MARKER)
+  for suffix in (SUMMARY_SUFFIX, PROGRESS_SUFFIX):
+    _files.remove_stale_temporaries(output + suffix)
+
+
+def prepare(output: str) -> None:
+  """Before a job starts (process 0, holding the output's lock): removes what an earlier run left of its reports
+  (`remove_replica_files`), and refuses with an InputError, touching nothing, a summary, progress or per-host
+  progress file there that the job did not write (a file of the user's, a link)."""
+  remove_replica_files(output)
+  what = f"--output={output}"
+  for path in _replica_files(output):
+    _files.check_ours(path, REPLICA_MARKER, what)
+  _files.check_ours(output + SUMMARY_SUFFIX, SUMMARY_MARKER, what)
+  _files.check_ours(output + PROGRESS_SUFFIX, PROGRESS_MARKER, what)
+
+
+def _read_report(path: str) -> dict[str, Any] | None:
+  """A replica's progress report, if there is one of ours (not written yet, or being replaced on a file system
+  without an atomic rename: None)."""
+  if os.path.islink(path):
+    return None
+  try:
+    obj = _files.read_json(path)
+  except InputError:
+    return None
+  return obj if isinstance(obj, dict) and obj.get(_files.MARKER_KEY) == REPLICA_MARKER else None
 
 
 class Progress:
@@ -185,8 +227,14 @@ class Progress:
     return self.counts["answered"] + self.counts["failed"]
 
   def _loop(self) -> None:
+    warned = False
     while not self._stop.wait(self._every):
-      self.refresh()
+      try:
+        self.refresh()
+      except InputError as e:  # a full disk: the job goes on (its records matter, not this file); close() tells
+        if not warned:
+          logging.warning("%s (retried every %g s).", e, self._every)
+          warned = True
 
   def _own(self) -> dict[str, Any]:
     return {**self.counts, "replica": self.replica, "elapsed_seconds": time.monotonic() - self.start,
@@ -196,40 +244,35 @@ class Progress:
     if not self.writes:
       return
     if self.replica != 0:
-      write_json(_replica_file(self.output, self.replica), {**self._own(), "final": final})
+      _files.write_json(_replica_file(self.output, self.replica), {**self._own(), "final": final},
+                        marker=REPLICA_MARKER)
       return
-    reports = [self._own()]
-    for i in range(1, self.replicas):
-      try:
-        with open(_replica_file(self.output, i), encoding="utf-8") as f:
-          reports.append(json.load(f))
-      except (OSError, ValueError):  # not written yet (or being replaced on a file system without rename)
-        pass
+    reports = [self._own()] + self.replica_reports()
     done = sum(r["answered"] + r["failed"] for r in reports)
     elapsed = time.monotonic() - self.start
     rate = done / elapsed if elapsed > 0 else 0.0
     sums = {k: sum(r[k] for r in reports) for k in self.FIELDS}
-    write_json(self.output + PROGRESS_SUFFIX, {
+    _files.write_json(self.output + PROGRESS_SUFFIX, {
         "done": done, "total": self.total, "fraction": done / self.total if self.total else 1.0,
         "elapsed_seconds": elapsed, "requests_per_second": rate,
         "eta_seconds": (self.total - done) / rate if rate > 0 else None,
         "tokens_per_second": sums["generated_tokens"] / elapsed if elapsed > 0 else 0.0,
         "cached_fraction": sums["cached_tokens"] / max(sums["prompt_tokens"], 1),
-        "replicas": self.replicas, "replicas_reporting": len(reports), "updated": _now(), "final": final, **sums})
+        "replicas": self.replicas, "replicas_reporting": len(reports), "updated": _now(), "final": final, **sums},
+        marker=PROGRESS_MARKER)
 
-  def close(self) -> None:
+  def stop(self) -> None:
+    """Stops the refreshing thread (an interrupted job: no last refresh)."""
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
+
+  def close(self) -> None:
+    """The last refresh, final: InputError if it cannot be written (a full disk)."""
+    self.stop()
     self.refresh(final=True)
 
   def replica_reports(self) -> list[dict[str, Any]]:
     """The other replicas' last reports (process 0, after they closed)."""
-    found = []
-    for i in range(1, self.replicas):
-      try:
-        with open(_replica_file(self.output, i), encoding="utf-8") as f:
-          found.append(json.load(f))
-      except (OSError, ValueError):
-        pass
-    return found
+    found = (_read_report(_replica_file(self.output, i)) for i in range(1, self.replicas))
+    return [r for r in found if r is not None]

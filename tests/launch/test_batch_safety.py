@@ -2,17 +2,23 @@
 error record: the data-safety defects of issue 9, each reproduced (they failed before the fix), and a property
 test of the results-file recovery against random garbage, truncations and concatenations."""
 
+import contextlib
+import gc
 import json
 import os
 import pathlib
 import random
+import re
+import resource
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from qwenjax.engine import jobs
+from qwenjax import InputError, _files
+from qwenjax.engine import jobs, reports
 
 from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
 
@@ -71,7 +77,7 @@ def test_an_existing_file_that_is_not_results_is_refused_untouched(checkpoint, t
     out.write_bytes(foreign)
     assert "holds no batch_generate results" in _error_line(_run(checkpoint, inp, out))
     assert out.read_bytes() == foreign
-  assert not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob("*.corrupt"))
+  assert not list(tmp_path.glob("*lock")) and not list(tmp_path.glob("*.corrupt"))
 
 
 def test_input_equal_to_output_is_refused(checkpoint, tmp_path):
@@ -190,11 +196,13 @@ def test_duplicate_ids_are_an_error_before_decoding_or_keep_first(checkpoint, tm
 def test_a_second_job_on_the_same_output_is_refused(checkpoint, tmp_path):
   inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
   _write_lines(inp, PROMPTS)
-  with jobs.OutputLock(str(out)):  # another job, here this process, is writing out.jsonl
+  link = tmp_path / "link.jsonl"  # issue 21, defect 2: another spelling of the same file finds the same lock
+  link.symlink_to(out)
+  with jobs.OutputLock(str(link)):  # another job, here this process, is writing out.jsonl through the link
     err = _error_line(_run(checkpoint, inp, out))
   assert "is being written by another job" in err and f"pid {os.getpid()} on" in err
   assert not out.exists()
-  assert not (tmp_path / "out.jsonl.lock").exists()  # released by its holder
+  assert not list(tmp_path.glob("*lock"))  # released by its holder
 
 
 def test_two_jobs_started_together_write_each_id_once(checkpoint, tmp_path):
@@ -209,23 +217,33 @@ def test_two_jobs_started_together_write_each_id_once(checkpoint, tmp_path):
   assert all("is being written by another job" in err for err in refused), refused
   assert len(refused) <= 1
   assert sorted(r["id"] for r in _records(out)) == sorted(p["id"] for p in PROMPTS)  # each once
-  assert not (tmp_path / "out.jsonl.lock").exists()
+  assert not list(tmp_path.glob("*lock"))
 
 
 def test_a_stale_lock_from_a_killed_job_is_taken_over(checkpoint, tmp_path):
+  """A lock a killed job left is taken over; a `<output>.lock` the job did not create (issue 21, defect 3: here a
+  symlink to someone's file, as an attacker would plant in a shared directory) is never opened, printed or
+  deleted."""
   inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
   _write_lines(inp, PROMPTS[:2])
-  (tmp_path / "out.jsonl.lock").write_text("pid 999999 on elsewhere since 2026-01-01T00:00:00+00:00\n")
+  stale = pathlib.Path(_files.lock_path_for(out))
+  stale.write_bytes(_files.LOCK_MARKER + b"pid 999999 on elsewhere since 2026-01-01T00:00:00+00:00\n")
+  victim, planted = tmp_path / "victim.txt", tmp_path / "out.jsonl.lock"
+  victim.write_bytes(b"pid 4242 secret: hunter2\n")
+  planted.symlink_to(victim)
+  before = [_untouched(planted), _untouched(victim)]
   proc = _run(checkpoint, inp, out)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "taking over the lock" in proc.stderr and "pid 999999" in proc.stderr
+  assert "taking over the lock" in proc.stderr and "pid 999999" in proc.stderr and "hunter2" not in proc.stderr
   assert sorted(r["id"] for r in _records(out)) == ["r0", "r1"]
+  assert [_untouched(planted), _untouched(victim)] == before
+  assert not stale.exists()
 
 
 def test_a_killed_job_releases_its_lock(checkpoint, tmp_path):
   inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
   _write_lines(inp, PROMPTS[:2])
-  lock = tmp_path / "out.jsonl.lock"
+  lock = pathlib.Path(_files.lock_path_for(out))
   job = subprocess.Popen(_cmd(checkpoint, inp, out), cwd=REPO, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 120
@@ -308,6 +326,9 @@ def test_random_damage_between_reruns_never_loses_a_whole_record(tmp_path, seed)
       # Every byte that is not in a record is kept aside, in order; only blanks between records are dropped.
       aside = (pathlib.Path(out + ".corrupt").read_bytes() if os.path.exists(out + ".corrupt") else b"")
       assert aside.startswith(corrupt_before)
+      if aside:  # created by the job: its header line first (not a byte of the output)
+        assert aside.startswith(jobs.CORRUPT_HEADER)
+        corrupt_before = corrupt_before or jobs.CORRUPT_HEADER
       assert sorted(_unblank(after + aside[len(corrupt_before):])) == sorted(_unblank(data))
     with jobs.ResultWriter(out) as writer:
       for _ in range(rng.randrange(1, 4)):
@@ -327,3 +348,264 @@ def test_glued_and_garbage_separated_records_are_split_apart():
   assert scan.ids == {'"a"', "2"}
   assert scan.corrupt == [(1, b"\xff\xfe{junk"), (3, b'{"id": "t", "text": "to')]
   assert not scan.terminated
+
+
+# --- Issue 21: files beside the output that the job did not create; locks per file; full disks ----------------
+
+
+def _results(n: int, prefix: str = "k") -> bytes:
+  return b"".join(json.dumps({"id": f"{prefix}{i}", "text": "x" * 20, "token_ids": [1, 2], "finish_reason": "stop",
+                              "usage": {"prompt_tokens": 2, "completion_tokens": 2}}).encode() + b"\n"
+                  for i in range(n))
+
+
+def _untouched(path: pathlib.Path):
+  """(bytes, mtime) of a file, or of a link and its target: what 'untouched' compares."""
+  st = os.stat(path, follow_symlinks=False)
+  return (os.readlink(path) if path.is_symlink() else path.read_bytes()), st.st_mtime_ns
+
+
+def test_the_lock_is_per_file_not_per_spelling(tmp_path):
+  """Issue 21, defect 2: a symlink (or any second path) to the output finds the same lock."""
+  out = tmp_path / "out.jsonl"
+  out.write_bytes(_results(1))
+  link = tmp_path / "elsewhere" / "link.jsonl"
+  link.parent.mkdir()
+  link.symlink_to(out)
+  with jobs.OutputLock(str(link)):
+    for spelling in (out, tmp_path / "elsewhere" / ".." / "out.jsonl"):
+      with pytest.raises(InputError, match=r"is being written by another job \(pid \d+ on .*\); one job at a time"):
+        jobs.OutputLock(str(spelling)).acquire()
+  assert not list(tmp_path.rglob("*lock"))  # released, by its holder
+
+
+def test_an_output_with_several_hard_links_is_refused(tmp_path):
+  out = tmp_path / "out.jsonl"
+  out.write_bytes(_results(1))
+  os.link(out, tmp_path / "other.jsonl")
+  with pytest.raises(InputError, match=r"--output=.*out.jsonl: has 2 hard links"):
+    jobs.OutputLock(str(out)).acquire()
+  assert not list(tmp_path.glob("*lock"))
+
+
+def test_recovery_rewrites_the_file_a_symlinked_output_names(tmp_path):
+  real = tmp_path / "data" / "out.jsonl"
+  real.parent.mkdir()
+  real.write_bytes(_results(2) + b"garbage\n" + b'{"id": "torn", "te')
+  link = tmp_path / "link.jsonl"
+  link.symlink_to(real)
+  found = jobs.recover(str(link))
+  assert found.ids == {'"k0"', '"k1"'} and found.corrupt == 2
+  assert link.is_symlink() and os.readlink(link) == str(real)  # still the link, not a regular copy
+  assert real.read_bytes() == _results(2)  # the real file rewritten
+  assert not [p for p in tmp_path.rglob("*") if "tmp" in p.name]
+
+
+def test_a_deeply_nested_corrupt_region_is_moved_aside(tmp_path):
+  """Issue 21, defect 1: deep nesting in the output is garbage like any other, not a RecursionError (whatever the
+  interpreter's recursion limit: jax raises it to 3,000)."""
+  out = tmp_path / "out.jsonl"
+  deep = b'{"id": "d", "error": ' + b'{"a": ' * 20000 + b"1" + b"}" * 20000 + b"}"
+  out.write_bytes(_results(1) + b"[" * 1000 + b"\n" + deep + b"\n" + _results(2)[-len(_results(1)):])
+  found = jobs.recover(str(out))
+  assert found.ids == {'"k0"', '"k1"'} and found.corrupt == 2
+  assert out.read_bytes() == _results(2)
+  side = (tmp_path / "out.jsonl.corrupt").read_bytes().split(b"\n")
+  assert side[1:] == [b"[" * 1000, deep, b""]  # after the header line, the regions in order
+  every, _ = reports.count_results(str(out))
+  assert every["records"] == 2
+
+
+def test_corrupt_file_is_created_with_a_header_and_only_ours_is_appended_to(tmp_path):
+  """Issue 21, defect 3: <output>.corrupt is created by the job (O_EXCL, a header line of its own) or refused."""
+  out, side = tmp_path / "out.jsonl", tmp_path / "out.jsonl.corrupt"
+  out.write_bytes(_results(1) + b"junk one\n")
+  jobs.recover(str(out))
+  first = side.read_bytes()
+  assert first.startswith(jobs.CORRUPT_HEADER) and first.endswith(b"junk one\n")
+  out.write_bytes(_results(1) + b"junk two\n")
+  jobs.recover(str(out))
+  assert side.read_bytes() == first + b"junk two\n"  # ours: appended to
+  # A .corrupt that the job did not create (no header), or a link: refused, nothing touched.
+  victim = tmp_path / "victim.txt"
+  victim.write_bytes(b"someone's file\n")
+  for foreign in ("plain", "link"):
+    side.unlink()
+    if foreign == "plain":
+      side.write_bytes(b"someone's notes\n")
+    else:
+      side.symlink_to(victim)
+    out.write_bytes(_results(1) + b"junk three\n")
+    before = {p: _untouched(p) for p in (out, side, victim)}
+    with pytest.raises(InputError, match=r"out.jsonl.corrupt.* (not written by qwenjax|symbolic link).*refusing"):
+      jobs.recover(str(out))
+    assert {p: _untouched(p) for p in (out, side, victim)} == before
+
+
+def test_only_our_temporaries_are_removed(tmp_path):
+  out = tmp_path / "out.jsonl"
+  out.write_bytes(_results(1))
+  users = [tmp_path / "out.jsonl.tmp-notes", tmp_path / "out.jsonl.tmp-123"]
+  for p in users:
+    p.write_bytes(b"keep me\n")
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  stale = pathlib.Path(_files.temporary_path(out).rsplit("-", 1)[0] + "-" + dead.stdout.strip())
+  stale.write_bytes(b"half a rewrite")
+  jobs.recover(str(out))
+  assert all(p.read_bytes() == b"keep me\n" for p in users)
+  assert not stale.exists()  # a killed job's rewrite, by our own name
+
+
+def test_report_files_that_are_not_ours_are_refused_untouched(tmp_path):
+  """Issue 21, defect 3: progress and summary files are written only over files of our own (a marker), and a
+  rerun removes only per-host progress files and temporaries that are ours."""
+  out = str(tmp_path / "out.jsonl")
+  ours = {"done": 1}
+  _files.write_json(out + ".progress-1.json", ours, marker=reports.REPLICA_MARKER)
+  foreign = {pathlib.Path(out + ".progress-2.json"): b'{"done": 5}\n',
+             pathlib.Path(out + ".progress.json.tmp-keep"): b"mine\n",
+             pathlib.Path(out + ".summary.json.tmp-1"): b"mine\n"}
+  for p, data in foreign.items():
+    p.write_bytes(data)
+  with pytest.raises(InputError, match=r"out.jsonl.progress-2.json exists and was not written by qwenjax"):
+    reports.prepare(out)
+  assert not os.path.exists(out + ".progress-1.json")  # ours: gone
+  assert all(p.read_bytes() == data for p, data in foreign.items())
+  pathlib.Path(out + ".progress-2.json").unlink()
+  reports.prepare(out)
+  for name in (".summary.json", ".progress.json"):
+    pathlib.Path(out + name).write_bytes(b'{"answered": 3}\n')
+    with pytest.raises(InputError, match=f"out.jsonl{name} exists and was not written by qwenjax"):
+      reports.prepare(out)
+    assert pathlib.Path(out + name).read_bytes() == b'{"answered": 3}\n'
+    pathlib.Path(out + name).unlink()
+
+
+def test_parts_that_are_links_or_not_results_are_refused_untouched(tmp_path):
+  out = tmp_path / "out.jsonl"
+  out.write_bytes(_results(1))
+  elsewhere = tmp_path / "elsewhere.jsonl"
+  elsewhere.write_bytes(_results(3, "e"))
+  part = tmp_path / "out.jsonl.part-1"
+  part.symlink_to(elsewhere)
+  with pytest.raises(InputError, match=r"out.jsonl.part-1 is a symbolic link.*refusing"):
+    jobs.existing_parts(str(out))
+  assert part.is_symlink() and elsewhere.read_bytes() == _results(3, "e")
+  part.unlink()
+  part.write_bytes(_results(2, "p"))
+  (tmp_path / "out.jsonl.part-2").write_bytes(b"")  # a replica killed before its first record
+  parts = jobs.existing_parts(str(out))
+  assert jobs.merge_parts(str(out), parts) == 2
+  assert not part.exists() and not (tmp_path / "out.jsonl.part-2").exists()
+  assert out.read_bytes() == _results(1) + _results(2, "p")
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+  """A full disk without mounting one: past `limit` bytes a file cannot grow (EFBIG; Python ignores SIGXFSZ)."""
+  old = resource.getrlimit(resource.RLIMIT_FSIZE)
+  handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, old)
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_recovery_on_a_full_disk_is_one_error_and_leaves_nothing_behind(tmp_path):
+  """Issue 21, defect 9: no 0-byte temporary, no empty .corrupt; the output and an earlier .corrupt unchanged."""
+  out, side = tmp_path / "out.jsonl", tmp_path / "out.jsonl.corrupt"
+  out.write_bytes(_results(200) + b"junk\n" + b'{"id": "torn"')
+  assert out.stat().st_size > 16384
+  before = out.read_bytes()
+  with _file_size_limit(16384), pytest.raises(InputError) as error:
+    jobs.recover(str(out))
+  assert re.fullmatch(r"--output=\S+out.jsonl: writing \S+ failed \(File too large\)\. The output is unchanged; "
+                      r"rerun the same command once that is fixed\.", str(error.value)), str(error.value)
+  assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+  # The .corrupt itself cannot grow: an earlier one keeps its bytes.
+  jobs.recover(str(out))
+  kept = side.read_bytes()
+  out.write_bytes(_results(1) + b"x" * 20000 + b"\n")
+  before = out.read_bytes()
+  with _file_size_limit(16384), pytest.raises(InputError, match=r"out.jsonl.corrupt failed \(File too large\)"):
+    jobs.recover(str(out))
+  assert out.read_bytes() == before and side.read_bytes() == kept
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.corrupt"]
+
+
+def test_report_files_on_a_full_disk_are_one_error_and_no_temporary(tmp_path):
+  out = str(tmp_path / "out.jsonl")
+  progress = reports.Progress(out, replica=0, replicas=1, total=1, every=0)
+  with _file_size_limit(64):
+    with pytest.raises(InputError, match=r"out.jsonl.summary.json: writing \S+ failed \(File too large\)"):
+      reports.write_summary(out, {"answered": 1, "padding": "x" * 100})
+    with pytest.raises(InputError, match=r"out.jsonl.progress.json: writing \S+ failed \(File too large\)"):
+      progress.close()
+  assert not list(tmp_path.iterdir())
+
+
+def test_reports_that_do_not_fit_after_every_record_is_written(checkpoint, tmp_path):
+  """Issue 21, defect 9: the records fit, the summary does not (a file may not grow past 600 bytes: 2 records
+  do, a summary does not): one error line saying so, exit status 1, no temporary left; a rerun with space adds no
+  record and writes the summary."""
+  inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  _write_lines(inp, PROMPTS[:2])
+
+  def full_disk():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
+
+  proc = subprocess.run(_cmd(checkpoint, inp, out), cwd=REPO, capture_output=True, text=True, timeout=600,
+                        preexec_fn=full_disk)
+  err = _error_line(proc)
+  assert proc.returncode == 1
+  assert re.fullmatch(r"error: --output=\S+out.jsonl: every record is written \(2 answered, 0 failed\), but its "
+                      r"report files are not: \S+out.jsonl.summary.json: writing \S+ failed \(File too large\)\. "
+                      r"Rerun the same command once there is space: it adds no record and writes them\.", err), err
+  records = out.read_bytes()
+  assert sorted(r["id"] for r in _records(out)) == ["r0", "r1"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "out.jsonl.progress.json"]
+  proc = _run(checkpoint, inp, out)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert out.read_bytes() == records
+  summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+  assert (summary["answered"], summary["missing"], summary["this_run"]["records"]) == (2, 0, 0)
+
+
+def test_an_interrupt_that_strikes_inside_a_gc_callback_is_not_lost(capsys):
+  """Issue 21, defect 8: jax's gc callback runs often; a SIGINT whose KeyboardInterrupt is raised inside it was
+  swallowed by Python ("Exception ignored ... Traceback") and the job went on to exit 0. Now it is raised again
+  at the job's next safe point: exit status 130 and the one line."""
+  from launch import _cli  # pylint: disable=g-import-not-at-top
+
+  fired, reached = [], []
+
+  def callback(phase, info):
+    del info
+    if phase == "start" and not fired:
+      fired.append(phase)
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(1000):  # Python code inside the callback: the handler runs here
+        pass
+
+  def main(argv):
+    del argv
+    gc.callbacks.append(callback)
+    try:
+      gc.collect()
+    finally:
+      gc.callbacks.remove(callback)
+    reached.append("after the collection")
+    _cli.check_interrupted()  # a safe point of the job's loop
+    reached.append("past the safe point")
+
+  try:
+    with pytest.raises(SystemExit) as exit_:
+      _cli.interruptible(main, "rerun the same command to resume")([])
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.unraisablehook = sys.__unraisablehook__
+  assert fired and reached == ["after the collection"] and exit_.value.code == 130
+  assert capsys.readouterr().err == "interrupted (SIGINT); rerun the same command to resume.\n"
