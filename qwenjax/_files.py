@@ -351,7 +351,9 @@ class OwnedLock:
         os.close(fd)
         continue
       content = os.pread(fd, 4096, 0)
-      if not created and not (content.startswith(LOCK_MARKER) and _is_regular(fd)):
+      # An empty file of our lock's name is one whose creator was killed between its O_EXCL create and the
+      # marker's write (the marker is written under the flock, so a live holder is never seen empty here).
+      if not created and not ((content.startswith(LOCK_MARKER) or not content) and _is_regular(fd)):
         os.close(fd)
         raise InputError(f"{self.what}: {self.path} exists and is not a qwenjax lock; refusing to touch it (move "
                          "it away if no job is running).")
