@@ -349,3 +349,28 @@ def test_convert_refuses_a_concurrent_writer_and_an_existing_destination(source,
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (f"error: {converted}: already exists and is not an empty "
                                                    "directory; convert writes a new one.")
+
+
+def test_a_save_goes_through_a_temporary_of_its_own(tmp_path):
+  """orbax_store's temporary directory: renamed onto the destination when whole; removed, with one CheckpointError
+  naming the destination, when the write fails; a killed writer's temporary (its pid gone, our marker inside) is
+  removed by the next save, anything else of that name left alone."""
+  from qwenjax import _files
+
+  out = tmp_path / "orbax"
+  stale = tmp_path / f".orbax{_files.TMP_INFIX}999999999"  # no such pid
+  stale.mkdir()
+  _files.write_json(stale / "qwenjax_partial.json", {}, marker="partial orbax checkpoint")
+  foreign = tmp_path / f".orbax{_files.TMP_INFIX}999999998"
+  foreign.mkdir()
+  (foreign / "notes.txt").write_text("not ours")
+  with pytest.raises(CheckpointError, match=rf"^{out}: writing the checkpoint failed \(\[Errno 28\] No space left "
+                     r"on device\); the partial copy was removed\.$"):
+    with orbax_store._partial(out) as tmp:
+      (tmp / "params").mkdir()
+      raise OSError(28, "No space left on device")
+  assert sorted(p.name for p in tmp_path.iterdir()) == [foreign.name]
+  with orbax_store._partial(out) as tmp:
+    (tmp / "config.json").write_text("{}")
+  assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [foreign.name, "orbax"]
