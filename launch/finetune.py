@@ -117,7 +117,7 @@ def main(argv):
       raise InputError(f"--output={output}: cannot create the directory ({e.strerror}).") from None
     with contextlib.ExitStack() as locks:  # one run per output (and per --checkpoint_dir elsewhere)
       locks.enter_context(_files.OwnedLock(_files.lock_path_for(output), f"--output={output}"))
-      if _CHECKPOINT_DIR.value is not None:
+      if os.path.realpath(checkpoints) not in (os.path.realpath(output), os.path.realpath(output / "checkpoints")):
         locks.enter_context(_files.OwnedLock(_files.lock_path_for(checkpoints), f"--checkpoint_dir={checkpoints}"))
       _run(output, checkpoints)
   except QwenJaxError as e:
@@ -141,11 +141,12 @@ def _check_run(output: pathlib.Path, checkpoints: pathlib.Path, settings: dict) 
   record_file = output / _RUN_FILE
   if not os.path.lexists(record_file):
     found = [name for name in _RUN_FILES if os.path.lexists(output / name)]
-    if not found and checkpoints != output / "checkpoints" and checkpoints.is_dir() and any(checkpoints.iterdir()):
+    elsewhere = checkpoints != (output / "checkpoints").absolute()
+    if not found and elsewhere and checkpoints.is_dir() and any(checkpoints.iterdir()):
       found = [f"--checkpoint_dir={checkpoints}"]
     if found:
       raise InputError(f"--output={output} holds {found[0]} but no run record ({_RUN_FILE}) of launch.finetune; "
-                          "refusing to touch it (choose another --output, or move it away).")
+                       "refusing to touch it (choose another --output, or move it away).")
     return None
   _files.check_ours(record_file, _RUN_MARKER, f"--output={output}")
   record = _files.read_json(record_file)
@@ -170,7 +171,7 @@ def _check_same(output: pathlib.Path, record: dict, settings: dict) -> None:
       differ.append(f"{name}: {mine} here, {theirs} in the run at {output}")
   if differ:
     raise InputError(f"--output={output} holds a run with other settings: {'; '.join(differ)}. Rerun with its "
-                        "settings to resume it, or choose another --output.")
+                     "settings to resume it, or choose another --output.")
 
 
 def _fingerprint(rows) -> str:
