@@ -161,11 +161,12 @@ def _reply(line: jobs.InputLine) -> tuple[str | None, str | None, str | None]:
   """(reply text, finish_reason, None) of a result line; (None, None, None) for an error record; (None, None,
   what is wrong) for a line that is no result of either format."""
   obj, where = line.obj, line.where
+  kind = jobs._json_type  # pylint: disable=protected-access  (how input errors name a JSON value's type)
   if "response" in obj:  # an OpenAI Batch output line
     response = obj["response"]
     if not isinstance(response, dict):
       return None, None, (f"{where}: 'response' must be an object (an OpenAI Batch output line), got "
-                          f"{jobs._json_type(response)}.")  # pylint: disable=protected-access
+                          f"{kind(response)}.")
     if response.get("status_code") != 200:
       return None, None, None
     body = response.get("body")
@@ -180,7 +181,7 @@ def _reply(line: jobs.InputLine) -> tuple[str | None, str | None, str | None]:
     return text, choice.get("finish_reason"), None
   if "text" in obj:  # a simple answer
     if not isinstance(obj["text"], str):
-      return None, None, f"{where}: 'text' must be a string, got {jobs._json_type(obj['text'])}."  # pylint: disable=protected-access
+      return None, None, f"{where}: 'text' must be a string, got {kind(obj['text'])}."
     return obj["text"], obj.get("finish_reason"), None
   if isinstance(obj.get("error"), (str, dict)):  # a simple error record
     return None, None, None
