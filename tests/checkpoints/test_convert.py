@@ -311,23 +311,16 @@ def test_model_flag_accepts_an_orbax_directory(source, converted):
   assert loaded.tokenizer.encode("def f(x):") == original.tokenizer.encode("def f(x):")
 
 
-def _limit_file_size():
-  """preexec_fn: files past 64 KiB cannot grow (EFBIG, SIGXFSZ ignored), as on a disk that is full."""
-  import resource
-  import signal
-
-  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
-
-
 def test_convert_onto_a_full_disk_is_one_error_and_leaves_nothing(source, tmp_path):
   """The weights do not fit: one `error:` line, no traceback, and neither the output nor a partial temporary (nor
   the lock) is left in the directory."""
   parent = tmp_path / "disk"
   parent.mkdir()
   out = parent / "orbax"
-  proc = subprocess.run([sys.executable, "-m", "launch.convert", f"--source={source[0]}", f"--output={out}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+  # Files past 64 KiB cannot grow (EFBIG, SIGXFSZ ignored), as on a disk that is full.
+  limited = ["bash", "-c", 'trap "" XFSZ; ulimit -f 64; exec "$@"', "bash"]
+  proc = subprocess.run([*limited, sys.executable, "-m", "launch.convert", f"--source={source[0]}", f"--output={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
