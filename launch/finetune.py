@@ -226,8 +226,12 @@ class _Log:
 
 
 def _run(output: pathlib.Path, checkpoints: pathlib.Path):
-  # Orbax logs each save's threads at INFO through absl: keep stderr to this script's progress.
+  # Orbax logs each save's threads at INFO through absl: keep stderr to this script's progress (a failed save is
+  # one error line, which its abandoned threads need not repeat).
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+  from qwenjax.checkpoints import orbax_store  # pylint: disable=g-import-not-at-top
+
+  orbax_store.quiet_failed_writes()
 
   import qwenjax  # pylint: disable=g-import-not-at-top
   from qwenjax import _files  # pylint: disable=g-import-not-at-top
@@ -286,9 +290,13 @@ def _run(output: pathlib.Path, checkpoints: pathlib.Path):
         if "eval_loss" in metrics:
           line += f"  eval_loss {metrics['eval_loss']:.4f}"
         logging.info("%s", line)
+  except BaseException:
+    with contextlib.suppress(Exception):  # the error (or signal) on its way out is the one to report
+      manager.close()
+    raise
   finally:
     log.close()
-    manager.close()
+  manager.close()
   save_adapter(output, trainer.adapter(), base_model=_MODEL.value)
   print(output)
 

@@ -223,10 +223,14 @@ class LoraTrainer:
 
   def save(self, manager: ocp.CheckpointManager) -> None:
     """Saves checkpoint `self.step`, then its digest (`<step>.sha256.json` beside it: each file's sha256), which
-    `resume` checks before Orbax reads a byte; digests of the steps Orbax has since deleted are removed."""
-    manager.save(self.step, args=ocp.args.StandardSave(self.state()))
-    manager.wait_until_finished()
+    `resume` checks before Orbax reads a byte; digests of the steps Orbax has since deleted are removed.
+    InputError naming the step if the save fails (a full disk)."""
     directory = pathlib.Path(manager.directory)
+    try:
+      manager.save(self.step, args=ocp.args.StandardSave(self.state()))
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore's errors are ValueErrors and others)
+      raise InputError(f"checkpoint step {self.step} in {directory}: saving failed ({first_line(e)[:300]}).") from None
     _files.write_json(_digest_path(directory, self.step), {"files": _digests(directory / str(self.step))},
                       marker=_DIGEST_MARKER)
     kept = {str(step) for step in manager.all_steps()}

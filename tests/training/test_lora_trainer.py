@@ -257,3 +257,20 @@ def test_requests_and_results_that_share_no_id_are_refused_with_the_counts(tmp_p
                      r"conversation in common: 0 matched, 3 requests without a usable response, 2 responses without "
                      r"a request, 0 cut by max_tokens\.$"):
     list(data.conversations_from_job(requests, results))
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error(saved_run, tmp_path, monkeypatch):
+  """A full disk while Orbax saves (tensorstore's error, as it raises it): one InputError naming the step."""
+  from qwenjax import InputError
+
+  trainer = saved_run[0]
+  manager = trainer.resume(tmp_path / "checkpoints")
+
+  def full(*args, **kwargs):
+    raise ValueError('OUT_OF_RANGE: Error writing local file "x": File too large\nmore detail')
+
+  monkeypatch.setattr(manager, "save", full)
+  with pytest.raises(InputError, match=rf"^checkpoint step {trainer.step} in {tmp_path / 'checkpoints'}: saving "
+                     r'failed \(OUT_OF_RANGE: Error writing local file "x": File too large\)\.$'):
+    trainer.save(manager)
+  manager.close()
