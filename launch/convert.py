@@ -6,9 +6,11 @@ r"""Converts a model to a qwenjax Orbax checkpoint, which restores straight into
   python -m launch.convert --source=/ckpt/Qwen2.5-72B-Instruct --output=/ckpt/qwen72b-int8 --quantize=int8
 
 The output directory (new, or empty) holds the weights under params/ (Orbax, stacked layers), config.json, the
-tokenizer files, preprocessor_config.json for Qwen2.5-VL, and qwenjax_checkpoint.json (with --quantize, int8
-values and float32 scales per output channel, quantized one tensor at a time as the source loads); see
-`qwenjax.checkpoints.orbax_store`. `--model=<output>` then loads it. Prints the output directory on stdout; logs go to
+tokenizer files, preprocessor_config.json for Qwen2.5-VL, and qwenjax_checkpoint.json (with --quantize, int8 values
+and float32 scales per output channel, quantized one tensor at a time as the source loads); see
+`qwenjax.checkpoints.orbax_store`. It is written as a temporary directory beside it, renamed at the end: a failed
+(a full disk) or interrupted convert leaves nothing, and a second convert to the same output meanwhile is refused.
+`--model=<output>` then loads it. Prints the output directory on stdout; logs go to
 stderr.
 """
 
@@ -34,8 +36,11 @@ _QUANTIZE_EMBEDDINGS = flags.DEFINE_bool("quantize_embeddings", False, "With --q
 def main(argv):
   del argv
   from qwenjax import QwenJaxError  # pylint: disable=g-import-not-at-top  (--help stays fast)
-  from qwenjax.checkpoints import loader  # pylint: disable=g-import-not-at-top  (--help stays fast)
+  from qwenjax.checkpoints import loader, orbax_store  # pylint: disable=g-import-not-at-top  (--help stays fast)
 
+  # Orbax logs its threads through absl, a failed write's traceback included: the failure is our one error line.
+  logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+  orbax_store.quiet_failed_writes()
   start = time.perf_counter()
   try:
     output = loader.convert(_SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value,
@@ -49,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_cli.parse_flags)
+  app.run(_cli.interruptible(main, "nothing was written; rerun the command"), flags_parser=_cli.parse_flags)

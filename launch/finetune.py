@@ -10,13 +10,25 @@ r"""Fine-tunes a LoRA adapter on chat data and writes it in PEFT's layout.
 Conversations are packed into rows of --row_len tokens (one compiled step); --eval_fraction of the rows is held
 out and its loss reported every --eval_every steps and at the end. Orbax checkpoints of the adapter and the
 optimizer state go to --checkpoint_dir (default: <output>/checkpoints) every --save_every steps; rerunning the same
-command after a kill resumes from the latest and ends with the adapter an uninterrupted run writes, bit for bit.
-Progress (loss, tokens/s, ETA) goes to stderr; the adapter directory's path to stdout.
+command after a kill (or Ctrl-C: exit 130, SIGTERM: 143) resumes from the newest intact checkpoint (an unreadable
+one is set aside as `<step>.unreadable`, with a warning) and ends with the adapter an uninterrupted run writes, bit
+for bit. Progress (loss, tokens/s, ETA) goes to stderr; the adapter directory's path to stdout.
+
+One run at a time per --output (a lock beside it). <output>/run.json records what the run computes: the packed
+rows' sha256, the model and every flag that changes the result; a rerun resumes only a run whose record matches,
+and is refused, naming each flag that differs, otherwise. An --output holding an adapter, a log or checkpoints but no
+run record is refused untouched. training_log.jsonl is appended to, one line per step as it ends; the steps re-run
+after a resume from an older checkpoint are not logged twice (they compute the same values), so it holds each step
+once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
+import os
 import pathlib
 import time
 
@@ -78,23 +90,151 @@ def _conversations():
     yield from data.conversations_from_job(_REQUESTS.value, _RESPONSES.value, finished_only=not _KEEP_TRUNCATED.value)
 
 
+# What a run's record holds besides its data: the flags that decide what it computes, by flag name.
+_RECORDED = (_MODEL, _DTYPE, _QUANTIZE, _TARGETS, _RANK, _ALPHA, _DROPOUT, _STEPS, _BATCH_SIZE, _GRAD_ACCUM, _ROW_LEN,
+             _LR, _WARMUP, _WEIGHT_DECAY, _CLIP, _SEED, _EVAL_FRACTION)
+_RUN_FILE = "run.json"
+_RUN_MARKER = "launch.finetune run"
+_LOG_FILE = "training_log.jsonl"
+_DATA_KEY = "data_sha256"
+# What a run writes in --output: found there without a run record, they are another's, and the run refuses.
+_RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", _LOG_FILE, "checkpoints")
+
+
 def main(argv):
   del argv
-  from qwenjax import QwenJaxError  # pylint: disable=g-import-not-at-top  (--help stays fast)
+  from qwenjax import InputError, QwenJaxError, _files  # pylint: disable=g-import-not-at-top  (--help stays fast)
 
   try:
-    _run()
+    output = pathlib.Path(_OUTPUT.value)
+    checkpoints = pathlib.Path(_CHECKPOINT_DIR.value or output / "checkpoints").absolute()
+    if output.exists() and not output.is_dir():
+      raise InputError(f"--output={output}: exists and is not a directory.")
+    try:
+      output.mkdir(parents=True, exist_ok=True)
+      checkpoints.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise InputError(f"--output={output}: cannot create the directory ({e.strerror}).") from None
+    with contextlib.ExitStack() as locks:  # one run per output (and per --checkpoint_dir elsewhere)
+      locks.enter_context(_files.OwnedLock(_files.lock_path_for(output), f"--output={output}"))
+      if os.path.realpath(checkpoints) not in (os.path.realpath(output), os.path.realpath(output / "checkpoints")):
+        locks.enter_context(_files.OwnedLock(_files.lock_path_for(checkpoints), f"--checkpoint_dir={checkpoints}"))
+      _run(output, checkpoints)
   except QwenJaxError as e:
     _cli.fail(e)
 
 
-def _run():
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+def _settings() -> dict:
+  """The recorded flags' values, by flag name; --model as the real path it names (or 'default')."""
+  settings = {f"--{flag.name}": flag.value for flag in _RECORDED}
+  if os.path.exists(_MODEL.value):
+    settings["--model"] = os.path.realpath(_MODEL.value)
+  return settings
 
-  # Orbax logs each save's threads at INFO through absl: keep stderr to this script's progress.
+
+def _check_run(output: pathlib.Path, checkpoints: pathlib.Path, settings: dict) -> dict | None:
+  """The run record in `output` (None: a new run), after checking that it is ours and that `settings` match it.
+  InputError, everything untouched, for an output that holds another's adapter, log or checkpoints, or a run
+  with other settings."""
+  from qwenjax import InputError, _files  # pylint: disable=g-import-not-at-top
+
+  record_file = output / _RUN_FILE
+  if not os.path.lexists(record_file):
+    found = [name for name in _RUN_FILES if os.path.lexists(output / name)]
+    elsewhere = checkpoints != (output / "checkpoints").absolute()
+    if not found and elsewhere and checkpoints.is_dir() and any(checkpoints.iterdir()):
+      found = [f"--checkpoint_dir={checkpoints}"]
+    if found:
+      raise InputError(f"--output={output} holds {found[0]} but no run record ({_RUN_FILE}) of launch.finetune; "
+                       "refusing to touch it (choose another --output, or move it away).")
+    return None
+  _files.check_ours(record_file, _RUN_MARKER, f"--output={output}")
+  record = _files.read_json(record_file)
+  _check_same(output, record, settings)
+  return record
+
+
+def _check_same(output: pathlib.Path, record: dict, settings: dict) -> None:
+  """InputError naming each setting (flag) whose value differs from the run's record."""
+  from qwenjax import InputError  # pylint: disable=g-import-not-at-top
+
+  differ = []
+  for name, mine in settings.items():
+    theirs = record.get(name)
+    if theirs == mine:
+      continue
+    if name == _DATA_KEY:
+      source = "--data" if _DATA.value else "--requests/--responses"
+      differ.append(f"{source}: the training rows (sha256 {mine[:16]}) are not those of the run at {output} "
+                    f"(sha256 {str(theirs)[:16]})")
+    else:
+      differ.append(f"{name}: {mine} here, {theirs} in the run at {output}")
+  if differ:
+    raise InputError(f"--output={output} holds a run with other settings: {'; '.join(differ)}. Rerun with its "
+                     "settings to resume it, or choose another --output.")
+
+
+def _fingerprint(rows) -> str:
+  """sha256 of the packed training rows (all of them, held-out ones included): the data as the run sees it."""
+  digest = hashlib.sha256()
+  for array in dataclasses.astuple(rows):
+    digest.update(repr((array.dtype.str, array.shape)).encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+class _Log:
+  """training_log.jsonl, appended to (never truncated) one whole line per step as the step ends. A step already in
+  the log, re-run after a resume from an older checkpoint, is not logged again: the rerun computes that step
+  bit for bit as before, so the log holds each step once, as an uninterrupted run's does."""
+
+  def __init__(self, path: pathlib.Path):
+    from qwenjax import InputError, _files  # pylint: disable=g-import-not-at-top
+
+    try:
+      self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+      with open(path, "rb") as f:
+        old = f.read()
+    except OSError as e:
+      raise InputError(f"{path}: cannot open the training log ({e.strerror}).") from None
+    self.path, self.logged = path, set()
+    for line in old.splitlines():
+      try:
+        step = _files.loads(line).get("step")
+      except (ValueError, AttributeError):
+        continue  # a line cut by a full disk: left as it is
+      if isinstance(step, int):
+        self.logged.add(step)
+    if old and not old.endswith(b"\n"):
+      self._write(b"\n")
+
+  def _write(self, data: bytes) -> None:
+    from qwenjax import InputError  # pylint: disable=g-import-not-at-top
+
+    try:
+      os.write(self._fd, data)  # one write per line: O_APPEND puts it whole at the end
+    except OSError as e:
+      raise InputError(f"{self.path}: writing the training log failed ({e.strerror}).") from None
+
+  def append(self, entry: dict) -> None:
+    if entry["step"] not in self.logged:
+      self._write((json.dumps(entry) + "\n").encode())
+      self.logged.add(entry["step"])
+
+  def close(self) -> None:
+    os.close(self._fd)
+
+
+def _run(output: pathlib.Path, checkpoints: pathlib.Path):
+  # Orbax logs each save's threads at INFO through absl: keep stderr to this script's progress (a failed save is
+  # one error line, which its abandoned threads need not repeat).
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+  from qwenjax.checkpoints import orbax_store  # pylint: disable=g-import-not-at-top
+
+  orbax_store.quiet_failed_writes()
 
   import qwenjax  # pylint: disable=g-import-not-at-top
+  from qwenjax import _files  # pylint: disable=g-import-not-at-top
   from qwenjax.checkpoints.peft import save_adapter  # pylint: disable=g-import-not-at-top
   from qwenjax.parallel import sharding  # pylint: disable=g-import-not-at-top
   from qwenjax.training import data  # pylint: disable=g-import-not-at-top
@@ -104,9 +244,8 @@ def _run():
                        steps=_STEPS.value, batch_size=_BATCH_SIZE.value, grad_accum=_GRAD_ACCUM.value,
                        learning_rate=_LR.value, warmup_steps=_WARMUP.value, weight_decay=_WEIGHT_DECAY.value,
                        clip_norm=_CLIP.value, seed=_SEED.value).check()
-  output = pathlib.Path(_OUTPUT.value)
-  if output.exists() and not output.is_dir():
-    raise qwenjax.InputError(f"--output={output}: exists and is not a directory.")
+  settings = _settings()
+  record = _check_run(output, checkpoints, settings)  # before the long load: another run is refused at once
   mesh = sharding.mesh_from_flags(_MESH.value)
   loaded = qwenjax.load(_MODEL.value, dtype=_DTYPE.value, mesh=mesh,
                         quantize=None if _QUANTIZE.value == "none" else _QUANTIZE.value)
@@ -122,34 +261,45 @@ def _run():
   if not examples:
     raise qwenjax.InputError("no usable conversation in the training data.")
   rows, cut = data.pack(examples, _ROW_LEN.value)
+  settings[_DATA_KEY] = _fingerprint(rows)
+  if record is None:  # written before the first checkpoint: checkpoints never lie in an output without one
+    _files.write_json(output / _RUN_FILE, settings, marker=_RUN_MARKER, what=f"--output={output}")
+  else:
+    _check_same(output, record, {_DATA_KEY: settings[_DATA_KEY]})
   train, held_out = data.split_rows(rows, _EVAL_FRACTION.value, _SEED.value)
   logging.info("%d conversations (%d skipped, %d cut to --row_len=%d) packed into %d rows: %d to train, %d held "
                "out.", len(examples), skipped, cut, _ROW_LEN.value, len(rows), len(train),
                0 if held_out is None else len(held_out))
   trainer = LoraTrainer(loaded.model, config, mesh=mesh)
-  checkpoint_dir = pathlib.Path(_CHECKPOINT_DIR.value or output / "checkpoints").absolute()
-  manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-  if trainer.restore(manager):
-    logging.info("Resumed from %s at step %d of %d.", checkpoint_dir, trainer.step, config.steps)
-  start, first, tokens, history = time.perf_counter(), trainer.step, 0, []
-  for metrics in trainer.fit(train, held_out, manager=manager, save_every=_SAVE_EVERY.value,
-                             eval_every=_EVAL_EVERY.value):
-    step = metrics["step"] + 1
-    tokens += metrics["tokens"]
-    history.append({k: metrics[k] for k in ("step", "loss", "grad_norm", "learning_rate", "eval_loss") if k in metrics})
-    if step % _LOG_EVERY.value == 0 or step == config.steps or "eval_loss" in metrics:
-      elapsed = time.perf_counter() - start
-      eta = elapsed / (step - first) * (config.steps - step)
-      line = (f"step {step}/{config.steps}  loss {metrics['loss']:.4f}  lr {metrics['learning_rate']:.2e}  "
-              f"{tokens / elapsed:.0f} tokens/s  ETA {eta:.0f} s")
-      if "eval_loss" in metrics:
-        line += f"  eval_loss {metrics['eval_loss']:.4f}"
-      logging.info("%s", line)
+  manager = trainer.resume(checkpoints, what="--checkpoint_dir")
+  if trainer.step:
+    logging.info("Resumed from %s at step %d of %d.", checkpoints, trainer.step, config.steps)
+  log = _Log(output / _LOG_FILE)
+  try:
+    start, first, tokens = time.perf_counter(), trainer.step, 0
+    for metrics in trainer.fit(train, held_out, manager=manager, save_every=_SAVE_EVERY.value,
+                               eval_every=_EVAL_EVERY.value):
+      step = metrics["step"] + 1
+      tokens += metrics["tokens"]
+      log.append({k: metrics[k] for k in ("step", "loss", "grad_norm", "learning_rate", "eval_loss") if k in metrics})
+      if step % _LOG_EVERY.value == 0 or step == config.steps or "eval_loss" in metrics:
+        elapsed = time.perf_counter() - start
+        eta = elapsed / (step - first) * (config.steps - step)
+        line = (f"step {step}/{config.steps}  loss {metrics['loss']:.4f}  lr {metrics['learning_rate']:.2e}  "
+                f"{tokens / elapsed:.0f} tokens/s  ETA {eta:.0f} s")
+        if "eval_loss" in metrics:
+          line += f"  eval_loss {metrics['eval_loss']:.4f}"
+        logging.info("%s", line)
+  except BaseException:
+    with contextlib.suppress(Exception):  # the error (or signal) on its way out is the one to report
+      manager.close()
+    raise
+  finally:
+    log.close()
   manager.close()
   save_adapter(output, trainer.adapter(), base_model=_MODEL.value)
-  (output / "training_log.jsonl").open("a").writelines(json.dumps(h) + "\n" for h in history)
   print(output)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_cli.parse_flags)
+  app.run(_cli.interruptible(main, "rerun the same command to resume"), flags_parser=_cli.parse_flags)

@@ -165,8 +165,9 @@ def temporary_path(path: str | os.PathLike[str]) -> str:
   return f"{os.path.join(os.path.dirname(real), '.' + os.path.basename(real))}{TMP_INFIX}{os.getpid()}"
 
 
-def stale_temporaries(path: str | os.PathLike[str]) -> list[str]:
-  """Temporaries of `path` that a killed process left (any pid): regular files, never links, by our own name."""
+def stale_temporaries(path: str | os.PathLike[str], *, directories: bool = False) -> list[str]:
+  """Temporaries of `path` that a killed process left (any pid): regular files (with `directories`: directories),
+  never links, by our own name."""
   real = os.path.realpath(path)
   directory, prefix = os.path.dirname(real), "." + os.path.basename(real) + TMP_INFIX
   found = []
@@ -178,7 +179,7 @@ def stale_temporaries(path: str | os.PathLike[str]) -> list[str]:
     if name.startswith(prefix) and name[len(prefix):].isdigit():
       full = os.path.join(directory, name)
       with contextlib.suppress(OSError):
-        if os.path.isfile(full) and not os.path.islink(full):
+        if (os.path.isdir(full) if directories else os.path.isfile(full)) and not os.path.islink(full):
           found.append(full)
   return found
 
@@ -187,13 +188,14 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> None:
   """Removes the temporaries of `path` left by processes that no longer run (a kill before their rename)."""
   for tmp in stale_temporaries(path):
     pid = int(tmp.rsplit(TMP_INFIX, 1)[1])
-    if pid != os.getpid() and _alive(pid):
+    if pid != os.getpid() and is_alive(pid):
       continue
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+  """Whether process `pid` runs (on this host)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:

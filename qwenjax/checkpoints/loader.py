@@ -18,6 +18,7 @@ import time
 import jax
 from absl import logging
 
+from qwenjax import _files
 from qwenjax._errors import CheckpointError
 from qwenjax.checkpoints import embedded, hf, orbax_store
 from qwenjax.checkpoints.gguf_file import GGUFCheckpoint
@@ -104,12 +105,25 @@ def convert(source: str | os.PathLike[str] | None, output: str | os.PathLike[str
   quantize = check_quantize(quantize)
   path = pathlib.Path(embedded.resolve_model_arg(source))
   output = pathlib.Path(output)
-  if output.exists() and (not output.is_dir() or any(output.iterdir())):
-    raise CheckpointError(f"{output}: already exists and is not an empty directory; convert writes a new one.")
-  try:  # before the long load: a bad path fails at once (an empty directory is a valid output to retry with)
-    output.mkdir(parents=True, exist_ok=True)
+  _check_new(output)
+  try:  # before the long load: a bad path fails at once
+    output.absolute().parent.mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise CheckpointError(f"{output}: cannot create the output directory ({e.strerror}).") from None
+    raise CheckpointError(f"{output}: cannot create its parent directory ({e.strerror}).") from None
+  # One writer per destination (a second convert to it is refused); orbax_store.save writes beside it and renames.
+  with _files.OwnedLock(_files.lock_path_for(output), str(output)):
+    _check_new(output)  # another convert may have finished while this one started
+    _convert(path, output, dtype, chunk_bytes, quantize, quantize_embeddings)
+  return output
+
+
+def _check_new(output: pathlib.Path) -> None:
+  if os.path.lexists(output) and (not output.is_dir() or any(output.iterdir())):
+    raise CheckpointError(f"{output}: already exists and is not an empty directory; convert writes a new one.")
+
+
+def _convert(path: pathlib.Path, output: pathlib.Path, dtype: str, chunk_bytes: int, quantize: str | None,
+             quantize_embeddings: bool) -> None:
   loaded = load(str(path), dtype=dtype, scan_layers=True, quantize=quantize, quantize_embeddings=quantize_embeddings)
   generation = {}
   processor = None
@@ -124,4 +138,3 @@ def convert(source: str | os.PathLike[str] | None, output: str | os.PathLike[str
       processor = read_json(path / "preprocessor_config.json", error=CheckpointError)
   orbax_store.save(output, loaded.model, loaded.tokenizer, hf_config, source=str(path), generation_config=generation,
                    preprocessor_config=processor, chunk_bytes=chunk_bytes)
-  return output

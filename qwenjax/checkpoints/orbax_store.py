@@ -24,11 +24,15 @@ weight's logical axes through the sharding rules), so each host reads only the c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
 import pathlib
-from collections.abc import Mapping
+import shutil
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -36,7 +40,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from qwenjax._errors import CheckpointError, first_line
+from qwenjax import _files
+from qwenjax._errors import CheckpointError, QwenJaxError, first_line
 from qwenjax.checkpoints.hf import parse_config
 from qwenjax.config import check_dtype, default_scan_layers, read_json
 from qwenjax.model import model_class
@@ -69,7 +74,10 @@ def is_orbax_checkpoint(path: str | os.PathLike[str]) -> bool:
 def save(directory: str | os.PathLike[str], model: Qwen2, tokenizer: Tokenizer, hf_config: Mapping[str, Any], *,
          source: str, generation_config: Mapping[str, Any] | None = None,
          preprocessor_config: Mapping[str, Any] | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
-  """Writes `model` (loaded with scan_layers=True) and `tokenizer` into the empty directory `directory`.
+  """Writes `model` (loaded with scan_layers=True) and `tokenizer` as the new directory `directory` (it must not
+  exist, or be empty). Everything is written into a temporary directory of our own beside it (`_partial`), renamed
+  to `directory` at the end: a reader never sees a partial checkpoint, and a failed write (a full disk) is a
+  CheckpointError naming `directory` with the temporary removed.
 
   hf_config: the source's config.json (a VL one in transformers 5's nested form is written in Qwen's flat form);
     it must parse back to the model's config. source: where the model came from, recorded in the metadata.
@@ -78,7 +86,6 @@ def save(directory: str | os.PathLike[str], model: Qwen2, tokenizer: Tokenizer, 
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  directory = pathlib.Path(directory)
   hf_config = _flat_config(hf_config)
   if parse_config(hf_config, source) != _model_config(model):
     raise CheckpointError(f"{source}: the config.json written for it would not parse back to the loaded model's "
@@ -88,16 +95,74 @@ def save(directory: str | os.PathLike[str], model: Qwen2, tokenizer: Tokenizer, 
   float_dtype = next(str(a.dtype) for a in params.values() if a.dtype != np.int8)  # int8 values are not "the dtype"
   tree = _nest(params)
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), tree)
-  with _checkpointer() as ckptr:
-    ckptr.save((directory / PARAMS_DIR).absolute(), args=ocp.args.PyTreeSave(tree, save_args=save_args))
-  _write_json(directory / "config.json", hf_config)
-  tokenizer.save(directory, generation_config=generation_config or {})
-  if preprocessor_config is not None:
-    _write_json(directory / "preprocessor_config.json", preprocessor_config)
-  _write_json(directory / METADATA_FILE, {
-      "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": float_dtype,
-      "quantize": model.quantize or "none", "quantize_embeddings": model.quantize_embeddings,
-      "source": source, "layout": LAYOUT, "model": type(model).__name__})
+  with _partial(directory) as tmp:
+    with _checkpointer() as ckptr:
+      ckptr.save((tmp / PARAMS_DIR).absolute(), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+    _write_json(tmp / "config.json", hf_config)
+    tokenizer.save(tmp, generation_config=generation_config or {})
+    if preprocessor_config is not None:
+      _write_json(tmp / "preprocessor_config.json", preprocessor_config)
+    _write_json(tmp / METADATA_FILE, {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": float_dtype,
+        "quantize": model.quantize or "none", "quantize_embeddings": model.quantize_embeddings,
+        "source": source, "layout": LAYOUT, "model": type(model).__name__})
+
+
+_PARTIAL_MARKER = "partial orbax checkpoint"
+_PARTIAL_FILE = "qwenjax_partial.json"
+
+
+@contextlib.contextmanager
+def _partial(directory: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
+  """A new temporary directory beside `directory` (`.<name>.qwenjax-tmp-<pid>`, holding a marker file while it is
+  written), renamed to `directory` when the block ends. If the block fails, the temporary is removed and an
+  error other than a CheckpointError becomes one naming `directory` (a full disk: tensorstore's, Orbax's, ours).
+  Temporaries that killed writers left (their pid gone, the marker inside) are removed first."""
+  real = pathlib.Path(os.path.realpath(directory))
+  _remove_stale_partials(real)
+  tmp = pathlib.Path(_files.temporary_path(real))
+  try:
+    tmp.mkdir()
+    _files.write_json(tmp / _PARTIAL_FILE, {"for": str(real)}, marker=_PARTIAL_MARKER)
+  except (OSError, QwenJaxError) as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(f"{directory}: cannot create a temporary directory beside it ({first_line(e)}).") from None
+  try:
+    yield tmp
+    (tmp / _PARTIAL_FILE).unlink()
+    os.rename(tmp, real)  # onto nothing, or onto an empty directory; anything else fails (ENOTEMPTY, EEXIST)
+    _files.fsync_directory(real)
+  except BaseException as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, CheckpointError) or not isinstance(e, Exception):
+      raise
+    raise CheckpointError(f"{directory}: writing the checkpoint failed ({first_line(e)[:300]}); the partial copy "
+                          "was removed.") from None
+
+
+def _remove_stale_partials(real: pathlib.Path) -> None:
+  for path in _files.stale_temporaries(real, directories=True):
+    pid = int(path.rsplit(_files.TMP_INFIX, 1)[1])
+    if pid != os.getpid() and not _files.is_alive(pid) and _files.is_marked(os.path.join(path, _PARTIAL_FILE),
+                                                                             _PARTIAL_MARKER):
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def quiet_failed_writes() -> None:
+  """For a launch script that reports a failed `save` as one line: once an Orbax write fails, its abandoned
+  coroutines and tensorstore's callbacks report the failure again as Python collects them (an event loop closed
+  under them; at exit, an import that fails; asyncio's "exception was never retrieved"). This drops those reports
+  (sys.unraisablehook, the asyncio logger) and keeps all others."""
+  logging.getLogger("asyncio").addFilter(lambda record: "exception was never retrieved" not in record.getMessage())
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if "Event loop is closed" in str(unraisable.exc_value) or "orbax" in getattr(code, "co_filename", ""):
+      return
+    default(unraisable)
+
+  sys.unraisablehook = hook
 
 
 # --- Reading -------------------------------------------------------------------------------------------------

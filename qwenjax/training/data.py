@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from qwenjax._errors import InputError
 from qwenjax.engine import jobs
@@ -136,31 +137,100 @@ def conversations(path: str) -> Iterator[Conversation]:
     yield _messages_of(line)
 
 
+@dataclasses.dataclass
+class JoinCounts:
+  """How a batch job's requests and results joined: matched (a conversation each), requests without a usable
+  response (none, an error record, or a line in error), responses without a request, and replies cut by max_tokens
+  (left out unless kept)."""
+
+  matched: int = 0
+  missing_responses: int = 0
+  missing_requests: int = 0
+  truncated: int = 0
+
+  def __str__(self) -> str:
+    return (f"{self.matched} matched, {_count(self.missing_responses, 'request')} without a usable response, "
+            f"{_count(self.missing_requests, 'response')} without a request, {self.truncated} cut by max_tokens")
+
+
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _reply(line: jobs.InputLine) -> tuple[str | None, str | None, str | None]:
+  """(reply text, finish_reason, None) of a result line; (None, None, None) for an error record; (None, None,
+  what is wrong) for a line that is no result of either format."""
+  obj, where = line.obj, line.where
+  kind = jobs._json_type  # pylint: disable=protected-access  (how input errors name a JSON value's type)
+  if "response" in obj:  # an OpenAI Batch output line
+    response = obj["response"]
+    if not isinstance(response, dict):
+      return None, None, (f"{where}: 'response' must be an object (an OpenAI Batch output line), got "
+                          f"{kind(response)}.")
+    if response.get("status_code") != 200:
+      return None, None, None
+    body = response.get("body")
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not (isinstance(choices, list) and choices and all(isinstance(c, dict) for c in choices)):
+      return None, None, f"{where}: response.body.choices must be a non-empty list of objects."
+    choice = choices[0]
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    if not isinstance(text, str):
+      return None, None, f"{where}: response.body.choices[0] has no text (message.content or text)."
+    return text, choice.get("finish_reason"), None
+  if "text" in obj:  # a simple answer
+    if not isinstance(obj["text"], str):
+      return None, None, f"{where}: 'text' must be a string, got {kind(obj['text'])}."
+    return obj["text"], obj.get("finish_reason"), None
+  if isinstance(obj.get("error"), (str, dict)):  # a simple error record
+    return None, None, None
+  return None, None, f"{where}: not a batch_generate result (no 'text', 'response' or 'error')."
+
+
 def conversations_from_job(requests: str, results: str, finished_only: bool = True) -> Iterator[Conversation]:
   """A batch job's requests (`batch_generate --input`) joined with its results (`--output`) by id: each request's
   messages with its reply appended as the assistant turn. Error records and requests without a result are left
-  out, and with finished_only so are replies cut by max_tokens (finish_reason "length")."""
-  replies = {}
+  out, and with finished_only so are replies cut by max_tokens (finish_reason "length"). A result line of neither
+  format, or a request line that cannot be used, is yielded as that line's `error`. The counts (`JoinCounts`) are
+  logged at the end; InputError, with them, if no request has a usable reply."""
+  replies, counts, cut = {}, JoinCounts(), set()
   for line in jobs.read_input(results):
-    if line.error is not None:
-      continue  # a torn record of a killed job: its request was redone under the same id
-    obj = line.obj
-    if "response" in obj:  # an OpenAI Batch output line
-      response = obj.get("response") or {}
-      choice = ((response.get("body") or {}).get("choices") or [None])[0]
-      if not choice or response.get("status_code") != 200:
-        continue
-      text = (choice.get("message") or {}).get("content", choice.get("text"))
-    else:
-      choice, text = obj, obj.get("text")
-    if isinstance(text, str) and not (finished_only and choice.get("finish_reason") == "length"):
-      replies[jobs.record_key(line.key)] = text
+    if line.error is not None:  # e.g. a torn record of a killed job (its request was redone under the same id)
+      yield Conversation(line.where, None, error=line.error)
+      continue
+    text, finish_reason, problem = _reply(line)
+    if problem is not None:
+      yield Conversation(line.where, None, error=problem)
+    elif text is not None:
+      key = jobs.record_key(line.key)
+      if finished_only and finish_reason == "length":
+        cut.add(key)
+        replies.pop(key, None)
+      else:
+        cut.discard(key)
+        replies[key] = text
+  request_keys = set()
   for line in jobs.read_input(requests):
     conversation = _messages_of(line)
     key = jobs.record_key(line.key)
-    if conversation.error is None and key in replies:
+    request_keys.add(key)
+    if conversation.error is not None:
+      yield conversation
+    elif key in replies:
+      counts.matched += 1
       yield dataclasses.replace(conversation,
                                 messages=[*conversation.messages, {"role": "assistant", "content": replies[key]}])
+    elif key in cut:
+      counts.truncated += 1
+    else:
+      counts.missing_responses += 1
+  counts.missing_requests = len((replies.keys() | cut) - request_keys)
+  kept = " (--keep_truncated keeps those)" if counts.truncated and finished_only else ""
+  logging.info("--requests=%s and --responses=%s: %s%s.", requests, results, counts, kept)
+  if not counts.matched:
+    raise InputError(f"--requests={requests} and --responses={results} have no usable conversation in common: "
+                     f"{counts}.")
 
 
 def split_rows(rows: PackedRows, eval_fraction: float, seed: int) -> tuple[PackedRows, PackedRows | None]:

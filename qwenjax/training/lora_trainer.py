@@ -1,7 +1,8 @@
 """LoRA fine-tuning: the base model frozen (float, or int8 as loaded), one adapter trained with optax.
 
     trainer = LoraTrainer(model, TrainConfig(rank=16, steps=200), mesh=mesh)
-    for step, metrics in trainer.fit(train_rows, eval_rows, checkpoints=CheckpointManager(dir)):  # resumes
+    manager = trainer.resume("out-lora/checkpoints")           # the newest intact checkpoint, if any
+    for metrics in trainer.fit(train_rows, eval_rows, manager=manager, save_every=50):
       ...
     save_adapter("out-lora/", trainer.adapter())                                    # PEFT's layout
 
@@ -23,6 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import os
+import pathlib
 import time
 from collections.abc import Iterator
 
@@ -31,9 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
-from qwenjax._errors import ConfigError
+from qwenjax import _files
+from qwenjax._errors import ConfigError, InputError, first_line
 from qwenjax.model.lora import Adapter, LoraBank, LoraWeight, init_adapter
 from qwenjax.parallel import sharding
 from qwenjax.parallel.axes import BATCH, DEFAULT_RULES, ShardingRules
@@ -216,23 +222,61 @@ class LoraTrainer:
     return {"lora": nnx.to_pure_dict(self.lora), "opt_state": self.opt_state, "step": np.array(self.step, np.int64)}
 
   def save(self, manager: ocp.CheckpointManager) -> None:
-    manager.save(self.step, args=ocp.args.StandardSave(self.state()))
-    manager.wait_until_finished()
+    """Saves checkpoint `self.step`, then its digest (`<step>.sha256.json` beside it: each file's sha256), which
+    `resume` checks before Orbax reads a byte; digests of the steps Orbax has since deleted are removed.
+    InputError naming the step if the save fails (a full disk)."""
+    directory = pathlib.Path(manager.directory)
+    try:
+      manager.save(self.step, args=ocp.args.StandardSave(self.state()))
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore's errors are ValueErrors and others)
+      raise InputError(f"checkpoint step {self.step} in {directory}: saving failed ({first_line(e)[:300]}).") from None
+    _files.write_json(_digest_path(directory, self.step), {"files": _digests(directory / str(self.step))},
+                      marker=_DIGEST_MARKER)
+    kept = {str(step) for step in manager.all_steps()}
+    for digest in directory.glob(f"*{_DIGEST_SUFFIX}"):
+      if digest.name.removesuffix(_DIGEST_SUFFIX) not in kept:
+        _files.remove_if_ours(digest, _DIGEST_MARKER)
 
-  def restore(self, manager: ocp.CheckpointManager) -> bool:
-    """Restores the latest checkpoint of `manager` (True), or leaves the fresh state (False: there is none)."""
-    latest = manager.latest_step()
-    if latest is None:
-      return False
-    restored = manager.restore(latest, args=ocp.args.StandardRestore(self.state()))
-    nnx.replace_by_pure_dict(self.lora, restored["lora"])
-    self.opt_state = restored["opt_state"]
-    self.step = int(restored["step"])
-    return True
+  def resume(self, directory: str | os.PathLike[str], *, what: str = "checkpoints",
+             max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """An Orbax CheckpointManager on `directory` (created if missing), with this trainer restored from its newest
+    intact checkpoint (none: the fresh state). A step whose files differ from the digest `save` wrote (garbage
+    data, a truncated manifest or metadata, an empty step directory), or that Orbax cannot restore, is renamed
+    `<step>.unreadable`, out of Orbax's sight (so that the step is saved anew), with a warning naming it, and the
+    step before it is tried. InputError, naming `what`, if `directory` is not a directory."""
+    directory = pathlib.Path(directory).absolute()
+    if os.path.lexists(directory) and not directory.is_dir():
+      raise InputError(f"{what} {directory}: exists and is not a directory.")
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    while True:
+      manager = ocp.CheckpointManager(directory, options=options)
+      steps = sorted(manager.all_steps(), reverse=True)
+      if not steps:
+        return manager
+      step_dir = directory / str(steps[0])
+      try:
+        _check_digest(directory, steps[0])  # Orbax, handed damaged files, prints tracebacks from its threads
+        restored = manager.restore(steps[0], args=ocp.args.StandardRestore(self.state()))
+        if int(restored["step"]) != steps[0]:
+          raise ValueError(f"it holds step {int(restored['step'])}")
+      except Exception as e:  # pylint: disable=broad-except  (Orbax and tensorstore raise many types)
+        manager.close()
+        reason = "an empty directory" if not any(step_dir.iterdir()) else first_line(e)[:200]
+        aside = _set_aside(step_dir)
+        _files.remove_if_ours(_digest_path(directory, steps[0]), _DIGEST_MARKER)
+        then = f"trying step {steps[1]}" if len(steps) > 1 else "no older one: training starts afresh"
+        logging.warning("checkpoint step %d in %s is unreadable (%s); set it aside as %s; %s.", steps[0], directory,
+                        reason, aside, then)
+        continue
+      nnx.replace_by_pure_dict(self.lora, restored["lora"])
+      self.opt_state = restored["opt_state"]
+      self.step = steps[0]
+      return manager
 
   def fit(self, train: PackedRows, held_out: PackedRows | None = None, *, manager: ocp.CheckpointManager | None = None,
           save_every: int = 0, eval_every: int = 0) -> Iterator[dict[str, float]]:
-    """Runs steps from `self.step` (after `restore`, the checkpoint's) to config.steps, yielding each step's
+    """Runs steps from `self.step` (after `resume`, the checkpoint's) to config.steps, yielding each step's
     metrics (with "eval_loss" every eval_every steps and at the end, on `held_out`) and saving a checkpoint to
     `manager` every save_every steps and at the end."""
     while self.step < self.config.steps:
@@ -245,3 +289,39 @@ class LoraTrainer:
       if manager is not None and ((save_every and self.step % save_every == 0) or last):
         self.save(manager)
       yield metrics
+
+
+_DIGEST_SUFFIX = ".sha256.json"
+_DIGEST_MARKER = "finetune checkpoint digest"
+
+
+def _digest_path(directory: pathlib.Path, step: int) -> pathlib.Path:
+  return directory / f"{step}{_DIGEST_SUFFIX}"  # not a step name: Orbax passes it by
+
+
+def _digests(step_dir: pathlib.Path) -> dict[str, str]:
+  """sha256 of each file under a step directory, by relative path."""
+  return {str(f.relative_to(step_dir)): hashlib.sha256(f.read_bytes()).hexdigest()
+          for f in sorted(step_dir.rglob("*")) if f.is_file()}
+
+
+def _check_digest(directory: pathlib.Path, step: int) -> None:
+  """ValueError naming the first file of checkpoint `step` that differs from (or is missing in) its digest."""
+  path = _digest_path(directory, step)
+  if not _files.is_marked(path, _DIGEST_MARKER):
+    raise ValueError(f"no digest {path.name}: its save did not finish")
+  want, have = _files.read_json(path)["files"], _digests(directory / str(step))
+  for name in sorted(want.keys() | have.keys()):
+    if want.get(name) != have.get(name):
+      problem = "missing" if name not in have else "not in its digest" if name not in want else "damaged"
+      raise ValueError(f"{name} is {problem}")
+
+
+def _set_aside(step_dir: pathlib.Path) -> pathlib.Path:
+  """Renames an unreadable step directory to `<step>.unreadable` (`.unreadable-2` ... if taken)."""
+  aside, n = step_dir.with_name(f"{step_dir.name}.unreadable"), 1
+  while aside.exists():
+    n += 1
+    aside = step_dir.with_name(f"{step_dir.name}.unreadable-{n}")
+  step_dir.rename(aside)
+  return aside

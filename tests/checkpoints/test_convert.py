@@ -309,3 +309,61 @@ def test_model_flag_accepts_an_orbax_directory(source, converted):
   for path in ours:
     np.testing.assert_array_equal(ours[path], theirs[path], err_msg=str(path))
   assert loaded.tokenizer.encode("def f(x):") == original.tokenizer.encode("def f(x):")
+
+
+def test_convert_onto_a_full_disk_is_one_error_and_leaves_nothing(source, tmp_path):
+  """The weights do not fit: one `error:` line, no traceback, and neither the output nor a partial temporary (nor
+  the lock) is left in the directory."""
+  parent = tmp_path / "disk"
+  parent.mkdir()
+  out = parent / "orbax"
+  # Files past 64 KiB cannot grow (EFBIG, SIGXFSZ ignored), as on a disk that is full.
+  limited = ["bash", "-c", 'trap "" XFSZ; ulimit -f 64; exec "$@"', "bash"]
+  proc = subprocess.run([*limited, sys.executable, "-m", "launch.convert", f"--source={source[0]}", f"--output={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {out}: writing the checkpoint failed ("), proc.stderr[-3000:]
+  assert last.endswith("); the partial copy was removed."), last
+  assert list(parent.iterdir()) == []
+
+
+def test_convert_refuses_a_concurrent_writer_and_an_existing_destination(source, converted, tmp_path):
+  from qwenjax import InputError, _files
+
+  out = tmp_path / "orbax"
+  with _files.OwnedLock(_files.lock_path_for(out), "a convert in this test"):
+    with pytest.raises(InputError, match=rf"^{out} is being written by another job \(pid {os.getpid()} on "):
+      loader.convert(source[0], out)
+  assert not out.exists()
+  proc = subprocess.run([sys.executable, "-m", "launch.convert", f"--source={source[0]}", f"--output={converted}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (f"error: {converted}: already exists and is not an empty "
+                                                   "directory; convert writes a new one.")
+
+
+def test_a_save_goes_through_a_temporary_of_its_own(tmp_path):
+  """orbax_store's temporary directory: renamed onto the destination when whole; removed, with one CheckpointError
+  naming the destination, when the write fails; a killed writer's temporary (its pid gone, our marker inside) is
+  removed by the next save, anything else of that name left alone."""
+  from qwenjax import _files
+
+  out = tmp_path / "orbax"
+  stale = tmp_path / f".orbax{_files.TMP_INFIX}999999999"  # no such pid
+  stale.mkdir()
+  _files.write_json(stale / "qwenjax_partial.json", {}, marker="partial orbax checkpoint")
+  foreign = tmp_path / f".orbax{_files.TMP_INFIX}999999998"
+  foreign.mkdir()
+  (foreign / "notes.txt").write_text("not ours")
+  with pytest.raises(CheckpointError, match=rf"^{out}: writing the checkpoint failed \(\[Errno 28\] No space left "
+                     r"on device\); the partial copy was removed\.$"):
+    with orbax_store._partial(out) as tmp:
+      (tmp / "params").mkdir()
+      raise OSError(28, "No space left on device")
+  assert sorted(p.name for p in tmp_path.iterdir()) == [foreign.name]
+  with orbax_store._partial(out) as tmp:
+    (tmp / "config.json").write_text("{}")
+  assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [foreign.name, "orbax"]

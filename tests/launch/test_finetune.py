@@ -4,6 +4,7 @@ matches one device. The loss itself is checked against transformers in tests/tra
 
 import json
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -95,6 +96,9 @@ def _adapter_tensors(out):
 
 
 def test_a_killed_run_resumes_to_the_same_adapter_bit_for_bit(task, tmp_path):
+  """Ctrl-C after step 20's checkpoint: one line, exit 130, the lock released; the rerun resumes from step 20, ends
+  with the uninterrupted run's adapter bit for bit, and training_log.jsonl holds each of the 40 steps once, as the
+  uninterrupted run's log does (appended to across the resume, the steps re-run after the checkpoint not twice)."""
   args = ("--steps=40", "--save_every=10", "--dropout=0.1", "--eval_every=20")
   whole = tmp_path / "whole"
   _run(_command(task, whole, *args))
@@ -107,16 +111,21 @@ def test_a_killed_run_resumes_to_the_same_adapter_bit_for_bit(task, tmp_path):
     assert line or proc.poll() is None, seen[-3000:]
     seen += line
     assert time.monotonic() < deadline, seen[-3000:]
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
+  os.kill(proc.pid, signal.SIGINT)
+  rest = proc.stderr.read()
+  assert proc.wait() == 130, rest[-3000:]
+  assert "Traceback" not in seen + rest
+  assert rest.strip().splitlines()[-1] == "interrupted (SIGINT); rerun the same command to resume."
   assert not (killed / "adapter_model.safetensors").exists()
+  assert not os.path.lexists(f"{killed}.qwenjax-lock")
   resumed = _run(_command(task, killed, *args))
   assert "Resumed from" in resumed.stderr and "at step 20 of 40" in resumed.stderr
   a, b = _adapter_tensors(whole), _adapter_tensors(killed)
   assert a.keys() == b.keys()
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  assert [h["loss"] for h in _log(whole)][20:] == [h["loss"] for h in _log(killed)][-20:]
+  assert _log(killed) == _log(whole)
+  assert [h["step"] for h in _log(killed)] == list(range(40))
 
 
 def test_a_mesh_run_matches_one_device(task, tmp_path):
@@ -212,3 +221,108 @@ def test_generate_serves_an_adapter_merged_or_not(task, tmp_path):
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines()[-1] == ("error: --lora=nameless: expected NAME=PATH (a name for requests to "
                                                  "use, a PEFT adapter directory).")
+
+
+# --- One run per --output, resumed only with its own settings ---------------------------------------------------
+
+
+def _fails(cmd, **kw):
+  """A run that must end in one `error:` line: returns that line."""
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kw)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), proc.stderr[-3000:]
+  return last
+
+
+SMALL = ("--steps=6", "--save_every=2", "--eval_fraction=0")
+
+
+@pytest.fixture(scope="module")
+def small_run(task, tmp_path_factory):
+  """A finished 6-step run with checkpoints at steps 4 and 6 (two kept)."""
+  out = tmp_path_factory.mktemp("small") / "lora"
+  _run(_command(task, out, *SMALL))
+  return out
+
+
+def _copy(run, tmp_path):
+  import shutil
+
+  shutil.copytree(run, tmp_path / "lora")
+  return tmp_path / "lora"
+
+
+def _contents(directory):
+  return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_on_one_output_is_refused(task, tmp_path):
+  from qwenjax import _files
+
+  out = tmp_path / "lora"
+  with _files.OwnedLock(_files.lock_path_for(out), "a run in this test"):
+    line = _fails(_command(task, out, "--steps=2"))
+  assert line.startswith(f"error: --output={out} is being written by another job (pid {os.getpid()} on ")
+  assert not (out / "adapter_config.json").exists()
+
+
+def test_another_runs_output_is_never_resumed_with_other_settings(task, small_run, tmp_path):
+  """Another --rank and --learning_rate: refused before anything is loaded or written, naming both."""
+  out = _copy(small_run, tmp_path)
+  before = _contents(out)
+  line = _fails(_command(task, out, *SMALL, "--rank=8", "--learning_rate=1e-3"))
+  assert line == (f"error: --output={out} holds a run with other settings: --rank: 8 here, 16 in the run at {out}; "
+                  f"--learning_rate: 0.001 here, 0.003 in the run at {out}. Rerun with its settings to resume it, or "
+                  "choose another --output.")
+  assert _contents(out) == before
+
+
+def test_another_runs_output_is_never_resumed_on_other_data(task, small_run, tmp_path):
+  out = _copy(small_run, tmp_path)
+  before = _contents(out)
+  other = tmp_path / "other.jsonl"
+  other.write_text("".join(line + "\n" for line in (task / "train.jsonl").read_text().splitlines()[:40]))
+  cmd = [a if not a.startswith("--data=") else f"--data={other}" for a in _command(task, out, *SMALL)]
+  line = _fails(cmd)
+  assert line.startswith(f"error: --output={out} holds a run with other settings: --data: the training rows (sha256 ")
+  assert line.endswith("Rerun with its settings to resume it, or choose another --output.")
+  assert _contents(out) == before
+
+
+def test_an_adapter_that_is_not_a_runs_own_is_never_overwritten(task, tmp_path):
+  out = tmp_path / "lora"
+  out.mkdir()
+  (out / "adapter_config.json").write_text('{"r": 4, "note": "someone else\'s"}')
+  line = _fails(_command(task, out, "--steps=2"))
+  assert line == (f"error: --output={out} holds adapter_config.json but no run record (run.json) of "
+                  "launch.finetune; refusing to touch it (choose another --output, or move it away).")
+  assert _contents(out) == {pathlib.Path("adapter_config.json"): b'{"r": 4, "note": "someone else\'s"}'}
+
+
+def test_a_garbled_newest_checkpoint_falls_back_to_the_older_one(task, small_run, tmp_path):
+  """Step 6's arrays overwritten with garbage: a warning naming it, a resume from step 4, and the adapter and the
+  log the undamaged run wrote (each step once). The other damages are tested on the trainer
+  (tests/training/test_lora_trainer.py)."""
+  out = _copy(small_run, tmp_path)
+  for f in (out / "checkpoints" / "6").rglob("d/*"):
+    f.write_bytes(b"garbage!" * 8)
+  proc = _run(_command(task, out, *SMALL))
+  assert "Traceback" not in proc.stderr
+  assert f"checkpoint step 6 in {out / 'checkpoints'} is unreadable" in proc.stderr
+  assert "at step 4 of 6" in proc.stderr
+  a, b = _adapter_tensors(small_run), _adapter_tensors(out)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  assert _log(out) == _log(small_run) and len(_log(out)) == 6
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_one_error(task, small_run, tmp_path):
+  import shutil
+
+  out = _copy(small_run, tmp_path)
+  shutil.rmtree(out / "checkpoints")
+  (out / "checkpoints").write_text("not a directory")
+  line = _fails(_command(task, out, *SMALL))
+  assert line == f"error: --checkpoint_dir {out / 'checkpoints'}: exists and is not a directory."

@@ -134,3 +134,143 @@ def test_bfloat16_compute_trains(tiny):
   losses = [m["loss"] for m in trainer.fit(rows)]
   assert np.isfinite(losses).all() and losses[-1] < 0.7 * losses[0], losses
   assert all(a.dtype == np.float32 for pair in trainer.adapter().weights.values() for a in pair)
+
+
+# --- Resuming from a damaged checkpoint directory ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(tiny, tmp_path_factory):
+  """One trainer (compiled once for every case below) run 4 steps with checkpoints at steps 2 and 4, its adapter
+  after step 4, and its rows."""
+  d, tok = tiny
+  rows, _ = data.pack([data.encode_chat(tok, c) for c in CHATS] * 2, 32)
+  trainer = LoraTrainer(load_model(d), TrainConfig(rank=2, steps=4, batch_size=2, learning_rate=1e-2,
+                                                   warmup_steps=1))
+  directory = tmp_path_factory.mktemp("saved") / "checkpoints"
+  manager = trainer.resume(directory)
+  list(trainer.fit(rows, manager=manager, save_every=2))
+  manager.close()
+  return trainer, rows, directory, trainer.adapter()
+
+
+def _garbage(step_dir):
+  for f in (step_dir / "default").rglob("d/*"):
+    f.write_bytes(b"\0garbage" * 8)
+
+
+def _truncate(step_dir, *names):
+  for name in names:
+    for f in step_dir.rglob(name):
+      f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+
+
+CORRUPTIONS = {
+    "garbage data": lambda d: _garbage(d / "4"),
+    "a truncated manifest": lambda d: _truncate(d / "4", "manifest.ocdbt"),
+    "truncated metadata": lambda d: _truncate(d / "4", "_METADATA"),
+    "an empty newer step directory": lambda d: (d / "6").mkdir(),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(saved_run, tmp_path, corruption, caplog):
+  """The newest step unreadable: resume warns naming it, sets it aside (so that Orbax saves that step anew), resumes
+  from the older intact step, and the run then ends with the adapter the undamaged run ended with, bit for bit."""
+  import shutil
+
+  trainer, rows, directory, want = saved_run
+  copy = tmp_path / "checkpoints"
+  shutil.copytree(directory, copy)
+  CORRUPTIONS[corruption](copy)
+  bad, intact = (6, 4) if corruption.startswith("an empty") else (4, 2)
+  manager = trainer.resume(copy)
+  assert trainer.step == intact
+  assert f"checkpoint step {bad} in {copy} is unreadable" in caplog.text
+  assert f"set it aside as {copy / f'{bad}.unreadable'}; trying step {intact}." in caplog.text
+  assert (copy / f"{bad}.unreadable").is_dir() and not (copy / str(bad)).exists()
+  list(trainer.fit(rows, manager=manager, save_every=2))
+  manager.close()
+  got = trainer.adapter()
+  for t in want.weights:
+    for x, y in zip(want.weights[t], got.weights[t]):
+      np.testing.assert_array_equal(x, y)
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_one_error(saved_run, tmp_path):
+  from qwenjax import InputError
+
+  trainer = saved_run[0]
+  (tmp_path / "checkpoints").write_text("not a directory")
+  with pytest.raises(InputError, match=r"^checkpoints .*/checkpoints: exists and is not a directory\.$"):
+    trainer.resume(tmp_path / "checkpoints")
+
+
+# --- A batch job's requests joined with its results -------------------------------------------------------------
+
+
+def _jsonl(path, lines):
+  import json
+
+  path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+  return str(path)
+
+
+def _simple(i, text, finish="stop"):
+  return {"id": f"r{i}", "text": text, "token_ids": [1], "finish_reason": finish, "usage": {}}
+
+
+def test_results_of_the_wrong_shape_are_that_lines_error_and_the_counts_are_logged(tmp_path, caplog):
+  """A result line whose "response" is not an object, or a line that is no result at all, is that line's error;
+  the counts (matched, requests without a response, responses without a request, cut by max_tokens) are logged."""
+  import logging
+
+  chat = [{"role": "user", "content": "hi"}]
+  requests = _jsonl(tmp_path / "req.jsonl", [{"id": f"r{i}", "messages": chat} for i in range(5)])
+  results = _jsonl(tmp_path / "res.jsonl", [
+      _simple(0, "hello"),
+      {"id": "batch_req_1", "custom_id": "r1", "response": "oops", "error": None},
+      {"id": "r2", "note": "not a result"},
+      _simple(3, "cut", "length"),
+      _simple(9, "orphan"),
+      {"id": "batch_req_2", "custom_id": "r2x", "response": {"status_code": 200, "body": {"choices": "no"}},
+       "error": None},
+  ])
+  caplog.set_level(logging.INFO)
+  got = list(data.conversations_from_job(requests, results))
+  errors = [c.error for c in got if c.error]
+  assert errors == [f"{results}:2: 'response' must be an object (an OpenAI Batch output line), got a string.",
+                    f"{results}:3: not a batch_generate result (no 'text', 'response' or 'error').",
+                    f"{results}:6: response.body.choices must be a non-empty list of objects."]
+  assert [c.messages[-1]["content"] for c in got if c.error is None] == ["hello"]
+  assert ("1 matched, 3 requests without a usable response, 1 response without a request, 1 cut by max_tokens "
+          "(--keep_truncated keeps those)") in caplog.text
+
+
+def test_requests_and_results_that_share_no_id_are_refused_with_the_counts(tmp_path):
+  from qwenjax import InputError
+
+  chat = [{"role": "user", "content": "hi"}]
+  requests = _jsonl(tmp_path / "req.jsonl", [{"id": f"q{i}", "messages": chat} for i in range(3)])
+  results = _jsonl(tmp_path / "res.jsonl", [_simple(i, "x") for i in range(2)])
+  with pytest.raises(InputError, match=r"^--requests=.*req.jsonl and --responses=.*res.jsonl have no usable "
+                     r"conversation in common: 0 matched, 3 requests without a usable response, 2 responses without "
+                     r"a request, 0 cut by max_tokens\.$"):
+    list(data.conversations_from_job(requests, results))
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error(saved_run, tmp_path, monkeypatch):
+  """A full disk while Orbax saves (tensorstore's error, as it raises it): one InputError naming the step."""
+  from qwenjax import InputError
+
+  trainer = saved_run[0]
+  manager = trainer.resume(tmp_path / "checkpoints")
+
+  def full(*args, **kwargs):
+    raise ValueError('OUT_OF_RANGE: Error writing local file "x": File too large\nmore detail')
+
+  monkeypatch.setattr(manager, "save", full)
+  with pytest.raises(InputError, match=rf"^checkpoint step {trainer.step} in {tmp_path / 'checkpoints'}: saving "
+                     r'failed \(OUT_OF_RANGE: Error writing local file "x": File too large\)\.$'):
+    trainer.save(manager)
+  manager.close()
