@@ -49,9 +49,6 @@ _cli.validate_sampling_flags("temperature", "top_p", "top_k", "min_p", "repetiti
                              "frequency_penalty", "seed", max_new_tokens="max_tokens")
 
 # The KV cache and attention kernels.
-KV_CACHE = flags.DEFINE_enum("kv_cache", "paged", ["paged", "contiguous"], "paged: a pool of pages that sequences "
-                             "take as they grow (sized by --kv_cache_memory); contiguous: one --max_seq_len row per "
-                             "decode slot (the previous engine, kept for comparison).")
 KV_CACHE_MEMORY = flags.DEFINE_float("kv_cache_memory", None, "GiB of KV pages per device. Default: 90% of a "
                                      "TPU/GPU's free memory after the weights (a topology's planned pool with "
                                      "--topology); on CPU what the slots fill at --max_seq_len, at most 4 GiB.")
@@ -62,7 +59,7 @@ PAGE_SIZE = flags.DEFINE_integer("page_size", None, "Tokens per KV page (default
 PREFIX_CACHING = flags.DEFINE_bool("prefix_caching", True, "Requests that share a prompt prefix (a system prompt, "
                                     "a few-shot header, the n samples of one request) read its KV pages instead of "
                                     "computing them again; released prefix pages stay cached, evicted least "
-                                    "recently used first. Outputs are unchanged. Paged cache only.")
+                                    "recently used first. Outputs are unchanged.")
 ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "pallas"], "Attention kernels: xla (plain "
                                    "JAX) or pallas (ragged paged attention, segment attention for the vision tower; "
                                    "interpret mode on CPU, slow). auto: pallas on TPU/GPU, xla on CPU.")
@@ -102,14 +99,11 @@ class Serving:
 
   def cache_kwargs(self) -> dict:
     """The Engine's KV cache and attention arguments: the flags, then the topology's plan, then the defaults."""
-    paged = KV_CACHE.value == "paged"
-    kwargs = dict(paged=paged, attention_impl=None if ATTENTION_IMPL.value == "auto" else ATTENTION_IMPL.value)
-    if paged:
-      kwargs.update(page_size=PAGE_SIZE.value or self.page_size,
-                    kv_cache_memory=KV_CACHE_MEMORY.value or self.kv_cache_memory,
-                    kv_cache_dtype=None if KV_CACHE_DTYPE.value == "auto" else KV_CACHE_DTYPE.value,
-                    prefix_caching=PREFIX_CACHING.value)
-    return kwargs
+    return dict(attention_impl=None if ATTENTION_IMPL.value == "auto" else ATTENTION_IMPL.value,
+                page_size=PAGE_SIZE.value or self.page_size,
+                kv_cache_memory=KV_CACHE_MEMORY.value or self.kv_cache_memory,
+                kv_cache_dtype=None if KV_CACHE_DTYPE.value == "auto" else KV_CACHE_DTYPE.value,
+                prefix_caching=PREFIX_CACHING.value)
 
 
 def load_kwargs() -> dict:

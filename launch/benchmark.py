@@ -4,16 +4,15 @@ r"""Side-by-side benchmark: qwenjax against transformers and llama.cpp, each fig
   python -m launch.benchmark --compare --output_dir=/tmp/bench     # + transformers and llama.cpp, same GGUF
   python -m launch.benchmark --preset=qwen2.5-1.5b --batch_sizes=1,8   # random weights of a preset size
   python -m launch.benchmark --compare --job --concurrency --output_dir=/tmp/bench   # + the batch job, 32K contexts
-  python -m launch.benchmark --compare --job --quantize=none,int8,w8a8 --kv_caches=paged   # + int8 weights
+  python -m launch.benchmark --compare --job --quantize=none,int8,w8a8   # + int8 weights
 
 Every engine runs the same job: the same prompts (chat-formatted coding questions tokenized with the model's
 tokenizer and cut to exactly --prompt_tokens tokens; random token ids for a random-weight --preset), greedy,
-end-of-sequence ignored, --new_tokens generated per sequence. qwenjax runs twice, one engine per --kv_caches:
-"qwenjax" with the paged KV cache (the default engine: a page pool of the Engine's default size, packed prefill
-of several prompts per call) and "qwenjax-contiguous" (one row per slot, one prompt prefilled per call). Each
---quantize other than none adds a paged engine "qwenjax-int8" / "qwenjax-w8a8" over the same weights quantized to
-int8 as they load (`qwenjax.load(quantize=...)`; --quantize_embeddings: the embedding and head too); its
-weight_bytes are what it holds (int8 values and float32 scales), and the decode fraction counts those bytes.
+end-of-sequence ignored, --new_tokens generated per sequence. "qwenjax" is the Engine (a KV page pool of its
+default size, packed prefill of several prompts per call). Each --quantize other than none adds an engine
+"qwenjax-int8" / "qwenjax-w8a8" over the same weights quantized to int8 as they load
+(`qwenjax.load(quantize=...)`; --quantize_embeddings: the embedding and head too); its weight_bytes are what it
+holds (int8 values and float32 scales), and the decode fraction counts those bytes.
 transformers runs on torch (CPU) with the same weights (the same GGUF, dequantized to --dtype) and batched
 `generate`; llama.cpp (llama-cpp-python) runs the same GGUF file, quantized as it is, one sequence at a time (its
 single-stream speed, batch 1 only).
@@ -39,17 +38,16 @@ one probe do not lower them): peak FLOP/s as the best of a jitted 2048^3 matmul 
 memory bandwidth as the best of 512 MiB reductions and a batch-1 matvec over a 512 MiB matrix. On an H200 the
 looked-up figures (4.8 TB/s, 989 TFLOP/s bf16 dense) are used instead.
 
-Ratios ("ratios" in report.json): qwenjax (paged) over each other engine, per batch size and as the two targets
-(batch-1 decode, whole-job throughput at the largest batch); paged over contiguous qwenjax per batch size, for
-decode_tokens_per_s, throughput_tokens_per_s and prefill_tokens_per_s.
+Ratios ("ratios" in report.json): qwenjax over each other engine, per batch size and as the two targets (batch-1
+decode, whole-job throughput at the largest batch).
 
 --job, the batch job ("job"): --job_requests chat requests (launch/bench/workload.py's job_requests: coding
 questions, 1 to 12 per request with openers, closers and code snippets, prompts of ~30 to ~400 tokens; max_tokens
 drawn from 16..256; every fourth request with stop strings; end-of-sequence NOT ignored; greedy), written to
 <output_dir>/job.jsonl and served first (before this process puts anything on the device, whose memory the
 subprocesses then find free), one engine after another, by
-  qwenjax, qwenjax-contiguous   `python -m launch.batch_generate --kv_cache=paged|contiguous`, --job_slots slots,
-                                --max_seq_len the longest prompt plus the largest max_tokens (rounded up to 128);
+  qwenjax                       `python -m launch.batch_generate`, --job_slots slots, --max_seq_len the longest
+                                prompt plus the largest max_tokens (rounded up to 128); again per --quantize;
   llamacpp                      `python -m launch.bench.llamacpp_job`: llama.cpp on the same GGUF file, one request
                                 at a time, the prompt tokens qwenjax's tokenizer made (chat template applied), the
                                 same max_tokens and stop strings, greedy; skipped, with the reason, when
@@ -62,18 +60,19 @@ Per engine:
   finish_reasons, errors  counts of "stop" / "length", and of requests answered with an error record
   stats                   the engine's counters (Engine.stats: peak_sequences, preemptions, ...) from
                           batch_generate's "Engine stats: {...}" log line; null when it logs none
-identical_completions_with_qwenjax: per engine, the fraction of requests whose completion text equals paged
-qwenjax's exactly. ratios["job"]: paged_speedup_over_contiguous and paged_speedup_over_llamacpp, the other
-engine's wall_s over paged qwenjax's (the same requests; above 1: paged finishes first), and per --quantize,
+identical_completions_with_qwenjax: per engine, the fraction of requests whose completion text equals
+qwenjax's exactly. ratios["job"]: paged_speedup_over_llamacpp, llama.cpp's wall_s over qwenjax's (the same
+requests; above 1: qwenjax finishes first), and per --quantize,
 <q>_speedup_over_llamacpp and <q>_speedup_over_float. Each subprocess's peak_rss_gib is its peak resident memory
 (os.wait4's ru_maxrss). ratios["quantized"]: per quantized engine, weight_bytes over the float engine's and over
 bfloat16's (the float weights at 2 bytes each), and its decode and throughput over float qwenjax's per batch size.
 
 --concurrency ("concurrency"): how many sequences --concurrency_kv_memory GiB of KV cache keeps decoding at once at
---concurrency_seq_len positions. contiguous_sequences is computed: the budget over one slot's row, rounded down,
-L layers x 2 x K KV heads x H head dim x itemsize (of --dtype) x (seq_len + 512, the prefill chunk's headroom)
-bytes. The paged figure is measured: an Engine with --concurrency_max_batch_size slots and a page pool of the
-budget serves the batch job's first --concurrency_requests prompts, --concurrency_new_tokens tokens each
+--concurrency_seq_len positions. contiguous_sequences is computed, for comparison: what a cache of one
+max_seq_len row per slot (the engine before the page pool) would hold, the budget over one slot's row, rounded
+down, L layers x 2 x K KV heads x H head dim x itemsize (of --dtype) x (seq_len + 512, the prefill chunk's
+headroom) bytes. The paged figure is measured: an Engine with --concurrency_max_batch_size slots and a page pool
+of the budget serves the batch job's first --concurrency_requests prompts, --concurrency_new_tokens tokens each
 (end-of-sequence ignored); peak_sequences is its stats["peak_sequences"], limited_by says what bounded it
 (pages, slots or the requests there were), pool_holds_sequences_of_this_job is the pool's pages over the mean
 pages a request takes. ratios["concurrency"]["paged_over_contiguous"]: peak_sequences / contiguous_sequences.
@@ -121,21 +120,18 @@ _COMPARE_WITH = flags.DEFINE_list("compare_with", list(adapters.ENGINES), "Engin
                                   f"{', '.join(adapters.ENGINES)}.")
 _SCAN_LAYERS = flags.DEFINE_enum("scan_layers", "auto", ["auto", "true", "false"],
                                  "Scanned (stacked) or unrolled layers; auto: unrolled on CPU only.")
-_KV_CACHES = flags.DEFINE_list("kv_caches", list(adapters.QWENJAX_VARIANTS), "The qwenjax engines measured, side by "
-                               "side on the same prompts and in the batch job: paged (the default engine, reported as "
-                               "'qwenjax'), contiguous (one max_seq_len row per slot, 'qwenjax-contiguous').")
 _JOB = flags.DEFINE_bool("job", False, "Also serve the batch job (--job_requests mixed chat requests) whole-process "
-                         "with launch.batch_generate, once per --kv_caches, and with llama.cpp when it can run.")
+                         "with launch.batch_generate, and with llama.cpp when it can run.")
 _JOB_REQUESTS = flags.DEFINE_integer("job_requests", 128, "Requests in the batch job.", lower_bound=1)
 _JOB_SLOTS = flags.DEFINE_integer("job_slots", 32, "batch_generate's --max_batch_size in the batch job.",
                                   lower_bound=1)
 _CONCURRENCY = flags.DEFINE_bool("concurrency", False, "Also measure how many sequences --concurrency_kv_memory of "
-                                 "KV cache keeps decoding at once at --concurrency_seq_len, paged against contiguous.")
+                                 "KV cache keeps decoding at once at --concurrency_seq_len, against one row per slot.")
 _CONCURRENCY_KV_MEMORY = flags.DEFINE_float("concurrency_kv_memory", 4.0, "The KV cache budget, GiB.",
                                             lower_bound=1e-6)
 _CONCURRENCY_SEQ_LEN = flags.DEFINE_integer("concurrency_seq_len", 32768, "The engines' max_seq_len there.",
                                             lower_bound=1)
-_CONCURRENCY_SLOTS = flags.DEFINE_integer("concurrency_max_batch_size", 256, "The paged engine's decode slots there.",
+_CONCURRENCY_SLOTS = flags.DEFINE_integer("concurrency_max_batch_size", 256, "The engine's decode slots there.",
                                           lower_bound=1)
 _CONCURRENCY_REQUESTS = flags.DEFINE_integer("concurrency_requests", 128, "Requests served there: the batch job's "
                                              "first ones (the same prompts).", lower_bound=1)
@@ -148,7 +144,7 @@ _PREFIX_TOKENS = flags.DEFINE_integer("prefix_tokens", 1500, "Tokens of their sh
 _PREFIX_NEW_TOKENS = flags.DEFINE_integer("prefix_new_tokens", 16, "Tokens generated per request there.",
                                           lower_bound=1)
 _QUANTIZE = flags.DEFINE_list("quantize", ["none"], "Weights of the qwenjax engines: none (--dtype), int8 (w8a16), "
-                               "w8a8; each one besides none is one more paged engine, and one more batch job run.")
+                               "w8a8; each one besides none is one more engine, and one more batch job run.")
 _QUANTIZE_EMBEDDINGS = flags.DEFINE_bool("quantize_embeddings", False, "The quantized engines' embedding and head "
                                          "in int8 too.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join(tempfile.gettempdir(), "qwenjax-benchmark"),
@@ -176,8 +172,6 @@ flags.register_validator("compare_with", lambda engines: set(engines) <= set(ada
 flags.register_validator("preset", _known_preset)
 flags.register_validator("quantize", lambda qs: bool(qs) and set(qs) <= {"none", "int8", "w8a8"},
                          "expected values among none, int8, w8a8")
-flags.register_validator("kv_caches", lambda kinds: bool(kinds) and set(kinds) <= set(adapters.QWENJAX_VARIANTS),
-                         f"expected KV caches among {', '.join(adapters.QWENJAX_VARIANTS)}")
 
 
 def main(argv):
@@ -195,7 +189,6 @@ def main(argv):
   if preset is not None and (_JOB.value or _CONCURRENCY.value):
     _cli.fail(f"--{'job' if _JOB.value else 'concurrency'} serves chat requests with a checkpoint and its tokenizer: "
               "pass --model, not --preset")
-  kv_caches = list(dict.fromkeys(_KV_CACHES.value))
   quantized = [q for q in dict.fromkeys(_QUANTIZE.value) if q != "none"]
   n_prompt, n_new, dtype = _PROMPT_TOKENS.value, _NEW_TOKENS.value, _DTYPE.value
   compare_with = list(dict.fromkeys(_COMPARE_WITH.value)) if _COMPARE.value else []
@@ -218,7 +211,7 @@ def main(argv):
       _cli.fail(e)
     except OSError as e:
       _cli.fail(f"--output_dir={out_dir}: cannot write the batch job's input ({e.strerror})")
-    sections["job"] = job.serve(files, job_source, kv_caches=kv_caches, slots=_JOB_SLOTS.value, dtype=dtype,
+    sections["job"] = job.serve(files, job_source, slots=_JOB_SLOTS.value, dtype=dtype,
                                 quantize=quantized, quantize_embeddings=_QUANTIZE_EMBEDDINGS.value)
     del job_tokenizer
 
@@ -250,9 +243,8 @@ def main(argv):
   float_costs = costs.model_costs(cfg, costs.streamed_params(cfg) * param_bytes, param_bytes)
 
   engines: dict[str, dict] = {}
-  variants = [(kv, None) for kv in kv_caches] + [("paged", q) for q in quantized]
-  for kv, quantize in variants:
-    name = adapters.QWENJAX_VARIANTS[kv] + (f"-{quantize}" if quantize else "")
+  for quantize in [None, *quantized]:
+    name = "qwenjax" + (f"-{quantize}" if quantize else "")
     run_model, run_costs, run_load_s = model, float_costs, load_s
     if quantize:
       start = time.perf_counter()
@@ -262,8 +254,8 @@ def main(argv):
         _cli.fail(e)
       run_load_s = time.perf_counter() - start
       run_costs = costs.model_costs(cfg, costs.streamed_bytes(run_model), param_bytes)
-    generate = adapters.qwenjax_generate_fn(run_model, tokenizer, max_seq_len=max_seq_len, paged=kv == "paged")
-    engines[name] = {"load_s": run_load_s, "kv_cache": kv, "quantize": quantize or "none",
+    generate = adapters.qwenjax_generate_fn(run_model, tokenizer, max_seq_len=max_seq_len)
+    engines[name] = {"load_s": run_load_s, "quantize": quantize or "none",
                      "weight_bytes": costs.weight_bytes(run_model), "scan_layers": run_model.scan_layers,
                      "max_seq_len": max_seq_len,
                      "runs": [measure(name, generate, prompts[:b], n_new, run_costs, compiles=True)
@@ -271,7 +263,7 @@ def main(argv):
                      "peak_host_memory_gib": peak_rss_gib()}
     del generate, run_model
     gc.collect()
-  reference = next(iter(engines.values()))["runs"][0]["_tokens"][0]  # paged qwenjax's, unless not measured
+  reference = engines["qwenjax"]["runs"][0]["_tokens"][0]
 
   for engine in compare_with:
     if engine == "transformers":

@@ -1,7 +1,6 @@
 """The engines, each behind a GenerateFn (launch/bench/measure.py): qwenjax, transformers on torch, llama.cpp.
 
-  qwenjax_generate_fn(model, tokenizer, max_seq_len=..., paged=...)   the continuous-batching Engine, one slot per
-                          prompt, with the paged KV cache ("qwenjax") or the contiguous one ("qwenjax-contiguous")
+  qwenjax_generate_fn(model, tokenizer, max_seq_len=...)   the continuous-batching Engine, one slot per prompt
   run_transformers(...)   the same weights in a transformers Qwen2ForCausalLM, batched greedy `generate`
   run_llamacpp(...)       llama-cpp-python on the same GGUF, quantized as it is, one sequence at a time
 
@@ -21,12 +20,11 @@ from launch.bench.costs import gguf_streamed_bytes, model_costs
 from launch.bench.measure import FirstTokens, GenerateFn, measure
 
 ENGINES = ("transformers", "llamacpp")  # the engines qwenjax is compared with (--compare_with)
-QWENJAX_VARIANTS = {"paged": "qwenjax", "contiguous": "qwenjax-contiguous"}  # --kv_caches -> the report's engine
 
 
-def qwenjax_generate_fn(model, tokenizer, *, max_seq_len: int, paged: bool = True) -> GenerateFn:
-  """The qwenjax side of every measurement: the continuous-batching Engine, one decode slot per prompt; paged: its
-  KV cache is a page pool (the engine's default size on this backend), else one max_seq_len row per slot.
+def qwenjax_generate_fn(model, tokenizer, *, max_seq_len: int) -> GenerateFn:
+  """The qwenjax side of every measurement: the continuous-batching Engine, one decode slot per prompt, its KV
+  page pool of the engine's default size on this backend.
 
   `stream` is `generate` with events: the same scheduler loop, which also shows when first tokens arrive. Prefix
   caching is off: the timed run repeats the warm-up's prompts, which it would otherwise read from cached pages
@@ -39,7 +37,7 @@ def qwenjax_generate_fn(model, tokenizer, *, max_seq_len: int, paged: bool = Tru
     if len(prompts) not in engines:
       engines.clear()
       engines[len(prompts)] = qwenjax.Engine(model, tokenizer, max_batch_size=len(prompts), max_seq_len=max_seq_len,
-                                             paged=paged, prefix_caching=False)
+                                             prefix_caching=False)
     clock, tokens = FirstTokens(len(prompts)), [[] for _ in prompts]
     for event in engines[len(prompts)].stream(prompts, qwenjax.SamplingParams(max_tokens=new_tokens,
                                                                               ignore_eos=True)):

@@ -1,8 +1,9 @@
-"""How many sequences a fixed KV cache budget keeps decoding at once at a long context, contiguous against paged.
+"""How many sequences a fixed KV cache budget keeps decoding at once at a long context: paged, against a cache of
+one max_seq_len row per slot.
 
-  contiguous: budget // one slot's row, computed: the contiguous engine reserves every slot's whole context,
-    L layers x 2 (keys, values) x K KV heads x H head dim x itemsize x (max_seq_len + max_prefill_chunk) bytes
-    (the chunk is the headroom a padded last prefill chunk writes into).
+  contiguous: budget // one slot's row, computed (the engine before the page pool, which reserved every slot's
+    whole context): L layers x 2 (keys, values) x K KV heads x H head dim x itemsize x (max_seq_len +
+    max_prefill_chunk) bytes (the chunk is the headroom a padded last prefill chunk writes into).
   paged: measured: an Engine with many slots and a page pool of the budget serves the batch job's prompts, greedy,
     end-of-sequence ignored, a few tokens each; its stats["peak_sequences"] is the most that decoded at once.
 """
@@ -21,7 +22,7 @@ def contiguous_row_bytes(cfg, itemsize: int, max_seq_len: int, max_prefill_chunk
 
 def measure(model, tokenizer, requests: list[dict], *, memory_gib: float, max_seq_len: int, max_batch_size: int,
             new_tokens: int, max_prefill_chunk: int = 512) -> dict:
-  """The report's "concurrency" section: both engines' sequence counts for `memory_gib` of KV cache."""
+  """The report's "concurrency" section: both sequence counts for `memory_gib` of KV cache."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   import qwenjax  # pylint: disable=g-import-not-at-top
@@ -31,7 +32,7 @@ def measure(model, tokenizer, requests: list[dict], *, memory_gib: float, max_se
   row = contiguous_row_bytes(cfg, jnp.dtype(model.dtype).itemsize, max_seq_len, max_prefill_chunk)
   start = time.perf_counter()
   engine = qwenjax.Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                          max_prefill_chunk=max_prefill_chunk, paged=True, kv_cache_memory=memory_gib)
+                          max_prefill_chunk=max_prefill_chunk, kv_cache_memory=memory_gib)
   prompts = [engine.prepare({"messages": r["messages"]}) for r in requests]
   engine.generate(prompts, qwenjax.SamplingParams(max_tokens=new_tokens, ignore_eos=True))
   seconds = time.perf_counter() - start

@@ -1,5 +1,5 @@
-"""The batch job: one JSONL of mixed requests served whole-process by `python -m launch.batch_generate` (paged and
-contiguous KV cache) and by llama.cpp (`python -m launch.bench.llamacpp_job`), and how their completions agree.
+"""The batch job: one JSONL of mixed requests served whole-process by `python -m launch.batch_generate` (float
+weights, and each --quantize) and by llama.cpp (`python -m launch.bench.llamacpp_job`), and how their completions agree.
 
   source, tokenizer = model_tokenizer(model)        the --model's path and tokenizer, no weights loaded
   files = prepare(directory, requests, tokenizer)   the inputs: requests for batch_generate, token ids for llama.cpp
@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 from absl import logging
 
-from launch.bench.adapters import QWENJAX_VARIANTS
 from qwenjax import _files
 
 if TYPE_CHECKING:
@@ -144,20 +143,19 @@ def _run(name: str, command: list[str], output: pathlib.Path, log: pathlib.Path,
   return entry
 
 
-def serve(files: JobFiles, source: str, *, kv_caches: list[str], slots: int, dtype: str,
+def serve(files: JobFiles, source: str, *, slots: int, dtype: str,
           quantize: list[str] = (), quantize_embeddings: bool = False) -> dict:
-  """Serves the job with batch_generate for each KV cache of `kv_caches` (`slots` decode slots each) and, paged,
-  for each of `quantize` ("int8", "w8a8"), then with llama.cpp one request at a time when it can run here.
-  Returns the report's "job" section."""
+  """Serves the job with batch_generate (`slots` decode slots), with float weights and with each of `quantize`
+  ("int8", "w8a8"), then with llama.cpp one request at a time when it can run here. Returns the report's "job"
+  section."""
   n = len(files.prompt_tokens)
   engines, results = {}, {}
-  for kv, q in [(kv, None) for kv in kv_caches] + [("paged", q) for q in quantize]:
-    name = QWENJAX_VARIANTS[kv] + (f"-{q}" if q else "")
-    tag = kv + (f"_{q}" if q else "")
+  for q in [None, *quantize]:
+    name, tag = "qwenjax" + (f"-{q}" if q else ""), "paged" + (f"_{q}" if q else "")
     output, log = files.directory / f"job_{tag}.jsonl", files.directory / f"job_{tag}.log"
     command = [sys.executable, "-m", "launch.batch_generate", f"--model={source}", f"--input={files.requests}",
-               f"--output={output}", f"--kv_cache={kv}", f"--max_batch_size={slots}",
-               f"--max_seq_len={files.max_seq_len}", f"--dtype={dtype}"]
+               f"--output={output}", f"--max_batch_size={slots}", f"--max_seq_len={files.max_seq_len}",
+               f"--dtype={dtype}"]
     if q:
       command += [f"--quantize={q}"] + (["--quantize_embeddings"] if quantize_embeddings else [])
     engines[name] = _run(name, command, output, log, n)

@@ -13,10 +13,10 @@ import platform
 from launch.bench.adapters import ENGINES
 from launch.bench.probes import cpuinfo
 
-LABELS = {"qwenjax": "qwenjax", "qwenjax-contiguous": "qwenjax-contiguous", "transformers": "transformers",
-          "llamacpp": "llama.cpp", "qwenjax-int8": "qwenjax-int8", "qwenjax-w8a8": "qwenjax-w8a8"}
-COLORS = {"qwenjax": "tab:blue", "qwenjax-contiguous": "tab:purple", "transformers": "tab:red",
-          "llamacpp": "tab:green", "qwenjax-int8": "tab:orange", "qwenjax-w8a8": "tab:brown"}
+LABELS = {"qwenjax": "qwenjax", "transformers": "transformers", "llamacpp": "llama.cpp", "qwenjax-int8": "qwenjax-int8",
+          "qwenjax-w8a8": "qwenjax-w8a8"}
+COLORS = {"qwenjax": "tab:blue", "transformers": "tab:red", "llamacpp": "tab:green", "qwenjax-int8": "tab:orange",
+          "qwenjax-w8a8": "tab:brown"}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -25,9 +25,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def compute_ratios(engines: dict, batches: list[int], job: dict | None = None,
                    concurrency: dict | None = None, dtype: str = "float32") -> dict:
-  """qwenjax over the others: batch-1 decode, throughput at the largest batch, and per batch size; the paged KV
-  cache over the contiguous one per batch size; the batch job's speedups (the other engine's whole-process seconds
-  over paged qwenjax's, same requests); paged over contiguous sequences at once in the concurrency measurement."""
+  """qwenjax over the others: batch-1 decode, throughput at the largest batch, and per batch size; the batch job's
+  speedups (the other engine's whole-process seconds over qwenjax's, same requests); the paged cache's sequences
+  at once over the computed one-row-per-slot figure in the concurrency measurement."""
 
   def run(engine, batch):
     runs = engines.get(engine, {}).get("runs", [])
@@ -57,11 +57,7 @@ def compute_ratios(engines: dict, batches: list[int], job: dict | None = None,
       for other in ENGINES:
         row[f"{key}_qwenjax_over_{other}"] = _ratio(get("qwenjax", b, key), get(other, b, key))
     per_batch.append(row)
-  paged = [{"batch": b, **{key: _ratio(get("qwenjax", b, key), get("qwenjax-contiguous", b, key))
-                           for key in ("decode_tokens_per_s", "throughput_tokens_per_s", "prefill_tokens_per_s")}}
-           for b in batches]
-  ratios = {"decode_batch_1": decode, "throughput_largest_batch": throughput, "per_batch": per_batch,
-            "paged_over_contiguous": paged}
+  ratios = {"decode_batch_1": decode, "throughput_largest_batch": throughput, "per_batch": per_batch}
   quantized = {}
   for name, engine in engines.items():
     q = engine.get("quantize", "none")
@@ -83,10 +79,9 @@ def compute_ratios(engines: dict, batches: list[int], job: dict | None = None,
     ratios["quantized"] = quantized
   if job is not None:
     wall = {name: e["wall_s"] for name, e in job["engines"].items() if "wall_s" in e and "failed" not in e}
-    ratios["job"] = {"paged_speedup_over_contiguous": _ratio(wall.get("qwenjax-contiguous"), wall.get("qwenjax")),
-                     "paged_speedup_over_llamacpp": _ratio(wall.get("llamacpp"), wall.get("qwenjax"))}
+    ratios["job"] = {"paged_speedup_over_llamacpp": _ratio(wall.get("llamacpp"), wall.get("qwenjax"))}
     for name in wall:
-      if name.startswith("qwenjax-") and name != "qwenjax-contiguous":
+      if name.startswith("qwenjax-"):
         q = name[len("qwenjax-"):]
         ratios["job"][f"{q}_speedup_over_llamacpp"] = _ratio(wall.get("llamacpp"), wall[name])
         ratios["job"][f"{q}_speedup_over_float"] = _ratio(wall.get("qwenjax"), wall[name])
@@ -170,12 +165,6 @@ def format_table(report: dict) -> str:
   lines.append(f"batch-{t['batch']} job throughput, qwenjax / transformers: {_times(t['qwenjax_over_transformers'])} "
                f"(target {t['target']:.0f}x{'' if t['met'] is None else ': met' if t['met'] else ': not met'}); "
                f"qwenjax / llama.cpp single stream: {_times(t['qwenjax_over_llamacpp_single_stream'])}")
-  paged = ratios["paged_over_contiguous"]
-  if any(r["decode_tokens_per_s"] is not None for r in paged):
-    lines.append("paged / contiguous KV cache, decode tok/s: "
-                 + ", ".join(f"batch {r['batch']} {_times(r['decode_tokens_per_s'])}" for r in paged)
-                 + "; job tok/s: " + ", ".join(f"batch {r['batch']} {_times(r['throughput_tokens_per_s'])}"
-                                               for r in paged))
   for name, q in ratios.get("quantized", {}).items():
     per_batch = lambda key, q=q: ", ".join(f"batch {r['batch']} {_times(r[key])}" for r in q["per_batch"])
     lines.append(f"{name}: weights {q['weight_bytes'] / 2**20:.0f} MiB, {_times(q['over_float'])} float, "
@@ -188,7 +177,8 @@ def format_table(report: dict) -> str:
   if "concurrency" in report:
     c, paged = report["concurrency"], report["concurrency"]["paged"]
     lines += ["", f"concurrency at {c['max_seq_len']} positions, {c['kv_cache_memory_gib']:g} GiB of KV cache: "
-              f"contiguous {c['contiguous_sequences']} sequences ({c['contiguous_row_bytes'] / 2**20:.0f} MiB a slot), "
+              f"one row per slot {c['contiguous_sequences']} sequences ({c['contiguous_row_bytes'] / 2**20:.0f} MiB "
+              f"a slot, computed), "
               f"paged {paged['peak_sequences']} decoding at once (limited by {paged['limited_by']}; its "
               f"{paged['pool_pages']} pages hold ~{paged['pool_holds_sequences_of_this_job']} of this job's "
               f"sequences): {_times(ratios['concurrency']['paged_over_contiguous'])}"]
@@ -220,8 +210,7 @@ def _job_table(job: dict, ratios: dict) -> str:
         "-" if same is None else f"{100 * same:.1f}%", e.get("peak_rss_gib", float("nan"))))
     if "failed" in e:
       lines.append(f"{'':<20}  failed: {e['failed']}")
-  lines.append(f"job speedup of qwenjax (paged) over contiguous: {_times(ratios['paged_speedup_over_contiguous'])}; "
-               f"over llama.cpp: {_times(ratios['paged_speedup_over_llamacpp'])}")
+  lines.append(f"job speedup of qwenjax over llama.cpp: {_times(ratios['paged_speedup_over_llamacpp'])}")
   for key, value in ratios.items():
     if key.endswith("_speedup_over_llamacpp") and not key.startswith("paged"):
       q = key[:-len("_speedup_over_llamacpp")]
@@ -278,8 +267,9 @@ def plot(report: dict, path: pathlib.Path) -> None:
                      loc="left", fontsize=10)
     else:
       c = report["concurrency"]
-      bars = axis.bar(["contiguous", "paged"], [c["contiguous_sequences"], c["paged"]["peak_sequences"]],
-                      color=[COLORS["qwenjax-contiguous"], COLORS["qwenjax"]])
+      bars = axis.bar(["a row per slot\n(computed)", "paged"], [c["contiguous_sequences"],
+                                                                c["paged"]["peak_sequences"]],
+                      color=["tab:gray", COLORS["qwenjax"]])
       axis.bar_label(bars, fontsize=8)
       axis.set_ylabel("sequences decoding at once")
       axis.set_title(f"{c['kv_cache_memory_gib']:g} GiB of KV cache,\n{c['max_seq_len']}-position context",

@@ -5,9 +5,9 @@
                            SamplingParams(max_tokens=64))
     for event in engine.stream(requests): ...
 
-The engine holds B = max_batch_size decode slots and, by default, a `PagedKVCache` of pages sized from a memory
-budget (`kv_cache_memory`), with one host-side page table per sequence (`qwenjax.engine.pages`). Each scheduler
-iteration (`_run_paged`)
+The engine holds B = max_batch_size decode slots and a `PagedKVCache` of pages sized from a memory budget
+(`kv_cache_memory`), with one host-side page table per sequence (`qwenjax.engine.pages`). Each scheduler
+iteration (`_run`)
   1. admits waiting sequences into free slots while the pool has pages for them, and prefills them together:
      each packed call takes the next chunk of several prompts, a row each (length buckets; chunks of
      max_prefill_chunk past the largest); then samples each one's first token;
@@ -17,14 +17,13 @@ iteration (`_run_paged`)
      the device can see (end-of-sequence and stop token ids, max_tokens) end a row exactly where they occur;
   4. on the host, appends the tokens, detokenizes incrementally, cuts stop strings, and frees finished
      sequences' slots and pages at once for the next waiting sequence.
-`paged=False` keeps the previous engine: one `KVCache` row of max_seq_len positions per slot, one prompt
-prefilled per call (`_run_contiguous`). A request with `prompt_logprobs` has its prompt scored by the prefill
-that runs anyway: each call whose rows ask passes the next prompt token of every position (`targets`), and the
-program returns their log-probabilities [rows, T], not the [rows, T, V] logits. Programs compile once per shape
-bucket and variant (decode: greedy, or sampling with filters and penalties; prefill: scoring or not):
-`program_shapes` lists the paged engine's, `warm_up` compiles them, and no request shape compiles anything after
-that. They live in `qwenjax.engine.programs`; the engine holds their device state (the cache and the `SlotState`)
-and does the host-side rest. What requests are, and what comes back, is `qwenjax.engine.requests`.
+A request with `prompt_logprobs` has its prompt scored by the prefill that runs anyway: each call whose rows ask
+passes the next prompt token of every position (`targets`), and the program returns their log-probabilities
+[rows, T], not the [rows, T, V] logits. Programs compile once per shape bucket and variant (decode: greedy, or
+sampling with filters and penalties; prefill: scoring or not): `program_shapes` lists them, `warm_up` compiles
+them, and no request shape compiles anything after that. They live in `qwenjax.engine.programs`; the engine
+holds their device state (the cache and the `SlotState`) and does the host-side rest. What requests are, and
+what comes back, is `qwenjax.engine.requests`.
 
 With a device mesh (`Engine(..., mesh=qwenjax.parallel.sharding.mesh_from_flags("data:2,tensor:4"))`) the weights, the
 cache and the [B, V] slot state are placed by `qwenjax.parallel.sharding`'s rules (pages and slots over data,
@@ -62,7 +61,6 @@ from qwenjax.engine.programs import (
   PagedBatch,
   PagedDecodeInputs,
   SlotState,
-  TokenBatch,
   VisionInputs,
 )
 from qwenjax.engine.requests import Completion, Request, RequestOutput, StreamEvent, as_request, checked_message
@@ -71,7 +69,7 @@ from qwenjax.kernels.attention import IMPLS, default_impl
 from qwenjax.model import lora as lora_lib
 from qwenjax.model import qwen2_vl
 from qwenjax.model.decoder import PagedInputs, Qwen2
-from qwenjax.model.kv_cache import KVCache, PagedKVCache, default_page_size, page_bytes, pages_for_memory
+from qwenjax.model.kv_cache import PagedKVCache, default_page_size, page_bytes, pages_for_memory
 from qwenjax.model.lora import Adapter, LoraBank
 from qwenjax.multimodal import processing
 from qwenjax.multimodal.positions import VLPrompt, vl_prompt
@@ -105,13 +103,13 @@ class _Sequence:
   emitted_tokens: int = 0  # tokens and text already streamed
   emitted_text: int = 0
   searched_text: int = 0  # text already searched for stop strings
-  pages: SequencePages | None = None  # paged engine: the pages it holds while admitted
+  pages: SequencePages | None = None  # the pages it holds while admitted
   # Prefix caching: the root its page hashes chain from (`pages.prefix_root` of its images' and videos' digest;
   # None until first admitted), and the prompt tokens its first admission read from shared pages, not computed.
   prefix_root: bytes | None = None
   prefix_hashes: list[bytes] | None = None  # its context's full-page digests at its latest admission
   cached_tokens: int = 0
-  admitted: int = 0  # paged engine: admission order (the most recent is preempted first)
+  admitted: int = 0  # admission order (the most recent is preempted first)
   preemptions: int = 0
   # Its response_format / tool_choice (`qwenjax.engine.constraints`): the host-side matcher, which has consumed
   # exactly `tokens` (it stays with the sequence through preemption), or None: unconstrained.
@@ -177,23 +175,22 @@ class Engine:
 
   tokenizer: renders chat messages, encodes text prompts, decodes completions; None: token ids only.
   max_batch_size: decode slots (B): sequences that decode together. max_seq_len: the longest sequence (prompt plus
-    generated tokens); with the paged cache it is a bound, not a reservation: the model's full context costs
-    nothing until a sequence grows that long.
+    generated tokens); a bound, not a reservation: the model's full context costs nothing until a sequence grows
+    that long.
   max_prefill_chunk: the largest prefill bucket, and the tokens one packed prefill call holds (rows x bucket);
     longer prompts are prefilled in chunks of it.
   decode_steps: decode steps per jitted call (fewer dispatches; a finished slot waits at most that many steps).
-  paged: keep keys and values in a pool of pages (the default) rather than one max_seq_len row per slot.
   page_size: tokens per page (default by backend, `qwenjax.model.kv_cache.PAGE_SIZES`).
   kv_cache_memory: GiB of KV pages per device. Default: on TPU/GPU 90% of what the device has free after the
     weights; on CPU what the slots would fill at max_seq_len, at most 4 GiB (beside the weights, in host memory).
     The pool never takes more pages than every slot fills at max_seq_len.
   kv_cache_dtype: None (the compute dtype) or "int8" (int8 pages with a float32 scale per token and KV head).
   attention_impl: "xla" or "pallas" (the Pallas kernels; interpret mode on CPU). Default: pallas on TPU/GPU, xla
-    on CPU. The paged cache only: the contiguous one has no kernel.
+    on CPU.
   prefix_caching: sequences that share a prompt prefix (a system prompt, a few-shot header, the n samples of one
     request) read its keys and values from the same pages instead of computing them again: full pages found by
     their chained block hash, plus a copy of the shared start of a partial page; pages that held a prefix stay
-    cached when released, evicted least recently used first. Outputs are those without it. The paged cache only.
+    cached when released, evicted least recently used first. Outputs are those without it.
   image_processor: how a Qwen2.5-VL model's images are resized (its preprocessor_config.json; None: Qwen's
     released defaults).
   media_root: the directory whose files requests may name as images, videos and frames (a path or file:// URL;
@@ -215,8 +212,8 @@ class Engine:
 
   def __init__(self, model: Qwen2, tokenizer: Tokenizer | None, *, max_batch_size: int = 8, max_seq_len: int = 4096,
                max_prefill_chunk: int = 512, decode_steps: int = 4, eos_token_ids: Iterable[int] | None = None,
-               paged: bool = True, page_size: int | None = None, kv_cache_memory: float | None = None,
-               kv_cache_dtype: str | None = None, attention_impl: str | None = None, prefix_caching: bool = True,
+               page_size: int | None = None, kv_cache_memory: float | None = None, kv_cache_dtype: str | None = None,
+               attention_impl: str | None = None, prefix_caching: bool = True,
                image_processor: processing.ImageProcessorConfig | None = None,
                mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
                seed: int | None = None, lora: Mapping[str, Adapter | str | os.PathLike] | None = None,
@@ -243,23 +240,18 @@ class Engine:
     self.vl_cfg = model.vl_cfg if isinstance(model, qwen2_vl.Qwen2VL) else None
     self.image_processor = image_processor or processing.ImageProcessorConfig()
     self.patch_buckets = qwen2_vl.patch_buckets(self.image_processor)
-    self.attention_impl = attention_impl or (default_impl() if paged else "xla")
+    self.attention_impl = attention_impl or default_impl()
     if self.attention_impl not in IMPLS:
       raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {', '.join(IMPLS)}.")
-    if self.attention_impl == "pallas" and not paged:
-      raise ConfigError("attention_impl 'pallas' needs the paged KV cache (paged=True).")
     if kv_cache_dtype not in (None, "int8"):
       raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not None (the compute dtype) or 'int8'.")
-    if kv_cache_dtype and not paged:
-      raise ConfigError("kv_cache_dtype 'int8' needs the paged KV cache (paged=True).")
     if self.vl_cfg is not None:
       model.visual.attention_impl = self.attention_impl
     self.graphdef, self.params = nnx.split(model)
     model.lora = None  # the model object stays as it came; this engine's params hold the bank
     self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
     self.decode_steps = decode_steps
-    self.paged = paged
-    self.prefix_caching = bool(prefix_caching and paged)
+    self.prefix_caching = bool(prefix_caching)
     self.buckets = LengthBuckets(maximum=min(max_prefill_chunk, max_seq_len),
                                  minimum=min(16, max_prefill_chunk, max_seq_len))
     if eos_token_ids is None:  # the tokenizer's (generation_config, <|im_end|>) and the model config's
@@ -268,18 +260,11 @@ class Engine:
     b, v = max_batch_size, self.cfg.vocab_size
     slot_sharding = None if mesh is None else sharding.named_sharding(mesh, SlotState.AXES, (b, v), rules)
     self._slots = SlotState.zeros(b, v, slot_sharding)
-    if paged:
-      self._init_pages(page_size, kv_cache_memory, kv_cache_dtype == "int8")
-    else:
-      # Headroom of one prefill chunk past the context: a padded last chunk is written whole, never clamped.
-      cache_len = max_seq_len + self.buckets.maximum
-      cache_sharding = None if mesh is None else sharding.cache_sharding(self.cfg, mesh, b, cache_len, rules)
-      self._cache = KVCache.zeros(self.cfg, b, cache_len, model.dtype, sharding=cache_sharding)
-      self.context_len = max_seq_len
+    self._init_pages(page_size, kv_cache_memory, kv_cache_dtype == "int8")
     self._seed_rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
     self._grammars: constraints_lib.Grammars | None = None  # built on the first constrained request
-    # prompt_tokens: computed (prefilled) context tokens. The paged engine's: preemptions, peak_sequences (most
-    # decoding at once), peak_pages (most pages held) and cached_tokens (context tokens read from shared pages).
+    # prompt_tokens: computed (prefilled) context tokens; preemptions, peak_sequences (most decoding at once),
+    # peak_pages (most pages held) and cached_tokens (context tokens read from shared pages).
     self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_calls": 0, "prefill_calls": 0,
                   "preemptions": 0, "peak_sequences": 0, "peak_pages": 0, "cached_tokens": 0}
 
@@ -554,43 +539,11 @@ class Engine:
         seq.constraint.fill(mask[i])
     return mask
 
+  # ---- the scheduler --------------------------------------------------------------------------------------
+
   def _run(self, items: Iterator[tuple[int, Request, Any]], default, events: bool = False) -> Iterator[Any]:
-    """Runs sequences to completion, pulling requests from `items` as slots free up. Yields each finished
-    _Sequence, or StreamEvents if `events`."""
-    run = self._run_paged if self.paged else self._run_contiguous
-    yield from run(items, default, events)
-
-  def _run_contiguous(self, items, default, events: bool) -> Iterator[Any]:
-    waiting: list[_Sequence] = []  # the current request's samples not yet admitted, reversed
-    slots: list[_Sequence | None] = [None] * self.max_batch_size
-    while True:
-      for s in range(self.max_batch_size):  # 1. admit into free slots
-        while slots[s] is None:
-          if not waiting:
-            item = next(items, None)
-            if item is None:
-              break
-            waiting = self._sequences(*item, default)[::-1]
-          seq = waiting.pop()
-          first, logprob = self._admit(seq, s)
-          slots[s] = seq
-          yield from self._accept(seq, [first], [logprob], events)
-          if seq.finish_reason:
-            slots[s] = None
-      active = [s for s in range(self.max_batch_size) if slots[s] is not None]
-      if not active:
-        return
-      out_tok, out_lp = self._decode(slots)  # 2. advance every slot
-      for s in active:  # 3. host-side bookkeeping
-        seq = slots[s]
-        yield from self._accept_block(seq, out_tok[:, s], out_lp[:, s], events)
-        if seq.finish_reason:
-          slots[s] = None
-
-  # ---- the paged scheduler --------------------------------------------------------------------------------
-
-  def _run_paged(self, items, default, events: bool) -> Iterator[Any]:
-    """The paged cache's scheduler. Each iteration
+    """Runs sequences to completion, pulling requests from `items` as slots free up; yields each finished
+    _Sequence, or StreamEvents if `events`. Each iteration
       1. admits waiting sequences (preempted ones first, then new requests in order) into free slots while the
          pool has pages for their context plus one decode block of every admitted sequence, and prefills them
          together in packed calls (`_prefill_packed`);
@@ -666,7 +619,7 @@ class Engine:
         continue
       self.stats["peak_sequences"] = max(self.stats["peak_sequences"], len(live))
       self.stats["peak_pages"] = max(self.stats["peak_pages"], self.pool.num_pages - self.pool.num_free)
-      out_tok, out_lp = self._decode_paged(slots)  # 3. decode
+      out_tok, out_lp = self._decode(slots)  # 3. decode
       for s in live:
         seq = slots[s]
         yield from self._accept_block(seq, out_tok[:, s], out_lp[:, s], events)
@@ -813,7 +766,7 @@ class Engine:
       self.pool.register(page, parents[i], context[i * ps:(i + 1) * ps], hashes[i] if i < len(hashes) else None)
 
   def program_shapes(self, constrained: bool = False) -> dict[str, list[tuple]]:
-    """Every shape the paged scheduler's programs can be called with (rows x tokens x page-table width for
+    """Every shape the scheduler's programs can be called with (rows x tokens x page-table width for
     prefill, page-table width for decode, padded prompt size for first tokens and restores): the bound on what a
     job of any length compiles, per sampling variant (and, for prefill, twice as many with prompt
     log-probabilities). constrained: also the masked variants, "masked_decode" (steps, page-table width), steps
@@ -835,14 +788,12 @@ class Engine:
     return shapes
 
   def warm_up(self, prompt_logprobs: bool = False, constrained: bool = False, top_logprobs: bool = False) -> int:
-    """Compiles every program the paged scheduler can call (`program_shapes`, each decode and first-token shape
+    """Compiles every program the scheduler can call (`program_shapes`, each decode and first-token shape
     for the greedy, sampling and penalty variants) with inputs that write nothing, so that a job compiles nothing
     once it runs; prompt_logprobs: each prefill shape's scoring variant too (for jobs whose requests ask for
     prompt log-probabilities); constrained: the masked decode and first-token variants too (for jobs with
     response_format or tool_choice); top_logprobs: every decode and first-token variant again with top
     log-probabilities (for jobs whose requests ask for them). Returns how many program variants it ran."""
-    if not self.paged:
-      raise ConfigError("warm_up enumerates the paged engine's programs; this engine has paged=False.")
     shapes, b, v = self.program_shapes(constrained), self.max_batch_size, self.cfg.vocab_size
     count = 0
     with self._on_mesh():
@@ -989,7 +940,7 @@ class Engine:
     logprob = np.asarray(logprob)
     return int(tok), float(logprob) if logprob.ndim == 0 else logprob.tolist()
 
-  def _decode_paged(self, slots: list[_Sequence | None]) -> tuple[np.ndarray, np.ndarray]:
+  def _decode(self, slots: list[_Sequence | None]) -> tuple[np.ndarray, np.ndarray]:
     b = self.max_batch_size
     position, rope_offset = np.zeros(b, np.int32), np.zeros(b, np.int32)
     for i, seq in enumerate(slots):
@@ -1004,37 +955,15 @@ class Engine:
     self.stats["decode_calls"] += 1
     return np.asarray(out_tok), np.asarray(out_lp)
 
-  # ---- the contiguous scheduler's steps --------------------------------------------------------------------
-
-  def _admit(self, seq: _Sequence, slot: int) -> tuple[int, float]:
-    """Prefills seq's prompt into `slot` (chunked past the largest bucket); returns its first token."""
-    prompt, chunk = seq.prompt, self.buckets.maximum
-    rows = np.array([slot], np.int32)
-    for start in range(0, len(prompt), chunk):
-      piece = prompt[start:start + chunk]
-      tokens = np.zeros((1, self.buckets.bucket(len(piece))), np.int32)
-      tokens[0, :len(piece)] = piece
-      vision = self._vision_chunk(seq, start, tokens.shape[1]) if self.vl_cfg is not None else None
-      scored = [(seq, seq.targets(start, len(piece)))]
-      batch = TokenBatch(tokens, np.array([len(piece)], np.int32), rows, _targets(scored, 1, tokens.shape[1]),
-                         self._adapter_rows([seq], 1))
-      with self._on_mesh():
-        logits, *scores, self._cache = programs.prefill_rows(self.graphdef, self.params, self._cache, batch,
-                                                             vision, fresh=start == 0)
-      _keep_scores(scored, scores)
-      self.stats["prefill_calls"] += 1
-    self.stats["prompt_tokens"] += len(prompt)
-    return self._first_token(slot, seq, logits)
-
   def _vision_chunk(self, seq: _Sequence, start: int, width: int) -> VisionInputs:
-    """A Qwen2.5-VL model's extra prefill inputs for prompt tokens [start, start + width): 3D positions, the
-    rotary offset after the prompt, and the vision features of the chunk's pad tokens (index -1: text)."""
+    """A Qwen2.5-VL model's extra prefill inputs for prompt tokens [start, start + width): 3D positions and the
+    vision features of the chunk's pad tokens (index -1: text)."""
     positions = np.zeros((3, 1, width), np.int32)
     features = np.zeros((width, self.cfg.hidden_size), np.float32)
     index = np.full((1, width), -1, np.int32)
     if seq.vision is None:  # text on a VL model: the same position on all three axes
       positions[:] = start + np.arange(width)
-      return VisionInputs(positions, np.zeros(1, np.int32), features, index)
+      return VisionInputs(positions, None, features, index)
     vision = seq.vision
     part = vision.positions[:, start:start + width]
     positions[:, 0, :part.shape[1]] = part
@@ -1047,7 +976,7 @@ class Engine:
         features[lo - start:hi - start] = seq.features[offset + lo - first:offset + hi - first]
         index[0, lo - start:hi - start] = np.arange(lo - start, hi - start)
       offset += v.num_tokens
-    return VisionInputs(positions, np.array([vision.rope_offset], np.int32), features, index)
+    return VisionInputs(positions, None, features, index)
 
   def _decode_inputs(self, slots: list[_Sequence | None]) -> DecodeInputs:
     """Every slot's DecodeInputs (idle slots inactive)."""
@@ -1086,22 +1015,6 @@ class Engine:
     masked = any(s.constraint is not None for s in live)
     paused = all(s.constraint is not None and s.constraint.per_token for s in live)
     return dataclasses.replace(_needs_of(s.params for s in live), masked=masked), 1 if paused else self.decode_steps
-
-  def _decode(self, slots: list[_Sequence | None]) -> tuple[np.ndarray, np.ndarray]:
-    live = [s for s in slots if s is not None]
-    inputs = self._decode_inputs(slots)
-    needs, num_steps = self._decode_variant(slots)
-    with self._on_mesh():
-      out_tok, out_lp, self._cache, self._slots = programs.decode_block(
-          self.graphdef, self.params, self._cache, self._slots, inputs, needs=needs, num_steps=num_steps,
-          kv_len=self._kv_len(live))
-    self.stats["decode_calls"] += 1
-    return np.asarray(out_tok), np.asarray(out_lp)
-
-  def _kv_len(self, live: list[_Sequence]) -> int:
-    """The cache positions this decode call can touch, rounded up to a power of two (few compiled variants)."""
-    furthest = max(len(s.prompt) + len(s.tokens) for s in live) + self.decode_steps
-    return min(self.max_seq_len, max(128, next_power_of_two(furthest)))
 
   def _accept_block(self, seq: _Sequence, tokens: np.ndarray, logprobs: np.ndarray, events: bool) -> Iterator[Any]:
     """A decode block's column for seq: tokens [k] (-1 from where its row stopped) and logprobs [k]."""

@@ -6,17 +6,18 @@ cache, inputs), the cache donated.
     logits, cache = prefill(graphdef, params, cache, tokens, lengths)   # tokens [B, T] padded to a bucket
     logits, cache = decode_step(graphdef, params, cache, next_tokens)    # next_tokens [B]
 
-Two sets, over the same unjitted steps:
-  the library's steps  `prefill`, `extend`, `decode_step`: one model call each (tests, notebooks, other loops);
-                       `*_impl` are the same unjitted, for composing into larger jitted functions.
-  the engine's         `prefill_rows` (a prompt chunk into given cache rows), `first_token` (an admitted slot's
-  programs             first sample), `decode_block` (k decode + sample steps for every slot in one `fori_loop`),
-                       the prefills also scoring the prompt when asked (`targets`: prompt log-probabilities),
-                       over the named inputs `TokenBatch`, `VisionInputs`, `FirstTokenInputs`, `DecodeInputs`
-                       and the per-slot penalty state `SlotState`, which they donate and return with the cache;
-                       over a `PagedKVCache`: `paged_prefill` (chunks of several prompts, a row each, packed in
-                       one call), `paged_decode_block` and `restore_slot` (a preempted sequence's penalty state),
-                       with `PagedBatch` / `PagedDecodeInputs` carrying the host's page tables and slots.
+Two sets:
+  the library's steps  `prefill`, `extend`, `decode_step` over a `KVCache` (one row per sequence): one model call
+                       each (tests, notebooks, other loops); `*_impl` are the same unjitted, for composing into
+                       larger jitted functions.
+  the engine's         over a `PagedKVCache`: `paged_prefill` (chunks of several prompts, a row each, packed in one
+  programs             call, also scoring the prompt when asked: `targets`, prompt log-probabilities),
+                       `first_token` (an admitted slot's first sample), `paged_decode_block` (k decode + sample
+                       steps for every slot in one `fori_loop`), `restore_slot` (a preempted sequence's penalty
+                       state) and `copy_pages`, over the named inputs `PagedBatch`, `VisionInputs`,
+                       `FirstTokenInputs`, `PagedDecodeInputs` (the slots' `DecodeInputs` and the host's page
+                       tables) and the per-slot penalty state `SlotState`, which they donate and return with the
+                       cache.
 
 On a device mesh, place params and cache with `qwenjax.parallel.sharding` (`shard_model`, `KVCache.zeros(...,
 sharding=cache_sharding(...))`) and call the programs inside `sharding.use_mesh(mesh)`: each returns the cache
@@ -50,29 +51,28 @@ from qwenjax.parallel.axes import BATCH, VOCAB, constrain
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TokenBatch:
-  """Tokens for cache rows. tokens: [B, T] int32, right-padded; num_new: [B] int32, how many of each row's T are
-  real (the rest is padding); rows: [B] int32, the cache rows they go to (None: rows 0..B-1 of a B-row cache);
-  targets: [B, T] int32, the token that follows each position, whose log-probability the engine's prefill then
-  returns too (-1: none; see `target_logprobs`), or None: nothing scored, the program as without it; adapter:
-  [B] int32, each row's LoRA adapter in the model's bank (-1: none), or None: a model without adapters."""
+  """Tokens for the library steps' cache rows. tokens: [B, T] int32, right-padded; num_new: [B] int32, how many of
+  each row's T are real (the rest is padding); rows: [B] int32, the cache rows they go to (None: rows 0..B-1 of a
+  B-row cache); adapter: [B] int32, each row's LoRA adapter in the model's bank (-1: none), or None: a model
+  without adapters."""
 
   tokens: jax.Array
   num_new: jax.Array
   rows: jax.Array | None = None
-  targets: jax.Array | None = None
   adapter: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class VisionInputs:
-  """A Qwen2.5-VL model's extra prefill inputs, for a TokenBatch of b rows of T tokens.
+  """A Qwen2.5-VL model's extra prefill inputs, for b rows of T tokens.
 
   rope_positions: [3, b, T] int32, the M-RoPE (temporal, height, width) positions of the tokens.
   rope_offset: [b] int32, rotary minus cache position of the tokens that follow (Qwen's `rope_deltas`).
   features: [M, D] vision features; index: [b, T] int32, each token's row of `features` (-1: its token embedding).
-  The engine passes all four on every chunk. Through `prefill` / `extend` any may be None: positions are then the
-  cache positions plus each row's offset, the offset stays (fresh rows: 0), and no token takes a vision feature.
+  The engine passes rope_positions, features and index on every chunk (its rows' offsets are PagedBatch's).
+  Through `prefill` / `extend` any may be None: positions are then the cache positions plus each row's offset,
+  the offset stays (fresh rows: 0), and no token takes a vision feature.
   """
 
   rope_positions: jax.Array | None
@@ -125,7 +125,7 @@ class DecodeInputs:
   [B, W] int32, the tokens each slot may sample (`qwenjax.engine.constraints`; -1 words: all), read with
   needs.masked (else None). The same mask holds for all k steps: a slot whose mask changes per token (a grammar)
   gets budget 1, so it samples one token and then idles until the host has advanced its grammar. adapter: [B]
-  int32, each slot's LoRA adapter (see TokenBatch), or None."""
+  int32, each slot's LoRA adapter in the model's bank (-1: none), or None: a model without adapters."""
 
   tokens: jax.Array
   step: jax.Array
@@ -173,7 +173,7 @@ def _run(graphdef, params, cache: KVCache, batch: TokenBatch, vision: VisionInpu
   cache = cache.constrained()  # under a mesh (`qwenjax.parallel.sharding.use_mesh`): returned in the layout it came in
   if all_logits:
     return model.logits(h), cache  # [B, T, V]
-  return _last_logits(model, h, batch.num_new, batch.targets) + (cache,)
+  return _last_logits(model, h, batch.num_new, None) + (cache,)
 
 
 def _last_logits(model, h: jax.Array, num_new: jax.Array, targets: jax.Array | None, impl: str = "xla"
@@ -249,18 +249,11 @@ extend = _jit(extend_impl)
 decode_step = jax.jit(decode_step_impl, static_argnames=("graphdef", "kv_len"), donate_argnames=("cache",))
 
 
-# The engine's programs. Static arguments are kept to what changes the program (so that the compiled programs
-# stay few: one per prefill bucket, first-token prompt size and decode variant); the cache and slot state are
-# donated and come back in the layout they came in.
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "fresh"), donate_argnames=("cache",))
-def prefill_rows(graphdef, params, cache: KVCache, batch: TokenBatch, vision: VisionInputs | None = None, *,
-                 fresh: bool) -> tuple[jax.Array, ...]:
-  """A prompt chunk into cache rows `batch.rows` ([b]): fresh rows start empty; otherwise the chunk is appended.
-  vision: a Qwen2.5-VL model's (every chunk). Returns logits at each row's last real token [b, V], with
-  `batch.targets` their log-probabilities [b, T], and the cache."""
-  return _run(graphdef, params, cache, batch, vision, fresh=fresh, all_logits=False)
+# The engine's programs, over a PagedKVCache whose page tables and slots the host computes
+# (`qwenjax.engine.pages`). Static arguments are kept to what changes the program (the attention impl and, for
+# decode, the sampling variant and step count) so that the compiled programs stay few; shapes (rows b, tokens T,
+# page-table width P) are bucketed by the engine. The cache and slot state are donated and come back in the
+# layout they came in.
 
 
 @functools.partial(jax.jit, static_argnames=("needs",), donate_argnames=("slots",))
@@ -283,17 +276,6 @@ def first_token(logits: jax.Array, slots: SlotState, inputs: FirstTokenInputs, n
   # The token and its log-probability whole on every device: every process of a multi-host mesh reads them.
   return (constrain(tok[0], ()), constrain(logprob[0], (None,) * (logprob.ndim - 1)),
           SlotState(prompt_mask, counts).constrained())
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "num_steps", "kv_len"),
-                   donate_argnames=("cache", "slots"))
-def decode_block(graphdef, params, cache: KVCache, slots: SlotState, inputs: DecodeInputs,
-                 needs: sampling_lib.SamplingNeeds, num_steps: int, kv_len: int
-                 ) -> tuple[jax.Array, jax.Array, KVCache, SlotState]:
-  """num_steps decode steps for all B slots; kv_len: static bound on the positions attended to. Returns tokens
-  [k, B] (-1 where a row had already stopped), logprobs [k, B], the cache and the slot state."""
-  step = lambda i, cache, tok: decode_step_impl(graphdef, params, cache, tok, kv_len, inputs.adapter)
-  return _decode_loop(step, cache, slots, inputs, needs, num_steps)
 
 
 def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sampling_lib.SamplingNeeds,
@@ -326,18 +308,16 @@ def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sam
   return out_tok, out_lp, cache, SlotState(prompt_mask, counts).constrained()
 
 
-# The paged engine's programs: the same steps over a PagedKVCache, whose page tables and slots the host computes
-# (`qwenjax.engine.pages`). Static arguments are the attention impl and, for decode, the sampling variant and
-# step count; shapes (rows b, tokens T, page-table width P) are bucketed by the engine.
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedBatch:
   """Prompt chunks of b sequences, one row each. tokens: [b, T] int32, right-padded; start: [b] int32, the cache
   position of each row's first token (what its pages already hold); paged: the rows' slots [b, T], page tables
   [b, P] and real token counts [b]; rope_offset: [b] int32, rotary minus cache position of the rows' text tokens
-  (0, or a Qwen2.5-VL prompt's `rope_deltas` for tokens past its images); targets, adapter: as TokenBatch's."""
+  (0, or a Qwen2.5-VL prompt's `rope_deltas` for tokens past its images); targets: [b, T] int32, the token that
+  follows each position, whose log-probability the program then returns too (-1: none; see `target_logprobs`),
+  or None: nothing scored, the program as without it; adapter: [b] int32, each row's LoRA adapter in the model's
+  bank (-1: none), or None: a model without adapters."""
 
   tokens: jax.Array
   start: jax.Array
@@ -400,10 +380,9 @@ def restore_slot(slots: SlotState, slot: jax.Array, prompt: jax.Array, prompt_le
 def paged_decode_block(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs: PagedDecodeInputs,
                        needs: sampling_lib.SamplingNeeds, num_steps: int, impl: str = "xla"
                        ) -> tuple[jax.Array, jax.Array, PagedKVCache, SlotState]:
-  """`decode_block` over a PagedKVCache: num_steps decode + sample steps for all B slots, each token written to
-  the slot of its position in the row's page table, for the first min(num_steps, budget) steps (idle slots
-  write nothing). Returns tokens [k, B] (-1 where a row had stopped), logprobs [k, B], the cache and the slot
-  state."""
+  """num_steps decode + sample steps for all B slots in one `fori_loop`, each token written to the slot of its
+  position in the row's page table, for the first min(num_steps, budget) steps (idle slots write nothing).
+  Returns tokens [k, B] (-1 where a row had stopped), logprobs [k, B], the cache and the slot state."""
   model = nnx.merge(graphdef, params)
   d = inputs.decode
   table = inputs.page_table  # [B, P]

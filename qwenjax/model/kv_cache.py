@@ -1,6 +1,7 @@
-"""The decoder's KV caches: contiguous rows (`KVCache`, one row of S positions per sequence) and a pool of pages
-(`PagedKVCache`, fixed-size pages that sequences take as they grow), with their in-place writers and the sizing
-arithmetic that the engine and the planner share.
+"""The decoder's KV caches: a pool of pages (`PagedKVCache`, fixed-size pages that sequences take as they grow: the
+engine's) and contiguous rows (`KVCache`, one row of S positions per sequence: the library steps' `prefill`,
+`extend` and `decode_step`), with their in-place writers and the sizing arithmetic that the engine and the planner
+share.
 
 Legend: L layers, B (or C) cache rows, K KV heads, S positions, T tokens written, H head dim, NP pages in the pool,
 PS tokens per page.
@@ -29,8 +30,7 @@ class KVCache:
     `lengths` hold stale data; attention never reads them because keys past the query's position are masked.
   rope_offset: [B] int32, RoPE position minus cache position of the tokens that follow (0 for text; with
     M-RoPE, an image's tokens advance the rotary position by less than their count: Qwen's `rope_deltas`).
-  A step writing T tokens (a padded prompt bucket) at position p needs p + T <= S: `qwenjax.Engine` allocates
-  its largest prefill chunk of headroom past the context it serves.
+  A step writing T tokens (a padded prompt bucket) at position p needs p + T <= S.
   """
 
   k: jax.Array

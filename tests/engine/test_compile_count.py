@@ -2,18 +2,16 @@
 
 import jax
 import numpy as np
-import pytest
 
 from qwenjax import Engine, SamplingParams
 from qwenjax.checkpoints.hf import load_model
 from qwenjax.engine.profiling import count_compilations
 
 
-@pytest.mark.parametrize("paged", [True, False])
-def test_twenty_prompt_lengths_compile_at_most_one_program_per_bucket(tiny_factory, paged):
+def test_twenty_prompt_lengths_compile_at_most_one_program_per_bucket(tiny_factory):
   path, _ = tiny_factory("compile", num_key_value_heads=2)
   engine = Engine(load_model(path), None, eos_token_ids=(), max_batch_size=1, max_seq_len=256,
-                  max_prefill_chunk=256, paged=paged, page_size=64)
+                  max_prefill_chunk=256, page_size=64)
   assert engine.buckets.sizes == (16, 32, 64, 128, 256)
   rng = np.random.default_rng(0)
   lengths = rng.integers(1, 200, size=20)
@@ -26,9 +24,8 @@ def test_twenty_prompt_lengths_compile_at_most_one_program_per_bucket(tiny_facto
   per_name = lambda key: sum(c for name, c in compiled.items() if key in name)
   # One prefill per bucket used (a fresh prompt's page table is as wide as its bucket's pages); the first-token
   # sampler compiles per power-of-two prompt size, which for these buckets is the same set; one decode program
-  # per attended-length bucket: contiguous, 128 and 256 positions; paged, each power-of-two page-table width of
-  # 64-token pages holding the prompt and the 3 tokens one decode block writes.
-  decode = 2 if not paged else len({1 << (-(-(int(n) + 3) // 64) - 1).bit_length() for n in lengths})
+  # per power-of-two page-table width of 64-token pages holding the prompt and the 3 tokens one decode block writes.
+  decode = len({1 << (-(-(int(n) + 3) // 64) - 1).bit_length() for n in lengths})
   assert per_name("prefill") == len(used) <= len(engine.buckets.sizes), compiled
   assert per_name("first_token") == len(used), compiled
   assert per_name("decode") == decode, compiled

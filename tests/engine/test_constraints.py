@@ -252,14 +252,6 @@ def test_grammar_rows_pause_one_token_per_block_and_survive_preemption(tiny):
   assert one.stats["decode_calls"] == len(out.token_ids) - 1  # the first token comes with the prefill
 
 
-def test_contiguous_engine_constrains_too(tiny):
-  engine = _engine(tiny, max_batch_size=2, paged=False, decode_steps=4)
-  outs = engine.generate([_schema_request(SCHEMAS[1], seed=7),
-                          Request(prompt="a", sampling=SamplingParams(max_tokens=9, temperature=1.0, seed=2))])
-  jsonschema.validate(json.loads(outs[0].text), SCHEMAS[1])
-  assert len(outs[1].token_ids) == 9
-
-
 def test_no_recompilation_after_warm_up_as_constrained_rows_come_and_go(tiny):
   """warm_up(constrained=True) adds the masked decode (k and 1 steps) and first-token variants; then a mix of
   free, grammar-constrained and tool_choice "none" requests through two slots compiles nothing."""

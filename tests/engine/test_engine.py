@@ -215,23 +215,3 @@ def test_packed_prefill_admits_many_prompts_in_few_calls(tiny):
   assert engine.stats["prefill_calls"] <= 4, engine.stats
   for p, out in zip(prompts, outs):
     assert out.token_ids == _hf_greedy(hf, p, 5)
-
-
-def test_contiguous_engine_compiles_nothing_after_warm_up(tiny):
-  engine = _engine(tiny, max_batch_size=4, max_prefill_chunk=64, paged=False)
-  greedy, sampled = SamplingParams(max_tokens=6), SamplingParams(max_tokens=6, temperature=0.7, top_p=0.9,
-                                                                 repetition_penalty=1.1, seed=1)
-  # Warm-up: every prefill bucket, fresh and appended (chunked), every first-token shape; greedy and sampled.
-  warm = [list(range(1, n + 1)) for n in (10, 20, 40, 60, 80, 90, 120, 200)]
-  engine.generate(warm, greedy)
-  engine.generate(warm, sampled)  # with penalties
-  engine.generate(warm, SamplingParams(max_tokens=6, temperature=0.5, seed=2))  # without
-  rng = np.random.default_rng(9)
-  workload = [Request(prompt=rng.integers(0, 600, size=int(rng.integers(1, 230))).tolist(),
-                      sampling=SamplingParams(max_tokens=int(rng.integers(1, 20)),
-                                              temperature=float(rng.choice([0.0, 0.8])), seed=int(i),
-                                              top_k=int(rng.choice([0, 5])), stop=["zz"] if i % 3 else ()))
-              for i in range(25)]
-  with count_compilations() as compiled:
-    engine.generate(workload)
-  assert sum(compiled.values()) == 0, compiled

@@ -147,7 +147,6 @@ def test_bad_paged_settings_are_one_line_errors(tiny_gqa):
   _, model, _ = tiny_gqa
   for kw, message in ((dict(attention_impl="triton"), "attention_impl 'triton' is not one of xla, pallas"),
                       (dict(kv_cache_dtype="fp8"), "kv_cache_dtype 'fp8' is not"),
-                      (dict(paged=False, attention_impl="pallas"), "needs the paged KV cache"),
                       (dict(kv_cache_memory=1e-9), "holds no page"),
                       (dict(kv_cache_memory=-1.0), "must be a positive number")):
     with pytest.raises(ConfigError, match=message):

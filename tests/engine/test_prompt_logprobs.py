@@ -75,29 +75,19 @@ def test_packed_prompts_of_different_lengths(tiny):
   assert outs[-1].token_ids == outs[2].token_ids
 
 
-@pytest.mark.parametrize("paged", [True, False])
-def test_chunked_prefill_carries_across_chunks(tiny, paged):
+def test_chunked_prefill_carries_across_chunks(tiny):
   """Prompts of 70 and 45 tokens in 16-token chunks: each chunk's first token is scored by the last position of
   the chunk before it."""
   hf = tiny[0]
   prompts = [_prompts(1, 2, 70, 71)[0], _prompts(1, 3, 45, 46)[0]]
-  engine = _engine(tiny, max_prefill_chunk=16, paged=paged)
+  engine = _engine(tiny, max_prefill_chunk=16)
   outs = engine.generate(prompts, _scored())
   assert engine.stats["prefill_calls"] == 5 + 3, engine.stats
   for p, out in zip(prompts, outs):
     _assert_matches(out.prompt_logprobs, _hf_prompt_logprobs(hf, p))
 
 
-def test_contiguous_engine(tiny):
-  hf = tiny[0]
-  prompts = _prompts(3, 4, 3, 50)
-  outs = _engine(tiny, paged=False, max_batch_size=2).generate(prompts, _scored())
-  for p, out in zip(prompts, outs):
-    _assert_matches(out.prompt_logprobs, _hf_prompt_logprobs(hf, p))
-
-
-@pytest.mark.parametrize("paged", [True, False])
-def test_generated_tokens_are_unchanged(tiny, paged):
+def test_generated_tokens_are_unchanged(tiny):
   """Seeded sampling with penalties, n > 1 with stop token ids and logprobs: the same completions with prompt
   log-probabilities on, which come once per request however many samples it has. (Every request has a penalty,
   so that one decode variant serves them all: a fast test. Greedy tokens: test_packed_prompts_of_different_lengths.)"""
@@ -106,7 +96,7 @@ def test_generated_tokens_are_unchanged(tiny, paged):
   kinds = [dict(temperature=0.9, top_k=20, repetition_penalty=1.3, seed=5),
            dict(temperature=1.0, n=3, seed=2, stop_token_ids=[17], logprobs=True, presence_penalty=0.5),
            dict(n=2, stop_token_ids=[3, 4, 5], frequency_penalty=0.4)]
-  engine = _engine(tiny, paged=paged, max_batch_size=8, max_seq_len=128, page_size=64)
+  engine = _engine(tiny, max_batch_size=8, max_seq_len=128, page_size=64)
   plain = engine.generate([Request(prompt=p, sampling=SamplingParams(max_tokens=8, **k))
                            for p, k in zip(prompts, kinds)])
   scored = engine.generate([Request(prompt=p, sampling=_scored(8, **k)) for p, k in zip(prompts, kinds)])

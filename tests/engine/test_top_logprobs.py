@@ -39,21 +39,20 @@ def _check(hf, prompt, completion, k):
     assert abs(lp - want[pos][tok]) < TOL
 
 
-@pytest.mark.parametrize("paged", [True, False])
-def test_top_logprobs_equal_transformers_beside_other_rows(tiny, paged):
+def test_top_logprobs_equal_transformers_beside_other_rows(tiny):
   hf, model = tiny
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, 300, size=n).tolist() for n in (9, 4, 17)]
   params = [SamplingParams(max_tokens=7, temperature=1.0, seed=3, top_logprobs=5),
             SamplingParams(max_tokens=7),
             SamplingParams(max_tokens=6, repetition_penalty=1.3, top_logprobs=20, n=2)]
-  engine = Engine(model, None, eos_token_ids=(), max_batch_size=4, max_seq_len=64, decode_steps=3, paged=paged)
+  engine = Engine(model, None, eos_token_ids=(), max_batch_size=4, max_seq_len=64, decode_steps=3)
   outs = engine.generate([Request(prompt=p, sampling=s) for p, s in zip(prompts, params)])
   _check(hf, prompts[0], outs[0].outputs[0], 5)
   for c in outs[2].outputs:
     _check(hf, prompts[2], c, 20)
   assert outs[1].outputs[0].top_logprobs is None and outs[1].outputs[0].logprobs is None
-  alone = Engine(model, None, eos_token_ids=(), max_batch_size=4, max_seq_len=64, decode_steps=3, paged=paged)
+  alone = Engine(model, None, eos_token_ids=(), max_batch_size=4, max_seq_len=64, decode_steps=3)
   [plain] = alone.generate([Request(prompt=prompts[1], sampling=params[1])])
   assert outs[1].token_ids == plain.token_ids  # the variant changes no row's tokens
 

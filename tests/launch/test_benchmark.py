@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
 from PIL import Image
 
@@ -26,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 def test_end_to_end_report_plot_and_table(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "launch.benchmark", "--preset=tiny", "--batch_sizes=1,2", "--prompt_tokens=16",
-       "--new_tokens=8", "--compare", "--compare_with=transformers,llamacpp", "--kv_caches=paged",
+       "--new_tokens=8", "--compare", "--compare_with=transformers,llamacpp",
        "--quantize=none,int8", f"--output_dir={tmp_path}"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,7 +43,7 @@ def test_end_to_end_report_plot_and_table(tmp_path):
   # llama.cpp runs a GGUF file; a random-weight preset has none, and the report says so.
   assert "gguf" in report["engines"]["llamacpp"]["skipped"]
 
-  assert "qwenjax-contiguous" not in report["engines"]  # --kv_caches=paged: the contiguous engine is not measured
+  assert set(report["engines"]) == {"qwenjax", "qwenjax-int8", "transformers", "llamacpp"}
   for name in ("qwenjax", "transformers"):
     runs = report["engines"][name]["runs"]
     assert [r["batch"] for r in runs] == [1, 2]
@@ -62,7 +63,7 @@ def test_end_to_end_report_plot_and_table(tmp_path):
   assert ratios["throughput_largest_batch"]["qwenjax_over_transformers"] > 0
   assert ratios["decode_batch_1"]["qwenjax_over_llamacpp"] is None
 
-  # --quantize=int8: one more paged engine over the same random weights in int8, side by side.
+  # --quantize=int8: one more engine over the same random weights in int8, side by side.
   q = report["engines"]["qwenjax-int8"]
   assert q["quantize"] == "int8" and [r["batch"] for r in q["runs"]] == [1, 2]
   assert all(r["compilations_after_warmup"] == 0 and r["decode_tokens_per_s"] > 0 for r in q["runs"])
@@ -123,8 +124,8 @@ def walls_of(section: dict) -> dict:
 
 @pytest.mark.slow
 def test_batch_job_and_concurrency_end_to_end(checkpoint, tmp_path):
-  """--job serves the mixed requests with batch_generate (paged, contiguous) and records llama.cpp as skipped for a
-  checkpoint directory; --concurrency counts sequences; both land in report.json, the table and the plot."""
+  """--job serves the mixed requests with batch_generate (float and int8 weights) and records llama.cpp as skipped
+  for a checkpoint directory; --concurrency counts sequences; both land in report.json, the table and the plot."""
   memory = 0.01
   proc = subprocess.run(
       [sys.executable, "-m", "launch.benchmark", f"--model={checkpoint}", "--batch_sizes=1", "--prompt_tokens=64",
@@ -136,13 +137,9 @@ def test_batch_job_and_concurrency_end_to_end(checkpoint, tmp_path):
   report = json.loads((tmp_path / "report.json").read_text())
   engines, ratios = report["engines"], report["ratios"]
 
-  # The fixed-length job: paged and contiguous qwenjax side by side, the same greedy tokens.
-  assert engines["qwenjax"]["kv_cache"] == "paged" and engines["qwenjax-contiguous"]["kv_cache"] == "contiguous"
-  paged, contiguous = engines["qwenjax"]["runs"][0], engines["qwenjax-contiguous"]["runs"][0]
-  assert contiguous["greedy_agreement_with_qwenjax"] == 1 and contiguous["compilations_after_warmup"] == 0
-  [row] = ratios["paged_over_contiguous"]
-  for key in ("decode_tokens_per_s", "throughput_tokens_per_s", "prefill_tokens_per_s"):
-    assert row[key] == pytest.approx(paged[key] / contiguous[key], rel=2e-3)
+  # The fixed-length job: qwenjax and qwenjax-int8, each compiling nothing once warm.
+  assert set(engines) == {"qwenjax", "qwenjax-int8"}
+  assert all(engines[n]["runs"][0]["compilations_after_warmup"] == 0 for n in engines)
 
   # The batch job: the same requests to every engine, each answered once, and the same greedy completions.
   section = report["job"]
@@ -150,27 +147,35 @@ def test_batch_job_and_concurrency_end_to_end(checkpoint, tmp_path):
   assert lines == workload.job_requests(3)
   assert section["requests"] == 3 and section["slots"] == 2
   assert "gguf" in section["engines"]["llamacpp"]["skipped"]
-  for name, kv in (("qwenjax", "paged"), ("qwenjax-contiguous", "contiguous")):
-    e = section["engines"][name]
-    assert f"--kv_cache={kv}" in e["command"] and "failed" not in e, e
-    records = job.read_results(tmp_path / f"job_{kv}.jsonl")
-    assert e["answered"] == len(records) == 3 and e["errors"] == 0
-    assert e["generated_tokens"] == sum(r["usage"]["completion_tokens"] for r in records.values())
-    assert 0 < e["generated_tokens"] <= section["max_tokens"]["total"] and e["wall_s"] > 0
-  # --quantize=int8: one more batch_generate run, paged, with int8 weights; each run's own peak memory.
+  e = section["engines"]["qwenjax"]
+  assert "failed" not in e, e
+  records = job.read_results(tmp_path / "job_paged.jsonl")
+  assert e["answered"] == len(records) == 3 and e["errors"] == 0
+  assert e["generated_tokens"] == sum(r["usage"]["completion_tokens"] for r in records.values())
+  assert 0 < e["generated_tokens"] <= section["max_tokens"]["total"] and e["wall_s"] > 0
+  # Its greedy completions are transformers' on the same prompt ids (job_tokens.jsonl), to the engine's first
+  # end-of-sequence token or max_tokens (the first three requests have no stop strings).
+  loaded = qwenjax.load(str(checkpoint))
+  eos = sorted(set(loaded.model.cfg.eos_token_ids) | set(loaded.tokenizer.eos_token_ids))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+  for line in (tmp_path / "job_tokens.jsonl").read_text().splitlines():
+    t = json.loads(line)
+    assert not t["stop"]
+    ids = t["prompt_ids"]
+    with torch.no_grad():
+      want = hf.generate(torch.tensor([ids]), max_new_tokens=t["max_tokens"], do_sample=False, eos_token_id=eos,
+                         pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):]
+    assert records[str(t["id"])]["token_ids"] == want.tolist(), t["id"]
+  # --quantize=int8: one more batch_generate run with int8 weights; each run's own peak memory.
   q = section["engines"]["qwenjax-int8"]
-  assert "--quantize=int8" in q["command"] and "--kv_cache=paged" in q["command"] and "failed" not in q, q
+  assert "--quantize=int8" in q["command"] and "failed" not in q, q
   assert q["answered"] == 3 and len(job.read_results(tmp_path / "job_paged_int8.jsonl")) == 3
-  assert all(section["engines"][n]["peak_rss_gib"] > 0.1 for n in ("qwenjax", "qwenjax-contiguous", "qwenjax-int8"))
+  assert all(section["engines"][n]["peak_rss_gib"] > 0.1 for n in ("qwenjax", "qwenjax-int8"))
   assert ratios["job"]["int8_speedup_over_float"] == pytest.approx(walls_of(section)["qwenjax"] / q["wall_s"], rel=2e-3)
-  assert set(section["identical_completions_with_qwenjax"]) == {"qwenjax-contiguous", "qwenjax-int8"}
-  assert section["identical_completions_with_qwenjax"]["qwenjax-contiguous"] == 1.0
-  walls = {n: section["engines"][n]["wall_s"] for n in ("qwenjax", "qwenjax-contiguous")}
-  assert ratios["job"]["paged_speedup_over_contiguous"] == pytest.approx(
-      walls["qwenjax-contiguous"] / walls["qwenjax"], rel=2e-3)
+  assert set(section["identical_completions_with_qwenjax"]) == {"qwenjax-int8"}
   assert ratios["job"]["paged_speedup_over_llamacpp"] is None
 
-  # Concurrency: contiguous computed from the budget, paged measured (here every request decodes at once).
+  # Concurrency: one row per slot computed from the budget, paged measured (here every request decodes at once).
   c = report["concurrency"]
   assert c["contiguous_sequences"] == int(memory * 2**30 // c["contiguous_row_bytes"]) > 0
   assert c["paged"]["peak_sequences"] == 3 and c["paged"]["limited_by"] == "requests"
@@ -178,7 +183,7 @@ def test_batch_job_and_concurrency_end_to_end(checkpoint, tmp_path):
   assert ratios["concurrency"]["paged_over_contiguous"] == pytest.approx(3 / c["contiguous_sequences"], rel=2e-3)
 
   assert "batch job: 3 requests" in proc.stdout and "concurrency at 2048 positions" in proc.stdout
-  assert "qwenjax-contiguous" in proc.stdout and "paged / contiguous KV cache" in proc.stdout
+  assert "one row per slot" in proc.stdout and "qwenjax-int8" in proc.stdout
   with Image.open(tmp_path / "tokens_per_s.png") as image:
     assert image.format == "PNG" and image.size[0] > image.size[1]  # the job and concurrency panels beside
 
@@ -214,7 +219,7 @@ def test_job_prompts_span_30_to_400_tokens_with_the_real_tokenizer(real_gguf_pat
   assert sum(100 <= n < 300 for n in lengths) > 50  # spread, not two clusters
 
 
-def test_contiguous_row_is_one_slot_of_the_kv_cache():
+def test_contiguous_row_is_one_slot_of_a_contiguous_kv_cache():
   cfg = workload.tiny_config()
   cache = qwenjax.KVCache.zeros(cfg, 1, 300 + 64)
   assert concurrency.contiguous_row_bytes(cfg, 4, 300, 64) == cache.k.nbytes + cache.v.nbytes
@@ -225,22 +230,20 @@ def test_ratios_come_from_the_figures():
     return {"runs": [{"batch": 1, "decode_tokens_per_s": decode, "throughput_tokens_per_s": job_tps,
                       "prefill_tokens_per_s": 100.0}]}
 
-  engines = {"qwenjax": runs(12.0, 6.0), "qwenjax-contiguous": runs(8.0, 4.0), "transformers": runs(6.0, 3.0)}
-  job_section = {"engines": {"qwenjax": {"wall_s": 50.0}, "qwenjax-contiguous": {"wall_s": 75.0},
+  engines = {"qwenjax": runs(12.0, 6.0), "transformers": runs(6.0, 3.0)}
+  job_section = {"engines": {"qwenjax": {"wall_s": 50.0}, "qwenjax-int8": {"wall_s": 25.0},
                              "llamacpp": {"wall_s": 100.0}}}
   conc = {"contiguous_sequences": 5, "paged": {"peak_sequences": 128}}
   r = compute_ratios(engines, [1], job_section, conc)
-  assert r["paged_over_contiguous"] == [{"batch": 1, "decode_tokens_per_s": 1.5, "throughput_tokens_per_s": 1.5,
-                                         "prefill_tokens_per_s": 1.0}]
   assert r["decode_batch_1"]["qwenjax_over_transformers"] == 2.0
-  assert r["job"] == {"paged_speedup_over_contiguous": 1.5, "paged_speedup_over_llamacpp": 2.0}
+  assert r["job"] == {"paged_speedup_over_llamacpp": 2.0, "int8_speedup_over_llamacpp": 4.0,
+                      "int8_speedup_over_float": 2.0}
   assert r["concurrency"] == {"paged_over_contiguous": 128 / 5}
-  # A skipped or failed engine, or a budget that holds no contiguous slot, has no ratio.
+  # A skipped or failed engine, or a budget that holds no row of a slot, has no ratio.
   job_section["engines"]["llamacpp"] = {"skipped": "not installed"}
-  job_section["engines"]["qwenjax-contiguous"]["failed"] = "exit status 1"
+  job_section["engines"]["qwenjax-int8"]["failed"] = "exit status 1"
   r = compute_ratios({"qwenjax": runs(12.0, 6.0)}, [1], job_section, dict(conc, contiguous_sequences=0))
-  assert r["paged_over_contiguous"][0]["decode_tokens_per_s"] is None
-  assert r["job"] == {"paged_speedup_over_contiguous": None, "paged_speedup_over_llamacpp": None}
+  assert r["job"] == {"paged_speedup_over_llamacpp": None}
   assert r["concurrency"]["paged_over_contiguous"] is None
 
 

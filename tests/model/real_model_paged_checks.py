@@ -52,17 +52,18 @@ def _chats(tokenizer, n):
 
 @pytest.fixture(scope="module")
 def one_at_a_time(ours):
-  """The eight distinct chats' float32 greedy completions (GREEDY_TOKENS) from the contiguous engine with one slot,
-  computed once: the reference of the 32-slot batch (whose prompt i is chat i % 8) and of int8 pages."""
+  """The eight distinct chats' float32 greedy completions (GREEDY_TOKENS) from the engine with one slot and no
+  prefix caching (one prompt at a time, nothing shared), computed once: the reference of the 32-slot batch (whose
+  prompt i is chat i % 8) and of int8 pages."""
   prompts = _chats(ours.tokenizer, 8)
-  single = qwenjax.Engine(ours.model, ours.tokenizer, max_batch_size=1, max_seq_len=512, paged=False)
+  single = qwenjax.Engine(ours.model, ours.tokenizer, max_batch_size=1, max_seq_len=512, prefix_caching=False)
   return prompts, single.generate(prompts, SamplingParams(max_tokens=GREEDY_TOKENS))
 
 
 def test_32_slots_at_32k_context_fit_and_equal_one_at_a_time(ours, one_at_a_time):
   """A contiguous cache for 32 slots of 32768 positions would need 24 GiB in float32 (this machine's memory);
   a 2 GiB pool (half the CPU default) holds what the sequences use. Every answer equals the one-prompt-at-a-time
-  contiguous engine's (greedy: its first 16 of GREEDY_TOKENS tokens, or all of them where it stopped sooner).
+  engine's (greedy: its first 16 of GREEDY_TOKENS tokens, or all of them where it stopped sooner).
   The 32 prompts are the eight distinct chats four times each: later copies read their prompt from shared pages."""
   cfg = ours.config
   contiguous_gib = 2 * cfg.num_layers * 32 * (32768 + 512) * cfg.num_kv_heads * cfg.head_dim * 4 / 2**30
@@ -131,8 +132,8 @@ def test_int8_pages_perplexity_within_half_a_percent(ours):
 
 
 def test_int8_pages_greedy_agreement_on_chat(ours, one_at_a_time):
-  """int8 pages in eight slots against float32 greedy (the one-slot contiguous engine's; the 32-slot test shows
-  float32 pages give the same tokens)."""
+  """int8 pages in eight slots against float32 greedy (the one-slot engine's; the 32-slot test shows float32 pages
+  give the same tokens in a full batch)."""
   prompts, f32 = one_at_a_time
   params = SamplingParams(max_tokens=GREEDY_TOKENS)
   int8 = qwenjax.Engine(ours.model, ours.tokenizer, kv_cache_dtype="int8", max_batch_size=8,

@@ -96,15 +96,14 @@ def test_peft_adapters_match_transformers_in_one_batch(tiny, scan_layers):
   assert np.abs(_ref_logits(ref, "a", ids) - _ref_logits(ref, None, ids)).max() > 0.1
 
 
-@pytest.mark.parametrize("paged", [True, False])
-def test_a_batch_mixing_two_adapters_and_the_base_gives_each_row_its_own_tokens(tiny, paged):
+def test_a_batch_mixing_two_adapters_and_the_base_gives_each_row_its_own_tokens(tiny):
   """One prompt under adapter a, b and none, and other prompts, interleaved through 4 slots (the same prompt
   under different adapters must not share prefix pages); each equals transformers + peft greedy, and the
   engine serving that request alone."""
   root, ref = tiny
   model = load_model(root / "base")
   lora = {"a": root / "a", "b": root / "b"}
-  engine = Engine(model, None, max_batch_size=4, max_seq_len=128, eos_token_ids=(), paged=paged, lora=lora)
+  engine = Engine(model, None, max_batch_size=4, max_seq_len=128, eos_token_ids=(), lora=lora)
   rng = np.random.default_rng(0)
   shared = rng.integers(0, 390, 40).tolist()
   prompts = [shared, shared, shared] + [rng.integers(0, 390, int(rng.integers(5, 50))).tolist() for _ in range(5)]
@@ -114,7 +113,7 @@ def test_a_batch_mixing_two_adapters_and_the_base_gives_each_row_its_own_tokens(
   for p, n, out in zip(prompts, names, outs):
     assert out.token_ids == _ref_greedy(ref, n, p, 10), n
   assert len({tuple(o.token_ids) for o in outs[:3]}) == 3  # the three adapters disagree on the shared prompt
-  alone = Engine(model, None, max_batch_size=1, max_seq_len=128, eos_token_ids=(), paged=paged, lora=lora)
+  alone = Engine(model, None, max_batch_size=1, max_seq_len=128, eos_token_ids=(), lora=lora)
   for p, n, out in zip(prompts[:4], names[:4], outs[:4]):
     assert alone.generate([Request(prompt=p, lora=n, sampling=params)])[0].token_ids == out.token_ids
   assert model.lora is None  # the engine's bank lives in its params; the model object is left as it came

@@ -60,13 +60,10 @@ def _engine_layout_errors(engine: Engine, mesh) -> list[str]:
   # pylint: disable=protected-access
   errors = _weight_layout_errors(engine.model, mesh)
   cache = engine._cache
-  if engine.paged:  # the page pool: pages over data, KV heads over tensor
-    want = sharding.paged_cache_sharding(engine.cfg, mesh, cache.num_pages, cache.page_size, cache.quantized,
-                                         engine.rules)
-    names = ("k", "v") + (("k_scale", "v_scale") if cache.quantized else ())
-  else:
-    want = sharding.cache_sharding(engine.cfg, mesh, cache.k.shape[1], cache.max_len, engine.rules)
-    names = ("k", "v", "lengths", "rope_offset")
+  # The page pool: pages over data, KV heads over tensor.
+  want = sharding.paged_cache_sharding(engine.cfg, mesh, cache.num_pages, cache.page_size, cache.quantized,
+                                       engine.rules)
+  names = ("k", "v") + (("k_scale", "v_scale") if cache.quantized else ())
   slot = sharding.named_sharding(mesh, ("batch", "vocab"), engine._slots.counts.shape, engine.rules)
   arrays = {f"cache.{name}": (getattr(cache, name), getattr(want, name)) for name in names}
   arrays.update({"prompt_mask": (engine._slots.prompt_mask, slot), "counts": (engine._slots.counts, slot)})
