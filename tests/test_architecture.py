@@ -1,5 +1,6 @@
 """The package's shape: imports (those inside functions too) form no cycle and run down the layers, and the top
-level holds only the public API, the errors and the configs."""
+level holds only the public API, the errors, the file helpers every reader and writer of users' files goes through,
+and the configs."""
 
 import ast
 import pathlib
@@ -10,7 +11,7 @@ PACKAGE = REPO / "qwenjax"
 
 # Bottom to top. A module may import modules of its own layer or below, never above (and never in a cycle).
 LAYERS = (
-    ("qwenjax._errors", "qwenjax.config"),
+    ("qwenjax._errors", "qwenjax._files", "qwenjax.config"),
     # leaves that import nothing above the configs: logical axes and mesh rules, multi-host, kernels, buckets,
     # host-side page bookkeeping, and the KV cache pytree (sharding places it)
     ("qwenjax.parallel.axes", "qwenjax.parallel.sharding", "qwenjax.parallel.distributed", "qwenjax.kernels",
@@ -126,7 +127,7 @@ def test_imports_run_down_the_layers():
 
 def test_the_top_level_is_the_api_errors_and_configs():
   flat = sorted(p.name for p in PACKAGE.glob("*.py"))
-  assert flat == ["__init__.py", "_errors.py", "config.py"], flat
+  assert flat == ["__init__.py", "_errors.py", "_files.py", "config.py"], flat
   folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
   assert folders == ["checkpoints", "engine", "kernels", "model", "multimodal", "parallel", "text", "training"]
   assert all((PACKAGE / f / "__init__.py").is_file() for f in folders)
