@@ -255,6 +255,16 @@ def fsync_directory(path: str | os.PathLike[str]) -> None:
     os.close(dir_fd)
 
 
+# The report files batch_generate wrote before they carried a marker, known by the keys every one of them has, so
+# that a job begun with an older qwenjax resumes after an upgrade (a file of the user's has no reason to hold them).
+_BEFORE_MARKERS = {
+    "batch_generate summary": frozenset({"output", "lines", "complete", "finished_at", "missing", "this_run"}),
+    "batch_generate progress": frozenset({"done", "total", "fraction", "eta_seconds", "replicas",
+                                          "replicas_reporting", "updated", "final"}),
+    "batch_generate replica progress": frozenset({"replica", "elapsed_seconds", "compile_seconds", "final"}),
+}
+
+
 def is_marked(path: str | os.PathLike[str], marker: str) -> bool:
   """Whether `path` is a regular file (not a link) holding a JSON object that `write_json` wrote with `marker`."""
   if os.path.islink(path) or not os.path.isfile(path):
@@ -263,7 +273,11 @@ def is_marked(path: str | os.PathLike[str], marker: str) -> bool:
     obj = read_json(path)
   except InputError:
     return False
-  return isinstance(obj, dict) and obj.get(MARKER_KEY) == marker
+  if not isinstance(obj, dict):
+    return False
+  if MARKER_KEY not in obj and marker in _BEFORE_MARKERS:  # written by a qwenjax from before markers
+    return _BEFORE_MARKERS[marker] <= obj.keys()
+  return obj.get(MARKER_KEY) == marker
 
 
 def check_ours(path: str | os.PathLike[str], marker: str, what: str) -> None:

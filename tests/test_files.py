@@ -75,3 +75,22 @@ def test_report_files_are_written_only_over_our_own(tmp_path):
   assert foreign.read_text() == '{"mine": true}\n' and not _files.remove_if_ours(foreign, "summary")
   assert _files.remove_if_ours(path, "summary") and not path.exists()
   assert not [p for p in os.listdir(tmp_path) if _files.TMP_INFIX in p]
+
+
+def test_report_files_from_before_markers_are_ours(tmp_path):
+  """A job begun with a qwenjax that wrote reports without a marker resumes after an upgrade: its summary and
+  progress files (as the old `reports.summary` / `Progress.refresh` wrote them) are recognised, a user's are not."""
+  old_summary = {"output": "out.jsonl", "lines": 3, "complete": True, "finished_at": "2026-11-30T10:00:00+00:00",
+                 "records": 3, "answered": 3, "failed": 0, "missing": 0, "this_run": {"records": 3}}
+  old_progress = {"done": 1, "total": 3, "fraction": 0.33, "elapsed_seconds": 2.0, "eta_seconds": 4.0,
+                  "replicas": 1, "replicas_reporting": 1, "updated": "2026-11-30T10:00:00+00:00", "final": False}
+  for name, old, marker in (("s.json", old_summary, "batch_generate summary"),
+                            ("p.json", old_progress, "batch_generate progress")):
+    path = tmp_path / name
+    path.write_text(json.dumps(old))
+    _files.write_json(path, {"new": 1}, marker=marker)
+    assert json.loads(path.read_text()) == {"new": 1, _files.MARKER_KEY: marker}
+    del old["final" if "final" in old else "this_run"]  # one of the keys every such file has is missing
+    path.write_text(json.dumps(old))
+    with pytest.raises(InputError, match="not written by qwenjax"):
+      _files.write_json(path, {"new": 1}, marker=marker)
