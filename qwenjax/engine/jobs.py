@@ -164,29 +164,6 @@ def check_paths(input_paths: str | Sequence[str], output_path: str) -> None:
 # --- The results file --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Scan:
-  """What a results file holds. records: each valid record's exact bytes (no newline), in file order; ids: their
-  record_key()s; corrupt: (line number, bytes) of every region that is not a record; terminated: whether the
-  data ends with a newline (or is empty)."""
-
-  records: list[bytes]
-  ids: set[str]
-  corrupt: list[tuple[int, bytes]]
-  terminated: bool
-
-
-def scan_results(data: bytes) -> Scan:
-  """Splits a results file's bytes into records and corrupt regions. Pure: nothing is read or written."""
-  scan = Scan([], set(), [], not data or data.endswith(b"\n"))
-  for number, line in enumerate(data.split(b"\n"), 1):
-    records, corrupt = _split_line(line)
-    scan.records.extend(r for r, _ in records)
-    scan.ids.update(k for _, k in records)
-    scan.corrupt.extend((number, c) for c in corrupt)
-  return scan
-
-
 def _split_line(line: bytes) -> tuple[list[tuple[bytes, str]], list[bytes]]:
   """One line (no newline) -> its records as (exact bytes, record_key of the id), and its corrupt regions.
   Records glued together or separated by garbage are found by trying a JSON object at each "{" that is not inside
