@@ -284,14 +284,14 @@ def main(argv):
   del argv
   started = time.monotonic()
   import qwenjax  # pylint: disable=g-import-not-at-top
-  from qwenjax.engine import jobs, reports  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import jobs, profiling  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.engine import Engine  # pylint: disable=g-import-not-at-top
   from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
   lock = None
   served = failed = 0
   try:
-    compile_timer = reports.CompileTimer()
+    compile_timer = profiling.CompileTimer()
     _common.initialize_distributed()
     model = _common.MODEL.value
     serving = _common.serving(model, max_batch_size=_MAX_BATCH_SIZE.value, max_seq_len=_common.MAX_SEQ_LEN.value,
