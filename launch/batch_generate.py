@@ -117,11 +117,6 @@ _PROGRESS_EVERY_SECONDS = flags.DEFINE_float("progress_every_seconds", 30.0, "Re
                                              "this often (0: only at the end).", lower_bound=0)
 
 
-def _error_code(message: str) -> str:
-  """The kind of a request's error, for the summary and OpenAI's error.code."""
-  return "context_length_exceeded" if "the context holds" in message else "invalid_request"
-
-
 def _error_record(line, message: str, code: str) -> dict:
   """The record of a line that cannot be served, in its format."""
   from qwenjax.engine import openai_batch  # pylint: disable=g-import-not-at-top
@@ -142,7 +137,8 @@ def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, defa
   index modulo the process count); a line that cannot be served lands in `errors`, keyed by its id (or line
   number) so that a rerun, which skips the ids in `skip`, does not record it again. keyed_by_path and
   max_line_bytes: as `jobs.read_input` takes them (the defaults: its own)."""
-  from qwenjax import QwenJaxError  # pylint: disable=g-import-not-at-top
+  from qwenjax import InputError, QwenJaxError  # pylint: disable=g-import-not-at-top
+  from qwenjax._errors import INVALID_REQUEST  # pylint: disable=g-import-not-at-top
   from qwenjax.engine import jobs, openai_batch  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.requests import as_request  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
@@ -170,7 +166,8 @@ def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, defa
       media_root = _MEDIA_ROOT.value or os.path.dirname(os.path.abspath(line.path))
       yield line, request, engine.prepare(request, media_root=media_root)
     except QwenJaxError as e:
-      errors.append(_error_record(line, f"{line.where}: {e}", _error_code(str(e))))
+      code = e.code if isinstance(e, InputError) else INVALID_REQUEST
+      errors.append(_error_record(line, f"{line.where}: {e}", code))
 
 
 def _record(line, request, result, engine) -> dict:
