@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qwenjax.engine import openai_batch
 from qwenjax.engine.constraints import GRAMMAR_ERROR
 from qwenjax.engine.requests import Request, RequestOutput
 from qwenjax.text import tool_calls
 
-if TYPE_CHECKING:
-  from qwenjax.engine.jobs import InputLine
 
-
-def result_line(line: InputLine, request: Request, output: RequestOutput) -> dict[str, Any]:
-  """The record of input `line`, accepted as `request` and served as `output`; an error record (code
-  "grammar_error") if a sample's constraint failed mid-decode (`openai_batch.grammar_failure`)."""
+def result_line(line, request: Request, output: RequestOutput) -> dict[str, Any]:
+  """The record of input `line` (a `jobs.InputLine`, which imports this module), accepted as `request` and served
+  as `output`; an error record (code "grammar_error") if a sample's constraint failed mid-decode
+  (`openai_batch.grammar_failure`)."""
   broken = openai_batch.grammar_failure(output)
   if broken is not None:  # not an answer: the output would not conform to the line's constraint
     return error_line(line.key, GRAMMAR_ERROR, f"{line.where}: {broken}", obj=line.obj)
