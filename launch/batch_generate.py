@@ -32,7 +32,8 @@ directory or list of frames>}; images of different sizes share batches. A broken
 files must lie inside --media_root (default: the directory of the line's input file; relative paths start there):
 any other path, symlinks resolved, is that line's error, in the same words whatever the file is.
 
-Output lines, in completion order, in the format of their input line:
+Output lines, in completion order, in the format of their input line (`qwenjax.engine.simple_batch` and
+`qwenjax.engine.openai_batch` build them):
 - simple: {"id", "text", "token_ids", "finish_reason", "usage"} (with n > 1, "choices" holds every sample;
   "logprobs", "top_logprobs" ([{"token_id", "logprob"}] per generated token) and "prompt_logprobs", null for
   the first prompt token, when the line's sampling asks; "tool_calls",
@@ -117,22 +118,13 @@ _PROGRESS_EVERY_SECONDS = flags.DEFINE_float("progress_every_seconds", 30.0, "Re
                                              "this often (0: only at the end).", lower_bound=0)
 
 
-def _error_code(message: str) -> str:
-  """The kind of a request's error, for the summary and OpenAI's error.code."""
-  return "context_length_exceeded" if "the context holds" in message else "invalid_request"
-
-
 def _error_record(line, message: str, code: str) -> dict:
   """The record of a line that cannot be served, in its format."""
-  from qwenjax.engine import openai_batch  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import openai_batch, simple_batch  # pylint: disable=g-import-not-at-top
 
   if line.openai and isinstance(line.key, str) and line.key:
-    record = openai_batch.error_line(line.key, code, message)
-  else:
-    record = {"id": line.key, "error": message, "code": code}
-  if line.obj is not None and "metadata" in line.obj:
-    record.setdefault("metadata", line.obj["metadata"])
-  return record
+    return openai_batch.error_line(line.key, code, message, obj=line.obj)
+  return simple_batch.error_line(line.key, code, message, obj=line.obj)
 
 
 def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, default, share: tuple[int, int],
@@ -142,7 +134,8 @@ def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, defa
   index modulo the process count); a line that cannot be served lands in `errors`, keyed by its id (or line
   number) so that a rerun, which skips the ids in `skip`, does not record it again. keyed_by_path and
   max_line_bytes: as `jobs.read_input` takes them (the defaults: its own)."""
-  from qwenjax import QwenJaxError  # pylint: disable=g-import-not-at-top
+  from qwenjax import InputError, QwenJaxError  # pylint: disable=g-import-not-at-top
+  from qwenjax._errors import INVALID_REQUEST  # pylint: disable=g-import-not-at-top
   from qwenjax.engine import jobs, openai_batch  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.requests import as_request  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
@@ -170,42 +163,17 @@ def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, defa
       media_root = _MEDIA_ROOT.value or os.path.dirname(os.path.abspath(line.path))
       yield line, request, engine.prepare(request, media_root=media_root)
     except QwenJaxError as e:
-      errors.append(_error_record(line, f"{line.where}: {e}", _error_code(str(e))))
+      code = e.code if isinstance(e, InputError) else INVALID_REQUEST
+      errors.append(_error_record(line, f"{line.where}: {e}", code))
 
 
 def _record(line, request, result, engine) -> dict:
   """The output record of a served line, in its format."""
-  from qwenjax.engine import constraints, jobs, openai_batch  # pylint: disable=g-import-not-at-top
-  from qwenjax.text import tool_calls  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import openai_batch, simple_batch  # pylint: disable=g-import-not-at-top
 
   if line.openai:
     return openai_batch.result_line(line.obj, result, model=_model_name(), tokenizer=engine.tokenizer)
-  broken = openai_batch.grammar_failure(result)
-  if broken is not None:  # not an answer: the output would not conform to the line's constraint
-    return _error_record(line, f"{line.where}: {broken}", constraints.GRAMMAR_ERROR)
-  usage = dict(result.usage)
-  if result.cached_tokens:
-    usage["cached_tokens"] = result.cached_tokens
-  record = {"id": line.key, "text": result.text, "token_ids": result.token_ids,
-            "finish_reason": result.finish_reason, "usage": usage}
-  if len(result.outputs) > 1:
-    record["choices"] = [{"index": c.index, "text": c.text, "token_ids": c.token_ids,
-                          "finish_reason": c.finish_reason} for c in result.outputs]
-  if result.outputs[0].logprobs is not None:
-    record["logprobs"] = result.outputs[0].logprobs
-  if result.outputs[0].top_logprobs is not None:
-    record["top_logprobs"] = [[{"token_id": i, "logprob": lp} for i, lp in top]
-                              for top in result.outputs[0].top_logprobs]
-  if result.prompt_logprobs is not None:
-    record["prompt_logprobs"] = result.prompt_logprobs
-  if request.tools and request.tool_choice != "none":
-    parsed = tool_calls.parse(result.text, key=jobs.record_key(line.key))
-    record["tool_calls"] = parsed.calls
-    if parsed.errors:
-      record["tool_call_errors"] = parsed.errors
-  if "metadata" in line.obj:
-    record["metadata"] = line.obj["metadata"]
-  return record
+  return simple_batch.result_line(line, request, result)
 
 
 def _model_name() -> str:
@@ -284,14 +252,14 @@ def main(argv):
   del argv
   started = time.monotonic()
   import qwenjax  # pylint: disable=g-import-not-at-top
-  from qwenjax.engine import jobs, reports  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import jobs, profiling  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.engine import Engine  # pylint: disable=g-import-not-at-top
   from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
   lock = None
   served = failed = 0
   try:
-    compile_timer = reports.CompileTimer()
+    compile_timer = profiling.CompileTimer()
     _common.initialize_distributed()
     model = _common.MODEL.value
     serving = _common.serving(model, max_batch_size=_MAX_BATCH_SIZE.value, max_seq_len=_common.MAX_SEQ_LEN.value,

@@ -13,8 +13,18 @@ class ConfigError(QwenJaxError):
   """A model config is malformed or asks for something qwenjax does not support."""
 
 
+# The kinds of InputError, as batch jobs' error records name them (and OpenAI's error.code).
+INVALID_REQUEST = "invalid_request"
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # a prompt the context cannot hold with one generated token
+
+
 class InputError(QwenJaxError):
-  """A prompt, message list or request is invalid (too long, malformed, wrong type)."""
+  """A prompt, message list or request is invalid (too long, malformed, wrong type). code: its kind, set by the
+  check that raises it (CONTEXT_LENGTH_EXCEEDED for a prompt too long; INVALID_REQUEST by default)."""
+
+  def __init__(self, *args, code: str = INVALID_REQUEST):
+    super().__init__(*args)
+    self.code = code
 
 
 def first_line(error: BaseException | str) -> str:

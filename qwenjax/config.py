@@ -156,11 +156,6 @@ class QwenConfig:
       raise ConfigError(f"mrope_section {list(self.mrope_section)} does not sum to head_dim / 2 "
                         f"({self.head_dim // 2}).")
 
-  @property
-  def num_groups(self) -> int:
-    """Query heads that share one KV head (G)."""
-    return self.num_heads // self.num_kv_heads
-
   def layer_windows(self) -> np.ndarray:
     """[L] int32: the sliding-window span of each layer, or a span larger than any position for full attention.
 

@@ -48,7 +48,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from qwenjax._errors import ConfigError, InputError
+from qwenjax._errors import CONTEXT_LENGTH_EXCEEDED, ConfigError, InputError
 from qwenjax.checkpoints.peft import load_adapter
 from qwenjax.engine import constraints as constraints_lib
 from qwenjax.engine import programs
@@ -373,7 +373,7 @@ class Engine:
 
   def _refuse_length(self, n: int) -> None:
     raise InputError(f"the prompt has {n} tokens; the context holds {self._held()} (prompt plus at least one "
-                     "generated token).")
+                     "generated token).", code=CONTEXT_LENGTH_EXCEEDED)
 
   def _refuse_far_over(self, texts: Sequence[tuple[str, str]]) -> None:
     """InputError if texts that a prompt holds verbatim, (name, text) pairs (a raw prompt, each message's content),
@@ -395,7 +395,7 @@ class Engine:
           size = len(text.encode("utf-8"))
           culprit = "the prompt is" if what == "the prompt" else f"{what}: its content is"
         raise InputError(f"{culprit} {size:,} bytes, at least {counted:,} tokens; the context holds {self._held()} "
-                         "tokens (prompt plus at least one generated token).")
+                         "tokens (prompt plus at least one generated token).", code=CONTEXT_LENGTH_EXCEEDED)
 
   @property
   def lora_names(self) -> tuple[str, ...]:

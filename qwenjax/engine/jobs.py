@@ -11,15 +11,15 @@ recognised, recovered, locked and appended to, never overwritten.
         for line in jobs.read_input(inputs): ...           # InputLine(number, key, obj, error, path, code)
           out.write({"id": ..., "text": ...})              # whole, newline-terminated, flushed; fsynced on the policy
 
-A results file is recognised as a job's own when every record in it has a shape `batch_generate` writes: a JSON
-object with an "id" and either an "error" string or "text", "token_ids", "finish_reason" and "usage" (the simple
-format), or an OpenAI Batch output line (`openai_batch.is_result`, keyed by its "custom_id"). A file with no such
-record (a notes file, another job's input, a binary) is refused untouched; so is the input itself. Records glued
-together on one line, or separated by garbage, are split apart again; what is not a record is appended to
-`<output>.corrupt` before the output is rewritten (atomically, onto the file a symlinked output names) without it,
-so no byte is ever lost. A record is
-looked for only where a JSON value can begin, never inside an object that failed to parse: a record torn by a
-kill whose "metadata" holds something record-shaped does not count as that inner record.
+A results file is recognised as a job's own when every record in it has a shape `batch_generate` writes: a simple
+record (`simple_batch.is_result`: a JSON object with an "id" and either an "error" string or "text",
+"token_ids", "finish_reason" and "usage") or an OpenAI Batch output line (`openai_batch.is_result`, keyed by its
+"custom_id"). A file with no such record (a notes file, another job's input, a binary) is refused untouched; so
+is the input itself. Records glued together on one line, or separated by garbage, are split apart again; what is
+not a record is appended to `<output>.corrupt` before the output is rewritten (atomically, onto the file a
+symlinked output names) without it, so no byte is ever lost. A record is looked for only where a JSON value can
+begin, never inside an object that failed to parse: a record torn by a kill whose "metadata" holds something
+record-shaped does not count as that inner record.
 
 Files beside the output are touched only when they are provably the job's own (`qwenjax._files`): the lock is
 `<real output>.qwenjax-lock`, so a file of the user's named `<output>.lock` is never opened; `<output>.corrupt` is
@@ -57,7 +57,7 @@ from absl import logging
 
 from qwenjax import _files
 from qwenjax._errors import InputError
-from qwenjax.engine import openai_batch
+from qwenjax.engine import openai_batch, simple_batch
 
 CORRUPT_SUFFIX = ".corrupt"
 # The first line of every .corrupt file, written only by the job that creates it: what proves the file is ours.
@@ -73,18 +73,11 @@ def record_key(key: Any) -> str:
 
 
 def result_key(obj: Any) -> str | None:
-  """The record_key() of the id a record answers, if `obj` is a record as `batch_generate` writes it: an OpenAI
-  Batch output line (its custom_id), or a simple answer or error (its id). None for anything else."""
-  if not isinstance(obj, dict):
-    return None
-  if openai_batch.is_result(obj):
-    return record_key(openai_batch.result_key(obj))
-  if not isinstance(obj.get("id"), (str, int)) or isinstance(obj["id"], bool):
-    return None
-  if isinstance(obj.get("error"), str) or (
-      isinstance(obj.get("text"), str) and isinstance(obj.get("token_ids"), list)
-      and isinstance(obj.get("finish_reason"), str) and isinstance(obj.get("usage"), dict)):
-    return record_key(obj["id"])
+  """The record_key() of the id a record answers, if `obj` is a record as `batch_generate` writes it, in either
+  format: an OpenAI Batch output line (its custom_id) or a simple record (its id). None for anything else."""
+  for batch_format in (openai_batch, simple_batch):
+    if batch_format.is_result(obj):
+      return record_key(batch_format.result_key(obj))
   return None
 
 
@@ -162,29 +155,6 @@ def check_paths(input_paths: str | Sequence[str], output_path: str) -> None:
 
 
 # --- The results file --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Scan:
-  """What a results file holds. records: each valid record's exact bytes (no newline), in file order; ids: their
-  record_key()s; corrupt: (line number, bytes) of every region that is not a record; terminated: whether the
-  data ends with a newline (or is empty)."""
-
-  records: list[bytes]
-  ids: set[str]
-  corrupt: list[tuple[int, bytes]]
-  terminated: bool
-
-
-def scan_results(data: bytes) -> Scan:
-  """Splits a results file's bytes into records and corrupt regions. Pure: nothing is read or written."""
-  scan = Scan([], set(), [], not data or data.endswith(b"\n"))
-  for number, line in enumerate(data.split(b"\n"), 1):
-    records, corrupt = _split_line(line)
-    scan.records.extend(r for r, _ in records)
-    scan.ids.update(k for _, k in records)
-    scan.corrupt.extend((number, c) for c in corrupt)
-  return scan
 
 
 def _split_line(line: bytes) -> tuple[list[tuple[bytes, str]], list[bytes]]:

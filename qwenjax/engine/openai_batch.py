@@ -310,15 +310,19 @@ def result_line(obj: Mapping[str, Any], output: RequestOutput, *, model: str, to
   return line
 
 
-def error_line(custom_id: Any, code: str, message: str, status_code: int = 400) -> dict[str, Any]:
+def error_line(custom_id: Any, code: str, message: str, status_code: int = 400, *,
+               obj: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """The output line of a request that cannot be served: the API's error body under a non-200 status, and the
-  same code and message under "error"."""
+  same code and message under "error". obj: the input line if it parsed, whose "metadata" is copied."""
   digest = _digest(custom_id)
   kind = "invalid_request_error" if status_code < 500 else "server_error"
   error_body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-  return {"id": f"batch_req_{digest}", "custom_id": custom_id,
+  line = {"id": f"batch_req_{digest}", "custom_id": custom_id,
           "response": {"status_code": status_code, "request_id": f"req_{digest}", "body": error_body},
           "error": {"code": code, "message": message}}
+  if obj is not None and "metadata" in obj:
+    line["metadata"] = obj["metadata"]
+  return line
 
 
 def is_result(obj: Any) -> bool:

@@ -1,14 +1,54 @@
-"""Counting XLA compilations, so bucketing promises can be checked (tests) and reported (benchmarks)."""
+"""Compilations, as jax.monitoring reports them: one listener for the process, which every counter here shares.
+
+    with count_compilations() as compiled:             # XLA compilations by function name, inside the block
+      generator.generate(prompts, sampling)
+    assert compiled["prefill_impl"] <= len(buckets)
+    timer = CompileTimer()                              # from now on: seconds spent compiling, and compilations
+
+Bucketing promises are checked with the first (tests, benchmarks); a batch job reports the second in its summary.
+"""
 
 from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 from jax import monitoring
 
-_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# jax.monitoring duration events of a compilation (tracing, lowering, XLA compile or a persistent-cache read); the
+# last one is the XLA compilation itself (a cache miss), once per program.
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+_BACKEND_COMPILE_EVENT = COMPILE_EVENTS[-1]
+
+_Handler = Callable[[str, float, dict], None]
+_handlers: list[_Handler] = []
+_lock = threading.Lock()
+_registered = False
+
+
+def _listen(event: str, duration: float, **kwargs) -> None:
+  """The process's one jax.monitoring listener: every compile event to every handler (jax calls it from the
+  compiling thread)."""
+  if event in COMPILE_EVENTS:
+    for handler in tuple(_handlers):
+      handler(event, duration, kwargs)
+
+
+def _subscribe(handler: _Handler) -> None:
+  global _registered
+  with _lock:
+    if not _registered:  # once for the process, whoever asks first
+      monitoring.register_event_duration_secs_listener(_listen)
+      _registered = True
+    _handlers.append(handler)
+
+
+def _unsubscribe(handler: _Handler) -> None:
+  with _lock:
+    _handlers.remove(handler)
 
 
 @contextlib.contextmanager
@@ -21,13 +61,27 @@ def count_compilations() -> Iterator[collections.Counter]:
   """
   counts: collections.Counter = collections.Counter()
 
-  def listener(event: str, duration: float, **kwargs) -> None:
+  def count(event: str, duration: float, details: dict) -> None:
     del duration
     if event == _BACKEND_COMPILE_EVENT:
-      counts[kwargs.get("fun_name", "?")] += 1
+      counts[details.get("fun_name", "?")] += 1
 
-  monitoring.register_event_duration_secs_listener(listener)
+  _subscribe(count)
   try:
     yield counts
   finally:
-    monitoring.unregister_event_duration_listener(listener)
+    _unsubscribe(count)
+
+
+class CompileTimer:
+  """Seconds this process spent compiling since the timer was made: the sum of jax.monitoring's compile duration
+  events, and `count`, the XLA compilations among them (the total is only read)."""
+
+  def __init__(self):
+    self.seconds, self.count = 0.0, 0
+    _subscribe(self._add)
+
+  def _add(self, event: str, duration: float, details: dict) -> None:
+    del details
+    self.seconds += duration
+    self.count += event == _BACKEND_COMPILE_EVENT

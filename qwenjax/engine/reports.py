@@ -1,7 +1,7 @@
 """What a batch job reports about itself: a summary beside the output when it ends, counted from the output file
 itself (so the two never disagree), and a progress file refreshed while it runs, aggregated over hosts.
 
-    timer = reports.CompileTimer()                       # from the start: jax.monitoring's compile events
+    timer = profiling.CompileTimer()                     # from the start: jax.monitoring's compile events
     progress = reports.Progress("out.jsonl", replica=0, replicas=2, total=1000, every=30)
     progress.add(answered=1, prompt_tokens=12, generated_tokens=8)      # per record written
     progress.close()                                     # the last refresh; process 0 writes out.jsonl.progress.json
@@ -25,7 +25,7 @@ import os
 import re
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from absl import logging
 
@@ -33,14 +33,14 @@ from qwenjax import _files
 from qwenjax._errors import InputError
 from qwenjax.engine import jobs
 
+if TYPE_CHECKING:
+  from qwenjax.engine import profiling
+
 SUMMARY_SUFFIX = ".summary.json"
 PROGRESS_SUFFIX = ".progress.json"
 SUMMARY_MARKER = "batch_generate summary"
 PROGRESS_MARKER = "batch_generate progress"
 REPLICA_MARKER = "batch_generate replica progress"
-# jax.monitoring duration events of a compilation (tracing, lowering, XLA compile or a persistent-cache read).
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
 
 
 def write_summary(output: str, summary: dict[str, Any]) -> None:
@@ -51,30 +51,6 @@ def write_summary(output: str, summary: dict[str, Any]) -> None:
 
 def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-class CompileTimer:
-  """Seconds this process spent compiling: the sum of jax.monitoring's compile duration events since it was made
-  (jax calls listeners from the compiling thread; the total is only read)."""
-
-  _timers: list[CompileTimer] = []
-  _lock = threading.Lock()
-
-  def __init__(self):
-    import jax  # pylint: disable=g-import-not-at-top
-
-    self.seconds, self.count = 0.0, 0
-    with CompileTimer._lock:
-      if not CompileTimer._timers:  # one listener for the process: jax.monitoring cannot remove one
-        jax.monitoring.register_event_duration_secs_listener(CompileTimer._listen)
-      CompileTimer._timers.append(self)
-
-  @staticmethod
-  def _listen(event: str, duration: float, **_) -> None:
-    if event in COMPILE_EVENTS:
-      for timer in CompileTimer._timers:
-        timer.seconds += duration
-        timer.count += event == COMPILE_EVENTS[-1]
 
 
 # --- Counting the output file -----------------------------------------------------------------------------------
@@ -207,7 +183,7 @@ class Progress:
   FIELDS = ("answered", "failed", "prompt_tokens", "cached_tokens", "generated_tokens")
 
   def __init__(self, output: str, *, replica: int, replicas: int, total: int, every: float,
-               compile_timer: CompileTimer | None = None, writes: bool = True):
+               compile_timer: profiling.CompileTimer | None = None, writes: bool = True):
     self.output, self.replica, self.replicas, self.total = output, replica, replicas, total
     self.counts = dict.fromkeys(self.FIELDS, 0)
     self.compile_timer, self.writes = compile_timer, writes

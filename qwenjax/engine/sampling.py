@@ -275,24 +275,6 @@ def pack(params: Sequence[SamplingParams | None], sample_indices: Sequence[int] 
   return SamplingArrays(**{k: np.asarray(v, dtypes.get(k, np.float32)) for k, v in cols.items()})
 
 
-def prompt_mask_for(token_ids_list: Sequence[Sequence[int] | None], vocab: int, batch: int | None = None,
-                    ) -> np.ndarray:
-  """[batch, vocab] bool: which tokens each slot's prompt holds (None: an idle slot), for repetition_penalty."""
-  batch = len(token_ids_list) if batch is None else batch
-  if len(token_ids_list) > batch:
-    raise ValueError(f"{len(token_ids_list)} prompts do not fit in {batch} slots.")
-  mask = np.zeros((batch, vocab), bool)
-  for i, ids in enumerate(token_ids_list):
-    if ids is None or len(ids) == 0:
-      continue
-    ids = np.asarray(ids, np.int64)
-    if ids.min() < 0 or ids.max() >= vocab:
-      raise InputError(f"prompt {i} holds token id {int(ids.max() if ids.max() >= vocab else ids.min())}, "
-                       f"outside the vocabulary of {vocab}.")
-    mask[i, ids] = True
-  return mask
-
-
 def update_counts(output_counts: jax.Array, tokens: jax.Array, active: jax.Array) -> jax.Array:
   """output_counts [B, V] int32 plus one at (b, tokens[b]) for each active slot b; a [B] scatter-add."""
   rows = jnp.arange(output_counts.shape[0])

@@ -33,6 +33,25 @@ def _row(x, dtype=np.float32):
   return jnp.asarray(np.asarray(x, dtype)[None])
 
 
+def _prompt_mask(token_ids_list, vocab: int, batch: int | None = None) -> np.ndarray:
+  """[batch, vocab] bool: which tokens each slot's prompt holds (None: an idle slot), as the engine's programs
+  build the mask its penalties read (`programs.first_token`, `programs.restore_slot`); an id outside the
+  vocabulary is an InputError."""
+  batch = len(token_ids_list) if batch is None else batch
+  if len(token_ids_list) > batch:
+    raise ValueError(f"{len(token_ids_list)} prompts do not fit in {batch} slots.")
+  mask = np.zeros((batch, vocab), bool)
+  for i, ids in enumerate(token_ids_list):
+    if ids is None or len(ids) == 0:
+      continue
+    ids = np.asarray(ids, np.int64)
+    if ids.min() < 0 or ids.max() >= vocab:
+      raise InputError(f"prompt {i} holds token id {int(ids.max() if ids.max() >= vocab else ids.min())}, "
+                       f"outside the vocabulary of {vocab}.")
+    mask[i, ids] = True
+  return mask
+
+
 @functools.cache
 def _draw_fn(needs: SamplingNeeds, fast_k: int):
   def one(step, logits, arrays, prompt_mask, counts):
@@ -52,7 +71,7 @@ def draw(logits, params: SamplingParams, *, fast_k=256, prompt=(), counts=None, 
   logits = np.concatenate([np.asarray(logits, np.float32), np.full(DRAW_VOCAB - v, -np.inf, np.float32)])
   counts = np.zeros(DRAW_VOCAB, np.int32) if counts is None else np.pad(counts, (0, DRAW_VOCAB - v))
   arrays = sampling.pack([params], sample_indices=[sample_index])
-  prompt_mask = jnp.asarray(sampling.prompt_mask_for([list(prompt)], DRAW_VOCAB))
+  prompt_mask = jnp.asarray(_prompt_mask([list(prompt)], DRAW_VOCAB))
   fn = _draw_fn(needs or ALL_STAGES, fast_k)
   tokens, logprobs = fn(jnp.arange(N_DRAWS), _row(logits), arrays, prompt_mask, _row(counts, np.int32))
   assert np.all(tokens < v), "drew a padding token"
@@ -162,10 +181,10 @@ def test_needs_and_seeds():
 
 
 def test_prompt_mask_and_update_counts():
-  mask = sampling.prompt_mask_for([[1, 3, 3], None], vocab=5, batch=3)
+  mask = _prompt_mask([[1, 3, 3], None], vocab=5, batch=3)
   np.testing.assert_array_equal(mask, [[0, 1, 0, 1, 0], [0] * 5, [0] * 5])
   with pytest.raises(InputError, match=r"^prompt 0 holds token id 7, outside the vocabulary of 5\.$"):
-    sampling.prompt_mask_for([[7]], vocab=5)
+    _prompt_mask([[7]], vocab=5)
   counts = jnp.zeros((3, 5), jnp.int32)
   counts = sampling.update_counts(counts, jnp.array([2, 4, 1]), jnp.array([True, False, True]))
   counts = sampling.update_counts(counts, jnp.array([2, 0, 0]), jnp.array([True, True, False]))
@@ -192,7 +211,7 @@ def test_greedy_is_argmax_of_penalised_logits_lowest_id_on_ties():
   logits = np.array([[1.0, 3.0, 2.9, 3.0, -1.0], [0.0, 0.0, -5.0, 0.0, -5.0]], np.float32)
   params = [SamplingParams(repetition_penalty=1.5), SamplingParams()]
   arrays = sampling.pack(params)
-  prompt = jnp.asarray(sampling.prompt_mask_for([[1, 3], [4]], vocab=5))
+  prompt = jnp.asarray(_prompt_mask([[1, 3], [4]], vocab=5))
   tokens, logprobs = sampling.sample(jnp.asarray(logits), arrays, jnp.zeros(2, jnp.int32), prompt,
                                      jnp.zeros((2, 5), jnp.int32), arrays.needs)
   # Row 0: 3.0 / 1.5 = 2.0 for tokens 1 and 3, so 2 (2.9) wins. Row 1: a three-way tie goes to token 0.

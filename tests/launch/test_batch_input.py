@@ -144,6 +144,18 @@ def test_a_huge_chat_message_is_blamed_on_its_size(engine):
     engine.prepare({"prompt": content})
 
 
+def test_a_prompt_too_long_is_a_kind_of_error_not_a_phrase_in_it(engine):
+  """Where the length is checked, the InputError says its kind (a batch line's error record takes its code from
+  it), whether counted exactly or in bounded pieces; other errors are invalid requests, whatever their words."""
+  for prompt in ("hello " * 200, "hello world " * 40_000):
+    with pytest.raises(InputError, match="the context holds 128") as e:
+      engine.prepare({"prompt": prompt})
+    assert e.value.code == "context_length_exceeded"
+  with pytest.raises(InputError, match="LoRA adapter 'the context holds' is not loaded") as e:
+    engine.prepare({"prompt": "hi", "lora": "the context holds"})
+  assert e.value.code == "invalid_request"
+
+
 def test_a_prompt_counted_in_pieces_is_exact_near_the_limit(engine, checkpoint, monkeypatch):
   """Pieces as small as a few words: a prompt that fits is never refused, one that does not is refused with its
   exact count (transformers' tokenizer is the independent count)."""
