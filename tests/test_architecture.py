@@ -14,7 +14,7 @@ LAYERS = (
     # leaves that import nothing above the configs: logical axes and mesh rules, multi-host, kernels, buckets,
     # host-side page bookkeeping, and the KV cache pytree (sharding places it)
     ("qwenjax.parallel.axes", "qwenjax.parallel.sharding", "qwenjax.parallel.distributed", "qwenjax.kernels",
-     "qwenjax.engine.buckets", "qwenjax.engine.pages", "qwenjax.model.kv_cache"),
+     "qwenjax.kernels.buckets", "qwenjax.engine.pages", "qwenjax.model.kv_cache"),
     ("qwenjax.model", "qwenjax.text", "qwenjax.multimodal"),
     ("qwenjax.checkpoints",),
     ("qwenjax.parallel.planner", "qwenjax.engine", "qwenjax.training"),

@@ -53,7 +53,6 @@ from qwenjax.checkpoints.peft import load_adapter
 from qwenjax.engine import constraints as constraints_lib
 from qwenjax.engine import programs
 from qwenjax.engine import sampling as sampling_lib
-from qwenjax.engine.buckets import LengthBuckets, next_power_of_two
 from qwenjax.engine.pages import PagePool, SequencePages, common_prefix, pages_needed, prefix_hashes, prefix_root
 from qwenjax.engine.programs import (
   DecodeInputs,
@@ -66,6 +65,7 @@ from qwenjax.engine.programs import (
 from qwenjax.engine.requests import Completion, Request, RequestOutput, StreamEvent, as_request, checked_message
 from qwenjax.engine.sampling import SamplingParams
 from qwenjax.kernels.attention import IMPLS, default_impl
+from qwenjax.kernels.buckets import LengthBuckets, next_power_of_two
 from qwenjax.model import lora as lora_lib
 from qwenjax.model import qwen2_vl
 from qwenjax.model.decoder import PagedInputs, Qwen2

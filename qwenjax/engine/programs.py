@@ -24,7 +24,7 @@ sharding=cache_sharding(...))`) and call the programs inside `sharding.use_mesh(
 (and slot state) in the layout it came in.
 
 Each step returns float32 logits and the cache with `lengths` advanced. Prompt lengths pad to
-`qwenjax.engine.buckets.LengthBuckets` so a long-running process compiles one prefill program per bucket (and
+`qwenjax.kernels.buckets.LengthBuckets` so a long-running process compiles one prefill program per bucket (and
 per batch size), not per prompt.
 
 Shapes: B rows (slots), T tokens per row, V vocabulary, D hidden size, M vision features, E stop ids per slot,

@@ -23,7 +23,7 @@ from flax import nnx
 
 from qwenjax._errors import ConfigError
 from qwenjax.config import PRESETS, QwenConfig, read_field, read_json
-from qwenjax.engine.buckets import next_power_of_two
+from qwenjax.kernels.buckets import next_power_of_two
 from qwenjax.model.decoder import Qwen2
 from qwenjax.model.vision import VisionTower
 from qwenjax.model.vision_config import VISION_PRESETS, VisionConfig
