@@ -71,6 +71,7 @@ from qwenjax.model import qwen2_vl
 from qwenjax.model.decoder import PagedInputs, Qwen2
 from qwenjax.model.kv_cache import PagedKVCache, default_page_size, page_bytes, pages_for_memory
 from qwenjax.model.lora import Adapter, LoraBank
+from qwenjax.multimodal import features as features_lib
 from qwenjax.multimodal import processing
 from qwenjax.multimodal.positions import VLPrompt, vl_prompt
 from qwenjax.parallel import sharding
@@ -239,7 +240,7 @@ class Engine:
     self.cfg = model.cfg
     self.vl_cfg = model.vl_cfg if isinstance(model, qwen2_vl.Qwen2VL) else None
     self.image_processor = image_processor or processing.ImageProcessorConfig()
-    self.patch_buckets = qwen2_vl.patch_buckets(self.image_processor)
+    self.patch_buckets = features_lib.patch_buckets(self.image_processor)
     self.attention_impl = attention_impl or default_impl()
     if self.attention_impl not in IMPLS:
       raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {', '.join(IMPLS)}.")
@@ -491,7 +492,7 @@ class Engine:
     features = None
     if vision is not None:  # once per request: its n samples share the features
       with self._on_mesh():
-        features = qwen2_vl.encode_visuals(self.model.visual, vision.visuals, self.patch_buckets)
+        features = features_lib.encode_visuals(self.model.visual, vision.visuals, self.patch_buckets)
     prompt = _ids(prompt)
     stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
     # The context bounds generation: a sequence that fills it ends with finish_reason "length".

@@ -103,7 +103,7 @@ from qwenjax.model.decoder import Qwen2, weight_declarations
 from qwenjax.model.kv_cache import PAGE_SIZES, PagedKVCache, page_bytes, pages_for_memory
 from qwenjax.model.layers import check_quantize
 from qwenjax.model.qwen2_vl import VL_PRESETS, Qwen2VL, QwenVLConfig
-from qwenjax.multimodal.vision_plan import PatchBuckets, query_block
+from qwenjax.model.vision_plan import PatchBuckets, query_block
 from qwenjax.parallel.axes import (
   BATCH,
   DEFAULT_RULES,

@@ -33,8 +33,8 @@ from qwenjax.engine.engine import Engine  # noqa: E402
 from qwenjax.engine.profiling import count_compilations  # noqa: E402
 from qwenjax.engine.requests import Request  # noqa: E402
 from qwenjax.engine.sampling import SamplingParams  # noqa: E402
-from qwenjax.model import qwen2_vl  # noqa: E402
 from qwenjax.model.kv_cache import KVCache  # noqa: E402
+from qwenjax.multimodal import features as features_lib  # noqa: E402
 from qwenjax.parallel import sharding  # noqa: E402
 
 # mesh -> scan_layers. data x tensor 1x8, 2x4, 4x2, 8x1, and fsdp with stacked (scanned) layers.
@@ -152,7 +152,7 @@ def _vl_run(directory: str, mesh_text: str | None) -> dict:
                   mesh=mesh)
   tokens = [o.token_ids for o in engine.generate([with_image, text])]
   with sharding.use_mesh(mesh):  # the tower's output alone, as the engine computes it
-    features = qwen2_vl.encode_visuals(model.visual, engine.prepare(with_image).visuals, engine.patch_buckets)
+    features = features_lib.encode_visuals(model.visual, engine.prepare(with_image).visuals, engine.patch_buckets)
   return {"tokens": tokens, "layout_errors": errors, "features": features}
 
 

@@ -32,7 +32,7 @@ from qwenjax.model.decoder import Qwen2
 from qwenjax.model.kv_cache import PAGE_SIZES, KVCache, PagedKVCache
 from qwenjax.model.qwen2_vl import VL_PRESETS
 from qwenjax.model.vision import VisionTower, encode
-from qwenjax.multimodal.vision_plan import plan as vision_plan
+from qwenjax.model.vision_plan import plan as vision_plan
 from qwenjax.parallel import planner, sharding
 from qwenjax.parallel.axes import BATCH, VOCAB
 
