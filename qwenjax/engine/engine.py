@@ -69,7 +69,7 @@ from qwenjax.kernels.buckets import LengthBuckets, next_power_of_two
 from qwenjax.model import lora as lora_lib
 from qwenjax.model import qwen2_vl
 from qwenjax.model.decoder import PagedInputs, Qwen2
-from qwenjax.model.kv_cache import PagedKVCache, default_page_size, page_bytes, pages_for_memory
+from qwenjax.model.kv_cache import PagedKVCache, default_page_size, page_bytes, paged_cache_sharding, pages_for_memory
 from qwenjax.model.lora import Adapter, LoraBank
 from qwenjax.multimodal import features as features_lib
 from qwenjax.multimodal import processing
@@ -294,7 +294,7 @@ class Engine:
                         f"({PagedKVCache.__name__} of {cfg.num_layers} layers, {cfg.num_kv_heads} KV heads).")
     self.pool = PagePool(num_pages, self.page_size)
     where = (None if mesh is None else
-             sharding.paged_cache_sharding(cfg, mesh, num_pages, self.page_size, quantized, self.rules))
+             paged_cache_sharding(cfg, mesh, num_pages, self.page_size, quantized, self.rules))
     self._cache = PagedKVCache.zeros(cfg, num_pages, self.page_size, self.model.dtype, quantized, sharding=where)
     # A sequence never needs more than the pool: contexts past it end with finish_reason "length".
     self.context_len = min(self.max_seq_len, num_pages * self.page_size)

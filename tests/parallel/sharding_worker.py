@@ -33,7 +33,7 @@ from qwenjax.engine.engine import Engine  # noqa: E402
 from qwenjax.engine.profiling import count_compilations  # noqa: E402
 from qwenjax.engine.requests import Request  # noqa: E402
 from qwenjax.engine.sampling import SamplingParams  # noqa: E402
-from qwenjax.model.kv_cache import KVCache  # noqa: E402
+from qwenjax.model.kv_cache import KVCache, cache_sharding, paged_cache_sharding  # noqa: E402
 from qwenjax.multimodal import features as features_lib  # noqa: E402
 from qwenjax.parallel import sharding  # noqa: E402
 
@@ -61,8 +61,7 @@ def _engine_layout_errors(engine: Engine, mesh) -> list[str]:
   errors = _weight_layout_errors(engine.model, mesh)
   cache = engine._cache
   # The page pool: pages over data, KV heads over tensor.
-  want = sharding.paged_cache_sharding(engine.cfg, mesh, cache.num_pages, cache.page_size, cache.quantized,
-                                       engine.rules)
+  want = paged_cache_sharding(engine.cfg, mesh, cache.num_pages, cache.page_size, cache.quantized, engine.rules)
   names = ("k", "v") + (("k_scale", "v_scale") if cache.quantized else ())
   slot = sharding.named_sharding(mesh, ("batch", "vocab"), engine._slots.counts.shape, engine.rules)
   arrays = {f"cache.{name}": (getattr(cache, name), getattr(want, name)) for name in names}
@@ -81,7 +80,7 @@ def _prefill_logits(engine: Engine, mesh, prompts) -> tuple[np.ndarray, list[str
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p
   lengths = np.array([len(p) for p in prompts], np.int32)
-  where = None if mesh is None else sharding.cache_sharding(engine.cfg, mesh, b, CONTEXT, engine.rules)
+  where = None if mesh is None else cache_sharding(engine.cfg, mesh, b, CONTEXT, engine.rules)
   given = KVCache.zeros(engine.cfg, b, CONTEXT, sharding=where)
   with sharding.use_mesh(mesh, engine.rules):
     logits, cache = programs.prefill(engine.graphdef, engine.params, given, tokens, lengths, all_logits=True)
