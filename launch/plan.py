@@ -21,7 +21,7 @@ from qwenjax.engine.topologies import derive_topologies, load_topology, plan_top
 
 
 def _define_flags() -> dict[str, flags.FlagHolder]:
-  """The entry point's flags, defined only when run as a program (launch/ scripts define --model too)."""
+  """The entry point's flags, defined only when run as a program (other launch/ scripts define --model too)."""
   return dict(
       topology=flags.DEFINE_string("topology", None, "A topology name (tpu_configs/NAME.json) or a JSON file: "
                                    "plans every model it serves and says whether each fits."),
