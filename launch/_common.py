@@ -178,10 +178,10 @@ def serving(model: str | None, *, max_batch_size: int, max_seq_len: int, max_pre
   if MESH.value:
     raise ConfigError("--mesh and --topology both name a mesh; pass one.")
   from qwenjax.checkpoints import loader  # pylint: disable=g-import-not-at-top
-  from qwenjax.parallel import planner  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import topologies  # pylint: disable=g-import-not-at-top
 
-  topology = planner.load_topology(TOPOLOGY.value)
-  name, entry = planner.serving_entry(topology, loader.read_config(model))
+  topology = topologies.load_topology(TOPOLOGY.value)
+  name, entry = topologies.serving_entry(topology, loader.read_config(model))
   data = entry.mesh.get("data", 1)
   model_parallel = entry.mesh.get("fsdp", 1) * entry.mesh.get("tensor", 1)
   local = jax.local_device_count()

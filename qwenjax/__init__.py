@@ -10,11 +10,11 @@
 from qwenjax._errors import CheckpointError, ConfigError, InputError, QwenJaxError
 from qwenjax.checkpoints.loader import LoadedModel, load
 from qwenjax.config import PRESETS, QwenConfig
-from qwenjax.engine.buckets import LengthBuckets
 from qwenjax.engine.engine import Engine
 from qwenjax.engine.programs import decode_step, extend, prefill
 from qwenjax.engine.requests import Completion, Request, RequestOutput, StreamEvent
 from qwenjax.engine.sampling import SamplingParams
+from qwenjax.kernels.buckets import LengthBuckets
 from qwenjax.model.decoder import Qwen2
 from qwenjax.model.kv_cache import KVCache
 from qwenjax.model.qwen2_vl import VL_PRESETS, Qwen2VL, QwenVLConfig

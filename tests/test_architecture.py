@@ -1,6 +1,6 @@
-"""The package's shape: imports (those inside functions too) form no cycle and run down the layers, and the top
-level holds only the public API, the errors, the file helpers every reader and writer of users' files goes through,
-and the configs."""
+"""The package's shape: imports (those inside functions too) form no cycle, every folder imports only the folders
+below it, with no exceptions, launch/ sits above all of qwenjax/, and qwenjax's top level holds only the public API,
+the errors, the file helpers and the configs."""
 
 import ast
 import pathlib
@@ -8,18 +8,26 @@ import pathlib
 from conftest import REPO
 
 PACKAGE = REPO / "qwenjax"
+LAUNCH = REPO / "launch"
+ROOTS = ("qwenjax", "launch")
 
-# Bottom to top. A module may import modules of its own layer or below, never above (and never in a cycle).
+# Folders, bottom to top (qwenjax's top-level modules count as folders of their own, and `qwenjax` is the public
+# API, its __init__.py). A module imports modules of its own folder or of folders in the layers below; never a
+# folder of its own layer or above. launch/ (launch/bench/ with it) may import anything in qwenjax; qwenjax never
+# imports launch.
 LAYERS = (
-    ("qwenjax._errors", "qwenjax._files", "qwenjax.config"),
-    # leaves that import nothing above the configs: logical axes and mesh rules, multi-host, kernels, buckets,
-    # host-side page bookkeeping, and the KV cache pytree (sharding places it)
-    ("qwenjax.parallel.axes", "qwenjax.parallel.sharding", "qwenjax.parallel.distributed", "qwenjax.kernels",
-     "qwenjax.engine.buckets", "qwenjax.engine.pages", "qwenjax.model.kv_cache"),
-    ("qwenjax.model", "qwenjax.text", "qwenjax.multimodal"),
+    ("qwenjax._errors",),
+    ("qwenjax._files",),
+    ("qwenjax.config",),
+    ("qwenjax.parallel",),  # logical axes, meshes and their rules, multi-host
+    ("qwenjax.kernels",),  # attention and int8 matmul kernels, and the buckets padded sizes come from
+    ("qwenjax.model", "qwenjax.text"),
+    ("qwenjax.multimodal",),  # images and videos for the model: preprocessing, positions, features
     ("qwenjax.checkpoints",),
-    ("qwenjax.parallel.planner", "qwenjax.engine", "qwenjax.training"),
+    ("qwenjax.engine",),
+    ("qwenjax.training",),
     ("qwenjax",),
+    ("launch",),
 )
 
 
@@ -29,11 +37,11 @@ def _module_name(path: pathlib.Path) -> str:
 
 
 def _modules() -> dict[str, pathlib.Path]:
-  return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+  return {_module_name(p): p for root in (PACKAGE, LAUNCH) for p in sorted(root.rglob("*.py"))}
 
 
 def import_graph() -> dict[str, set[str]]:
-  """module -> the qwenjax modules it imports anywhere in its body. `from a import b` counts as importing a.b
+  """module -> the qwenjax and launch modules it imports anywhere in its body. `from a import b` counts as importing a.b
   when that is a module, else a; a package's parents, which Python imports on the way, are not counted."""
   modules = _modules()
   graph: dict[str, set[str]] = {}
@@ -42,13 +50,13 @@ def import_graph() -> dict[str, set[str]]:
     edges = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
       if isinstance(node, ast.Import):
-        edges.update(a.name for a in node.names if a.name.split(".")[0] == "qwenjax")
+        edges.update(a.name for a in node.names if a.name.split(".")[0] in ROOTS)
       elif isinstance(node, ast.ImportFrom):
         base = node.module or ""
         if node.level:
           anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
           base = ".".join(anchor + ([base] if base else []))
-        if base.split(".")[0] != "qwenjax":
+        if base.split(".")[0] not in ROOTS:
           continue
         for alias in node.names:
           edges.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
@@ -91,19 +99,35 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
   return found
 
 
-def _layer(module: str) -> int:
-  best, depth = None, -1
-  for i, layer in enumerate(LAYERS):
-    for prefix in layer:
-      if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > depth:
-        best, depth = i, len(prefix)
-  assert best is not None, f"{module} is in no layer of tests/test_architecture.py"
-  return best
+def folder(module: str) -> str:
+  """The folder a module belongs to: qwenjax.<folder> (or a top-level module of qwenjax), the public API
+  `qwenjax`, or `launch`."""
+  parts = module.split(".")
+  if parts[0] == "launch":
+    return "launch"
+  return ".".join(parts[:2])
+
+
+def _layer(name: str) -> int:
+  found = [i for i, layer in enumerate(LAYERS) if name in layer]
+  assert found, f"{name} is in no layer of tests/test_architecture.py"
+  return found[0]
+
+
+def folder_graph() -> dict[str, dict[str, list[str]]]:
+  """folder -> {folder it imports: the module edges that do}, edges within a folder left out."""
+  out: dict[str, dict[str, list[str]]] = {}
+  for a, edges in import_graph().items():
+    for b in sorted(edges):
+      if folder(a) != folder(b):
+        out.setdefault(folder(a), {}).setdefault(folder(b), []).append(f"{a} -> {b}")
+  return out
 
 
 def test_the_graph_sees_imports_inside_functions():
   graph = import_graph()
   assert "qwenjax.engine.engine" in graph["qwenjax"]  # the public API
+  assert "launch._cli" in graph["launch.generate"]  # launch/ is in the graph too
   # launch-time imports inside functions are edges too (the checker would miss cycles through them otherwise)
   lazily = {m for m, path in _modules().items()
             for node in ast.walk(ast.parse(path.read_text()))
@@ -119,13 +143,21 @@ def test_no_import_cycles():
   assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-def test_imports_run_down_the_layers():
-  upward = [f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
-            for a, edges in import_graph().items() for b in sorted(edges) if _layer(b) > _layer(a)]
+def test_every_folder_has_one_layer():
+  named = [name for layer in LAYERS for name in layer]
+  assert len(named) == len(set(named)), named
+  present = {folder(m) for m in _modules()}
+  assert present == set(named), f"in no layer: {sorted(present - set(named))}; gone: {sorted(set(named) - present)}"
+
+
+def test_folders_import_only_the_folders_below_them():
+  upward = [f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)}): {', '.join(edges)}"
+            for a, imports in sorted(folder_graph().items()) for b, edges in sorted(imports.items())
+            if _layer(b) >= _layer(a)]
   assert not upward, "\n".join(upward)
 
 
-def test_the_top_level_is_the_api_errors_and_configs():
+def test_the_top_level_is_the_api_errors_files_and_configs():
   flat = sorted(p.name for p in PACKAGE.glob("*.py"))
   assert flat == ["__init__.py", "_errors.py", "_files.py", "config.py"], flat
   folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")

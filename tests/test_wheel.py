@@ -43,7 +43,7 @@ def test_the_wheel_is_imported_not_the_checkout(installed):
 
 
 def test_topology_files_ship_with_the_wheel(installed):
-  proc = _run(installed, "-m", "qwenjax.parallel.planner", "--topology=h100-1")
+  proc = _run(installed, "-m", "launch.plan", "--topology=h100-1")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "qwen2.5-7b" in proc.stdout
 

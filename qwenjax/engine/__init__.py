@@ -1,2 +1,2 @@
-"""Serving: requests and their sampling parameters, the sampler, prompt-length buckets, every jitted program the
-engine runs, the continuous-batching scheduler, and the files of batch jobs."""
+"""Serving: requests and their sampling parameters, the sampler, every jitted program the engine runs, the
+continuous-batching scheduler, the files of batch jobs, and the memory planner with the topology files it serves."""

@@ -53,7 +53,6 @@ from qwenjax.checkpoints.peft import load_adapter
 from qwenjax.engine import constraints as constraints_lib
 from qwenjax.engine import programs
 from qwenjax.engine import sampling as sampling_lib
-from qwenjax.engine.buckets import LengthBuckets, next_power_of_two
 from qwenjax.engine.pages import PagePool, SequencePages, common_prefix, pages_needed, prefix_hashes, prefix_root
 from qwenjax.engine.programs import (
   DecodeInputs,
@@ -66,11 +65,13 @@ from qwenjax.engine.programs import (
 from qwenjax.engine.requests import Completion, Request, RequestOutput, StreamEvent, as_request, checked_message
 from qwenjax.engine.sampling import SamplingParams
 from qwenjax.kernels.attention import IMPLS, default_impl
+from qwenjax.kernels.buckets import LengthBuckets, next_power_of_two
 from qwenjax.model import lora as lora_lib
 from qwenjax.model import qwen2_vl
 from qwenjax.model.decoder import PagedInputs, Qwen2
-from qwenjax.model.kv_cache import PagedKVCache, default_page_size, page_bytes, pages_for_memory
+from qwenjax.model.kv_cache import PagedKVCache, default_page_size, page_bytes, paged_cache_sharding, pages_for_memory
 from qwenjax.model.lora import Adapter, LoraBank
+from qwenjax.multimodal import features as features_lib
 from qwenjax.multimodal import processing
 from qwenjax.multimodal.positions import VLPrompt, vl_prompt
 from qwenjax.parallel import sharding
@@ -239,7 +240,7 @@ class Engine:
     self.cfg = model.cfg
     self.vl_cfg = model.vl_cfg if isinstance(model, qwen2_vl.Qwen2VL) else None
     self.image_processor = image_processor or processing.ImageProcessorConfig()
-    self.patch_buckets = qwen2_vl.patch_buckets(self.image_processor)
+    self.patch_buckets = features_lib.patch_buckets(self.image_processor)
     self.attention_impl = attention_impl or default_impl()
     if self.attention_impl not in IMPLS:
       raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {', '.join(IMPLS)}.")
@@ -293,7 +294,7 @@ class Engine:
                         f"({PagedKVCache.__name__} of {cfg.num_layers} layers, {cfg.num_kv_heads} KV heads).")
     self.pool = PagePool(num_pages, self.page_size)
     where = (None if mesh is None else
-             sharding.paged_cache_sharding(cfg, mesh, num_pages, self.page_size, quantized, self.rules))
+             paged_cache_sharding(cfg, mesh, num_pages, self.page_size, quantized, self.rules))
     self._cache = PagedKVCache.zeros(cfg, num_pages, self.page_size, self.model.dtype, quantized, sharding=where)
     # A sequence never needs more than the pool: contexts past it end with finish_reason "length".
     self.context_len = min(self.max_seq_len, num_pages * self.page_size)
@@ -491,7 +492,7 @@ class Engine:
     features = None
     if vision is not None:  # once per request: its n samples share the features
       with self._on_mesh():
-        features = qwen2_vl.encode_visuals(self.model.visual, vision.visuals, self.patch_buckets)
+        features = features_lib.encode_visuals(self.model.visual, vision.visuals, self.patch_buckets)
     prompt = _ids(prompt)
     stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
     # The context bounds generation: a sequence that fills it ends with finish_reason "length".

@@ -90,11 +90,6 @@ class PagePool:
     """Pages `alloc` can hand out: the free ones and the cached ones it would evict."""
     return len(self._free) + len(self._cached)
 
-  @property
-  def num_cached(self) -> int:
-    """Registered pages that no one holds (evictable)."""
-    return len(self._cached)
-
   def refcount(self, page: int) -> int:
     """How many holders the page has (0: free or cached)."""
     return self._refs.get(page, 0)

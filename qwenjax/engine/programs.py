@@ -19,12 +19,12 @@ Two sets:
                        tables) and the per-slot penalty state `SlotState`, which they donate and return with the
                        cache.
 
-On a device mesh, place params and cache with `qwenjax.parallel.sharding` (`shard_model`, `KVCache.zeros(...,
-sharding=cache_sharding(...))`) and call the programs inside `sharding.use_mesh(mesh)`: each returns the cache
-(and slot state) in the layout it came in.
+On a device mesh, place params with `qwenjax.parallel.sharding.shard_model` and the cache with `KVCache.zeros(...,
+sharding=qwenjax.model.kv_cache.cache_sharding(...))`, and call the programs inside `sharding.use_mesh(mesh)`: each
+returns the cache (and slot state) in the layout it came in.
 
 Each step returns float32 logits and the cache with `lengths` advanced. Prompt lengths pad to
-`qwenjax.engine.buckets.LengthBuckets` so a long-running process compiles one prefill program per bucket (and
+`qwenjax.kernels.buckets.LengthBuckets` so a long-running process compiles one prefill program per bucket (and
 per batch size), not per prompt.
 
 Shapes: B rows (slots), T tokens per row, V vocabulary, D hidden size, M vision features, E stop ids per slot,

@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qwenjax._errors import ConfigError
-from qwenjax.engine.buckets import next_power_of_two
+from qwenjax.kernels.buckets import next_power_of_two
 from qwenjax.kernels.paged_attention import check_inputs
 
 # A finite "minus infinity" (see segment_attention): exp of a masked score underflows to 0 and a row whose first

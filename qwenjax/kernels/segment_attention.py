@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qwenjax._errors import ConfigError
-from qwenjax.engine.buckets import next_power_of_two
+from qwenjax.kernels.buckets import next_power_of_two
 
 # A finite "minus infinity": a masked score's exp underflows to 0, and a row whose first blocks are all masked
 # (m still this value) has its partial sums wiped by the correction factor exp(m_old - m_new) = 0 once a real

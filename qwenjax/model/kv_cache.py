@@ -13,9 +13,21 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, Mesh
 
 from qwenjax.config import QwenConfig
-from qwenjax.parallel.axes import BATCH, HEAD_DIM, KV_HEADS, LAYERS, LENGTH, PAGES, constrain
+from qwenjax.parallel.axes import (
+  BATCH,
+  DEFAULT_RULES,
+  HEAD_DIM,
+  KV_HEADS,
+  LAYERS,
+  LENGTH,
+  PAGES,
+  ShardingRules,
+  constrain,
+)
+from qwenjax.parallel.sharding import named_sharding
 
 
 @jax.tree_util.register_dataclass
@@ -43,7 +55,7 @@ class KVCache:
   @classmethod
   def zeros(cls, cfg: QwenConfig, batch: int, max_len: int, dtype=jnp.float32,
             sharding: KVCache | None = None) -> KVCache:
-    """An empty cache; `sharding` (a KVCache of shardings, `qwenjax.parallel.sharding.cache_sharding`) allocates
+    """An empty cache; `sharding` (a KVCache of shardings, `cache_sharding`) allocates
     each device's shards in place."""
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     where = sharding or cls(None, None, None, None)
@@ -129,7 +141,7 @@ class PagedKVCache:
   @classmethod
   def zeros(cls, cfg: QwenConfig, num_pages: int, page_size: int, dtype=jnp.float32, quantized: bool = False,
             sharding: PagedKVCache | None = None) -> PagedKVCache:
-    """An empty pool; `sharding` (a PagedKVCache of shardings, `qwenjax.parallel.sharding.paged_cache_sharding`)
+    """An empty pool; `sharding` (a PagedKVCache of shardings, `paged_cache_sharding`)
     allocates each device's shards in place."""
     shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
     where = sharding or cls(None, None, None, None)
@@ -169,3 +181,25 @@ def write_slots(pages: jax.Array, layer, slots: jax.Array, new: jax.Array) -> ja
   flat = pages.reshape((num_layers, num_pages * page_size) + pages.shape[3:])
   slots = jnp.where(slots < 0, num_pages * page_size, slots)  # past the end: dropped
   return flat.at[layer, slots].set(new.astype(pages.dtype), mode="drop").reshape(pages.shape)
+
+
+# ---- shardings ----------------------------------------------------------------------------------------------
+
+def cache_sharding(cfg, mesh: Mesh | AbstractMesh, batch: int, max_len: int,
+                   rules: ShardingRules = DEFAULT_RULES):
+  """A `KVCache` of NamedShardings for `batch` rows of `max_len` positions of model config `cfg`: k and v by
+  `KVCache.AXES` (rows over data, KV heads over tensor), lengths and rope offsets by their batch axis."""
+  kv_shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  kv = named_sharding(mesh, KVCache.AXES, kv_shape, rules)
+  rows = named_sharding(mesh, (BATCH,), (batch,), rules)
+  return KVCache(kv, kv, rows, rows)
+
+
+def paged_cache_sharding(cfg, mesh: Mesh | AbstractMesh, num_pages: int, page_size: int, quantized: bool = False,
+                         rules: ShardingRules = DEFAULT_RULES):
+  """A `PagedKVCache` of NamedShardings for a pool of `num_pages` pages: k and v by `PagedKVCache.AXES` (pages over
+  data, KV heads over tensor), int8 scales by `SCALE_AXES`."""
+  shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+  kv = named_sharding(mesh, PagedKVCache.AXES, shape, rules)
+  scale = named_sharding(mesh, PagedKVCache.SCALE_AXES, shape[:4], rules) if quantized else None
+  return PagedKVCache(kv, kv, scale, scale)

@@ -2,33 +2,30 @@
 
 A multimodal prompt is token ids in which each image or video stands as one run of pad tokens (`<|image_pad|>`
 or `<|video_pad|>`), one per merged patch, between `<|vision_start|>` and `<|vision_end|>`. The tower's output
-replaces the embeddings of those tokens (`encode_visuals`), and every token gets a 3D rotary position
-(`qwenjax.multimodal.positions`, which expands the pads and computes the positions on the host).
+replaces the embeddings of those tokens (`qwenjax.multimodal.features.encode_visuals`), and every token gets a
+3D rotary position (`qwenjax.multimodal.positions`, which expands the pads and computes the positions on the host).
 
     loaded = qwenjax.load("Qwen2.5-VL-3B-Instruct/")                    # loaded.model: a Qwen2VL
     prompt = positions.vl_prompt(ids, visuals, loaded.model.vl_cfg)     # pads expanded, 3D positions
-    features = encode_visuals(loaded.model.visual, prompt.visuals, patch_buckets(loaded.image_processor))
+    buckets = features.patch_buckets(loaded.image_processor)            # qwenjax.multimodal.features
+    vision = features.encode_visuals(loaded.model.visual, prompt.visuals, buckets)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from qwenjax._errors import ConfigError
 from qwenjax.config import PRESETS, QwenConfig, read_field, read_json
-from qwenjax.engine.buckets import next_power_of_two
 from qwenjax.model.decoder import Qwen2
 from qwenjax.model.vision import VisionTower
 from qwenjax.model.vision_config import VISION_PRESETS, VisionConfig
-from qwenjax.multimodal.processing import ImageProcessorConfig, VisualInput
-from qwenjax.multimodal.vision_plan import PatchBuckets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,25 +112,3 @@ class Qwen2VL(Qwen2):
     self.vl_cfg = vl_cfg
     self.visual = VisionTower(vl_cfg.vision, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                               quantize=quantize, rngs=rngs)
-
-
-def encode_visuals(tower: VisionTower, visuals: Sequence[VisualInput], buckets: PatchBuckets) -> np.ndarray:
-  """Vision features [sum of num_tokens, D] of a prompt's images and videos, in order.
-
-  Every attention block of the tower stays within one frame (windows and full attention alike), so a video too
-  large for the biggest bucket is encoded in pieces of whole temporal patches, with identical results."""
-  pieces = []
-  for v in visuals:
-    t, h, w = v.grid_thw
-    per_t = h * w
-    step = max(1, min(t, buckets.maximum // per_t))
-    for k in range(0, t, step):
-      n = min(step, t - k)
-      pieces.append((v.patches[k * per_t:(k + n) * per_t], (n, h, w)))
-  return np.concatenate(tower.encode_images(pieces, buckets))
-
-
-def patch_buckets(processor: ImageProcessorConfig) -> PatchBuckets:
-  """Buckets up to the most patches one image may have under `processor`'s max_pixels (16384 at least)."""
-  most = processor.max_pixels // processor.patch_size**2
-  return PatchBuckets(maximum=max(PatchBuckets().maximum, next_power_of_two(most)))

@@ -12,7 +12,7 @@ mix of images and videos:
     tower = VisionTower(VISION_PRESETS["qwen2.5-vl-7b"], rngs=nnx.Rngs(0))    # or load weights, see below
     [features] = tower.encode_images([(patches, (1, 32, 44))])                  # [32 * 44 / 4, 3584]
 
-The host plans each call (`qwenjax.multimodal.vision_plan.plan`: window order, rotary ids, segments, the inverse
+The host plans each call (`qwenjax.model.vision_plan.plan`: window order, rotary ids, segments, the inverse
 permutation); `encode` is the jitted pure step of (graphdef, params, patches [P, C], plan arrays);
 `VisionTower.encode_images` pads, plans, runs it and splits the result per image. The config and its presets
 (`VisionConfig`, `VISION_PRESETS`) are in `qwenjax.model.vision_config`; attention runs through
@@ -43,7 +43,7 @@ from qwenjax._errors import InputError
 from qwenjax.kernels.attention import vision_attention
 from qwenjax.model.layers import HFTensor, RMSNorm, check_quantize, declare, linear, read, rope
 from qwenjax.model.vision_config import VisionConfig
-from qwenjax.multimodal.vision_plan import PatchBuckets, PlanArrays, check_grid, plan, query_block
+from qwenjax.model.vision_plan import PatchBuckets, PlanArrays, check_grid, plan, query_block
 from qwenjax.parallel.axes import EMBED, HEAD_DIM, HEADS, MLP
 
 

@@ -1,6 +1,6 @@
 """Hyperparameters of the Qwen2.5-VL vision tower, and the released towers' presets.
 
-Apart from the tower module (`qwenjax.model.vision`) so that host-side planning (`qwenjax.multimodal.vision_plan`)
+Apart from the tower module (`qwenjax.model.vision`) so that host-side planning (`qwenjax.model.vision_plan`)
 reads the same config without importing the NNX modules.
 """
 

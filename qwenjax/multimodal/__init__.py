@@ -1,2 +1,2 @@
 """Host-side preparation of images and videos for Qwen2.5-VL: resizing and patching, 3D rotary positions of a
-prompt, and the plans (windows, frames, buckets) the vision tower runs on."""
+prompt, and their features through the vision tower."""

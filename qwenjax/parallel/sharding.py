@@ -15,8 +15,9 @@ layer still splits).
 Mesh axes: `data` splits decode slots (the batch), `fsdp` splits weights' embed dimension (gathered for use) and,
 after `data`, the batch; `tensor` splits heads, KV heads, the MLP and the vocabulary (Megatron-style tensor
 parallelism). Weights are placed by `param_shardings` / `shard_model` / `placer` (for `load_params`), the cache by
-`cache_sharding`; inside jitted steps `qwenjax.parallel.axes.constrain` pins activations and the cache to the same
-table, active only under `use_mesh` (without a mesh it does nothing, and the programs are those of one device).
+`qwenjax.model.kv_cache.cache_sharding`; inside jitted steps `qwenjax.parallel.axes.constrain` pins activations and
+the cache to the same table, active only under `use_mesh` (without a mesh it does nothing, and the programs are those
+of one device).
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from qwenjax._errors import ConfigError
-from qwenjax.model.kv_cache import KVCache, PagedKVCache
-from qwenjax.parallel.axes import BATCH, DEFAULT_RULES, ShardingRules, spec_for, use_rules
+from qwenjax.parallel.axes import DEFAULT_RULES, ShardingRules, spec_for, use_rules
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -158,27 +158,7 @@ def placer(model: nnx.Module, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
   return place
 
 
-# ---- KV cache and activations -------------------------------------------------------------------------------
-
-def cache_sharding(cfg, mesh: Mesh | AbstractMesh, batch: int, max_len: int,
-                   rules: ShardingRules = DEFAULT_RULES):
-  """A `KVCache` of NamedShardings for `batch` rows of `max_len` positions of model config `cfg`: k and v by
-  `KVCache.AXES` (rows over data, KV heads over tensor), lengths and rope offsets by their batch axis."""
-  kv_shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  kv = named_sharding(mesh, KVCache.AXES, kv_shape, rules)
-  rows = named_sharding(mesh, (BATCH,), (batch,), rules)
-  return KVCache(kv, kv, rows, rows)
-
-
-def paged_cache_sharding(cfg, mesh: Mesh | AbstractMesh, num_pages: int, page_size: int, quantized: bool = False,
-                         rules: ShardingRules = DEFAULT_RULES):
-  """A `PagedKVCache` of NamedShardings for a pool of `num_pages` pages: k and v by `PagedKVCache.AXES` (pages over
-  data, KV heads over tensor), int8 scales by `SCALE_AXES`."""
-  shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-  kv = named_sharding(mesh, PagedKVCache.AXES, shape, rules)
-  scale = named_sharding(mesh, PagedKVCache.SCALE_AXES, shape[:4], rules) if quantized else None
-  return PagedKVCache(kv, kv, scale, scale)
-
+# ---- jitted steps -------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES) -> Iterator[None]:

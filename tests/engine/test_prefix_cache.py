@@ -76,7 +76,8 @@ def test_a_shared_header_is_computed_once_and_outputs_are_unchanged(tiny):
   assert cached[0] == 0 and cached[1:8] == [len(header)] * 7  # 5 full pages + 7 copied tokens: not page-aligned
   # A repeat reads all but its last token: 6 full pages, then 3 and 2 tokens copied (at least PS / 8 = 2).
   assert [len(p) for p in prompts[8:]] == [100, 99] and cached[8:] == [99, 98]
-  assert engine.pool.num_free == engine.pool.num_pages and engine.pool.num_cached > 0
+  assert engine.pool.num_free == engine.pool.num_pages and any(
+      engine.pool.state(page) == "cached" for page in range(engine.pool.num_pages))
   # A second job finds the header cached from the first.
   again = engine.generate([header + [7, 8, 9]], sampling)[0]
   assert again.cached_tokens == len(header) and again.token_ids == _hf_greedy(hf, header + [7, 8, 9], 8)

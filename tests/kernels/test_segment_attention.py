@@ -11,7 +11,7 @@ from qwenjax import ConfigError
 from qwenjax.kernels.attention import IMPLS, vision_attention, vision_attention_reference
 from qwenjax.kernels.segment_attention import block_overlap, kv_block_ranges, segment_attention
 from qwenjax.model.vision_config import VisionConfig
-from qwenjax.multimodal.vision_plan import plan
+from qwenjax.model.vision_plan import plan
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 

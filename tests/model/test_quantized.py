@@ -12,8 +12,8 @@ from flax import nnx
 
 from qwenjax import Engine, KVCache, SamplingParams, prefill
 from qwenjax.checkpoints.hf import load_model
+from qwenjax.engine import planner
 from qwenjax.model.layers import QuantizedWeight
-from qwenjax.parallel import planner
 
 from conftest import fake_quantized_reference
 

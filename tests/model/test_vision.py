@@ -16,7 +16,7 @@ from qwenjax.engine.profiling import count_compilations
 from qwenjax.kernels.attention import vision_attention_reference
 from qwenjax.model.vision import VisionTower, encode
 from qwenjax.model.vision_config import VISION_PRESETS, VisionConfig
-from qwenjax.multimodal.vision_plan import PatchBuckets, plan
+from qwenjax.model.vision_plan import PatchBuckets, plan
 
 TOL = 1e-4
 

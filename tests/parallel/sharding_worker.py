@@ -33,8 +33,8 @@ from qwenjax.engine.engine import Engine  # noqa: E402
 from qwenjax.engine.profiling import count_compilations  # noqa: E402
 from qwenjax.engine.requests import Request  # noqa: E402
 from qwenjax.engine.sampling import SamplingParams  # noqa: E402
-from qwenjax.model import qwen2_vl  # noqa: E402
-from qwenjax.model.kv_cache import KVCache  # noqa: E402
+from qwenjax.model.kv_cache import KVCache, cache_sharding, paged_cache_sharding  # noqa: E402
+from qwenjax.multimodal import features as features_lib  # noqa: E402
 from qwenjax.parallel import sharding  # noqa: E402
 
 # mesh -> scan_layers. data x tensor 1x8, 2x4, 4x2, 8x1, and fsdp with stacked (scanned) layers.
@@ -61,8 +61,7 @@ def _engine_layout_errors(engine: Engine, mesh) -> list[str]:
   errors = _weight_layout_errors(engine.model, mesh)
   cache = engine._cache
   # The page pool: pages over data, KV heads over tensor.
-  want = sharding.paged_cache_sharding(engine.cfg, mesh, cache.num_pages, cache.page_size, cache.quantized,
-                                       engine.rules)
+  want = paged_cache_sharding(engine.cfg, mesh, cache.num_pages, cache.page_size, cache.quantized, engine.rules)
   names = ("k", "v") + (("k_scale", "v_scale") if cache.quantized else ())
   slot = sharding.named_sharding(mesh, ("batch", "vocab"), engine._slots.counts.shape, engine.rules)
   arrays = {f"cache.{name}": (getattr(cache, name), getattr(want, name)) for name in names}
@@ -81,7 +80,7 @@ def _prefill_logits(engine: Engine, mesh, prompts) -> tuple[np.ndarray, list[str
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p
   lengths = np.array([len(p) for p in prompts], np.int32)
-  where = None if mesh is None else sharding.cache_sharding(engine.cfg, mesh, b, CONTEXT, engine.rules)
+  where = None if mesh is None else cache_sharding(engine.cfg, mesh, b, CONTEXT, engine.rules)
   given = KVCache.zeros(engine.cfg, b, CONTEXT, sharding=where)
   with sharding.use_mesh(mesh, engine.rules):
     logits, cache = programs.prefill(engine.graphdef, engine.params, given, tokens, lengths, all_logits=True)
@@ -152,7 +151,7 @@ def _vl_run(directory: str, mesh_text: str | None) -> dict:
                   mesh=mesh)
   tokens = [o.token_ids for o in engine.generate([with_image, text])]
   with sharding.use_mesh(mesh):  # the tower's output alone, as the engine computes it
-    features = qwen2_vl.encode_visuals(model.visual, engine.prepare(with_image).visuals, engine.patch_buckets)
+    features = features_lib.encode_visuals(model.visual, engine.prepare(with_image).visuals, engine.patch_buckets)
   return {"tokens": tokens, "layout_errors": errors, "features": features}
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from qwenjax import PRESETS, VL_PRESETS, ConfigError, Qwen2VL
+from qwenjax.model import kv_cache
 from qwenjax.model.decoder import abstract_model
 from qwenjax.parallel import sharding
 
@@ -109,10 +110,10 @@ def test_unrolled_layers_shard_like_scanned():
 
 def test_cache_layout_and_batch_fallback():
   cfg = PRESETS["qwen2.5-7b"]
-  cache = sharding.cache_sharding(cfg, sharding.abstract_mesh({"data": 2, "tensor": 4}), 16, 1024)
+  cache = kv_cache.cache_sharding(cfg, sharding.abstract_mesh({"data": 2, "tensor": 4}), 16, 1024)
   assert cache.k.spec == P(_, "data", T, _, _) and cache.lengths.spec == P("data")
   # 2 KV heads over a tensor axis of 8: the cache's heads stay whole (every device keeps both).
-  cache = sharding.cache_sharding(PRESETS["qwen2.5-0.5b"], sharding.abstract_mesh({"tensor": 8}), 16, 1024)
+  cache = kv_cache.cache_sharding(PRESETS["qwen2.5-0.5b"], sharding.abstract_mesh({"tensor": 8}), 16, 1024)
   assert cache.k.spec == P(_, _, _, _, _)
   # Slots split over data, then fsdp; over the longest prefix of the two that divides them.
   mesh = {"data": 2, "fsdp": 2, "tensor": 2}

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from qwenjax._errors import InputError
-from qwenjax.engine.buckets import LengthBuckets
+from qwenjax.kernels.buckets import LengthBuckets
 from qwenjax.model.vision_config import VisionConfig
 
 # Upper bound on the float32 attention scores one query block holds ([N, Q, S] elements): 256 MB.

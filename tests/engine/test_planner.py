@@ -1,11 +1,11 @@
-"""qwenjax.parallel.planner: the shipped topology files (and that they are what the planner derives), the planner
-against independent counts, and against what XLA and real allocations measure.
+"""qwenjax.engine.planner and qwenjax.engine.topologies: the shipped topology files (and that they are what the
+planner derives), the planner against independent counts, and against what XLA and real allocations measure.
 
 XLA's activation figures come from the contiguous-cache programs: their attention reads [B, K, S, H] keys and
 values, as the paged attention's gather of S = max_seq_len positions (rounded up to whole pages) does.
 
 Run as a script, this file is the 8-device worker of `test_sharded_plans_match_xla` (XLA_FLAGS set by the test):
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel/test_planner.py qwen2.5-0.5b:data:8
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/engine/test_planner.py qwen2.5-0.5b:data:8
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from flax import nnx
 
 from qwenjax._errors import ConfigError
 from qwenjax.config import PRESETS
-from qwenjax.engine import programs
+from qwenjax.engine import planner, programs, topologies
 from qwenjax.engine import sampling as sampling_lib
 from qwenjax.model.decoder import Qwen2
 from qwenjax.model.kv_cache import PAGE_SIZES, KVCache, PagedKVCache
 from qwenjax.model.qwen2_vl import VL_PRESETS
 from qwenjax.model.vision import VisionTower, encode
-from qwenjax.multimodal.vision_plan import plan as vision_plan
-from qwenjax.parallel import planner, sharding
+from qwenjax.model.vision_plan import plan as vision_plan
+from qwenjax.parallel import sharding
 from qwenjax.parallel.axes import BATCH, VOCAB
 
 GiB = 1 << 30
@@ -54,13 +54,13 @@ def _sds(shape, dtype) -> jax.ShapeDtypeStruct:
 
 
 def test_every_topology_ships():
-  assert set(SHIPPED) <= set(planner.topology_names())
+  assert set(SHIPPED) <= set(topologies.topology_names())
 
 
-@pytest.mark.parametrize("name", planner.topology_names())
+@pytest.mark.parametrize("name", topologies.topology_names())
 def test_topology_file_parses_and_every_entry_fits(name):
-  raw = json.loads((planner.TOPOLOGY_DIR / f"{name}.json").read_text())
-  topology = planner.load_topology(name)
+  raw = json.loads((topologies.TOPOLOGY_DIR / f"{name}.json").read_text())
+  topology = topologies.load_topology(name)
   assert topology.name == name and topology.chips == raw["chips"]
   assert topology.hosts * topology.chips_per_host == topology.chips
   assert raw["models"] and set(raw["models"]) <= set(PRESETS) | set(VL_PRESETS)
@@ -77,16 +77,16 @@ def test_topology_file_parses_and_every_entry_fits(name):
     assert plan.kv_cache <= entry["kv_cache_memory_gib"] * GiB, model
 
 
-@pytest.mark.parametrize("name", planner.topology_names())
+@pytest.mark.parametrize("name", topologies.topology_names())
 def test_topology_file_is_what_the_planner_derives(name):
-  text = (planner.TOPOLOGY_DIR / f"{name}.json").read_text()
-  derived = planner.topology_json(planner.derive_topology(planner.load_topology(name)))
-  assert text == derived, "regenerate with: python -m qwenjax.parallel.planner --derive_topologies"
+  text = (topologies.TOPOLOGY_DIR / f"{name}.json").read_text()
+  derived = topologies.topology_json(topologies.derive_topology(topologies.load_topology(name)))
+  assert text == derived, "regenerate with: python -m launch.plan --derive_topologies"
 
 
 def test_derive_topologies_fills_in_the_derived_fields(tmp_path):
   """A file without page_size and kv_cache_memory_gib (or with stale ones) is rewritten to the shipped one."""
-  shipped = planner.TOPOLOGY_DIR / "v5e-8.json"
+  shipped = topologies.TOPOLOGY_DIR / "v5e-8.json"
   raw = json.loads(shipped.read_text())
   for i, entry in enumerate(raw["models"].values()):
     if i % 2:
@@ -94,12 +94,12 @@ def test_derive_topologies_fills_in_the_derived_fields(tmp_path):
     else:
       entry["kv_cache_memory_gib"] = 1.0
   stale = _write(tmp_path, raw, "v5e-8.json")
-  assert planner.derive_topologies([stale]) == [stale]
+  assert topologies.derive_topologies([stale]) == [stale]
   assert stale.read_text() == shipped.read_text()
-  assert planner.derive_topologies([stale]) == []  # current: left alone
+  assert topologies.derive_topologies([stale]) == []  # current: left alone
   untouched = tmp_path / "copy.json"
   shutil.copy(shipped, untouched)
-  assert planner.derive_topologies([untouched]) == []
+  assert topologies.derive_topologies([untouched]) == []
 
 
 def _power_of_two_meshes(chips: int):
@@ -109,11 +109,11 @@ def _power_of_two_meshes(chips: int):
       yield {"data": data, "fsdp": fsdp, "tensor": chips // (data * fsdp)}
 
 
-@pytest.mark.parametrize("name", planner.topology_names())
+@pytest.mark.parametrize("name", topologies.topology_names())
 def test_absent_models_fit_nowhere_on_the_topology(name):
   """A model missing from a file leaves no room on that topology, on any mesh, for the pages of even one slot of
   512 tokens."""
-  topology = planner.load_topology(name)
+  topology = topologies.load_topology(name)
   absent = sorted(set(planner.all_presets()) - set(topology.models))
   for model, mesh in itertools.product(absent, _power_of_two_meshes(topology.chips)):
     with pytest.raises(ConfigError, match=f"{model} on mesh {planner.mesh_text(mesh)}: "):
@@ -123,18 +123,18 @@ def test_absent_models_fit_nowhere_on_the_topology(name):
 
 
 def test_the_large_models_are_absent_where_they_cannot_fit():
-  assert "qwen2.5-72b" not in planner.load_topology("v5e-8").models
-  assert "qwen2.5-72b" not in planner.load_topology("v4-8").models
-  assert "qwen2.5-32b" not in planner.load_topology("h100-1").models
-  assert "qwen2.5-72b" in planner.load_topology("v5e-256").models
+  assert "qwen2.5-72b" not in topologies.load_topology("v5e-8").models
+  assert "qwen2.5-72b" not in topologies.load_topology("v4-8").models
+  assert "qwen2.5-32b" not in topologies.load_topology("h100-1").models
+  assert "qwen2.5-72b" in topologies.load_topology("v5e-256").models
 
 
 def test_readme_tables_are_current():
   readme = (ROOT / "tpu_configs" / "README.md").read_text()
-  marker = "<!-- python -m qwenjax.parallel.planner --readme: {} -->"
+  marker = "<!-- python -m launch.plan --readme: {} -->"
   begin, end = marker.format("begin") + "\n", "\n" + marker.format("end")
   generated = readme[readme.index(begin) + len(begin):readme.index(end)]
-  assert generated == planner.readme_tables(), "regenerate with: python -m qwenjax.parallel.planner --readme"
+  assert generated == topologies.readme_tables(), "regenerate with: python -m launch.plan --readme"
 
 
 def _write(tmp_path, doc, name="t.json") -> pathlib.Path:
@@ -149,15 +149,15 @@ GOOD = {"name": "t", "accelerator": "TPU v5e", "chips": 8, "hosts": 1, "chips_pe
 
 
 def test_load_topology_by_path_and_defaults(tmp_path):
-  topology = planner.load_topology(_write(tmp_path, GOOD))
+  topology = topologies.load_topology(_write(tmp_path, GOOD))
   entry = topology.models["qwen2.5-7b"]
   assert entry.mesh == {"data": 2, "fsdp": 1, "tensor": 4} and entry.max_prefill_chunk == 512
   assert entry.page_size is None and entry.kv_cache_memory_gib is None
   assert topology.usable_bytes == pytest.approx(16 * GiB * 0.9)
   # Without the derived fields, a plan derives them: TPU pages, and the pool the rest of 16 GiB - 10% holds.
-  (plan,) = planner.plan_topology(topology)
+  (plan,) = topologies.plan_topology(topology)
   assert plan.page_size == PAGE_SIZES["tpu"] and plan.fits(16 * GiB, 0.1)
-  assert plan.kv_cache_memory == planner.derive_topology(topology).models["qwen2.5-7b"].kv_cache_memory_gib
+  assert plan.kv_cache_memory == topologies.derive_topology(topology).models["qwen2.5-7b"].kv_cache_memory_gib
 
 
 @pytest.mark.parametrize("change, field", [
@@ -181,15 +181,15 @@ def test_bad_topology_is_one_config_error_naming_file_and_field(tmp_path, change
   change(doc)
   path = _write(tmp_path, doc)
   with pytest.raises(ConfigError) as e:
-    planner.load_topology(path)
+    topologies.load_topology(path)
   assert str(path) in str(e.value) and field in str(e.value)
 
 
 def test_unreadable_topology_files(tmp_path):
   with pytest.raises(ConfigError, match=r"not valid JSON"):
-    planner.load_topology(_write(tmp_path, "{chips: 8"))
+    topologies.load_topology(_write(tmp_path, "{chips: 8"))
   with pytest.raises(ConfigError, match=r"no-such-slice\.json: no such topology file \(shipped: .*v5e-8"):
-    planner.load_topology("no-such-slice")
+    topologies.load_topology("no-such-slice")
 
 
 # --- (b) the planner against independent counts ---------------------------------------------------------------
@@ -516,12 +516,12 @@ def test_sharded_plans_match_xla():
 
 def test_entry_point_prints_a_topology_plan():
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  run = subprocess.run([sys.executable, "-m", "qwenjax.parallel.planner", "--topology=v5e-8"], env=env,
+  run = subprocess.run([sys.executable, "-m", "launch.plan", "--topology=v5e-8"], env=env,
                        capture_output=True, text=True, timeout=300, check=False)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "| qwen2.5-7b | data:2,tensor:4 | 32 | 32768 |" in run.stdout
   assert "NO" not in run.stdout
-  bad = subprocess.run([sys.executable, "-m", "qwenjax.parallel.planner", "--topology=v9z-1"], env=env,
+  bad = subprocess.run([sys.executable, "-m", "launch.plan", "--topology=v9z-1"], env=env,
                        capture_output=True, text=True, timeout=300, check=False)
   assert bad.returncode != 0 and "v9z-1.json: no such topology file" in bad.stderr
 
