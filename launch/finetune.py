@@ -281,8 +281,8 @@ def _run(output: pathlib.Path, checkpoints: pathlib.Path):
                                eval_every=_EVAL_EVERY.value):
       step = metrics["step"] + 1
       tokens += metrics["tokens"]
-      _cli.check_interrupted()  # a Ctrl-C that struck inside jax's gc callback stops the run here, logged up to now
       log.append({k: metrics[k] for k in ("step", "loss", "grad_norm", "learning_rate", "eval_loss") if k in metrics})
+      _cli.check_interrupted()  # a Ctrl-C that struck inside jax's gc callback stops the run here, this step logged
       if step % _LOG_EVERY.value == 0 or step == config.steps or "eval_loss" in metrics:
         elapsed = time.perf_counter() - start
         eta = elapsed / (step - first) * (config.steps - step)
