@@ -106,10 +106,12 @@ def convert(source: str | os.PathLike[str] | None, output: str | os.PathLike[str
   path = pathlib.Path(embedded.resolve_model_arg(source))
   output = pathlib.Path(output)
   _check_new(output)
+  parent = output.absolute().parent
   try:  # before the long load: a bad path fails at once
-    output.absolute().parent.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise CheckpointError(f"{output}: cannot create its parent directory ({e.strerror}).") from None
+    parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # a parent that is a file: mkdir says "File exists", the user needs "Not a directory"
+    reason = "Not a directory" if parent.exists() and not parent.is_dir() else e.strerror
+    raise CheckpointError(f"{output}: cannot create the output directory ({reason}).") from None
   # One writer per destination (a second convert to it is refused); orbax_store.save writes beside it and renames.
   with _files.OwnedLock(_files.lock_path_for(output), str(output)):
     _check_new(output)  # another convert may have finished while this one started
