@@ -90,12 +90,12 @@ def for_hf_config(hf: Mapping[str, Any], source: str = "config.json") -> ModelEn
   neither, Qwen2. A config with a `vision_config` is Qwen2.5-VL's (its `model_type` may be left out)."""
   model_type = hf.get("model_type")
   if model_type is not None:
-    if model_type not in _BY_MODEL_TYPE:
+    if not isinstance(model_type, str) or model_type not in _BY_MODEL_TYPE:
       raise _unknown(source, "model_type", model_type, _BY_MODEL_TYPE)
     entry = _BY_MODEL_TYPE[model_type]
   elif hf.get("architectures"):
     architecture = hf["architectures"][0] if isinstance(hf["architectures"], list) else hf["architectures"]
-    if architecture not in _BY_ARCHITECTURE:
+    if not isinstance(architecture, str) or architecture not in _BY_ARCHITECTURE:
       raise _unknown(source, "architectures", architecture, _BY_ARCHITECTURE)
     entry = _BY_ARCHITECTURE[architecture]
   else:
@@ -112,7 +112,7 @@ def parse_hf_config(hf: Mapping[str, Any], source: str = "config.json"):
 
 def for_gguf(architecture: Any, source: str) -> ModelEntry:
   """The entry of a GGUF file's `general.architecture`."""
-  if architecture not in _BY_GGUF:
+  if not isinstance(architecture, str) or architecture not in _BY_GGUF:
     raise _unknown(source, "general.architecture", architecture, _BY_GGUF)
   return _BY_GGUF[architecture]
 

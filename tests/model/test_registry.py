@@ -47,6 +47,8 @@ def test_entries_name_their_config_and_module():
     (lambda: registry.for_hf_config({"architectures": ["LlamaForCausalLM"]}, "ckpt/config.json"), "architectures",
      "LlamaForCausalLM"),
     (lambda: registry.for_gguf("qwen3", "ckpt/config.json"), "general.architecture", "qwen3"),
+    (lambda: registry.for_hf_config({"model_type": ["qwen2"]}, "ckpt/config.json"), "model_type", ["qwen2"]),
+    (lambda: registry.for_gguf(None, "ckpt/config.json"), "general.architecture", None),
 ])
 def test_an_unknown_identity_is_one_config_error_naming_file_value_and_supported(call, key, value):
   with pytest.raises(ConfigError) as err:
