@@ -142,6 +142,10 @@ class QwenConfig:
   # Qwen2.5-VL's 3D M-RoPE: rotary frequencies split into (temporal, height, width) sections, each rotated by
   # its own position axis; None: ordinary 1D RoPE.
   mrope_section: tuple[int, ...] | None = None
+  # Options of the attention layer (`qwenjax.model.decoder.Attention`), Qwen2's by default: biases on the q/k/v
+  # projections, and no per-head RMSNorm of q and k (over head_dim, before RoPE; Qwen3 has one, Qwen2 does not).
+  attention_bias: bool = True
+  qk_norm: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

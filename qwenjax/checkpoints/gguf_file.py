@@ -47,7 +47,8 @@ import numpy as np
 from gguf import constants as gguf_constants
 from gguf import quants as gguf_quants
 
-from qwenjax._errors import CheckpointError
+from qwenjax._errors import CheckpointError, ConfigError
+from qwenjax.model import registry
 from qwenjax.model.layers import quantize_host
 from qwenjax.text.tokenizer import Tokenizer
 
@@ -102,7 +103,8 @@ _LAYER_NAMES = {  # Within blk.N -> within model.layers.N, in Hugging Face's ord
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_LAYER_ORDER = {name: i for i, name in enumerate(_LAYER_NAMES)}
+# Each GGUF family's names, by its `qwenjax.model.registry` entry: (global names, names within blk.N).
+NAME_TABLES: dict[str, tuple[Mapping[str, str], Mapping[str, str]]] = {"qwen2": (_GLOBAL_NAMES, _LAYER_NAMES)}
 # Sort keys (group, layer, position) putting embeddings first, then layers, then the final norm and head.
 _GLOBAL_ORDER = {"token_embd.weight": (0, 0, 0), "output_norm.weight": (2, 0, 0), "output.weight": (3, 0, 0)}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
@@ -147,12 +149,16 @@ class GGUFCheckpoint:
     try:
       metadata, tensors = _read_header(self._mmap, self.path)
       arch = metadata.get("general.architecture")
-      if arch != "qwen2":
+      try:
+        self.entry = registry.for_gguf(arch, str(self.path))  # the model registry's entry for the file
+      except ConfigError:
+        supported = ", ".join(repr(a) for e in registry.ENTRIES for a in e.gguf_architectures)
         raise CheckpointError(
-            f"{self.path} holds a {arch!r} model; this loader reads only 'qwen2' (Qwen2/Qwen2.5 text) "
+            f"{self.path} holds a {arch!r} model; this loader reads only {supported} (Qwen2/Qwen2.5 text) "
             f"GGUF files, not qwen2vl, qwen2moe, qwen3 or other architectures."
-        )
-      self._tensors = _name_tensors(tensors, metadata.get("qwen2.block_count"), self.path)
+        ) from None
+      self._tensors = _name_tensors(tensors, metadata.get("qwen2.block_count"), self.path,
+                                    NAME_TABLES[self.entry.name])
     except BaseException:
       self._mmap.close()
       raise
@@ -350,24 +356,27 @@ def _name_tensors(
     tensors: list[tuple[str, _GGMLType, tuple[int, ...], int, int]],
     block_count: Any,
     path: pathlib.Path,
+    names: tuple[Mapping[str, str], Mapping[str, str]],
 ) -> dict[str, _Tensor]:
-  """Maps GGUF tensor names to Hugging Face ones; an unknown name is an error."""
+  """Maps GGUF tensor names to Hugging Face ones by `names` (a NAME_TABLES entry); an unknown name is an error."""
+  global_names, layer_names = names
+  layer_order = {name: i for i, name in enumerate(layer_names)}
   named: dict[str, _Tensor] = {}
   for gguf_name, ggml_type, dims, start, nbytes in tensors:
-    if gguf_name in _GLOBAL_NAMES:
-      hf_name = _GLOBAL_NAMES[gguf_name]
+    if gguf_name in global_names:
+      hf_name = global_names[gguf_name]
       sort_key = _GLOBAL_ORDER[gguf_name]
     else:
       match = _LAYER_RE.fullmatch(gguf_name)
-      if match is None or match.group(2) not in _LAYER_NAMES:
+      if match is None or match.group(2) not in layer_names:
         raise CheckpointError(f"{path} has tensor {gguf_name!r}, which is not part of a qwen2 model.")
       layer = int(match.group(1))
       if isinstance(block_count, int) and layer >= block_count:
         raise CheckpointError(
             f"{path} has tensor {gguf_name!r} but qwen2.block_count says there are only {block_count} layers."
         )
-      hf_name = f"model.layers.{layer}.{_LAYER_NAMES[match.group(2)]}"
-      sort_key = (1, layer, _LAYER_ORDER[match.group(2)])
+      hf_name = f"model.layers.{layer}.{layer_names[match.group(2)]}"
+      sort_key = (1, layer, layer_order[match.group(2)])
     named[hf_name] = _Tensor(gguf_name, hf_name, sort_key, ggml_type, dims, start, nbytes)
   return named
 

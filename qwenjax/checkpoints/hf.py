@@ -24,10 +24,9 @@ from flax import nnx
 from qwenjax._errors import CheckpointError, first_line
 from qwenjax.checkpoints import quantized_formats
 from qwenjax.config import QwenConfig, read_json
-from qwenjax.model import model_class
+from qwenjax.model import registry
 from qwenjax.model.decoder import Qwen2, weight_declarations
 from qwenjax.model.layers import quantize_host
-from qwenjax.model.qwen2_vl import QwenVLConfig, is_vl_config
 from qwenjax.parallel import sharding
 from qwenjax.parallel.axes import LAYERS
 
@@ -231,10 +230,8 @@ def read_config(directory: str | pathlib.Path):
 
 
 def parse_config(hf: Mapping[str, Any], source: str = "config.json"):
-  """A config.json dict -> QwenConfig, or QwenVLConfig for Qwen2.5-VL (one with a vision_config)."""
-  if is_vl_config(hf):
-    return QwenVLConfig.from_hf_config(hf, source=source)
-  return QwenConfig.from_hf_config(hf, source=source)
+  """A config.json dict -> QwenConfig, or QwenVLConfig for Qwen2.5-VL: its `qwenjax.model.registry` entry's."""
+  return registry.parse_hf_config(hf, source)
 
 
 def load_model(directory: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
@@ -258,9 +255,9 @@ def load_model(directory: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None 
 
 def load_from_source(cfg, source: TensorSource, *, mesh: jax.sharding.Mesh | None = None,
                      rules: sharding.ShardingRules = sharding.DEFAULT_RULES, **model_kwargs) -> Qwen2:
-  """cfg: a QwenConfig (-> Qwen2) or a QwenVLConfig (-> Qwen2VL, by `qwenjax.model.model_class`); mesh: shard the
+  """cfg: a QwenConfig (-> Qwen2) or a QwenVLConfig (-> Qwen2VL, by `qwenjax.model.registry`); mesh: shard the
   weights over it by `rules` as they load (None: one device)."""
-  cls = model_class(cfg)
+  cls = registry.model_class(cfg)
   model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **model_kwargs))
   load_params(model, source, place=None if mesh is None else sharding.placer(model, mesh, rules))
   return model

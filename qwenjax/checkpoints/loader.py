@@ -23,6 +23,7 @@ from qwenjax._errors import CheckpointError
 from qwenjax.checkpoints import embedded, hf, orbax_store
 from qwenjax.checkpoints.gguf_file import GGUFCheckpoint
 from qwenjax.config import DEFAULT_DTYPE, QwenConfig, check_dtype, default_scan_layers, read_json
+from qwenjax.model import registry
 from qwenjax.model.decoder import Qwen2
 from qwenjax.model.layers import check_quantize
 from qwenjax.multimodal.processing import ImageProcessorConfig
@@ -46,7 +47,7 @@ def read_config(model: str | None = None):
   """The config of a `--model` value without loading weights (a QwenConfig, or a QwenVLConfig)."""
   path = pathlib.Path(embedded.resolve_model_arg(model))
   if path.is_file() and path.suffix == ".gguf":
-    return QwenConfig.from_hf_config(GGUFCheckpoint(path).hf_config(), source=str(path))
+    return registry.parse_hf_config(GGUFCheckpoint(path).hf_config(), source=str(path))
   if path.is_dir():
     return hf.read_config(path)
   raise CheckpointError(f"{path}: no such file or directory.")
@@ -69,7 +70,7 @@ def load(model: str | None = None, *, dtype: str = DEFAULT_DTYPE, param_dtype: s
   start = time.perf_counter()
   if path.is_file() and path.suffix == ".gguf":
     gguf = GGUFCheckpoint(path)
-    cfg = QwenConfig.from_hf_config(gguf.hf_config(), source=str(path))
+    cfg = registry.parse_hf_config(gguf.hf_config(), source=str(path))
     # The tokenizer first: building it from 150k-entry metadata lists is a transient of ~0.5 GB that should
     # not stack on top of the weights.
     tokenizer = gguf.tokenizer()

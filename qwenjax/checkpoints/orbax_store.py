@@ -44,7 +44,7 @@ from qwenjax import _files
 from qwenjax._errors import CheckpointError, QwenJaxError, first_line
 from qwenjax.checkpoints.hf import parse_config
 from qwenjax.config import check_dtype, default_scan_layers, read_json
-from qwenjax.model import model_class
+from qwenjax.model import registry
 from qwenjax.model.decoder import Qwen2, weight_declarations
 from qwenjax.model.layers import check_quantize
 from qwenjax.multimodal.processing import ImageProcessorConfig
@@ -197,7 +197,7 @@ def restore(directory: str | os.PathLike[str], *, dtype: str | None = None, para
   scan_layers = default_scan_layers() if scan_layers is None else scan_layers
   config_file = directory / "config.json"
   cfg = parse_config(read_json(config_file, error=CheckpointError), str(config_file))
-  cls = model_class(cfg)
+  cls = registry.model_class(cfg)
   tokenizer = Tokenizer.from_directory(directory)
   processor_file = directory / "preprocessor_config.json"
   processor = ImageProcessorConfig.from_file(processor_file) if processor_file.exists() else None

@@ -67,7 +67,7 @@ from qwenjax.engine.sampling import SamplingParams
 from qwenjax.kernels.attention import IMPLS, default_impl
 from qwenjax.kernels.buckets import LengthBuckets, next_power_of_two
 from qwenjax.model import lora as lora_lib
-from qwenjax.model import qwen2_vl
+from qwenjax.model import registry
 from qwenjax.model.decoder import PagedInputs, Qwen2
 from qwenjax.model.kv_cache import PagedKVCache, default_page_size, page_bytes, paged_cache_sharding, pages_for_memory
 from qwenjax.model.lora import Adapter, LoraBank
@@ -238,7 +238,7 @@ class Engine:
     if mesh is not None:
       sharding.shard_model(model, mesh, rules)
     self.cfg = model.cfg
-    self.vl_cfg = model.vl_cfg if isinstance(model, qwen2_vl.Qwen2VL) else None
+    self.vl_cfg = model.vl_cfg if registry.for_model(model).multimodal else None
     self.image_processor = image_processor or processing.ImageProcessorConfig()
     self.patch_buckets = features_lib.patch_buckets(self.image_processor)
     self.attention_impl = attention_impl or default_impl()

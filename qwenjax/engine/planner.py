@@ -75,10 +75,11 @@ from flax import nnx
 from qwenjax._errors import ConfigError
 from qwenjax.config import DTYPES, PRESETS, QwenConfig, check_dtype
 from qwenjax.engine.pages import pages_needed
-from qwenjax.model.decoder import Qwen2, weight_declarations
+from qwenjax.model import registry
+from qwenjax.model.decoder import weight_declarations
 from qwenjax.model.kv_cache import PAGE_SIZES, PagedKVCache, page_bytes, pages_for_memory
 from qwenjax.model.layers import check_quantize
-from qwenjax.model.qwen2_vl import VL_PRESETS, Qwen2VL, QwenVLConfig
+from qwenjax.model.qwen2_vl import VL_PRESETS, QwenVLConfig
 from qwenjax.model.vision_plan import PatchBuckets, query_block
 from qwenjax.parallel.axes import (
   BATCH,
@@ -168,7 +169,7 @@ def _declarations(config: QwenConfig | QwenVLConfig, param_dtype: str, quantize:
                   ) -> tuple[tuple[tuple, tuple[str | None, ...], tuple[int, ...], int], ...]:
   """(path, logical axes, shape, itemsize) of every weight of the scanned-layer model, from `nnx.eval_shape` (a
   quantized model's int8 values and float32 scales as the separate weights they are)."""
-  cls = Qwen2VL if isinstance(config, QwenVLConfig) else Qwen2
+  cls = registry.model_class(config)
   dt = DTYPES[param_dtype]
   model = nnx.eval_shape(lambda: cls(config, dtype=dt, param_dtype=dt, scan_layers=True, quantize=quantize,
                                      rngs=nnx.Rngs(0)))

@@ -90,21 +90,29 @@ class StepContext:
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention with q/k/v bias and no output bias."""
+  """Grouped-query attention with no output bias. Its options are the config's: `attention_bias`, biases on the
+  q/k/v projections (Qwen2); `qk_norm`, an RMSNorm over head_dim of each query and key head, before RoPE, with one
+  [H] weight for all query heads and one for all key heads (`self_attn.q_norm` / `k_norm`, as Qwen3 stores them)."""
 
   def __init__(self, cfg: QwenConfig, *, stack, dtype, param_dtype, quantize=None, rngs: nnx.Rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     w = lambda shape, axes, hf, init="normal", contract=(0,): declare(
         rngs, shape, axes, hf, stack=stack, dtype=param_dtype, init=init, quantize=quantize, contract=contract)
     pre = "model.layers.{layer}.self_attn."
+    # Declared in Hugging Face's order (q, its bias, k, ...), which the random init follows.
+    bias = lambda shape, axes, name, size: nnx.data(
+        w(shape, axes, HFTensor(pre + name, (size,)), "zeros") if cfg.attention_bias else None)
     self.q_kernel = w((d, n, h), (EMBED, HEADS, HEAD_DIM), HFTensor(pre + "q_proj.weight", (n * h, d), True))
-    self.q_bias = w((n, h), (HEADS, HEAD_DIM), HFTensor(pre + "q_proj.bias", (n * h,)), "zeros")
+    self.q_bias = bias((n, h), (HEADS, HEAD_DIM), "q_proj.bias", n * h)
     self.k_kernel = w((d, k, h), (EMBED, KV_HEADS, HEAD_DIM), HFTensor(pre + "k_proj.weight", (k * h, d), True))
-    self.k_bias = w((k, h), (KV_HEADS, HEAD_DIM), HFTensor(pre + "k_proj.bias", (k * h,)), "zeros")
+    self.k_bias = bias((k, h), (KV_HEADS, HEAD_DIM), "k_proj.bias", k * h)
     self.v_kernel = w((d, k, h), (EMBED, KV_HEADS, HEAD_DIM), HFTensor(pre + "v_proj.weight", (k * h, d), True))
-    self.v_bias = w((k, h), (KV_HEADS, HEAD_DIM), HFTensor(pre + "v_proj.bias", (k * h,)), "zeros")
+    self.v_bias = bias((k, h), (KV_HEADS, HEAD_DIM), "v_proj.bias", k * h)
     self.o_kernel = w((n, h, d), (HEADS, HEAD_DIM, EMBED), HFTensor(pre + "o_proj.weight", (d, n * h), True),
                       contract=(0, 1))
+    norm = lambda name: nnx.data(RMSNorm(h, cfg.rms_norm_eps, pre + name + ".weight", stack=stack,
+                                         dtype=param_dtype, rngs=rngs, axis=HEAD_DIM) if cfg.qk_norm else None)
+    self.q_norm, self.k_norm = norm("q_norm"), norm("k_norm")
     self.dtype = dtype
 
   def __call__(self, x, ctx: StepContext, kv: tuple, layer, window):
@@ -119,9 +127,13 @@ class Attention(nnx.Module):
     """
     positions = ctx.positions
     dt = self.dtype
-    q = ctx.project(x, self.q_kernel, "q", layer, dt) + read(self.q_bias, dt)  # [B, T, N, H]
-    k = ctx.project(x, self.k_kernel, "k", layer, dt) + read(self.k_bias, dt)  # [B, T, K, H]
-    v = ctx.project(x, self.v_kernel, "v", layer, dt) + read(self.v_bias, dt)
+    q = ctx.project(x, self.q_kernel, "q", layer, dt)  # [B, T, N, H]
+    k = ctx.project(x, self.k_kernel, "k", layer, dt)  # [B, T, K, H]
+    v = ctx.project(x, self.v_kernel, "v", layer, dt)
+    if self.q_bias is not None:
+      q, k, v = q + read(self.q_bias, dt), k + read(self.k_bias, dt), v + read(self.v_bias, dt)
+    if self.q_norm is not None:  # per head, over head_dim, before RoPE
+      q, k = self.q_norm(q), self.k_norm(k)
     q, k = rope(q, ctx.cos, ctx.sin), rope(k, ctx.cos, ctx.sin)
     # Under a mesh: query heads split over tensor; KV heads too where the tensor axis divides them, else whole
     # (replicated, exact). Pinning k and v keeps XLA from splitting the cache's KV heads like the query heads.
@@ -166,10 +178,11 @@ class Attention(nnx.Module):
       # first layer), and one scale per token and head would round the others away. Keys are stored divided by
       # a per-channel factor and queries multiplied by it (q.k unchanged): the factor is each rotary pair's
       # largest |bias| over the median, at least 1, so it is the same at every position and needs no calibration.
-      smooth = _key_smoothing(read(self.k_bias, jnp.float32))  # [K, H]
-      k = k / smooth
-      b_, t_, n_, h_ = q.shape
-      q = (q.reshape(b_, t_, smooth.shape[0], -1, h_) * smooth[:, None].astype(q.dtype)).reshape(q.shape)
+      if self.k_bias is not None:  # without key biases there is nothing to smooth
+        smooth = _key_smoothing(read(self.k_bias, jnp.float32))  # [K, H]
+        k = k / smooth
+        b_, t_, n_, h_ = q.shape
+        q = (q.reshape(b_, t_, smooth.shape[0], -1, h_) * smooth[:, None].astype(q.dtype)).reshape(q.shape)
       (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
       k_pages, v_pages = write_slots(k_pages, layer, slots, flat(kq)), write_slots(v_pages, layer, slots, flat(vq))
       k_scale, v_scale = write_slots(k_scale, layer, slots, flat(ks)), write_slots(v_scale, layer, slots, flat(vs))

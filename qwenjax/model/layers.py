@@ -186,9 +186,10 @@ def vocab_logits(h: jax.Array, table: nnx.Param | QuantizedWeight, impl: str = "
 class RMSNorm(nnx.Module):
   """RMSNorm in float32, cast back to the input dtype, then times the weight (Qwen2's order)."""
 
-  def __init__(self, dim: int, eps: float, hf_name: str, *, stack=(), dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, eps: float, hf_name: str, *, stack=(), dtype, rngs: nnx.Rngs, axis=EMBED):
+    """axis: the weight's logical axis (EMBED over the hidden size; HEAD_DIM for the per-head q/k norms)."""
     self.eps = eps
-    self.scale = declare(rngs, (dim,), (EMBED,), HFTensor(hf_name, (dim,)), stack=stack, dtype=dtype, init="ones")
+    self.scale = declare(rngs, (dim,), (axis,), HFTensor(hf_name, (dim,)), stack=stack, dtype=dtype, init="ones")
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)

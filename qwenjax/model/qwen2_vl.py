@@ -79,10 +79,6 @@ class QwenVLConfig:
     return self.text.num_params() + self.vision.num_params()
 
 
-def is_vl_config(hf: Mapping[str, Any]) -> bool:
-  return "vision_config" in hf or hf.get("model_type") == "qwen2_5_vl"
-
-
 def _vl_preset(text: str, vision: str, **overrides) -> QwenVLConfig:
   decoder = dataclasses.replace(PRESETS[text], mrope_section=(16, 24, 24), max_position_embeddings=128000,
                                 **overrides)
