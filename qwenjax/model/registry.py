@@ -119,20 +119,22 @@ def for_gguf(architecture: Any, source: str) -> ModelEntry:
 
 def for_config(cfg) -> ModelEntry:
   """The entry whose config class `cfg` is an instance of (the most derived one, if classes derive)."""
-  for entry in sorted(ENTRIES, key=lambda e: -len(e.config_class.__mro__)):
-    if isinstance(cfg, entry.config_class):
-      return entry
-  raise ConfigError(f"{type(cfg).__name__} is not the config of a model qwenjax serves (supported: "
-                    f"{', '.join(e.config.split(':')[1] for e in ENTRIES)}).")
+  return _most_derived(cfg, "config", "the config of a model")
 
 
 def for_model(model) -> ModelEntry:
   """The entry whose module class `model` is an instance of (the most derived one: Qwen2VL is a Qwen2)."""
-  for entry in sorted(ENTRIES, key=lambda e: -len(e.module_class.__mro__)):
-    if isinstance(model, entry.module_class):
+  return _most_derived(model, "module", "a model")
+
+
+def _most_derived(obj, kind: str, what: str) -> ModelEntry:
+  """The entry whose `<kind>_class` `obj` is an instance of, most derived first; ConfigError naming it if none."""
+  classes = {entry: getattr(entry, f"{kind}_class") for entry in ENTRIES}
+  for entry in sorted(ENTRIES, key=lambda e: -len(classes[e].__mro__)):
+    if isinstance(obj, classes[entry]):
       return entry
-  raise ConfigError(f"{type(model).__name__} is not a model qwenjax serves (supported: "
-                    f"{', '.join(e.module.split(':')[1] for e in ENTRIES)}).")
+  raise ConfigError(f"{type(obj).__name__} is not {what} qwenjax serves (supported: "
+                    f"{', '.join(getattr(e, kind).split(':')[1] for e in ENTRIES)}).")
 
 
 def model_class(cfg) -> type:
