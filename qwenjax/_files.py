@@ -39,7 +39,7 @@ TMP_INFIX = ".qwenjax-tmp-"
 LOCK_MARKER = b"qwenjax lock\n"
 MARKER_KEY = "qwenjax_file"
 _DECODER = json.JSONDecoder()
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)  # one whole JSON string, escapes included
 
 
 # --- JSON with bounded nesting ------------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def _too_deep_at(text: str, start: int) -> int:
   while pos < len(text):
     c = text[pos]
     if c == '"':
-      m = _STRING.match(text, pos)
+      m = JSON_STRING.match(text, pos)
       if m is None:
         return pos
       pos = m.end()

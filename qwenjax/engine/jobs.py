@@ -564,7 +564,6 @@ MAX_LINE_BYTES = 8 << 20
 _SKIP_CHUNK = 1 << 20  # how much of an overlong line is in memory at once while it is read past
 _KEY_PREFIX = 1 << 16  # how much of a line that cannot be parsed whole is searched for its id
 _INTERESTING = re.compile(r'["\[\]{}]')
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 def _default_key(number: int, path: str, keyed_by_path: bool) -> str:
@@ -630,7 +629,7 @@ def _cheap_key(text: str, default: Any) -> tuple[Any, bool]:
   while (m := _INTERESTING.search(text, pos)) is not None:
     pos = m.start()
     if m.group() == '"':
-      string = _STRING.match(text, pos)
+      string = _files.JSON_STRING.match(text, pos)
       if string is None:  # cut off inside a string: nothing after it can be trusted
         break
       pos = string.end()
