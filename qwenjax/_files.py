@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -184,14 +185,20 @@ def stale_temporaries(path: str | os.PathLike[str], *, directories: bool = False
   return found
 
 
-def remove_stale_temporaries(path: str | os.PathLike[str]) -> None:
-  """Removes the temporaries of `path` left by processes that no longer run (a kill before their rename)."""
-  for tmp in stale_temporaries(path):
+def remove_stale_temporaries(path: str | os.PathLike[str], *, marker_file: str | None = None,
+                             marker: str | None = None) -> None:
+  """Removes the temporaries of `path` that processes no longer running (or this one, earlier) left before their
+  rename: files; with `marker_file`, directories that hold that file as `write_json` wrote it with `marker`
+  (anything else of that name is left alone)."""
+  for tmp in stale_temporaries(path, directories=marker_file is not None):
     pid = int(tmp.rsplit(TMP_INFIX, 1)[1])
     if pid != os.getpid() and is_alive(pid):
       continue
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
+    if marker_file is None:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    elif is_marked(os.path.join(tmp, marker_file), marker):
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_alive(pid: int) -> bool:

@@ -119,7 +119,7 @@ def _partial(directory: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
   error other than a CheckpointError becomes one naming `directory` (a full disk: tensorstore's, Orbax's, ours).
   Temporaries that killed writers left (their pid gone, the marker inside) are removed first."""
   real = pathlib.Path(os.path.realpath(directory))
-  _remove_stale_partials(real)
+  _files.remove_stale_temporaries(real, marker_file=_PARTIAL_FILE, marker=_PARTIAL_MARKER)
   tmp = pathlib.Path(_files.temporary_path(real))
   try:
     tmp.mkdir()
@@ -138,14 +138,6 @@ def _partial(directory: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
       raise
     raise CheckpointError(f"{directory}: writing the checkpoint failed ({first_line(e)[:300]}); the partial copy "
                           "was removed.") from None
-
-
-def _remove_stale_partials(real: pathlib.Path) -> None:
-  for path in _files.stale_temporaries(real, directories=True):
-    pid = int(path.rsplit(_files.TMP_INFIX, 1)[1])
-    if pid != os.getpid() and not _files.is_alive(pid) and _files.is_marked(os.path.join(path, _PARTIAL_FILE),
-                                                                             _PARTIAL_MARKER):
-      shutil.rmtree(path, ignore_errors=True)
 
 
 def quiet_failed_writes() -> None:
