@@ -297,7 +297,7 @@ def main(argv):
       jobs.crash()
     _cli.check_interrupted()
     served, failed = _serve(engine, default, inputs, done, scanned, serving.replica, compile_timer, started)
-    logging.info("Engine stats: %s", json.dumps(engine.stats))  # read by launch.benchmark --job
+    logging.info("Engine stats: %s", json.dumps(engine.stats()))  # read by launch.benchmark --job
   except qwenjax.QwenJaxError as e:
     _cli.fail(e)
   finally:

@@ -58,7 +58,7 @@ Per engine:
                           greedy completion ends, so these differ between engines)
   generated_tokens_per_s  generated_tokens / wall_s
   finish_reasons, errors  counts of "stop" / "length", and of requests answered with an error record
-  stats                   the engine's counters (Engine.stats: peak_sequences, preemptions, ...) from
+  stats                   the engine's counters (Engine.stats(): peak_sequences, preemptions, ...) from
                           batch_generate's "Engine stats: {...}" log line; null when it logs none
 identical_completions_with_qwenjax: per engine, the fraction of requests whose completion text equals
 qwenjax's exactly. ratios["job"]: paged_speedup_over_llamacpp, llama.cpp's wall_s over qwenjax's (the same

@@ -36,7 +36,7 @@ def measure(model, tokenizer, requests: list[dict], *, memory_gib: float, max_se
   prompts = [engine.prepare({"messages": r["messages"]}) for r in requests]
   engine.generate(prompts, qwenjax.SamplingParams(max_tokens=new_tokens, ignore_eos=True))
   seconds = time.perf_counter() - start
-  stats, pages = dict(engine.stats), engine.pool.num_pages
+  stats, pages = dict(engine.stats()), engine.pool.num_pages
   peak, most = stats["peak_sequences"], min(max_batch_size, len(prompts))
   limited_by = "pages" if peak < most else "slots" if max_batch_size <= len(prompts) else "requests"
   mean_pages = sum(pages_needed(len(p) + new_tokens, engine.page_size) for p in prompts) / len(prompts)

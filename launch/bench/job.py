@@ -33,7 +33,7 @@ if TYPE_CHECKING:
   from qwenjax import Tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]  # the checkout: the subprocesses run `python -m` from here
-# batch_generate's log line with the engine's counters (`Engine.stats` as JSON), read when it logs one.
+# batch_generate's log line with the engine's counters (`Engine.stats()` as JSON), read when it logs one.
 STATS_LINE = re.compile(r"Engine stats: (\{.*\})\s*$", re.MULTILINE)
 
 

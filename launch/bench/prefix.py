@@ -6,7 +6,7 @@ request (workload.QUESTIONS, cycled with a number), greedy, --prefix_new_tokens 
 ignored. Two paged engines over the same weights serve them, one after the other, each on a fresh page pool:
 "shared" (prefix_caching=True, the default) and "unshared" (prefix_caching=False). Per engine: seconds (the
 whole generate call, compiling included: both compile the same programs, plus copy_pages for "shared"),
-computed_prompt_tokens (Engine.stats["prompt_tokens"]: prompt tokens the prefill computed), cached_tokens (read
+computed_prompt_tokens (Engine.stats()["prompt_tokens"]: prompt tokens the prefill computed), cached_tokens (read
 from shared pages). Ratios: unshared seconds over shared, computed tokens over the job's unique prompt tokens (the
 header once plus every request's own tail), and whether every completion is identical.
 """
@@ -73,8 +73,8 @@ def measure(model, tokenizer, *, count: int, header_tokens: int, new_tokens: int
     outs = engine.generate(prompts, params)
     seconds = time.perf_counter() - start
     texts[name] = [o.token_ids for o in outs]
-    result[name] = {"seconds": seconds, "computed_prompt_tokens": engine.stats["prompt_tokens"],
-                    "cached_tokens": engine.stats["cached_tokens"], "prefill_calls": engine.stats["prefill_calls"]}
+    result[name] = {"seconds": seconds, "computed_prompt_tokens": engine.stats()["prompt_tokens"],
+                    "cached_tokens": engine.stats()["cached_tokens"], "prefill_calls": engine.stats()["prefill_calls"]}
   unique = _unique_tokens(prompts)
   total = sum(len(p) for p in prompts)
   return {"requests": count, "shared_prefix_tokens": _common_prefix(prompts), "prompt_tokens": total,

@@ -78,6 +78,9 @@ class RequestOutput:
   outputs: list[Completion]
   prompt_logprobs: list[float | None] | None = None
   cached_tokens: int = 0  # prompt tokens read from shared prefix pages instead of computed (first sample's)
+  # False while `Engine.step` reports a request still generating: its completions so far (finish_reason None
+  # where a sample goes on; text without what may yet begin a stop string).
+  finished: bool = True
 
   @property
   def text(self) -> str:

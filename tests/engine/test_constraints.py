@@ -241,7 +241,7 @@ def test_grammar_rows_pause_one_token_per_block_and_survive_preemption(tiny):
                   kv_cache_memory=8 * page_bytes(model.cfg, 16, model.dtype) / 2**30)  # 128 tokens for 4 of ~70
   assert small.pool.num_pages == 8
   outs = small.generate(requests)
-  assert small.stats["preemptions"] > 0, small.stats
+  assert small.stats()["preemptions"] > 0, small.stats
   ample = _engine(tiny, max_batch_size=4, decode_steps=4).generate(requests)
   assert [o.token_ids for o in outs] == [o.token_ids for o in ample]
   for r, out in zip(requests, outs):
@@ -249,7 +249,7 @@ def test_grammar_rows_pause_one_token_per_block_and_survive_preemption(tiny):
     jsonschema.validate(json.loads(out.text), r.response_format["json_schema"]["schema"])
   one = _engine(tiny, max_batch_size=2, decode_steps=4)
   [out] = one.generate([requests[0]])
-  assert one.stats["decode_calls"] == len(out.token_ids) - 1  # the first token comes with the prefill
+  assert one.stats()["decode_calls"] == len(out.token_ids) - 1  # the first token comes with the prefill
 
 
 def test_no_recompilation_after_warm_up_as_constrained_rows_come_and_go(tiny):

@@ -52,7 +52,7 @@ def test_continuous_batching_greedy_equals_transformers(tiny):
   for p, m, out in zip(prompts, budgets, outs):
     assert out.token_ids == _hf_greedy(hf, p, m)
     assert out.finish_reason == "length" and out.usage == {"prompt_tokens": len(p), "completion_tokens": m}
-  assert engine.stats["decode_calls"] < sum(budgets) / 4  # several steps per call, two slots at once
+  assert engine.stats()["decode_calls"] < sum(budgets) / 4  # several steps per call, two slots at once
 
 
 def test_long_prompts_prefill_in_chunks(tiny):
@@ -60,7 +60,7 @@ def test_long_prompts_prefill_in_chunks(tiny):
   prompts = _prompts(2, seed=1, lo=70, hi=100)
   engine = _engine(tiny, max_batch_size=2, max_prefill_chunk=32)
   outs = engine.generate(prompts, SamplingParams(max_tokens=8))
-  assert engine.stats["prefill_calls"] >= 6
+  assert engine.stats()["prefill_calls"] >= 6
   for p, out in zip(prompts, outs):
     assert out.token_ids == _hf_greedy(hf, p, 8)
 
@@ -212,6 +212,6 @@ def test_packed_prefill_admits_many_prompts_in_few_calls(tiny):
   prompts = _prompts(32, seed=4, lo=3, hi=30)  # buckets 16 and 32
   engine = _engine(tiny, max_batch_size=32, max_prefill_chunk=512, decode_steps=4)
   outs = engine.generate(prompts, SamplingParams(max_tokens=5))
-  assert engine.stats["prefill_calls"] <= 4, engine.stats
+  assert engine.stats()["prefill_calls"] <= 4, engine.stats
   for p, out in zip(prompts, outs):
     assert out.token_ids == _hf_greedy(hf, p, 5)

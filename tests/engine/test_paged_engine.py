@@ -86,7 +86,7 @@ def test_pool_exhaustion_preempts_and_resumes_exactly(tiny_gqa):
                  kv_cache_memory=_gib(model, 12))  # 192 tokens for 4 slots of ~70
   assert small.pool.num_pages == 12
   outs = small.generate(requests)
-  assert small.stats["preemptions"] > 0, small.stats
+  assert small.stats()["preemptions"] > 0, small.stats
   ample = Engine(model, None, eos_token_ids=(), max_batch_size=4, max_seq_len=128, page_size=PAGE).generate(requests)
   for i, (p, out, ref) in enumerate(zip(prompts, outs, ample)):
     assert out.token_ids == ref.token_ids and out.finish_reason == ref.finish_reason == "length"
@@ -100,7 +100,7 @@ def test_max_seq_len_is_not_reserved_per_slot(tiny_gqa):
   hf, model, _ = tiny_gqa
   engine = Engine(model, None, eos_token_ids=(), max_batch_size=32, max_seq_len=32768, page_size=PAGE,
                   kv_cache_memory=_gib(model, 64))
-  cache = engine._cache  # pylint: disable=protected-access
+  cache = engine.runner.cache
   assert cache.k.shape == (3, 64, PAGE, 2, 16) and engine.context_len == 64 * PAGE
   held = sum(a.nbytes for a in (cache.k, cache.v))
   assert held == 64 * page_bytes(model.cfg, PAGE, model.dtype)  # vs 32 * 32768 positions contiguous
@@ -131,7 +131,7 @@ def test_int8_pages_track_float32(tiny_gqa, impl):
   kw = dict(eos_token_ids=(), max_batch_size=3, max_seq_len=128, page_size=PAGE, attention_impl=impl)
   f32 = Engine(model, None, **kw).generate(prompts, SamplingParams(max_tokens=12))
   int8_engine = Engine(model, None, kv_cache_dtype="int8", **kw)
-  assert int8_engine._cache.k.dtype == np.int8  # pylint: disable=protected-access
+  assert int8_engine.runner.cache.k.dtype == np.int8
   int8 = int8_engine.generate(prompts, SamplingParams(max_tokens=12))
   same = [a == b for x, y in zip(f32, int8) for a, b in zip(x.token_ids, y.token_ids)]
   assert np.mean(same) > 0.8, np.mean(same)

@@ -70,8 +70,8 @@ def test_a_shared_header_is_computed_once_and_outputs_are_unchanged(tiny):
   for p, out in zip(prompts[:3], outs):
     assert out.token_ids == _hf_greedy(hf, p, 8)
   unique = len(header) + sum(map(len, suffixes)) + 2  # the repeats compute their last token
-  assert engine.stats["prompt_tokens"] == unique, engine.stats
-  assert engine.stats["cached_tokens"] == sum(map(len, prompts)) - unique
+  assert engine.stats()["prompt_tokens"] == unique, engine.stats
+  assert engine.stats()["cached_tokens"] == sum(map(len, prompts)) - unique
   cached = [o.cached_tokens for o in outs]
   assert cached[0] == 0 and cached[1:8] == [len(header)] * 7  # 5 full pages + 7 copied tokens: not page-aligned
   # A repeat reads all but its last token: 6 full pages, then 3 and 2 tokens copied (at least PS / 8 = 2).
@@ -102,8 +102,8 @@ def test_n_samples_and_prompt_logprobs_share_the_first_samples_pages(tiny):
   assert outs[0].cached_tokens == 0 and outs[1].cached_tokens == 0  # the first samples compute their prompts
   assert len(outs[1].prompt_logprobs) == len(prompt)
   # Each other sample computes one token: 3 of the first request's, 1 of the second's.
-  assert engine.stats["prompt_tokens"] == 2 * len(prompt) + 3 + 1, engine.stats
-  assert engine.stats["cached_tokens"] == 4 * (len(prompt) - 1)
+  assert engine.stats()["prompt_tokens"] == 2 * len(prompt) + 3 + 1, engine.stats
+  assert engine.stats()["cached_tokens"] == 4 * (len(prompt) - 1)
 
 
 def test_a_small_pool_evicts_cached_pages_and_preempts_without_changing_outputs(tiny):
@@ -121,7 +121,7 @@ def test_a_small_pool_evicts_cached_pages_and_preempts_without_changing_outputs(
   small = _engine(model, kv_cache_memory=14 * page_bytes(model.cfg, PS, model.dtype) / 2**30)
   assert small.pool.num_pages == 14
   outs = small.generate(requests)
-  assert small.stats["preemptions"] > 0 and small.stats["cached_tokens"] > 0, small.stats
+  assert small.stats()["preemptions"] > 0 and small.stats()["cached_tokens"] > 0, small.stats
   refs = _engine(model, prefix_caching=False, max_batch_size=2).generate(requests)
   _assert_same(outs, refs)
   pool = small.pool
@@ -140,10 +140,10 @@ def test_64_requests_over_a_1500_token_header_compute_the_unique_tokens(tiny):
   kw = dict(max_batch_size=16, max_seq_len=2048, page_size=64, max_prefill_chunk=512)
   engine = _engine(model, **kw)
   outs = engine.generate(prompts, SamplingParams(max_tokens=4))
-  assert engine.stats["prompt_tokens"] <= 1.1 * unique, (engine.stats, unique)
-  assert engine.stats["prompt_tokens"] + engine.stats["cached_tokens"] == sum(map(len, prompts))
+  assert engine.stats()["prompt_tokens"] <= 1.1 * unique, (engine.stats, unique)
+  assert engine.stats()["prompt_tokens"] + engine.stats()["cached_tokens"] == sum(map(len, prompts))
   assert [o.cached_tokens for o in outs] == [0] + [len(header)] * 63, outs  # 23 pages and a copied 28 tokens
   plain = _engine(model, prefix_caching=False, **kw)
   refs = plain.generate(prompts[:16], SamplingParams(max_tokens=4))
   assert [o.token_ids for o in outs[:16]] == [o.token_ids for o in refs]
-  assert plain.stats["prompt_tokens"] == sum(map(len, prompts[:16]))
+  assert plain.stats()["prompt_tokens"] == sum(map(len, prompts[:16]))

@@ -68,7 +68,7 @@ def test_packed_prompts_of_different_lengths(tiny):
   engine = _engine(tiny, max_batch_size=5, max_prefill_chunk=256, prefix_caching=False)
   requests = [Request(prompt=p, sampling=_scored()) for p in prompts] + [Request(prompt=prompts[2])]
   outs = engine.generate(requests, SamplingParams(max_tokens=4))
-  assert engine.stats["prefill_calls"] == 1, engine.stats
+  assert engine.stats()["prefill_calls"] == 1, engine.stats
   for p, out in zip(prompts, outs):
     _assert_matches(out.prompt_logprobs, _hf_prompt_logprobs(hf, p))
   assert outs[-1].prompt_logprobs is None
@@ -82,7 +82,7 @@ def test_chunked_prefill_carries_across_chunks(tiny):
   prompts = [_prompts(1, 2, 70, 71)[0], _prompts(1, 3, 45, 46)[0]]
   engine = _engine(tiny, max_prefill_chunk=16)
   outs = engine.generate(prompts, _scored())
-  assert engine.stats["prefill_calls"] == 5 + 3, engine.stats
+  assert engine.stats()["prefill_calls"] == 5 + 3, engine.stats
   for p, out in zip(prompts, outs):
     _assert_matches(out.prompt_logprobs, _hf_prompt_logprobs(hf, p))
 
@@ -118,7 +118,7 @@ def test_preempted_sequences_keep_their_prompt_logprobs(tiny):
   small = _engine(tiny, max_batch_size=4, max_seq_len=128, kv_cache_memory=gib)
   assert small.pool.num_pages == 12
   outs = small.generate(requests)
-  assert small.stats["preemptions"] > 0, small.stats
+  assert small.stats()["preemptions"] > 0, small.stats
   ample = _engine(tiny, max_batch_size=4, max_seq_len=128).generate(requests)
   for p, out, ref in zip(prompts, outs, ample):
     assert out.token_ids == ref.token_ids

@@ -75,13 +75,13 @@ def test_32_slots_at_32k_context_fit_and_equal_one_at_a_time(ours, one_at_a_time
   prompts = _chats(ours.tokenizer, 32)
   params = SamplingParams(max_tokens=16)
   batched = engine.generate(prompts, params)
-  assert engine.stats["peak_sequences"] == 32 and engine.stats["prefill_calls"] < 16, engine.stats
+  assert engine.stats()["peak_sequences"] == 32 and engine.stats()["prefill_calls"] < 16, engine.stats
   distinct, single = one_at_a_time
   for i, (ids, got) in enumerate(zip(prompts, batched)):
     assert ids == distinct[i % 8]
     assert got.token_ids == single[i % 8].token_ids[:params.max_tokens], ours.tokenizer.decode(ids)
   print(f"pool {pool_gib:.2f} GiB ({engine.pool.num_pages} pages) vs {contiguous_gib:.1f} GiB contiguous; "
-        f"{engine.stats}")
+        f"{engine.stats()}")
 
 
 def _stdlib_text(tokens_wanted, tokenizer):

@@ -59,13 +59,14 @@ def _engine_layout_errors(engine: Engine, mesh) -> list[str]:
   """Every weight, cache and slot-state array of the engine whose sharding is not what the rules say."""
   # pylint: disable=protected-access
   errors = _weight_layout_errors(engine.model, mesh)
-  cache = engine._cache
+  cache = engine.runner.cache
   # The page pool: pages over data, KV heads over tensor.
   want = paged_cache_sharding(engine.cfg, mesh, cache.num_pages, cache.page_size, cache.quantized, engine.rules)
   names = ("k", "v") + (("k_scale", "v_scale") if cache.quantized else ())
-  slot = sharding.named_sharding(mesh, ("batch", "vocab"), engine._slots.counts.shape, engine.rules)
+  slot = sharding.named_sharding(mesh, ("batch", "vocab"), engine.runner.slots.counts.shape, engine.rules)
   arrays = {f"cache.{name}": (getattr(cache, name), getattr(want, name)) for name in names}
-  arrays.update({"prompt_mask": (engine._slots.prompt_mask, slot), "counts": (engine._slots.counts, slot)})
+  slots = engine.runner.slots
+  arrays.update({"prompt_mask": (slots.prompt_mask, slot), "counts": (slots.counts, slot)})
   for name, (got, expected) in arrays.items():
     if not got.sharding.is_equivalent_to(expected, got.ndim):
       errors.append(f"{name}: {got.sharding.spec} != {expected.spec}")
@@ -83,7 +84,8 @@ def _prefill_logits(engine: Engine, mesh, prompts) -> tuple[np.ndarray, list[str
   where = None if mesh is None else cache_sharding(engine.cfg, mesh, b, CONTEXT, engine.rules)
   given = KVCache.zeros(engine.cfg, b, CONTEXT, sharding=where)
   with sharding.use_mesh(mesh, engine.rules):
-    logits, cache = programs.prefill(engine.graphdef, engine.params, given, tokens, lengths, all_logits=True)
+    runner = engine.runner
+    logits, cache = programs.prefill(runner.graphdef, runner.params, given, tokens, lengths, all_logits=True)
   errors = [] if given.k.is_deleted() else ["prefill did not take the donated cache"]
   if mesh is not None:
     for name in ("k", "v", "lengths"):
@@ -116,9 +118,9 @@ def _text_run(directory: str, mesh_text: str | None, scan: bool, quantize: str |
   ps = PAGE
   header = rng.integers(0, 250, size=ps + ps // 2).tolist()
   shared = [header + rng.integers(0, 250, size=n).tolist() for n in (1, 3, 5, 2)]
-  cached_before = engine.stats["cached_tokens"]
+  cached_before = engine.stats()["cached_tokens"]
   shared_outs = engine.generate(shared, SamplingParams(max_tokens=6))
-  shared_run = {"tokens": [o.token_ids for o in shared_outs], "cached": engine.stats["cached_tokens"] - cached_before}
+  shared_run = {"tokens": [o.token_ids for o in shared_outs], "cached": engine.stats()["cached_tokens"] - cached_before}
   if mesh is None:  # the reference: the same prompts without prefix caching
     plain = Engine(loaded.model, loaded.tokenizer, eos_token_ids=(), max_batch_size=SLOTS, max_seq_len=CONTEXT,
                    max_prefill_chunk=CHUNK, page_size=PAGE, decode_steps=4, prefix_caching=False)
@@ -151,7 +153,8 @@ def _vl_run(directory: str, mesh_text: str | None) -> dict:
                   mesh=mesh)
   tokens = [o.token_ids for o in engine.generate([with_image, text])]
   with sharding.use_mesh(mesh):  # the tower's output alone, as the engine computes it
-    features = features_lib.encode_visuals(model.visual, engine.prepare(with_image).visuals, engine.patch_buckets)
+    visuals = engine.prepare(with_image).visuals
+    features = features_lib.encode_visuals(model.visual, visuals, engine.runner.patch_buckets)
   return {"tokens": tokens, "layout_errors": errors, "features": features}
 
 
