@@ -13,7 +13,7 @@ from qwenjax.config import PRESETS, QwenConfig
 from qwenjax.engine.engine import Engine
 from qwenjax.engine.programs import decode_step, extend, prefill
 from qwenjax.engine.requests import Completion, Request, RequestOutput, StreamEvent
-from qwenjax.engine.sampling import SamplingParams
+from qwenjax.engine.sampling_params import SamplingParams
 from qwenjax.kernels.buckets import LengthBuckets
 from qwenjax.model.decoder import Qwen2
 from qwenjax.model.kv_cache import KVCache

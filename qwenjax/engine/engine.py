@@ -52,7 +52,7 @@ from qwenjax.engine.output_processor import OutputProcessor
 from qwenjax.engine.pages import PagePool
 from qwenjax.engine.requests import Request, RequestOutput, StreamEvent, as_request
 from qwenjax.engine.runner import ModelRunner
-from qwenjax.engine.sampling import SamplingParams
+from qwenjax.engine.sampling_params import SamplingParams
 from qwenjax.engine.scheduler import Scheduler
 from qwenjax.kernels.buckets import LengthBuckets
 from qwenjax.model import lora as lora_lib

@@ -24,7 +24,7 @@ from qwenjax.engine import constraints as constraints_lib
 from qwenjax.engine import sequence as sequence_lib
 from qwenjax.engine.pages import prefix_root
 from qwenjax.engine.requests import Request, as_request, checked_message
-from qwenjax.engine.sampling import SamplingParams
+from qwenjax.engine.sampling_params import SamplingParams
 from qwenjax.model.qwen2_vl import QwenVLConfig
 from qwenjax.multimodal import processing
 from qwenjax.multimodal.positions import VLPrompt, vl_prompt

@@ -44,7 +44,7 @@ from typing import Any
 from qwenjax._errors import InputError
 from qwenjax.engine.constraints import GRAMMAR_ERROR
 from qwenjax.engine.requests import Completion, Request, RequestOutput
-from qwenjax.engine.sampling import SamplingParams
+from qwenjax.engine.sampling_params import SamplingParams
 from qwenjax.text import tool_calls as tool_calls_lib
 
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from qwenjax._errors import InputError
-from qwenjax.engine.sampling import SamplingParams
+from qwenjax.engine.sampling_params import SamplingParams
 
 _ROLES = ("system", "user", "assistant", "tool")  # the roles a message may have
 

@@ -37,7 +37,7 @@ from qwenjax.engine.programs import (
   SlotState,
   VisionInputs,
 )
-from qwenjax.engine.sampling import SamplingParams
+from qwenjax.engine.sampling_params import SamplingParams
 from qwenjax.engine.scheduler import DecodePlan, PrefillCall
 from qwenjax.engine.sequence import Sequence as Seq
 from qwenjax.kernels.attention import IMPLS, default_impl

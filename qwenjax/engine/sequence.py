@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # types only: the scheduler's side of the engine imports no j
 
   from qwenjax.engine.constraints import Constraint
   from qwenjax.engine.pages import SequencePages
-  from qwenjax.engine.sampling import SamplingParams
+  from qwenjax.engine.sampling_params import SamplingParams
   from qwenjax.multimodal.positions import VLPrompt
 
 

@@ -150,9 +150,9 @@ def test_abort_drops_waiting_and_running_sequences_and_their_pages():
 
 
 def test_the_scheduler_runs_where_jax_cannot_be_imported():
-  """The scheduler, its KV manager and the sequences they hold import no jax (nor flax): with both blocked, and
-  the qwenjax packages loaded without their __init__ (which imports the whole library), an admission, a prefill plan
-  and a decode plan still run."""
+  """The scheduler, its KV manager, the sequences they hold and their SamplingParams import no jax (nor flax): with
+  both blocked, and the qwenjax packages loaded without their __init__ (which imports the whole library), an
+  admission, a prefill plan and a decode plan still run."""
   script = textwrap.dedent(f"""
       import importlib.abc, sys, types
       class Blocked(importlib.abc.MetaPathFinder):
@@ -166,11 +166,12 @@ def test_the_scheduler_runs_where_jax_cannot_be_imported():
         sys.modules[package] = module
       from qwenjax.engine.kv_manager import KVManager
       from qwenjax.engine.pages import PagePool
+      from qwenjax.engine.sampling_params import SamplingParams
       from qwenjax.engine.scheduler import Scheduler
       from qwenjax.engine.sequence import Sequence
       from qwenjax.kernels.buckets import LengthBuckets
       s = Scheduler(KVManager(PagePool(8, 4)), max_batch_size=2, decode_steps=2, buckets=LengthBuckets(16, 4))
-      s.add([Sequence(0, 0, [1, 2, 3], None, 0, frozenset(), 5)])
+      s.add([Sequence(0, 0, [1, 2, 3], SamplingParams(max_tokens=5), 0, frozenset(), 5)])
       admission = s.admit()
       rows = [row for call in s.prefill_calls(admission) for row in call.rows]
       admission.seqs[0].tokens.append(4)
