@@ -133,15 +133,15 @@ def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, defa
   """(input line, request, prompt) for each servable line of this process's share (positions congruent to its
   index modulo the process count); a line that cannot be served lands in `errors`, keyed by its id (or line
   number) so that a rerun, which skips the ids in `skip`, does not record it again. keyed_by_path and
-  max_line_bytes: as `jobs.read_input` takes them (the defaults: its own)."""
+  max_line_bytes: as `job_input.read_input` takes them (the defaults: its own)."""
   from qwenjax import InputError, QwenJaxError  # pylint: disable=g-import-not-at-top
   from qwenjax._errors import INVALID_REQUEST  # pylint: disable=g-import-not-at-top
-  from qwenjax.engine import jobs, openai_batch  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import job_input, jobs, openai_batch  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.requests import as_request  # pylint: disable=g-import-not-at-top
-  from qwenjax.engine.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine.sampling_params import SamplingParams  # pylint: disable=g-import-not-at-top
 
   bound = {} if max_line_bytes is None else {"max_line_bytes": max_line_bytes}
-  for line in jobs.read_input(paths, share, keyed_by_path=keyed_by_path, **bound):
+  for line in job_input.read_input(paths, share, keyed_by_path=keyed_by_path, **bound):
     if (line.path, line.number) in skipped_lines or jobs.record_key(line.key) in skip:
       continue
     if line.error is not None:
@@ -208,19 +208,19 @@ def _prepare_files(output: str) -> tuple[set[str], Any]:
   """On process 0, before the model loads: the output is locked and recovered, and the parts any earlier
   multi-host run left (with any number of hosts) are merged into it; returns the ids answered and the lock.
   InputError, nothing touched, for an output that is not this job's to write."""
-  from qwenjax.engine import jobs, reports  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import job_parts, jobs, reports  # pylint: disable=g-import-not-at-top
 
   lock = jobs.OutputLock(output).acquire()
   try:
     # First what refuses a file that is not the job's, before anything is written: a summary or progress file,
     # a part that is a link.
     reports.prepare(output)
-    parts = jobs.existing_parts(output)
+    parts = job_parts.existing_parts(output)
     done = jobs.recover(output).ids
     for part in parts:
       jobs.recover(part)  # refuses (untouched) a part that is not results before anything is merged
     if parts:
-      added = jobs.merge_parts(output, parts, **_fsync_policy())
+      added = job_parts.merge_parts(output, parts, **_fsync_policy())
       logging.info("Merged %d record(s) of %d part(s) an earlier run left: %s.", added, len(parts), ", ".join(parts))
       done = jobs.recover(output).ids
   except BaseException:
@@ -252,7 +252,7 @@ def main(argv):
   del argv
   started = time.monotonic()
   import qwenjax  # pylint: disable=g-import-not-at-top
-  from qwenjax.engine import jobs, profiling  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import job_input, jobs, profiling  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.engine import Engine  # pylint: disable=g-import-not-at-top
   from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
@@ -285,8 +285,8 @@ def main(argv):
     if "error" in verdict:
       raise qwenjax.InputError(verdict["error"])
     done = set(verdict["done"])
-    scanned = jobs.scan_input(inputs, keep_first=_DUPLICATE_IDS.value == "keep_first",
-                              keyed_by_path=jobs.keyed_by_path(_INPUT.value), max_line_bytes=_MAX_LINE_BYTES.value)
+    scanned = job_input.scan_input(inputs, keep_first=_DUPLICATE_IDS.value == "keep_first",
+                                   keyed_by_path=jobs.keyed_by_path(_INPUT.value), max_line_bytes=_MAX_LINE_BYTES.value)
     # Requests without a seed draw one from the engine's generator: the same on every process of a replica.
     job_seed = distributed.broadcast(secrets.randbits(63) if distributed.process_index() == 0 else None)
     engine = Engine.load(model, **_common.load_kwargs(), max_batch_size=serving.max_batch_size,
@@ -313,12 +313,12 @@ def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, c
   import jax  # pylint: disable=g-import-not-at-top
 
   import qwenjax  # pylint: disable=g-import-not-at-top
-  from qwenjax.engine import jobs, reports  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import job_parts, jobs, reports  # pylint: disable=g-import-not-at-top
   from qwenjax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
   output = _OUTPUT.value
   index, count = group.index, group.count
-  target = jobs.part_path(output, index) if count > 1 else output
+  target = job_parts.part_path(output, index) if count > 1 else output
   if distributed.process_count() > 1:
     logging.info("Multi-host: process %d of %d, rank %d of replica %d of %d, serves lines %d, %d + %d, ...; "
                  "results merge into %s.", distributed.process_index(), distributed.process_count(), group.rank,
@@ -383,7 +383,7 @@ def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, c
     distributed.barrier("batch_generate-served")
   if distributed.process_index() == 0:
     if count > 1:
-      added = jobs.merge_parts(output, jobs.existing_parts(output), **_fsync_policy())
+      added = job_parts.merge_parts(output, job_parts.existing_parts(output), **_fsync_policy())
       logging.info("Merged %d records of %d parts into %s.", added, count, output)
 
     def summarize() -> dict:

@@ -1,14 +1,13 @@
-"""The files of a batch job: its JSONL inputs, read line by line as bytes, and its results file, which is only ever
-recognised, recovered, locked and appended to, never overwritten.
+"""The files of a batch job: the paths it is given, and its results file, which is only ever recognised, recovered,
+locked and appended to, never overwritten. (Its input lines are `job_input`'s; a multi-host run's parts are
+`job_parts`'.)
 
     inputs = jobs.expand_inputs(["a.jsonl", "shards/*.jsonl"], "out.jsonl")   # globs, each file once, sorted
     jobs.check_paths(inputs, "out.jsonl")                 # InputError before anything is loaded
     with jobs.OutputLock("out.jsonl"):                    # one job per file, any spelling; a killed one is taken over
       done = jobs.recover("out.jsonl").ids                 # corrupt regions moved to out.jsonl.corrupt, not deleted
-      jobs.merge_parts("out.jsonl", jobs.existing_parts("out.jsonl"))   # a multi-host run's leftovers, any count
-      ids = jobs.scan_input(inputs)                        # duplicate ids (across files) are an error before decoding
       with jobs.ResultWriter("out.jsonl", fsync_every_lines=1000, fsync_every_seconds=30) as out:
-        for line in jobs.read_input(inputs): ...           # InputLine(number, key, obj, error, path, code)
+        for line in job_input.read_input(inputs): ...      # InputLine(number, key, obj, error, path, code)
           out.write({"id": ..., "text": ...})              # whole, newline-terminated, flushed; fsynced on the policy
 
 A results file is recognised as a job's own when every record in it has a shape `batch_generate` writes: a simple
@@ -29,9 +28,8 @@ merged and removed only when it is a regular file (never a link) that holds resu
 the file, and leaves the output, the .corrupt and every temporary as they were.
 
 Exactly once, whatever moment a kill strikes: every record is one unbuffered append, so a kill leaves at most a
-torn last line, which `recover` moves aside and whose id is redone. A multi-host run writes `<output>.part-<i>`
-per replica; `merge_parts` appends to the output only the ids it lacks, fsyncs, and only then removes the parts,
-so a merge cut short is redone by the next run, with any number of hosts (`existing_parts` finds every part).
+torn last line, which `recover` moves aside and whose id is redone; a multi-host run's parts are merged on the
+same terms (`job_parts`).
 
 Fault injection for the kill harness (tests/launch/test_kill_harness.py): QWENJAX_CRASH_AT="write:37" kills the
 process with SIGKILL halfway through the bytes of its 37th record, "merge:3" likewise in a merge, "recover" just
@@ -40,18 +38,16 @@ before a rewritten results file replaces the old one, "load" (batch_generate) on
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import dataclasses
 import glob
 import json
 import os
-import re
 import signal
 import stat
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, BinaryIO
+from typing import Any
 
 from absl import logging
 
@@ -62,7 +58,6 @@ from qwenjax.engine import openai_batch, simple_batch
 CORRUPT_SUFFIX = ".corrupt"
 # The first line of every .corrupt file, written only by the job that creates it: what proves the file is ours.
 CORRUPT_HEADER = b"# qwenjax: regions of the results file beside this one that were not records, one per line\n"
-PART_SUFFIX = ".part-"
 CRASH_ENV = "QWENJAX_CRASH_AT"
 _BLANK = " \t\r"  # JSON whitespace between records (newlines end lines); anything else is kept
 
@@ -452,59 +447,6 @@ class ResultWriter:
     self.close()
 
 
-# --- A multi-host run's parts -----------------------------------------------------------------------------------
-
-
-def part_path(output: str, index: int) -> str:
-  """The results file replica `index` of a multi-host run writes."""
-  return f"{output}{PART_SUFFIX}{index}"
-
-
-def existing_parts(output: str) -> list[str]:
-  """Every `<output>.part-<i>` there is, by index: left by a run with any number of hosts, not only this one's.
-  InputError, untouched, for one that is a link or not a regular file: a part is never read through a link."""
-  pattern = re.compile(re.escape(os.path.basename(output) + PART_SUFFIX) + r"(\d+)")
-  found = []
-  for path in glob.glob(glob.escape(output + PART_SUFFIX) + "*"):
-    m = pattern.fullmatch(os.path.basename(path))
-    if not m:
-      continue
-    if os.path.islink(path) or not os.path.isfile(path):
-      kind = "a symbolic link" if os.path.islink(path) else "not a regular file"
-      raise InputError(f"--output={output}: {path} is {kind}, not a part a job wrote; refusing to merge or remove "
-                       "it (move it away).")
-    found.append((int(m.group(1)), path))
-  return [path for _, path in sorted(found)]
-
-
-def merge_parts(output: str, parts: Sequence[str], **writer_kwargs) -> int:
-  """Appends to the output each record of the parts whose id it does not hold yet, fsyncs it, then removes the
-  parts; returns how many records it added. Safe to cut short at any moment: the next merge recovers a torn last
-  line and skips what is already there. Only results are merged and removed: `recover` refuses (InputError,
-  untouched) a part that holds none, and an empty part (a replica killed before its first record) is removed.
-  The caller holds the output's lock."""
-  present = recover(output).ids
-  added = 0
-  parts = [p for p in parts if os.path.lexists(p)]
-  for part in parts:
-    if os.path.islink(part) or not os.path.isfile(part):
-      raise InputError(f"--output={output}: {part} is not a regular file; refusing to merge it.")
-    recover(part)
-  with ResultWriter(output, crash_label="merge", **writer_kwargs) as out:
-    for part in parts:
-      for record, key in iter_records(part):
-        if key not in present:
-          out.write_raw(record)
-          present.add(key)
-          added += 1
-  # Only now, the output fsynced with every record: the parts go.
-  for part in parts:
-    os.remove(part)
-  if parts:
-    _files.fsync_directory(output)
-  return added
-
-
 class OutputLock(_files.OwnedLock):
   """One job at a time per results file, whatever the spelling of its path: `_files.OwnedLock` on
   `<real path>.qwenjax-lock` (a link, `..` or a second mount of the directory find the same lock; `<output>.lock`
@@ -526,222 +468,3 @@ class OutputLock(_files.OwnedLock):
                        "so another name of the same file could be written by a second job at once (copy it to a "
                        "file of its own).")
     return self
-
-
-# --- The input files --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class InputLine:
-  """One non-blank input line: line `number` of file `path`. key: its "custom_id" (an OpenAI Batch line) or "id",
-  else "line-N" ("<path>:line-N" in a job keyed by path: a glob or several inputs); obj: the request object, or
-  None with `error` saying why the line cannot be served (and `code`, its kind: invalid_json, invalid_request).
-  batch_format: for a line that could not be parsed whole (nested too deep, over --max_line_bytes), whether a
-  cheap look at its top level found a "custom_id" (its error is then recorded as an OpenAI Batch line)."""
-
-  number: int
-  key: Any
-  obj: dict[str, Any] | None
-  error: str | None = None
-  path: str = ""
-  code: str | None = None
-  batch_format: bool = False
-
-  @property
-  def where(self) -> str:
-    """How error messages name the line: "<path>:<number>"."""
-    return f"{self.path}:{self.number}" if self.path else f"line {self.number}"
-
-  @property
-  def openai(self) -> bool:
-    """Whether the line is in the OpenAI Batch format (answered in its output format)."""
-    return openai_batch.is_batch_line(self.obj) if self.obj is not None else self.batch_format
-
-
-# A line longer than this (bytes, its newline not counted) is an error record, read past in chunks, never whole:
-# memory per line stays bounded (batch_generate --max_line_bytes).
-MAX_LINE_BYTES = 8 << 20
-_SKIP_CHUNK = 1 << 20  # how much of an overlong line is in memory at once while it is read past
-_KEY_PREFIX = 1 << 16  # how much of a line that cannot be parsed whole is searched for its id
-_INTERESTING = re.compile(r'["\[\]{}]')
-
-
-def _default_key(number: int, path: str, keyed_by_path: bool) -> str:
-  return f"{path}:line-{number}" if keyed_by_path else f"line-{number}"
-
-
-def _where(number: int, path: str) -> str:
-  return f"{path}:{number}" if path else f"line {number}"
-
-
-def parse_input_line(raw: bytes, number: int, path: str = "", keyed_by_path: bool = False) -> InputLine:
-  """One line's bytes (BOM already removed) -> InputLine; never raises for bad content. JSON nested deeper than
-  `_files.MAX_JSON_DEPTH` is that line's error (keyed by its id if a cheap look at its top level finds one)."""
-  key: Any = _default_key(number, path, keyed_by_path)
-  where = _where(number, path)
-
-  def failed(message: str, code: str = "invalid_json") -> InputLine:
-    return InputLine(number, key, None, f"{where}: {message}", path, code)
-
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    # Still key the error by the line's id when the rest of it parses.
-    try:
-      obj = _files.loads(raw.decode("utf-8", "replace"))
-      key = _line_id(obj, key)[0] if isinstance(obj, dict) else key
-    except ValueError:
-      pass
-    return failed(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}).")
-  try:
-    obj = _files.loads(text)
-  except _files.JSONDepthError as e:
-    key, batch_format = _cheap_key(text[:_KEY_PREFIX], key)
-    return dataclasses.replace(failed(f"malformed JSON ({_files.describe(e)})."), key=key, batch_format=batch_format)
-  except json.JSONDecodeError as e:
-    return failed(f"malformed JSON ({e.msg} at column {e.colno}).")
-  if not isinstance(obj, dict):
-    return failed(f"expected a JSON object, got {_json_type(obj)}.")
-  key, field = _line_id(obj, key)
-  if field is not None and _valid_id(obj[field], None) is None:
-    return failed(f"'{field}' must be a string or an integer, got {_json_type(obj[field])}.", "invalid_request")
-  return InputLine(number, key, obj, None, path)
-
-
-def overlong_line(head: bytes, size: int, number: int, path: str = "", keyed_by_path: bool = False,
-                  max_line_bytes: int = MAX_LINE_BYTES) -> InputLine:
-  """The error of a line of `size` bytes, over `max_line_bytes`, of which `head` (its first bytes) was kept: keyed
-  by its id if a cheap look at `head` finds one at the top level, else by its line."""
-  key, batch_format = _cheap_key(head[:_KEY_PREFIX].decode("utf-8", "replace"),
-                                 _default_key(number, path, keyed_by_path))
-  return InputLine(number, key, None, f"{_where(number, path)}: {size} bytes, over --max_line_bytes={max_line_bytes}.",
-                   path, "invalid_request", batch_format)
-
-
-def _cheap_key(text: str, default: Any) -> tuple[Any, bool]:
-  """(key, whether it is an OpenAI Batch line) of a line that cannot be parsed whole, as `_line_id` would key it:
-  its top-level "custom_id" or "id" where `text` (a prefix of the line) shows one, else `default`. Linear in
-  `text`, with no recursion: brackets are counted, strings skipped."""
-  pos = len(text) - len(text.lstrip())
-  if not text.startswith("{", pos):
-    return default, False
-  depth, found = 0, {}
-  while (m := _INTERESTING.search(text, pos)) is not None:
-    pos = m.start()
-    if m.group() == '"':
-      string = _files.JSON_STRING.match(text, pos)
-      if string is None:  # cut off inside a string: nothing after it can be trusted
-        break
-      pos = string.end()
-      if depth == 1 and string.group() in ('"id"', '"custom_id"'):
-        colon = pos + len(text[pos:pos + 64]) - len(text[pos:pos + 64].lstrip())
-        if text.startswith(":", colon):
-          found.setdefault(string.group()[1:-1], _scalar_at(text, colon + 1))
-      continue
-    depth += 1 if m.group() in "[{" else -1
-    pos += 1
-    if depth == 0:
-      break
-  field = "custom_id" if "custom_id" in found else "id" if "id" in found else None
-  return (default if field is None else _valid_id(found[field], default)), field == "custom_id"
-
-
-def _scalar_at(text: str, pos: int) -> Any:
-  """The JSON string or number at text[pos] (blanks skipped), or None for anything else."""
-  try:
-    value, _ = _files.raw_decode(text[:pos + _KEY_PREFIX], pos)
-  except ValueError:
-    return None
-  return value if isinstance(value, (str, int, float)) else None
-
-
-def _line_id(obj: dict, default: Any) -> tuple[Any, str | None]:
-  """(the line's key, the field it comes from): an OpenAI Batch line's custom_id, else its id, else `default`."""
-  field = "custom_id" if openai_batch.is_batch_line(obj) else "id" if "id" in obj else None
-  return (default, None) if field is None else (_valid_id(obj[field], default), field)
-
-
-def _valid_id(value: Any, default: Any) -> Any:
-  return value if isinstance(value, (str, int)) and not isinstance(value, bool) else default
-
-
-def _json_type(value: Any) -> str:
-  names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-           float: "a number", type(None): "null"}
-  return names.get(type(value), type(value).__name__)
-
-
-def _read_lines(f: BinaryIO, max_line_bytes: int) -> Iterator[tuple[bytes, int | None]]:
-  """(line, None) for each line of `f` (its newline included), or (its first bytes, its size) for a line of more
-  than `max_line_bytes` bytes (its newline not counted), which is read past in chunks and never held whole."""
-  while raw := f.readline(max_line_bytes + 1):
-    if raw.endswith(b"\n") or len(raw) <= max_line_bytes:
-      yield raw, None
-      continue
-    size, head = len(raw), raw[:_KEY_PREFIX]
-    del raw
-    while chunk := f.readline(_SKIP_CHUNK):
-      if chunk.endswith(b"\n"):
-        size += len(chunk) - 1
-        break
-      size += len(chunk)
-    yield head, size
-
-
-def read_input(paths: str | Sequence[str], share: tuple[int, int] = (0, 1), *, keyed_by_path: bool | None = None,
-               max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[InputLine]:
-  """The non-blank lines of the JSONL files, in order, whose 0-based position in all of them (blank lines
-  counted) is congruent to share[0] modulo share[1]. A UTF-8 byte-order mark at the start of a file is skipped.
-  keyed_by_path: id-less lines are keyed "<path>:line-N" (default: with several files; pass `keyed_by_path(...)`
-  of the --input values, so that a glob keys by path even while it matches one file). A line over
-  `max_line_bytes` is its error, read past in chunks."""
-  paths = [paths] if isinstance(paths, str) else list(paths)
-  keyed_by_path = len(paths) > 1 if keyed_by_path is None else keyed_by_path
-  position = 0
-  for path in paths:
-    with open(path, "rb") as f:
-      for number, (raw, size) in enumerate(_read_lines(f, max_line_bytes), 1):
-        position += 1
-        if number == 1 and raw.startswith(codecs.BOM_UTF8):
-          raw = raw[len(codecs.BOM_UTF8):]
-        if (size is None and not raw.strip()) or (position - 1) % share[1] != share[0]:
-          continue
-        if size is not None:
-          yield overlong_line(raw, size, number, path, keyed_by_path, max_line_bytes)
-        else:
-          yield parse_input_line(raw, number, path, keyed_by_path)
-
-
-@dataclasses.dataclass(frozen=True)
-class InputScan:
-  """lines: non-blank lines in the files; skipped: (path, number) of the lines that repeat an earlier line's id
-  (kept out of the job with keep_first)."""
-
-  lines: int
-  skipped: frozenset[tuple[str, int]]
-
-
-def scan_input(paths: str | Sequence[str], keep_first: bool = False, *, keyed_by_path: bool | None = None,
-               max_line_bytes: int = MAX_LINE_BYTES) -> InputScan:
-  """Reads every line's id once before the job starts (as `read_input` keys them). InputError for an id used
-  twice (in one file or across them), naming both lines, unless `keep_first` (the later lines are then skipped,
-  with a warning)."""
-  first: dict[str, str] = {}
-  skipped: list[tuple[InputLine, str]] = []
-  lines = 0
-  for line in read_input(paths, keyed_by_path=keyed_by_path, max_line_bytes=max_line_bytes):
-    lines += 1
-    k = record_key(line.key)
-    if k in first:
-      skipped.append((line, first[k]))
-    else:
-      first[k] = line.where
-  if skipped and not keep_first:
-    line, earlier = skipped[0]
-    more = f" ({len(skipped) - 1} more)" if len(skipped) > 1 else ""
-    raise InputError(f"--input: id {record_key(line.key)} is on {earlier} and {line.where}{more}; ids must be "
-                     "unique in the output (or pass --duplicate_ids=keep_first).")
-  if skipped:
-    logging.warning("--input: %d line(s) repeat an earlier id and are skipped (first: %s, id %s).", len(skipped),
-                    skipped[0][0].where, record_key(skipped[0][0].key))
-  return InputScan(lines, frozenset((line.path, line.number) for line, _ in skipped))

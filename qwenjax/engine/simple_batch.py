@@ -27,9 +27,9 @@ from qwenjax.text import tool_calls
 
 
 def result_line(line, request: Request, output: RequestOutput) -> dict[str, Any]:
-  """The record of input `line` (a `jobs.InputLine`, which imports this module), accepted as `request` and served
-  as `output`; an error record (code "grammar_error") if a sample's constraint failed mid-decode
-  (`openai_batch.grammar_failure`)."""
+  """The record of input `line` (a `job_input.InputLine`, untyped: job_input imports jobs, which imports this
+  module), accepted as `request` and served as `output`; an error record (code "grammar_error") if a sample's
+  constraint failed mid-decode (`openai_batch.grammar_failure`)."""
   broken = openai_batch.grammar_failure(output)
   if broken is not None:  # not an answer: the output would not conform to the line's constraint
     return error_line(line.key, GRAMMAR_ERROR, f"{line.where}: {broken}", obj=line.obj)

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from qwenjax._errors import InputError
-from qwenjax.engine import jobs
+from qwenjax.engine import job_input, jobs
 from qwenjax.text.tokenizer import Tokenizer
 
 
@@ -118,7 +118,7 @@ class Conversation:
   error: str | None = None
 
 
-def _messages_of(line: jobs.InputLine) -> Conversation:
+def _messages_of(line: job_input.InputLine) -> Conversation:
   """A parsed line's conversation: simple ({"messages": [...]}) or OpenAI Batch ({"body": {"messages": ...}})."""
   if line.error is not None:
     return Conversation(line.where, None, error=line.error)
@@ -131,9 +131,9 @@ def _messages_of(line: jobs.InputLine) -> Conversation:
 
 
 def conversations(path: str) -> Iterator[Conversation]:
-  """Each non-blank line of a chat JSONL file (`qwenjax.engine.jobs.read_input`: BOM, UTF-8 and JSON errors are
-  that line's `error`): simple or OpenAI Batch request lines, assistant turns included."""
-  for line in jobs.read_input(path):
+  """Each non-blank line of a chat JSONL file (`qwenjax.engine.job_input.read_input`: BOM, UTF-8 and JSON errors
+  are that line's `error`): simple or OpenAI Batch request lines, assistant turns included."""
+  for line in job_input.read_input(path):
     yield _messages_of(line)
 
 
@@ -157,11 +157,11 @@ def _count(n: int, noun: str) -> str:
   return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _reply(line: jobs.InputLine) -> tuple[str | None, str | None, str | None]:
+def _reply(line: job_input.InputLine) -> tuple[str | None, str | None, str | None]:
   """(reply text, finish_reason, None) of a result line; (None, None, None) for an error record; (None, None,
   what is wrong) for a line that is no result of either format."""
   obj, where = line.obj, line.where
-  kind = jobs._json_type  # pylint: disable=protected-access  (how input errors name a JSON value's type)
+  kind = job_input._json_type  # pylint: disable=protected-access  (how input errors name a JSON value's type)
   if "response" in obj:  # an OpenAI Batch output line
     response = obj["response"]
     if not isinstance(response, dict):
@@ -195,7 +195,7 @@ def conversations_from_job(requests: str, results: str, finished_only: bool = Tr
   format, or a request line that cannot be used, is yielded as that line's `error`. The counts (`JoinCounts`) are
   logged at the end; InputError, with them, if no request has a usable reply."""
   replies, counts, cut = {}, JoinCounts(), set()
-  for line in jobs.read_input(results):
+  for line in job_input.read_input(results):
     if line.error is not None:  # e.g. a torn record of a killed job (its request was redone under the same id)
       yield Conversation(line.where, None, error=line.error)
       continue
@@ -211,7 +211,7 @@ def conversations_from_job(requests: str, results: str, finished_only: bool = Tr
         cut.discard(key)
         replies[key] = text
   request_keys = set()
-  for line in jobs.read_input(requests):
+  for line in job_input.read_input(requests):
     conversation = _messages_of(line)
     key = jobs.record_key(line.key)
     request_keys.add(key)

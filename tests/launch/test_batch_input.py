@@ -13,7 +13,7 @@ import pytest
 from qwenjax import ConfigError, InputError
 from qwenjax.checkpoints.hf import load_model
 from qwenjax.engine import engine as engine_lib
-from qwenjax.engine import jobs
+from qwenjax.engine import job_input, jobs
 from qwenjax.engine.engine import Engine
 from qwenjax.engine.requests import Completion, Request, RequestOutput
 from qwenjax.engine.sampling import SamplingParams
@@ -61,7 +61,7 @@ def _deep_lines() -> dict[str, str]:
 @pytest.mark.parametrize("place", ["sampling", "messages", "metadata", "body", "top"])
 def test_a_deep_line_is_that_lines_error(place):
   raw = _deep_lines()[place].encode()
-  line = jobs.parse_input_line(raw, 7, "in.jsonl")
+  line = job_input.parse_input_line(raw, 7, "in.jsonl")
   assert line.obj is None and line.code == "invalid_json"
   assert line.error.startswith("in.jsonl:7: malformed JSON (nested deeper than 100 levels"), line.error
   # Keyed by its id where a cheap look at its top level finds one (a rerun skips it), else by its line.
@@ -69,7 +69,7 @@ def test_a_deep_line_is_that_lines_error(place):
   assert line.key == expected
   assert line.openai == (place == "body")
   # Nesting within the bound still parses: 100 levels of sampling are a request's own business.
-  ok = jobs.parse_input_line(b'{"id": 1, "metadata": ' + b"[" * 99 + b"]" * 99 + b"}", 1)
+  ok = job_input.parse_input_line(b'{"id": 1, "metadata": ' + b"[" * 99 + b"]" * 99 + b"}", 1)
   assert ok.error is None and ok.key == 1
 
 
@@ -77,9 +77,9 @@ def test_deep_lines_are_read_and_scanned_without_raising(tmp_path):
   inp = tmp_path / "in.jsonl"
   lines = list(_deep_lines().values()) + ['{"id": "fine", "prompt": "hi"}']
   inp.write_text("\n".join(lines) + "\n")
-  read = list(jobs.read_input(str(inp)))
+  read = list(job_input.read_input(str(inp)))
   assert [line.error is None for line in read] == [False] * 5 + [True]
-  assert jobs.scan_input(str(inp)).lines == 6
+  assert job_input.scan_input(str(inp)).lines == 6
 
 
 def test_finetune_data_skips_a_deep_line_with_its_file_and_line(tmp_path):
@@ -118,7 +118,7 @@ def test_a_line_over_max_line_bytes_is_skipped_in_chunks_and_keyed_by_its_id(tmp
   big_without = '{"prompt": "' + "y " * 5000 + '", "id": "late"}'  # its id is past the cheap look
   inp.write_text("\n".join([big_with_id, '{"id": "a", "prompt": "hi"}', big_without, '{"id": "b", "prompt": "yo"}'])
                  + "\n")
-  read = list(jobs.read_input(str(inp), max_line_bytes=1000))
+  read = list(job_input.read_input(str(inp), max_line_bytes=1000))
   assert [line.key for line in read] == ["big", "a", "line-3", "b"]
   assert read[0].error == f"{inp}:1: {len(big_with_id)} bytes, over --max_line_bytes=1000." and read[0].obj is None
   assert read[0].code == "invalid_request"
@@ -128,9 +128,9 @@ def test_a_line_over_max_line_bytes_is_skipped_in_chunks_and_keyed_by_its_id(tmp
   exact = tmp_path / "exact.jsonl"
   exact.write_text('{"id": "e", "prompt": "' + "z" * 975 + '"}\n')
   assert len(exact.read_bytes()) == 1001
-  assert next(jobs.read_input(str(exact), max_line_bytes=1000)).error is None
-  assert "over --max_line_bytes=999" in next(jobs.read_input(str(exact), max_line_bytes=999)).error
-  assert jobs.scan_input(str(inp), max_line_bytes=1000).lines == 4
+  assert next(job_input.read_input(str(exact), max_line_bytes=1000)).error is None
+  assert "over --max_line_bytes=999" in next(job_input.read_input(str(exact), max_line_bytes=999)).error
+  assert job_input.scan_input(str(inp), max_line_bytes=1000).lines == 4
 
 
 def test_a_huge_chat_message_is_blamed_on_its_size(engine):
@@ -185,7 +185,7 @@ import json, resource, sys
 from launch import batch_generate
 from qwenjax.checkpoints.hf import load_model
 from qwenjax.engine.engine import Engine
-from qwenjax.engine import jobs
+from qwenjax.engine import job_input
 from qwenjax.engine.sampling import SamplingParams
 from qwenjax.text.tokenizer import Tokenizer
 
@@ -196,7 +196,7 @@ default = SamplingParams(max_tokens=2)
 
 def job(path):
   errors = []
-  scanned = jobs.scan_input([path])
+  scanned = job_input.scan_input([path])
   items = batch_generate._requests([path], set(), errors, engine, default, (0, 1), scanned.skipped)
   served = [key.key for key, _ in engine.serve(((line, request, prompt) for line, request, prompt in items))]
   return served, errors
@@ -266,7 +266,7 @@ def test_a_grammar_that_fails_mid_decode_is_an_error_record_on_the_simple_format
   request = Request(prompt="hi", response_format=HUGE_REGEX, sampling=SamplingParams(max_tokens=4))
   out = engine.generate([request])[0]
   assert out.finish_reason == "grammar_error" and "too many expressions" in out.outputs[0].error
-  line = jobs.parse_input_line(json.dumps({"id": "g", "prompt": "hi", "response_format": HUGE_REGEX,
+  line = job_input.parse_input_line(json.dumps({"id": "g", "prompt": "hi", "response_format": HUGE_REGEX,
                                            "metadata": {"k": 1}}).encode(), 3, "in.jsonl")
   record = batch_generate._record(line, request, out, engine)  # pylint: disable=protected-access
   assert record == {"id": "g", "code": "grammar_error", "metadata": {"k": 1}, "error": (
@@ -288,7 +288,7 @@ def test_a_glob_or_a_list_keys_by_path_even_with_one_file(tmp_path):
     assert jobs.keyed_by_path(values) is keyed
     paths = jobs.expand_inputs(values)
     assert paths == [str(inp)]
-    key = next(jobs.read_input(paths, keyed_by_path=jobs.keyed_by_path(values))).key
+    key = next(job_input.read_input(paths, keyed_by_path=jobs.keyed_by_path(values))).key
     assert key == (f"{inp}:line-1" if keyed else "line-1")
 
 

@@ -19,7 +19,7 @@ import types
 import pytest
 
 from qwenjax import InputError, _files
-from qwenjax.engine import jobs, reports
+from qwenjax.engine import job_parts, jobs, reports
 
 from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
 
@@ -503,13 +503,13 @@ def test_parts_that_are_links_or_not_results_are_refused_untouched(tmp_path):
   part = tmp_path / "out.jsonl.part-1"
   part.symlink_to(elsewhere)
   with pytest.raises(InputError, match=r"out.jsonl.part-1 is a symbolic link.*refusing"):
-    jobs.existing_parts(str(out))
+    job_parts.existing_parts(str(out))
   assert part.is_symlink() and elsewhere.read_bytes() == _results(3, "e")
   part.unlink()
   part.write_bytes(_results(2, "p"))
   (tmp_path / "out.jsonl.part-2").write_bytes(b"")  # a replica killed before its first record
-  parts = jobs.existing_parts(str(out))
-  assert jobs.merge_parts(str(out), parts) == 2
+  parts = job_parts.existing_parts(str(out))
+  assert job_parts.merge_parts(str(out), parts) == 2
   assert not part.exists() and not (tmp_path / "out.jsonl.part-2").exists()
   assert out.read_bytes() == _results(1) + _results(2, "p")
 
