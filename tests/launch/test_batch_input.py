@@ -12,8 +12,7 @@ import pytest
 
 from qwenjax import ConfigError, InputError
 from qwenjax.checkpoints.hf import load_model
-from qwenjax.engine import engine as engine_lib
-from qwenjax.engine import job_input, jobs
+from qwenjax.engine import input_processor, job_input, jobs
 from qwenjax.engine.engine import Engine
 from qwenjax.engine.requests import Completion, Request, RequestOutput
 from qwenjax.engine.sampling import SamplingParams
@@ -162,7 +161,7 @@ def test_a_prompt_counted_in_pieces_is_exact_near_the_limit(engine, checkpoint, 
   import transformers  # pylint: disable=g-import-not-at-top
 
   hf = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
-  monkeypatch.setattr(engine_lib, "_COUNT_FROM_CHARS", 8)
+  monkeypatch.setattr(input_processor, "_COUNT_FROM_CHARS", 8)
   monkeypatch.setattr(tokenizer_lib, "PIECE_CHARS", 16)
   words = "the quick brown fox jumps over the lazy dog, 12 times!\n".split(" ")
   text = ""
