@@ -15,7 +15,7 @@ from qwenjax.engine.programs import decode_step, extend, prefill
 from qwenjax.engine.requests import Completion, Request, RequestOutput, StreamEvent
 from qwenjax.engine.sampling_params import SamplingParams
 from qwenjax.kernels.buckets import LengthBuckets
-from qwenjax.model.decoder import Qwen2
+from qwenjax.model.decoder import Qwen2, StepMetadata
 from qwenjax.model.kv_cache import KVCache
 from qwenjax.model.qwen2_vl import VL_PRESETS, Qwen2VL, QwenVLConfig
 from qwenjax.multimodal.processing import ImageProcessorConfig
@@ -24,6 +24,6 @@ from qwenjax.text.tokenizer import Tokenizer
 __all__ = [
     "CheckpointError", "Completion", "ConfigError", "Engine", "ImageProcessorConfig", "InputError", "KVCache",
     "LengthBuckets", "LoadedModel", "PRESETS", "Qwen2", "Qwen2VL", "QwenConfig", "QwenJaxError", "QwenVLConfig",
-    "Request", "RequestOutput", "SamplingParams", "StreamEvent", "Tokenizer", "VL_PRESETS",
+    "Request", "RequestOutput", "SamplingParams", "StepMetadata", "StreamEvent", "Tokenizer", "VL_PRESETS",
     "decode_step", "extend", "load", "prefill",
 ]

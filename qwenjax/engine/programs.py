@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.engine import sampling as sampling_lib
-from qwenjax.model.decoder import PagedInputs
+from qwenjax.model.decoder import PagedInputs, StepMetadata
 from qwenjax.model.kv_cache import KVCache, PagedKVCache
 from qwenjax.parallel.axes import BATCH, VOCAB, constrain
 
@@ -165,8 +165,9 @@ def _run(graphdef, params, cache: KVCache, batch: TokenBatch, vision: VisionInpu
   if rope_positions is None:
     rope_positions = positions + row(cache.rope_offset)[:, None]
   embeds = None if vision.features is None else (vision.features, vision.index)
-  h, cache = model(tokens, positions, cache, rows=rows, attend_to_cache=not fresh, kv_len=kv_len,
-                   rope_positions=rope_positions, embeds=embeds, lora_index=batch.adapter)  # [B, T, D]
+  meta = StepMetadata(positions, rope_positions, embeds, rows=rows, attend_to_cache=not fresh, kv_len=kv_len,
+                      lora_index=batch.adapter)
+  h, cache = model(tokens, cache, meta)  # [B, T, D]
   cache = dataclasses.replace(cache, lengths=_set_rows(cache.lengths, rows, lengths + batch.num_new))
   if rope_offset is not None:
     cache = dataclasses.replace(cache, rope_offset=_set_rows(cache.rope_offset, rows, rope_offset))
@@ -351,13 +352,13 @@ def paged_prefill(graphdef, params, cache: PagedKVCache, batch: PagedBatch, visi
   tokens = batch.tokens
   b, t = tokens.shape
   positions = batch.start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [b, T]
-  rope_positions = positions + batch.rope_offset[:, None]
-  embeds = None
+  rope_positions, embeds = None, None
   if vision is not None:
-    rope_positions = vision.rope_positions if vision.rope_positions is not None else rope_positions
+    rope_positions = vision.rope_positions
     embeds = None if vision.features is None else (vision.features, vision.index)
-  h, cache = model(tokens, positions, cache, rope_positions=rope_positions, embeds=embeds, paged=batch.paged,
-                   attention_impl=impl, lora_index=batch.adapter)  # [b, T, D]
+  meta = StepMetadata.paged_step(positions, batch.paged, batch.rope_offset, rope_positions=rope_positions,
+                                 embeds=embeds, impl=impl, lora_index=batch.adapter)
+  h, cache = model(tokens, cache, meta)  # [b, T, D]
   if all_logits:
     return model.logits(h, impl), cache.constrained()
   return _last_logits(model, h, batch.paged.num_new, batch.targets, impl) + (cache.constrained(),)
@@ -396,8 +397,9 @@ def paged_decode_block(graphdef, params, cache: PagedKVCache, slots: SlotState, 
     # not those a stopped row runs on past its budget; an idle row writes nothing.
     writes = d.active & (i < d.budget)
     slot = jnp.where(writes, page * page_size + pos % page_size, -1)
-    h, cache = model(tok[:, None], pos[:, None], cache, rope_positions=(pos + inputs.rope_offset)[:, None],
-                     paged=PagedInputs(slot[:, None], table, num_new), attention_impl=impl, lora_index=d.adapter)
+    meta = StepMetadata.paged_step(pos[:, None], PagedInputs(slot[:, None], table, num_new), inputs.rope_offset,
+                                   impl=impl, lora_index=d.adapter)
+    h, cache = model(tok[:, None], cache, meta)
     return model.logits(h[:, 0], impl), cache.constrained()  # [B, V]
 
   return _decode_loop(step, cache, slots, d, needs, num_steps)

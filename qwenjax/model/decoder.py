@@ -58,34 +58,88 @@ class PagedInputs:
   num_new: jax.Array
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepMetadata:
+  """What one step's layers need besides its tokens and the cache: where each token sits, what it attends to, and
+  which adapter and vision features it takes. A pytree; the static fields are part of its structure (a jitted
+  function taking one compiles once per value of them).
+
+  positions: [B, T] int32, the cache position of each token (where its key and value go); in a training step,
+    each token's offset in its row.
+  rope_positions: [B, T] int32 rotary positions, or [3, B, T] for M-RoPE; None: `positions`.
+  embeds: (features [M, D], index [B, T] int32): token (b, t) takes features[index[b, t]] instead of its token's
+    embedding where index >= 0 (vision features at image pad tokens); None: token embeddings only.
+  paged: a PagedKVCache step's slots, page tables and real token counts (`PagedInputs`): each row writes its
+    tokens at its slots and attends to its pages (rows, attend_to_cache and kv_len unused); None: a KVCache step
+    or a training step.
+  rows: [B] int32, a KVCache step's cache row of each sequence; None: row b holds sequence b.
+  attend_to_cache: static bool; False: a KVCache step attends within its own tokens only (prefill into empty
+    rows, which skips the T x S work).
+  kv_len: static int; a KVCache step attends to cache positions [0, kv_len) only (every position lies below it);
+    None: the whole cache.
+  impl: static str; the attention and quantized-matmul implementation, `qwenjax.kernels.attention.IMPLS` ("xla",
+    or "pallas" with a paged cache).
+  lora_index: [B] int32, each row's adapter in the model's `LoraBank` (-1: none); None: no adapter anywhere.
+  lora_key: a PRNG key for dropout on the adapters' inputs (training); None: no dropout.
+  span: [B, T] int32, a training step (no cache read or written): query (b, t) attends to positions[b, t] -
+    span[b, t] < p <= positions[b, t] of its row; None: a cache step.
+  """
+
+  positions: jax.Array
+  rope_positions: jax.Array | None = None
+  embeds: tuple[jax.Array, jax.Array] | None = None
+  paged: PagedInputs | None = None
+  rows: jax.Array | None = None
+  attend_to_cache: bool = dataclasses.field(default=True, metadata=dict(static=True))
+  kv_len: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  impl: str = dataclasses.field(default="xla", metadata=dict(static=True))
+  lora_index: jax.Array | None = None
+  lora_key: jax.Array | None = None
+  span: jax.Array | None = None
+
+  @classmethod
+  def paged_step(cls, positions: jax.Array, paged: PagedInputs, rope_offset: jax.Array, *,
+                 rope_positions: jax.Array | None = None, embeds: tuple[jax.Array, jax.Array] | None = None,
+                 impl: str = "xla", lora_index: jax.Array | None = None) -> StepMetadata:
+    """A PagedKVCache step: tokens at positions [B, T] into and over the pages `paged` names, at rotary positions
+    `positions + rope_offset` (rope_offset [B]: 0, or a Qwen2.5-VL prompt's `rope_deltas`) unless rope_positions
+    gives them."""
+    if rope_positions is None:
+      rope_positions = positions + rope_offset[:, None]  # [B, T]
+    return cls(positions, rope_positions, embeds, paged, impl=impl, lora_index=lora_index)
+
+  @classmethod
+  def packed_training(cls, segment_positions: jax.Array, *, lora_index: jax.Array | None = None,
+                      lora_key: jax.Array | None = None, impl: str = "xla") -> StepMetadata:
+    """A training step (no cache) over rows of packed segments: segment_positions [B, T] is each token's position
+    within its segment, which each query attends within, causally (positions: the offsets 0..T-1 in the row)."""
+    b, t = segment_positions.shape
+    offsets = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [B, T]
+    return cls(offsets, rope_positions=segment_positions, impl=impl, lora_index=lora_index, lora_key=lora_key,
+               span=segment_positions + 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepContext:
-  """What every layer of one step shares: RoPE tables, positions, target cache rows, attention span."""
+  """What every layer of one step shares: the step's metadata and what the model derives from it and its own
+  weights (RoPE tables, sliding window, adapters)."""
 
+  meta: StepMetadata
   cos: jax.Array  # [B, T, H/2] float32
   sin: jax.Array  # [B, T, H/2] float32
-  positions: jax.Array  # [B, T] cache position of each token
-  rows: jax.Array | None  # [B] cache row of each sequence; None: row b holds sequence b
-  attend_to_cache: bool  # False: attend within this step's tokens only (prefill into empty rows)
-  kv_len: int | None = None  # attend to cache positions [0, kv_len) only (all queries lie below it)
-  paged: PagedInputs | None = None  # a PagedKVCache step: its slots and page tables (rows and kv_len unused)
-  impl: str = "xla"  # attention implementation, `qwenjax.kernels.attention.IMPLS`
   sliding_window: int | None = None  # the model's window, when some layer slides (static)
   lora: LoraBank | None = None  # the model's adapters, when it has a bank
-  lora_index: jax.Array | None = None  # [B] each row's adapter in `lora` (-1: none)
-  lora_key: jax.Array | None = None  # dropout on the adapters' inputs (training)
-  # Training (no cache): query (b, t) attends to keys t - span[b, t] < s <= t of its own row, its segment of a
-  # packed row; None: a cache step.
-  span: jax.Array | None = None
 
   def project(self, x: jax.Array, weight, target: str, layer, dtype, n_in: int = 1) -> jax.Array:
     """`linear(x, weight)` plus the rows' LoRA updates of `target` (x: [B, T, K...] -> [B, T, O...])."""
-    out = linear(x, weight, dtype, self.impl, n_in)
-    if self.lora is None or self.lora_index is None:
+    meta = self.meta
+    out = linear(x, weight, dtype, meta.impl, n_in)
+    if self.lora is None or meta.lora_index is None:
       return out
     flat = x.reshape(*x.shape[:2], -1)
-    key = None if self.lora_key is None else jax.random.fold_in(self.lora_key, layer)
-    delta = self.lora.delta(target, layer, flat, self.lora_index, key)
+    key = None if meta.lora_key is None else jax.random.fold_in(meta.lora_key, layer)
+    delta = self.lora.delta(target, layer, flat, meta.lora_index, key)
     return out if delta is None else out + delta.reshape(out.shape).astype(out.dtype)
 
 
@@ -119,13 +173,14 @@ class Attention(nnx.Module):
     """x: [B, T, D]; kv: the cache's arrays, all layers: (k, v) [L, C, K, S, H] of a KVCache (all C rows), or
     (k, v [L, NP, PS, K, H], k_scale, v_scale [L, NP, PS, K] or None) of a PagedKVCache.
 
-    Contiguous: writes this step's keys and values at `ctx.positions` of `layer` in cache rows `ctx.rows`, then
+    Contiguous: writes this step's keys and values at `meta.positions` of `layer` in cache rows `meta.rows`, then
     attends causally: over the whole cache row (decode, chunked prefill) or over this step's tokens alone
-    (`ctx.attend_to_cache=False`, prefill into an empty row, which skips the T x S work). Paged: writes them at
-    `ctx.paged.slots` (int8 pages: quantized per token and KV head) and attends over each row's pages. Returns
+    (`meta.attend_to_cache=False`, prefill into an empty row, which skips the T x S work). Paged: writes them at
+    `meta.paged.slots` (int8 pages: quantized per token and KV head) and attends over each row's pages. Returns
     the output [B, T, D] and the updated cache arrays.
     """
-    positions = ctx.positions
+    meta = ctx.meta
+    positions = meta.positions
     dt = self.dtype
     q = ctx.project(x, self.q_kernel, "q", layer, dt)  # [B, T, N, H]
     k = ctx.project(x, self.k_kernel, "k", layer, dt)  # [B, T, K, H]
@@ -142,36 +197,37 @@ class Attention(nnx.Module):
 
     b, t, n, h = q.shape
     project = lambda out: ctx.project(out.reshape(b, t, n * h), self.o_kernel, "o", layer, dt, n_in=2)  # [B, T, D]
-    if ctx.span is not None:  # training: within the step's tokens, each query over its span (its segment)
+    if meta.span is not None:  # training: within the step's tokens, each query over its span (its segment)
       keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-      span = jnp.minimum(ctx.span, window)[:, :, None]  # [B, T, 1]
-      return project(attention(q, keys, values, positions, positions, span, dtype=dt, impl=ctx.impl)), kv
-    if ctx.paged is not None:
+      span = jnp.minimum(meta.span, window)[:, :, None]  # [B, T, 1]
+      return project(attention(q, keys, values, positions, positions, span, dtype=dt, impl=meta.impl)), kv
+    if meta.paged is not None:
       out, kv = self._paged(q, k, v, ctx, kv, layer, window)
       return project(out), kv
 
     cache_k, cache_v = kv
-    rows = jnp.arange(x.shape[0]) if ctx.rows is None else ctx.rows  # [B] cache row of each sequence
+    rows = jnp.arange(x.shape[0]) if meta.rows is None else meta.rows  # [B] cache row of each sequence
     cache_k = constrain(write_rows(cache_k, layer, rows, positions[:, 0], k), KVCache.AXES)
     cache_v = constrain(write_rows(cache_v, layer, rows, positions[:, 0], v), KVCache.AXES)
-    if ctx.attend_to_cache:
+    if meta.attend_to_cache:
       keys, values = cache_k[layer], cache_v[layer]  # [C, K, S, H]
-      if ctx.kv_len is not None:  # static: decode reads only the part of the cache that is in use
-        keys, values = keys[:, :, :ctx.kv_len], values[:, :, :ctx.kv_len]
-      if ctx.rows is not None:
-        keys, values = keys[ctx.rows], values[ctx.rows]  # [B, K, S, H]
+      if meta.kv_len is not None:  # static: decode reads only the part of the cache that is in use
+        keys, values = keys[:, :, :meta.kv_len], values[:, :, :meta.kv_len]
+      if meta.rows is not None:
+        keys, values = keys[meta.rows], values[meta.rows]  # [B, K, S, H]
       keys, values = keys.astype(dt), values.astype(dt)
       key_pos = jnp.arange(keys.shape[2])[None, :]  # [1, S]
     else:
       keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, T, H]
 
-    out = attention(q, keys, values, positions, key_pos, window, dtype=dt, impl=ctx.impl)
+    out = attention(q, keys, values, positions, key_pos, window, dtype=dt, impl=meta.impl)
     return project(out), (cache_k, cache_v)
 
   def _paged(self, q, k, v, ctx: StepContext, kv: tuple, layer, window):
     """q [B, T, N, H], k/v [B, T, K, H] of this step into and over a PagedKVCache's arrays `kv`."""
     k_pages, v_pages, k_scale, v_scale = kv
-    slots = ctx.paged.slots.reshape(-1)  # [B*T]
+    meta = ctx.meta
+    slots = meta.paged.slots.reshape(-1)  # [B*T]
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # [B*T, K, ...]
     if k_scale is not None:  # int8 pages: values and a scale per token and KV head
       # Qwen2's key biases put a few channels far above the rest (up to 145 against a median of 6 in the 0.5B's
@@ -191,9 +247,9 @@ class Attention(nnx.Module):
       k_pages, v_pages = write_slots(k_pages, layer, slots, flat(k)), write_slots(v_pages, layer, slots, flat(v))
     k_pages, v_pages = constrain(k_pages, PagedKVCache.AXES), constrain(v_pages, PagedKVCache.AXES)
     scale = lambda a: None if a is None else a[layer]
-    out = paged_attention(q, k_pages[layer], v_pages[layer], ctx.positions, ctx.paged.num_new, ctx.paged.page_table,
+    out = paged_attention(q, k_pages[layer], v_pages[layer], meta.positions, meta.paged.num_new, meta.paged.page_table,
                           window, sliding_window=ctx.sliding_window, k_scale=scale(k_scale),
-                          v_scale=scale(v_scale), dtype=self.dtype, impl=ctx.impl)
+                          v_scale=scale(v_scale), dtype=self.dtype, impl=meta.impl)
     return out, (k_pages, v_pages, k_scale, v_scale)
 
 
@@ -278,46 +334,32 @@ class Qwen2(nnx.Module):
       self.lm_head = table("lm_head.weight")
     self.lora = nnx.data(None)  # a `qwenjax.model.lora.LoraBank` when adapters are attached
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | PagedKVCache, *,
-               rows: jax.Array | None = None, attend_to_cache: bool = True, kv_len: int | None = None,
-               rope_positions: jax.Array | None = None, embeds: tuple[jax.Array, jax.Array] | None = None,
-               paged: PagedInputs | None = None, attention_impl: str = "xla", lora_index: jax.Array | None = None,
-               lora_key: jax.Array | None = None, span: jax.Array | None = None
+  def __call__(self, tokens: jax.Array, cache: KVCache | PagedKVCache | None, meta: StepMetadata
                ) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
-    """tokens, positions: [B, T] int32 (positions: where in the cache each token goes); rows: [B] cache row of
-    each sequence (None: row b is sequence b); kv_len: static bound on the cache positions attended to (every
-    position in `positions` must be below it). rope_positions: the rotary positions, [B, T], or [3, B, T] for
-    M-RoPE (None: `positions`). embeds: (features [M, D], index [B, T]): token (b, t) takes the embedding
-    features[index[b, t]] instead of its token's where index >= 0 (vision features at image pad tokens).
-    paged: with a PagedKVCache, where the tokens go and which pages each row reads (rows, attend_to_cache and
-    kv_len are then unused: rows attend to their pages). attention_impl: "xla" or "pallas" (paged cache only).
-    lora_index: [B] each row's adapter in `self.lora` (-1: none; None: no adapter anywhere); lora_key: dropout
-    on the adapters' inputs (training). span: training, with cache None: no cache is read or written, and query
-    (b, t) attends to positions[b, t] - span[b, t] < p <= positions[b, t] of its row (packed rows: `positions` the
-    row offsets, `rope_positions` and `span - 1` the positions within each segment).
+    """tokens: [B, T] int32; cache: a KVCache, a PagedKVCache (then `meta.paged` says where the tokens go and
+    which pages each row reads), or None for a training step (`meta.span`: no cache read or written); meta: the
+    step's positions, attention inputs, adapters and vision features (`StepMetadata`).
 
     Returns final hidden states [B, T, D] and the cache with this step's keys and values written (lengths are
     the caller's to advance)."""
+    if (meta.paged is None) != (not isinstance(cache, PagedKVCache)):
+      raise ValueError("a PagedKVCache step needs `paged` inputs, and only it takes them.")
+    if (cache is None) != (meta.span is not None):
+      raise ValueError("a training step (span) takes no cache, and only it runs without one.")
     x = lookup(self.embed, tokens, self.dtype)  # [B, T, D]
-    if embeds is not None:
-      features, index = embeds
+    if meta.embeds is not None:
+      features, index = meta.embeds  # [M, D], [B, T]
       x = jnp.where((index >= 0)[..., None], features.astype(self.dtype)[jnp.maximum(index, 0)], x)
-    if rope_positions is None:
-      rope_positions = positions
+    rope_positions = meta.positions if meta.rope_positions is None else meta.rope_positions
     if self.cfg.mrope_section is not None and rope_positions.ndim == 2:  # text: the same on all three axes
       rope_positions = jnp.broadcast_to(rope_positions, (3, *rope_positions.shape))
     cos, sin = rope_tables(*self.cfg.rope_frequencies(), rope_positions, self.cfg.mrope_section)
-    if (paged is None) != (not isinstance(cache, PagedKVCache)):
-      raise ValueError("a PagedKVCache step needs `paged` inputs, and only it takes them.")
-    if (cache is None) != (span is not None):
-      raise ValueError("a training step (span) takes no cache, and only it runs without one.")
     sliding = self.cfg.sliding_window if self.cfg.use_sliding_window else None
-    ctx = StepContext(cos, sin, positions, rows, attend_to_cache, kv_len, paged, attention_impl, sliding, self.lora,
-                      lora_index, lora_key, span)
+    ctx = StepContext(meta, cos, sin, sliding, self.lora)
     windows = self.cfg.layer_windows()  # [L]
     if cache is None:
       kv = None
-    elif paged is None:
+    elif meta.paged is None:
       kv = (cache.k, cache.v)
     else:
       kv = (cache.k, cache.v, cache.k_scale, cache.v_scale)
@@ -336,7 +378,7 @@ class Qwen2(nnx.Module):
         x, kv = block(x, ctx, kv, i, int(windows[i]))
     if cache is None:
       return self.final_norm(x), None
-    if paged is None:
+    if meta.paged is None:
       return self.final_norm(x), dataclasses.replace(cache, k=kv[0], v=kv[1])
     return self.final_norm(x), PagedKVCache(*kv)
 

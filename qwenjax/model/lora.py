@@ -6,7 +6,8 @@ and ours save in its layout: `qwenjax.checkpoints.peft`). Targets are the seven 
 
     adapters = {"sql": peft.load_adapter("sql-lora/", cfg), "poet": peft.load_adapter("poet-lora/", cfg)}
     model.lora = LoraBank.of(cfg, adapters)    # what the engine does with Engine(..., lora=...)
-    h, cache = model(tokens, positions, cache, lora_index=np.array([0, 1, -1]))   # row 2: the base model
+    meta = StepMetadata(positions, lora_index=np.array([0, 1, -1]))   # row 2: the base model
+    h, cache = model(tokens, cache, meta)
 
 A `LoraBank` stacks NA adapters per target (ranks padded to the largest with zeros, which adds nothing): A
 [L, NA, K, r] and B [L, NA, r, O], and a scale [NA] (0 where an adapter lacks the target). Each row of a step

@@ -40,6 +40,7 @@ from flax import nnx
 
 from qwenjax import _files
 from qwenjax._errors import ConfigError, InputError, first_line
+from qwenjax.model.decoder import StepMetadata
 from qwenjax.model.lora import Adapter, LoraBank, LoraWeight, init_adapter
 from qwenjax.parallel import sharding
 from qwenjax.parallel.axes import BATCH, DEFAULT_RULES, ShardingRules
@@ -93,10 +94,8 @@ class TrainConfig:
 def _loss_sums(lora, graphdef, base, tokens, positions, targets, weights, key):
   """(sum of weighted next-token NLL, sum of weights) over rows [B, T] of packed segments."""
   model = nnx.merge(graphdef, lora, base)
-  b, t = tokens.shape
-  offsets = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  h, _ = model(tokens, offsets, None, rope_positions=positions, lora_index=jnp.zeros(b, jnp.int32), lora_key=key,
-               span=positions + 1)  # [B, T, D]
+  meta = StepMetadata.packed_training(positions, lora_index=jnp.zeros(tokens.shape[0], jnp.int32), lora_key=key)
+  h, _ = model(tokens, None, meta)  # [B, T, D]
   logits = model.logits(h)  # [B, T, V] float32
   logp = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(
       logits, axis=-1)  # [B, T]

@@ -21,6 +21,7 @@ import transformers
 
 from qwenjax.checkpoints.hf import load_model
 from qwenjax.checkpoints.peft import load_adapter
+from qwenjax.model.decoder import StepMetadata
 from qwenjax.model.kv_cache import KVCache
 from qwenjax.model.lora import LoraBank
 
@@ -85,8 +86,9 @@ def test_finetune_drives_the_loss_down_and_peft_loads_the_adapter(task, tmp_path
     want = theirs(torch.tensor([ids])).logits[0].numpy()
   model = load_model(task / "model")
   model.lora = LoraBank.of(model.cfg, {"tuned": load_adapter(out, model.cfg)})
-  h, _ = model(jnp.asarray([ids], jnp.int32), jnp.arange(len(ids), dtype=jnp.int32)[None],
-               KVCache.zeros(model.cfg, 1, 16, model.dtype), attend_to_cache=False, lora_index=jnp.zeros(1, jnp.int32))
+  meta = StepMetadata(jnp.arange(len(ids), dtype=jnp.int32)[None], attend_to_cache=False,
+                      lora_index=jnp.zeros(1, jnp.int32))
+  h, _ = model(jnp.asarray([ids], jnp.int32), KVCache.zeros(model.cfg, 1, 16, model.dtype), meta)
   np.testing.assert_allclose(np.asarray(model.logits(h))[0], want, atol=1e-4, rtol=0)
   assert np.abs(want - base_logits).max() > 0.1  # training moved the model
 

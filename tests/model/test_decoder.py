@@ -1,5 +1,8 @@
 """The decoder against transformers: logits within 1e-4 in float32, greedy tokens identical."""
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ from flax import nnx
 
 from qwenjax import Engine, KVCache, SamplingParams, decode_step, extend, prefill
 from qwenjax.checkpoints.hf import load_model
+from qwenjax.model.decoder import StepMetadata
 
 TOL = 1e-4
 
@@ -124,3 +128,38 @@ def test_bfloat16_runs_close_to_float32(tiny_factory):
   assert logits.dtype == jnp.float32  # logits stay float32 whatever the compute dtype
   scale = np.abs(ref).max()
   assert np.abs(np.asarray(logits) - ref).max() < 0.05 * scale
+
+
+def test_step_metadata_travels_through_jit_with_its_static_fields_static():
+  """A StepMetadata is a jit argument: its arrays are leaves, and attend_to_cache, kv_len and impl are part of its
+  structure (a new kv_len is a new program), read as Python values inside."""
+  positions = jnp.arange(4, dtype=jnp.int32)[None]
+  meta = StepMetadata(positions, rows=jnp.zeros(1, jnp.int32), attend_to_cache=False, kv_len=8, impl="pallas")
+  leaves, treedef = jax.tree.flatten(meta)
+  assert len(leaves) == 2  # positions and rows; None fields and static fields are no leaves
+  assert jax.tree.structure(dataclasses.replace(meta, kv_len=16)) != treedef
+  seen = []
+
+  @jax.jit
+  def static_fields(m):
+    seen.append((m.attend_to_cache, m.kv_len, m.impl))
+    return m.positions + m.rows[:, None]
+
+  np.testing.assert_array_equal(static_fields(meta), [[0, 1, 2, 3]])
+  assert seen == [(False, 8, "pallas")]
+
+
+def test_packed_training_step_equals_each_segment_alone(tiny_factory):
+  """`StepMetadata.packed_training`: two prompts packed in one row and run without a cache give each prompt the
+  logits transformers gives it alone."""
+  path, hf = tiny_factory("untied_gqa8", **CONFIGS["untied_gqa8"])
+  model = load_model(path)
+  rng = np.random.default_rng(4)
+  a, b = rng.integers(0, 300, size=(1, 7)), rng.integers(0, 300, size=(1, 9))
+  tokens = jnp.asarray(np.concatenate([a, b], axis=1), jnp.int32)  # [1, 16]
+  segment_positions = jnp.asarray(np.concatenate([np.arange(7), np.arange(9)])[None], jnp.int32)
+  h, cache = model(tokens, None, StepMetadata.packed_training(segment_positions))
+  logits = np.asarray(model.logits(h))[0]  # [16, V]
+  assert cache is None
+  np.testing.assert_allclose(logits[:7], _hf_logits(hf, a)[0], atol=TOL, rtol=0)
+  np.testing.assert_allclose(logits[7:], _hf_logits(hf, b)[0], atol=TOL, rtol=0)

@@ -15,6 +15,7 @@ from qwenjax.checkpoints.peft import load_adapter, save_adapter
 from qwenjax.engine.engine import Engine
 from qwenjax.engine.requests import Request
 from qwenjax.engine.sampling import SamplingParams
+from qwenjax.model.decoder import StepMetadata
 from qwenjax.model.kv_cache import KVCache
 from qwenjax.model.lora import LoraBank, init_adapter, merge
 
@@ -76,8 +77,9 @@ def _logits(model, rows, index):
   tokens = jnp.asarray(rows, jnp.int32)
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  h, _ = model(tokens, positions, KVCache.zeros(model.cfg, b, t, model.dtype), attend_to_cache=False,
-               lora_index=None if index is None else jnp.asarray(index, jnp.int32))
+  meta = StepMetadata(positions, attend_to_cache=False,
+                      lora_index=None if index is None else jnp.asarray(index, jnp.int32))
+  h, _ = model(tokens, KVCache.zeros(model.cfg, b, t, model.dtype), meta)
   return np.asarray(model.logits(h))
 
 

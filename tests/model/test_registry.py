@@ -13,7 +13,7 @@ from qwenjax._errors import ConfigError
 from qwenjax.checkpoints import hf
 from qwenjax.config import PRESETS, QwenConfig
 from qwenjax.model import registry
-from qwenjax.model.decoder import Qwen2, weight_declarations
+from qwenjax.model.decoder import Qwen2, StepMetadata, weight_declarations
 from qwenjax.model.qwen2_vl import VL_PRESETS, Qwen2VL, QwenVLConfig
 
 
@@ -133,8 +133,8 @@ def test_qk_norm_matches_a_numpy_reference(attention_bias):
 
   tokens = rng.integers(0, cfg.vocab_size, 7)
   with jax.default_matmul_precision("highest"):
-    hidden, _ = model(jnp.asarray(tokens[None], jnp.int32), jnp.arange(7, dtype=jnp.int32)[None],
-                      KVCache.zeros(cfg, 1, 8), attend_to_cache=False)
+    hidden, _ = model(jnp.asarray(tokens[None], jnp.int32), KVCache.zeros(cfg, 1, 8),
+                      StepMetadata(jnp.arange(7, dtype=jnp.int32)[None], attend_to_cache=False))
   want = _reference(cfg, weights, tokens)
   np.testing.assert_allclose(np.asarray(hidden[0]), want, rtol=2e-4, atol=2e-4)
   # The norms matter: the same weights without them give another answer.
