@@ -216,7 +216,7 @@ def prefill_impl(graphdef, params, cache: KVCache, tokens: jax.Array, lengths: j
   the cache rows to fill (None: rows 0..B-1 of a B-row cache).
 
   Multimodal prompts also pass rope_positions [3, B, T] (M-RoPE), rope_offset [B] (rotary minus cache
-  position after the prompt) and embeds (vision features [M, D], index [B, T]; see `Qwen2.__call__`).
+  position after the prompt) and embeds (vision features [M, D], index [B, T]; see `StepMetadata.embeds`).
   Attends within the prompt only (T x T, not T x S). Returns logits at each prompt's last token [B, V] (or at
   every position [B, T, V] with all_logits) and the cache holding the prompts.
   """
