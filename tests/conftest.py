@@ -63,6 +63,13 @@ def tiny_factory(tmp_path_factory):
   return make
 
 
+@pytest.fixture
+def short_tmp_path(tmp_path_factory):
+  """A fresh temporary folder with a short path, for tests that assert a file's path in an error: errors cut paths
+  over 80 characters, and tmp_path's can pass that (a long test name, a long user name, pytest-xdist's popen-gwN/)."""
+  return tmp_path_factory.mktemp("t")
+
+
 # --- Tokenizer, GGUF and embedded-model fixtures (test_tokenizer.py, test_gguf.py, test_embedded.py) ---
 # (The real_model marker is registered in setup.cfg.)
 

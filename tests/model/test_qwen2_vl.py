@@ -293,13 +293,14 @@ def test_engine_images_in_chat_match_transformers(tiny_vl_chat, tmp_path, impl):
     assert out.token_ids == expected
 
 
-def test_engine_rejects_broken_images_per_request(tiny_vl_chat, tmp_path):
+def test_engine_rejects_broken_images_per_request(tiny_vl_chat, tmp_path_factory):
   from qwenjax import Engine
 
   d, _ = tiny_vl_chat
-  broken = tmp_path / "broken.png"
+  media = tmp_path_factory.mktemp("m")  # a short path: errors cut paths over 80 characters, and xdist adds a folder
+  broken = media / "broken.png"
   broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-  engine = Engine.load(str(d), max_batch_size=1, max_seq_len=128, media_root=tmp_path)
+  engine = Engine.load(str(d), max_batch_size=1, max_seq_len=128, media_root=media)
   image_part = {"type": "image_url", "image_url": {"url": str(broken)}}
   with pytest.raises(InputError, match="broken.png"):
     engine.prepare({"messages": [{"role": "user", "content": [image_part]}]})
@@ -309,7 +310,7 @@ def test_engine_rejects_broken_images_per_request(tiny_vl_chat, tmp_path):
     engine.prepare({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x.wav"}]}]})
 
 
-def test_launch_generate_and_batch_jsonl_with_images(tiny_vl_chat, tmp_path):
+def test_launch_generate_and_batch_jsonl_with_images(tiny_vl_chat, tmp_path, tmp_path_factory):
   """`launch.generate --image` and a batch JSONL job with image parts, against transformers; a broken image
   becomes that line's error record while every other line is answered."""
   import pathlib
@@ -322,7 +323,7 @@ def test_launch_generate_and_batch_jsonl_with_images(tiny_vl_chat, tmp_path):
   d, hf = tiny_vl_chat
   a = _png(tmp_path / "a.png", 70, 70, 4)
   b = _png(tmp_path / "b.png", 40, 130, 5)
-  broken = tmp_path / "broken.jpg"
+  broken = tmp_path_factory.mktemp("m") / "broken.jpg"  # short enough for the error to name it in full
   broken.write_text("not an image")
   n = 8
   proc = subprocess.run([sys.executable, "-m", "launch.generate", f"--model={d}", f"--image={a}",

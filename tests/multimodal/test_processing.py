@@ -111,8 +111,8 @@ def test_smart_resize_rejects_aspect_ratio_over_200(h, w):
     smart_resize(h, w, 28, 3136, 12845056)
 
 
-def test_preprocess_image_names_the_source_of_a_bad_aspect_ratio(tmp_path):
-  path = tmp_path / "strip.png"
+def test_preprocess_image_names_the_source_of_a_bad_aspect_ratio(short_tmp_path):
+  path = short_tmp_path / "strip.png"
   random_image(2, 500).save(path)
   with pytest.raises(InputError, match="strip.png.*aspect ratio"):
     preprocess_image(path)
@@ -216,15 +216,16 @@ def test_load_image_sources_agree(released, tmp_path):
   np.testing.assert_array_equal(preprocess_image(jpeg).patches, preprocess_image(Image.open(jpeg)).patches)
 
 
-def test_broken_images_are_input_errors_naming_the_source(tmp_path):
-  png = tmp_path / "truncated.png"
+def test_broken_images_are_input_errors_naming_the_source(short_tmp_path):
+  png = short_tmp_path / "truncated.png"
   random_image(64, 64).save(png)
   png.write_bytes(png.read_bytes()[:300])
-  text = tmp_path / "notes.png"
+  text = short_tmp_path / "notes.png"
   text.write_text("this is not an image\n")
-  empty = tmp_path / "empty.jpg"
+  empty = short_tmp_path / "empty.jpg"
   empty.write_bytes(b"")
-  for source in (png, text, empty, tmp_path / "missing.png", str(tmp_path), f"file://{tmp_path}/gone.png"):
+  for source in (png, text, empty, short_tmp_path / "missing.png", str(short_tmp_path),
+                 f"file://{short_tmp_path}/gone.png"):
     with pytest.raises(InputError) as e:
       load_image(source)
     message = str(e.value)

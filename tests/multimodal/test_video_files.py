@@ -229,14 +229,14 @@ BROKEN = [  # (file name, how to make it, what the error says)
 
 
 @pytest.mark.parametrize("name,make,match", BROKEN, ids=[b[0] for b in BROKEN])
-def test_broken_video_files_are_one_line_input_errors(tmp_path, name, make, match):
-  path = make(tmp_path / name)
+def test_broken_video_files_are_one_line_input_errors(short_tmp_path, name, make, match):
+  path = make(short_tmp_path / name)
   with pytest.raises(InputError, match=match) as error:
     preprocess_video(path)
   assert name in str(error.value) and "\n" not in str(error.value)
 
 
-def test_engine_generate_and_batch_with_video_files(tiny_vl_chat, clips, tmp_path):
+def test_engine_generate_and_batch_with_video_files(tiny_vl_chat, clips, short_tmp_path):
   """A video file part, a video_url part and the same sampled frames given as a frame list (taken at 2 fps, the
   rate the file's 6 frames stand for) generate the same tokens; so do `launch.generate --video` and a batch job,
   where a corrupt and a missing video fail their own lines only."""
@@ -249,7 +249,7 @@ def test_engine_generate_and_batch_with_video_files(tiny_vl_chat, clips, tmp_pat
   others = [Image.fromarray(f) for f in np.asarray(pyav_frames(path))[[1, 19, 37, 54, 72, 88]]]  # a frame off
   parts = [{"type": "video", "video": str(path)}, {"type": "video_url", "video_url": {"url": f"file://{path}"}},
            {"type": "video", "video": frames}, {"type": "video", "video": others}]
-  media = tmp_path.parent  # holds the clips fixture's directory and tmp_path
+  media = short_tmp_path.parent  # holds the clips fixture's directory and short_tmp_path
   engine = Engine.load(str(d), max_batch_size=2, max_seq_len=256, page_size=16, media_root=media)
   n = 8
   outs = engine.generate([{"messages": [{"role": "user", "content": [part, text]}]} for part in parts],
@@ -269,15 +269,15 @@ def test_engine_generate_and_batch_with_video_files(tiny_vl_chat, clips, tmp_pat
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads(proc.stdout)["token_ids"] == outs[0].token_ids
 
-  corrupt = tmp_path / "corrupt.mp4"
+  corrupt = short_tmp_path / "corrupt.mp4"
   corrupt.write_bytes(path.read_bytes()[:3000])
   lines = [{"id": key, "messages": [{"role": "user", "content": [{"type": "video", "video": str(video)}, text]}]}
-           for key, video in (("good", path), ("corrupt", corrupt), ("missing", tmp_path / "gone.webm"))]
+           for key, video in (("good", path), ("corrupt", corrupt), ("missing", short_tmp_path / "gone.webm"))]
   lines.append({"id": "text", "prompt": "plain text"})
-  (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-  out_path = tmp_path / "out.jsonl"
+  (short_tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  out_path = short_tmp_path / "out.jsonl"
   proc = subprocess.run([sys.executable, "-m", "launch.batch_generate", f"--model={d}",
-                         f"--input={tmp_path / 'in.jsonl'}", f"--output={out_path}", "--max_batch_size=2",
+                         f"--input={short_tmp_path / 'in.jsonl'}", f"--output={out_path}", "--max_batch_size=2",
                          f"--max_new_tokens={n}", "--ignore_eos", f"--media_root={media}"], cwd=REPO,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -313,14 +313,14 @@ def _outside_tree(tmp_path):
   return jobs, outside
 
 
-def test_engine_holds_requests_to_its_media_root(tiny_vl_chat, clips, tmp_path):
+def test_engine_holds_requests_to_its_media_root(tiny_vl_chat, clips, short_tmp_path):
   """Engine(media_root=...): an image or video outside it is that request's InputError naming the request's field
   (a content part, or a raw prompt's images[i] / videos[i]) and saying only that it is outside; the default root is
   the working directory; prepare(..., media_root=) sets one per request."""
   from qwenjax import Engine, InputError
 
   d, _ = tiny_vl_chat
-  jobs, outside = _outside_tree(tmp_path)
+  jobs, outside = _outside_tree(short_tmp_path)
   engine = Engine.load(str(d), max_batch_size=1, max_seq_len=256, page_size=16, media_root=jobs)
   assert len(engine.prepare(_image_line("in", "in.png")).visuals) == 1  # relative: from the root
   video = {"role": "user", "content": [{"type": "text", "text": "Watch:"}, {"type": "video", "video": str(clips[
@@ -340,7 +340,7 @@ def test_engine_holds_requests_to_its_media_root(tiny_vl_chat, clips, tmp_path):
   assert engine.prepare(cases[2][0], media_root=clips["vp8.webm"].parent).visuals[0].kind == "video"
   default = Engine.load(str(d), max_batch_size=1, max_seq_len=256, page_size=16)
   with pytest.raises(InputError) as e:
-    default.prepare(_image_line("in", str(jobs / "in.png")))  # tmp_path is outside the working directory
+    default.prepare(_image_line("in", str(jobs / "in.png")))  # short_tmp_path is outside the working directory
   assert str(e.value) == f"messages[0].content[1].image_url: {jobs / 'in.png'}: {OUTSIDE_ROOT}"
 
 
