@@ -28,6 +28,22 @@ def _release_compiled_programs():
   gc.collect()
 
 
+@pytest.fixture(autouse=True)
+def _default_signal_handlers():
+  """Every test starts with the interpreter's own SIGINT and SIGTERM dispositions and leaves them so. Under
+  pytest-xdist, the three tests that interrupt a job (in process, or a child that inherits the worker's
+  dispositions) saw SIGINT ignored in their worker after the worker's earlier tests had run, and a job that
+  ignores SIGINT, as `launch._cli.interruptible` keeps an ignored signal ignored, exits 0 instead of 130."""
+  import signal  # pylint: disable=g-import-not-at-top
+
+  saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  yield
+  signal.signal(signal.SIGINT, saved[0] if saved[0] is not None else signal.default_int_handler)
+  signal.signal(signal.SIGTERM, saved[1] if saved[1] is not None else signal.SIG_DFL)
+
+
 def build_tiny_qwen2(directory: pathlib.Path, seed: int = 0, **overrides):
   """Saves a random Qwen2ForCausalLM with transformers' own save_pretrained; returns the torch model."""
   import torch
