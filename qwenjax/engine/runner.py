@@ -29,6 +29,7 @@ from qwenjax.engine import constraints as constraints_lib
 from qwenjax.engine import programs
 from qwenjax.engine import sampling as sampling_lib
 from qwenjax.engine.kv_pages import KVPages
+from qwenjax.engine.pages import pages_needed
 from qwenjax.engine.programs import (
   DecodeInputs,
   FirstTokenInputs,
@@ -38,7 +39,7 @@ from qwenjax.engine.programs import (
   VisionInputs,
 )
 from qwenjax.engine.sampling_params import SamplingParams
-from qwenjax.engine.scheduler import DecodePlan, PrefillCall
+from qwenjax.engine.scheduler import DecodePlan, PrefillCall, rows_fit
 from qwenjax.engine.sequence import Sequence as Seq
 from qwenjax.kernels.attention import IMPLS, default_impl
 from qwenjax.kernels.buckets import LengthBuckets, next_power_of_two
@@ -303,8 +304,8 @@ class ModelRunner:
     prefill = []
     for w in self.buckets.sizes:  # rows: the padded counts of every group size that fits
       rows = sorted({next_power_of_two(n) for n in range(1, self.max_batch_size + 1)
-                     if next_power_of_two(n) * w <= self.buckets.maximum})
-      least = self.table_width(-(-w // self.pages.page_size))
+                     if rows_fit(n, w, self.buckets, self.max_batch_size)})
+      least = self.table_width(pages_needed(w, self.pages.page_size))
       prefill += [(r, w, p) for r in rows for p in widths if p >= least]
     pads = sorted({_pad_width(n) for n in (1 << i for i in range(context_len.bit_length() + 1)) if n <= context_len})
     copy = [self.max_batch_size] if self.prefix_caching else []  # pairs per copy_pages call

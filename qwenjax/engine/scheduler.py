@@ -68,6 +68,12 @@ class DecodePlan:
   num_steps: int
 
 
+def rows_fit(rows: int, width: int, buckets: LengthBuckets, max_batch_size: int) -> bool:
+  """Whether a packed prefill call of `rows` rows (padded to a power of two) of `width` tokens is allowed: at most
+  buckets.maximum tokens in all, at most one row per slot."""
+  return next_power_of_two(rows) * width <= buckets.maximum and rows <= max_batch_size
+
+
 class Scheduler:
   """Continuous batching over B = max_batch_size decode slots and the pages of `kv`.
 
@@ -169,8 +175,7 @@ class Scheduler:
       yield PrefillCall(rows, width)
 
   def rows_fit(self, rows: int, width: int) -> bool:
-    """Whether a packed prefill call of `rows` rows (padded to a power of two) of `width` tokens is allowed."""
-    return next_power_of_two(rows) * width <= self.buckets.maximum and rows <= self.max_batch_size
+    return rows_fit(rows, width, self.buckets, self.max_batch_size)
 
   def prefilled(self, seq: Sequence) -> None:
     """seq's whole context is in its pages: they become readable by later prompts (prefix caching)."""
