@@ -31,7 +31,12 @@ QUANTIZE_EMBEDDINGS = flags.DEFINE_bool("quantize_embeddings", False, "With --qu
                                         "in int8 too (27% of the 0.5B model's weights).")
 MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 4096, "Context per sequence: prompt plus generated tokens.",
                                    lower_bound=1)
-DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "Decode steps per jitted call.", lower_bound=1)
+DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "Decode steps per jitted call while nothing prefills.",
+                                    lower_bound=1)
+MAX_NUM_BATCHED_TOKENS = flags.DEFINE_integer(
+    "max_num_batched_tokens", None, "Prompt tokens one engine step computes, beside a token for each decoding "
+    "sequence (longer prompts prefill over several steps). Default: 512, or the topology's max_prefill_chunk.",
+    lower_bound=1)
 # Sampling: a request's defaults (a batch line's "sampling" object overrides them).
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Most tokens to generate per sequence.", lower_bound=1)
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 means greedy.")
@@ -174,7 +179,7 @@ def serving(model: str | None, *, max_batch_size: int, max_seq_len: int, max_pre
     return Serving(mesh, *sizes, group, **pool)
 
   if TOPOLOGY.value is None:
-    return build(MESH.value, max_batch_size, max_seq_len, max_prefill_chunk)
+    return build(MESH.value, max_batch_size, max_seq_len, MAX_NUM_BATCHED_TOKENS.value or max_prefill_chunk)
   if MESH.value:
     raise ConfigError("--mesh and --topology both name a mesh; pass one.")
   from qwenjax.checkpoints import loader  # pylint: disable=g-import-not-at-top
@@ -198,5 +203,5 @@ def serving(model: str | None, *, max_batch_size: int, max_seq_len: int, max_pre
     max_batch_size = max(1, entry.max_batch_size * replica_data // data)
   if "max_seq_len" not in explicit_sizes:
     max_seq_len = entry.max_seq_len
-  return build(mesh_text or None, max_batch_size, max_seq_len, entry.max_prefill_chunk, page_size=entry.page_size,
-               kv_cache_memory=entry.kv_cache_memory_gib)
+  return build(mesh_text or None, max_batch_size, max_seq_len, MAX_NUM_BATCHED_TOKENS.value or entry.max_prefill_chunk,
+               page_size=entry.page_size, kv_cache_memory=entry.kv_cache_memory_gib)

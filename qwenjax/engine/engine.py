@@ -53,7 +53,7 @@ from qwenjax.engine.pages import PagePool
 from qwenjax.engine.requests import Request, RequestOutput, StreamEvent, as_request
 from qwenjax.engine.runner import ModelRunner
 from qwenjax.engine.sampling_params import SamplingParams
-from qwenjax.engine.scheduler import Scheduler
+from qwenjax.engine.scheduler import Scheduler, StepPlan
 from qwenjax.kernels.buckets import LengthBuckets
 from qwenjax.model import lora as lora_lib
 from qwenjax.model.decoder import Qwen2
@@ -279,18 +279,18 @@ class Engine:
     self.runner.copy_pages(admission.copies)
     self.kv.copied(admission.copies)
     self.runner.encode_visuals(admission.seqs)
-    for call in self.scheduler.prefill_calls(admission):
-      logits = self.runner.prefill(call)
-      for r, row in enumerate(call.rows):
+    self.runner.admit(admission.seqs)
+    plan = self.scheduler.schedule()
+    if isinstance(plan, StepPlan):
+      tokens, logprobs = self.runner.step(plan)
+      for row in plan.chunks:
         if row.last:
           self.scheduler.prefilled(row.seq)
-          first = self.runner.start(row.seq, logits[r:r + 1])
-          if first is not None:
-            self.outputs.accept(row.seq, [first[0]], [first[1]])
-            if row.seq.finish_reason:
-              self.scheduler.finish(row.seq)
-    plan = self.scheduler.schedule_decode()
-    if plan is not None:
+      for row in plan.decode + plan.chunks:
+        seq = row.seq
+        if row.last and tokens[seq.slot] >= 0:
+          self._accept(seq, [int(tokens[seq.slot])], [logprobs[seq.slot].tolist()])
+    elif plan is not None:
       tokens, logprobs = self.runner.decode(plan)
       for s, seq in enumerate(plan.slots):
         if seq is not None:
@@ -302,6 +302,11 @@ class Engine:
       if out.finished and self._requests.get(out.id) == index:
         del self._requests[out.id]
     return outputs, events
+
+  def _accept(self, seq, tokens: list[int], logprobs: list) -> None:
+    self.outputs.accept(seq, tokens, logprobs)
+    if seq.finish_reason:
+      self.scheduler.finish(seq)
 
   # ---- whole jobs ----------------------------------------------------------------------------------------
 

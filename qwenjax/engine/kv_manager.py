@@ -112,14 +112,21 @@ class KVManager:
       length += m
     pages.adopt(table, length)
     seq.prefix_hashes = match.hashes  # `register` files its pages under them once prefilled
-    context = seq.context
-    for j in range(len(match.pages), pages_needed(len(context), ps)):
-      parent = match.hashes[j - 1] if j else seq.prefix_root
-      pending.setdefault(parent, []).append(np.asarray(context[j * ps:(j + 1) * ps], np.int64))
+    self.note_writes(seq, pending, len(match.pages))
     self.cached_tokens += length
     if not seq.tokens:
       seq.cached_tokens = length
     return pages
+
+  def note_writes(self, seq: Sequence, pending: dict[bytes, list[np.ndarray]], first: int = 0) -> None:
+    """Notes in `pending` the pages from the first-th on that seq's prefill writes (by parent digest): a sequence
+    whose prompt begins as one of them waits for it to be registered rather than computing it again."""
+    if not self.prefix_caching:
+      return
+    ps, context = self.page_size, seq.context
+    for j in range(first, pages_needed(len(context), ps)):
+      parent = seq.prefix_hashes[j - 1] if j else seq.prefix_root
+      pending.setdefault(parent, []).append(np.asarray(context[j * ps:(j + 1) * ps], np.int64))
 
   def copied(self, copies: list[tuple[int, int]]) -> None:
     """Drops the holds on the sources of copies the runner has made."""

@@ -10,22 +10,23 @@ Two sets:
   the library's steps  `prefill`, `extend`, `decode_step` over a `KVCache` (one row per sequence): one model call
                        each (tests, notebooks, other loops); `*_impl` are the same unjitted, for composing into
                        larger jitted functions.
-  the engine's         over a `PagedKVCache`: `paged_prefill` (chunks of several prompts, a row each, packed in one
-  programs             call, also scoring the prompt when asked: `targets`, prompt log-probabilities),
-                       `first_token` (an admitted slot's first sample), `paged_decode_block` (k decode + sample
-                       steps for every slot in one `fori_loop`), `restore_slot` (a preempted sequence's penalty
-                       state) and `copy_pages`, over the named inputs `PagedBatch`, `VisionInputs`,
-                       `FirstTokenInputs`, `PagedDecodeInputs` (the slots' `DecodeInputs` and the host's page
-                       tables) and the per-slot penalty state `SlotState`, which they donate and return with the
-                       cache.
+  the engine's         over a `PagedKVCache`: `ragged_step` (one engine step: a token for every decode slot and
+  programs             the next prefill chunks of admitted prompts on one flat token axis, then a sample for each
+                       slot whose next token is due, also scoring prompt tokens when asked), `paged_decode_block`
+                       (k decode + sample steps for every slot in one `fori_loop`, when nothing prefills),
+                       `restore_slot` (an admitted sequence's penalty state) and `copy_pages`, over the named
+                       inputs `RaggedBatch`, `VisionInputs`, `PagedDecodeInputs` (the slots' `DecodeInputs` and the
+                       host's page tables) and the per-slot penalty state `SlotState`, which they donate and return
+                       with the cache.
 
 On a device mesh, place params with `qwenjax.parallel.sharding.shard_model` and the cache with `KVCache.zeros(...,
 sharding=qwenjax.model.kv_cache.cache_sharding(...))`, and call the programs inside `sharding.use_mesh(mesh)`: each
 returns the cache (and slot state) in the layout it came in.
 
-Each step returns float32 logits and the cache with `lengths` advanced. Prompt lengths pad to
-`qwenjax.kernels.buckets.LengthBuckets` so a long-running process compiles one prefill program per bucket (and
-per batch size), not per prompt.
+The library's steps return float32 logits and the cache with `lengths` advanced. Prompt lengths (the library's
+rows, the engine's prefill part) pad to `qwenjax.kernels.buckets.LengthBuckets`, and the engine's page tables are
+always max_pages wide, so a long-running process compiles one program per bucket and sampling variant, not per
+prompt or per mix of them.
 
 Shapes: B rows (slots), T tokens per row, V vocabulary, D hidden size, M vision features, E stop ids per slot,
 k decode steps per call.
@@ -70,7 +71,7 @@ class VisionInputs:
   rope_positions: [3, b, T] int32, the M-RoPE (temporal, height, width) positions of the tokens.
   rope_offset: [b] int32, rotary minus cache position of the tokens that follow (Qwen's `rope_deltas`).
   features: [M, D] vision features; index: [b, T] int32, each token's row of `features` (-1: its token embedding).
-  The engine passes rope_positions, features and index on every chunk (its rows' offsets are PagedBatch's).
+  The engine passes rope_positions, features and index on every ragged step (its offsets are RaggedBatch's).
   Through `prefill` / `extend` any may be None: positions are then the cache positions plus each row's offset,
   the offset stays (fresh rows: 0), and no token takes a vision feature.
   """
@@ -100,20 +101,6 @@ class SlotState:
   def constrained(self) -> SlotState:
     """Inside a jitted program under a mesh: both arrays pinned to their sharding (see `KVCache.constrained`)."""
     return SlotState(constrain(self.prompt_mask, self.AXES), constrain(self.counts, self.AXES))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class FirstTokenInputs:
-  """One admitted slot's first sample. slot: [] int32; prompt: [T] int32, its prompt padded to a power of two;
-  prompt_len: [] int32, the real tokens of `prompt`; sampling: its SamplingArrays (one row); mask: [1, W] int32,
-  the tokens it may sample (`qwenjax.engine.constraints`), read with needs.masked (else None)."""
-
-  slot: jax.Array
-  prompt: jax.Array
-  prompt_len: jax.Array
-  sampling: sampling_lib.SamplingArrays
-  mask: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -174,18 +161,13 @@ def _run(graphdef, params, cache: KVCache, batch: TokenBatch, vision: VisionInpu
   cache = cache.constrained()  # under a mesh (`qwenjax.parallel.sharding.use_mesh`): returned in the layout it came in
   if all_logits:
     return model.logits(h), cache  # [B, T, V]
-  return _last_logits(model, h, batch.num_new, None) + (cache,)
+  return _last_logits(model, h, batch.num_new) + (cache,)
 
 
-def _last_logits(model, h: jax.Array, num_new: jax.Array, targets: jax.Array | None, impl: str = "xla"
-                 ) -> tuple[jax.Array, ...]:
-  """(logits at each row's last real token [B, V],) from hidden states h [B, T, D]; with targets [B, T], also
-  their log-probabilities [B, T] (`target_logprobs`). impl: a quantized head's matmul ("xla" or "pallas")."""
+def _last_logits(model, h: jax.Array, num_new: jax.Array) -> tuple[jax.Array]:
+  """(logits at each row's last real token [B, V],) from hidden states h [B, T, D]."""
   last = jnp.take_along_axis(h, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
-  logits = model.logits(last, impl)  # [B, V], as without targets: the first token sampled from it is the same
-  if targets is None:
-    return (logits,)
-  return logits, target_logprobs(model.logits(h, impl), targets)
+  return (model.logits(last),)
 
 
 def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -257,28 +239,6 @@ decode_step = jax.jit(decode_step_impl, static_argnames=("graphdef", "kv_len"), 
 # layout they came in.
 
 
-@functools.partial(jax.jit, static_argnames=("needs",), donate_argnames=("slots",))
-def first_token(logits: jax.Array, slots: SlotState, inputs: FirstTokenInputs, needs: sampling_lib.SamplingNeeds
-                ) -> tuple[jax.Array, jax.Array, SlotState]:
-  """Resets the slot's penalty state to its prompt, then samples its first token. logits: [1, V].
-  Returns the token [], its log-probability [] ([1 + 2 TOP_LOGPROBS] with needs.top_logprobs: see
-  `sampling.with_top_logprobs`) and the slot state."""
-  prompt_mask, counts, slot = slots.prompt_mask, slots.counts, inputs.slot
-  valid = jnp.arange(inputs.prompt.shape[0]) < inputs.prompt_len
-  row = jnp.zeros(prompt_mask.shape[1], bool).at[jnp.where(valid, inputs.prompt, prompt_mask.shape[1])].set(
-      True, mode="drop")
-  prompt_mask = prompt_mask.at[slot].set(row)
-  counts = counts.at[slot].set(0)
-  tok, logprob = sampling_lib.sample(logits, inputs.sampling, jnp.zeros((1,), jnp.int32), prompt_mask[slot][None],
-                                     counts[slot][None], needs, mask=inputs.mask)
-  if needs.top_logprobs:
-    logprob = sampling_lib.with_top_logprobs(logits, logprob)  # [1, 1 + 2 TOP_LOGPROBS]
-  counts = counts.at[slot, tok[0]].add(1)
-  # The token and its log-probability whole on every device: every process of a multi-host mesh reads them.
-  return (constrain(tok[0], ()), constrain(logprob[0], (None,) * (logprob.ndim - 1)),
-          SlotState(prompt_mask, counts).constrained())
-
-
 def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sampling_lib.SamplingNeeds,
                  num_steps: int):
   """num_steps of `step(i, cache, tokens [B]) -> (logits [B, V], cache)` then sampling, each row stopping where
@@ -311,29 +271,10 @@ def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sam
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PagedBatch:
-  """Prompt chunks of b sequences, one row each. tokens: [b, T] int32, right-padded; start: [b] int32, the cache
-  position of each row's first token (what its pages already hold); paged: the rows' slots [b, T], page tables
-  [b, P] and real token counts [b]; rope_offset: [b] int32, rotary minus cache position of the rows' text tokens
-  (0, or a Qwen2.5-VL prompt's `rope_deltas` for tokens past its images); targets: [b, T] int32, the token that
-  follows each position, whose log-probability the program then returns too (-1: none; see `target_logprobs`),
-  or None: nothing scored, the program as without it; adapter: [b] int32, each row's LoRA adapter in the model's
-  bank (-1: none), or None: a model without adapters."""
-
-  tokens: jax.Array
-  start: jax.Array
-  paged: PagedInputs
-  rope_offset: jax.Array
-  targets: jax.Array | None = None
-  adapter: jax.Array | None = None
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
 class PagedDecodeInputs:
   """A decode block over a PagedKVCache: the slots' DecodeInputs, plus position: [B] int32, the cache position of
   each slot's last token (the one it feeds); page_table: [B, P] int32, pages allocated for the block's k tokens
-  ahead; rope_offset: [B] int32 (see PagedBatch)."""
+  ahead; rope_offset: [B] int32, rotary minus cache position (0, or a Qwen2.5-VL prompt's `rope_deltas`)."""
 
   decode: DecodeInputs
   position: jax.Array
@@ -341,34 +282,73 @@ class PagedDecodeInputs:
   rope_offset: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "all_logits"), donate_argnames=("cache",))
-def paged_prefill(graphdef, params, cache: PagedKVCache, batch: PagedBatch, vision: VisionInputs | None = None, *,
-                  impl: str = "xla", all_logits: bool = False) -> tuple[jax.Array, ...]:
-  """Prompt chunks into their pages, several sequences in one call: each row attends to what its pages hold
-  and to its own chunk. vision: a Qwen2.5-VL model's rotary positions [3, b, T] and features (every chunk).
-  Returns logits at each row's last real token [b, V] (or at every token [b, T, V] with all_logits), with
-  `batch.targets` also their log-probabilities [b, T] (prompt log-probabilities, perplexity), and the cache."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RaggedBatch:
+  """One engine step on a flat axis of T = S + C tokens: first one decode token for each of the S slots (the
+  slot's row, idle ones padding), then C tokens of prefill chunks, each chunk starting a block of Q tokens (the
+  static `block` of `ragged_step`) and padded to a whole number of blocks.
+
+  tokens, positions, rope_offset: [T] int32, each token, its cache position and its rotary minus cache position;
+  paged: slots [T, 1] (each token's pool slot, -1: padding), page_table [R, P] and num_new [R] of the R = S + C / Q
+  attention rows (a decode row, or a block: the page table of its sequence, its real tokens); sample_at: [S] int32,
+  the token whose logits sample slot s's next token (its decode token, or the last of a chunk that completes a
+  fresh prompt); active: [S] bool, the slots that sample; step: [S] int32, tokens each has generated; sampling,
+  mask: as `DecodeInputs`; adapter: [T] int32 each token's LoRA adapter (-1: none), or None; targets: [T] int32
+  the prompt token that follows each token (-1: none; see `target_logprobs`), or None: nothing scored."""
+
+  tokens: jax.Array
+  positions: jax.Array
+  paged: PagedInputs
+  rope_offset: jax.Array
+  sample_at: jax.Array
+  active: jax.Array
+  step: jax.Array
+  sampling: sampling_lib.SamplingArrays
+  mask: jax.Array | None = None
+  adapter: jax.Array | None = None
+  targets: jax.Array | None = None
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "block", "impl"), donate_argnames=("cache", "slots"))
+def ragged_step(graphdef, params, cache: PagedKVCache, slots: SlotState, batch: RaggedBatch,
+                vision: VisionInputs | None = None, *, needs: sampling_lib.SamplingNeeds, block: int,
+                impl: str = "xla") -> tuple[jax.Array, ...]:
+  """One step of the engine: every token of `batch` into its slot, each decode token attending over its
+  sequence's pages and each prefill block over its sequence's pages (its own chunk included, causally), then one
+  sample for every active slot. vision: a Qwen2.5-VL model's rotary positions [3, T, 1] and features (index
+  [T, 1]). Returns tokens [S] (-1 where a slot did not sample), their log-probabilities [S] ([S, 1 + 2
+  TOP_LOGPROBS] with needs.top_logprobs), with `batch.targets` the prompt log-probabilities [T], then the cache
+  and the slot state. Compiled once per T (a bucket), sampling variant, scoring or not and vision or not."""
   model = nnx.merge(graphdef, params)
-  tokens = batch.tokens
-  b, t = tokens.shape
-  positions = batch.start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [b, T]
+  s = batch.sample_at.shape[0]
   rope_positions, embeds = None, None
   if vision is not None:
     rope_positions = vision.rope_positions
     embeds = None if vision.features is None else (vision.features, vision.index)
-  meta = StepMetadata.paged_step(positions, batch.paged, batch.rope_offset, rope_positions=rope_positions,
-                                 embeds=embeds, impl=impl, lora_index=batch.adapter)
-  h, cache = model(tokens, cache, meta)  # [b, T, D]
-  if all_logits:
-    return model.logits(h, impl), cache.constrained()
-  return _last_logits(model, h, batch.paged.num_new, batch.targets, impl) + (cache.constrained(),)
+  meta = StepMetadata.paged_step(batch.positions[:, None], batch.paged, batch.rope_offset,
+                                 rope_positions=rope_positions, embeds=embeds, impl=impl, lora_index=batch.adapter,
+                                 ragged=(s, block))
+  h, cache = model(batch.tokens[:, None], cache, meta)  # [T, 1, D], a token per row
+  h = h[:, 0]
+  logits = model.logits(h[batch.sample_at], impl)  # [S, V]
+  tok, logprob = sampling_lib.sample(logits, batch.sampling, batch.step, slots.prompt_mask, slots.counts, needs,
+                                     mask=batch.mask)
+  if needs.top_logprobs:
+    logprob = sampling_lib.with_top_logprobs(logits, logprob)  # [S, 1 + 2 TOP_LOGPROBS]
+  counts = constrain(sampling_lib.update_counts(slots.counts, tok, batch.active), SlotState.AXES)
+  # Whole on every device under a mesh: the host reads them (on every process of a multi-host mesh).
+  out = [constrain(jnp.where(batch.active, tok, -1), (None,)), constrain(logprob, (None,) * logprob.ndim)]
+  if batch.targets is not None:
+    out.append(target_logprobs(model.logits(h, impl)[None], batch.targets[None])[0])  # [T]
+  return (*out, cache.constrained(), SlotState(slots.prompt_mask, counts).constrained())
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
 def restore_slot(slots: SlotState, slot: jax.Array, prompt: jax.Array, prompt_len: jax.Array,
                  generated: jax.Array, num_generated: jax.Array) -> SlotState:
-  """A resumed (preempted) sequence's penalty state, as it was: its prompt's mask and the counts of the tokens it
-  had generated. prompt, generated: [T] int32 padded to powers of two, the first prompt_len / num_generated real."""
+  """An admitted sequence's slot penalty state: its prompt's mask and the counts of the tokens it has generated
+  (none for a fresh one; a resumed, preempted one's as they were). prompt, generated: [T] int32 padded to powers of two, the first prompt_len / num_generated real."""
   v = slots.prompt_mask.shape[1]
   real = lambda ids, n: jnp.where(jnp.arange(ids.shape[0]) < n, ids, v)  # padding past the vocabulary: dropped
   mask = jnp.zeros(v, bool).at[real(prompt, prompt_len)].set(True, mode="drop")

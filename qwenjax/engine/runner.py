@@ -3,16 +3,17 @@
     runner = ModelRunner(model, max_batch_size=8, ...)
     runner.copy_pages(admission.copies)
     runner.encode_visuals(admission.seqs)               # a multimodal prompt's vision tower, at first admission
-    logits = runner.prefill(call)                       # one packed prefill call, [rows, V]
-    first = runner.start(seq, logits[r:r + 1])          # its first token (or a resumed one's penalty state)
-    tokens, logprobs = runner.decode(plan)              # a decode block, [k, B] each
+    runner.admit(admission.seqs)                        # their slots' penalty state
+    tokens, logprobs = runner.step(plan)                # a ragged step (StepPlan): [B] each, -1 where none sampled
+    tokens, logprobs = runner.decode(plan)              # a decode block (DecodePlan), [k, B] each
 
 It owns the weights (split once), the `PagedKVCache` (sized from a memory budget, `kv_pages`) and the per-slot
 penalty state (`SlotState`), which every jitted program of `qwenjax.engine.programs` donates and returns; it turns
-the plain data of a plan into those programs' named inputs (bucketed shapes: rows and tokens of prefill,
-page-table widths, padded prompts) and owns warm-up and `program_shapes`, the bound on what it compiles.
+the plain data of a plan into those programs' named inputs (a flat token axis padded to a length bucket, page
+tables max_pages wide, padded prompts) and owns warm-up and `program_shapes`, the bound on what it compiles.
 
-Shapes: B slots, P page-table width, T prefill bucket, V vocabulary, D hidden size, W mask words, k decode steps.
+Shapes: B slots, T step tokens (B + C, C the prefill part), Q block, P max pages, V vocabulary, D hidden size,
+W mask words, k decode steps.
 """
 
 from __future__ import annotations
@@ -29,17 +30,9 @@ from qwenjax.engine import constraints as constraints_lib
 from qwenjax.engine import programs
 from qwenjax.engine import sampling as sampling_lib
 from qwenjax.engine.kv_pages import KVPages
-from qwenjax.engine.pages import pages_needed
-from qwenjax.engine.programs import (
-  DecodeInputs,
-  FirstTokenInputs,
-  PagedBatch,
-  PagedDecodeInputs,
-  SlotState,
-  VisionInputs,
-)
+from qwenjax.engine.programs import DecodeInputs, PagedDecodeInputs, SlotState, VisionInputs
 from qwenjax.engine.sampling_params import SamplingParams
-from qwenjax.engine.scheduler import DecodePlan, PrefillCall, rows_fit
+from qwenjax.engine.scheduler import DecodePlan, StepPlan
 from qwenjax.engine.sequence import Sequence as Seq
 from qwenjax.kernels.attention import IMPLS, default_impl
 from qwenjax.kernels.buckets import LengthBuckets, next_power_of_two
@@ -131,56 +124,80 @@ class ModelRunner:
     with self.on_mesh():
       self.cache = programs.copy_pages(self.cache, src, dst)
 
-  def prefill(self, call: PrefillCall) -> jax.Array:
-    """One packed prefill call: a row per chunk (rows padded to a power of two, tokens to call.width), scoring the
-    prompt tokens of the rows that ask (`Sequence.targets`, kept in their `prompt_logprobs`). Returns the logits
-    at each row's last token [rows, V]."""
-    rows, width = next_power_of_two(len(call.rows)), call.width
-    tokens = np.zeros((rows, width), np.int32)
-    start, num_new, rope_offset = (np.zeros(rows, np.int32) for _ in range(3))
-    slots = np.full((rows, width), -1, np.int32)
-    scored = []
-    for r, row in enumerate(call.rows):
-      n = len(row.tokens)
-      tokens[r, :n], slots[r, :n] = row.tokens, row.slots
-      start[r], num_new[r], rope_offset[r] = row.start, n, row.seq.rope_offset
-      scored.append(row.seq.targets(row.start, n))
-    seqs = [row.seq for row in call.rows]
-    vision = self._vision_rows(call, rows) if self.vl_cfg is not None else None
-    batch = PagedBatch(tokens, start, PagedInputs(slots, self._page_table(seqs, rows), num_new), rope_offset,
-                       _targets(scored, rows, width), self._adapter_rows(seqs, rows))
-    with self.on_mesh():
-      logits, *scores, self.cache = programs.paged_prefill(self.graphdef, self.params, self.cache, batch, vision,
-                                                           impl=self.attention_impl)
-    if scores:  # in prompt order: chunks are prefilled in order
-      values = np.asarray(scores[0])
-      for r, (seq, t) in enumerate(zip(seqs, scored)):
-        if t:
-          seq.prompt_logprobs.extend(values[r, :len(t)].tolist())
-    self.stats["prefill_calls"] += 1
-    self.stats["prompt_tokens"] += int(num_new.sum())
-    return logits
-
-  def start(self, seq: Seq, logits: jax.Array) -> tuple[int, float] | None:
-    """After seq's context is prefilled: its first token and log-probability, sampled from `logits` [1, V] into its
-    slot (penalty state reset to the prompt; masked by its constraint, if any), or, for a resumed sequence, None
-    once its slot's penalty state is restored."""
-    slot = np.int32(seq.slot)
-    if seq.tokens:  # prompt and tokens padded alike: one compiled shape per power of two
-      width = _pad_width(max(len(seq.prompt), len(seq.tokens)))
+  def admit(self, seqs: Iterable[Seq]) -> None:
+    """Each admitted sequence's slot penalty state: its prompt's tokens, and the counts of those it had generated
+    (a resumed sequence; none for a fresh one). One compiled shape: both padded to the longest context."""
+    width = _pad_width(self.pages.context_len)
+    for seq in seqs:
       with self.on_mesh():
-        self.slots = programs.restore_slot(self.slots, slot, _padded(seq.prompt, width), np.int32(len(seq.prompt)),
-                                           _padded(seq.tokens, width), np.int32(len(seq.tokens)))
-      return None
-    mask = None if seq.constraint is None else self._masks([seq])
-    inputs = FirstTokenInputs(slot, _padded(seq.prompt), np.int32(len(seq.prompt)),
-                              sampling_lib.pack([seq.params], sample_indices=[seq.sample_index], seeds=[seq.seed]),
-                              mask)
-    needs = dataclasses.replace(needs_of([seq.params]), masked=mask is not None)
+        self.slots = programs.restore_slot(self.slots, np.int32(seq.slot), _padded(seq.prompt, width),
+                                           np.int32(len(seq.prompt)), _padded(seq.tokens, width),
+                                           np.int32(len(seq.tokens)))
+
+  def step(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
+    """One ragged step (`programs.ragged_step`): the plan's decode rows in their slots, then its chunks, block
+    aligned, T = B + plan.width tokens; scores the prompt tokens of the chunks that ask (`Sequence.targets`, kept
+    in their `prompt_logprobs`). Returns tokens [B] (-1 where a slot did not sample: a chunk that does not end
+    its context, a resumed sequence, an idle slot) and logprobs [B]."""
+    b, q, c = self.max_batch_size, plan.block, plan.width
+    t, rows, width = b + c, b + c // q, self.pages.max_pages
+    tokens, positions, rope_offset = (np.zeros(t, np.int32) for _ in range(3))
+    kv_slots, adapter = np.full((t, 1), -1, np.int32), np.full(t, -1, np.int32)
+    table, num_new = np.zeros((rows, width), np.int32), np.zeros(rows, np.int32)
+    sample_at, step = np.zeros(b, np.int32), np.zeros(b, np.int32)
+    samplers: list[Seq | None] = [None] * b
+    scored, vision = [], self._vision_step(t) if self.vl_cfg is not None else None
+    for row in plan.decode:
+      seq, i = row.seq, row.seq.slot
+      tokens[i], positions[i], kv_slots[i, 0], rope_offset[i] = row.tokens[0], row.start, row.slots[0], seq.rope_offset
+      table[i], num_new[i], adapter[i] = seq.pages.page_row(width), 1, seq.adapter
+      sample_at[i], step[i], samplers[i] = i, len(seq.tokens), seq
+      if vision is not None:
+        vision.rope_positions[:, i, 0] = row.start + seq.rope_offset
+    at = b  # the next chunk's first token
+    for row in plan.chunks:
+      seq, n = row.seq, len(row.tokens)
+      span = -(-n // q) * q
+      tokens[at:at + n], kv_slots[at:at + n, 0] = row.tokens, row.slots
+      positions[at:at + span] = row.start + np.arange(span)
+      rope_offset[at:at + span], adapter[at:at + n] = seq.rope_offset, seq.adapter
+      first = b + (at - b) // q  # its first block's attention row
+      table[first:first + span // q] = seq.pages.page_row(width)
+      num_new[first:first + span // q] = np.minimum(q, n - q * np.arange(span // q))
+      scored.append((seq, at, seq.targets(row.start, n)))
+      if row.last and not seq.tokens:  # a fresh prompt's last chunk: its first token
+        sample_at[seq.slot], step[seq.slot], samplers[seq.slot] = at + n - 1, 0, seq
+      if vision is not None:
+        self._vision_chunk(vision, at, seq, row.start, span)
+      at += span
+    live = [seq for seq in samplers if seq is not None]
+    masked = any(seq.constraint is not None for seq in live)
+    arrays = sampling_lib.pack([seq.params if seq else None for seq in samplers],
+                               sample_indices=[seq.sample_index if seq else 0 for seq in samplers],
+                               seeds=[seq.seed if seq else 0 for seq in samplers])
+    targets = None
+    if any(target for _, _, target in scored):
+      targets = np.full(t, -1, np.int32)
+      for _, at, target in scored:
+        targets[at:at + len(target)] = target
+    batch = programs.RaggedBatch(tokens, positions, PagedInputs(kv_slots, table, num_new), rope_offset, sample_at,
+                                 np.array([seq is not None for seq in samplers]), step, arrays,
+                                 self._masks(samplers) if masked else None,
+                                 adapter if self.has_adapters else None, targets)
+    needs = dataclasses.replace(needs_of(seq.params for seq in live), masked=masked)
     with self.on_mesh():
-      tok, logprob, self.slots = programs.first_token(logits, self.slots, inputs, needs=needs)
-    logprob = np.asarray(logprob)
-    return int(tok), float(logprob) if logprob.ndim == 0 else logprob.tolist()
+      out_tok, out_lp, *scores, self.cache, self.slots = programs.ragged_step(
+          self.graphdef, self.params, self.cache, self.slots, batch, vision, needs=needs, block=q,
+          impl=self.attention_impl)
+    if scores:  # in prompt order: a sequence's chunks are computed in order
+      values = np.asarray(scores[0])
+      for seq, at, target in scored:
+        if target:
+          seq.prompt_logprobs.extend(values[at:at + len(target)].tolist())
+    self.stats["prefill_calls"] += bool(plan.chunks)
+    self.stats["decode_calls"] += bool(plan.decode)
+    self.stats["prompt_tokens"] += sum(len(row.tokens) for row in plan.chunks)
+    return np.asarray(out_tok), np.asarray(out_lp)
 
   # ---- decode --------------------------------------------------------------------------------------------
 
@@ -241,112 +258,82 @@ class ModelRunner:
         index[r] = seq.adapter
     return index
 
-  def table_width(self, pages: int) -> int:
-    """The compiled page-table width for a widest table of `pages`: a power of two, capped at max_pages."""
-    return min(next_power_of_two(pages), self.pages.max_pages)
-
   def _page_table(self, seqs: Sequence[Seq | None], rows: int) -> np.ndarray:
-    """[rows, P] page tables, P the widest table rounded by `table_width` (few compiled widths)."""
-    width = self.table_width(max(len(s.pages.pages) for s in seqs if s is not None))
-    table = np.zeros((rows, width), np.int32)
+    """[rows, P] page tables, P = max_pages: one width for every program (the XLA attention's work follows the
+    sequences' lengths, not the table's width)."""
+    table = np.zeros((rows, self.pages.max_pages), np.int32)
     for r, seq in enumerate(seqs):
       if seq is not None:
-        table[r] = seq.pages.page_row(width)
+        table[r] = seq.pages.page_row(self.pages.max_pages)
     return table
 
-  def _vision_rows(self, call: PrefillCall, rows: int) -> VisionInputs:
-    """A Qwen2.5-VL model's packed prefill inputs: each row's chunk's `_vision_chunk`, features stacked (row r's
-    index shifted by r * width)."""
-    width = call.width
-    positions = np.zeros((3, rows, width), np.int32)
-    features = np.zeros((rows * width, self.cfg.hidden_size), np.float32)
-    index = np.full((rows, width), -1, np.int32)
-    for r, row in enumerate(call.rows):
-      part = self._vision_chunk(row.seq, row.start, width)
-      positions[:, r] = part.rope_positions[:, 0]
-      features[r * width:(r + 1) * width] = part.features
-      index[r] = np.where(part.index[0] >= 0, part.index[0] + r * width, -1)
-    return VisionInputs(positions, None, features, index)
+  def _vision_step(self, t: int) -> VisionInputs:
+    """A Qwen2.5-VL model's ragged-step inputs for T tokens, before its chunks fill theirs: rotary positions [3, T,
+    1], features [T, D] and index [T, 1] (-1: every token its token embedding)."""
+    return VisionInputs(np.zeros((3, t, 1), np.int32), None, np.zeros((t, self.cfg.hidden_size), np.float32),
+                        np.full((t, 1), -1, np.int32))
 
-  def _vision_chunk(self, seq: Seq, start: int, width: int) -> VisionInputs:
-    """A Qwen2.5-VL model's extra prefill inputs for prompt tokens [start, start + width): 3D positions and the
-    vision features of the chunk's pad tokens (index -1: text)."""
-    positions = np.zeros((3, 1, width), np.int32)
-    features = np.zeros((width, self.cfg.hidden_size), np.float32)
-    index = np.full((1, width), -1, np.int32)
+  def _vision_chunk(self, vision: VisionInputs, at: int, seq: Seq, start: int, span: int) -> None:
+    """Fills tokens [at, at + span) of `vision` (see `_vision_step`) with a chunk of seq's context from `start`: its
+    3D positions and the vision features of its pad tokens."""
+    positions = vision.rope_positions[:, at:at + span, 0]  # [3, span], a view
     if seq.media is None:  # text on a VL model: the same position on all three axes
-      positions[:] = start + np.arange(width)
-      return VisionInputs(positions, None, features, index)
-    vision = seq.media.prompt
-    part = vision.positions[:, start:start + width]
-    positions[:, 0, :part.shape[1]] = part
+      positions[:] = start + np.arange(span)
+      return
+    prompt = seq.media.prompt
+    part = prompt.positions[:, start:start + span]
+    positions[:, :part.shape[1]] = part
     # Past the prompt (a resumed sequence's generated tokens, then padding): text positions, cache + rope offset.
-    positions[:, 0, part.shape[1]:] = start + np.arange(part.shape[1], width) + vision.rope_offset
+    positions[:, part.shape[1]:] = start + np.arange(part.shape[1], span) + prompt.rope_offset
     offset = 0
-    for first, v in zip(vision.starts, vision.visuals):  # features row of each pad token of this chunk
-      lo, hi = max(first, start), min(first + v.num_tokens, start + width)
+    for first, v in zip(prompt.starts, prompt.visuals):  # features row of each pad token of this chunk
+      lo, hi = max(first, start), min(first + v.num_tokens, start + span)
       if lo < hi:
-        features[lo - start:hi - start] = seq.media.features[offset + lo - first:offset + hi - first]
-        index[0, lo - start:hi - start] = np.arange(lo - start, hi - start)
+        vision.features[at + lo - start:at + hi - start] = seq.media.features[offset + lo - first:offset + hi - first]
+        vision.index[at + lo - start:at + hi - start, 0] = np.arange(at + lo - start, at + hi - start)
       offset += v.num_tokens
-    return VisionInputs(positions, None, features, index)
 
   # ---- warm-up -------------------------------------------------------------------------------------------
 
-  def program_shapes(self, constrained: bool = False) -> dict[str, list[tuple]]:
-    """Every shape the programs can be called with (rows x tokens x page-table width for prefill, page-table width
-    for decode, padded prompt size for first tokens and restores): the bound on what a job of any length compiles,
-    per sampling variant (and, for prefill, twice as many with prompt log-probabilities). constrained: also the
-    masked variants, "masked_decode" (steps, page-table width), steps decode_steps and 1 (a block of
-    grammar-constrained slots only), and "masked_first_token" (padded prompt size), per sampling variant."""
-    max_pages, context_len = self.pages.max_pages, self.pages.context_len
-    widths = sorted({self.table_width(p) for p in range(1, max_pages + 1)})
-    prefill = []
-    for w in self.buckets.sizes:  # rows: the padded counts of every group size that fits
-      rows = sorted({next_power_of_two(n) for n in range(1, self.max_batch_size + 1)
-                     if rows_fit(n, w, self.buckets, self.max_batch_size)})
-      least = self.table_width(pages_needed(w, self.pages.page_size))
-      prefill += [(r, w, p) for r in rows for p in widths if p >= least]
-    pads = sorted({_pad_width(n) for n in (1 << i for i in range(context_len.bit_length() + 1)) if n <= context_len})
-    copy = [self.max_batch_size] if self.prefix_caching else []  # pairs per copy_pages call
-    shapes = {"prefill": prefill, "decode": widths, "first_token": pads, "restore_slot": pads, "copy_pages": copy}
+  def program_shapes(self, constrained: bool = False) -> dict[str, list]:
+    """Every shape the programs can be called with, the bound on what a job of any length compiles, per sampling
+    variant: "step", the ragged step's prefill parts (its T is max_batch_size plus one of them; twice as many
+    programs with prompt log-probabilities); "decode", the steps of a decode block; "restore_slot" and
+    "copy_pages", one shape each. Page tables are always max_pages wide. constrained: also "masked_step" and
+    "masked_decode" (steps decode_steps and 1: a block of grammar-constrained slots only)."""
+    shapes = {"step": list(self.buckets.sizes), "decode": [self.decode_steps],
+              "restore_slot": [_pad_width(self.pages.context_len)],
+              "copy_pages": [self.max_batch_size] if self.prefix_caching else []}
     if constrained:
-      steps = sorted({self.decode_steps, 1})
-      shapes.update(masked_decode=[(k, p) for k in steps for p in widths], masked_first_token=pads)
+      shapes.update(masked_step=list(self.buckets.sizes), masked_decode=sorted({self.decode_steps, 1}))
     return shapes
 
   def warm_up(self, prompt_logprobs: bool = False, constrained: bool = False, top_logprobs: bool = False) -> int:
     """Compiles every program `program_shapes` lists, with inputs that write nothing (see `Engine.warm_up`);
     returns how many program variants it ran."""
     shapes, b = self.program_shapes(constrained), self.max_batch_size
+    variants = (GREEDY, SAMPLE, FULL)
+    if top_logprobs:
+      variants += tuple(dataclasses.replace(n, top_logprobs=True) for n in variants)
+    runs = [(needs, "step", "decode") for needs in variants]
+    if constrained:
+      runs += [(dataclasses.replace(needs, masked=True), "masked_step", "masked_decode") for needs in variants]
     count = 0
     with self.on_mesh():
-      for r, w, p in shapes["prefill"]:
-        batch = PagedBatch(np.zeros((r, w), np.int32), np.zeros(r, np.int32),
-                           PagedInputs(np.full((r, w), -1, np.int32), np.zeros((r, p), np.int32),
-                                       np.zeros(r, np.int32)), np.zeros(r, np.int32),
-                           adapter=self._adapter_rows([], r))
-        vision = None
-        if self.vl_cfg is not None:
-          features = np.zeros((r * w, self.cfg.hidden_size), np.float32)
-          vision = VisionInputs(np.zeros((3, r, w), np.int32), None, features, np.full((r, w), -1, np.int32))
-        for targets in (None, np.full((r, w), -1, np.int32)) if prompt_logprobs else (None,):
-          logits, *_, self.cache = programs.paged_prefill(self.graphdef, self.params, self.cache,
-                                                          dataclasses.replace(batch, targets=targets), vision,
-                                                          impl=self.attention_impl)
-          logits[0:1].block_until_ready()  # the engine slices each row's logits: that slice per row count
+      for needs, steps, blocks in runs:
+        for c in shapes[steps]:
+          for scored in (False, True) if prompt_logprobs else (False,):
+            self._warm_up_step(c, needs, scored)
+            count += 1
+        idle = self._decode_inputs([None] * b)
+        if needs.masked:
+          idle = dataclasses.replace(idle, mask=self._masks([None] * b))
+        for k in shapes[blocks]:
+          inputs = PagedDecodeInputs(idle, np.zeros(b, np.int32), self._page_table([], b), np.zeros(b, np.int32))
+          *_, self.cache, self.slots = programs.paged_decode_block(self.graphdef, self.params, self.cache,
+                                                                   self.slots, inputs, needs=needs, num_steps=k,
+                                                                   impl=self.attention_impl)
           count += 1
-      idle = self._decode_inputs([None] * b)
-      variants = (GREEDY, SAMPLE, FULL)
-      if top_logprobs:
-        variants += tuple(dataclasses.replace(n, top_logprobs=True) for n in variants)
-      for needs in variants:
-        count += self._warm_up_decode(shapes, needs, idle, [(self.decode_steps, p) for p in shapes["decode"]],
-                                      shapes["first_token"])
-        if constrained:
-          masked = dataclasses.replace(idle, mask=self._masks([None] * b))
-          count += self._warm_up_decode(shapes, dataclasses.replace(needs, masked=True), masked,
-                                        shapes["masked_decode"], shapes["masked_first_token"])
       for pad in shapes["restore_slot"]:
         self.slots = programs.restore_slot(self.slots, np.int32(0), np.zeros(pad, np.int32), np.int32(0),
                                            np.zeros(pad, np.int32), np.int32(0))
@@ -356,21 +343,20 @@ class ModelRunner:
         count += 1
     return count
 
-  def _warm_up_decode(self, shapes: dict, needs: sampling_lib.SamplingNeeds, idle: DecodeInputs,
-                      blocks: list[tuple[int, int]], pads: list[int]) -> int:
-    """One sampling variant's decode blocks (steps, page-table width) and first-token shapes (padded prompt
-    size), run with idle slots; returns how many."""
-    b, v = self.max_batch_size, self.cfg.vocab_size
-    for k, p in blocks:
-      inputs = PagedDecodeInputs(idle, np.zeros(b, np.int32), np.zeros((b, p), np.int32), np.zeros(b, np.int32))
-      *_, self.cache, self.slots = programs.paged_decode_block(self.graphdef, self.params, self.cache, self.slots,
-                                                               inputs, needs=needs, num_steps=k,
-                                                               impl=self.attention_impl)
-    for pad in pads:
-      inputs = FirstTokenInputs(np.int32(0), np.zeros(pad, np.int32), np.int32(1), sampling_lib.pack(
-          [SamplingParams()], sample_indices=[0], seeds=[0]), self._masks([None]) if needs.masked else None)
-      _, _, self.slots = programs.first_token(np.zeros((1, v), np.float32), self.slots, inputs, needs=needs)
-    return len(blocks) + len(pads)
+  def _warm_up_step(self, c: int, needs: sampling_lib.SamplingNeeds, scored: bool) -> None:
+    """The ragged step of prefill part c, nothing written and no slot sampling."""
+    b, q = self.max_batch_size, self.buckets.minimum
+    t, rows = b + c, b + c // q
+    idle = [None] * b
+    batch = programs.RaggedBatch(
+        np.zeros(t, np.int32), np.zeros(t, np.int32),
+        PagedInputs(np.full((t, 1), -1, np.int32), self._page_table([], rows), np.zeros(rows, np.int32)),
+        np.zeros(t, np.int32), np.zeros(b, np.int32), np.zeros(b, bool), np.zeros(b, np.int32),
+        sampling_lib.pack(idle, sample_indices=[0] * b, seeds=[0] * b), self._masks(idle) if needs.masked else None,
+        np.full(t, -1, np.int32) if self.has_adapters else None, np.full(t, -1, np.int32) if scored else None)
+    vision = self._vision_step(t) if self.vl_cfg is not None else None
+    *_, self.cache, self.slots = programs.ragged_step(self.graphdef, self.params, self.cache, self.slots, batch,
+                                                      vision, needs=needs, block=q, impl=self.attention_impl)
 
 
 def _pad_width(n: int) -> int:
@@ -382,14 +368,3 @@ def _padded(ids: list[int], width: int | None = None) -> np.ndarray:
   """ids as int32, zero-padded to `width` (default `_pad_width(len(ids))`)."""
   width = _pad_width(len(ids)) if width is None else width
   return np.pad(np.asarray(ids, np.int32), (0, width - len(ids)))
-
-
-def _targets(scored: list[list[int]], rows: int, width: int) -> np.ndarray | None:
-  """A prefill call's `targets` [rows, width]: row r's `Sequence.targets` of its chunk (scored[r]), -1 past them
-  and in padding rows; None when no row scores anything (the call then runs the program without scoring)."""
-  if not any(scored):
-    return None
-  targets = np.full((rows, width), -1, np.int32)
-  for r, t in enumerate(scored):
-    targets[r, :len(t)] = t
-  return targets

@@ -3,30 +3,31 @@
     scheduler = Scheduler(kv, max_batch_size=8, decode_steps=4, buckets=LengthBuckets(512))
     scheduler.add(seqs)                                 # a request's n prepared sequences
     admission = scheduler.admit()                       # waiting -> free slots, pages shared and reserved
-    for call in scheduler.prefill_calls(admission):     # packed prefill: the next chunk of several contexts
-      ...the runner runs `call`; a row with `last` set has its whole context in its pages: `prefilled(seq)`
-    plan = scheduler.schedule_decode()                  # pages for the next decode block, preempting if short
-    ...the runner runs `plan`; a sequence that ended: `finish(seq)`
+    plan = scheduler.schedule()                         # the next step, preempting if the pool is short
+    ...a StepPlan: one ragged step, a token for each decoding sequence and the next prefill chunks (a chunk with
+    `last` set completes its context: `prefilled(seq)`); a DecodePlan: decode_steps tokens for each, nothing
+    prefilling; a sequence that ended: `finish(seq)`
 
 It owns the waiting queue and the B decode slots, admission (FIFO: nothing overtakes the head), page reservation
 through the `KVManager` (the pool and the prefix cache), preemption (the most recently admitted first, so the oldest
 always progress and every request finishes; a preempted sequence keeps its tokens and its context is recomputed
-when it is readmitted) and the planning of packed prefill calls. What it hands out is plain data: `Admission`,
-`PrefillCall`, `DecodePlan`.
+when it is readmitted) and the planning of each step under a token budget (buckets.maximum prompt tokens beside
+one token per decoding sequence), so decoding goes on while prompts prefill. What it hands out is plain data:
+`Admission`, `StepPlan`, `DecodePlan`.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
 from qwenjax.engine.kv_manager import KVManager
 from qwenjax.engine.pages import pages_needed
 from qwenjax.engine.sequence import Sequence
-from qwenjax.kernels.buckets import LengthBuckets, next_power_of_two
+from qwenjax.kernels.buckets import LengthBuckets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +40,10 @@ class Admission:
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefillRow:
-  """One row of a packed prefill call: context tokens [start, start + len(tokens)) of seq, written at `slots`
-  ([len(tokens)] int32 pool slots); last: the chunk completes its context (its logits give the next token)."""
+class StepRow:
+  """One sequence's tokens in a ragged step: context tokens [start, start + len(tokens)) of seq (a decode row: its
+  last token, at position len(context)), written at `slots` ([len(tokens)] int32 pool slots); last: the row
+  completes its context (its logits give the next token, unless a resumed sequence has it already)."""
 
   seq: Sequence
   start: int
@@ -51,11 +53,15 @@ class PrefillRow:
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefillCall:
-  """One packed prefill call: a row per sequence, each padded to `width` tokens (a length bucket)."""
+class StepPlan:
+  """A ragged step: `decode`, a row of one token (its last) for each decoding sequence; `chunks`, the next prefill
+  chunk of prefilling sequences, in admission order, each starting a block of `block` tokens; `width`, what the
+  chunks fill in whole blocks, padded to a length bucket (the step's prefill part)."""
 
-  rows: list[PrefillRow]
+  decode: list[StepRow]
+  chunks: list[StepRow]
   width: int
+  block: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +72,6 @@ class DecodePlan:
 
   slots: list[Sequence | None]
   num_steps: int
-
-
-def rows_fit(rows: int, width: int, buckets: LengthBuckets, max_batch_size: int) -> bool:
-  """Whether a packed prefill call of `rows` rows (padded to a power of two) of `width` tokens is allowed: at most
-  buckets.maximum tokens in all, at most one row per slot."""
-  return next_power_of_two(rows) * width <= buckets.maximum and rows <= max_batch_size
 
 
 class Scheduler:
@@ -85,6 +85,7 @@ class Scheduler:
   def __init__(self, kv: KVManager, *, max_batch_size: int, decode_steps: int, buckets: LengthBuckets):
     self.kv = kv
     self.max_batch_size, self.decode_steps, self.buckets = max_batch_size, decode_steps, buckets
+    self.block = buckets.minimum  # tokens of one prefill block (`StepPlan.block`)
     self.waiting: collections.deque[Sequence] = collections.deque()
     self.slots: list[Sequence | None] = [None] * max_batch_size
     self._admissions = 0
@@ -126,7 +127,10 @@ class Scheduler:
     pages for their context plus one decode block of every admitted sequence. refill: called when the queue runs
     dry while slots are free, to queue the next request (`add`); False: there is none."""
     admitted, copies = [], []
-    pending: dict[bytes, list[np.ndarray]] = {}  # the pages this round's admissions write, by parent digest
+    pending: dict[bytes, list[np.ndarray]] = {}  # the pages admitted prefills are writing, by parent digest
+    for seq in self.running:
+      if seq.pages.length < len(seq.context):
+        self.kv.note_writes(seq, pending)
     free = [s for s in range(self.max_batch_size) if self.slots[s] is None]
     reserve = sum(self._block_pages(seq) for seq in self.running)
     while free:
@@ -148,34 +152,47 @@ class Scheduler:
       admitted.append(seq)
     return Admission(admitted, copies)
 
-  def prefill_calls(self, admission: Admission) -> Iterator[PrefillCall]:
-    """The admitted sequences' contexts in packed calls, generated one at a time (each takes its pages as it is
-    planned, after the previous call ran): every call takes the next chunk (at most buckets.maximum tokens) of as
-    many sequences as fit `rows x bucket <= buckets.maximum`. A resumed sequence's context includes the tokens it
-    had generated but the last."""
-    chunk = self.buckets.maximum
-    todo = [(seq, seq.context) for seq in admission.seqs]
-    done = {id(seq): seq.pages.length for seq, _ in todo}  # context tokens in its pages: shared, or prefilled
-    while todo:
-      group, width = [], 0
-      for seq, context in todo:
-        piece = min(chunk, len(context) - done[id(seq)])
-        w = max(width, self.buckets.bucket(piece))
-        if group and not self.rows_fit(len(group) + 1, w):
-          break
-        group.append((seq, context))
-        width = w
-      rows = []
-      for seq, context in group:
-        lo = done[id(seq)]
-        piece = context[lo:lo + chunk]
-        done[id(seq)] = lo + len(piece)
-        rows.append(PrefillRow(seq, lo, piece, seq.pages.grow(len(piece)), done[id(seq)] == len(context)))
-      todo = [(seq, context) for seq, context in todo if done[id(seq)] < len(context)]
-      yield PrefillCall(rows, width)
+  def schedule(self) -> StepPlan | DecodePlan | None:
+    """The next step's plan, oldest sequences first, preempting the most recently admitted while the pool is
+    short. While some admitted sequence is still prefilling: a `StepPlan`, one token for every decoding sequence
+    and the next chunks of the prefilling ones while the token budget (buckets.maximum) lasts; else a `DecodePlan`
+    of decode_steps tokens for each. None: nothing runs."""
+    if not any(seq.pages.length < len(seq.context) for seq in self.running):
+      return self.schedule_decode()
+    q = self.block
+    room = self.buckets.maximum // q * q  # the prefill part: whole blocks
+    decode, chunks, used = [], [], 0
+    for seq in sorted(self.running, key=lambda s: s.admitted):
+      if seq.slot is None:  # preempted by an older one's growth
+        continue
+      start, context = seq.pages.length, seq.context
+      n = 1 if start == len(context) else min(len(context) - start, room - used)
+      if n <= 0 or not self._make_room(seq, n):
+        continue  # the budget is spent (it waits, FIFO), or seq itself was preempted
+      if start == len(context):
+        decode.append(StepRow(seq, start, [seq.tokens[-1]], seq.pages.grow(1), True))
+      else:
+        chunks.append(StepRow(seq, start, context[start:start + n], seq.pages.grow(n), start + n == len(context)))
+        used += -(-n // q) * q
+    self._note_peaks()
+    if not chunks and not decode:
+      return None
+    # (No chunk left: every prefilling sequence was preempted; the decode rows run with an empty prefill part.)
+    return StepPlan(decode, chunks, self.buckets.bucket(max(used, 1)), q)
 
-  def rows_fit(self, rows: int, width: int) -> bool:
-    return rows_fit(rows, width, self.buckets, self.max_batch_size)
+  def _make_room(self, seq: Sequence, n: int) -> bool:
+    """Preempts the most recently admitted sequences until the pool has the pages for n more tokens of seq; False
+    if seq itself was preempted."""
+    while pages_needed(seq.pages.length + n, self.kv.page_size) - len(seq.pages.pages) > self.kv.pool.num_free:
+      victim = max(self.running, key=lambda s: s.admitted)
+      self._preempt(victim)
+      if victim is seq:
+        return False
+    return True
+
+  def _note_peaks(self) -> None:
+    self.stats["peak_sequences"] = max(self.stats["peak_sequences"], len(self.running))
+    self.stats["peak_pages"] = max(self.stats["peak_pages"], self.kv.pages_in_use)
 
   def prefilled(self, seq: Sequence) -> None:
     """seq's whole context is in its pages: they become readable by later prompts (prefix caching)."""
@@ -190,28 +207,19 @@ class Scheduler:
       if seq.slot is None:  # preempted by an older one's growth
         continue
       grow = min(self.decode_steps, seq.budget())
-      while True:
-        extra = pages_needed(seq.pages.length + grow, self.kv.page_size) - len(seq.pages.pages)
-        if extra <= self.kv.pool.num_free:
-          break
-        victim = max(self.running, key=lambda s: s.admitted)
-        self._preempt(victim)
-        if victim is seq:
-          break
-      if seq.slot is not None:
+      if self._make_room(seq, grow):
         seq.pages.grow(grow)
     live = self.running
     if not live:
       return None
-    self.stats["peak_sequences"] = max(self.stats["peak_sequences"], len(live))
-    self.stats["peak_pages"] = max(self.stats["peak_pages"], self.kv.pages_in_use)
+    self._note_peaks()
     paused = all(s.constraint is not None and s.constraint.per_token for s in live)
     return DecodePlan(list(self.slots), 1 if paused else self.decode_steps)
 
   def _block_pages(self, seq: Sequence) -> int:
-    """Pages seq needs beyond those it holds to run the next decode block."""
+    """Pages seq needs beyond those it holds to finish its prefill and run the next decode block."""
     grow = min(self.decode_steps, seq.budget())
-    return max(0, pages_needed(seq.pages.length + grow, self.kv.page_size) - len(seq.pages.pages))
+    return max(0, pages_needed(len(seq.context) + grow, self.kv.page_size) - len(seq.pages.pages))
 
   def _preempt(self, seq: Sequence) -> None:
     """Frees a decoding sequence's slot and pages (its holds on shared ones dropped); it waits at the head of the

@@ -89,6 +89,62 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
   return attention_reference(q, keys, values, q_positions, key_pos, window, dtype=dtype)
 
 
+def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_positions: jax.Array,
+                        num_new: jax.Array, page_table: jax.Array, window, *, k_scale: jax.Array | None = None,
+                        v_scale: jax.Array | None = None, dtype=None, chunk_tokens: int = 256) -> jax.Array:
+  """`paged_attention_reference`'s result (arguments alike, plus num_new [B]: row b's first num_new[b] queries are
+  real) without its [B, P * PS] gather: the keys are visited `chunk_tokens` at a time in a loop that stops at the
+  chunk holding the last real query's position (a traced bound), folding each chunk into an online softmax in
+  float32. The table may be as wide as the pool allows (P = the longest sequence's pages): what a step costs
+  follows the lengths it holds, not the table's width, so one program serves every length. What XLA runs in the
+  engine. Padding queries come back finite and meaningless (zeros where they see no key).
+  """
+  b, t, n, h = q.shape
+  num_pages, page_size, k, _ = k_pages.shape
+  p = page_table.shape[1]
+  cp = max(1, min(p, chunk_tokens // page_size))  # pages per chunk
+  table = jnp.clip(jnp.pad(page_table, ((0, 0), (0, -p % cp))), 0, num_pages - 1)
+  span = cp * page_size  # S: keys per chunk
+  dt = q.dtype if dtype is None else dtype
+  quantized = k_scale is not None
+  qg = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
+  if quantized:
+    qg = qg.astype(jnp.float32)
+  valid = jnp.arange(t)[None, :] < num_new[:, None]  # [B, T]
+  last = jnp.max(jnp.where(valid, q_positions, -1))  # the furthest position a real query reads
+  num_chunks = (last + span) // span
+
+  def body(i, carry):
+    acc, m, total = carry  # [B, K, G, T, H], [B, K, G, T] x 2, float32
+    pages = jax.lax.dynamic_slice_in_dim(table, i * cp, cp, axis=1)  # [B, cp]
+    keys, values = (x[pages].reshape(b, span, k, h) for x in (k_pages, v_pages))  # [B, S, K, H]
+    if quantized:
+      keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, keys, preferred_element_type=jnp.float32)
+    if quantized:
+      scores = scores * k_scale[pages].reshape(b, span, k).transpose(0, 2, 1)[:, :, None, None, :]
+    scores = scores * (h ** -0.5)
+    delta = q_positions[:, :, None] - (i * span + jnp.arange(span, dtype=jnp.int32))[None, None, :]  # [B, T, S]
+    scores = jnp.where(((delta >= 0) & (delta < window))[:, None, None], scores, -jnp.inf)
+    m_new = jnp.maximum(m, scores.max(axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no key seen yet: exp(-inf) = 0, not NaN
+    correction = jnp.exp(m - m_safe)
+    probs = jnp.exp(scores - m_safe[..., None])  # [B, K, G, T, S], unnormalised
+    total = correction * total + probs.sum(axis=-1)
+    if quantized:
+      probs = probs * v_scale[pages].reshape(b, span, k).transpose(0, 2, 1)[:, :, None, None, :]
+      pv = jnp.einsum("bkgts,bskh->bkgth", probs, values)
+    else:
+      pv = jnp.einsum("bkgts,bskh->bkgth", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return correction[..., None] * acc + pv, m_new, total
+
+  init = (jnp.zeros((b, k, n // k, t, h), jnp.float32), jnp.full((b, k, n // k, t), -jnp.inf, jnp.float32),
+          jnp.zeros((b, k, n // k, t), jnp.float32))
+  acc, _, total = jax.lax.fori_loop(0, num_chunks, body, init)
+  out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # [B, K, G, T, H]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(dt)
+
+
 def vision_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, block_q: int,
                                kv_span: int | None = None) -> jax.Array:
   """Non-causal attention within segments, in plain JAX.
@@ -145,8 +201,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_posi
   """
   _check_impl(impl)
   if impl == "xla":
-    return paged_attention_reference(q, k_pages, v_pages, q_positions, page_table, window, k_scale=k_scale,
-                                     v_scale=v_scale, dtype=dtype)
+    return paged_attention_xla(q, k_pages, v_pages, q_positions, num_new, page_table, window, k_scale=k_scale,
+                               v_scale=v_scale, dtype=dtype)
   b, t, n, h = q.shape
   num_new = num_new.astype(jnp.int32)
   cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(num_new)])  # [B + 1]

@@ -84,6 +84,10 @@ class StepMetadata:
   lora_key: a PRNG key for dropout on the adapters' inputs (training); None: no dropout.
   span: [B, T] int32, a training step (no cache read or written): query (b, t) attends to positions[b, t] -
     span[b, t] < p <= positions[b, t] of its row; None: a cache step.
+  ragged: static (S, Q): a ragged PagedKVCache step, its tokens one per row (T = 1) on a flat axis of B tokens:
+    the first S one decode token each, the rest blocks of Q consecutive tokens of one sequence (prefill chunks,
+    each starting a block); `paged.page_table` and `paged.num_new` then have a row per attention row (S + (B -
+    S) / Q), and each token attends with the tokens of its row. None: each of the B rows attends as one.
   """
 
   positions: jax.Array
@@ -94,6 +98,7 @@ class StepMetadata:
   attend_to_cache: bool = dataclasses.field(default=True, metadata=dict(static=True))
   kv_len: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   impl: str = dataclasses.field(default="xla", metadata=dict(static=True))
+  ragged: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
   lora_index: jax.Array | None = None
   lora_key: jax.Array | None = None
   span: jax.Array | None = None
@@ -101,13 +106,14 @@ class StepMetadata:
   @classmethod
   def paged_step(cls, positions: jax.Array, paged: PagedInputs, rope_offset: jax.Array, *,
                  rope_positions: jax.Array | None = None, embeds: tuple[jax.Array, jax.Array] | None = None,
-                 impl: str = "xla", lora_index: jax.Array | None = None) -> StepMetadata:
+                 impl: str = "xla", lora_index: jax.Array | None = None,
+                 ragged: tuple[int, int] | None = None) -> StepMetadata:
     """A PagedKVCache step: tokens at positions [B, T] into and over the pages `paged` names, at rotary positions
     `positions + rope_offset` (rope_offset [B]: 0, or a Qwen2.5-VL prompt's `rope_deltas`) unless rope_positions
-    gives them."""
+    gives them; ragged: see the class."""
     if rope_positions is None:
       rope_positions = positions + rope_offset[:, None]  # [B, T]
-    return cls(positions, rope_positions, embeds, paged, impl=impl, lora_index=lora_index)
+    return cls(positions, rope_positions, embeds, paged, impl=impl, lora_index=lora_index, ragged=ragged)
 
   @classmethod
   def packed_training(cls, segment_positions: jax.Array, *, lora_index: jax.Array | None = None,
@@ -247,10 +253,21 @@ class Attention(nnx.Module):
       k_pages, v_pages = write_slots(k_pages, layer, slots, flat(k)), write_slots(v_pages, layer, slots, flat(v))
     k_pages, v_pages = constrain(k_pages, PagedKVCache.AXES), constrain(v_pages, PagedKVCache.AXES)
     scale = lambda a: None if a is None else a[layer]
-    out = paged_attention(q, k_pages[layer], v_pages[layer], meta.positions, meta.paged.num_new, meta.paged.page_table,
-                          window, sliding_window=ctx.sliding_window, k_scale=scale(k_scale),
-                          v_scale=scale(v_scale), dtype=self.dtype, impl=meta.impl)
-    return out, (k_pages, v_pages, k_scale, v_scale)
+    attend = lambda q, positions, num_new, table: paged_attention(
+        q, k_pages[layer], v_pages[layer], positions, num_new, table, window, sliding_window=ctx.sliding_window,
+        k_scale=scale(k_scale), v_scale=scale(v_scale), dtype=self.dtype, impl=meta.impl)
+    positions, num_new, table = meta.positions, meta.paged.num_new, meta.paged.page_table
+    if meta.ragged is None:
+      return attend(q, positions, num_new, table), (k_pages, v_pages, k_scale, v_scale)
+    # Ragged: q [B, 1, N, H], a token per row; the decode rows attend as rows of one query, each block as a row.
+    s, block = meta.ragged
+    b, _, n, h = q.shape
+    out = [attend(q[:s], positions[:s], num_new[:s], table[:s])]  # [S, 1, N, H]
+    if b > s:
+      rows = (b - s) // block
+      chunks = attend(q[s:].reshape(rows, block, n, h), positions[s:].reshape(rows, block), num_new[s:], table[s:])
+      out.append(chunks.reshape(b - s, 1, n, h))
+    return jnp.concatenate(out), (k_pages, v_pages, k_scale, v_scale)
 
 
 def _key_smoothing(k_bias: jax.Array) -> jax.Array:

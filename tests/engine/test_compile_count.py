@@ -1,38 +1,59 @@
-"""Bucketing is a promise: prompts of any length compile one prefill program per length bucket."""
+"""Bucketing is a promise: each engine step is one program keyed by its padded token count and its sampling variant,
+so prompts of any length and any mix compile a small, fixed set."""
 
 import jax
 import numpy as np
 
-from qwenjax import Engine, SamplingParams
+from qwenjax import Engine, Request, SamplingParams
 from qwenjax.checkpoints.hf import load_model
 from qwenjax.engine.profiling import count_compilations
 
 
-def test_twenty_prompt_lengths_compile_at_most_one_program_per_bucket(tiny_factory):
-  path, _ = tiny_factory("compile", num_key_value_heads=2)
-  engine = Engine(load_model(path), None, eos_token_ids=(), max_batch_size=1, max_seq_len=256,
-                  max_prefill_chunk=256, page_size=64)
-  assert engine.buckets.sizes == (16, 32, 64, 128, 256)
-  rng = np.random.default_rng(0)
-  lengths = rng.integers(1, 200, size=20)
-  jax.clear_caches()  # programs other tests compiled in this process (the first-token sampler) would be reused
-  with count_compilations() as compiled:
-    for n in lengths:
-      engine.generate([rng.integers(0, 300, size=int(n)).tolist()], SamplingParams(max_tokens=4))
-  used = {engine.buckets.bucket(int(n)) for n in lengths}
-  assert len(used) >= 3  # the workload really spans several buckets
-  per_name = lambda key: sum(c for name, c in compiled.items() if key in name)
-  # One prefill per bucket used (a fresh prompt's page table is as wide as its bucket's pages); the first-token
-  # sampler compiles per power-of-two prompt size, which for these buckets is the same set; one decode program
-  # per power-of-two page-table width of 64-token pages holding the prompt and the 3 tokens one decode block writes.
-  decode = len({1 << (-(-(int(n) + 3) // 64) - 1).bit_length() for n in lengths})
-  assert per_name("prefill") == len(used) <= len(engine.buckets.sizes), compiled
-  assert per_name("first_token") == len(used), compiled
-  assert per_name("decode") == decode, compiled
-  assert sum(compiled.values()) == 2 * len(used) + decode, compiled
+def _engine(path, **kw):
+  return Engine(load_model(path), None, eos_token_ids=(), **{**dict(max_batch_size=4, max_seq_len=2048,
+                                                                    max_prefill_chunk=512, page_size=16), **kw})
 
-  # Once warm, more prompts in the same buckets compile nothing at all.
-  with count_compilations() as again:
-    for n in lengths[:5]:
-      engine.generate([rng.integers(0, 300, size=int(n)).tolist()], SamplingParams(max_tokens=4))
-  assert sum(again.values()) == 0, again
+
+def test_a_job_within_three_tokens_of_an_earlier_one_compiles_at_most_two_more_programs(tiny_factory):
+  """13 prompts from 8 to 1,500 tokens, then 48 prompts each within 3 tokens of one of them. The step's programs are
+  keyed by its prefill part (a bucket of 16..512 tokens, beside the 4 decode slots) and the sampling variant; page
+  tables are max_pages wide for every length. So the first job compiles at most the 5 step buckets, the decode
+  block and the slot reset and page copy, and the second, packing its prompts differently, almost nothing."""
+  path, _ = tiny_factory("compile", num_key_value_heads=2)
+  engine = _engine(path)
+  assert engine.buckets.sizes == (16, 32, 64, 128, 256, 512)
+  lengths = np.geomspace(8, 1500, 13).astype(int)
+  rng = np.random.default_rng(0)
+  prompt = lambda n: rng.integers(0, 300, size=int(n)).tolist()
+  jax.clear_caches()  # programs other tests compiled in this process would be reused
+  with count_compilations() as first:
+    engine.generate([prompt(n) for n in lengths], SamplingParams(max_tokens=4))
+  steps = sum(c for name, c in first.items() if "ragged_step" in name)
+  assert 1 <= steps <= len(engine.buckets.sizes), first
+  assert sum(first.values()) <= steps + 4, first  # the decode block, the slot reset, the page copy, a slice
+  near = [int(n) + int(d) for n, d in zip(np.resize(lengths, 48), rng.integers(-3, 4, size=48))]
+  with count_compilations() as second:
+    engine.generate([prompt(n) for n in near], SamplingParams(max_tokens=4))
+  assert sum(second.values()) <= 2, second
+
+
+def test_mixed_sampling_variants_compile_nothing_after_warm_up(tiny_factory):
+  """warm_up runs every (prefill part, variant) step and decode block; then greedy, sampled and penalised requests
+  of every length come and go together and compile nothing."""
+  path, _ = tiny_factory("compile", num_key_value_heads=2)
+  engine = _engine(path, max_seq_len=1024, max_prefill_chunk=256)
+  shapes = engine.program_shapes()
+  assert shapes == {"step": [16, 32, 64, 128, 256], "decode": [4], "restore_slot": [1024], "copy_pages": [4]}
+  with count_compilations() as warm:
+    ran = engine.warm_up()
+  assert ran == 3 * (5 + 1) + 1 + 1
+  assert sum(warm.values()) <= ran + 2, warm  # and a slice or two of the host's reads
+  rng = np.random.default_rng(1)
+  workload = [Request(prompt=rng.integers(0, 300, size=int(n)).tolist(),
+                      sampling=SamplingParams(max_tokens=int(rng.integers(1, 12)), temperature=[0.0, 0.9, 0.7][i % 3],
+                                              seed=i, top_k=[0, 0, 5][i % 3], repetition_penalty=[1, 1, 1.3][i % 3]))
+              for i, n in enumerate(rng.integers(1, 900, size=30))]
+  with count_compilations() as compiled:
+    outs = engine.generate(workload)
+  assert sum(compiled.values()) == 0, compiled
+  assert all(len(o.token_ids) == r.sampling.max_tokens for o, r in zip(outs, workload))

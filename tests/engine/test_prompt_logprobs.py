@@ -96,7 +96,9 @@ def test_generated_tokens_are_unchanged(tiny):
   kinds = [dict(temperature=0.9, top_k=20, repetition_penalty=1.3, seed=5),
            dict(temperature=1.0, n=3, seed=2, stop_token_ids=[17], logprobs=True, presence_penalty=0.5),
            dict(n=2, stop_token_ids=[3, 4, 5], frequency_penalty=0.4)]
-  engine = _engine(tiny, max_batch_size=8, max_seq_len=128, page_size=64)
+  # Without prefix caching: with it, the second job would read the first one's cached pages and so run other
+  # batches (its samples 1.. would not wait for sample 0), whose float rounding differs in the last bits.
+  engine = _engine(tiny, max_batch_size=8, max_seq_len=128, page_size=64, prefix_caching=False)
   plain = engine.generate([Request(prompt=p, sampling=SamplingParams(max_tokens=8, **k))
                            for p, k in zip(prompts, kinds)])
   scored = engine.generate([Request(prompt=p, sampling=_scored(8, **k)) for p, k in zip(prompts, kinds)])
@@ -129,15 +131,15 @@ def test_preempted_sequences_keep_their_prompt_logprobs(tiny):
 
 
 def test_warm_up_covers_the_scoring_variants(tiny):
-  """warm_up(prompt_logprobs=True) adds each prefill shape's scoring variant; scored requests then compile
+  """warm_up(prompt_logprobs=True) adds each step shape's scoring variant; scored requests then compile
   nothing."""
   from qwenjax.engine.profiling import count_compilations
 
   engine = _engine(tiny, max_batch_size=1, max_seq_len=16, max_prefill_chunk=16)  # one program of each kind
   shapes = engine.program_shapes()
-  assert shapes == {"prefill": [(1, 16, 1)], "decode": [1], "first_token": [16], "restore_slot": [16],
-                    "copy_pages": [1]}
-  assert engine.warm_up(prompt_logprobs=True) == 2 + 3 * (1 + 1) + 1 + 1  # prefill plain and scoring; page copy
+  assert shapes == {"step": [16], "decode": [engine.decode_steps], "restore_slot": [16], "copy_pages": [1]}
+  # Per variant: the step plain and scoring, and the decode block; the slot reset; the page copy.
+  assert engine.warm_up(prompt_logprobs=True) == 3 * (2 + 1) + 1 + 1
   with count_compilations() as compiled:
     engine.generate([[5], *_prompts(2, 8, 2, 13)], _scored(3))
   assert sum(compiled.values()) == 0, compiled

@@ -25,17 +25,24 @@ def _seq(index, prompt, max_tokens=100):
 
 
 def _prefill(scheduler, admission, first_token=7):
-  """Runs the admission's prefill plan as a runner would, giving each sequence its first token; returns the calls
-  as (request index, start, tokens) rows."""
-  calls = []
-  for call in scheduler.prefill_calls(admission):
-    calls.append([(row.seq.request_index, row.start, len(row.tokens)) for row in call.rows])
-    for row in call.rows:
+  """Runs ragged steps as a runner would until the admission's sequences are prefilled: each decoding sequence gets
+  a token (1), each chunk that ends a fresh context its first token; returns each step's chunks as (request index,
+  start, tokens) rows."""
+  steps = []
+  while any(seq.pages.length < len(seq.context) for seq in admission.seqs if seq.slot is not None):
+    plan = scheduler.schedule()
+    assert plan.width == scheduler.buckets.bucket(sum(-(-len(r.tokens) // plan.block) * plan.block
+                                                      for r in plan.chunks))
+    steps.append([(row.seq.request_index, row.start, len(row.tokens)) for row in plan.chunks])
+    for row in plan.decode:
+      assert row.tokens == row.seq.tokens[-1:] and row.start == len(row.seq.context)
+      row.seq.tokens.append(1)
+    for row in plan.chunks:
       if row.last:
         scheduler.prefilled(row.seq)
         if not row.seq.tokens:
           row.seq.tokens.append(first_token)
-  return calls
+  return steps
 
 
 def _decode(scheduler, plan):
@@ -56,10 +63,10 @@ def test_admission_waits_for_pages_and_keeps_fifo_order():
   first = s.admit()
   assert first.seqs == [a, b] and [a.slot, b.slot] == [0, 1]
   assert list(s.waiting) == [c, d]
-  assert _prefill(s, first) == [[(0, 0, 6), (1, 0, 6)]]  # one packed call, two rows of 6 (bucket 8 x 2 rows <= 16)
+  assert _prefill(s, first) == [[(0, 0, 6), (1, 0, 6)]]  # one step: two chunks of 6, two blocks of 4 each (16)
   assert s.kv.pages_in_use == 4  # 2 + 2 pages: the prompts' 6 tokens, and room for the first decode block
   assert s.admit().seqs == []  # 1 page free: c waits, and d behind it
-  plan = s.schedule_decode()
+  plan = s.schedule()
   assert plan.slots == [a, b, None, None] and plan.num_steps == 2 and s.stats["preemptions"] == 0
   _decode(s, plan)
   s.finish(a)
@@ -96,13 +103,13 @@ def test_preemption_takes_the_most_recently_admitted_first_and_requeues_it_at_th
   s.add([a, b, c])
   _prefill(s, s.admit())
   assert s.kv.pages_in_use == 3
-  _decode(s, s.schedule_decode())
+  _decode(s, s.schedule())
   assert s.kv.pages_in_use == 6 and [len(q.pages.pages) for q in (a, b, c)] == [2, 2, 2]
-  plan = s.schedule_decode()
+  plan = s.schedule()
   assert plan.slots[:3] == [a, b, None] and list(s.waiting) == [c] and c.pages is None and c.preemptions == 1
   assert c.tokens == [7, 1, 1, 1, 1]  # a preempted sequence keeps its tokens
   _decode(s, plan)
-  plan = s.schedule_decode()
+  plan = s.schedule()
   assert plan.slots[:3] == [a, None, None] and list(s.waiting) == [b, c] and s.stats["preemptions"] == 2
   # Readmitted: b's context is its prompt and the tokens it had generated but the last, recomputed.
   _decode(s, plan)
@@ -140,6 +147,35 @@ def test_prefix_hits_share_full_pages_and_wait_for_pages_being_written():
   assert s.kv.pages_in_use == 0
 
 
+def test_decoding_goes_on_while_long_prompts_prefill_under_the_token_budget():
+  """Budget 16 prompt tokens a step, blocks of 4. a (5 tokens) prefills in one step and decodes; b (30 tokens) then
+  prefills in two steps, 16 tokens and 14, and each of those steps also gives a one token. c and d (10 each)
+  share a step: c's 10 fill 3 blocks (12), leaving d one block, 4 tokens; the next step takes d's last 6 (2
+  blocks: the part padded to the bucket 8). With nothing prefilling, the next plan is a decode block."""
+  s = _scheduler(num_pages=64)
+  a, b = _seq(0, range(5)), _seq(1, range(100, 130))
+  s.add([a])
+  assert _prefill(s, s.admit()) == [[(0, 0, 5)]] and a.tokens == [7]
+  s.add([b])
+  admission = s.admit()
+  first = s.schedule()
+  assert [(r.seq, r.start, r.tokens) for r in first.decode] == [(a, 5, [7])] and first.width == 16
+  assert [(r.start, len(r.tokens), r.last) for r in first.chunks] == [(0, 16, False)]
+  a.tokens.append(1)
+  assert _prefill(s, admission) == [[(1, 16, 14)]] and a.tokens == [7, 1, 1] and b.tokens == [7]
+  c, d = _seq(2, range(200, 210)), _seq(3, range(300, 310))
+  s.add([c, d])
+  admission = s.admit()
+  assert admission.seqs == [c, d]
+  widths = []
+  original = s.schedule
+  s.schedule = lambda: widths.append((plan := original()).width) or plan
+  assert _prefill(s, admission) == [[(2, 0, 10), (3, 0, 4)], [(3, 4, 6)]] and widths == [16, 8]
+  s.schedule = original
+  plan = s.schedule()
+  assert plan.slots == [a, b, c, d] and plan.num_steps == 2
+
+
 def test_abort_drops_waiting_and_running_sequences_and_their_pages():
   s = _scheduler(num_pages=8, slots=1)
   a, b = _seq(0, range(6)), _seq(1, range(10, 16))
@@ -173,9 +209,9 @@ def test_the_scheduler_runs_where_jax_cannot_be_imported():
       s = Scheduler(KVManager(PagePool(8, 4)), max_batch_size=2, decode_steps=2, buckets=LengthBuckets(16, 4))
       s.add([Sequence(0, 0, [1, 2, 3], SamplingParams(max_tokens=5), 0, frozenset(), 5)])
       admission = s.admit()
-      rows = [row for call in s.prefill_calls(admission) for row in call.rows]
+      rows = s.schedule().chunks
       admission.seqs[0].tokens.append(4)
-      plan = s.schedule_decode()
+      plan = s.schedule()
       print(len(admission.seqs), [(r.start, len(r.tokens), r.last) for r in rows], plan.num_steps,
             sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax")))
       """)

@@ -6,17 +6,12 @@ import gc
 import sysconfig
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 import qwenjax
 from qwenjax import SamplingParams
-from qwenjax.engine import programs
-from qwenjax.engine.pages import PagePool, SequencePages
-from qwenjax.model.decoder import PagedInputs
-from qwenjax.model.kv_cache import PagedKVCache, page_bytes
+from qwenjax.model.kv_cache import page_bytes
 
 pytestmark = pytest.mark.real_model
 
@@ -95,36 +90,21 @@ def _stdlib_text(tokens_wanted, tokenizer):
   return ids[:tokens_wanted]
 
 
-def _perplexity(model, ids, quantized, chunk=512, page_size=64):
-  """exp(mean negative log-likelihood) of ids[1:] given what precedes, teacher-forced through the paged cache in
-  chunks (each attending to the pages of those before it), from the logits at every position."""
-  graphdef, params = nnx.split(model)
-  pool = PagePool(-(-len(ids) // page_size), page_size)
-  cache = PagedKVCache.zeros(model.cfg, pool.num_pages, page_size, model.dtype, quantized)
-  seq = SequencePages(pool)
-  nll = []
-  for start in range(0, len(ids), chunk):
-    piece = ids[start:start + chunk]
-    tokens = np.zeros((1, chunk), np.int32)
-    tokens[0, :len(piece)] = piece
-    slots = np.full((1, chunk), -1, np.int32)
-    slots[0, :len(piece)] = seq.grow(len(piece))
-    batch = programs.PagedBatch(tokens, np.array([start], np.int32),
-                                PagedInputs(slots, seq.page_row(pool.num_pages)[None], np.array([len(piece)],
-                                                                                                 np.int32)),
-                                np.zeros(1, np.int32))
-    logits, cache = programs.paged_prefill(graphdef, params, cache, batch, all_logits=True)
-    logp = np.asarray(jax.nn.log_softmax(logits[0, :len(piece)], axis=-1))  # [T, V]
-    targets = ids[start + 1:start + len(piece) + 1]
-    nll += [-logp[i, t] for i, t in enumerate(targets)]
-  return float(np.exp(np.mean(nll)))
+def _perplexity(model, tokenizer, ids, quantized, chunk=512, page_size=64):
+  """exp(mean negative log-likelihood) of ids[1:] given what precedes: the engine's prompt log-probabilities,
+  teacher-forced through the paged cache in chunks (each attending to the pages of those before it)."""
+  engine = qwenjax.Engine(model, tokenizer, max_batch_size=1, max_seq_len=len(ids) + 1, max_prefill_chunk=chunk,
+                          page_size=page_size, kv_cache_dtype="int8" if quantized else None, prefix_caching=False)
+  [out] = engine.generate([qwenjax.Request(prompt=ids, sampling=SamplingParams(max_tokens=1, prompt_logprobs=True))])
+  assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+  return float(np.exp(-np.mean(out.prompt_logprobs[1:])))
 
 
 def test_int8_pages_perplexity_within_half_a_percent(ours):
   ids = _stdlib_text(1024, ours.tokenizer)  # measured: +0.151% over 2048 tokens, +0.006% over these 1024
   assert len(ids) == 1024
-  f32 = _perplexity(ours.model, ids, quantized=False)
-  int8 = _perplexity(ours.model, ids, quantized=True)
+  f32 = _perplexity(ours.model, ours.tokenizer, ids, quantized=False)
+  int8 = _perplexity(ours.model, ours.tokenizer, ids, quantized=True)
   print(f"perplexity over {len(ids)} tokens of stdlib source: float32 pages {f32:.4f}, int8 pages {int8:.4f} "
         f"({100 * (int8 / f32 - 1):+.3f}%)")
   assert 1.0 < f32 < 20.0  # a code model on Python source

@@ -1,0 +1,76 @@
+"""The engine's XLA paged attention (`paged_attention_xla`: keys visited a chunk at a time, an online softmax, a loop
+bounded by the real queries' positions) against the one-gather reference, `paged_attention_reference`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwenjax.kernels.attention import FULL_WINDOW, paged_attention_reference, paged_attention_xla
+from qwenjax.kernels.paged_attention import quantize_kv
+
+PAGE, PAGES, K, G, H = 16, 24, 2, 3, 32
+
+
+def _case(seed, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  b, t, p = 4, 6, 12
+  lengths = np.array([5, 70, 181, 1])  # keys each row holds after this step (row 3: one decode token)
+  num_new = np.array([5, 6, 3, 1], np.int32)
+  positions = (lengths - num_new)[:, None] + np.arange(t)[None, :]
+  table = np.stack([rng.permutation(PAGES)[:p] for _ in range(b)]).astype(np.int32)
+  q = jnp.asarray(rng.normal(size=(b, t, K * G, H)), dtype)
+  k_pages = jnp.asarray(rng.normal(size=(PAGES, PAGE, K, H)), dtype)
+  v_pages = jnp.asarray(rng.normal(size=(PAGES, PAGE, K, H)), dtype)
+  return q, k_pages, v_pages, jnp.asarray(positions, jnp.int32), jnp.asarray(num_new), jnp.asarray(table)
+
+
+def _real(x, num_new):
+  return [np.asarray(x[i, :n], np.float64) for i, n in enumerate(np.asarray(num_new))]
+
+
+@pytest.mark.parametrize("window", [FULL_WINDOW, 40])
+@pytest.mark.parametrize("chunk_tokens", [16, 64, 1024])
+def test_equals_the_one_gather_reference(window, chunk_tokens):
+  q, kp, vp, pos, num_new, table = _case(0)
+  want = paged_attention_reference(q, kp, vp, pos, table, window)
+  got = jax.jit(paged_attention_xla, static_argnames=("chunk_tokens",))(q, kp, vp, pos, num_new, table, window,
+                                                                         chunk_tokens=chunk_tokens)
+  assert got.shape == want.shape and got.dtype == want.dtype
+  for g, w in zip(_real(got, num_new), _real(want, num_new)):
+    np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-5)
+
+
+def test_int8_pages_and_a_traced_window():
+  q, kp, vp, pos, num_new, table = _case(1)
+  (kq, ks), (vq, vs) = quantize_kv(kp), quantize_kv(vp)
+  window = jnp.int32(50)
+  want = paged_attention_reference(q, kq, vq, pos, table, window, k_scale=ks, v_scale=vs)
+  got = jax.jit(paged_attention_xla)(q, kq, vq, pos, num_new, table, window, k_scale=ks, v_scale=vs)
+  for g, w in zip(_real(got, num_new), _real(want, num_new)):
+    np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-5)
+
+
+def test_bfloat16_within_its_precision():
+  q, kp, vp, pos, num_new, table = _case(2, jnp.bfloat16)
+  want = paged_attention_reference(q, kp, vp, pos, table, FULL_WINDOW)
+  got = paged_attention_xla(q, kp, vp, pos, num_new, table, FULL_WINDOW, chunk_tokens=32)
+  assert got.dtype == jnp.bfloat16
+  for g, w in zip(_real(got, num_new), _real(want, num_new)):
+    np.testing.assert_allclose(g, w, atol=3e-2, rtol=3e-2)
+
+
+def test_visits_only_the_chunks_the_real_queries_reach():
+  """Keys past every real query's position are never read: filling them with NaN changes nothing, and a step with
+  no real query returns zeros."""
+  q, kp, vp, pos, num_new, table = _case(3)
+  first = paged_attention_xla(q, kp, vp, pos, num_new, table, FULL_WINDOW, chunk_tokens=16)
+  reach = int(np.max(np.where(np.arange(6)[None] < np.asarray(num_new)[:, None], np.asarray(pos), -1))) + 1
+  used = {int(pg) for row in np.asarray(table) for pg in row[:-(-reach // PAGE)]}
+  unused = np.array([pg for pg in range(PAGES) if pg not in used])
+  kp2, vp2 = kp.at[unused].set(jnp.nan), vp.at[unused].set(jnp.nan)
+  second = paged_attention_xla(q, kp2, vp2, pos, num_new, table, FULL_WINDOW, chunk_tokens=16)
+  for a, b in zip(_real(first, num_new), _real(second, num_new)):
+    np.testing.assert_array_equal(a, b)
+  none = paged_attention_xla(q, kp, vp, pos, jnp.zeros_like(num_new), table, FULL_WINDOW)
+  assert not np.asarray(none).any()
