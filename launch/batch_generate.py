@@ -114,6 +114,10 @@ _MEDIA_ROOT = flags.DEFINE_string("media_root", None, "The directory whose files
 _MAX_LINE_BYTES = flags.DEFINE_integer("max_line_bytes", 8 << 20, "An input line longer than this (bytes) is an "
                                       "error record, read past in chunks and never held whole: memory per line "
                                       "stays bounded. Default 8 MiB.", lower_bound=1)
+_WARM_UP = flags.DEFINE_bool("warm_up", True, "Before serving, compile every step and decode program of the job's "
+                              "default sampling variant (at the default sizes 9 programs: one per prefill bucket, "
+                              "the decode block, the slot reset, the page copy), so that no line waits on a compile; "
+                              "a variant only some lines use compiles when the first of them runs.")
 _PROGRESS_EVERY_SECONDS = flags.DEFINE_float("progress_every_seconds", 30.0, "Rewrite <output>.progress.json "
                                              "this often (0: only at the end).", lower_bound=0)
 
@@ -296,6 +300,11 @@ def main(argv):
     if jobs.crash_point("load"):
       jobs.crash()
     _cli.check_interrupted()
+    if _WARM_UP.value and len(done) < scanned.lines - len(scanned.skipped):
+      began = time.monotonic()
+      count = engine.warm_up(sampling=[default])
+      logging.info("Warm-up: %d programs compiled in %.1f s.", count, time.monotonic() - began)
+      _cli.check_interrupted()
     served, failed = _serve(engine, default, inputs, done, scanned, serving.replica, compile_timer, started)
     logging.info("Engine stats: %s", json.dumps(engine.stats()))  # read by launch.benchmark --job
   except qwenjax.QwenJaxError as e:

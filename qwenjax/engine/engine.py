@@ -14,17 +14,21 @@
   input processor (`input_processor`)   a Request -> its prompt (template, tokens, images, grammar, adapter) and
                                         its n `Sequence`s;
   scheduler (`scheduler`, host only)    waiting and running queues, admission, pages through the `KVManager`
-                                        (the pool and the prefix cache), preemption, packed-prefill planning;
+                                        (the pool and the prefix cache), preemption, each step's plan;
   runner (`runner`)                     the plans as device inputs, the jitted programs, the cache and the slot
                                         state, the vision tower, warm-up;
   output processor (`output_processor`) stop conditions, incremental text, stream hold-back, n samples gathered.
 Each `step()`
-  1. admits waiting sequences into free slots while the pool has pages for them and prefills them together:
-     each packed call takes the next chunk of several contexts, a row each; then samples each one's first token;
-  2. gives every decoding sequence pages for its next `decode_steps` tokens, preempting the most recently admitted
-     ones while the pool is short (their context is recomputed when readmitted: outputs unchanged);
-  3. advances every slot `decode_steps` tokens in one jitted call (a `fori_loop` of decode + sample); stops that
-     the device can see (end-of-sequence and stop token ids, max_tokens) end a row exactly where they occur;
+  1. admits waiting sequences into free slots while the pool has pages for their context plus one decode block of
+     every admitted sequence (prefix pages shared, partial pages copied, vision features encoded, slot state set);
+  2. while some admitted sequence is still prefilling, runs one jitted call over a ragged batch (`StepPlan`): one
+     token for every decoding sequence and the next chunks of the prefilling ones, oldest first, up to
+     `max_prefill_chunk` prompt tokens, then a sample for each decoding sequence and each prompt that completed;
+  3. otherwise gives every decoding sequence pages for its next `decode_steps` tokens and advances every slot that
+     many tokens in one jitted call (a `fori_loop` of decode + sample); stops that the device can see
+     (end-of-sequence and stop token ids, max_tokens) end a row exactly where they occur. In both, the most
+     recently admitted sequences are preempted while the pool is short (their context is recomputed when
+     readmitted: outputs unchanged);
   4. on the host, appends the tokens, detokenizes, cuts stop strings, and frees finished sequences' slots and
      pages at once for the next waiting sequence.
 
@@ -71,9 +75,11 @@ class Engine:
   max_batch_size: decode slots (B): sequences that decode together. max_seq_len: the longest sequence (prompt plus
     generated tokens); a bound, not a reservation: the model's full context costs nothing until a sequence grows
     that long.
-  max_prefill_chunk: the largest prefill bucket, and the tokens one packed prefill call holds (rows x bucket);
-    longer prompts are prefilled in chunks of it.
-  decode_steps: decode steps per jitted call (fewer dispatches; a finished slot waits at most that many steps).
+  max_prefill_chunk: the token budget of a step's prefill part (launch flag --max_num_batched_tokens): the prompt
+    tokens one step computes beside a token for each decode slot, and its largest length bucket; longer prompts
+    prefill over several steps.
+  decode_steps: decode steps per jitted call while nothing prefills (fewer dispatches; a finished slot waits at most
+    that many steps).
   page_size: tokens per page (default by backend, `qwenjax.model.kv_cache.PAGE_SIZES`).
   kv_cache_memory: GiB of KV pages per device. Default: on TPU/GPU 90% of what the device has free after the
     weights; on CPU what the slots would fill at max_seq_len, at most 4 GiB (beside the weights, in host memory).
@@ -209,14 +215,17 @@ class Engine:
     any length compiles."""
     return self.runner.program_shapes(constrained)
 
-  def warm_up(self, prompt_logprobs: bool = False, constrained: bool = False, top_logprobs: bool = False) -> int:
-    """Compiles every program the scheduler can call (`program_shapes`, each decode and first-token shape
-    for the greedy, sampling and penalty variants) with inputs that write nothing, so that a job compiles nothing
-    once it runs; prompt_logprobs: each prefill shape's scoring variant too (for jobs whose requests ask for
-    prompt log-probabilities); constrained: the masked decode and first-token variants too (for jobs with
-    response_format or tool_choice); top_logprobs: every decode and first-token variant again with top
-    log-probabilities (for jobs whose requests ask for them). Returns how many program variants it ran."""
-    return self.runner.warm_up(prompt_logprobs, constrained, top_logprobs)
+  def warm_up(self, prompt_logprobs: bool = False, constrained: bool = False, top_logprobs: bool = False,
+              sampling: Iterable[SamplingParams] | None = None) -> int:
+    """Compiles every program the scheduler can call (`program_shapes`: each step and decode shape for the greedy,
+    sampling and penalty variants) with inputs that write nothing, so that a job compiles nothing once it runs;
+    prompt_logprobs: each step shape's scoring variant too (for jobs whose requests ask for prompt
+    log-probabilities); constrained: the masked step and decode variants too (for jobs with response_format or
+    tool_choice); top_logprobs: every variant again with top log-probabilities (for jobs whose requests ask for
+    them); sampling: only the variants these parameters need (a job's default sampling), not all three. Returns
+    how many program variants it ran."""
+    return self.runner.warm_up(prompt_logprobs, constrained, top_logprobs,
+                               None if sampling is None else list(sampling))
 
   def stats(self) -> dict[str, int]:
     """Counters since the engine was made: prompt_tokens (computed by prefill), cached_tokens (read from shared
@@ -266,7 +275,7 @@ class Engine:
     return self.scheduler.has_unfinished()
 
   def step(self) -> list[RequestOutput]:
-    """One scheduler iteration (admission and packed prefill, then one decode block); returns a RequestOutput for
+    """One scheduler iteration (admission, then one ragged step or one decode block); returns a RequestOutput for
     each request that advanced, its completions so far, `finished` once all its samples are."""
     outputs, _ = self._step()
     return [out for _, out in outputs]

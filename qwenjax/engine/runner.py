@@ -308,11 +308,15 @@ class ModelRunner:
       shapes.update(masked_step=list(self.buckets.sizes), masked_decode=sorted({self.decode_steps, 1}))
     return shapes
 
-  def warm_up(self, prompt_logprobs: bool = False, constrained: bool = False, top_logprobs: bool = False) -> int:
+  def warm_up(self, prompt_logprobs: bool = False, constrained: bool = False, top_logprobs: bool = False,
+              sampling: list[SamplingParams] | None = None) -> int:
     """Compiles every program `program_shapes` lists, with inputs that write nothing (see `Engine.warm_up`);
     returns how many program variants it ran."""
     shapes, b = self.program_shapes(constrained), self.max_batch_size
     variants = (GREEDY, SAMPLE, FULL)
+    if sampling is not None:  # only those these parameters need (`needs_of` each, top log-probabilities aside)
+      variants = tuple(v for v in variants if v in {dataclasses.replace(needs_of([p]), top_logprobs=False)
+                                                    for p in sampling})
     if top_logprobs:
       variants += tuple(dataclasses.replace(n, top_logprobs=True) for n in variants)
     runs = [(needs, "step", "decode") for needs in variants]

@@ -78,8 +78,8 @@ class Scheduler:
   """Continuous batching over B = max_batch_size decode slots and the pages of `kv`.
 
   decode_steps: tokens a decode block generates per sequence (pages are reserved for that many ahead).
-  buckets: the prefill lengths; its maximum is the tokens one packed prefill call holds (rows x bucket) and the
-    chunk that longer contexts are prefilled in.
+  buckets: the padded sizes of a step's prefill part; its maximum is the step's token budget for prompt chunks
+    (their blocks), its minimum the block size.
   """
 
   def __init__(self, kv: KVManager, *, max_batch_size: int, decode_steps: int, buckets: LengthBuckets):
