@@ -133,3 +133,28 @@ def test_add_request_refuses_a_bad_request_and_a_duplicate_id(engine):
   with pytest.raises(InputError, match=f"request id {rid!r} is already running"):
     engine.add_request(Request(prompt="again", id=rid))
   assert engine.abort(rid) and not engine.has_unfinished()
+
+
+def test_decoding_goes_on_while_a_long_prompt_prefills(tiny):
+  """A request that is decoding gets a token in every step while a 100-token prompt prefills in 16-token chunks
+  (the step's budget): seven steps, each advancing the first request by one token, and both end with generate()'s
+  tokens."""
+  model, tok = tiny
+  engine = Engine(model, tok, max_seq_len=160, max_batch_size=2, max_prefill_chunk=16, decode_steps=4,
+                  eos_token_ids=(), prefix_caching=False)  # the second run computes the whole prompt again
+  short = Request(prompt=list(range(5, 12)), id="short", sampling=SamplingParams(max_tokens=40))
+  long = Request(prompt=[(7 * i) % 600 for i in range(100)], id="long", sampling=SamplingParams(max_tokens=6))
+  reference = {out.id: out.token_ids for out in engine.generate([short, long])}
+  engine.add_request(short)
+  [first] = engine.step()  # its prompt and its first token in one step
+  assert len(first.outputs[0].token_ids) == 1
+  engine.add_request(long)
+  counts = []
+  for _ in range(7):  # ceil(100 / 16) steps of the long prompt's chunks, the last with its first token
+    outs = {out.id: out for out in engine.step()}
+    counts.append(len(outs["short"].outputs[0].token_ids))
+    assert ("long" in outs) == (len(counts) == 7)
+  assert counts == list(range(2, 9))
+  final, _, _ = _drive(engine)
+  assert final["short"].token_ids == reference["short"] and final["long"].token_ids == reference["long"]
+  assert engine.stats()["kv_pages_in_use"] == 0
