@@ -348,7 +348,8 @@ def ragged_step(graphdef, params, cache: PagedKVCache, slots: SlotState, batch: 
 def restore_slot(slots: SlotState, slot: jax.Array, prompt: jax.Array, prompt_len: jax.Array,
                  generated: jax.Array, num_generated: jax.Array) -> SlotState:
   """An admitted sequence's slot penalty state: its prompt's mask and the counts of the tokens it has generated
-  (none for a fresh one; a resumed, preempted one's as they were). prompt, generated: [T] int32 padded to powers of two, the first prompt_len / num_generated real."""
+  (none for a fresh one; a resumed, preempted one's as they were). prompt, generated: [T] int32 padded (the
+  runner pads both to the longest context: one compiled shape), the first prompt_len / num_generated real."""
   v = slots.prompt_mask.shape[1]
   real = lambda ids, n: jnp.where(jnp.arange(ids.shape[0]) < n, ids, v)  # padding past the vocabulary: dropped
   mask = jnp.zeros(v, bool).at[real(prompt, prompt_len)].set(True, mode="drop")
