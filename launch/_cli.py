@@ -19,6 +19,7 @@ import functools
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -26,9 +27,13 @@ from absl import flags
 
 
 def fail(error: BaseException | str) -> NoReturn:
-  """Prints `error: <error>` on one line to stderr and exits with status 1."""
+  """Prints `error: <error>` on one line to stderr and exits with status 1.
+
+  The line stays the last: a write the error abandoned (orbax's async serialization, say) can leave a coroutine
+  that was never awaited, and Python would warn of it at exit, after the error."""
   text = " ".join(str(error).split()) or type(error).__name__
   print(f"error: {text if text.endswith(('.', '?', '!')) else text + '.'}", file=sys.stderr)
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
   sys.exit(1)
 
 

@@ -623,3 +623,16 @@ def test_an_interrupt_that_strikes_inside_a_gc_callback_is_not_lost(capsys):
     sys.unraisablehook = sys.__unraisablehook__
   assert fired and reached == ["after the collection"] and exit_.value.code == 130
   assert capsys.readouterr().err == "interrupted (SIGINT); rerun the same command to resume.\n"
+
+
+def test_the_error_line_stays_the_last_line_when_a_write_left_a_coroutine_unawaited():
+  """A failed orbax write can leave an async serialization coroutine that was never awaited; Python warns of it at
+  exit ("sys:1: RuntimeWarning: coroutine ... was never awaited"), which once came after convert's error line. The
+  CLI's error is the one line and the last."""
+  script = ("from launch import _cli\n"
+            "async def write_fragment(): pass\n"
+            "pending = write_fragment()\n"
+            "_cli.fail('out: writing the checkpoint failed (disk full)')\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == ["error: out: writing the checkpoint failed (disk full)."], proc.stderr
