@@ -289,33 +289,28 @@ class Engine:
     self.kv.copied(admission.copies)
     self.runner.encode_visuals(admission.seqs)
     self.runner.admit(admission.seqs)
-    plan = self.scheduler.schedule()
+    plan, advanced = self.scheduler.schedule(), []
     if isinstance(plan, StepPlan):
       tokens, logprobs = self.runner.step(plan)
       for row in plan.chunks:
         if row.last:
           self.scheduler.prefilled(row.seq)
-      for row in plan.decode + plan.chunks:
-        seq = row.seq
-        if row.last and tokens[seq.slot] >= 0:
-          self._accept(seq, [int(tokens[seq.slot])], [logprobs[seq.slot].tolist()])
+      advanced = [row.seq for row in plan.decode + plan.chunks if row.last and tokens[row.seq.slot] >= 0]
+      for seq in advanced:
+        self.outputs.accept(seq, [int(tokens[seq.slot])], [logprobs[seq.slot].tolist()])
     elif plan is not None:
       tokens, logprobs = self.runner.decode(plan)
-      for s, seq in enumerate(plan.slots):
-        if seq is not None:
-          self.outputs.accept_block(seq, tokens[:, s], logprobs[:, s])
-          if seq.finish_reason:
-            self.scheduler.finish(seq)
+      advanced = [seq for seq in plan.slots if seq is not None]
+      for seq in advanced:
+        self.outputs.accept_block(seq, tokens[:, seq.slot], logprobs[:, seq.slot])
+    for seq in advanced:
+      if seq.finish_reason:
+        self.scheduler.finish(seq)
     outputs, events = self.outputs.collect()
     for index, out in outputs:
       if out.finished and self._requests.get(out.id) == index:
         del self._requests[out.id]
     return outputs, events
-
-  def _accept(self, seq, tokens: list[int], logprobs: list) -> None:
-    self.outputs.accept(seq, tokens, logprobs)
-    if seq.finish_reason:
-      self.scheduler.finish(seq)
 
   # ---- whole jobs ----------------------------------------------------------------------------------------
 
