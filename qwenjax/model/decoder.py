@@ -252,10 +252,9 @@ class Attention(nnx.Module):
     else:
       k_pages, v_pages = write_slots(k_pages, layer, slots, flat(k)), write_slots(v_pages, layer, slots, flat(v))
     k_pages, v_pages = constrain(k_pages, PagedKVCache.AXES), constrain(v_pages, PagedKVCache.AXES)
-    scale = lambda a: None if a is None else a[layer]
     attend = lambda q, positions, num_new, table: paged_attention(
-        q, k_pages[layer], v_pages[layer], positions, num_new, table, window, sliding_window=ctx.sliding_window,
-        k_scale=scale(k_scale), v_scale=scale(v_scale), dtype=self.dtype, impl=meta.impl)
+        q, k_pages, v_pages, positions, num_new, table, window, sliding_window=ctx.sliding_window, k_scale=k_scale,
+        v_scale=v_scale, dtype=self.dtype, impl=meta.impl, layer=layer)
     positions, num_new, table = meta.positions, meta.paged.num_new, meta.paged.page_table
     if meta.ragged is None:
       return attend(q, positions, num_new, table), (k_pages, v_pages, k_scale, v_scale)

@@ -51,6 +51,24 @@ def test_int8_pages_and_a_traced_window():
     np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_layer_read_from_the_whole_pool(quantized):
+  """layer=: the pools hold every layer, and the result is the reference's over that layer's slice."""
+  q, kp, vp, pos, num_new, table = _case(3)
+  rng = np.random.default_rng(4)
+  other = lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype)
+  k_all, v_all = jnp.stack([other(kp), kp, other(kp)]), jnp.stack([other(vp), vp, other(vp)])  # [L=3, NP, ...]
+  scales = {}
+  if quantized:
+    (kq, ks), (vq, vs) = quantize_kv(k_all), quantize_kv(v_all)
+    k_all, v_all, scales = kq, vq, dict(k_scale=ks, v_scale=vs)
+  want = paged_attention_reference(q, k_all[1], v_all[1], pos, table, FULL_WINDOW,
+                                   **{k: v[1] for k, v in scales.items()})
+  got = jax.jit(paged_attention_xla)(q, k_all, v_all, pos, num_new, table, FULL_WINDOW, layer=jnp.int32(1), **scales)
+  for g, w in zip(_real(got, num_new), _real(want, num_new)):
+    np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-5)
+
+
 def test_bfloat16_within_its_precision():
   q, kp, vp, pos, num_new, table = _case(2, jnp.bfloat16)
   want = paged_attention_reference(q, kp, vp, pos, table, FULL_WINDOW)
