@@ -1,12 +1,24 @@
 """Shared test setup: exact float32 matmuls, and tiny random Qwen2 checkpoints built with transformers."""
 
+import atexit
 import gc
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Keep XLA to the machine's cores and quiet; must precede importing jax.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# One persistent XLA compilation cache for the whole run, shared by both xdist workers (they inherit this
+# process's environment) and by every launch script a test starts: the suite compiles the same tiny models' step
+# programs in many modules and subprocesses, and a hit reads back the executable XLA built the first time (the
+# same program; count_compilations counts it as a compile all the same). Made here, before jax reads its config,
+# by the first process to import this file, and removed when that process exits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qwenjax-tests-xla-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
