@@ -217,13 +217,13 @@ class Engine:
 
   def warm_up(self, prompt_logprobs: bool = False, constrained: bool = False, top_logprobs: bool = False,
               sampling: Iterable[SamplingParams] | None = None) -> int:
-    """Compiles every program the scheduler can call (`program_shapes`: each step and decode shape for the greedy,
-    sampling and penalty variants) with inputs that write nothing, so that a job compiles nothing once it runs;
-    prompt_logprobs: each step shape's scoring variant too (for jobs whose requests ask for prompt
-    log-probabilities); constrained: the masked step and decode variants too (for jobs with response_format or
-    tool_choice); top_logprobs: every variant again with top log-probabilities (for jobs whose requests ask for
-    them); sampling: only the variants these parameters need (a job's default sampling), not all three. Returns
-    how many program variants it ran."""
+    """Compiles every program the scheduler can call (`program_shapes`: each step shape, and the sampler and
+    decode shapes for the greedy, sampling and penalty variants) with inputs that write nothing, so that a job
+    compiles nothing once it runs; prompt_logprobs: each step shape's scoring variant too (for jobs whose requests
+    ask for prompt log-probabilities); constrained: the masked sampler and decode variants too (for jobs with
+    response_format or tool_choice); top_logprobs: every variant again with top log-probabilities (for jobs whose
+    requests ask for them); sampling: only the variants these parameters need (a job's default sampling), not all
+    three. Returns how many programs it ran."""
     return self.runner.warm_up(prompt_logprobs, constrained, top_logprobs,
                                None if sampling is None else list(sampling))
 

@@ -10,14 +10,14 @@ Two sets:
   the library's steps  `prefill`, `extend`, `decode_step` over a `KVCache` (one row per sequence): one model call
                        each (tests, notebooks, other loops); `*_impl` are the same unjitted, for composing into
                        larger jitted functions.
-  the engine's         over a `PagedKVCache`: `ragged_step` (one engine step: a token for every decode slot and
-  programs             the next prefill chunks of admitted prompts on one flat token axis, then a sample for each
-                       slot whose next token is due, also scoring prompt tokens when asked), `paged_decode_block`
-                       (k decode + sample steps for every slot in one `fori_loop`, when nothing prefills),
-                       `restore_slot` (an admitted sequence's penalty state) and `copy_pages`, over the named
-                       inputs `RaggedBatch`, `VisionInputs`, `PagedDecodeInputs` (the slots' `DecodeInputs` and the
-                       host's page tables) and the per-slot penalty state `SlotState`, which they donate and return
-                       with the cache.
+  the engine's         over a `PagedKVCache`: `ragged_step` (one engine step's model call: a token for every decode
+  programs             slot and the next prefill chunks of admitted prompts on one flat token axis, giving the
+                       logits of each slot whose next token is due, and scoring prompt tokens when asked), then
+                       `sample_slots` (their samples), `paged_decode_block` (k decode + sample steps for every slot
+                       in one `fori_loop`, when nothing prefills), `restore_slot` (an admitted sequence's penalty
+                       state) and `copy_pages`, over the named inputs `RaggedBatch`, `SampleInputs`,
+                       `VisionInputs`, `PagedDecodeInputs` (the slots' `DecodeInputs` and the host's page tables)
+                       and the per-slot penalty state `SlotState`, which they donate and return with the cache.
 
 On a device mesh, place params with `qwenjax.parallel.sharding.shard_model` and the cache with `KVCache.zeros(...,
 sharding=qwenjax.model.kv_cache.cache_sharding(...))`, and call the programs inside `sharding.use_mesh(mesh)`: each
@@ -25,8 +25,8 @@ returns the cache (and slot state) in the layout it came in.
 
 The library's steps return float32 logits and the cache with `lengths` advanced. Prompt lengths (the library's
 rows, the engine's prefill part) pad to `qwenjax.kernels.buckets.LengthBuckets`, and the engine's page tables are
-always max_pages wide, so a long-running process compiles one program per bucket and sampling variant, not per
-prompt or per mix of them.
+always max_pages wide, so a long-running process compiles one step per bucket, one sampler per sampling variant
+and one decode block per variant, not a program per prompt or per mix of them.
 
 Shapes: B rows (slots), T tokens per row, V vocabulary, D hidden size, M vision features, E stop ids per slot,
 k decode steps per call.
@@ -293,33 +293,40 @@ class RaggedBatch:
   paged: slots [T, 1] (each token's pool slot, -1: padding), page_table [R, P] and num_new [R] of the R = S + C / Q
   attention rows (a decode row, or a block: the page table of its sequence, its real tokens); sample_at: [S] int32,
   the token whose logits sample slot s's next token (its decode token, or the last of a chunk that completes a
-  fresh prompt); active: [S] bool, the slots that sample; step: [S] int32, tokens each has generated; sampling,
-  mask: as `DecodeInputs`; adapter: [T] int32 each token's LoRA adapter (-1: none), or None; targets: [T] int32
-  the prompt token that follows each token (-1: none; see `target_logprobs`), or None: nothing scored."""
+  fresh prompt; any token where slot s does not sample); adapter: [T] int32 each token's LoRA adapter (-1: none),
+  or None; targets: [T] int32 the prompt token that follows each token (-1: none; see `target_logprobs`), or None:
+  nothing scored."""
 
   tokens: jax.Array
   positions: jax.Array
   paged: PagedInputs
   rope_offset: jax.Array
   sample_at: jax.Array
-  active: jax.Array
-  step: jax.Array
-  sampling: sampling_lib.SamplingArrays
-  mask: jax.Array | None = None
   adapter: jax.Array | None = None
   targets: jax.Array | None = None
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "block", "impl"), donate_argnames=("cache", "slots"))
-def ragged_step(graphdef, params, cache: PagedKVCache, slots: SlotState, batch: RaggedBatch,
-                vision: VisionInputs | None = None, *, needs: sampling_lib.SamplingNeeds, block: int,
-                impl: str = "xla") -> tuple[jax.Array, ...]:
-  """One step of the engine: every token of `batch` into its slot, each decode token attending over its
-  sequence's pages and each prefill block over its sequence's pages (its own chunk included, causally), then one
-  sample for every active slot. vision: a Qwen2.5-VL model's rotary positions [3, T, 1] and features (index
-  [T, 1]). Returns tokens [S] (-1 where a slot did not sample), their log-probabilities [S] ([S, 1 + 2
-  TOP_LOGPROBS] with needs.top_logprobs), with `batch.targets` the prompt log-probabilities [T], then the cache
-  and the slot state. Compiled once per T (a bucket), sampling variant, scoring or not and vision or not."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampleInputs:
+  """What `sample_slots` needs beside the logits, for S slots. active: [S] bool, the slots that sample; step: [S]
+  int32, tokens each has generated; sampling, mask: as `DecodeInputs`."""
+
+  active: jax.Array
+  step: jax.Array
+  sampling: sampling_lib.SamplingArrays
+  mask: jax.Array | None = None
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "block", "impl"), donate_argnames=("cache",))
+def ragged_step(graphdef, params, cache: PagedKVCache, batch: RaggedBatch, vision: VisionInputs | None = None, *,
+                block: int, impl: str = "xla") -> tuple[jax.Array, ...]:
+  """One step of the engine's model: every token of `batch` into its slot, each decode token attending over its
+  sequence's pages and each prefill block over its sequence's pages (its own chunk included, causally). vision: a
+  Qwen2.5-VL model's rotary positions [3, T, 1] and features (index [T, 1]). Returns the logits [S, V] at
+  `batch.sample_at` (what `sample_slots` draws from), with `batch.targets` the prompt log-probabilities [T], then
+  the cache. Compiled once per T (a bucket), scoring or not and vision or not: the sampling variants are
+  `sample_slots`'s, a program a fraction of this one's size, so that they do not multiply the model's programs."""
   model = nnx.merge(graphdef, params)
   s = batch.sample_at.shape[0]
   rope_positions, embeds = None, None
@@ -331,17 +338,26 @@ def ragged_step(graphdef, params, cache: PagedKVCache, slots: SlotState, batch: 
                                  ragged=(s, block))
   h, cache = model(batch.tokens[:, None], cache, meta)  # [T, 1, D], a token per row
   h = h[:, 0]
-  logits = model.logits(h[batch.sample_at], impl)  # [S, V]
-  tok, logprob = sampling_lib.sample(logits, batch.sampling, batch.step, slots.prompt_mask, slots.counts, needs,
-                                     mask=batch.mask)
-  if needs.top_logprobs:
-    logprob = sampling_lib.with_top_logprobs(logits, logprob)  # [S, 1 + 2 TOP_LOGPROBS]
-  counts = constrain(sampling_lib.update_counts(slots.counts, tok, batch.active), SlotState.AXES)
-  # Whole on every device under a mesh: the host reads them (on every process of a multi-host mesh).
-  out = [constrain(jnp.where(batch.active, tok, -1), (None,)), constrain(logprob, (None,) * logprob.ndim)]
+  out = [model.logits(h[batch.sample_at], impl)]  # [S, V]
   if batch.targets is not None:
     out.append(target_logprobs(model.logits(h, impl)[None], batch.targets[None])[0])  # [T]
-  return (*out, cache.constrained(), SlotState(slots.prompt_mask, counts).constrained())
+  return (*out, cache.constrained())
+
+
+@functools.partial(jax.jit, static_argnames=("needs",), donate_argnames=("slots",))
+def sample_slots(logits: jax.Array, slots: SlotState, inputs: SampleInputs, *,
+                 needs: sampling_lib.SamplingNeeds) -> tuple[jax.Array, jax.Array, SlotState]:
+  """One sample for every active slot from its logits [S, V] (`ragged_step`'s), its penalty state counting it.
+  Returns tokens [S] (-1 where a slot did not sample), their log-probabilities [S] ([S, 1 + 2 TOP_LOGPROBS] with
+  needs.top_logprobs), and the slot state. Compiled once per sampling variant."""
+  tok, logprob = sampling_lib.sample(logits, inputs.sampling, inputs.step, slots.prompt_mask, slots.counts, needs,
+                                     mask=inputs.mask)
+  if needs.top_logprobs:
+    logprob = sampling_lib.with_top_logprobs(logits, logprob)  # [S, 1 + 2 TOP_LOGPROBS]
+  counts = constrain(sampling_lib.update_counts(slots.counts, tok, inputs.active), SlotState.AXES)
+  # Whole on every device under a mesh: the host reads them (on every process of a multi-host mesh).
+  return (constrain(jnp.where(inputs.active, tok, -1), (None,)), constrain(logprob, (None,) * logprob.ndim),
+          SlotState(slots.prompt_mask, counts).constrained())
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))

@@ -181,14 +181,14 @@ class ModelRunner:
       for _, at, target in scored:
         targets[at:at + len(target)] = target
     batch = programs.RaggedBatch(tokens, positions, PagedInputs(kv_slots, table, num_new), rope_offset, sample_at,
-                                 np.array([seq is not None for seq in samplers]), step, arrays,
-                                 self._masks(samplers) if masked else None,
                                  adapter if self.has_adapters else None, targets)
+    draw = programs.SampleInputs(np.array([seq is not None for seq in samplers]), step, arrays,
+                                 self._masks(samplers) if masked else None)
     needs = dataclasses.replace(needs_of(seq.params for seq in live), masked=masked)
     with self.on_mesh():
-      out_tok, out_lp, *scores, self.cache, self.slots = programs.ragged_step(
-          self.graphdef, self.params, self.cache, self.slots, batch, vision, needs=needs, block=q,
-          impl=self.attention_impl)
+      logits, *scores, self.cache = programs.ragged_step(self.graphdef, self.params, self.cache, batch, vision,
+                                                         block=q, impl=self.attention_impl)
+      out_tok, out_lp, self.slots = programs.sample_slots(logits, self.slots, draw, needs=needs)
     if scores:  # in prompt order: a sequence's chunks are computed in order
       values = np.asarray(scores[0])
       for seq, at, target in scored:
@@ -296,22 +296,23 @@ class ModelRunner:
   # ---- warm-up -------------------------------------------------------------------------------------------
 
   def program_shapes(self, constrained: bool = False) -> dict[str, list]:
-    """Every shape the programs can be called with, the bound on what a job of any length compiles, per sampling
-    variant: "step", the ragged step's prefill parts (its T is max_batch_size plus one of them; twice as many
-    programs with prompt log-probabilities); "decode", the steps of a decode block; "restore_slot" and
-    "copy_pages", one shape each. Page tables are always max_pages wide. constrained: also "masked_step" and
-    "masked_decode" (steps decode_steps and 1: a block of grammar-constrained slots only)."""
-    shapes = {"step": list(self.buckets.sizes), "decode": [self.decode_steps],
+    """Every shape the programs can be called with, the bound on what a job of any length compiles: "step", the
+    ragged step's prefill parts (its T is max_batch_size plus one of them; twice as many programs with prompt
+    log-probabilities); "sample", the sampler's slots, and "decode", the steps of a decode block, each once per
+    sampling variant; "restore_slot" and "copy_pages", one shape each. Page tables are always max_pages wide.
+    constrained: also "masked_sample" and "masked_decode" (steps decode_steps and 1: a block of
+    grammar-constrained slots only), per variant."""
+    shapes = {"step": list(self.buckets.sizes), "sample": [self.max_batch_size], "decode": [self.decode_steps],
               "restore_slot": [_pad_width(self.pages.context_len)],
               "copy_pages": [self.max_batch_size] if self.prefix_caching else []}
     if constrained:
-      shapes.update(masked_step=list(self.buckets.sizes), masked_decode=sorted({self.decode_steps, 1}))
+      shapes.update(masked_sample=[self.max_batch_size], masked_decode=sorted({self.decode_steps, 1}))
     return shapes
 
   def warm_up(self, prompt_logprobs: bool = False, constrained: bool = False, top_logprobs: bool = False,
               sampling: list[SamplingParams] | None = None) -> int:
     """Compiles every program `program_shapes` lists, with inputs that write nothing (see `Engine.warm_up`);
-    returns how many program variants it ran."""
+    returns how many programs it ran."""
     shapes, b = self.program_shapes(constrained), self.max_batch_size
     variants = (GREEDY, SAMPLE, FULL)
     if sampling is not None:  # only those these parameters need (`needs_of` each, top log-probabilities aside)
@@ -319,21 +320,25 @@ class ModelRunner:
                                                     for p in sampling})
     if top_logprobs:
       variants += tuple(dataclasses.replace(n, top_logprobs=True) for n in variants)
-    runs = [(needs, "step", "decode") for needs in variants]
+    runs = [(needs, "sample", "decode") for needs in variants]
     if constrained:
-      runs += [(dataclasses.replace(needs, masked=True), "masked_step", "masked_decode") for needs in variants]
-    count = 0
+      runs += [(dataclasses.replace(needs, masked=True), "masked_sample", "masked_decode") for needs in variants]
+    count, logits = 0, None
     with self.on_mesh():
-      for needs, steps, blocks in runs:
-        for c in shapes[steps]:
-          for scored in (False, True) if prompt_logprobs else (False,):
-            self._warm_up_step(c, needs, scored)
-            count += 1
-        idle = self._decode_inputs([None] * b)
-        if needs.masked:
-          idle = dataclasses.replace(idle, mask=self._masks([None] * b))
+      for c in shapes["step"]:
+        for scored in (False, True) if prompt_logprobs else (False,):
+          logits = self._warm_up_step(c, scored)
+          count += 1
+      idle = self._decode_inputs([None] * b)
+      for needs, samplers, blocks in runs:
+        draw = programs.SampleInputs(idle.active, idle.step, idle.sampling,
+                                     self._masks([None] * b) if needs.masked else None)
+        for _ in shapes[samplers]:  # the step's own logits: their layout is the one a job's steps give
+          *_, self.slots = programs.sample_slots(logits, self.slots, draw, needs=needs)
+          count += 1
         for k in shapes[blocks]:
-          inputs = PagedDecodeInputs(idle, np.zeros(b, np.int32), self._page_table([], b), np.zeros(b, np.int32))
+          inputs = PagedDecodeInputs(dataclasses.replace(idle, mask=draw.mask), np.zeros(b, np.int32),
+                                     self._page_table([], b), np.zeros(b, np.int32))
           *_, self.cache, self.slots = programs.paged_decode_block(self.graphdef, self.params, self.cache,
                                                                    self.slots, inputs, needs=needs, num_steps=k,
                                                                    impl=self.attention_impl)
@@ -347,20 +352,19 @@ class ModelRunner:
         count += 1
     return count
 
-  def _warm_up_step(self, c: int, needs: sampling_lib.SamplingNeeds, scored: bool) -> None:
-    """The ragged step of prefill part c, nothing written and no slot sampling."""
+  def _warm_up_step(self, c: int, scored: bool) -> jax.Array:
+    """The ragged step of prefill part c, nothing written; returns its logits [B, V]."""
     b, q = self.max_batch_size, self.buckets.minimum
     t, rows = b + c, b + c // q
-    idle = [None] * b
     batch = programs.RaggedBatch(
         np.zeros(t, np.int32), np.zeros(t, np.int32),
         PagedInputs(np.full((t, 1), -1, np.int32), self._page_table([], rows), np.zeros(rows, np.int32)),
-        np.zeros(t, np.int32), np.zeros(b, np.int32), np.zeros(b, bool), np.zeros(b, np.int32),
-        sampling_lib.pack(idle, sample_indices=[0] * b, seeds=[0] * b), self._masks(idle) if needs.masked else None,
-        np.full(t, -1, np.int32) if self.has_adapters else None, np.full(t, -1, np.int32) if scored else None)
+        np.zeros(t, np.int32), np.zeros(b, np.int32), np.full(t, -1, np.int32) if self.has_adapters else None,
+        np.full(t, -1, np.int32) if scored else None)
     vision = self._vision_step(t) if self.vl_cfg is not None else None
-    *_, self.cache, self.slots = programs.ragged_step(self.graphdef, self.params, self.cache, self.slots, batch,
-                                                      vision, needs=needs, block=q, impl=self.attention_impl)
+    logits, *_, self.cache = programs.ragged_step(self.graphdef, self.params, self.cache, batch, vision,
+                                                  block=q, impl=self.attention_impl)
+    return logits
 
 
 def _pad_width(n: int) -> int:

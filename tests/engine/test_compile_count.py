@@ -1,5 +1,5 @@
-"""Bucketing is a promise: each engine step is one program keyed by its padded token count and its sampling variant,
-so prompts of any length and any mix compile a small, fixed set."""
+"""Bucketing is a promise: each engine step is one model program keyed by its padded token count, then one sampler
+keyed by its sampling variant, so prompts of any length and any mix compile a small, fixed set."""
 
 import jax
 import numpy as np
@@ -16,9 +16,10 @@ def _engine(path, **kw):
 
 def test_a_job_within_three_tokens_of_an_earlier_one_compiles_at_most_two_more_programs(tiny_factory):
   """13 prompts from 8 to 1,500 tokens, then 48 prompts each within 3 tokens of one of them. The step's programs are
-  keyed by its prefill part (a bucket of 16..512 tokens, beside the 4 decode slots) and the sampling variant; page
-  tables are max_pages wide for every length. So the first job compiles at most the 5 step buckets, the decode
-  block and the slot reset and page copy, and the second, packing its prompts differently, almost nothing."""
+  keyed by its prefill part (a bucket of 16..512 tokens, beside the 4 decode slots), its sampler by the sampling
+  variant; page tables are max_pages wide for every length. So the first job compiles at most the 5 step buckets,
+  the sampler, the decode block and the slot reset and page copy, and the second, packing its prompts
+  differently, almost nothing."""
   path, _ = tiny_factory("compile", num_key_value_heads=2)
   engine = _engine(path)
   assert engine.buckets.sizes == (16, 32, 64, 128, 256, 512)
@@ -30,7 +31,7 @@ def test_a_job_within_three_tokens_of_an_earlier_one_compiles_at_most_two_more_p
     engine.generate([prompt(n) for n in lengths], SamplingParams(max_tokens=4))
   steps = sum(c for name, c in first.items() if "ragged_step" in name)
   assert 1 <= steps <= len(engine.buckets.sizes), first
-  assert sum(first.values()) <= steps + 4, first  # the decode block, the slot reset, the page copy, a slice
+  assert sum(first.values()) <= steps + 5, first  # the sampler, the decode block, slot reset, page copy, a slice
   near = [int(n) + int(d) for n, d in zip(np.resize(lengths, 48), rng.integers(-3, 4, size=48))]
   with count_compilations() as second:
     engine.generate([prompt(n) for n in near], SamplingParams(max_tokens=4))
@@ -38,15 +39,16 @@ def test_a_job_within_three_tokens_of_an_earlier_one_compiles_at_most_two_more_p
 
 
 def test_mixed_sampling_variants_compile_nothing_after_warm_up(tiny_factory):
-  """warm_up runs every (prefill part, variant) step and decode block; then greedy, sampled and penalised requests
-  of every length come and go together and compile nothing."""
+  """warm_up runs every prefill part's step and every variant's sampler and decode block; then greedy, sampled and
+  penalised requests of every length come and go together and compile nothing."""
   path, _ = tiny_factory("compile", num_key_value_heads=2)
   engine = _engine(path, max_seq_len=512, max_prefill_chunk=128)
   shapes = engine.program_shapes()
-  assert shapes == {"step": [16, 32, 64, 128], "decode": [4], "restore_slot": [512], "copy_pages": [4]}
+  assert shapes == {"step": [16, 32, 64, 128], "sample": [4], "decode": [4], "restore_slot": [512],
+                    "copy_pages": [4]}
   with count_compilations() as warm:
     ran = engine.warm_up()
-  assert ran == 3 * (4 + 1) + 1 + 1
+  assert ran == 4 + 3 * (1 + 1) + 1 + 1
   assert sum(warm.values()) <= ran + 2, warm  # and a slice or two of the host's reads
   rng = np.random.default_rng(1)
   workload = [Request(prompt=rng.integers(0, 300, size=int(n)).tolist(),

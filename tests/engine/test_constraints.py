@@ -253,15 +253,16 @@ def test_grammar_rows_pause_one_token_per_block_and_survive_preemption(tiny):
 
 
 def test_no_recompilation_after_warm_up_as_constrained_rows_come_and_go(tiny):
-  """warm_up(constrained=True) adds the masked step and decode (k and 1 steps) variants; then a mix of free,
+  """warm_up(constrained=True) adds the masked sampler and decode (k and 1 steps) variants; then a mix of free,
   grammar-constrained and tool_choice "none" requests through two slots compiles nothing."""
   engine = _engine(tiny, max_batch_size=2, max_seq_len=16, max_prefill_chunk=16, page_size=16, decode_steps=4)
   shapes = engine.program_shapes(constrained=True)  # one shape of each kind
-  assert shapes == {"step": [16], "decode": [4], "restore_slot": [16], "copy_pages": [2], "masked_step": [16],
-                    "masked_decode": [1, 4]}
+  assert shapes == {"step": [16], "sample": [2], "decode": [4], "restore_slot": [16], "copy_pages": [2],
+                    "masked_sample": [2], "masked_decode": [1, 4]}
   with count_compilations() as warm:
     ran = engine.warm_up(constrained=True)
-  assert ran == 3 * (1 + 1) + 3 * (1 + 2) + 1 + 1  # steps and blocks, masked too; restore_slot, copy_pages
+  # The step; per variant a sampler and a block, masked a sampler and two blocks; restore_slot, copy_pages.
+  assert ran == 1 + 3 * (1 + 1) + 3 * (1 + 2) + 1 + 1
   assert sum(warm.values()) <= ran, warm
   rng = np.random.default_rng(3)
   workload = []

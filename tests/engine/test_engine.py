@@ -181,13 +181,14 @@ def test_paged_engine_compiles_nothing_after_warm_up(tiny):
   """warm_up compiles the bounded set `program_shapes` names; a varied workload then compiles nothing."""
   engine = _engine(tiny, max_batch_size=4, max_seq_len=128, max_prefill_chunk=64, page_size=16)
   shapes = engine.program_shapes()
-  # The step: prefill parts 16/32/64 beside the 4 decode slots; the decode block; one slot reset (prompts padded
-  # to the context, 128); one page copy of B pairs. Page tables are max_pages (8) wide in every program.
+  # The step: prefill parts 16/32/64 beside the 4 decode slots; the sampler of the 4 slots; the decode block; one
+  # slot reset (prompts padded to the context, 128); one page copy of B pairs. Page tables are max_pages (8) wide
+  # in every program.
   assert engine.max_pages == 8
-  assert shapes == {"step": [16, 32, 64], "decode": [4], "restore_slot": [128], "copy_pages": [4]}
+  assert shapes == {"step": [16, 32, 64], "sample": [4], "decode": [4], "restore_slot": [128], "copy_pages": [4]}
   with count_compilations() as warm:
     ran = engine.warm_up()
-  assert ran == 3 * (3 + 1) + 1 + 1
+  assert ran == 3 + 3 * (1 + 1) + 1 + 1
   assert sum(warm.values()) <= ran, warm
   rng = np.random.default_rng(9)
   workload = [Request(prompt=rng.integers(0, 600, size=int(rng.integers(1, 110))).tolist(),

@@ -137,9 +137,10 @@ def test_warm_up_covers_the_scoring_variants(tiny):
 
   engine = _engine(tiny, max_batch_size=1, max_seq_len=16, max_prefill_chunk=16)  # one program of each kind
   shapes = engine.program_shapes()
-  assert shapes == {"step": [16], "decode": [engine.decode_steps], "restore_slot": [16], "copy_pages": [1]}
-  # Per variant: the step plain and scoring, and the decode block; the slot reset; the page copy.
-  assert engine.warm_up(prompt_logprobs=True) == 3 * (2 + 1) + 1 + 1
+  assert shapes == {"step": [16], "sample": [1], "decode": [engine.decode_steps], "restore_slot": [16],
+                    "copy_pages": [1]}
+  # The step plain and scoring; per variant the sampler and the decode block; the slot reset; the page copy.
+  assert engine.warm_up(prompt_logprobs=True) == 2 + 3 * (1 + 1) + 1 + 1
   with count_compilations() as compiled:
     engine.generate([[5], *_prompts(2, 8, 2, 13)], _scored(3))
   assert sum(compiled.values()) == 0, compiled

@@ -61,9 +61,9 @@ def test_warm_up_covers_the_top_logprobs_variants(tiny):
   _, model = tiny
   engine = Engine(model, None, eos_token_ids=(), max_batch_size=2, max_seq_len=16, max_prefill_chunk=16,
                   page_size=16)
-  # Six variants (three, each with top log-probabilities too), each a step and a decode block; the slot reset and
-  # the page copy.
-  assert engine.warm_up(top_logprobs=True) == 6 * (1 + 1) + 1 + 1
+  # The step; six variants (three, each with top log-probabilities too), each a sampler and a decode block; the
+  # slot reset and the page copy.
+  assert engine.warm_up(top_logprobs=True) == 1 + 6 * (1 + 1) + 1 + 1
   with count_compilations() as compiled:
     engine.generate([Request(prompt=[3, 4], sampling=SamplingParams(max_tokens=3, top_logprobs=2)),
                      Request(prompt=[5], sampling=SamplingParams(max_tokens=4, temperature=0.7, seed=1))])
