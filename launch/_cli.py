@@ -16,6 +16,7 @@ only the scripts that serve a model should define.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import signal
 import sys
@@ -110,6 +111,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(_flag_error(e))
   if len(rest) > 1:
     fail(f"unexpected argument {rest[1]!r}; flags are given as --name=value")
+  if flags.FLAGS["verbosity"].value < 1:
+    # jax's INFO lines are not news to a user: on every CPU machine the first would be that libtpu.so is missing.
+    # Its warnings still show, and --verbosity=1 shows everything.
+    logging.getLogger("jax").setLevel(logging.WARNING)
   return rest
 
 

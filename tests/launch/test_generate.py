@@ -78,6 +78,9 @@ def test_plain_output_is_the_text_alone(checkpoint):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout == hf_tok.decode(ref, skip_special_tokens=True).rstrip("\ufffd") + "\n"
   assert "Loaded" in proc.stderr  # logs go to stderr, never stdout
+  # qwenjax's own first line: not jax's INFO that a TPU backend (libtpu.so, on a CPU machine) could not start.
+  assert proc.stderr.lstrip().startswith("I") and "loader.py" in proc.stderr.splitlines()[0], proc.stderr[:500]
+  assert "Unable to initialize backend" not in proc.stderr, proc.stderr[:500]
 
 
 def test_sampling_flags_are_reproducible(checkpoint):
