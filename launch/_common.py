@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from absl import flags
+from absl import flags, logging
 
 from launch import _cli
 
@@ -88,6 +88,11 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mult
                                      "(default: $QWENJAX_NUM_PROCESSES).")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run "
                                   "(default: $QWENJAX_PROCESS_ID).")
+COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True, "Keep compiled programs on disk (JAX's persistent "
+                                      "compilation cache, a directory per processor) so that a rerun reads them "
+                                      "back instead of compiling; --nocompilation_cache turns it off.")
+COMPILATION_CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None, "Where --compilation_cache keeps them. "
+                                            "Default: $JAX_COMPILATION_CACHE_DIR, else <qwenjax cache dir>/xla.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +145,35 @@ def sampling_params():
       max_tokens=MAX_NEW_TOKENS.value, temperature=TEMPERATURE.value, top_p=TOP_P.value, top_k=TOP_K.value,
       min_p=MIN_P.value, repetition_penalty=REPETITION_PENALTY.value, presence_penalty=PRESENCE_PENALTY.value,
       frequency_penalty=FREQUENCY_PENALTY.value, seed=SEED.value, stop=tuple(STOP.value), ignore_eos=IGNORE_EOS.value)
+
+
+_CACHE_ON = False
+
+
+def enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache as the flags say (`qwenjax.engine.compilation_cache`); before any compile."""
+  from qwenjax.engine import compilation_cache  # pylint: disable=g-import-not-at-top
+
+  global _CACHE_ON
+  if not COMPILATION_CACHE.value:
+    compilation_cache.disable()
+    return
+  try:
+    path = compilation_cache.enable(COMPILATION_CACHE_DIR.value)
+  except OSError as e:  # an unwritable place costs the rerun its compiles, never the run
+    logging.warning("No compilation cache: %s", e)
+    return
+  _CACHE_ON = True
+  logging.info("Compilation cache: %s", path)
+
+
+def log_compilation_cache() -> None:
+  """One line: programs read back from the cache and compiled, when the cache is on."""
+  from qwenjax.engine import compilation_cache  # pylint: disable=g-import-not-at-top
+
+  if _CACHE_ON:
+    counts = compilation_cache.counts()
+    logging.info("Compilation cache: %d programs read back, %d compiled.", counts["read_back"], counts["compiled"])
 
 
 def initialize_distributed() -> bool:

@@ -265,6 +265,7 @@ def main(argv):
   try:
     compile_timer = profiling.CompileTimer()
     _common.initialize_distributed()
+    _common.enable_compilation_cache()
     model = _common.MODEL.value
     serving = _common.serving(model, max_batch_size=_MAX_BATCH_SIZE.value, max_seq_len=_common.MAX_SEQ_LEN.value,
                               explicit_sizes=_common.explicit("max_batch_size", "max_seq_len"))
@@ -307,6 +308,7 @@ def main(argv):
       _cli.check_interrupted()
     served, failed = _serve(engine, default, inputs, done, scanned, serving.replica, compile_timer, started)
     logging.info("Engine stats: %s", json.dumps(engine.stats()))  # read by launch.benchmark --job
+    _common.log_compilation_cache()
   except qwenjax.QwenJaxError as e:
     _cli.fail(e)
   finally:

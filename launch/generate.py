@@ -53,6 +53,7 @@ def main(argv):
       raise qwenjax.ConfigError("--prompt_logprobs: prompt log-probabilities are printed in the --json output; "
                                 "pass --json too.")
     lora = _common.lora_kwargs()  # a malformed --lora fails before the model loads
+    _common.enable_compilation_cache()
     model = _common.MODEL.value
     serving = _common.serving(model, max_batch_size=1, max_seq_len=_common.MAX_SEQ_LEN.value,
                               explicit_sizes=_common.explicit("max_seq_len") | {"max_batch_size"})
@@ -76,6 +77,7 @@ def main(argv):
     names = list(lora["lora"] or ())
     request.lora = _USE_LORA.value or (names[0] if len(names) == 1 else None)
     [out] = engine.generate([request])
+    _common.log_compilation_cache()
   except qwenjax.QwenJaxError as e:
     _cli.fail(e)
   # The text leaves out the end-of-sequence token, and a character that max_new_tokens cut in half (byte-level

@@ -6,8 +6,9 @@ weights, and each --quantize) and by llama.cpp (`python -m launch.bench.llamacpp
   serve(files, source, ...)                          the report's "job" section: each engine's whole-process figures
 
 Each engine is a subprocess of its own, timed from its start to its exit: Python and JAX starting, the model
-loading, every compilation and the whole job. The engines run one after another, never side by side, and before
-the benchmark process loads anything onto the device.
+loading, every compilation (none read back from a compilation cache, unless $JAX_COMPILATION_CACHE_DIR names one)
+and the whole job. The engines run one after another, never side by side, and before the benchmark process loads
+anything onto the device.
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ def serve(files: JobFiles, source: str, *, slots: int, dtype: str,
     command = [sys.executable, "-m", "launch.batch_generate", f"--model={source}", f"--input={files.requests}",
                f"--output={output}", f"--max_batch_size={slots}", f"--max_seq_len={files.max_seq_len}",
                f"--dtype={dtype}"]
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # unless the user names a cache, every run compiles
+      command.append("--nocompilation_cache")
     if q:
       command += [f"--quantize={q}"] + (["--quantize_embeddings"] if quantize_embeddings else [])
     engines[name] = _run(name, command, output, log, n)

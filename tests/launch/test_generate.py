@@ -1,7 +1,9 @@
 """`python -m launch.generate` end to end on a tiny checkpoint, against transformers' greedy generate."""
 
 import json
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -24,9 +26,9 @@ def checkpoint(tmp_path_factory):
   return d, model, hf_tok
 
 
-def _run(*args):
+def _run(*args, env=None):
   proc = subprocess.run([sys.executable, "-m", "launch.generate", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=600, env=env)
   return proc
 
 
@@ -79,7 +81,7 @@ def test_plain_output_is_the_text_alone(checkpoint):
   assert proc.stdout == hf_tok.decode(ref, skip_special_tokens=True).rstrip("\ufffd") + "\n"
   assert "Loaded" in proc.stderr  # logs go to stderr, never stdout
   # qwenjax's own first line: not jax's INFO that a TPU backend (libtpu.so, on a CPU machine) could not start.
-  assert proc.stderr.lstrip().startswith("I") and "loader.py" in proc.stderr.splitlines()[0], proc.stderr[:500]
+  assert re.match(r"I\d{4} .* (_common|loader)\.py:\d+\] ", proc.stderr.splitlines()[0]), proc.stderr[:500]
   assert "Unable to initialize backend" not in proc.stderr, proc.stderr[:500]
 
 
@@ -105,3 +107,40 @@ def test_bad_input_is_one_line_on_stderr(checkpoint, args, message):
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_a_second_run_reads_its_programs_back_from_the_compilation_cache(checkpoint, tmp_path):
+  """--compilation_cache_dir: the first run compiles and writes its programs under a directory named for this
+  processor, the second reads every one back and compiles none, with the same answer; --nocompilation_cache
+  writes nothing. (Without the flag, $JAX_COMPILATION_CACHE_DIR, which this suite sets, would be the place.)"""
+  from qwenjax.engine.compilation_cache import processor_key
+
+  d, _, _ = checkpoint
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  args = (f"--model={d}", "--json", "--prompt=def f(x):", "--max_new_tokens=6", "--ignore_eos")
+  counts = lambda proc: tuple(map(int, re.search(r"Compilation cache: (\d+) programs read back, (\d+) compiled",
+                                                 proc.stderr).groups()))
+  cache = tmp_path / "xla"
+  first, second = (_run(*args, f"--compilation_cache_dir={cache}", env=env) for _ in range(2))
+  assert first.returncode == 0 and second.returncode == 0, (first.stderr + second.stderr)[-3000:]
+  assert [p.name for p in cache.iterdir()] == [processor_key()]
+  read, compiled = counts(first)
+  assert read == 0 and compiled >= 5, first.stderr[-2000:]  # the step, sampler, decode block, slot reset, copy
+  assert len(list((cache / processor_key()).iterdir())) >= compiled
+  assert counts(second) == (compiled, 0), second.stderr[-2000:]
+  assert json.loads(second.stdout)["token_ids"] == json.loads(first.stdout)["token_ids"]
+  off = _run(*args, f"--compilation_cache_dir={tmp_path / 'off'}", "--nocompilation_cache", env=env)
+  assert off.returncode == 0 and "Compilation cache" not in off.stderr and not (tmp_path / "off").exists()
+  assert json.loads(off.stdout)["token_ids"] == json.loads(first.stdout)["token_ids"]
+
+
+def test_the_cache_directory_names_the_processor_and_its_features():
+  """Two processors of one model name with different instruction sets get different directories; the order in
+  which /proc/cpuinfo lists the features does not matter."""
+  from qwenjax.engine.compilation_cache import processor_key
+
+  info = "processor\t: 0\nmodel name\t: AMD EPYC 7B13 64-Core Processor\nflags\t\t: fpu sse2 avx2 {}\n"
+  zen3, zen3_again, zen4 = (processor_key(info.format(f)) for f in ("fma", "fma", "fma avx512f"))
+  assert zen3 == zen3_again and zen3 != zen4
+  assert zen3.startswith("amd-epyc-7b13-64-core-processor-") and re.fullmatch(r"[0-9a-f]{8}", zen3.rsplit("-")[-1])
+  assert processor_key(info.format("avx2 fma")) == processor_key(info.format("fma avx2"))
