@@ -147,14 +147,10 @@ def sampling_params():
       frequency_penalty=FREQUENCY_PENALTY.value, seed=SEED.value, stop=tuple(STOP.value), ignore_eos=IGNORE_EOS.value)
 
 
-_CACHE_ON = False
-
-
 def enable_compilation_cache() -> None:
   """JAX's persistent compilation cache as the flags say (`qwenjax.engine.compilation_cache`); before any compile."""
   from qwenjax.engine import compilation_cache  # pylint: disable=g-import-not-at-top
 
-  global _CACHE_ON
   if not COMPILATION_CACHE.value:
     compilation_cache.disable()
     return
@@ -163,7 +159,6 @@ def enable_compilation_cache() -> None:
   except OSError as e:  # an unwritable place costs the rerun its compiles, never the run
     logging.warning("No compilation cache: %s", e)
     return
-  _CACHE_ON = True
   logging.info("Compilation cache: %s", path)
 
 
@@ -171,8 +166,8 @@ def log_compilation_cache() -> None:
   """One line: programs read back from the cache and compiled, when the cache is on."""
   from qwenjax.engine import compilation_cache  # pylint: disable=g-import-not-at-top
 
-  if _CACHE_ON:
-    counts = compilation_cache.counts()
+  counts = compilation_cache.counts()
+  if counts is not None:
     logging.info("Compilation cache: %d programs read back, %d compiled.", counts["read_back"], counts["compiled"])
 
 

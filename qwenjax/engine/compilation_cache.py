@@ -32,7 +32,7 @@ from qwenjax.checkpoints.embedded import cache_directory
 
 ENV = "JAX_COMPILATION_CACHE_DIR"
 _MIN_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
-_counts = {"read_back": 0, "compiled": 0}
+_events = {"/jax/compilation_cache/compile_requests_use_cache": 0, "/jax/compilation_cache/cache_hits": 0}
 _listening = False
 
 
@@ -82,15 +82,15 @@ def disable() -> None:
   jax.config.update("jax_enable_compilation_cache", False)
 
 
-def counts() -> dict[str, int]:
-  """Programs read back from the cache and compiled (missed), since `enable`."""
-  return dict(_counts)
+def counts() -> dict[str, int] | None:
+  """Programs read back from the cache and compiled (missed) since `enable`; None if it never enabled one."""
+  if not _listening:
+    return None
+  requests, hits = _events.values()
+  return {"read_back": hits, "compiled": requests - hits}
 
 
 def _count(event: str, **_) -> None:
-  """JAX's events: every compile that asks the cache, then a hit for each it answered."""
-  if event == "/jax/compilation_cache/compile_requests_use_cache":
-    _counts["compiled"] += 1
-  elif event == "/jax/compilation_cache/cache_hits":
-    _counts["read_back"] += 1
-    _counts["compiled"] -= 1
+  """JAX's events: every compile that asks the cache, and a hit for each it answered."""
+  if event in _events:
+    _events[event] += 1
