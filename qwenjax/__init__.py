@@ -11,6 +11,7 @@ from qwenjax._errors import CheckpointError, ConfigError, InputError, QwenJaxErr
 from qwenjax.checkpoints.loader import LoadedModel, load
 from qwenjax.config import PRESETS, QwenConfig
 from qwenjax.engine.compilation_cache import enable as enable_compilation_cache
+from qwenjax.engine.cpu_records import use_cpu_paths
 from qwenjax.engine.engine import Engine
 from qwenjax.engine.programs import decode_step, extend, prefill
 from qwenjax.engine.requests import Completion, Request, RequestOutput, StreamEvent
@@ -26,5 +27,5 @@ __all__ = [
     "CheckpointError", "Completion", "ConfigError", "Engine", "ImageProcessorConfig", "InputError", "KVCache",
     "LengthBuckets", "LoadedModel", "PRESETS", "Qwen2", "Qwen2VL", "QwenConfig", "QwenJaxError", "QwenVLConfig",
     "Request", "RequestOutput", "SamplingParams", "StepMetadata", "StreamEvent", "Tokenizer", "VL_PRESETS",
-    "decode_step", "enable_compilation_cache", "extend", "load", "prefill",
+    "decode_step", "enable_compilation_cache", "extend", "load", "prefill", "use_cpu_paths",
 ]

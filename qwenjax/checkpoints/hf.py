@@ -194,10 +194,13 @@ def load_params(model: Qwen2, source: TensorSource, *,
 def _int8_rows(source: TensorSource, name: str, hf, shape, contract) -> tuple[np.ndarray, np.ndarray] | None:
   """(int8 values in param layout, scale) straight from a source that stores `name` as int8 rows (a GGUF Q8_0
   tensor: `get_int8_rows`), when its rows are the weight's output channels: a 2-D checkpoint tensor whose second
-  dim is what the matmul contracts (the input dims of a transposed projection, D of a [V, D] table). Else None."""
+  dim is what the matmul contracts (the input dims of a transposed projection, stored [K..., O...] or output-major
+  [O..., K...], D of a [V, D] table). Else None."""
   get = getattr(source, "get_int8_rows", None)
-  transposed_in = hf.transpose and contract == tuple(range(len(contract)))
-  table_in = not hf.transpose and contract == tuple(range(len(shape) - len(contract), len(shape)))
+  leading = contract == tuple(range(len(contract)))
+  trailing = contract == tuple(range(len(shape) - len(contract), len(shape)))
+  transposed_in = hf.transpose and (leading if hf.permute is None else trailing)  # [K.., O..] or output-major
+  table_in = not hf.transpose and hf.permute is None and trailing
   if get is None or len(hf.shape) != 2 or not (transposed_in or table_in):
     return None
   rows = get(name)

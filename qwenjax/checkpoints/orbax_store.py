@@ -6,7 +6,8 @@ that holds everything a run needs:
 
     qwenjax_checkpoint.json    marks the directory: format and version, weight dtype, quantization (none, int8 or
                                w8a8: int8 values with their scales under `<weight>.values` / `.scale`), source,
-                               param layout
+                               param layout, the int8 projections stored output-major ([O..., K...]; the
+                               others [K..., O...]: restore transposes those the processor wants the other way)
     config.json                the model's Hugging Face config (Qwen2.5-VL: Qwen's flat form with vision_config)
     tokenizer.json, tokenizer_config.json, generation_config.json    tokenizer, chat template, end-of-sequence ids
     preprocessor_config.json   Qwen2.5-VL only: the image processor's settings
@@ -48,7 +49,7 @@ from qwenjax.model import registry
 from qwenjax.model.decoder import Qwen2, weight_declarations
 from qwenjax.model.layers import check_quantize
 from qwenjax.multimodal.processing import ImageProcessorConfig
-from qwenjax.parallel.axes import DEFAULT_RULES, ShardingRules
+from qwenjax.parallel.axes import DEFAULT_RULES, LAYERS, ShardingRules
 from qwenjax.parallel.sharding import named_sharding
 from qwenjax.text.tokenizer import Tokenizer
 
@@ -105,7 +106,9 @@ def save(directory: str | os.PathLike[str], model: Qwen2, tokenizer: Tokenizer, 
     _write_json(tmp / METADATA_FILE, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": float_dtype,
         "quantize": model.quantize or "none", "quantize_embeddings": model.quantize_embeddings,
-        "source": source, "layout": LAYOUT, "model": type(model).__name__})
+        "source": source, "layout": LAYOUT, "model": type(model).__name__,
+        "int8_output_major": sorted(_name(path) for path, var in weight_declarations(model)
+                                    if getattr(getattr(var, "hf", None), "permute", None) is not None)})
 
 
 _PARTIAL_MARKER = "partial orbax checkpoint"
@@ -196,15 +199,25 @@ def restore(directory: str | os.PathLike[str], *, dtype: str | None = None, para
 
   stored = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), scan_layers=True, **kwargs))
   decls = {path: var for path, var in weight_declarations(stored)}
-  _check_arrays(directory, {path: tuple(var.shape) for path, var in decls.items()}, cls.__name__)
+  # int8 projections stored in the other layout than this processor's paths want ([K..., O...] against
+  # output-major [O..., K...]; every checkpoint written before the output-major layout holds the former) are
+  # read as stored and transposed on load.
+  output_major = set(meta.get("int8_output_major", []))
+  as_stored = {path: _stored_order(var, _name(path) in output_major) for path, var in decls.items()}
+  _check_arrays(directory, {path: _permuted(var.shape, as_stored[path]) for path, var in decls.items()},
+                cls.__name__)
 
-  def sharding(var):
+  def sharding(var, order=None):
     if mesh is None:
       return SingleDeviceSharding(jax.local_devices()[0])
-    return named_sharding(mesh, var.axes, var.shape, rules)
+    return named_sharding(mesh, _permuted(var.axes, order), _permuted(var.shape, order), rules)
 
-  arrays = _read_arrays(directory, {path: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding(var))
+  arrays = _read_arrays(directory, {path: jax.ShapeDtypeStruct(_permuted(var.shape, as_stored[path]), var.dtype,
+                                                               sharding=sharding(var, as_stored[path]))
                                     for path, var in decls.items()})
+  for path, order in as_stored.items():
+    if order is not None:
+      arrays[path] = _transpose(arrays[path], tuple(int(i) for i in np.argsort(order)), sharding(decls[path]))
   if scan_layers:
     model = stored
     for path, var in decls.items():
@@ -227,6 +240,33 @@ def restore(directory: str | os.PathLike[str], *, dtype: str | None = None, para
       var.set_value(part)
     del array, parts
   return model, tokenizer, processor
+
+
+def _stored_order(var: nnx.Param, output_major: bool) -> tuple[int, ...] | None:
+  """None if an int8 projection's values (or any other weight) are stored as this model declares them; else the
+  order of the model's dims in the stored array (stored = wanted.transpose(order))."""
+  contract = getattr(var, "contract", None)
+  if contract is None:
+    return None
+  nd, n_in = len(var.shape), len(contract)
+  stack = 1 if var.axes[0] == LAYERS else 0
+  wanted_output_major = getattr(var.hf, "permute", None) is not None
+  if wanted_output_major == output_major:
+    return None
+  if wanted_output_major:  # wanted [L, O..., K...], stored [L, K..., O...]
+    return (*range(stack), *range(nd - n_in, nd), *range(stack, nd - n_in))
+  if contract != tuple(range(stack, stack + n_in)):  # a vocabulary table: [V, D] in either case
+    return None
+  return (*range(stack), *range(stack + n_in, nd), *range(stack, stack + n_in))  # stored output-major
+
+
+def _permuted(values: tuple, order: tuple[int, ...] | None) -> tuple:
+  return tuple(values) if order is None else tuple(values[i] for i in order)
+
+
+def _transpose(array: jax.Array, order: tuple[int, ...], sharding) -> jax.Array:
+  """array.transpose(order) on device, into `sharding`."""
+  return jax.jit(lambda a: a.transpose(order), out_shardings=sharding)(array)
 
 
 @functools.partial(jax.jit, static_argnums=1)

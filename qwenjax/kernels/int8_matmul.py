@@ -58,6 +58,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from qwenjax._errors import ConfigError
+from qwenjax.kernels import cpu_paths
 from qwenjax.kernels.int8_matmul_tpu import int8_matmul_tpu
 from qwenjax.kernels.int8_operands import MODES, check_operands, dot_dims, dot_precision, kernel_operands, rhs_dims
 
@@ -198,15 +199,13 @@ XLA_FORMULATIONS: dict[str, dict[str, Callable]] = {
     "w8a16": {"convert": _w8a16_convert, "column_blocks": _w8a16_column_blocks},
     "w8a8": {"int32_dot": _w8a8_int32_dot, "int32_dot_2_rows": functools.partial(_w8a8_int32_dot, min_rows=2)},
 }
-# The formulation per backend: XLA:CPU's won at every row count measured (1, 8, 32, 128); see the module docstring.
-_CHOICE = {"cpu": {"w8a16": "column_blocks", "w8a8": "int32_dot_2_rows"},
-           "other": {"w8a16": "convert", "w8a8": "int32_dot"}}
 
 
-def xla_formulation(mode: str, backend: str | None = None) -> str:
-  """The XLA formulation `int8_matmul(impl="xla")` runs for `mode` on `backend` (default: JAX's)."""
-  backend = jax.default_backend() if backend is None else backend
-  return _CHOICE["cpu" if backend == "cpu" else "other"][mode]
+def xla_formulation(mode: str, backend: str | None = None, *, m: int = 2, k: int = 0, n: int = 0) -> str:
+  """The XLA formulation `int8_matmul(impl="xla")` runs for `mode` on `backend` (default: JAX's) at M rows by a
+  [K, N] weight: on CPU the active `qwenjax.kernels.cpu_paths` record's choice (without one, the choice this
+  module's docstring measured), elsewhere the reference's formula."""
+  return cpu_paths.formulation(mode, m, k, n, backend)
 
 
 # --- Generic Pallas kernel ---
@@ -332,7 +331,7 @@ def int8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, mode: str,
   """`int8_matmul_reference` (same arguments, same result up to float32 rounding), fast.
 
   x [M, K] (or [..., K]) float; values int8 [K, N] ([N, K] with transpose_rhs); scale float32 [N].
-  impl "xla": the fastest XLA formulation for this backend and mode (`xla_formulation`); "pallas": the Mosaic
+  impl "xla": the fastest XLA formulation for this backend, mode and shape (`xla_formulation`); "pallas": the Mosaic
   kernel (`int8_matmul_tpu`) on TPU, the generic Pallas kernel elsewhere (interpret mode on CPU, Triton on GPU);
   w8a8 quantizes x per row in plain JAX first, as tpu-inference does. interpret (impl="pallas" only): None, the
   kernels' default (interpret mode where they cannot compile), a bool, or a `pltpu.InterpretParams` to run the
@@ -344,7 +343,8 @@ def int8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, mode: str,
   lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
   scale = scale.astype(jnp.float32)
   if impl == "xla":
-    y = XLA_FORMULATIONS[mode][xla_formulation(mode)](x2, values, scale, transpose_rhs)
+    k, n = rhs_dims(values, transpose_rhs)
+    y = XLA_FORMULATIONS[mode][xla_formulation(mode, m=x2.shape[0], k=k, n=n)](x2, values, scale, transpose_rhs)
   else:
     lhs, lhs_scale = quantize_activations(x2) if mode == "w8a8" else (x2, None)
     y = _pallas_kernel_for(interpret)(lhs, values, scale, lhs_scale, transpose_rhs=transpose_rhs,

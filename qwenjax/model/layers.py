@@ -15,6 +15,7 @@ Legend: B batch, T tokens of this step, N heads, H head dim, K contracted (input
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from qwenjax._errors import ConfigError
+from qwenjax.kernels import cpu_paths
 from qwenjax.kernels.int8_matmul import int8_matmul, quantize_per_channel
 from qwenjax.parallel.axes import EMBED, LAYERS
 
@@ -48,20 +50,48 @@ class HFTensor:
   shape: the tensor's shape in the checkpoint.
   transpose: the checkpoint holds a torch Linear weight [out, in]; ours is [in..., out...]. A Conv weight
     [out, C, kernel...] whose stride equals its kernel (a patch embedding) is the Linear [out, C * prod(kernel)].
+  permute: the param is stored with its (declared, per-layer) dims in this order: an int8 weight in the
+    output-major layout [out..., in...] (`QuantizedWeight.permute`); None: as declared.
   """
 
   name: str
   shape: tuple[int, ...]
   transpose: bool = False
+  permute: tuple[int, ...] | None = None
+
+  def declared_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A stored (param) shape -> the declared one: `shape` with `permute` undone."""
+    if self.permute is None:
+      return tuple(shape)
+    declared = [0] * len(shape)
+    for stored_dim, declared_dim in enumerate(self.permute):
+      declared[declared_dim] = shape[stored_dim]
+    return tuple(declared)
 
   def to_param(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Checkpoint layout -> param layout (transpose, then split fused head dims)."""
+    """Checkpoint layout -> param layout `shape` (transpose, split fused head dims, then permute). A torch Linear
+    [out, in] read output-major is the checkpoint's own layout: a reshape, no copy."""
+    if self.transpose and self.permute is not None and array.ndim == 2 and self._output_major(shape):
+      return np.ascontiguousarray(array.reshape(shape))
     if self.transpose:
       array = array.reshape(array.shape[0], -1).T if array.ndim > 2 else array.T
-    return np.ascontiguousarray(array.reshape(shape))
+    array = array.reshape(self.declared_shape(shape))
+    if self.permute is not None:
+      array = array.transpose(self.permute)
+    return np.ascontiguousarray(array)
+
+  def _output_major(self, shape: tuple[int, ...]) -> bool:
+    """Whether `permute` moves the declared input dims (the leading ones whose product is the checkpoint's
+    second dim) behind the output dims, keeping the order within each: the torch Linear's own [out, in]."""
+    n_in = len(self.permute) - next(i for i, d in enumerate(self.permute) if d == 0)
+    declared = self.declared_shape(shape)
+    return (self.permute == (*range(n_in, len(declared)), *range(n_in))
+            and int(np.prod(declared[:n_in])) == self.shape[1])
 
   def to_checkpoint(self, array: np.ndarray) -> np.ndarray:
-    """Param layout -> checkpoint layout: the inverse of `to_param` (fuse head dims, then transpose)."""
+    """Param layout -> checkpoint layout: the inverse of `to_param` (permute back, fuse head dims, transpose)."""
+    if self.permute is not None:
+      array = array.transpose(np.argsort(self.permute))
     if self.transpose:
       array = array.reshape(-1, self.shape[0]).T
     return np.ascontiguousarray(array.reshape(self.shape))
@@ -70,36 +100,61 @@ class HFTensor:
 class QuantizedWeight(nnx.Module):
   """An int8 weight: w ~ values * scale, one float32 scale per output channel (symmetric, amax / 127).
 
-  values: Param int8 [*stack, *shape] with the declaration's logical axes, its checkpoint tensor (`hf`) and the
-    contracted dims counted in the stacked shape (`contract` metadata: what a loader quantizes over).
+  values: Param int8 [*stack, *stored shape] with its logical axes, its checkpoint tensor (`hf`) and the
+    contracted dims counted in the stacked, stored shape (`contract` metadata: what a loader quantizes over).
+    Stored as declared ([K..., O...], "kn"), or output-major ([O..., K...], "nk": `permute` set) where the
+    processor's matmul paths (`qwenjax.kernels.cpu_paths`) run that layout faster; the axes follow the dims.
   scale: Param float32 [*stack, *output dims]: the shape without the contracted dims, their axes dropped; `hf` is
     None (it comes from the same checkpoint tensor, quantized as it loads).
-  contract: the contracted (input) dims of `shape`: the leading ones of a projection [K..., O...], the last of a
-    vocabulary table [V, D] (lm_head and the embedding, which one scale per row serves both as table and head).
+  contract: the contracted (input) dims of the declared shape: the leading ones of a projection [K..., O...], the
+    last of a vocabulary table [V, D] (lm_head and the embedding, which one scale per row serves both as table
+    and head).
   mode: the `qwenjax.kernels.int8_matmul` mode, "w8a16" or "w8a8".
+  permute: None, or the declared dims in stored order (output-major: (*output dims, *contract)).
   """
 
-  def __init__(self, values: nnx.Param, scale: nnx.Param, contract: tuple[int, ...], mode: str):
+  def __init__(self, values: nnx.Param, scale: nnx.Param, contract: tuple[int, ...], mode: str,
+               permute: tuple[int, ...] | None = None):
     self.values = values
     self.scale = scale
     self.contract = contract
     self.mode = mode
+    self.permute = permute
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return tuple(self.values.shape)
+    """The declared shape (stacked dims first), whatever the stored layout."""
+    shape = tuple(self.values.shape)
+    if self.permute is None:
+      return shape
+    lead = len(shape) - len(self.permute)
+    declared = [0] * len(self.permute)
+    for stored_dim, declared_dim in enumerate(self.permute):
+      declared[declared_dim] = shape[lead + stored_dim]
+    return shape[:lead] + tuple(declared)
+
+  @property
+  def output_major(self) -> bool:
+    return self.permute is not None
 
   def dequantized(self, dtype=jnp.float32) -> jax.Array:
-    """The float weight (tests and the odd small weight; the matmuls never build it). Stacked [L, ...] or one
-    layer's slice (inside `lax.scan`) alike: the leading dims before `contract` are found from the shapes."""
+    """The float weight in its declared layout (tests and the odd small weight; the matmuls never build it).
+    Stacked [L, ...] or one layer's slice (inside `lax.scan`) alike: the leading dims before the contracted ones
+    are found from the shapes."""
     values, scale = self.values[...], self.scale[...]
-    for lead in range(values.ndim - len(self.contract) + 1):
-      dims = tuple(lead + a for a in self.contract)
+    contract = self.contract if self.permute is None else tuple(
+        i for i, d in enumerate(self.permute) if d in self.contract)
+    for lead in range(values.ndim - len(contract) + 1):
+      dims = tuple(lead + a for a in contract)
       if tuple(d for i, d in enumerate(values.shape) if i not in dims) == scale.shape:
         break
     else:
       raise ValueError(f"a quantized weight of shape {values.shape} has scales of shape {scale.shape}.")
-    return (values.astype(jnp.float32) * jnp.expand_dims(scale, dims)).astype(dtype)
+    w = values.astype(jnp.float32) * jnp.expand_dims(scale, dims)
+    if self.permute is not None:
+      lead = w.ndim - len(self.permute)
+      w = w.transpose(*range(lead), *(lead + int(i) for i in np.argsort(self.permute)))
+    return w.astype(dtype)
 
 
 def quantize_host(array: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -135,11 +190,23 @@ def declare(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...]
     value = (_INIT_STD * jax.random.normal(rngs.params(), full_shape, jnp.float32)).astype(dtype)
   if quantize is None or init != "normal":
     return nnx.Param(value, axes=full_axes, hf=hf)
+  mode = QUANTIZE_MODES[quantize]
   full_contract = tuple(len(stack) + a for a in contract)
   values, scale = quantize_per_channel(value.astype(jnp.float32), full_contract)
-  return QuantizedWeight(nnx.Param(values, axes=full_axes, hf=hf, contract=full_contract),
-                         nnx.Param(scale, axes=scale_axes(full_axes, full_contract), hf=None),
-                         contract, QUANTIZE_MODES[quantize])
+  scale = nnx.Param(scale, axes=scale_axes(full_axes, full_contract), hf=None)
+  permute = None
+  n_in = len(contract)
+  if contract == tuple(range(n_in)) and n_in < len(shape):  # a projection [K..., O...]: which layout is faster
+    k = int(np.prod(shape[:n_in]))
+    if cpu_paths.int8_layout(mode, k, int(np.prod(shape)) // k) == "nk":
+      permute = (*range(n_in, len(shape)), *range(n_in))
+  if permute is None:
+    return QuantizedWeight(nnx.Param(values, axes=full_axes, hf=hf, contract=full_contract), scale, contract, mode)
+  order = (*range(len(stack)), *(len(stack) + d for d in permute))
+  stored_contract = tuple(range(len(order) - n_in, len(order)))
+  return QuantizedWeight(nnx.Param(values.transpose(order), axes=tuple(full_axes[d] for d in order),
+                                   hf=dataclasses.replace(hf, permute=permute), contract=stored_contract),
+                         scale, contract, mode, permute)
 
 
 def read(param: nnx.Param | QuantizedWeight, dtype=None) -> jax.Array:
@@ -159,11 +226,19 @@ def linear(x: jax.Array, weight: nnx.Param | QuantizedWeight, dtype, impl: str =
   out_dims = tuple(weight.shape[n_in:])
   if isinstance(weight, QuantizedWeight):
     assert weight.contract == tuple(range(n_in)), (weight.contract, n_in)
-    out = int8_matmul(x.reshape(-1, k).astype(dtype), weight.values[...].reshape(k, -1),
-                      weight.scale[...].reshape(-1), mode=weight.mode, impl=impl, out_dtype=dtype)
+    values = weight.values[...]
+    # "kn": [K..., O...] read as [K, N]; output-major "nk": [O..., K...] read as [N, K].
+    w2 = values.reshape(-1, k) if weight.output_major else values.reshape(k, -1)
+    out = int8_matmul(x.reshape(-1, k).astype(dtype), w2, weight.scale[...].reshape(-1), mode=weight.mode,
+                      impl=impl, transpose_rhs=weight.output_major, out_dtype=dtype)
+    return out.reshape(*x.shape[:-1], *out_dims)
+  w = read(weight, dtype).reshape(k, -1)
+  rows = math.prod(x.shape[:-1])
+  if rows == 1 and cpu_paths.formulation(cpu_paths.float_mode(dtype), 1, k, w.shape[1]) == "dot_2_rows":
+    out = cpu_paths.FLOAT_FORMULATIONS["dot_2_rows"](x.reshape(1, k), w, False)  # the one-row cliff, padded
     return out.reshape(*x.shape[:-1], *out_dims)
   # One [K, O] matmul: contracting several weight dims in an einsum let XLA:CPU transpose the weight every step.
-  return (x @ read(weight, dtype).reshape(k, -1)).reshape(*x.shape[:-1], *out_dims)
+  return (x @ w).reshape(*x.shape[:-1], *out_dims)
 
 
 def lookup(table: nnx.Param | QuantizedWeight, ids: jax.Array, dtype) -> jax.Array:
@@ -180,7 +255,12 @@ def vocab_logits(h: jax.Array, table: nnx.Param | QuantizedWeight, impl: str = "
     out = int8_matmul(h.reshape(-1, d), table.values[...], table.scale[...], mode=table.mode, impl=impl,
                       transpose_rhs=True, out_dtype=jnp.float32)
     return out.reshape(*h.shape[:-1], -1)
-  return jnp.einsum("...d,vd->...v", h, read(table, h.dtype), preferred_element_type=jnp.float32)
+  w = read(table, h.dtype)
+  if math.prod(h.shape[:-1]) == 1 and cpu_paths.formulation(
+      cpu_paths.float_mode(h.dtype), 1, w.shape[1], w.shape[0]) == "dot_2_rows":  # the one-row cliff, padded
+    padded = jnp.pad(h.reshape(1, -1), ((0, 1), (0, 0)))
+    return jnp.einsum("md,vd->mv", padded, w, preferred_element_type=jnp.float32)[:1].reshape(*h.shape[:-1], -1)
+  return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):
