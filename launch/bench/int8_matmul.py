@@ -60,11 +60,11 @@ in every run: XLA:CPU's int8 GEMM does not suit that shape (splitting K, or swap
 from __future__ import annotations
 
 import math
-import time
 
 from absl import app, flags, logging
 
 from launch import _cli
+from launch.bench import measure
 
 # name -> (K, N, transpose_rhs): Qwen2.5-0.5B (hidden 896, MLP 4864, 2 KV heads of 64, vocabulary 151936).
 SHAPES = {
@@ -80,7 +80,6 @@ _MODES = flags.DEFINE_list("modes", ["w8a16", "w8a8"], "Quantization modes to ti
 _SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Weight shapes to time, among {', '.join(SHAPES)}.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed passes over the weight copies; the best is reported.",
                                 lower_bound=1)
-_GROUP = 16  # calls chained in one jitted program
 
 _ROTATE_MIB = flags.DEFINE_integer("rotate_mib", 64, "int8 weight bytes cycled through per pass (MiB), so that "
                                    "weights are read from memory, not cache.", lower_bound=0)
@@ -150,38 +149,6 @@ def _losing_candidates():
           "w8a8": {"float32_dot": (float32_dot, None)}}
 
 
-def _chained(fn):
-  """jit of (x, weights, scale) -> fn applied with each weight in turn, each call's x made to depend on the last
-  call's output (as a layer's input does on the layer before): one dispatch for a group of calls."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  def chain(x, weights, scale):
-    y = None
-    for w in weights:
-      if y is not None:
-        x = x + 0.0 * y[:, :1]  # a data dependency XLA does not fold away (0 * NaN is NaN)
-      y = fn(x, w, scale)
-    return y
-
-  return jax.jit(chain)
-
-
-def _best_seconds(fn, x, weights, scale, repeats: int) -> float:
-  """The best over `repeats` passes of the mean seconds per call of fn(x, w, scale), w cycling through `weights`
-  in chained groups of up to _GROUP calls per dispatch (so dispatch overhead does not swamp small shapes)."""
-  groups = [tuple(weights[i:i + _GROUP]) for i in range(0, len(weights), _GROUP)]
-  chain = _chained(fn)
-  for group in {len(g): g for g in groups}.values():  # compile every group size
-    chain(x, group, scale).block_until_ready()
-  best = math.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for group in groups:
-      chain(x, group, scale).block_until_ready()
-    best = min(best, (time.perf_counter() - start) / len(weights))
-  return best
-
-
 def time_shape(name: str, rows: list[int], modes: list[str], repeats: int, rotate_bytes: int) -> list[dict]:
   """One row per (mode, M, formulation) of one weight shape: microseconds per call, weight GB/s, x float32."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -206,7 +173,7 @@ def time_shape(name: str, rows: list[int], modes: list[str], repeats: int, rotat
   baselines = {}
   for m in rows:
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-    baselines[m] = _best_seconds(float32, x, float_weights, scale, repeats)
+    baselines[m] = measure.best_seconds(float32, x, float_weights, scale, repeats)
     results.append(dict(shape=name, k=k, n=n, m=m, mode="-", formulation="float32", us=baselines[m] * 1e6,
                         gb_s=4 * k * n / baselines[m] / 1e9, speedup=1.0, chosen=False))
   del float_weights
@@ -224,7 +191,8 @@ def time_shape(name: str, rows: list[int], modes: list[str], repeats: int, rotat
         got = np.asarray(jax.jit(fn, static_argnums=3)(x, int8_weights[0], scale, transpose_rhs))
         if not np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()):
           raise RuntimeError(f"{mode} {formulation} differs from int8_matmul_reference on {name} at M={m}.")
-        seconds = _best_seconds(lambda x, w, s, fn=fn: fn(x, w, s, transpose_rhs), x, int8_weights, scale, repeats)
+        seconds = measure.best_seconds(lambda x, w, s, fn=fn: fn(x, w, s, transpose_rhs), x, int8_weights, scale,
+                                       repeats)
         results.append(dict(shape=name, k=k, n=n, m=m, mode=mode, formulation=formulation, us=seconds * 1e6,
                             gb_s=k * n / seconds / 1e9, speedup=baselines[m] / seconds,
                             chosen=formulation == chosen))

@@ -7,6 +7,7 @@ by the device's limits (launch/bench/probes.py); `agreement` compares its greedy
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -98,3 +99,40 @@ def agreement(tokens: list[int], reference: list[int]) -> float:
 def peak_rss_gib() -> float:
   """This process's peak resident memory so far, in GiB."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+# --- Timing one jitted call (the matmul microbenchmarks) ---
+
+GROUP = 16  # calls chained in one jitted program
+
+
+def chained(fn):
+  """jit of (x, weights, scale) -> fn applied with each weight in turn, each call's x made to depend on the last
+  call's output (as a layer's input does on the layer before): one dispatch for a group of calls."""
+  import jax  # noqa: PLC0415
+
+  def chain(x, weights, scale):
+    y = None
+    for w in weights:
+      if y is not None:
+        x = x + 0.0 * y[:, :1]  # a data dependency XLA does not fold away (0 * NaN is NaN)
+      y = fn(x, w, scale)
+    return y
+
+  return jax.jit(chain)
+
+
+def best_seconds(fn, x, weights, scale, repeats: int) -> float:
+  """The best over `repeats` passes of the mean seconds per call of fn(x, w, scale), w cycling through `weights`
+  in chained groups of up to GROUP calls per dispatch (so dispatch overhead does not swamp small shapes)."""
+  groups = [tuple(weights[i:i + GROUP]) for i in range(0, len(weights), GROUP)]
+  chain = chained(fn)
+  for group in {len(g): g for g in groups}.values():  # compile every group size
+    chain(x, group, scale).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for group in groups:
+      chain(x, group, scale).block_until_ready()
+    best = min(best, (time.perf_counter() - start) / len(weights))
+  return best

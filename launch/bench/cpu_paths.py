@@ -1,0 +1,286 @@
+r"""The CPU path probe: times the model's matmul shapes at the engine's row counts in every mode, formulation, int8
+weight layout and XLA:CPU configuration, checks each result against a float64 reference, and writes the record
+`qwenjax.kernels.cpu_paths` chooses from (one file per processor and jaxlib under the cache directory).
+
+  python -m launch.bench.cpu_paths                          # Qwen2.5-0.5B's shapes, all modes and configurations
+  python -m launch.bench.cpu_paths --show                   # this processor's record: its table and choices
+  python -m launch.bench.cpu_paths --modes=w8a8 --configs=default,onednn --rows=1,2,8 --shapes=mlp_up,64x96
+
+Each configuration (`cpu_paths.CONFIGS`) runs in a process of its own with its flags in XLA_FLAGS (XLA reads them
+once, when its CPU backend starts); a configuration whose flags this jaxlib refuses is recorded as failed. In a
+process, per shape, mode, row count M, layout and formulation: the result on one random x and weight, its error
+against float64 numpy (relative to the output's largest magnitude; for int8, whether the int32 dot equals numpy's
+exactly), and the best of --repeats passes over enough weight copies to cycle --rotate_mib of int8 bytes (a
+decode step reads every weight from memory, not cache; `launch.bench.int8_matmul`'s timing). Formulations that
+differ only at one row ("dot_2_rows", "int32_dot_2_rows") are timed at M = 1 alone: above it they are the same
+program as their base.
+
+Modes: float32 and bfloat16 (weights in that dtype; the vocabulary table [V, D] as the model reads it), w8a16 and
+w8a8 (int8 weights [K, N] and output-major [N, K], float32 activations; the table is not quantized by default and
+is left out). Launch scripts run this on first use when no record exists (`--cpu_paths=auto`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags, logging
+
+from launch import _cli
+
+# name -> (K, N, the weight is stored [N, K]): Qwen2.5-0.5B's matmuls (hidden 896, MLP 4864, 14 query heads and 2
+# KV heads of 64, vocabulary 151936).
+SHAPES = {
+    "mlp_up": (896, 4864, False),
+    "mlp_down": (4864, 896, False),
+    "q_o": (896, 896, False),
+    "kv": (896, 128, False),
+    "lm_head": (896, 151936, True),
+}
+DEFAULT_ROWS = (1, 2, 8, 32, 128)
+
+_MODES = flags.DEFINE_list("modes", ["float32", "bfloat16", "w8a16", "w8a8"], "Modes to probe.")
+_CONFIGS = flags.DEFINE_list("configs", ["default", "onednn", "xnnpack", "ynnpack"], "XLA:CPU configurations.")
+_ROWS = flags.DEFINE_list("rows", [str(r) for r in DEFAULT_ROWS], "Row counts M (tokens) of x.")
+_SHAPES = flags.DEFINE_list("shapes", list(SHAPES), "Weight shapes: names among "
+                            f"{', '.join(SHAPES)}, or KxN (a [K, N] projection).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed passes; the best is kept.", lower_bound=1)
+_ROTATE_MIB = flags.DEFINE_integer("rotate_mib", 64, "int8 weight bytes cycled through per pass (MiB).",
+                                   lower_bound=0)
+_OUTPUT = flags.DEFINE_string("output", None, "Where the record goes (default: this processor's record file "
+                              "under the cache directory, where launch scripts look for it).")
+_SHOW = flags.DEFINE_bool("show", False, "Print the record (--output, or this processor's) and its choices; probe "
+                          "nothing.")
+_MERGE = flags.DEFINE_bool("merge", False, "Keep the --output record's timings of the modes not probed now (what "
+                           "a launch script's first use in a new mode does).")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: time one configuration, write JSON here.")
+
+
+def _positive_integers(values: list[str]) -> bool:
+  try:
+    return bool(values) and all(int(v) >= 1 for v in values)
+  except ValueError:
+    return False
+
+
+def parse_shape(name: str) -> tuple[int, int, bool]:
+  """A shape name or "KxN" -> (K, N, stored [N, K])."""
+  if name in SHAPES:
+    return SHAPES[name]
+  k, sep, n = name.partition("x")
+  if sep and k.isdigit() and n.isdigit() and int(k) > 0 and int(n) > 0:
+    return int(k), int(n), False
+  raise ValueError(f"shape {name!r} is neither one of {', '.join(SHAPES)} nor KxN")
+
+
+def _valid_shapes(names: list[str]) -> bool:
+  try:
+    return bool(names) and all(parse_shape(n) for n in names)
+  except ValueError:
+    return False
+
+
+flags.register_validator("rows", _positive_integers, "expected positive integers, e.g. 1,2,8")
+flags.register_validator("modes", lambda m: bool(m) and set(m) <= {"float32", "bfloat16", "w8a16", "w8a8"},
+                         "expected modes among float32, bfloat16, w8a16, w8a8")
+flags.register_validator("configs", lambda c: bool(c) and set(c) <= {"default", "onednn", "xnnpack", "ynnpack"},
+                         "expected configurations among default, onednn, xnnpack, ynnpack")
+flags.register_validator("shapes", _valid_shapes, f"expected shapes among {', '.join(SHAPES)}, or KxN")
+
+
+# --- One configuration, in its own process ---
+
+def _candidates(mode: str, table: bool) -> list[tuple[str, str, int]]:
+  """(layout, formulation, largest M or 0 for any) to time for a mode; layout "-" for float weights."""
+  from qwenjax.kernels import int8_matmul  # noqa: PLC0415
+
+  if mode in ("float32", "bfloat16"):
+    return [("-", "dot", 0), ("-", "dot_2_rows", 1)]
+  if table:
+    return []
+  out = []
+  for layout in ("kn", "nk"):
+    for name in int8_matmul.XLA_FORMULATIONS[mode]:
+      out.append((layout, name, 1 if name.endswith("_2_rows") else 0))
+  return out
+
+
+def probe_config(config: str, modes: list[str], shapes: list[str], rows: list[int], repeats: int,
+                 rotate_bytes: int) -> list[dict]:
+  """Every timing of this process's configuration (its flags are already in XLA_FLAGS)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax import lax  # noqa: PLC0415
+
+  from launch.bench.measure import best_seconds  # noqa: PLC0415
+  from qwenjax.kernels import cpu_paths, int8_matmul  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  out = []
+  for shape in shapes:
+    k, n, table = parse_shape(shape)
+    copies = max(1, math.ceil(rotate_bytes / (k * n)))
+    int8_kn = [rng.integers(-127, 128, (k, n), dtype=np.int8) for _ in range(copies)]
+    scale = rng.uniform(1e-3, 1e-2, (n,)).astype(np.float32)
+    for mode in modes:
+      candidates = _candidates(mode, table)
+      if not candidates:
+        continue
+      if mode in ("float32", "bfloat16"):
+        dtype = jnp.float32 if mode == "float32" else jnp.bfloat16
+        dense = (w.astype(np.float32) * scale[None, :] for w in int8_kn)  # [K, N]
+        weights = {"-": [jnp.asarray(np.ascontiguousarray(d.T) if table else d, dtype) for d in dense]}
+      else:
+        weights = {"kn": [jnp.asarray(w) for w in int8_kn], "nk": [jnp.asarray(np.ascontiguousarray(w.T))
+                                                                    for w in int8_kn]}
+      for m in rows:
+        x_np = rng.standard_normal((m, k)).astype(np.float32)
+        for layout, name, max_rows in candidates:
+          if max_rows and m > max_rows:
+            continue
+          ws = weights[layout]
+          transpose = table if layout == "-" else layout == "nk"
+          entry = dict(config=config, mode=mode, shape=shape, k=k, n=n, m=m, layout=layout, formulation=name)
+          if mode in ("float32", "bfloat16"):
+            fn = cpu_paths.FLOAT_FORMULATIONS[name]
+            x = jnp.asarray(x_np, dtype)
+            call = lambda x, w, s, fn=fn, t=transpose: fn(x, w, t)
+            w64 = np.asarray(ws[0].astype(jnp.float32), np.float64)
+            ref = np.asarray(x.astype(jnp.float32), np.float64) @ (w64.T if transpose else w64)
+            got = np.asarray(jax.jit(call)(x, ws[0], None).astype(jnp.float32), np.float64)
+          else:
+            fn = int8_matmul.XLA_FORMULATIONS[mode][name]
+            x = jnp.asarray(x_np)
+            call = lambda x, w, s, fn=fn, t=transpose: fn(x, w, s, t)
+            v64 = int8_kn[0].astype(np.float64)
+            if mode == "w8a16":
+              ref = (x_np.astype(np.float64) @ v64) * scale.astype(np.float64)[None, :]
+            else:
+              xq, xs = (np.asarray(a) for a in int8_matmul.quantize_activations(x))
+              acc = xq.astype(np.int64) @ int8_kn[0].astype(np.int64)
+              core = np.asarray(int8_matmul._int32_dot(jnp.asarray(xq), ws[0], transpose,  # noqa: SLF001
+                                                      min_rows=2 if name.endswith("_2_rows") else 1))
+              entry["int_exact"] = bool(np.array_equal(core.astype(np.int64), acc))
+              ref = acc.astype(np.float64) * xs.astype(np.float64)[:, None] * scale.astype(np.float64)[None, :]
+            got = np.asarray(jax.jit(call)(x, ws[0], jnp.asarray(scale)), np.float64)
+          entry["error"] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+          entry["us"] = best_seconds(call, x, ws, jnp.asarray(scale), repeats) * 1e6
+          logging.info("%s %s %s M=%d %s %s: %.1f us, error %.2e", config, shape, mode, m, layout, name,
+                       entry["us"], entry["error"])
+          out.append(entry)
+      del weights
+  del lax
+  return out
+
+
+# --- The parent: one process per configuration ---
+
+def run_probe(modes, configs, shapes, rows, repeats, rotate_mib) -> dict:
+  """Runs every configuration in its own process and returns the record."""
+  import jaxlib  # noqa: PLC0415
+
+  from qwenjax.engine import cpu_records  # noqa: PLC0415
+  from qwenjax.kernels import cpu_paths  # noqa: PLC0415
+
+  record = {"version": cpu_paths.RECORD_VERSION, "processor": cpu_paths.machine(), "key": cpu_records.processor_key(),
+            "jaxlib": jaxlib.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "rows": rows, "shapes": {s: list(parse_shape(s)[:2]) for s in shapes}, "configs": {}, "timings": []}
+  for config in configs:
+    flags_ = cpu_paths.CONFIGS[config]
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="qwenjax-cpu-paths-") as tmp:
+      result = os.path.join(tmp, "timings.json")
+      env = dict(os.environ, XLA_FLAGS=" ".join(flags_), JAX_PLATFORMS="cpu")
+      env.pop("JAX_COMPILATION_CACHE_DIR", None)  # time compiled code, never read back from another run
+      cmd = [sys.executable, "-m", "launch.bench.cpu_paths", f"--worker={result}", f"--configs={config}",
+             f"--modes={','.join(modes)}", f"--shapes={','.join(shapes)}", f"--rows={','.join(map(str, rows))}",
+             f"--repeats={repeats}", f"--rotate_mib={rotate_mib}"]
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+      if proc.returncode == 0 and os.path.exists(result):
+        with open(result, encoding="utf-8") as f:
+          timings = json.load(f)
+        record["timings"].extend(timings)
+        status = "ok"
+      else:
+        status = "failed: " + _failure(proc.stderr, proc.returncode)
+    record["configs"][config] = {"flags": list(flags_), "status": {mode: status for mode in modes},
+                                 "seconds": round(time.monotonic() - start, 1)}
+    logging.info("configuration %s (%s): %s in %.0f s", config, " ".join(flags_) or "no flags", status,
+                 time.monotonic() - start)
+  return record
+
+
+def _failure(stderr: str, returncode: int) -> str:
+  """What killed a worker, in one line: its fatal error or last error line, and the last path it had timed."""
+  lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+  fatal = [line for line in lines if line.startswith("Fatal Python error") or "Error" in line.split(":")[0]]
+  timed = [line.split("] ", 1)[1] for line in lines if "cpu_paths.py" in line and "] " in line and " us, error" in line]
+  what = (fatal or lines[-1:] or [f"exit status {returncode}"])[-1][:160]
+  return what + (f" (after: {timed[-1][:120]})" if timed else " (before the first path)")
+
+
+def merge(old: dict, new: dict) -> dict:
+  """`new` with the timings of `old` whose modes `new` did not probe; each configuration's status per mode is
+  `old`'s, updated by `new`'s."""
+  probed = {e["mode"] for e in new["timings"]} | {m for v in new["configs"].values() for m in v["status"]}
+  merged = dict(new, timings=[e for e in old.get("timings", []) if e.get("mode") not in probed] + new["timings"])
+  merged["configs"] = {c: dict(v) for c, v in old.get("configs", {}).items()}
+  for config, value in new["configs"].items():
+    status = {**merged["configs"].get(config, {}).get("status", {}), **value["status"]}
+    merged["configs"][config] = dict(value, status=status)
+  return merged
+
+
+def write_record(record: dict, path) -> None:
+  from qwenjax import _files  # noqa: PLC0415
+
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  _files.write_json(path, record, marker="qwenjax cpu paths record")
+
+
+def main(argv):
+  del argv
+  rows = sorted({int(r) for r in _ROWS.value})
+  if _WORKER.value:
+    timings = probe_config(_CONFIGS.value[0], _MODES.value, _SHAPES.value, rows, _REPEATS.value,
+                           _ROTATE_MIB.value << 20)
+    with open(_WORKER.value, "w", encoding="utf-8") as f:
+      json.dump(timings, f)
+    return
+  from qwenjax import QwenJaxError  # noqa: PLC0415
+  from qwenjax.engine import cpu_records  # noqa: PLC0415
+  from qwenjax.kernels import cpu_paths  # noqa: PLC0415
+
+  path = _OUTPUT.value or str(cpu_records.record_path())
+  try:
+    if not _SHOW.value and "default" not in _CONFIGS.value:
+      raise QwenJaxError("--configs must include default: every path is held to the default configuration's.")
+    if _SHOW.value:
+      record = cpu_paths.read_record(path)
+    else:
+      record = run_probe(_MODES.value, _CONFIGS.value, _SHAPES.value, rows, _REPEATS.value, _ROTATE_MIB.value)
+      if not record["timings"]:
+        raise QwenJaxError("no configuration could be probed: " + "; ".join(
+            f"{c}: {'; '.join(set(v['status'].values()))}" for c, v in record["configs"].items()))
+      if _MERGE.value and os.path.exists(path):
+        record = merge(cpu_paths.read_record(path), record)
+      write_record(record, path)
+    print(cpu_paths.format_table(record))
+    print("chosen:")
+    print(cpu_paths.describe_choices(record))
+    if not _SHOW.value:
+      print(f"record: {path}")
+  except QwenJaxError as e:
+    _cli.fail(e)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_cli.parse_flags)
