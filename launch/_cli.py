@@ -25,6 +25,52 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from absl import flags
+from absl import logging as absl_logging
+
+
+def use_cpu_paths(value: str, mode: str) -> dict | None:
+  """Activates the matmul paths of a record (`qwenjax.kernels.cpu_paths`) for every mode it holds, and puts the XLA:CPU
+  flags of `mode` in XLA_FLAGS (an XLA_FLAGS of the user's wins); returns the record, or None. value: "default" (XLA's
+  own paths: nothing to do), "auto" (this processor's record under the cache directory; a mode it lacks is probed
+  first, in a subprocess, since each XLA configuration needs a process of its own, and kept for the next run), or a
+  record file. Nothing where jax computes elsewhere (JAX_PLATFORMS, or a TPU/GPU plugin installed). Must run before
+  jax starts its backend."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  from qwenjax import ConfigError  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine import cpu_records  # pylint: disable=g-import-not-at-top
+  from qwenjax.kernels import cpu_paths  # pylint: disable=g-import-not-at-top
+
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if value == "default" or (platforms.split(",")[0] or "cpu") != "cpu" or (
+      not platforms and cpu_paths.accelerator_installed()):
+    return None
+  if value != "auto":
+    record = cpu_paths.read_record(value)
+  else:
+    path = cpu_records.record_path()
+    record = cpu_paths.read_record(path) if path.is_file() else {"timings": []}
+    if not any(e.get("mode") == mode for e in record["timings"]):
+      absl_logging.warning("No matmul path record for %s on this processor yet: probing it once (%s).", mode, path)
+      cmd = [sys.executable, "-m", "launch.bench.cpu_paths", f"--modes={mode}", "--merge", f"--output={path}"]
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      if proc.returncode != 0:
+        tail = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
+        raise ConfigError(f"probing the matmul paths failed: {tail[0]} (--cpu_paths=default skips them).")
+      record = cpu_paths.read_record(path)
+  modes = sorted({e.get("mode") for e in record["timings"]} & set(cpu_paths.MODES), key=cpu_paths.MODES.index)
+  if mode not in modes:
+    raise ConfigError(f"--cpu_paths={value}: the record holds no {mode} timings (it has {', '.join(modes) or 'none'}).")
+  chosen = {m: cpu_paths.select(record, m) for m in modes}
+  flags_set = cpu_paths.apply_xla_flags(chosen[mode])
+  for paths in chosen.values():
+    cpu_paths.activate(paths)
+  absl_logging.info("Matmul paths (%s, %s): XLA:CPU configuration %r%s.", record.get("processor", "?"), mode,
+               chosen[mode].config, f", XLA_FLAGS={flags_set}" if flags_set else "")
+  absl_logging.vlog(1, "Matmul path record:\n%s\nChosen:\n%s", cpu_paths.format_table(record), chosen[mode].describe())
+  return record
 
 
 def fail(error: BaseException | str) -> NoReturn:

@@ -14,6 +14,7 @@ split the work (`qwenjax.parallel.distributed.replica`).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from absl import flags, logging
 
@@ -93,6 +94,11 @@ COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True, "Keep compiled 
                                       "back instead of compiling; --nocompilation_cache turns it off.")
 COMPILATION_CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None, "Where --compilation_cache keeps them. "
                                             "Default: $JAX_COMPILATION_CACHE_DIR, else <qwenjax cache dir>/xla.")
+CPU_PATHS = flags.DEFINE_string("cpu_paths", os.environ.get("QWENJAX_CPU_PATHS", "auto"), "Matmul paths on CPU: "
+                                "'auto' reads this processor's record (python -m launch.bench.cpu_paths writes it; "
+                                "the first run in a mode with no record probes that mode, a few minutes), "
+                                "'default' keeps XLA's defaults, anything else is a record file. Default: "
+                                "$QWENJAX_CPU_PATHS, else auto. An XLA_FLAGS of your own always wins.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +166,14 @@ def enable_compilation_cache() -> None:
     logging.warning("No compilation cache: %s", e)
     return
   logging.info("Compilation cache: %s", path)
+
+
+def use_cpu_paths() -> None:
+  """The matmul paths --cpu_paths names for the model's mode (--dtype, --quantize): `_cli.use_cpu_paths`. Must run
+  before jax starts its backend (their XLA:CPU flags go in XLA_FLAGS)."""
+  from qwenjax.kernels import cpu_paths  # pylint: disable=g-import-not-at-top
+
+  _cli.use_cpu_paths(CPU_PATHS.value, cpu_paths.mode_of(DTYPE.value, QUANTIZE.value))
 
 
 def log_compilation_cache() -> None:

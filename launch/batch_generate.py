@@ -265,6 +265,7 @@ def main(argv):
   try:
     compile_timer = profiling.CompileTimer()
     _common.initialize_distributed()
+    _common.use_cpu_paths()
     _common.enable_compilation_cache()
     model = _common.MODEL.value
     serving = _common.serving(model, max_batch_size=_MAX_BATCH_SIZE.value, max_seq_len=_common.MAX_SEQ_LEN.value,

@@ -90,6 +90,7 @@ whole-process seconds and the concurrency bars). The batch job's inputs, outputs
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -147,6 +148,11 @@ _QUANTIZE = flags.DEFINE_list("quantize", ["none"], "Weights of the qwenjax engi
                                "w8a8; each one besides none is one more engine, and one more batch job run.")
 _QUANTIZE_EMBEDDINGS = flags.DEFINE_bool("quantize_embeddings", False, "The quantized engines' embedding and head "
                                          "in int8 too.")
+_CPU_PATHS = flags.DEFINE_string("cpu_paths", os.environ.get("QWENJAX_CPU_PATHS", "auto"), "The qwenjax engines' "
+                                 "matmul paths on CPU, as launch.generate's --cpu_paths: 'auto' (this processor's "
+                                 "record, probed on first use), 'default' (XLA's), or a record file. With a record, "
+                                 "each qwenjax engine also runs on XLA's default paths ('qwenjax-default-paths', "
+                                 "'qwenjax-int8-default-paths') and the report holds the record's table and choices.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join(tempfile.gettempdir(), "qwenjax-benchmark"),
                                   "Where report.json and tokens_per_s.png go.")
 
@@ -176,13 +182,20 @@ flags.register_validator("quantize", lambda qs: bool(qs) and set(qs) <= {"none",
 
 def main(argv):
   del argv
+  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   import qwenjax  # pylint: disable=g-import-not-at-top
   from qwenjax.config import DTYPES, default_scan_layers  # pylint: disable=g-import-not-at-top
+  from qwenjax.kernels import cpu_paths  # pylint: disable=g-import-not-at-top
 
   batches = sorted({int(b) for b in _BATCH_SIZES.value})
+  try:  # before jax starts its backend: the chosen XLA:CPU flags go in XLA_FLAGS
+    path_record = _cli.use_cpu_paths(_CPU_PATHS.value, cpu_paths.float_mode(_DTYPE.value))
+  except qwenjax.QwenJaxError as e:
+    _cli.fail(e)
+  os.environ["QWENJAX_CPU_PATHS"] = _CPU_PATHS.value  # the batch job's launch scripts take the same
   preset = _PRESET.value
   if preset is not None and flags.FLAGS["model"].present:
     _cli.fail("--model and --preset both name a model; pass one")
@@ -243,24 +256,29 @@ def main(argv):
   float_costs = costs.model_costs(cfg, costs.streamed_params(cfg) * param_bytes, param_bytes)
 
   engines: dict[str, dict] = {}
-  for quantize in [None, *quantized]:
-    name = "qwenjax" + (f"-{quantize}" if quantize else "")
-    run_model, run_costs, run_load_s = model, float_costs, load_s
-    if quantize:
-      start = time.perf_counter()
-      try:
-        run_model = _quantized_model(model, quantize, _QUANTIZE_EMBEDDINGS.value, source, dtype, scan)
-      except qwenjax.QwenJaxError as e:
-        _cli.fail(e)
-      run_load_s = time.perf_counter() - start
-      run_costs = costs.model_costs(cfg, costs.streamed_bytes(run_model), param_bytes)
-    generate = adapters.qwenjax_generate_fn(run_model, tokenizer, max_seq_len=max_seq_len)
-    engines[name] = {"load_s": run_load_s, "quantize": quantize or "none",
-                     "weight_bytes": costs.weight_bytes(run_model), "scan_layers": run_model.scan_layers,
-                     "max_seq_len": max_seq_len,
-                     "runs": [measure(name, generate, prompts[:b], n_new, run_costs, compiles=True)
-                              for b in batches],
-                     "peak_host_memory_gib": peak_rss_gib()}
+  # With a record, each engine on XLA's default paths too, side by side ("-default-paths").
+  variants = [(q, chosen) for q in [None, *quantized] for chosen in ((True, False) if path_record else (True,))]
+  for quantize, chosen_paths in variants:
+    name = "qwenjax" + (f"-{quantize}" if quantize else "") + ("" if chosen_paths else "-default-paths")
+    jax.clear_caches()  # programs traced on other paths must not be reused
+    paths_scope = contextlib.nullcontext() if chosen_paths else cpu_paths.using()
+    with paths_scope:
+      run_model, run_costs, run_load_s = model, float_costs, load_s
+      if quantize:
+        start = time.perf_counter()
+        try:
+          run_model = _quantized_model(model, quantize, _QUANTIZE_EMBEDDINGS.value, source, dtype, scan)
+        except qwenjax.QwenJaxError as e:
+          _cli.fail(e)
+        run_load_s = time.perf_counter() - start
+        run_costs = costs.model_costs(cfg, costs.streamed_bytes(run_model), param_bytes)
+      generate = adapters.qwenjax_generate_fn(run_model, tokenizer, max_seq_len=max_seq_len)
+      engines[name] = {"load_s": run_load_s, "quantize": quantize or "none",
+                       "weight_bytes": costs.weight_bytes(run_model), "scan_layers": run_model.scan_layers,
+                       "max_seq_len": max_seq_len,
+                       "runs": [measure(name, generate, prompts[:b], n_new, run_costs, compiles=True)
+                                for b in batches],
+                       "peak_host_memory_gib": peak_rss_gib()}
     del generate, run_model
     gc.collect()
   reference = engines["qwenjax"]["runs"][0]["_tokens"][0]
@@ -315,6 +333,9 @@ def main(argv):
                       "the head) + KV cache at the mean decode context T + n/2; prefill: 2 FLOPs per matmul weight "
                       "per token, the head at each prompt's last token, causal attention"},
       "engines": engines,
+      **({"cpu_paths": {"processor": path_record.get("processor"), "configs": path_record.get("configs"),
+                        "chosen": cpu_paths.describe_choices(path_record).splitlines(),
+                        "table": cpu_paths.format_table(path_record).splitlines()}} if path_record else {}),
       **sections,
       "ratios": compute_ratios(engines, batches, sections.get("job"), sections.get("concurrency"), dtype=dtype),
       "peak_host_memory_gib": peak_rss_gib(),

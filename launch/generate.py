@@ -53,6 +53,7 @@ def main(argv):
       raise qwenjax.ConfigError("--prompt_logprobs: prompt log-probabilities are printed in the --json output; "
                                 "pass --json too.")
     lora = _common.lora_kwargs()  # a malformed --lora fails before the model loads
+    _common.use_cpu_paths()
     _common.enable_compilation_cache()
     model = _common.MODEL.value
     serving = _common.serving(model, max_batch_size=1, max_seq_len=_common.MAX_SEQ_LEN.value,

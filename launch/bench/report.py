@@ -77,6 +77,14 @@ def compute_ratios(engines: dict, batches: list[int], job: dict | None = None,
                       for b in batches]}
   if quantized:
     ratios["quantized"] = quantized
+  paths = {}  # the probe's chosen matmul paths over XLA's defaults, per engine
+  for name in engines:
+    if name.endswith("-default-paths") and name.removesuffix("-default-paths") in engines:
+      chosen = name.removesuffix("-default-paths")
+      paths[chosen] = [{"batch": b, **{key: _ratio(get(chosen, b, key), get(name, b, key)) for key in (
+          "prefill_tokens_per_s", "decode_tokens_per_s", "throughput_tokens_per_s")}} for b in batches]
+  if paths:
+    ratios["chosen_paths_over_default_paths"] = paths
   if job is not None:
     wall = {name: e["wall_s"] for name, e in job["engines"].items() if "wall_s" in e and "failed" not in e}
     ratios["job"] = {"paged_speedup_over_llamacpp": _ratio(wall.get("llamacpp"), wall.get("qwenjax"))}
