@@ -23,6 +23,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
+# The whole suite runs on the matmul paths the CPU path probe chose on a Sapphire Rapids Xeon (a recorded table,
+# tests/data/cpu_paths_xeon.json: output-major int8 layouts, padded one-row dots), in process and in every launch
+# script a test starts; tests of the other paths say so (`cpu_paths.using`). A recorded table, not this machine's
+# probe: the probe takes minutes, and every path it can choose is exact anyway (test_cpu_paths.py).
+CPU_PATHS_RECORD = pathlib.Path(__file__).resolve().parent / "data" / "cpu_paths_xeon.json"
+os.environ.setdefault("QWENJAX_CPU_PATHS", str(CPU_PATHS_RECORD))
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -30,6 +37,17 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]  # the checkout: launch scripts run from here
+
+
+def _activate_recorded_paths():
+  from qwenjax.kernels import cpu_paths  # pylint: disable=g-import-not-at-top
+
+  record = cpu_paths.read_record(CPU_PATHS_RECORD)
+  for mode in cpu_paths.MODES:
+    cpu_paths.activate(cpu_paths.select(record, mode))
+
+
+_activate_recorded_paths()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,6 +75,15 @@ def _default_signal_handlers():
   yield
   signal.signal(signal.SIGINT, saved[0] if saved[0] is not None else signal.default_int_handler)
   signal.signal(signal.SIGTERM, saved[1] if saved[1] is not None else signal.SIG_DFL)
+
+
+def output_major_paths():
+  """`qwenjax.kernels.cpu_paths.Paths` that store every int8 projection output-major ([O..., K...]), with the
+  int8 dispatch's formulations of no record: for `cpu_paths.using(*output_major_paths())`."""
+  from qwenjax.kernels import cpu_paths  # pylint: disable=g-import-not-at-top
+
+  return [cpu_paths.Paths(mode, "default", (), {}, {}, ((1, cpu_paths.LEGACY_CPU_FORMULATION[mode]),), "nk")
+          for mode in cpu_paths.INT8_MODES]
 
 
 def build_tiny_qwen2(directory: pathlib.Path, seed: int = 0, **overrides):

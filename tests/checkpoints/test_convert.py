@@ -21,7 +21,7 @@ from qwenjax.model.qwen2_vl import QwenVLConfig
 from qwenjax.multimodal.processing import ImageProcessorConfig
 from qwenjax.text.tokenizer import Tokenizer
 
-from conftest import build_tiny_qwen2, qwen_chat_template, save_tiny_tokenizer_dir
+from conftest import build_tiny_qwen2, output_major_paths, qwen_chat_template, save_tiny_tokenizer_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TEXTS = ["", "def fibonacci(n):\n    return n", "你好，世界！ Café 😀", "<|im_start|>user\nhi<|im_end|>\n",
@@ -86,6 +86,41 @@ def test_int8_checkpoint_restores_the_quantized_model_exactly(source, converted_
     load(str(converted_int8), quantize="w8a8")
 
 
+def test_int8_checkpoints_of_either_layout_restore_into_the_other(source, converted_int8, tmp_path):
+  """converted_int8 holds its projections [K..., O...], as every int8 checkpoint written before the output-major
+  layout did. Restored where the processor's paths want output-major [O..., K...], each is transposed on load:
+  the same matrices, the same logits. Saved again from there, the metadata names the output-major arrays, and a
+  restore that wants [K..., O...] transposes them back to the original arrays."""
+  from qwenjax.kernels import cpu_paths  # noqa: PLC0415
+
+  assert json.loads((converted_int8 / "qwenjax_checkpoint.json").read_text())["int8_output_major"] == []
+  with cpu_paths.using():
+    as_stored = load(str(converted_int8), scan_layers=True)
+  with cpu_paths.using(*output_major_paths()):
+    converted = load(str(converted_int8), scan_layers=True)
+    unrolled = load(str(converted_int8), scan_layers=False).model
+    up = converted.model.layers.mlp.up
+    assert up.output_major and up.values.shape == (3, 160, 64)  # the tiny model: 3 layers, D=64, F=160
+    assert unrolled.layers[1].mlp.up.output_major
+    np.testing.assert_array_equal(np.asarray(up.dequantized()), np.asarray(as_stored.model.layers.mlp.up.dequantized()))
+    ids = jnp.asarray([[3, 17, 99, 4, 250, 7, 0, 0]], jnp.int32)
+    logits = [np.asarray(prefill(*nnx.split(m), KVCache.zeros(m.cfg, 1, 16), ids, jnp.array([6]))[0])
+              for m in (converted.model, unrolled)]
+    again = tmp_path / "output_major"
+    orbax_store.save(again, converted.model, converted.tokenizer,
+                     json.loads((converted_int8 / "config.json").read_text()), source="test")
+  with cpu_paths.using():
+    want = np.asarray(prefill(*nnx.split(as_stored.model), KVCache.zeros(as_stored.model.cfg, 1, 16), ids,
+                              jnp.array([6]))[0])
+  np.testing.assert_allclose(logits[0], want, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(logits[1], want, atol=1e-5, rtol=0)
+  meta = json.loads((again / "qwenjax_checkpoint.json").read_text())
+  assert "layers.mlp.up.values" in meta["int8_output_major"] and "embed.values" not in meta["int8_output_major"]
+  with cpu_paths.using():
+    back = load(str(again), scan_layers=True).model
+  _assert_same_weights(back, as_stored.model)
+
+
 def _weights(model):
   return {path: np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
@@ -127,7 +162,8 @@ def test_layout_on_disk(source, converted):
   assert "preprocessor_config.json" not in names
   meta = json.loads((converted / "qwenjax_checkpoint.json").read_text())
   assert meta == {"format": "qwenjax-orbax", "format_version": 1, "dtype": "float32", "source": str(source[0]),
-                  "layout": "stacked", "model": "Qwen2", "quantize": "none", "quantize_embeddings": False}
+                  "layout": "stacked", "model": "Qwen2", "quantize": "none", "quantize_embeddings": False,
+                  "int8_output_major": []}
   assert json.loads((converted / "config.json").read_text()) == json.loads((source[0] / "config.json").read_text())
   # One Orbax array directory per weight, stacked over layers: the tiny model has 15 weights.
   arrays = sorted(p.name for p in (converted / "params").iterdir() if (p / "zarr.json").exists())

@@ -160,8 +160,11 @@ def test_column_blocks_of_qwen_shapes():
 
 
 def test_dispatch():
-  assert im.xla_formulation("w8a16", backend="cpu") == "column_blocks"
-  assert im.xla_formulation("w8a8", backend="cpu") == "int32_dot_2_rows"  # XLA:CPU's int8 GEMM needs M >= 2
+  from qwenjax.kernels import cpu_paths  # noqa: PLC0415
+
+  with cpu_paths.using():  # no probe record: the formulations this module's docstring measured
+    assert im.xla_formulation("w8a16", backend="cpu") == "column_blocks"
+    assert im.xla_formulation("w8a8", backend="cpu") == "int32_dot_2_rows"  # XLA:CPU's int8 GEMM needs M >= 2
   for backend in ("gpu", "tpu"):
     assert im.xla_formulation("w8a16", backend=backend) == "convert"  # the reference's formula
     assert im.xla_formulation("w8a8", backend=backend) == "int32_dot"

@@ -43,7 +43,18 @@ def test_end_to_end_report_plot_and_table(tmp_path):
   # llama.cpp runs a GGUF file; a random-weight preset has none, and the report says so.
   assert "gguf" in report["engines"]["llamacpp"]["skipped"]
 
-  assert set(report["engines"]) == {"qwenjax", "qwenjax-int8", "transformers", "llamacpp"}
+  # The suite's recorded matmul paths ($QWENJAX_CPU_PATHS): each qwenjax engine also on XLA's default paths.
+  assert set(report["engines"]) == {"qwenjax", "qwenjax-int8", "qwenjax-default-paths", "qwenjax-int8-default-paths",
+                                    "transformers", "llamacpp"}
+  assert "Xeon" in report["cpu_paths"]["processor"] and report["cpu_paths"]["table"][3].startswith("shape")
+  assert any(line.startswith("w8a16: XLA:CPU configuration") for line in report["cpu_paths"]["chosen"])
+  for name in ("qwenjax", "qwenjax-int8"):
+    chosen_over_default = report["ratios"]["chosen_paths_over_default_paths"][name]
+    assert [r["batch"] for r in chosen_over_default] == [1, 2]
+    assert all(r["decode_tokens_per_s"] > 0 for r in chosen_over_default)
+    # Both paths exact: the same greedy tokens.
+    assert report["engines"][f"{name}-default-paths"]["runs"][0]["greedy_agreement_with_qwenjax"] == \
+        report["engines"][name]["runs"][0]["greedy_agreement_with_qwenjax"]
   for name in ("qwenjax", "transformers"):
     runs = report["engines"][name]["runs"]
     assert [r["batch"] for r in runs] == [1, 2]
@@ -131,7 +142,7 @@ def test_batch_job_and_concurrency_end_to_end(checkpoint, tmp_path):
       [sys.executable, "-m", "launch.benchmark", f"--model={checkpoint}", "--batch_sizes=1", "--prompt_tokens=64",
        "--new_tokens=4", "--job", "--job_requests=3", "--job_slots=2", "--concurrency", "--concurrency_seq_len=2048",
        "--concurrency_max_batch_size=4", "--concurrency_requests=3", f"--concurrency_kv_memory={memory}",
-       "--quantize=none,int8", f"--output_dir={tmp_path}"],
+       "--quantize=none,int8", "--cpu_paths=default", f"--output_dir={tmp_path}"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())

@@ -81,7 +81,7 @@ def test_plain_output_is_the_text_alone(checkpoint):
   assert proc.stdout == hf_tok.decode(ref, skip_special_tokens=True).rstrip("\ufffd") + "\n"
   assert "Loaded" in proc.stderr  # logs go to stderr, never stdout
   # qwenjax's own first line: not jax's INFO that a TPU backend (libtpu.so, on a CPU machine) could not start.
-  assert re.match(r"I\d{4} .* (_common|loader)\.py:\d+\] ", proc.stderr.splitlines()[0]), proc.stderr[:500]
+  assert re.match(r"I\d{4} .* (_cli|_common|loader)\.py:\d+\] ", proc.stderr.splitlines()[0]), proc.stderr[:500]
   assert "Unable to initialize backend" not in proc.stderr, proc.stderr[:500]
 
 
@@ -98,6 +98,7 @@ def test_sampling_flags_are_reproducible(checkpoint):
 @pytest.mark.parametrize("args, message", [
     (("--model=/nonexistent/model",), "/nonexistent/model: no such file or directory"),
     (("--temperature=-1",), "temperature must be a finite number >= 0"),
+    (("--cpu_paths=/nonexistent/record.json",), "/nonexistent/record.json: not a readable cpu paths record"),
 ])
 def test_bad_input_is_one_line_on_stderr(checkpoint, args, message):
   d = checkpoint[0]
@@ -132,6 +133,24 @@ def test_a_second_run_reads_its_programs_back_from_the_compilation_cache(checkpo
   off = _run(*args, f"--compilation_cache_dir={tmp_path / 'off'}", "--nocompilation_cache", env=env)
   assert off.returncode == 0 and "Compilation cache" not in off.stderr and not (tmp_path / "off").exists()
   assert json.loads(off.stdout)["token_ids"] == json.loads(first.stdout)["token_ids"]
+
+
+def test_the_matmul_paths_and_their_table_at_verbosity_1(checkpoint):
+  """The suite's recorded paths (--cpu_paths, from $QWENJAX_CPU_PATHS): one line names the processor and the
+  configuration chosen; --verbosity=1 adds the probe's table and the choice per shape; the answer is the same as
+  on XLA's default paths (--cpu_paths=default, which prints nothing of them)."""
+  from conftest import CPU_PATHS_RECORD
+
+  d = checkpoint[0]
+  args = (f"--model={d}", "--json", "--prompt=def f(x):", "--max_new_tokens=6", "--ignore_eos", "--quantize=w8a8")
+  chosen = _run(*args, f"--cpu_paths={CPU_PATHS_RECORD}", "--verbosity=1")
+  default = _run(*args, "--cpu_paths=default")
+  assert chosen.returncode == 0 and default.returncode == 0, (chosen.stderr + default.stderr)[-3000:]
+  assert re.search(r"Matmul paths \(Intel\(R\) Xeon\(R\) Processor, w8a8\): XLA:CPU configuration '\w+'",
+                   chosen.stderr), chosen.stderr[-3000:]
+  assert "microseconds per call:" in chosen.stderr and "layout nk" in chosen.stderr
+  assert "Matmul paths" not in default.stderr
+  assert json.loads(chosen.stdout)["token_ids"] == json.loads(default.stdout)["token_ids"]
 
 
 def test_the_cache_directory_names_the_processor_and_its_features():

@@ -1,6 +1,8 @@
 """`quantize="int8"` (w8a16) and `"w8a8"` on tiny Qwen2 checkpoints, against transformers models whose weights
 (and, for w8a8, whose Linear inputs) were quantized and dequantized by numpy, independently of qwenjax:
-logits within 1e-5 (w8a16) and greedy tokens identical; the loader quantizes one tensor at a time."""
+logits within 1e-5 (w8a16) and greedy tokens identical; the loader quantizes one tensor at a time. Each runs with
+the int8 projections stored as declared ([K..., O...]) and output-major ([O..., K...], what the CPU path probe
+chooses where it is faster)."""
 
 import tracemalloc
 
@@ -13,9 +15,10 @@ from flax import nnx
 from qwenjax import Engine, KVCache, SamplingParams, prefill
 from qwenjax.checkpoints.hf import load_model
 from qwenjax.engine import planner
+from qwenjax.kernels import cpu_paths
 from qwenjax.model.layers import QuantizedWeight
 
-from conftest import fake_quantized_reference
+from conftest import fake_quantized_reference, output_major_paths
 
 CONFIG = dict(tie_word_embeddings=False, num_attention_heads=8, num_key_value_heads=2, rope_theta=1e6)
 
@@ -34,8 +37,15 @@ def tiny(tiny_factory):
   return tiny_factory("quantized", **CONFIG)
 
 
+@pytest.fixture(params=["kn", "nk"])
+def layout(request):
+  """The int8 layout of every projection: "kn" as declared (no record active), "nk" output-major."""
+  with cpu_paths.using(*(output_major_paths() if request.param == "nk" else ())):
+    yield request.param
+
+
 @pytest.mark.parametrize("embeddings", [False, True], ids=["layers", "with_embeddings"])
-def test_int8_logits_match_a_numpy_quantized_reference(tiny, embeddings):
+def test_int8_logits_match_a_numpy_quantized_reference(tiny, embeddings, layout):
   path, hf = tiny
   model = load_model(path, quantize="int8", quantize_embeddings=embeddings, scan_layers=False)
   ids = np.random.default_rng(0).integers(0, 300, size=(2, 20))
@@ -49,7 +59,7 @@ def test_int8_logits_match_a_numpy_quantized_reference(tiny, embeddings):
   assert np.abs(float_logits - expected).max() > 1e-3
 
 
-def test_w8a8_logits_match_a_fake_quantized_reference(tiny):
+def test_w8a8_logits_match_a_fake_quantized_reference(tiny, layout):
   path, hf = tiny
   model = load_model(path, quantize="w8a8", scan_layers=True)
   ids = np.random.default_rng(1).integers(0, 300, size=(2, 20))
@@ -61,7 +71,7 @@ def test_w8a8_logits_match_a_fake_quantized_reference(tiny):
 
 
 @pytest.mark.parametrize("quantize", ["int8", "w8a8"])
-def test_engine_greedy_tokens_match_the_reference(tiny, quantize):
+def test_engine_greedy_tokens_match_the_reference(tiny, quantize, layout):
   path, hf = tiny
   ref = fake_quantized_reference(hf, embeddings=False, activations=quantize == "w8a8")
   engine = Engine(load_model(path, quantize=quantize, scan_layers=False), None, max_batch_size=2, max_seq_len=64)
@@ -74,20 +84,25 @@ def test_engine_greedy_tokens_match_the_reference(tiny, quantize):
     assert out.token_ids == want[0, len(prompt):].tolist()
 
 
-def test_quantized_weights_are_int8_with_per_channel_scales(tiny):
+def test_quantized_weights_are_int8_with_per_channel_scales(tiny, layout):
   path, _ = tiny
   model = load_model(path, quantize="int8", scan_layers=True)
   up = model.layers.mlp.up
-  assert isinstance(up, QuantizedWeight)
-  assert up.values[...].dtype == jnp.int8 and up.values.shape == (3, 64, 160) and up.scale.shape == (3, 160)
-  assert up.values.axes == ("layers", "embed", "mlp") and up.scale.axes == ("layers", "mlp")
+  assert isinstance(up, QuantizedWeight) and up.shape == (3, 64, 160) and up.output_major == (layout == "nk")
   o = model.layers.attn.o_kernel
-  assert o.values.shape == (3, 8, 8, 64) and o.scale.shape == (3, 64) and o.scale.axes == ("layers", "embed")
+  assert o.shape == (3, 8, 8, 64) and o.scale.shape == (3, 64) and o.scale.axes == ("layers", "embed")
+  assert up.values[...].dtype == jnp.int8 and up.scale.shape == (3, 160) and up.scale.axes == ("layers", "mlp")
+  if layout == "kn":
+    assert up.values.shape == (3, 64, 160) and up.values.axes == ("layers", "embed", "mlp")
+    assert o.values.shape == (3, 8, 8, 64)
+  else:  # output-major: the torch Linear's own [out, in], the axes moved with the dims
+    assert up.values.shape == (3, 160, 64) and up.values.axes == ("layers", "mlp", "embed")
+    assert o.values.shape == (3, 64, 8, 8) and o.values.axes == ("layers", "embed", "heads", "head_dim")
   # Norms, biases and (by default) the embedding stay float32.
   assert model.layers.attn.q_bias[...].dtype == jnp.float32 and model.embed[...].dtype == jnp.float32
 
 
-def test_loading_quantizes_one_tensor_at_a_time(tiny):
+def test_loading_quantizes_one_tensor_at_a_time(tiny, layout):
   """Host allocations while loading peak near the int8 model plus one float32 tensor, not the float model."""
   path, _ = tiny
   tracemalloc.start()
@@ -130,7 +145,7 @@ def test_quantize_must_be_known(tiny):
     load_model(tiny[0], quantize="int4")
 
 
-def test_sharded_quantized_weights_follow_their_axes(tiny):
+def test_sharded_quantized_weights_follow_their_axes(tiny, layout):
   """On a data x fsdp x tensor mesh each int8 values array shards like the float weight it replaces, and its scale
   like that weight's output dims (the specs come from the logical axes and the rules alone)."""
   from qwenjax.parallel.sharding import param_specs  # noqa: PLC0415
@@ -142,8 +157,13 @@ def test_sharded_quantized_weights_follow_their_axes(tiny):
     if name + "/values" not in quantized:
       assert quantized[name] == spec, name
       continue
-    assert quantized[name + "/values"] == spec, name
     contract = (1, 2) if name.endswith("o_kernel") else (1,)  # counted with the layers axis
+    nd = 4 if "attn" in name else 3  # [L, D, N, H] or [L, N, H, D]; [L, D, F] or [L, F, D]
+    dims = tuple(spec) + (None,) * (nd - len(spec))
+    if layout == "nk":  # output-major: the spec's entries move with their dims
+      dims = dims[:1] + tuple(d for i, d in enumerate(dims[1:], 1) if i not in contract) + tuple(
+          dims[i] for i in contract)
+    assert tuple(quantized[name + "/values"]) + (None,) * (nd - len(quantized[name + "/values"])) == dims, name
     kept = tuple(a for i, a in enumerate(tuple(spec) + (None,) * 4) if i not in contract)[:len(spec) - len(contract)]
     assert tuple(quantized[name + "/scale"]) == kept, (name, quantized[name + "/scale"], spec)
     checked += 1
@@ -151,9 +171,18 @@ def test_sharded_quantized_weights_follow_their_axes(tiny):
 
 
 def test_dequantized_weights_equal_values_times_scales(tiny):
-  """QuantizedWeight.dequantized on stacked and unrolled weights, against numpy on the stored arrays."""
-  scanned = load_model(tiny[0], quantize="int8", scan_layers=True)
-  unrolled = load_model(tiny[0], quantize="int8", scan_layers=False)
+  """QuantizedWeight.dequantized on stacked and unrolled weights, against numpy on the stored arrays; output-major
+  weights dequantize to the same declared-layout matrices."""
+  with cpu_paths.using():
+    scanned = load_model(tiny[0], quantize="int8", scan_layers=True)
+    unrolled = load_model(tiny[0], quantize="int8", scan_layers=False)
+  with cpu_paths.using(*output_major_paths()):
+    for kn, nk in ((scanned, load_model(tiny[0], quantize="int8", scan_layers=True)),
+                   (unrolled, load_model(tiny[0], quantize="int8", scan_layers=False))):
+      for name in ("o_kernel", "q_kernel"):
+        get = lambda m, name=name: getattr((m.layers if m.scan_layers else m.layers[1]).attn, name)
+        assert get(nk).output_major and not get(kn).output_major
+        np.testing.assert_array_equal(np.asarray(get(nk).dequantized()), np.asarray(get(kn).dequantized()))
   for w, contract in ((scanned.layers.attn.o_kernel, (1, 2)), (scanned.layers.mlp.down, (1,)),
                       (unrolled.layers[2].attn.o_kernel, (0, 1)), (unrolled.layers[0].mlp.up, (0,))):
     values, scale = np.asarray(w.values[...]), np.asarray(w.scale[...])

@@ -1,0 +1,161 @@
+"""qwenjax.kernels.cpu_paths and launch.bench.cpu_paths: the choice made from recorded tables (hand-built ones with
+the answer derived by hand, and the probe's record of a Sapphire Rapids Xeon in tests/data), one real probe of
+tiny shapes in subprocesses, and every formulation's results held to the default path's."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwenjax import ConfigError
+from qwenjax.kernels import cpu_paths, int8_matmul
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+XEON_RECORD = REPO / "tests" / "data" / "cpu_paths_xeon.json"
+
+
+def _entry(mode, m, us, *, config="default", layout=None, formulation=None, error=1e-7, k=64, n=96, **extra):
+  layout = layout or ("kn" if mode in cpu_paths.INT8_MODES else "-")
+  return dict(config=config, mode=mode, shape=f"{k}x{n}", k=k, n=n, m=m, layout=layout,
+              formulation=formulation or cpu_paths.DEFAULT_FORMULATION[mode], us=us, error=error, **extra)
+
+
+def _record(*entries, configs=("default", "onednn")):
+  return {"version": cpu_paths.RECORD_VERSION, "timings": list(entries),
+          "configs": {c: {"flags": list(cpu_paths.CONFIGS[c]), "status": "ok"} for c in configs}}
+
+
+def test_a_configuration_must_win_by_more_than_the_margin():
+  # onednn is 10% faster at both row counts: chosen, with its flags. At 3% faster it is noise: the defaults stay.
+  faster = _record(_entry("float32", 1, 100.0), _entry("float32", 8, 200.0),
+                   _entry("float32", 1, 90.0, config="onednn"), _entry("float32", 8, 180.0, config="onednn"))
+  paths = cpu_paths.select(faster, "float32")
+  assert paths.config == "onednn" and paths.flags == cpu_paths.CONFIGS["onednn"]
+  close = _record(_entry("float32", 1, 100.0), _entry("float32", 8, 200.0),
+                  _entry("float32", 1, 97.0, config="onednn"), _entry("float32", 8, 194.0, config="onednn"))
+  assert cpu_paths.select(close, "float32").config == "default"
+
+
+def test_inexact_paths_never_count():
+  # The onednn float32 path is 10x faster but 3x the default path's error; the int8 one is fast but its int32 dot
+  # differs from numpy's. Neither is chosen. (Errors above the floor of 2^-20 that any float32 path may have.)
+  record = _record(_entry("float32", 2, 100.0, error=1e-6), _entry("float32", 2, 10.0, config="onednn", error=3e-6),
+                   _entry("w8a8", 2, 100.0), _entry("w8a8", 2, 10.0, config="onednn", int_exact=False))
+  assert cpu_paths.select(record, "float32").config == "default"
+  assert cpu_paths.select(record, "w8a8").config == "default"
+  # Within twice the default's error it counts.
+  record["timings"][1]["error"] = 1.9e-6
+  assert cpu_paths.select(record, "float32").config == "onednn"
+  assert not cpu_paths.exact(_entry("float32", 1, 1.0, error=math.nan), 1e-7)
+  assert cpu_paths.exact(_entry("float32", 1, 1.0, error=5e-7), 0.0)  # within the floor
+  assert not cpu_paths.exact(_entry("bfloat16", 1, 1.0, error=0.02), 1e-3)
+
+
+def test_layout_by_total_time_and_formulation_per_row_count():
+  # [K, N] wins at M = 1 and 2 by a little, [N, K] at 32 by a lot: the totals pick "nk" (100+50+400 < 90+45+900).
+  e = lambda m, us, layout, formulation: _entry("w8a8", m, us, layout=layout, formulation=formulation)
+  record = _record(e(1, 95, "kn", "int32_dot"), e(1, 90, "kn", "int32_dot_2_rows"), e(2, 45, "kn", "int32_dot"),
+                   e(32, 900, "kn", "int32_dot"),
+                   e(1, 300, "nk", "int32_dot"), e(1, 100, "nk", "int32_dot_2_rows"), e(2, 50, "nk", "int32_dot"),
+                   e(32, 400, "nk", "int32_dot"))
+  paths = cpu_paths.select(record, "w8a8")
+  assert paths.layout(64, 96) == "nk"
+  assert paths.formulations[64, 96] == ((1, "int32_dot_2_rows"), (2, "int32_dot"))
+  assert [paths.formulation(m, 64, 96) for m in (1, 2, 5, 32, 200)] == [
+      "int32_dot_2_rows", "int32_dot", "int32_dot", "int32_dot", "int32_dot"]
+  # A shape the probe did not time: the fallback (what most shapes chose) and the layout most shapes chose.
+  assert paths.formulation(1, 7, 9) == "int32_dot_2_rows" and paths.layout(7, 9) == "nk"
+
+
+def test_no_default_timings_is_a_clear_error():
+  with pytest.raises(ConfigError, match="no exact w8a16 timing"):
+    cpu_paths.select(_record(_entry("float32", 1, 1.0)), "w8a16")
+  with pytest.raises(ConfigError, match="mode 'int4'"):
+    cpu_paths.select(_record(), "int4")
+
+
+def test_the_xeon_record_chooses_the_fastest_exact_path_of_each_cell():
+  """On the recorded probe of a Sapphire Rapids Xeon: the chosen configuration is no slower than the defaults
+  (geometric mean), and at every probed (shape, M) the chosen formulation (in the chosen layout) is the fastest
+  exact one there, recomputed here from the table."""
+  record = json.loads(XEON_RECORD.read_text())
+  assert "Xeon" in record["processor"]
+  for mode in cpu_paths.MODES:
+    paths = cpu_paths.select(record, mode)
+    rows = [e for e in record["timings"] if e["mode"] == mode]
+    base = {(e["k"], e["n"], e["m"]): e["error"] for e in rows if e["config"] == "default"
+            and e["formulation"] == cpu_paths.DEFAULT_FORMULATION[mode] and e["layout"] in ("kn", "-")}
+    ok = [e for e in rows if cpu_paths.exact(e, base[e["k"], e["n"], e["m"]])]
+    for k, n, m in base:
+      layout = paths.layout(k, n) if mode in cpu_paths.INT8_MODES else "-"
+      cell = [e for e in ok if (e["config"], e["k"], e["n"], e["m"], e["layout"]) == (paths.config, k, n, m, layout)]
+      assert paths.formulation(m, k, n) == min(cell, key=lambda e: e["us"])["formulation"], (mode, k, n, m)
+
+
+def test_user_xla_flags_win():
+  paths = cpu_paths.Paths("float32", "onednn", cpu_paths.CONFIGS["onednn"], {}, {}, ((1, "dot"),))
+  env = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
+  assert cpu_paths.apply_xla_flags(paths, env) is None and env["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+  env = {}
+  assert cpu_paths.apply_xla_flags(paths, env) == " ".join(cpu_paths.CONFIGS["onednn"]) == env["XLA_FLAGS"]
+
+
+def test_a_real_probe_of_tiny_shapes(tmp_path):
+  """The probe end to end: two configurations, each in its own process, every mode, both layouts; every path's
+  error is recorded and every int8 dot equals numpy's; the record reads back and chooses for every mode."""
+  out = tmp_path / "record.json"
+  probe = lambda *args: subprocess.run(
+      [sys.executable, "-m", "launch.bench.cpu_paths", "--shapes=64x96,96x64", "--rows=1,3", "--repeats=1",
+       "--rotate_mib=0", "--configs=default,ynnpack", f"--output={out}", *args],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  first = probe("--modes=float32,bfloat16,w8a16")
+  assert first.returncode == 0, first.stderr[-2000:]
+  proc = probe("--modes=w8a8", "--merge")  # a launch script's first use in a new mode adds that mode
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  record = cpu_paths.read_record(out)
+  assert record["configs"]["default"]["status"] == {mode: "ok" for mode in cpu_paths.MODES}
+  assert record["configs"]["ynnpack"]["flags"] == ["--xla_cpu_experimental_ynn_fusion_type=dot"]
+  timings = record["timings"]
+  assert {e["mode"] for e in timings} == set(cpu_paths.MODES)
+  assert {e["layout"] for e in timings if e["mode"] == "w8a8"} == {"kn", "nk"}
+  assert all(e["int_exact"] for e in timings if e["mode"] == "w8a8")
+  assert all(math.isfinite(e["us"]) and e["us"] > 0 for e in timings)
+  for e in timings:  # every path within float32 (bfloat16) error of the float64 reference
+    assert e["error"] < (2e-2 if e["mode"] == "bfloat16" else 1e-5), e
+  for mode in cpu_paths.MODES:
+    assert cpu_paths.select(record, mode).mode == mode
+  assert "chosen:" in proc.stdout and "64x96" in proc.stdout
+
+
+@pytest.mark.parametrize("formulation", sorted(cpu_paths.FLOAT_FORMULATIONS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_float_formulations_match_numpy(formulation, dtype, m):
+  rng = np.random.default_rng(m)
+  x = jnp.asarray(rng.standard_normal((m, 48)), dtype)
+  w = jnp.asarray(rng.standard_normal((48, 40)), dtype)
+  want = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
+  for transpose, weight in ((False, w), (True, w.T)):
+    got = np.asarray(jax.jit(cpu_paths.FLOAT_FORMULATIONS[formulation], static_argnums=2)(x, weight, transpose)
+                     .astype(jnp.float32))
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=0)
+
+
+def test_the_active_paths_steer_the_int8_dispatch():
+  """int8_matmul's XLA formulation follows the active record (per M and shape), and falls back without one."""
+  paths = cpu_paths.Paths("w8a16", "default", (), {}, {(64, 96): ((1, "convert"), (8, "column_blocks"))},
+                          ((1, "column_blocks"),))
+  with cpu_paths.using():
+    assert int8_matmul.xla_formulation("w8a16", "cpu", m=1, k=64, n=96) == "column_blocks"
+  with cpu_paths.using(paths):
+    assert int8_matmul.xla_formulation("w8a16", "cpu", m=1, k=64, n=96) == "convert"
+    assert int8_matmul.xla_formulation("w8a16", "cpu", m=8, k=64, n=96) == "column_blocks"
+    assert int8_matmul.xla_formulation("w8a16", "tpu", m=1, k=64, n=96) == "convert"
+    assert int8_matmul.xla_formulation("w8a8", "cpu", m=1, k=64, n=96) == "int32_dot_2_rows"  # no w8a8 record
