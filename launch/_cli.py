@@ -63,12 +63,16 @@ def use_cpu_paths(value: str, mode: str) -> dict | None:
   modes = sorted({e.get("mode") for e in record["timings"]} & set(cpu_paths.MODES), key=cpu_paths.MODES.index)
   if mode not in modes:
     raise ConfigError(f"--cpu_paths={value}: the record holds no {mode} timings (it has {', '.join(modes) or 'none'}).")
-  chosen = {m: cpu_paths.select(record, m) for m in modes}
-  flags_set = cpu_paths.apply_xla_flags(chosen[mode])
+  own = cpu_paths.select(record, mode)
+  flags_set = cpu_paths.apply_xla_flags(own)
+  # One XLA configuration per process: every other mode chooses among that configuration's timings.
+  running = cpu_paths.config_of_flags(os.environ.get("XLA_FLAGS", ""))
+  chosen = {m: cpu_paths.select(record, m, config=running) for m in modes}
   for paths in chosen.values():
     cpu_paths.activate(paths)
   absl_logging.info("Matmul paths (%s, %s): XLA:CPU configuration %r%s.", record.get("processor", "?"), mode,
-               chosen[mode].config, f", XLA_FLAGS={flags_set}" if flags_set else "")
+               chosen[mode].config, f", XLA_FLAGS={flags_set}" if flags_set else (
+                   f" (XLA_FLAGS of your own; {own.config!r} was chosen)" if running != own.config else ""))
   absl_logging.vlog(1, "Matmul path record:\n%s\nChosen:\n%s", cpu_paths.format_table(record), chosen[mode].describe())
   return record
 

@@ -36,8 +36,8 @@ def use_cpu_paths(mode: str = "float32",
                   record: str | os.PathLike[str] | Mapping | None = None) -> cpu_paths.Paths | None:
   """The library's one call, made before the first jax computation: reads the record of this processor (or the
   one given, a path or a dict), activates its paths for `mode` and puts their XLA flags in XLA_FLAGS (unless
-  XLA_FLAGS is set). Returns the Paths, or None when this processor has no record yet (`python -m
-  launch.bench.cpu_paths` writes it)."""
+  XLA_FLAGS is set: then the paths are those measured under the configuration those flags run). Returns the
+  Paths, or None when this processor has no record yet (`python -m launch.bench.cpu_paths` writes it)."""
   if record is None:
     path = record_path()
     if not path.is_file():
@@ -47,5 +47,8 @@ def use_cpu_paths(mode: str = "float32",
     record = cpu_paths.read_record(record)
   paths = cpu_paths.select(record, mode)
   cpu_paths.apply_xla_flags(paths)
+  running = cpu_paths.config_of_flags(os.environ.get("XLA_FLAGS", ""))
+  if running != paths.config:  # the user's XLA_FLAGS: choose among what runs under them
+    paths = cpu_paths.select(record, mode, config=running)
   cpu_paths.activate(paths)
   return paths

@@ -139,9 +139,11 @@ def _entries(record: Mapping) -> list[dict]:
   return [e for e in record.get("timings", []) if isinstance(e, dict)]
 
 
-def select(record: Mapping, mode: str) -> Paths:
-  """The paths a record chooses for `mode` (the rules in the module docstring). ConfigError if the record holds
-  no exact timing of the mode under the default configuration."""
+def select(record: Mapping, mode: str, config: str | None = None) -> Paths:
+  """The paths a record chooses for `mode` (the rules in the module docstring). config: the XLA:CPU configuration
+  the process runs under when it is not the mode's own choice (a process has one: the other modes of a process
+  choose their formulations and layouts among that configuration's timings); None chooses it. ConfigError if the
+  record holds no exact timing of the mode under the default configuration."""
   if mode not in MODES:
     raise ConfigError(f"cpu paths mode {mode!r} is not one of {MODES}.")
   entries = [e for e in _entries(record) if e.get("mode") == mode]
@@ -157,11 +159,14 @@ def select(record: Mapping, mode: str) -> Paths:
   if not cells:
     raise ConfigError(f"the cpu paths record holds no exact {mode} timing under the default configuration.")
   score = {}
-  for config in sorted({key[0] for key in best}):
-    if all((config, *cell) in best for cell in cells):
-      score[config] = math.exp(sum(math.log(best[(config, *cell)]) for cell in cells) / len(cells))
-  config = min(score, key=score.get)
-  if config != "default" and score["default"] < MIN_GAIN * score[config]:
+  for candidate in sorted({key[0] for key in best}):
+    if all((candidate, *cell) in best for cell in cells):
+      score[candidate] = math.exp(sum(math.log(best[(candidate, *cell)]) for cell in cells) / len(cells))
+  if config is None:
+    config = min(score, key=score.get)
+    if config != "default" and score["default"] < MIN_GAIN * score[config]:
+      config = "default"
+  elif config not in score:  # not timed (or not exact) in this mode: XLA's defaults are what was measured
     config = "default"
 
   mine = [e for e in usable if e["config"] == config]
@@ -231,9 +236,17 @@ def format_table(record: Mapping) -> str:
 
 
 def describe_choices(record: Mapping) -> str:
-  """Every mode's choice (`Paths.describe`)."""
+  """Every mode's choice (`Paths.describe`), each under its own best configuration."""
   modes = sorted({e["mode"] for e in _entries(record)}, key=MODES.index)
   return "\n".join(select(record, mode).describe() for mode in modes)
+
+
+def config_of_flags(xla_flags: str) -> str:
+  """The configuration an XLA_FLAGS value runs: the one whose flags it all holds (the most flags wins), else the
+  defaults."""
+  given = set(xla_flags.split())
+  held = [c for c, f in CONFIGS.items() if f and set(f) <= given]
+  return max(held, key=lambda c: len(CONFIGS[c]), default="default")
 
 
 # --- Where records live ---

@@ -42,6 +42,21 @@ def test_a_configuration_must_win_by_more_than_the_margin():
   assert cpu_paths.select(close, "float32").config == "default"
 
 
+def test_a_process_of_another_configuration_chooses_among_its_timings():
+  """One XLA configuration per process: a mode that is not the process's own chooses among the timings of the
+  configuration the process runs (here onednn's formulation differs from the defaults')."""
+  e = lambda m, us, config, formulation: _entry("w8a16", m, us, config=config, formulation=formulation)
+  record = _record(e(1, 100, "default", "convert"), e(1, 50, "default", "column_blocks"),
+                   e(1, 10, "onednn", "convert"), e(1, 40, "onednn", "column_blocks"))
+  assert cpu_paths.select(record, "w8a16").formulation(1, 64, 96) == "convert"  # onednn, 5x the defaults
+  assert cpu_paths.select(record, "w8a16", config="default").formulation(1, 64, 96) == "column_blocks"
+  assert cpu_paths.select(record, "w8a16", config="xnnpack").config == "default"  # never timed: the defaults
+  assert cpu_paths.config_of_flags("--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot "
+                                   "--xla_dump_to=/tmp") == "onednn"
+  assert cpu_paths.config_of_flags("--xla_cpu_use_onednn=true") == "default"
+  assert cpu_paths.config_of_flags("") == "default"
+
+
 def test_inexact_paths_never_count():
   # The onednn float32 path is 10x faster but 3x the default path's error; the int8 one is fast but its int32 dot
   # differs from numpy's. Neither is chosen. (Errors above the floor of 2^-20 that any float32 path may have.)
@@ -86,8 +101,8 @@ def test_the_xeon_record_chooses_the_fastest_exact_path_of_each_cell():
   exact one there, recomputed here from the table."""
   record = json.loads(XEON_RECORD.read_text())
   assert "Xeon" in record["processor"]
-  for mode in cpu_paths.MODES:
-    paths = cpu_paths.select(record, mode)
+  for mode, config in [(m, None) for m in cpu_paths.MODES] + [(m, "default") for m in cpu_paths.MODES]:
+    paths = cpu_paths.select(record, mode, config=config)
     rows = [e for e in record["timings"] if e["mode"] == mode]
     base = {(e["k"], e["n"], e["m"]): e["error"] for e in rows if e["config"] == "default"
             and e["formulation"] == cpu_paths.DEFAULT_FORMULATION[mode] and e["layout"] in ("kn", "-")}
