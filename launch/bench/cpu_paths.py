@@ -33,16 +33,9 @@ import time
 from absl import app, flags, logging
 
 from launch import _cli
+from launch.bench import measure
 
-# name -> (K, N, the weight is stored [N, K]): Qwen2.5-0.5B's matmuls (hidden 896, MLP 4864, 14 query heads and 2
-# KV heads of 64, vocabulary 151936).
-SHAPES = {
-    "mlp_up": (896, 4864, False),
-    "mlp_down": (4864, 896, False),
-    "q_o": (896, 896, False),
-    "kv": (896, 128, False),
-    "lm_head": (896, 151936, True),
-}
+SHAPES = measure.MATMUL_SHAPES
 DEFAULT_ROWS = (1, 2, 8, 32, 128)
 
 _MODES = flags.DEFINE_list("modes", ["float32", "bfloat16", "w8a16", "w8a8"], "Modes to probe.")
@@ -62,12 +55,6 @@ _MERGE = flags.DEFINE_bool("merge", False, "Keep the --output record's timings o
 _WORKER = flags.DEFINE_string("worker", None, "Internal: time one configuration, write JSON here.")
 
 
-def _positive_integers(values: list[str]) -> bool:
-  try:
-    return bool(values) and all(int(v) >= 1 for v in values)
-  except ValueError:
-    return False
-
 
 def parse_shape(name: str) -> tuple[int, int, bool]:
   """A shape name or "KxN" -> (K, N, stored [N, K])."""
@@ -86,7 +73,7 @@ def _valid_shapes(names: list[str]) -> bool:
     return False
 
 
-flags.register_validator("rows", _positive_integers, "expected positive integers, e.g. 1,2,8")
+flags.register_validator("rows", measure.positive_integers, "expected positive integers, e.g. 1,2,8")
 flags.register_validator("modes", lambda m: bool(m) and set(m) <= {"float32", "bfloat16", "w8a16", "w8a8"},
                          "expected modes among float32, bfloat16, w8a16, w8a8")
 flags.register_validator("configs", lambda c: bool(c) and set(c) <= {"default", "onednn", "xnnpack", "ynnpack"},

@@ -66,14 +66,7 @@ from absl import app, flags, logging
 from launch import _cli
 from launch.bench import measure
 
-# name -> (K, N, transpose_rhs): Qwen2.5-0.5B (hidden 896, MLP 4864, 2 KV heads of 64, vocabulary 151936).
-SHAPES = {
-    "mlp_up": (896, 4864, False),
-    "mlp_down": (4864, 896, False),
-    "q_o": (896, 896, False),
-    "kv": (896, 128, False),
-    "lm_head": (896, 151936, True),
-}
+SHAPES = measure.MATMUL_SHAPES
 
 _ROWS = flags.DEFINE_list("rows", ["1", "8", "32", "128"], "Row counts M (tokens) of x.")
 _MODES = flags.DEFINE_list("modes", ["w8a16", "w8a8"], "Quantization modes to time.")
@@ -85,14 +78,8 @@ _ROTATE_MIB = flags.DEFINE_integer("rotate_mib", 64, "int8 weight bytes cycled t
                                    "weights are read from memory, not cache.", lower_bound=0)
 
 
-def _positive_integers(values: list[str]) -> bool:
-  try:
-    return bool(values) and all(int(v) >= 1 for v in values)
-  except ValueError:
-    return False
 
-
-flags.register_validator("rows", _positive_integers, "expected positive integers, e.g. 1,8,32")
+flags.register_validator("rows", measure.positive_integers, "expected positive integers, e.g. 1,8,32")
 flags.register_validator("modes", lambda modes: bool(modes) and set(modes) <= {"w8a16", "w8a8"},
                          "expected modes among w8a16, w8a8")
 flags.register_validator("shapes", lambda names: bool(names) and set(names) <= set(SHAPES),

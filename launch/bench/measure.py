@@ -103,6 +103,24 @@ def peak_rss_gib() -> float:
 
 # --- Timing one jitted call (the matmul microbenchmarks) ---
 
+# name -> (K, N, the weight is stored [N, K]): Qwen2.5-0.5B's matmuls (hidden 896, MLP 4864, 14 query heads and 2
+# KV heads of 64, vocabulary 151936), what launch.bench.int8_matmul and launch.bench.cpu_paths time.
+MATMUL_SHAPES = {
+    "mlp_up": (896, 4864, False),
+    "mlp_down": (4864, 896, False),
+    "q_o": (896, 896, False),
+    "kv": (896, 128, False),
+    "lm_head": (896, 151936, True),
+}
+
+
+def positive_integers(values: list[str]) -> bool:
+  """A flag validator: a non-empty list of integers >= 1."""
+  try:
+    return bool(values) and all(int(v) >= 1 for v in values)
+  except ValueError:
+    return False
+
 GROUP = 16  # calls chained in one jitted program
 
 
