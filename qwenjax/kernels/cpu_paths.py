@@ -10,7 +10,7 @@ jaxlib under the cache directory (`qwenjax.engine.cpu_records`). `select(record,
 
   config        the XLA:CPU configuration of the mode: the one whose exact paths run fastest over all shapes and
                 row counts (geometric mean), kept over the defaults only if it wins by more than `MIN_GAIN`
-  layouts       (K, N) -> "kn" or "nk": an int8 weight's stored layout (fastest summed over the row counts)
+  layouts       (K, N) -> "kn" or "nk": an int8 weight's stored layout (fastest over the row counts, geometric mean)
   formulations  (K, N) -> [(smallest M, formulation)], and a mode-wide fallback for shapes not probed
 
 A path counts only if it is exact for its mode (`exact`): float32 and bfloat16 results within twice the error of
@@ -179,7 +179,7 @@ def select(record: Mapping, mode: str, config: str | None = None) -> Paths:
       for candidate in LAYOUTS:
         times = [min((e["us"] for e in mine if (e["k"], e["n"], e["m"], e["layout"]) == (k, n, m, candidate)),
                      default=math.inf) for m in sorted({e["m"] for e in mine if (e["k"], e["n"]) == (k, n)})]
-        totals[candidate] = sum(times)
+        totals[candidate] = sum(math.log(t) for t in times)  # geometric mean: every row count counts alike
       layout = min(LAYOUTS, key=lambda c: (totals[c], c != "kn"))
       layouts[k, n] = layout
     steps = []

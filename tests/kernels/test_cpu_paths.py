@@ -73,7 +73,8 @@ def test_inexact_paths_never_count():
 
 
 def test_layout_by_total_time_and_formulation_per_row_count():
-  # [K, N] wins at M = 1 and 2 by a little, [N, K] at 32 by a lot: the totals pick "nk" (100+50+400 < 90+45+900).
+  # [K, N] wins at M = 1 and 2 by a little, [N, K] at 32 by a lot: the geometric means pick "nk"
+  # (100*50*400 < 90*45*900).
   e = lambda m, us, layout, formulation: _entry("w8a8", m, us, layout=layout, formulation=formulation)
   record = _record(e(1, 95, "kn", "int32_dot"), e(1, 90, "kn", "int32_dot_2_rows"), e(2, 45, "kn", "int32_dot"),
                    e(32, 900, "kn", "int32_dot"),
