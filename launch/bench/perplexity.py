@@ -33,6 +33,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import pathlib
 import time
 from collections.abc import Sequence
@@ -144,6 +145,8 @@ def define_flags() -> None:
                        "token unscored.", lower_bound=2)
   flags.DEFINE_enum("reference", "none", ["none", "transformers"], "Also score the same windows with transformers "
                     "in float32 on the same weights.")
+  flags.DEFINE_string("cpu_paths", os.environ.get("QWENJAX_CPU_PATHS", "auto"), "Matmul paths on CPU, as "
+                      "launch.generate's --cpu_paths: auto, default, or a record file.")
 
 
 def main(argv):
@@ -152,6 +155,9 @@ def main(argv):
 
   f = flags.FLAGS
   try:
+    from qwenjax.kernels import cpu_paths  # pylint: disable=g-import-not-at-top
+
+    _cli.use_cpu_paths(f.cpu_paths, cpu_paths.mode_of(f.dtype, f.quantize))  # before jax starts its backend
     try:
       text = pathlib.Path(f.corpus).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -160,7 +166,8 @@ def main(argv):
     tokens = loaded.tokenizer.encode(text)
     start = time.perf_counter()
     result = perplexity(loaded, tokens, window=f.window)
-    result = {"model": loaded.source, "dtype": f.dtype, "quantize": f.quantize,
+    result = {"model": loaded.source, "dtype": f.dtype, "quantize": f.quantize, "cpu_paths": f.cpu_paths,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "quantize_embeddings": f.quantize_embeddings, "corpus": f.corpus, "window": f.window, **result,
               "seconds": time.perf_counter() - start}
     logging.info("qwenjax: %s", result)

@@ -14,9 +14,13 @@ from launch.bench.adapters import ENGINES
 from launch.bench.probes import cpuinfo
 
 LABELS = {"qwenjax": "qwenjax", "transformers": "transformers", "llamacpp": "llama.cpp", "qwenjax-int8": "qwenjax-int8",
-          "qwenjax-w8a8": "qwenjax-w8a8"}
+          "qwenjax-w8a8": "qwenjax-w8a8",
+          # each qwenjax engine on XLA's default matmul paths, beside it on the probe's (launch/benchmark.py)
+          "qwenjax-default-paths": "qwenjax xla-paths", "qwenjax-int8-default-paths": "int8 xla-paths",
+          "qwenjax-w8a8-default-paths": "w8a8 xla-paths"}
 COLORS = {"qwenjax": "tab:blue", "transformers": "tab:red", "llamacpp": "tab:green", "qwenjax-int8": "tab:orange",
-          "qwenjax-w8a8": "tab:brown"}
+          "qwenjax-w8a8": "tab:brown", "qwenjax-default-paths": "tab:cyan", "qwenjax-int8-default-paths": "tab:olive",
+          "qwenjax-w8a8-default-paths": "tab:pink"}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
