@@ -228,7 +228,18 @@ class GGUFCheckpoint:
         for _ in pool.map(dequantize, range(0, rows, step)):
           pass
     raw = None  # the view of the map goes now, not with the closure
+    self._release(t)
     return out.reshape(t.shape)
+
+  def _release(self, t: _Tensor) -> None:
+    """Drops the file pages of tensor `t` from this process's resident memory once it has been read: a mapped
+    file's pages count in RSS while mapped, and a loader that touched the whole file would hold it all (they stay
+    in the page cache; a second read maps them again)."""
+    page = mmap.PAGESIZE
+    begin, end = t.start // page * page, -(-(t.start + t.nbytes) // page) * page
+    end = min(end, len(self._mmap))
+    if end > begin and hasattr(mmap, "MADV_DONTNEED"):
+      self._mmap.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
   def get_int8_rows(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
     """A Q8_0 tensor straight to int8 with one scale per row, or None for any other type (`get_tensor` then).
@@ -250,6 +261,7 @@ class GGUFCheckpoint:
       w = blocks[:, :, 2:].copy().view(np.int8).astype(np.float32) * d  # [r, B, 32], exact
       values[begin:begin + step], scale[begin:begin + step] = quantize_host(w.reshape(-1, row), (1,))
     raw = None
+    self._release(t)
     return values, scale
 
   def hf_config(self) -> dict[str, Any]:

@@ -157,15 +157,36 @@ class QuantizedWeight(nnx.Module):
     return w.astype(dtype)
 
 
+_QUANTIZE_CHUNK = 1 << 22  # float32 values per chunk of `quantize_host` (16 MiB)
+
+
 def quantize_host(array: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
   """A float weight on the host -> (int8 values, float32 scale over the remaining dims): scale = amax / 127 over
   `axes`, values = round(w / scale) (half to even); a channel of zeros gets scale 0 and values 0. The loaders'
-  quantizer, the same rule as `qwenjax.kernels.int8_matmul.quantize_per_channel` on device."""
+  quantizer, the same rule as `qwenjax.kernels.int8_matmul.quantize_per_channel` on device. Works through the
+  first dim that is not contracted in chunks of ~16 MiB, so that it holds no float32 temporary the size of the
+  weight beside the weight itself (a 0.5B model's embedding is 544 MB in float32)."""
   w = np.asarray(array, np.float32)
-  scale = np.max(np.abs(w), axis=axes) / np.float32(127)  # [remaining dims]
+  axes = tuple(a % w.ndim for a in axes)
+  kept = [d for d in range(w.ndim) if d not in axes]
+  values = np.empty(w.shape, np.int8)
+  scale = np.empty([w.shape[d] for d in kept], np.float32)
+  if not kept or w.size == 0:
+    return _quantize_block(w, axes, values, scale)
+  lead = kept[0]  # chunks along it: every chunk holds whole channels
+  step = max(1, _QUANTIZE_CHUNK // max(1, w.size // max(1, w.shape[lead])))
+  for begin in range(0, w.shape[lead], step):
+    part = (slice(None),) * lead + (slice(begin, begin + step),)
+    _quantize_block(w[part], axes, values[part], scale[(slice(begin, begin + step),)])
+  return values, scale
+
+
+def _quantize_block(w: np.ndarray, axes: tuple[int, ...], values: np.ndarray, scale: np.ndarray):
+  """`quantize_host` of one block of whole channels, written into `values` and `scale` (views of the outputs)."""
+  scale[...] = np.max(np.abs(w), axis=axes) / np.float32(127)  # [remaining dims]
   safe = np.expand_dims(np.where(scale > 0, scale, np.float32(1)), axes)
-  values = np.clip(np.round(w / safe), -127, 127).astype(np.int8)
-  return values, scale.astype(np.float32)
+  values[...] = np.clip(np.round(w / safe), -127, 127).astype(np.int8)
+  return values, scale
 
 
 def scale_axes(axes: tuple[str | None, ...], contract: tuple[int, ...]) -> tuple[str | None, ...]:

@@ -235,8 +235,9 @@ def test_q8_0_loads_straight_to_int8(model_file, monkeypatch):
                        (model.layers[0].attn.q_kernel, "model.layers.0.self_attn.q_proj.weight")):
     values, scale = expected[name]  # [out, in] rows of the checkpoint tensor, a scale per output row
     got = np.asarray(weight.values[...])
-    np.testing.assert_array_equal(got if name.endswith("embed_tokens.weight") else got.reshape(values.shape[1], -1).T,
-                                  values, err_msg=name)
+    if not name.endswith("embed_tokens.weight"):  # [in..., out...], or output-major [out..., in...]
+      got = got.reshape(values.shape[0], -1) if weight.output_major else got.reshape(values.shape[1], -1).T
+    np.testing.assert_array_equal(got, values, err_msg=name)
     np.testing.assert_array_equal(np.asarray(weight.scale[...]).reshape(-1), scale, err_msg=name)
   assert checkpoint.get_int8_rows("model.layers.0.self_attn.q_proj.weight") is None
 
