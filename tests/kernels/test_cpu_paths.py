@@ -45,12 +45,12 @@ def test_a_configuration_must_win_by_more_than_the_margin():
 def test_a_process_of_another_configuration_chooses_among_its_timings():
   """One XLA configuration per process: a mode that is not the process's own chooses among the timings of the
   configuration the process runs (here onednn's formulation differs from the defaults')."""
-  e = lambda m, us, config, formulation: _entry("w8a16", m, us, config=config, formulation=formulation)
-  record = _record(e(1, 100, "default", "convert"), e(1, 50, "default", "column_blocks"),
-                   e(1, 10, "onednn", "convert"), e(1, 40, "onednn", "column_blocks"))
-  assert cpu_paths.select(record, "w8a16").formulation(1, 64, 96) == "convert"  # onednn, 5x the defaults
-  assert cpu_paths.select(record, "w8a16", config="default").formulation(1, 64, 96) == "column_blocks"
-  assert cpu_paths.select(record, "w8a16", config="xnnpack").config == "default"  # never timed: the defaults
+  e = lambda m, us, config, formulation: _entry("bfloat16", m, us, config=config, formulation=formulation)
+  record = _record(e(1, 100, "default", "dot"), e(1, 50, "default", "dot_2_rows"),
+                   e(1, 10, "onednn", "dot"), e(1, 40, "onednn", "dot_2_rows"))
+  assert cpu_paths.select(record, "bfloat16").formulation(1, 64, 96) == "dot"  # onednn, 5x the defaults
+  assert cpu_paths.select(record, "bfloat16", config="default").formulation(1, 64, 96) == "dot_2_rows"
+  assert cpu_paths.select(record, "bfloat16", config="xnnpack").config == "default"  # never timed: the defaults
   assert cpu_paths.config_of_flags("--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot "
                                    "--xla_dump_to=/tmp") == "onednn"
   assert cpu_paths.config_of_flags("--xla_cpu_use_onednn=true") == "default"
@@ -89,6 +89,13 @@ def test_layout_by_total_time_and_formulation_per_row_count():
   assert paths.formulation(1, 7, 9) == "int32_dot_2_rows" and paths.layout(7, 9) == "nk"
 
 
+def test_whole_weight_converts_are_never_chosen_for_w8a16():
+  """w8a16's "convert" is timed but not chosen, however fast alone (whole programs hold every converted weight)."""
+  e = lambda m, us, formulation: _entry("w8a16", m, us, formulation=formulation)
+  paths = cpu_paths.select(_record(e(2, 10, "convert"), e(2, 50, "column_blocks")), "w8a16")
+  assert paths.formulation(2, 64, 96) == "column_blocks"
+
+
 def test_no_default_timings_is_a_clear_error():
   with pytest.raises(ConfigError, match="no exact w8a16 timing"):
     cpu_paths.select(_record(_entry("float32", 1, 1.0)), "w8a16")
@@ -107,7 +114,8 @@ def test_the_xeon_record_chooses_the_fastest_exact_path_of_each_cell():
     rows = [e for e in record["timings"] if e["mode"] == mode]
     base = {(e["k"], e["n"], e["m"]): e["error"] for e in rows if e["config"] == "default"
             and e["formulation"] == cpu_paths.DEFAULT_FORMULATION[mode] and e["layout"] in ("kn", "-")}
-    ok = [e for e in rows if cpu_paths.exact(e, base[e["k"], e["n"], e["m"]])]
+    ok = [e for e in rows if cpu_paths.exact(e, base[e["k"], e["n"], e["m"]])
+          and (mode, e["formulation"]) not in cpu_paths.NOT_CHOSEN]
     for k, n, m in base:
       layout = paths.layout(k, n) if mode in cpu_paths.INT8_MODES else "-"
       cell = [e for e in ok if (e["config"], e["k"], e["n"], e["m"], e["layout"]) == (paths.config, k, n, m, layout)]
