@@ -42,6 +42,14 @@ def check_quantize(quantize: str | None) -> str | None:
   return quantize
 
 
+def unpermute(shape: tuple[int, ...], permute: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape before `transpose(permute)` made `shape`: declared[permute[i]] = shape[i]."""
+  declared = [0] * len(permute)
+  for stored_dim, declared_dim in enumerate(permute):
+    declared[declared_dim] = shape[stored_dim]
+  return tuple(declared)
+
+
 @dataclasses.dataclass(frozen=True)
 class HFTensor:
   """Where a weight lives in a Hugging Face checkpoint.
@@ -61,12 +69,7 @@ class HFTensor:
 
   def declared_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
     """A stored (param) shape -> the declared one: `shape` with `permute` undone."""
-    if self.permute is None:
-      return tuple(shape)
-    declared = [0] * len(shape)
-    for stored_dim, declared_dim in enumerate(self.permute):
-      declared[declared_dim] = shape[stored_dim]
-    return tuple(declared)
+    return tuple(shape) if self.permute is None else unpermute(shape, self.permute)
 
   def to_param(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Checkpoint layout -> param layout `shape` (transpose, split fused head dims, then permute). A torch Linear
@@ -128,10 +131,7 @@ class QuantizedWeight(nnx.Module):
     if self.permute is None:
       return shape
     lead = len(shape) - len(self.permute)
-    declared = [0] * len(self.permute)
-    for stored_dim, declared_dim in enumerate(self.permute):
-      declared[declared_dim] = shape[lead + stored_dim]
-    return shape[:lead] + tuple(declared)
+    return shape[:lead] + unpermute(shape[lead:], self.permute)
 
   @property
   def output_major(self) -> bool:
