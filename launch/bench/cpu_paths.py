@@ -104,7 +104,6 @@ def probe_config(config: str, modes: list[str], shapes: list[str], rows: list[in
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
-  from jax import lax  # noqa: PLC0415
 
   from launch.bench.measure import best_seconds  # noqa: PLC0415
   from qwenjax.kernels import cpu_paths, int8_matmul  # noqa: PLC0415
@@ -163,7 +162,6 @@ def probe_config(config: str, modes: list[str], shapes: list[str], rows: list[in
                        entry["us"], entry["error"])
           out.append(entry)
       del weights
-  del lax
   return out
 
 
