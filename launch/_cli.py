@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import signal
 import sys
@@ -27,6 +28,14 @@ from typing import NoReturn
 from absl import flags
 from absl import logging as absl_logging
 
+CPU_PATHS_ENV = "QWENJAX_CPU_PATHS"
+
+
+def define_cpu_paths_flag(help_text: str) -> flags.FlagHolder:
+  """Defines --cpu_paths for a script that serves a model (`use_cpu_paths` reads it): default $QWENJAX_CPU_PATHS,
+  else "auto"."""
+  return flags.DEFINE_string("cpu_paths", os.environ.get(CPU_PATHS_ENV, "auto"), help_text)
+
 
 def use_cpu_paths(value: str, mode: str) -> dict | None:
   """Activates the matmul paths of a record (`qwenjax.kernels.cpu_paths`) for every mode it holds, and puts the XLA:CPU
@@ -35,7 +44,6 @@ def use_cpu_paths(value: str, mode: str) -> dict | None:
   first, in a subprocess, since each XLA configuration needs a process of its own, and kept for the next run), or a
   record file. Nothing where jax computes elsewhere (JAX_PLATFORMS, or a TPU/GPU plugin installed). Must run before
   jax starts its backend."""
-  import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
 
   from qwenjax import ConfigError  # pylint: disable=g-import-not-at-top
@@ -63,17 +71,12 @@ def use_cpu_paths(value: str, mode: str) -> dict | None:
   modes = sorted({e.get("mode") for e in record["timings"]} & set(cpu_paths.MODES), key=cpu_paths.MODES.index)
   if mode not in modes:
     raise ConfigError(f"--cpu_paths={value}: the record holds no {mode} timings (it has {', '.join(modes) or 'none'}).")
-  own = cpu_paths.select(record, mode)
-  flags_set = cpu_paths.apply_xla_flags(own)
   # One XLA configuration per process: every other mode chooses among that configuration's timings.
-  running = cpu_paths.config_of_flags(os.environ.get("XLA_FLAGS", ""))
-  chosen = {m: cpu_paths.select(record, m, config=running) for m in modes}
-  for paths in chosen.values():
-    cpu_paths.activate(paths)
+  paths, own_config, flags_set = cpu_records.use_record(record, mode)
   absl_logging.info("Matmul paths (%s, %s): XLA:CPU configuration %r%s.", record.get("processor", "?"), mode,
-               chosen[mode].config, f", XLA_FLAGS={flags_set}" if flags_set else (
-                   f" (XLA_FLAGS of your own; {own.config!r} was chosen)" if running != own.config else ""))
-  absl_logging.vlog(1, "Matmul path record:\n%s\nChosen:\n%s", cpu_paths.format_table(record), chosen[mode].describe())
+                    paths.config, f", XLA_FLAGS={flags_set}" if flags_set else (
+                        f" (XLA_FLAGS of your own; {own_config!r} was chosen)" if paths.config != own_config else ""))
+  absl_logging.vlog(1, "Matmul path record:\n%s\nChosen:\n%s", cpu_paths.format_table(record), paths.describe())
   return record
 
 

@@ -14,7 +14,6 @@ split the work (`qwenjax.parallel.distributed.replica`).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from absl import flags, logging
 
@@ -94,11 +93,10 @@ COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True, "Keep compiled 
                                       "back instead of compiling; --nocompilation_cache turns it off.")
 COMPILATION_CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None, "Where --compilation_cache keeps them. "
                                             "Default: $JAX_COMPILATION_CACHE_DIR, else <qwenjax cache dir>/xla.")
-CPU_PATHS = flags.DEFINE_string("cpu_paths", os.environ.get("QWENJAX_CPU_PATHS", "auto"), "Matmul paths on CPU: "
-                                "'auto' reads this processor's record (python -m launch.bench.cpu_paths writes it; "
-                                "the first run in a mode with no record probes that mode, a few minutes), "
-                                "'default' keeps XLA's defaults, anything else is a record file. Default: "
-                                "$QWENJAX_CPU_PATHS, else auto. An XLA_FLAGS of your own always wins.")
+CPU_PATHS = _cli.define_cpu_paths_flag(
+    "Matmul paths on CPU: 'auto' reads this processor's record (python -m launch.bench.cpu_paths writes it; the "
+    "first run in a mode with no record probes that mode, a few minutes), 'default' keeps XLA's defaults, anything "
+    "else is a record file. Default: $QWENJAX_CPU_PATHS, else auto. An XLA_FLAGS of your own always wins.")
 
 
 @dataclasses.dataclass(frozen=True)

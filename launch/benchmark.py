@@ -148,11 +148,11 @@ _QUANTIZE = flags.DEFINE_list("quantize", ["none"], "Weights of the qwenjax engi
                                "w8a8; each one besides none is one more engine, and one more batch job run.")
 _QUANTIZE_EMBEDDINGS = flags.DEFINE_bool("quantize_embeddings", False, "The quantized engines' embedding and head "
                                          "in int8 too.")
-_CPU_PATHS = flags.DEFINE_string("cpu_paths", os.environ.get("QWENJAX_CPU_PATHS", "auto"), "The qwenjax engines' "
-                                 "matmul paths on CPU, as launch.generate's --cpu_paths: 'auto' (this processor's "
-                                 "record, probed on first use), 'default' (XLA's), or a record file. With a record, "
-                                 "each qwenjax engine also runs on XLA's default paths ('qwenjax-default-paths', "
-                                 "'qwenjax-int8-default-paths') and the report holds the record's table and choices.")
+_CPU_PATHS = _cli.define_cpu_paths_flag(
+    "The qwenjax engines' matmul paths on CPU, as launch.generate's --cpu_paths: 'auto' (this processor's record, "
+    "probed on first use), 'default' (XLA's), or a record file. With a record, each qwenjax engine also runs on "
+    "XLA's default paths ('qwenjax-default-paths', 'qwenjax-int8-default-paths') and the report holds the record's "
+    "table and choices.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join(tempfile.gettempdir(), "qwenjax-benchmark"),
                                   "Where report.json and tokens_per_s.png go.")
 
@@ -195,7 +195,7 @@ def main(argv):
     path_record = _cli.use_cpu_paths(_CPU_PATHS.value, cpu_paths.float_mode(_DTYPE.value))
   except qwenjax.QwenJaxError as e:
     _cli.fail(e)
-  os.environ["QWENJAX_CPU_PATHS"] = _CPU_PATHS.value  # the batch job's launch scripts take the same
+  os.environ[_cli.CPU_PATHS_ENV] = _CPU_PATHS.value  # the batch job's launch scripts take the same
   preset = _PRESET.value
   if preset is not None and flags.FLAGS["model"].present:
     _cli.fail("--model and --preset both name a model; pass one")

@@ -43,9 +43,7 @@ def _activate_recorded_paths():
   from qwenjax.kernels import cpu_paths  # pylint: disable=g-import-not-at-top
 
   record = cpu_paths.read_record(CPU_PATHS_RECORD)
-  running = cpu_paths.config_of_flags(os.environ.get("XLA_FLAGS", ""))  # this process's XLA configuration
-  for mode in cpu_paths.MODES:
-    cpu_paths.activate(cpu_paths.select(record, mode, config=running))
+  cpu_paths.activate_record(record, cpu_paths.config_of_flags(os.environ.get("XLA_FLAGS", "")))  # this process's
 
 
 _activate_recorded_paths()

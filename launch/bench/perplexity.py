@@ -145,8 +145,8 @@ def define_flags() -> None:
                        "token unscored.", lower_bound=2)
   flags.DEFINE_enum("reference", "none", ["none", "transformers"], "Also score the same windows with transformers "
                     "in float32 on the same weights.")
-  flags.DEFINE_string("cpu_paths", os.environ.get("QWENJAX_CPU_PATHS", "auto"), "Matmul paths on CPU, as "
-                      "launch.generate's --cpu_paths: auto, default, or a record file.")
+  _cli.define_cpu_paths_flag("Matmul paths on CPU, as launch.generate's --cpu_paths: auto, default, or a record "
+                             "file.")
 
 
 def main(argv):

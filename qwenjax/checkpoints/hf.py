@@ -215,7 +215,7 @@ def _int8_rows(source: TensorSource, name: str, hf, shape, contract) -> tuple[np
 def check_finite(array: np.ndarray, file: str, name: str) -> None:
   """CheckpointError naming `file` and tensor `name` if `array` holds a NaN or an infinity (every checkpoint's
   tensors pass here on their way in: a model's, a LoRA adapter's)."""
-  flat = array.reshape(-1) if array.flags.c_contiguous else np.ravel(array)
+  flat = np.ravel(array)  # a view of a contiguous array
   step = 1 << 22  # in chunks: no boolean temporary the size of the tensor
   if not all(np.isfinite(flat[i:i + step]).all() for i in range(0, flat.size, step)):
     raise CheckpointError(f"{file}: tensor {name!r} holds NaN or infinite values.")

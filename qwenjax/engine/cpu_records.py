@@ -32,12 +32,22 @@ def record_path(directory: str | os.PathLike[str] | None = None) -> pathlib.Path
   return pathlib.Path(directory) / f"{processor_key()}.json"
 
 
+def use_record(record: Mapping, mode: str) -> tuple[cpu_paths.Paths, str, str | None]:
+  """Puts the XLA flags `record` chooses for `mode` in XLA_FLAGS (unless XLA_FLAGS is set: the user's win), then
+  activates every mode's paths under the configuration the process then runs. Returns (`mode`'s active paths,
+  the configuration chosen for `mode`, the XLA_FLAGS set or None). Call before jax starts its backend."""
+  own = cpu_paths.select(record, mode)
+  flags_set = cpu_paths.apply_xla_flags(own)
+  running = cpu_paths.config_of_flags(os.environ.get("XLA_FLAGS", ""))
+  return cpu_paths.activate_record(record, running)[mode], own.config, flags_set
+
+
 def use_cpu_paths(mode: str = "float32",
                   record: str | os.PathLike[str] | Mapping | None = None) -> cpu_paths.Paths | None:
   """The library's one call, made before the first jax computation: reads the record of this processor (or the
-  one given, a path or a dict), activates its paths for `mode` and puts their XLA flags in XLA_FLAGS (unless
-  XLA_FLAGS is set: then the paths are those measured under the configuration those flags run). Returns the
-  Paths, or None when this processor has no record yet (`python -m launch.bench.cpu_paths` writes it)."""
+  one given, a path or a dict) and `use_record`s it: `mode`'s XLA flags in XLA_FLAGS (unless XLA_FLAGS is set),
+  every mode's paths active under the configuration those flags run. Returns `mode`'s Paths, or None when this
+  processor has no record yet (`python -m launch.bench.cpu_paths` writes it)."""
   if record is None:
     path = record_path()
     if not path.is_file():
@@ -45,10 +55,4 @@ def use_cpu_paths(mode: str = "float32",
     record = cpu_paths.read_record(path)
   elif not isinstance(record, Mapping):
     record = cpu_paths.read_record(record)
-  paths = cpu_paths.select(record, mode)
-  cpu_paths.apply_xla_flags(paths)
-  running = cpu_paths.config_of_flags(os.environ.get("XLA_FLAGS", ""))
-  if running != paths.config:  # the user's XLA_FLAGS: choose among what runs under them
-    paths = cpu_paths.select(record, mode, config=running)
-  cpu_paths.activate(paths)
-  return paths
+  return use_record(record, mode)[0]
