@@ -119,42 +119,47 @@ def probe_config(config: str, modes: list[str], shapes: list[str], rows: list[in
       candidates = _candidates(mode, table)
       if not candidates:
         continue
-      if mode in ("float32", "bfloat16"):
+      floats = mode in ("float32", "bfloat16")
+      if floats:
         dtype = jnp.float32 if mode == "float32" else jnp.bfloat16
         dense = (w.astype(np.float32) * scale[None, :] for w in int8_kn)  # [K, N]
         weights = {"-": [jnp.asarray(np.ascontiguousarray(d.T) if table else d, dtype) for d in dense]}
+        w64 = np.asarray(weights["-"][0].astype(jnp.float32), np.float64)  # as stored, rounded to the mode
+        w64 = w64.T if table else w64  # [K, N]
       else:
         weights = {"kn": [jnp.asarray(w) for w in int8_kn], "nk": [jnp.asarray(np.ascontiguousarray(w.T))
                                                                     for w in int8_kn]}
       for m in rows:
+        # The float64 reference, once per row count: every candidate is held to it.
         x_np = rng.standard_normal((m, k)).astype(np.float32)
+        if floats:
+          x = jnp.asarray(x_np, dtype)
+          ref = np.asarray(x.astype(jnp.float32), np.float64) @ w64
+        else:
+          x = jnp.asarray(x_np)
+          if mode == "w8a16":
+            ref = (x_np.astype(np.float64) @ int8_kn[0].astype(np.float64)) * scale.astype(np.float64)[None, :]
+          else:
+            xq, xs = (np.asarray(a) for a in int8_matmul.quantize_activations(x))
+            acc = xq.astype(np.int64) @ int8_kn[0].astype(np.int64)
+            ref = acc.astype(np.float64) * xs.astype(np.float64)[:, None] * scale.astype(np.float64)[None, :]
         for layout, name, max_rows in candidates:
           if max_rows and m > max_rows:
             continue
           ws = weights[layout]
           transpose = table if layout == "-" else layout == "nk"
           entry = dict(config=config, mode=mode, shape=shape, k=k, n=n, m=m, layout=layout, formulation=name)
-          if mode in ("float32", "bfloat16"):
+          if floats:
             fn = cpu_paths.FLOAT_FORMULATIONS[name]
-            x = jnp.asarray(x_np, dtype)
             call = lambda x, w, s, fn=fn, t=transpose: fn(x, w, t)
-            w64 = np.asarray(ws[0].astype(jnp.float32), np.float64)
-            ref = np.asarray(x.astype(jnp.float32), np.float64) @ (w64.T if transpose else w64)
             got = np.asarray(jax.jit(call)(x, ws[0], None).astype(jnp.float32), np.float64)
           else:
             fn = int8_matmul.XLA_FORMULATIONS[mode][name]
-            x = jnp.asarray(x_np)
             call = lambda x, w, s, fn=fn, t=transpose: fn(x, w, s, t)
-            v64 = int8_kn[0].astype(np.float64)
-            if mode == "w8a16":
-              ref = (x_np.astype(np.float64) @ v64) * scale.astype(np.float64)[None, :]
-            else:
-              xq, xs = (np.asarray(a) for a in int8_matmul.quantize_activations(x))
-              acc = xq.astype(np.int64) @ int8_kn[0].astype(np.int64)
+            if mode == "w8a8":
               core = np.asarray(int8_matmul._int32_dot(jnp.asarray(xq), ws[0], transpose,  # noqa: SLF001
                                                       min_rows=2 if name.endswith("_2_rows") else 1))
               entry["int_exact"] = bool(np.array_equal(core.astype(np.int64), acc))
-              ref = acc.astype(np.float64) * xs.astype(np.float64)[:, None] * scale.astype(np.float64)[None, :]
             got = np.asarray(jax.jit(call)(x, ws[0], jnp.asarray(scale)), np.float64)
           entry["error"] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
           entry["us"] = best_seconds(call, x, ws, jnp.asarray(scale), repeats) * 1e6
