@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.engine import sampling as sampling_lib
+from qwenjax.kernels.paged_attention import scatter_index
 from qwenjax.model.decoder import PagedInputs, StepMetadata
 from qwenjax.model.kv_cache import KVCache, PagedKVCache
 from qwenjax.parallel.axes import BATCH, VOCAB, constrain
@@ -411,7 +412,7 @@ def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCa
   def copy(pages):  # [L, NP, PS, ...]
     if pages is None:
       return None
-    target = jnp.where(dst < 0, pages.shape[1], dst)  # past the end: dropped
-    return pages.at[:, target].set(pages[:, src], mode="drop")
+    target, source = scatter_index(dst, pages[:, src], pages.shape[1], axis=1)  # dst -1: past the end, dropped
+    return pages.at[:, target].set(source, mode="drop")
 
   return PagedKVCache(*(copy(a) for a in (cache.k, cache.v, cache.k_scale, cache.v_scale))).constrained()

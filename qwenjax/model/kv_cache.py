@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 
 from qwenjax.config import QwenConfig
+from qwenjax.kernels.paged_attention import scatter_index
 from qwenjax.parallel.axes import (
   BATCH,
   DEFAULT_RULES,
@@ -179,7 +180,7 @@ def write_slots(pages: jax.Array, layer, slots: jax.Array, new: jax.Array) -> ja
   """
   num_layers, num_pages, page_size = pages.shape[:3]
   flat = pages.reshape((num_layers, num_pages * page_size) + pages.shape[3:])
-  slots = jnp.where(slots < 0, num_pages * page_size, slots)  # past the end: dropped
+  slots, new = scatter_index(slots, new, num_pages * page_size)  # -1: past the end, dropped
   return flat.at[layer, slots].set(new.astype(pages.dtype), mode="drop").reshape(pages.shape)
 
 

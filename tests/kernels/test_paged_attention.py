@@ -3,8 +3,12 @@ numpy (each sequence's K/V gathered from its pages by hand, then causal, windowe
 attention) within 1e-5 in float32 over ragged cases (KV lengths 1, a page +- 1, a full page table; prefill-only,
 decode-only and mixed calls; padding rows and sequences; sliding windows; every Qwen2.5 group size at head dims
 64 and 128); int8 pages equal the oracle on their dequantized values and the float pages within the
-quantization's error; `write_pages` writes exactly and leaves padding slots alone; one jit serves every num_seqs.
+quantization's error; `write_pages` writes exactly and leaves padding slots alone, and a lone token's write (and
+page copy) is a scatter in place, with no copy of the pool in the compiled program; one jit serves every num_seqs.
 """
+
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -276,3 +280,57 @@ def test_bad_arguments_name_the_culprit():
     write_pages(pages, pages, jnp.zeros((1, 2, 8)), jnp.zeros((1, 2, 8), jnp.bfloat16), jnp.zeros(1, jnp.int32))
   with pytest.raises(ConfigError, match=r"new_k has shape \(2, 2, 8\); expected \(1, 2, 8\)"):
     write_pages(pages, pages, jnp.zeros((2, 2, 8)), jnp.zeros((1, 2, 8)), jnp.zeros(1, jnp.int32))
+
+
+def _pool_sized_ops(compiled_text: str, pool_elements: int) -> set[str]:
+  """Opcodes of the optimized HLO's instructions whose result has as many elements as the pool, scatters and
+  the views that move no data (parameter, bitcast, tuple, get-tuple-element) left out."""
+  found = set()
+  for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(", compiled_text, re.M):
+    name, dims, op = m.groups()
+    if dims and math.prod(int(d) for d in dims.split(",")) == pool_elements and "scatter" not in name + op:
+      found.add(op)
+  return found - {"parameter", "bitcast", "tuple", "get-tuple-element"}
+
+
+@pytest.mark.parametrize("slot", [2 * PAGE + 3, -1])
+def test_one_token_write_is_a_scatter_in_place(slot):
+  """A lone update (a batch-1 decode step) is written exactly, or dropped, without copying the pool: XLA turns a
+  scatter of one update into a select over the whole pool unless given a second, dropped one."""
+  from qwenjax.engine.programs import copy_pages  # pylint: disable=g-import-not-at-top
+  from qwenjax.model.kv_cache import PagedKVCache, write_slots  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(3)
+  layers, num_pages, k, h = 3, 64, 2, 8
+  pages = rng.standard_normal((layers, num_pages, PAGE, k, h)).astype(np.float32)
+  new = rng.standard_normal((1, k, h)).astype(np.float32)
+  slots = jnp.asarray([slot], jnp.int32)
+  write = jax.jit(write_slots, static_argnums=1, donate_argnums=0)
+  assert _pool_sized_ops(write.lower(jnp.asarray(pages), 1, slots, jnp.asarray(new)).compile().as_text(),
+                         pages.size) == set()
+  got = np.asarray(write(jnp.asarray(pages), 1, slots, jnp.asarray(new)))
+  want = pages.reshape(layers, -1, k, h).copy()
+  if slot >= 0:
+    want[1, slot] = new[0]
+  np.testing.assert_array_equal(got, want.reshape(pages.shape))
+
+  kv = jax.jit(write_pages, donate_argnums=(0, 1))
+  args = (jnp.asarray(pages[0]), jnp.asarray(pages[1]), jnp.asarray(new), jnp.asarray(-new), slots)
+  assert _pool_sized_ops(kv.lower(*args).compile().as_text(), pages[0].size) == set()
+  got_k, got_v = kv(*args)
+  want_k, want_v = pages[0].reshape(-1, k, h).copy(), pages[1].reshape(-1, k, h).copy()
+  if slot >= 0:
+    want_k[slot], want_v[slot] = new[0], -new[0]
+  np.testing.assert_array_equal(np.asarray(got_k).reshape(-1, k, h), want_k)
+  np.testing.assert_array_equal(np.asarray(got_v).reshape(-1, k, h), want_v)
+
+  # The prefix cache's copy-on-write of one page (one admitted sequence at max_batch_size 1).
+  cache = PagedKVCache(jnp.asarray(pages), jnp.asarray(pages + 1))
+  src, dst = jnp.asarray([5], jnp.int32), jnp.asarray([9 if slot >= 0 else -1], jnp.int32)
+  assert _pool_sized_ops(copy_pages.lower(cache, src, dst).compile().as_text(), pages.size) == set()
+  got = copy_pages(cache, src, dst)
+  want = pages.copy()
+  if slot >= 0:
+    want[:, 9] = pages[:, 5]
+  np.testing.assert_array_equal(np.asarray(got.k), want)
+  np.testing.assert_array_equal(np.asarray(got.v), want + 1)
