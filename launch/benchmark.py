@@ -5,6 +5,7 @@ r"""Side-by-side benchmark: qwenjax against transformers and llama.cpp, each fig
   python -m launch.benchmark --preset=qwen2.5-1.5b --batch_sizes=1,8   # random weights of a preset size
   python -m launch.benchmark --compare --job --concurrency --output_dir=/tmp/bench   # + the batch job, 32K contexts
   python -m launch.benchmark --compare --job --quantize=none,int8,w8a8   # + int8 weights
+  python -m launch.benchmark --profile --quantize=none,w8a8   # + where each engine's decode step spends its time
 
 Every engine runs the same job: the same prompts (chat-formatted coding questions tokenized with the model's
 tokenizer and cut to exactly --prompt_tokens tokens; random token ids for a random-weight --preset), greedy,
@@ -102,7 +103,7 @@ import time
 from absl import app, flags, logging
 
 from launch import _cli
-from launch.bench import adapters, concurrency, costs, job, prefix, probes, workload
+from launch.bench import adapters, concurrency, costs, decode_profile, job, prefix, probes, workload
 from launch.bench.measure import add_fractions, agreement, measure, peak_rss_gib
 from launch.bench.report import compute_ratios, format_table, machine, plot, round_figures, versions
 
@@ -153,6 +154,9 @@ _CPU_PATHS = _cli.define_cpu_paths_flag(
     "probed on first use), 'default' (XLA's), or a record file. With a record, each qwenjax engine also runs on "
     "XLA's default paths ('qwenjax-default-paths', 'qwenjax-int8-default-paths') and the report holds the record's "
     "table and choices.")
+_PROFILE = flags.DEFINE_bool("profile", False, "Also profile each qwenjax engine's decode step at --batch_sizes "
+                              "(launch.bench.decode_profile, a process per engine): the time of each part of the "
+                              "model, and each projection's weight bytes over it against the measured bandwidth.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join(tempfile.gettempdir(), "qwenjax-benchmark"),
                                   "Where report.json and tokens_per_s.png go.")
 
@@ -227,6 +231,15 @@ def main(argv):
     sections["job"] = job.serve(files, job_source, slots=_JOB_SLOTS.value, dtype=dtype,
                                 quantize=quantized, quantize_embeddings=_QUANTIZE_EMBEDDINGS.value)
     del job_tokenizer
+
+  if _PROFILE.value:  # in processes of their own, like the job, before this one takes memory
+    if preset not in (None, workload.TINY):
+      sections["decode_profile"] = {"skipped": f"--preset={preset}: profiles run --model or --preset=tiny"}
+    else:
+      sections["decode_profile"] = decode_profile.run(
+          out_dir, model=_MODEL.value, preset=preset, dtype=dtype, quantize=quantized,
+          quantize_embeddings=_QUANTIZE_EMBEDDINGS.value, batch_sizes=batches, prompt_tokens=n_prompt,
+          new_tokens=n_new)
 
   logging.info("Probing the device's limits.")
   probe_runs = [probes.probe_device(dtype)]
@@ -345,6 +358,8 @@ def main(argv):
   (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
   plot(report, out_dir / "tokens_per_s.png")
   print(format_table(report))
+  if "decode_profile" in report and "skipped" not in report["decode_profile"]:
+    print(decode_profile.format_profiles(report["decode_profile"]))
   print(f"report: {out_dir / 'report.json'}  plot: {out_dir / 'tokens_per_s.png'}")
   sys.stdout.flush()
 

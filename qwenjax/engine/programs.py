@@ -250,11 +250,12 @@ def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sam
   def body(i, carry):
     cache, counts, tok, step_count, active, budget, out_tok, out_lp = carry
     logits, cache = step(i, cache, tok)
-    new, logprob = sampling_lib.sample(logits, inputs.sampling, step_count, prompt_mask, counts, needs,
-                                       mask=inputs.mask)
-    if needs.top_logprobs:
-      logprob = sampling_lib.with_top_logprobs(logits, logprob)  # [B, 1 + 2 TOP_LOGPROBS]
-    counts = constrain(sampling_lib.update_counts(counts, new, active), SlotState.AXES)
+    with jax.named_scope("sample"):
+      new, logprob = sampling_lib.sample(logits, inputs.sampling, step_count, prompt_mask, counts, needs,
+                                         mask=inputs.mask)
+      if needs.top_logprobs:
+        logprob = sampling_lib.with_top_logprobs(logits, logprob)  # [B, 1 + 2 TOP_LOGPROBS]
+      counts = constrain(sampling_lib.update_counts(counts, new, active), SlotState.AXES)
     out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
     out_lp = out_lp.at[i].set(logprob)
     stopped = jnp.any(new[:, None] == inputs.stop_ids, axis=-1) | (budget <= 1)

@@ -140,7 +140,8 @@ class StepContext:
   def project(self, x: jax.Array, weight, target: str, layer, dtype, n_in: int = 1) -> jax.Array:
     """`linear(x, weight)` plus the rows' LoRA updates of `target` (x: [B, T, K...] -> [B, T, O...])."""
     meta = self.meta
-    out = linear(x, weight, dtype, meta.impl, n_in)
+    with jax.named_scope(target):  # the profile's name for this projection (launch.bench.decode_profile)
+      out = linear(x, weight, dtype, meta.impl, n_in)
     if self.lora is None or meta.lora_index is None:
       return out
     flat = x.reshape(*x.shape[:2], -1)
@@ -195,7 +196,8 @@ class Attention(nnx.Module):
       q, k, v = q + read(self.q_bias, dt), k + read(self.k_bias, dt), v + read(self.v_bias, dt)
     if self.q_norm is not None:  # per head, over head_dim, before RoPE
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = rope(q, ctx.cos, ctx.sin), rope(k, ctx.cos, ctx.sin)
+    with jax.named_scope("rope"):
+      q, k = rope(q, ctx.cos, ctx.sin), rope(k, ctx.cos, ctx.sin)
     # Under a mesh: query heads split over tensor; KV heads too where the tensor axis divides them, else whole
     # (replicated, exact). Pinning k and v keeps XLA from splitting the cache's KV heads like the query heads.
     q = constrain(q, (BATCH, LENGTH, HEADS, HEAD_DIM))
@@ -208,7 +210,8 @@ class Attention(nnx.Module):
       span = jnp.minimum(meta.span, window)[:, :, None]  # [B, T, 1]
       return project(attention(q, keys, values, positions, positions, span, dtype=dt, impl=meta.impl)), kv
     if meta.paged is not None:
-      out, kv = self._paged(q, k, v, ctx, kv, layer, window)
+      with jax.named_scope("attention"):
+        out, kv = self._paged(q, k, v, ctx, kv, layer, window)
       return project(out), kv
 
     cache_k, cache_v = kv
@@ -295,7 +298,9 @@ class FeedForward(nnx.Module):
     dt = self.dtype
     g = ctx.project(x, self.gate, "gate", layer, dt)  # [B, T, F]
     u = ctx.project(x, self.up, "up", layer, dt)
-    return ctx.project(jax.nn.silu(g) * u, self.down, "down", layer, dt)  # [B, T, D]
+    with jax.named_scope("silu"):
+      a = jax.nn.silu(g) * u
+    return ctx.project(a, self.down, "down", layer, dt)  # [B, T, D]
 
 
 class Block(nnx.Module):
@@ -362,7 +367,8 @@ class Qwen2(nnx.Module):
       raise ValueError("a PagedKVCache step needs `paged` inputs, and only it takes them.")
     if (cache is None) != (meta.span is not None):
       raise ValueError("a training step (span) takes no cache, and only it runs without one.")
-    x = lookup(self.embed, tokens, self.dtype)  # [B, T, D]
+    with jax.named_scope("embed"):
+      x = lookup(self.embed, tokens, self.dtype)  # [B, T, D]
     if meta.embeds is not None:
       features, index = meta.embeds  # [M, D], [B, T]
       x = jnp.where((index >= 0)[..., None], features.astype(self.dtype)[jnp.maximum(index, 0)], x)
@@ -400,7 +406,8 @@ class Qwen2(nnx.Module):
 
   def logits(self, h: jax.Array, impl: str = "xla") -> jax.Array:
     """Final hidden states [..., D] -> float32 logits [..., V] (impl: a quantized head's matmul, "xla"/"pallas")."""
-    return vocab_logits(h, self.embed if self.cfg.tie_word_embeddings else self.lm_head, impl)  # [V, D] table
+    with jax.named_scope("lm_head"):
+      return vocab_logits(h, self.embed if self.cfg.tie_word_embeddings else self.lm_head, impl)  # [V, D] table
 
 
 def abstract_model(cfg: QwenConfig, **kwargs) -> Qwen2:

@@ -292,6 +292,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
     self.scale = declare(rngs, (dim,), (axis,), HFTensor(hf_name, (dim,)), stack=stack, dtype=dtype, init="ones")
 
+  @jax.named_scope("norm")
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)

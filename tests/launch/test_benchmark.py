@@ -28,7 +28,7 @@ def test_end_to_end_report_plot_and_table(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "launch.benchmark", "--preset=tiny", "--batch_sizes=1,2", "--prompt_tokens=16",
        "--new_tokens=8", "--compare", "--compare_with=transformers,llamacpp",
-       "--quantize=none,int8", f"--output_dir={tmp_path}"],
+       "--quantize=none,int8", "--profile", f"--output_dir={tmp_path}"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())
@@ -88,6 +88,33 @@ def test_end_to_end_report_plot_and_table(tmp_path):
   assert quantized["per_batch"][0]["decode_tokens_per_s_over_float"] == pytest.approx(
       q["runs"][0]["decode_tokens_per_s"] / report["engines"]["qwenjax"]["runs"][0]["decode_tokens_per_s"], rel=2e-3)
   assert "qwenjax-int8: weights" in proc.stdout
+
+  # --profile: each engine's decode step by part; every projection found in the traced program, reading the weight
+  # bytes the config says (float32, or int8 with a float32 scale per output channel; the tied float32 table as the
+  # head), once per step.
+  cfg = workload.tiny_config()
+  d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  shapes = {"q": (d, n * h), "k": (d, k * h), "v": (d, k * h), "o": (n * h, d), "gate": (d, f), "up": (d, f),
+            "down": (f, d)}
+  for name, size in (("qwenjax", lambda i, o: 4 * i * o), ("qwenjax-int8", lambda i, o: i * o + 4 * o)):
+    profile = report["decode_profile"][name]
+    want = {part: cfg.num_layers * size(i, o) for part, (i, o) in shapes.items()}
+    want["lm_head"] = 4 * cfg.vocab_size * d
+    assert [b["batch"] for b in profile["batches"]] == [1, 2]
+    for batch in profile["batches"]:
+      parts = batch["parts"]
+      # A projection is a part of its own, or joined with the one of its weight's size where XLA left a matmul
+      # without its scope ("gate/up"): either way every weight is read, and counted, by the parts naming it.
+      projections = {label: r for label, r in parts.items() if set(label.split("/")) <= set(want)}
+      assert set(want) == {p for label in projections for p in label.split("/")}, (name, batch["batch"], parts)
+      for label, r in projections.items():
+        assert r["weight_mb"] * 1e6 == pytest.approx(sum(want[p] for p in label.split("/")), rel=1e-3), (name, label)
+      assert {"attention", "norm", "sample"} <= set(parts)
+      assert batch["steps_traced"] >= 7  # a step per generated token after the first, or more (whole blocks)
+      assert sum(p["ms"] for p in parts.values()) == pytest.approx(batch["program_ms"], rel=0.01)
+      assert batch["roofline_ms"] == pytest.approx(sum(want.values()) / profile["bandwidth_bytes_per_s"] * 1e3,
+                                                   rel=0.01)
+  assert "decode profile, qwenjax-int8:" in proc.stdout and "lm_head" in proc.stdout
 
   with Image.open(tmp_path / "tokens_per_s.png") as image:
     assert image.format == "PNG" and image.size[0] > 0 and image.size[1] > 0
