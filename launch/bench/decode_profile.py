@@ -48,7 +48,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$",
 
 
 def define_flags() -> None:
-  """The entry point's flags (defined when it runs: launch.benchmark imports this module for `profile`)."""
+  """The entry point's flags, defined when it runs (launch.benchmark imports this module for `run`)."""
   flags.DEFINE_string("model", "default", "'default' (the embedded Qwen2.5-Coder-0.5B-Instruct), a .gguf file or a "
                       "checkpoint directory.")
   flags.DEFINE_enum("preset", None, ["tiny"], "Instead of --model: launch.bench.workload's tiny random model (tests).")
@@ -83,7 +83,8 @@ def parse_hlo(text: str, weights: dict[str, int] | None = None) -> dict[str, dic
     params[m.group(1)] = _elements(m.group(2))
     if " dot(" in text[m.end():text.find("\n}", m.end())]:
       matmuls.add(m.group(1))
-  instructions, operands, users, sizes = {}, {}, collections.defaultdict(list), {}
+  instructions, operands, users, operand_sizes = {}, {}, collections.defaultdict(list), {}
+  sizes: dict[str, list[int]] = {}  # instruction -> its result's element counts
   for m in _INSTRUCTION.finditer(text):
     name, shape, op, rest = m.groups()
     scope = re.search(r'op_name="([^"]*)"', rest)
@@ -94,8 +95,7 @@ def parse_hlo(text: str, weights: dict[str, int] | None = None) -> dict[str, dic
     args = re.findall(r"%([\w.\-]+)", rest.split("), ", 1)[0])
     instructions[name] = {"op": op, "part": part, "matmul": op == "dot" or bool(called and called.group(1) in matmuls)}
     operands[name], sizes[name] = args, _elements(shape)
-    sizes[name + "/operands"] = (params.get(called.group(1)) if called else None) or [
-        sum(sizes.get(a, [0])) for a in args]
+    operand_sizes[name] = (params.get(called.group(1)) if called else None) or [sum(sizes.get(a, [0])) for a in args]
     for operand in args:
       users[operand].append(name)
   by_size = collections.defaultdict(list)
@@ -105,7 +105,7 @@ def parse_hlo(text: str, weights: dict[str, int] | None = None) -> dict[str, dic
     if inst["part"] is not None:
       continue
     near = [instructions[n]["part"] for n in users[name] + operands[name] if n in instructions]
-    candidates = sorted({p for e in sizes[name + "/operands"] for p in by_size.get(e, ())} if inst["matmul"] else (),
+    candidates = sorted({p for e in operand_sizes[name] for p in by_size.get(e, ())} if inst["matmul"] else (),
                         key=PARTS.index)
     if candidates:
       inst["part"] = next((p for p in near if p in candidates), "/".join(candidates))
