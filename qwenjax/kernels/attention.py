@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from qwenjax._errors import ConfigError
-from qwenjax.kernels.paged_attention import dequantize_kv
+from qwenjax.kernels.paged_attention import dequantize_kv, from_pool
 from qwenjax.kernels.ragged_paged_attention import ragged_paged_attention
 from qwenjax.kernels.ragged_paged_attention_tpu import ragged_paged_attention_tpu
 from qwenjax.kernels.segment_attention import segment_attention
@@ -79,7 +79,7 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
   dt = q.dtype if dtype is None else dtype
 
   def gather(pages, scale):
-    x = pages[table].reshape(b, p * page_size, k, h)  # [B, S, K, H]
+    x = from_pool(pages[table].reshape(b, p * page_size, k, h))  # [B, S, K, H]
     if scale is not None:
       x = dequantize_kv(x, scale[table].reshape(b, p * page_size, k)).astype(dt)
     return x.transpose(0, 2, 1, 3)  # [B, K, S, H]
@@ -124,7 +124,7 @@ def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_
   def body(i, carry):
     acc, m, total = carry  # [B, K, G, T, H], [B, K, G, T] x 2, float32
     pages = jax.lax.dynamic_slice_in_dim(table, i * cp, cp, axis=1)  # [B, cp]
-    keys, values = (read(x, pages).reshape(b, span, k, h) for x in (k_pages, v_pages))  # [B, S, K, H]
+    keys, values = (from_pool(read(x, pages)).reshape(b, span, k, h) for x in (k_pages, v_pages))  # [B, S, K, H]
     if quantized:
       keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, keys, preferred_element_type=jnp.float32)
@@ -212,6 +212,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_posi
                                v_scale=v_scale, dtype=dtype, layer=layer)
   if layer is not None:
     k_pages, v_pages, k_scale, v_scale = (None if a is None else a[layer] for a in (k_pages, v_pages, k_scale, v_scale))
+  k_pages, v_pages = from_pool(k_pages), from_pool(v_pages)  # a CPU bfloat16 pool, whole (interpret mode only)
   b, t, n, h = q.shape
   num_new = num_new.astype(jnp.int32)
   cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(num_new)])  # [B + 1]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 
 from qwenjax.config import QwenConfig
-from qwenjax.kernels.paged_attention import scatter_index
+from qwenjax.kernels.paged_attention import pool_dtype, scatter_index, to_pool
 from qwenjax.parallel.axes import (
   BATCH,
   DEFAULT_RULES,
@@ -146,7 +146,7 @@ class PagedKVCache:
     allocates each device's shards in place."""
     shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
     where = sharding or cls(None, None, None, None)
-    dt = jnp.int8 if quantized else dtype
+    dt = jnp.int8 if quantized else pool_dtype(dtype)  # bfloat16 on CPU: its bits as uint16 (`pool_dtype`)
     k, v = jnp.zeros(shape, dt, device=where.k), jnp.zeros(shape, dt, device=where.v)
     if not quantized:
       return cls(k, v)
@@ -181,7 +181,7 @@ def write_slots(pages: jax.Array, layer, slots: jax.Array, new: jax.Array) -> ja
   num_layers, num_pages, page_size = pages.shape[:3]
   flat = pages.reshape((num_layers, num_pages * page_size) + pages.shape[3:])
   slots, new = scatter_index(slots, new, num_pages * page_size)  # -1: past the end, dropped
-  return flat.at[layer, slots].set(new.astype(pages.dtype), mode="drop").reshape(pages.shape)
+  return flat.at[layer, slots].set(to_pool(new, pages.dtype), mode="drop").reshape(pages.shape)
 
 
 # ---- shardings ----------------------------------------------------------------------------------------------

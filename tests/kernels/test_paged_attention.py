@@ -334,3 +334,25 @@ def test_one_token_write_is_a_scatter_in_place(slot):
     want[:, 9] = pages[:, 5]
   np.testing.assert_array_equal(np.asarray(got.k), want)
   np.testing.assert_array_equal(np.asarray(got.v), want + 1)
+
+
+def test_a_bfloat16_pool_on_cpu_is_written_in_place_as_bits():
+  """XLA:CPU has no bfloat16 scatter: a bfloat16 pool is converted to float32 and back around every write, unless
+  it holds its bits as uint16, which PagedKVCache.zeros does on CPU. The write is then a scatter in place, exact."""
+  from launch.bench.workload import tiny_config  # pylint: disable=g-import-not-at-top
+  from qwenjax.kernels.paged_attention import BF16_BITS, from_pool  # pylint: disable=g-import-not-at-top
+  from qwenjax.model.kv_cache import PagedKVCache, write_slots  # pylint: disable=g-import-not-at-top
+
+  cfg = tiny_config()
+  cache = PagedKVCache.zeros(cfg, 64, PAGE, dtype=jnp.bfloat16)
+  assert cache.k.dtype == BF16_BITS
+  rng = np.random.default_rng(9)
+  new = jnp.asarray(rng.standard_normal((3, cfg.num_kv_heads, cfg.head_dim)), jnp.bfloat16)
+  slots = jnp.asarray([5, -1, 40 * PAGE + 3], jnp.int32)
+  write = jax.jit(write_slots, static_argnums=1, donate_argnums=0)
+  assert _pool_sized_ops(write.lower(cache.k, 1, slots, new).compile().as_text(), cache.k.size) == set()
+  got = np.asarray(from_pool(write(cache.k, 1, slots, new)).astype(jnp.float32)).reshape(cfg.num_layers, -1,
+                                                                                        cfg.num_kv_heads, cfg.head_dim)
+  want = np.zeros_like(got)
+  want[1, [5, 40 * PAGE + 3]] = np.asarray(new.astype(jnp.float32))[[0, 2]]
+  np.testing.assert_array_equal(got, want)

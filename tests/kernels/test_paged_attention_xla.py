@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qwenjax.kernels.attention import FULL_WINDOW, paged_attention_reference, paged_attention_xla
-from qwenjax.kernels.paged_attention import quantize_kv
+from qwenjax.kernels.paged_attention import BF16_BITS, pool_dtype, quantize_kv
 
 PAGE, PAGES, K, G, H = 16, 24, 2, 3, 32
 
@@ -92,3 +92,18 @@ def test_visits_only_the_chunks_the_real_queries_reach():
     np.testing.assert_array_equal(a, b)
   none = paged_attention_xla(q, kp, vp, pos, jnp.zeros_like(num_new), table, FULL_WINDOW)
   assert not np.asarray(none).any()
+
+
+def test_a_bfloat16_pool_stored_as_bits_reads_as_the_same_values():
+  """On CPU a bfloat16 pool holds its bits as uint16 (XLA:CPU would convert a bfloat16 pool whole around every
+  write): attention over those bits equals attention over the same values stored as float32, within bfloat16."""
+  q, kp, vp, pos, num_new, table = _case(5, jnp.bfloat16)
+  bits = [jax.lax.bitcast_convert_type(x, BF16_BITS) for x in (kp, vp)]
+  got = jax.jit(paged_attention_xla)(q, *bits, pos, num_new, table, FULL_WINDOW)
+  want = paged_attention_reference(q.astype(jnp.float32), kp.astype(jnp.float32), vp.astype(jnp.float32), pos, table,
+                                   FULL_WINDOW)
+  assert got.dtype == jnp.bfloat16
+  for g, w in zip(_real(got, num_new), _real(want, num_new)):
+    np.testing.assert_allclose(g, w, atol=3e-2, rtol=3e-2)
+  assert pool_dtype(jnp.bfloat16, "cpu") == BF16_BITS and pool_dtype(jnp.bfloat16, "tpu") == jnp.bfloat16
+  assert pool_dtype(jnp.float32, "cpu") == jnp.float32
