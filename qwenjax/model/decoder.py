@@ -25,7 +25,7 @@ from flax import nnx
 
 from qwenjax.config import QwenConfig
 from qwenjax.kernels.attention import attention, paged_attention
-from qwenjax.kernels.paged_attention import quantize_kv
+from qwenjax.kernels.paged_attention import from_pool, quantize_kv
 from qwenjax.model.kv_cache import KVCache, PagedKVCache, write_rows, write_slots
 from qwenjax.model.layers import (
   HFTensor,
@@ -224,7 +224,7 @@ class Attention(nnx.Module):
         keys, values = keys[:, :, :meta.kv_len], values[:, :, :meta.kv_len]
       if meta.rows is not None:
         keys, values = keys[meta.rows], values[meta.rows]  # [B, K, S, H]
-      keys, values = keys.astype(dt), values.astype(dt)
+      keys, values = from_pool(keys).astype(dt), from_pool(values).astype(dt)
       key_pos = jnp.arange(keys.shape[2])[None, :]  # [1, S]
     else:
       keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, T, H]

@@ -60,6 +60,7 @@ class KVCache:
     each device's shards in place."""
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     where = sharding or cls(None, None, None, None)
+    dtype = pool_dtype(dtype)  # bfloat16 on CPU: its bits as uint16, as a PagedKVCache's pages (`pool_dtype`)
     return cls(jnp.zeros(shape, dtype, device=where.k), jnp.zeros(shape, dtype, device=where.v),
                jnp.zeros((batch,), jnp.int32, device=where.lengths),
                jnp.zeros((batch,), jnp.int32, device=where.rope_offset))
@@ -82,7 +83,7 @@ def write_rows(cache: jax.Array, layer, rows: jax.Array, start: jax.Array, new: 
   that rewrites the whole cache, once per layer (4.8 GB per step for 32 rows of 256 positions of the 0.5B model).
   A slice that would run past the cache's end is clamped by XLA, so callers leave T positions of headroom.
   """
-  new = new.astype(cache.dtype).transpose(0, 2, 1, 3)  # [B, K, T, H]
+  new = to_pool(new, cache.dtype).transpose(0, 2, 1, 3)  # [B, K, T, H]
 
   def body(b, cache):
     return jax.lax.dynamic_update_slice(cache, new[b][None, None], (layer, rows[b], 0, start[b], 0))

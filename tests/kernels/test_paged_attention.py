@@ -356,3 +356,28 @@ def test_a_bfloat16_pool_on_cpu_is_written_in_place_as_bits():
   want = np.zeros_like(got)
   want[1, [5, 40 * PAGE + 3]] = np.asarray(new.astype(jnp.float32))[[0, 2]]
   np.testing.assert_array_equal(got, want)
+
+
+def test_a_bfloat16_contiguous_cache_on_cpu_is_written_in_place_as_bits():
+  """The same for the contiguous KVCache (`write_rows`, a dynamic_update_slice per row): as bfloat16, XLA:CPU
+  converted the whole cache around each row's write; as its bits it writes in place."""
+  from launch.bench.workload import tiny_config  # pylint: disable=g-import-not-at-top
+  from qwenjax import KVCache  # pylint: disable=g-import-not-at-top
+  from qwenjax.kernels.paged_attention import BF16_BITS, from_pool  # pylint: disable=g-import-not-at-top
+  from qwenjax.model.kv_cache import write_rows  # pylint: disable=g-import-not-at-top
+
+  cfg = tiny_config()
+  cache = KVCache.zeros(cfg, 3, 64, jnp.bfloat16)
+  assert cache.k.dtype == BF16_BITS
+  new = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, cfg.num_kv_heads, cfg.head_dim)), jnp.bfloat16)
+  rows, start = jnp.asarray([2, 0], jnp.int32), jnp.asarray([7, 30], jnp.int32)
+  write = jax.jit(write_rows, static_argnums=1, donate_argnums=0)
+  text = write.lower(cache.k, 1, rows, start, new).compile().as_text()
+  sized = [m.group(1) for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* [\w-]+\(", text, re.M)
+           if math.prod(int(d) for d in m.group(2).split(",") if d) == cache.k.size]
+  assert sized and not [n for n in sized if any(w in n for w in ("convert", "copy"))], sized
+  got = np.asarray(from_pool(write(cache.k, 1, rows, start, new)).astype(jnp.float32))
+  want = np.zeros(got.shape, np.float32)
+  values = np.asarray(new.astype(jnp.float32)).transpose(0, 2, 1, 3)  # [B, K, T, H]
+  want[1, 2, :, 7:11], want[1, 0, :, 30:34] = values[0], values[1]
+  np.testing.assert_array_equal(got, want)

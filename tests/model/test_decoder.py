@@ -118,16 +118,21 @@ def test_eos_stops_and_reports_stop(tiny_factory):
 
 def test_bfloat16_runs_close_to_float32(tiny_factory):
   path, hf = tiny_factory("untied_gqa8", **CONFIGS["untied_gqa8"])
-  ids = np.random.default_rng(3).integers(0, 300, size=(1, 16))
+  ids = np.random.default_rng(3).integers(0, 300, size=(1, 19))
   ref = _hf_logits(hf, ids)
   model = load_model(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   assert model.embed[...].dtype == jnp.bfloat16
   graphdef, params = nnx.split(model)
   cache = KVCache.zeros(model.cfg, 1, 32, jnp.bfloat16)
-  logits, _ = prefill(graphdef, params, cache, jnp.asarray(ids, jnp.int32), jnp.array([16]), all_logits=True)
+  logits, cache = prefill(graphdef, params, cache, jnp.asarray(ids[:, :16], jnp.int32), jnp.array([16]),
+                          all_logits=True)
   assert logits.dtype == jnp.float32  # logits stay float32 whatever the compute dtype
   scale = np.abs(ref).max()
-  assert np.abs(np.asarray(logits) - ref).max() < 0.05 * scale
+  assert np.abs(np.asarray(logits) - ref[:, :16]).max() < 0.05 * scale
+  # Decode steps read the bfloat16 cache (on CPU its bits, stored as uint16) back.
+  for t in range(16, 19):
+    logits, cache = decode_step(graphdef, params, cache, jnp.asarray(ids[:, t], jnp.int32))
+    assert np.abs(np.asarray(logits) - ref[:, t]).max() < 0.05 * scale, t
 
 
 def test_step_metadata_travels_through_jit_with_its_static_fields_static():
