@@ -38,7 +38,8 @@ class KVCache:
 
   k, v: [L, B, K, S, H], logical axes (layers, batch, kv_heads, length, head_dim). Position p of sequence b
     lives at [:, b, :, p]; keys are stored after RoPE. Heads before positions, so that attention reads each
-    head's [S, H] block contiguously (no per-step transpose of the cache).
+    head's [S, H] block contiguously (no per-step transpose of the cache). In the compute dtype; bfloat16 on CPU
+    as its bits, uint16 (`paged_attention.pool_dtype`: XLA:CPU converts a whole bfloat16 cache around each write).
   lengths: [B] int32, tokens held per sequence = the position the next token is written to. Slots at or past
     `lengths` hold stale data; attention never reads them because keys past the query's position are masked.
   rope_offset: [B] int32, RoPE position minus cache position of the tokens that follow (0 for text; with
@@ -125,7 +126,8 @@ class PagedKVCache:
 
   k, v: [L, NP, PS, K, H], logical axes (layers, pages, -, kv_heads, head_dim): token slot p * PS + o of the pool
     is offset o of page p, its K heads side by side (the layout of `qwenjax.kernels.paged_attention`). Keys are
-    stored after RoPE. Float pages in the compute dtype, or int8 with
+    stored after RoPE. Float pages in the compute dtype (bfloat16 on CPU as its bits, uint16: `pool_dtype`), or
+    int8 with
   k_scale, v_scale: [L, NP, PS, K] float32, one symmetric scale per token and KV head (`quantize_kv`); None for
     float pages.
   Which pages a sequence holds, and how long it is, lives on the host (`qwenjax.engine.pages`): a step gets page
