@@ -59,7 +59,7 @@ def use_cpu_paths(value: str, mode: str) -> dict | None:
   else:
     path = cpu_records.record_path()
     record = cpu_paths.read_record(path) if path.is_file() else {"timings": []}
-    if not any(e.get("mode") == mode for e in record["timings"]):
+    if mode not in cpu_paths.record_modes(record):
       absl_logging.warning("No matmul path record for %s on this processor yet: probing it once (%s).", mode, path)
       cmd = [sys.executable, "-m", "launch.bench.cpu_paths", f"--modes={mode}", "--merge", f"--output={path}"]
       proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
@@ -68,7 +68,7 @@ def use_cpu_paths(value: str, mode: str) -> dict | None:
         tail = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
         raise ConfigError(f"probing the matmul paths failed: {tail[0]} (--cpu_paths=default skips them).")
       record = cpu_paths.read_record(path)
-  modes = sorted({e.get("mode") for e in record["timings"]} & set(cpu_paths.MODES), key=cpu_paths.MODES.index)
+  modes = cpu_paths.record_modes(record)
   if mode not in modes:
     raise ConfigError(f"--cpu_paths={value}: the record holds no {mode} timings (it has {', '.join(modes) or 'none'}).")
   # One XLA configuration per process: every other mode chooses among that configuration's timings.

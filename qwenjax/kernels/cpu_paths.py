@@ -288,11 +288,15 @@ def activate(paths: Paths | None, mode: str | None = None) -> None:
   _ACTIVE[paths.mode] = paths
 
 
+def record_modes(record: Mapping) -> list[str]:
+  """The modes `record` holds timings of, in MODES' order."""
+  return sorted({e.get("mode") for e in _entries(record)} & set(MODES), key=MODES.index)
+
+
 def activate_record(record: Mapping, config: str) -> dict[str, Paths]:
   """Activates, for every mode `record` holds, its paths under `config`, the XLA:CPU configuration this process
   runs (one per process: `config_of_flags`); returns them by mode."""
-  chosen = {mode: select(record, mode, config=config)
-            for mode in sorted({e.get("mode") for e in _entries(record)} & set(MODES), key=MODES.index)}
+  chosen = {mode: select(record, mode, config=config) for mode in record_modes(record)}
   for paths in chosen.values():
     activate(paths)
   return chosen
