@@ -104,7 +104,7 @@ from absl import app, flags, logging
 
 from launch import _cli
 from launch.bench import adapters, concurrency, costs, decode_profile, job, prefix, probes, workload
-from launch.bench.measure import add_fractions, agreement, measure, peak_rss_gib
+from launch.bench.measure import add_fractions, agreement, measure, peak_rss_gib, positive_integers
 from launch.bench.report import compute_ratios, format_table, machine, plot, round_figures, versions
 
 _MODEL = flags.DEFINE_string("model", "default", "'default' (the embedded Qwen2.5-Coder-0.5B-Instruct), a .gguf "
@@ -161,13 +161,6 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join(tempfile.gettempdir
                                   "Where report.json and tokens_per_s.png go.")
 
 
-def _positive_integers(values: list[str]) -> bool:
-  try:
-    return bool(values) and all(int(v) >= 1 for v in values)
-  except ValueError:
-    return False
-
-
 def _known_preset(name: str | None) -> bool:
   from qwenjax.config import PRESETS  # pylint: disable=g-import-not-at-top  (--help stays fast)
 
@@ -176,7 +169,7 @@ def _known_preset(name: str | None) -> bool:
   raise flags.ValidationError(f"expected one of {', '.join(sorted(PRESETS) + [workload.TINY])}")
 
 
-flags.register_validator("batch_sizes", _positive_integers, "expected positive integers, e.g. 1,8,32")
+flags.register_validator("batch_sizes", positive_integers, "expected positive integers, e.g. 1,8,32")
 flags.register_validator("compare_with", lambda engines: set(engines) <= set(adapters.ENGINES),
                          f"expected engines among {', '.join(adapters.ENGINES)}")
 flags.register_validator("preset", _known_preset)

@@ -37,6 +37,7 @@ import time
 from absl import app, flags, logging
 
 from launch import _cli
+from launch.bench.measure import positive_integers
 
 MODULE = "jit_paged_decode_block"  # the decode program's HLO module (`qwenjax.engine.programs.paged_decode_block`)
 # The model's named scopes (qwenjax/model/decoder.py, layers.py; sampling in engine/programs.py), innermost wins.
@@ -56,6 +57,7 @@ def define_flags() -> None:
   flags.DEFINE_enum("quantize", "none", ["none", "int8", "w8a8"], "Weight quantization (qwenjax.load's quantize=).")
   flags.DEFINE_bool("quantize_embeddings", False, "With --quantize, the embedding and lm_head in int8 too.")
   flags.DEFINE_list("batch_sizes", ["1"], "Batch sizes (decode slots) to profile.")
+  flags.register_validator("batch_sizes", positive_integers, "expected positive integers, e.g. 1,8,32")
   flags.DEFINE_integer("prompt_tokens", 64, "Tokens in every prompt.", lower_bound=1)
   flags.DEFINE_integer("new_tokens", 64, "Tokens generated per sequence, timed and traced.", lower_bound=2)
   flags.DEFINE_string("output", None, "Also write the profile as JSON here.")
@@ -219,8 +221,9 @@ def _decode_module(dump_dir: str, before: set[str], names: set[str]) -> str:
 
 
 def profile_batch(model, tokenizer, prompts: list[list[int]], new_tokens: int, dump_dir: str,
-                  bandwidth: float) -> dict:
-  """One batch size: the wall decode step, then the traced run read against the dumped program."""
+                  bandwidth: float, projections: tuple[dict[str, int], dict[str, int]]) -> dict:
+  """One batch size: the wall decode step, then the traced run read against the dumped program. projections:
+  the model's `projection_weights`."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from launch.bench.adapters import qwenjax_generate_fn  # pylint: disable=g-import-not-at-top
@@ -238,7 +241,7 @@ def profile_batch(model, tokenizer, prompts: list[list[int]], new_tokens: int, d
     finally:
       jax.profiler.stop_trace()
     events = read_trace(trace_dir)
-  weights, elements = projection_weights(model)
+  weights, elements = projections
   instructions = parse_hlo(_decode_module(dump_dir, before, {e["name"] for e in events}), elements)
   result = {"batch": len(prompts), "step_ms": step_ms, **summarize(events, instructions, weights, bandwidth)}
   result["host_ms"] = max(0.0, step_ms - result["program_ms"])
@@ -301,18 +304,6 @@ def format_profiles(profiles: dict) -> str:
   return "\n".join(blocks)
 
 
-def _batch_sizes(values: list[str]) -> list[int]:
-  from qwenjax import InputError  # pylint: disable=g-import-not-at-top
-
-  try:
-    sizes = [int(v) for v in values]
-  except ValueError:
-    sizes = []
-  if not sizes or min(sizes) < 1:
-    raise InputError(f"--batch_sizes={','.join(values)}: expected integers >= 1.")
-  return sizes
-
-
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -320,7 +311,7 @@ def main(argv):
   from qwenjax.kernels import cpu_paths  # pylint: disable=g-import-not-at-top
 
   try:
-    sizes = _batch_sizes(f.batch_sizes)
+    sizes = [int(b) for b in f.batch_sizes]
     _cli.use_cpu_paths(f.cpu_paths, cpu_paths.mode_of(f.dtype, f.quantize))  # before jax starts its backend
     dump_dir = tempfile.mkdtemp(prefix="qwenjax-decode-hlo-")
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [
@@ -330,15 +321,16 @@ def main(argv):
     from launch.bench.perplexity import _load  # pylint: disable=g-import-not-at-top
 
     limits = probes.probe_device(f.dtype)
-    bandwidth = max(v for k, v in limits.items() if k.endswith("bytes_per_s"))
+    bandwidth = probes.device_limits(f.dtype, [limits])["used"]["memory_bandwidth_bytes_per_s"]
     if f.preset:
       from flax import nnx  # pylint: disable=g-import-not-at-top
 
       import qwenjax  # pylint: disable=g-import-not-at-top
-      from qwenjax.config import default_scan_layers  # pylint: disable=g-import-not-at-top
+      from qwenjax.config import DTYPES, default_scan_layers  # pylint: disable=g-import-not-at-top
 
       cfg = workload.tiny_config()
-      model = qwenjax.Qwen2(cfg, rngs=nnx.Rngs(0), quantize=None if f.quantize == "none" else f.quantize,
+      model = qwenjax.Qwen2(cfg, rngs=nnx.Rngs(0), dtype=DTYPES[f.dtype], param_dtype=DTYPES[f.dtype],
+                            quantize=None if f.quantize == "none" else f.quantize,
                             quantize_embeddings=f.quantize_embeddings, scan_layers=default_scan_layers())
       tokenizer, prompts = None, workload.random_prompts(cfg.vocab_size, max(sizes), f.prompt_tokens)
       source = f"--preset={f.preset}"
@@ -349,9 +341,10 @@ def main(argv):
     report = {"model": source, "dtype": f.dtype, "quantize": f.quantize,
               "quantize_embeddings": f.quantize_embeddings, "xla_flags": os.environ["XLA_FLAGS"],
               "machine": cpu_paths.machine(), "bandwidth_bytes_per_s": bandwidth, "probes": limits, "batches": []}
+    projections = projection_weights(model)
     try:
       for b in sizes:
-        result = profile_batch(model, tokenizer, prompts[:b], f.new_tokens, dump_dir, bandwidth)
+        result = profile_batch(model, tokenizer, prompts[:b], f.new_tokens, dump_dir, bandwidth, projections)
         report["batches"].append(result)
         print(format_profile(result, bandwidth), flush=True)
     finally:
