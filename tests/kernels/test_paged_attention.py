@@ -282,15 +282,21 @@ def test_bad_arguments_name_the_culprit():
     write_pages(pages, pages, jnp.zeros((2, 2, 8)), jnp.zeros((1, 2, 8)), jnp.zeros(1, jnp.int32))
 
 
-def _pool_sized_ops(compiled_text: str, pool_elements: int) -> set[str]:
-  """Opcodes of the optimized HLO's instructions whose result has as many elements as the pool, scatters and
-  the views that move no data (parameter, bitcast, tuple, get-tuple-element) left out."""
-  found = set()
+def _pool_sized(compiled_text: str, pool_elements: int) -> list[tuple[str, str]]:
+  """(name, opcode) of the optimized HLO's instructions whose result has as many elements as the pool."""
+  found = []
   for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(", compiled_text, re.M):
     name, dims, op = m.groups()
-    if dims and math.prod(int(d) for d in dims.split(",")) == pool_elements and "scatter" not in name + op:
-      found.add(op)
-  return found - {"parameter", "bitcast", "tuple", "get-tuple-element"}
+    if dims and math.prod(int(d) for d in dims.split(",")) == pool_elements:
+      found.append((name, op))
+  return found
+
+
+def _pool_sized_ops(compiled_text: str, pool_elements: int) -> set[str]:
+  """Opcodes of `_pool_sized` instructions, scatters and the views that move no data (parameter, bitcast, tuple,
+  get-tuple-element) left out."""
+  ops = {op for name, op in _pool_sized(compiled_text, pool_elements) if "scatter" not in name + op}
+  return ops - {"parameter", "bitcast", "tuple", "get-tuple-element"}
 
 
 @pytest.mark.parametrize("slot", [2 * PAGE + 3, -1])
@@ -373,8 +379,7 @@ def test_a_bfloat16_contiguous_cache_on_cpu_is_written_in_place_as_bits():
   rows, start = jnp.asarray([2, 0], jnp.int32), jnp.asarray([7, 30], jnp.int32)
   write = jax.jit(write_rows, static_argnums=1, donate_argnums=0)
   text = write.lower(cache.k, 1, rows, start, new).compile().as_text()
-  sized = [m.group(1) for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* [\w-]+\(", text, re.M)
-           if math.prod(int(d) for d in m.group(2).split(",") if d) == cache.k.size]
+  sized = [name for name, _ in _pool_sized(text, cache.k.size)]
   assert sized and not [n for n in sized if any(w in n for w in ("convert", "copy"))], sized
   got = np.asarray(from_pool(write(cache.k, 1, rows, start, new)).astype(jnp.float32))
   want = np.zeros(got.shape, np.float32)
