@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -199,6 +200,22 @@ def remove_stale_temporaries(path: str | os.PathLike[str], *, marker_file: str |
         os.remove(tmp)
     elif is_marked(os.path.join(tmp, marker_file), marker):
       shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_tree(path: str | os.PathLike[str], *, quiet: float = 0.2, timeout: float = 30.0) -> bool:
+  """Removes the directory tree `path` that threads of this process may still be writing into (a failed Orbax
+  save leaves tensorstore's other writes running): removes it again whenever something reappears, until it has
+  stayed absent for `quiet` seconds, or `timeout` seconds have passed. Returns whether it is gone."""
+  deadline = time.monotonic() + timeout
+  while True:
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+      time.sleep(quiet)
+      if not os.path.lexists(path):
+        return True
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(0.01)
 
 
 def is_alive(pid: int) -> bool:

@@ -94,3 +94,29 @@ def test_report_files_from_before_markers_are_ours(tmp_path):
     path.write_text(json.dumps(old))
     with pytest.raises(InputError, match="not written by qwenjax"):
       _files.write_json(path, {"new": 1}, marker=marker)
+
+
+def test_a_tree_still_being_written_is_removed_once_its_writer_stops(tmp_path):
+  """As after a failed Orbax save, another thread goes on writing into the directory (creating its folders again)
+  while it is removed: remove_tree leaves nothing once the writer is done. One rmtree leaves files or the folder."""
+  import threading
+  import time
+
+  tree = tmp_path / "partial"
+  (tree / "params").mkdir(parents=True)
+  stop = time.monotonic() + 0.5
+
+  def writer():
+    i = 0
+    while time.monotonic() < stop:
+      os.makedirs(tree / "params" / f"w{i % 7}", exist_ok=True)
+      (tree / "params" / f"w{i % 7}" / f"c{i}").write_bytes(b"x" * 64)
+      i += 1
+
+  thread = threading.Thread(target=writer)
+  thread.start()
+  time.sleep(0.05)
+  assert _files.remove_tree(tree, quiet=0.3)
+  thread.join()
+  assert list(tmp_path.iterdir()) == []
+  assert _files.remove_tree(tmp_path / "absent")

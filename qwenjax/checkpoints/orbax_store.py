@@ -136,7 +136,7 @@ def _partial(directory: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
     os.rename(tmp, real)  # onto nothing, or onto an empty directory; anything else fails (ENOTEMPTY, EEXIST)
     _files.fsync_directory(real)
   except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
+    _files.remove_tree(tmp)
     if isinstance(e, CheckpointError) or not isinstance(e, Exception):
       raise
     raise CheckpointError(f"{directory}: writing the checkpoint failed ({first_line(e)[:300]}); the partial copy "
