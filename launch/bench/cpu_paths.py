@@ -15,6 +15,12 @@ decode step reads every weight from memory, not cache; `launch.bench.int8_matmul
 differ only at one row ("dot_2_rows", "int32_dot_2_rows") are timed at M = 1 alone: above it they are the same
 program as their base.
 
+Then the whole decode step (`--steps`): where a mode's matmuls choose a configuration other than the defaults, the
+engine's decode step on a random-weight model of the probed shapes (`--step_model`, Qwen2.5-0.5B's by default, at
+`--step_batches` rows) is timed under both, each in a process of its own on that configuration's own paths; the
+step times, not the matmuls', then choose (`qwenjax.kernels.cpu_paths.select`). A matmul timed alone can win where
+the program loses: XLA fuses, hoists and schedules a whole step differently.
+
 Modes: float32 and bfloat16 (weights in that dtype; the vocabulary table [V, D] as the model reads it), w8a16 and
 w8a8 (int8 weights [K, N] and output-major [N, K], float32 activations; the table is not quantized by default and
 is left out). Launch scripts run this on first use when no record exists (`--cpu_paths=auto`).
@@ -53,6 +59,15 @@ _SHOW = flags.DEFINE_bool("show", False, "Print the record (--output, or this pr
 _MERGE = flags.DEFINE_bool("merge", False, "Keep the --output record's timings of the modes not probed now (what "
                            "a launch script's first use in a new mode does).")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: time one configuration, write JSON here.")
+_STEPS = flags.DEFINE_enum("steps", "candidates", ["candidates", "all", "none"], "Whole decode steps timed to "
+                           "confirm a configuration: candidates: a mode's matmul choice and the defaults, where that "
+                           "choice is not the defaults; all: every configuration that ran, in every mode; none.")
+_STEP_MODEL = flags.DEFINE_string("step_model", "qwen2.5-0.5b", "The random-weight model of those steps: a "
+                                  "qwenjax.PRESETS size (of the probed shapes), or 'tiny' (tests).")
+_STEP_LAYERS = flags.DEFINE_integer("step_layers", None, "Its layers (default: the preset's).", lower_bound=1)
+_STEP_BATCHES = flags.DEFINE_list("step_batches", ["1", "32"], "The decode batch sizes (rows) stepped.")
+_STEP_WORKER = flags.DEFINE_string("step_worker", None, "Internal: time one mode's decode steps in this process's "
+                                   "configuration under the paths of the record at --output, write JSON here.")
 
 
 
@@ -66,6 +81,12 @@ def parse_shape(name: str) -> tuple[int, int, bool]:
   raise ValueError(f"shape {name!r} is neither one of {', '.join(SHAPES)} nor KxN")
 
 
+def _presets() -> list[str]:
+  from qwenjax.config import PRESETS  # noqa: PLC0415
+
+  return list(PRESETS)
+
+
 def _valid_shapes(names: list[str]) -> bool:
   try:
     return bool(names) and all(parse_shape(n) for n in names)
@@ -74,6 +95,9 @@ def _valid_shapes(names: list[str]) -> bool:
 
 
 flags.register_validator("rows", measure.positive_integers, "expected positive integers, e.g. 1,2,8")
+flags.register_validator("step_batches", measure.positive_integers, "expected positive integers, e.g. 1,32")
+flags.register_validator("step_model", lambda name: name == "tiny" or name in _presets(),
+                         "expected 'tiny' or a qwenjax.PRESETS name")
 flags.register_validator("modes", lambda m: bool(m) and set(m) <= {"float32", "bfloat16", "w8a16", "w8a8"},
                          "expected modes among float32, bfloat16, w8a16, w8a8")
 flags.register_validator("configs", lambda c: bool(c) and set(c) <= {"default", "onednn", "xnnpack", "ynnpack"},
@@ -170,7 +194,117 @@ def probe_config(config: str, modes: list[str], shapes: list[str], rows: list[in
   return out
 
 
+STEP_PROMPT_TOKENS = 16
+STEP_NEW_TOKENS = 9
+STEP_REPEATS = 2
+
+
+def step_model(name: str, layers: int | None, mode: str):
+  """The random-weight Qwen2 of a decode-step timing: `name` (a preset, or 'tiny') in `mode`'s dtype and
+  quantization, with `layers` layers (None: the preset's), unrolled or scanned as the engine runs it here."""
+  import dataclasses  # noqa: PLC0415
+
+  from flax import nnx  # noqa: PLC0415
+
+  import qwenjax  # noqa: PLC0415
+  from launch.bench import workload  # noqa: PLC0415
+  from qwenjax.config import DTYPES, default_scan_layers  # noqa: PLC0415
+
+  cfg = workload.tiny_config() if name == workload.TINY else qwenjax.PRESETS[name]
+  if layers is not None:
+    cfg = dataclasses.replace(cfg, num_layers=layers)
+  dtype = DTYPES["bfloat16" if mode == "bfloat16" else "float32"]
+  quantize = {"w8a16": "int8", "w8a8": "w8a8"}.get(mode)
+  return qwenjax.Qwen2(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, scan_layers=default_scan_layers(),
+                       quantize=quantize)
+
+
+def time_steps(record: dict, mode: str, config: str, model_name: str, layers: int | None,
+               batches: list[int]) -> list[dict]:
+  """One mode's decode step in this process's configuration (its flags already in XLA_FLAGS), on the paths
+  `record` chooses for it there: per batch size, the milliseconds of a step of the engine (`qwenjax.Engine`, one
+  slot per prompt, greedy, end-of-sequence ignored), the best of STEP_REPEATS warm runs, and the tokens it made."""
+  from launch.bench import workload  # noqa: PLC0415
+  from launch.bench.adapters import qwenjax_generate_fn  # noqa: PLC0415
+  from qwenjax.kernels import cpu_paths  # noqa: PLC0415
+
+  cpu_paths.activate(cpu_paths.select(record, mode, config=config))  # before the model: it fixes int8 layouts
+  model = step_model(model_name, layers, mode)
+  out = []
+  for batch in batches:
+    prompts = workload.random_prompts(model.cfg.vocab_size, batch, STEP_PROMPT_TOKENS)
+    generate = qwenjax_generate_fn(model, None, max_seq_len=STEP_PROMPT_TOKENS + STEP_NEW_TOKENS)
+    generate(prompts, STEP_NEW_TOKENS)  # compiles
+    best = math.inf
+    for _ in range(STEP_REPEATS):
+      start = time.perf_counter()
+      tokens, ttft = generate(prompts, STEP_NEW_TOKENS)
+      best = min(best, (time.perf_counter() - start - ttft) / (STEP_NEW_TOKENS - 1))
+    out.append(dict(config=config, mode=mode, model=model_name, layers=model.cfg.num_layers, batch=batch,
+                    ms=best * 1e3, tokens=tokens))
+    logging.info("%s %s decode step, batch %d: %.2f ms", config, mode, batch, best * 1e3)
+  return out
+
+
 # --- The parent: one process per configuration ---
+
+def _worker_env(flags_: tuple[str, ...]) -> dict:
+  env = dict(os.environ, XLA_FLAGS=" ".join(flags_), JAX_PLATFORMS="cpu")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # time compiled code, never read back from another run
+  return env
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def step_configs(record: dict, mode: str, policy: str) -> list[str]:
+  """The configurations whose decode steps confirm `mode`'s choice: under 'candidates', the defaults and the one
+  its matmuls choose when that is not the defaults (none when it is); under 'all', every one that ran the mode."""
+  from qwenjax import ConfigError  # noqa: PLC0415
+  from qwenjax.kernels import cpu_paths  # noqa: PLC0415
+
+  ran = [c for c, v in record["configs"].items() if v["status"].get(mode) == "ok"]
+  if policy == "none" or "default" not in ran:
+    return []
+  if policy == "all":
+    return ran
+  try:
+    chosen = cpu_paths.select(record, mode).config
+  except ConfigError as e:  # no exact default timing: nothing to confirm
+    logging.warning("%s: %s", mode, e)
+    return []
+  return [] if chosen == "default" else ["default", chosen]
+
+
+def run_steps(record: dict, modes: list[str], policy: str, model_name: str, layers: int | None,
+              batches: list[int]) -> list[dict]:
+  """The decode steps of `step_configs`, each configuration and mode in a process of its own. A step that fails is
+  recorded with its error (and never confirms its configuration)."""
+  from qwenjax.kernels import cpu_paths  # noqa: PLC0415
+
+  steps = []
+  with tempfile.TemporaryDirectory(prefix="qwenjax-cpu-steps-") as tmp:
+    record_path = os.path.join(tmp, "record.json")
+    write_record(record, record_path)
+    for mode in modes:
+      for config in step_configs(record, mode, policy):
+        result = os.path.join(tmp, f"{mode}-{config}.json")
+        cmd = [sys.executable, "-m", "launch.bench.cpu_paths", f"--step_worker={result}", f"--output={record_path}",
+               f"--configs={config}", f"--modes={mode}", f"--step_model={model_name}",
+               f"--step_batches={','.join(map(str, batches))}"] + ([f"--step_layers={layers}"] if layers else [])
+        start = time.monotonic()
+        proc = subprocess.run(cmd, env=_worker_env(cpu_paths.CONFIGS[config]), capture_output=True, text=True,
+                              check=False, cwd=_REPO)
+        if proc.returncode == 0 and os.path.exists(result):
+          with open(result, encoding="utf-8") as f:
+            steps.extend(json.load(f))
+          status = "ok"
+        else:
+          status = "failed: " + _failure(proc.stderr, proc.returncode)
+          steps.append(dict(config=config, mode=mode, model=model_name, error=status))
+        logging.info("decode steps, %s under %s: %s in %.0f s", mode, config, status, time.monotonic() - start)
+  return steps
+
 
 def run_probe(modes, configs, shapes, rows, repeats, rotate_mib) -> dict:
   """Runs every configuration in its own process and returns the record."""
@@ -187,13 +321,11 @@ def run_probe(modes, configs, shapes, rows, repeats, rotate_mib) -> dict:
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="qwenjax-cpu-paths-") as tmp:
       result = os.path.join(tmp, "timings.json")
-      env = dict(os.environ, XLA_FLAGS=" ".join(flags_), JAX_PLATFORMS="cpu")
-      env.pop("JAX_COMPILATION_CACHE_DIR", None)  # time compiled code, never read back from another run
+      env = _worker_env(flags_)
       cmd = [sys.executable, "-m", "launch.bench.cpu_paths", f"--worker={result}", f"--configs={config}",
              f"--modes={','.join(modes)}", f"--shapes={','.join(shapes)}", f"--rows={','.join(map(str, rows))}",
              f"--repeats={repeats}", f"--rotate_mib={rotate_mib}"]
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=_REPO)
       if proc.returncode == 0 and os.path.exists(result):
         with open(result, encoding="utf-8") as f:
           timings = json.load(f)
@@ -211,7 +343,11 @@ def run_probe(modes, configs, shapes, rows, repeats, rotate_mib) -> dict:
 def _failure(stderr: str, returncode: int) -> str:
   """What killed a worker, in one line: its fatal error or last error line, and the last path it had timed."""
   lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-  fatal = [line for line in lines if line.startswith("Fatal Python error") or "Error" in line.split(":")[0]]
+  # A library's last words can share the fatal line ("partition compile failedFatal Python error: Illegal
+  # instruction": oneDNN on a Zen 3, no newline): the error first, what preceded it after.
+  fatal = [f"{line[line.index('Fatal Python error'):]} ({line[:line.index('Fatal Python error')]})"
+           if line.index("Fatal Python error") else line for line in lines if "Fatal Python error" in line]
+  fatal = fatal or [line for line in lines if "Error" in line.split(":")[0]]
   timed = [line.split("] ", 1)[1] for line in lines if "cpu_paths.py" in line and "] " in line and " us, error" in line]
   what = (fatal or lines[-1:] or [f"exit status {returncode}"])[-1][:160]
   return what + (f" (after: {timed[-1][:120]})" if timed else " (before the first path)")
@@ -221,7 +357,8 @@ def merge(old: dict, new: dict) -> dict:
   """`new` with the timings of `old` whose modes `new` did not probe; each configuration's status per mode is
   `old`'s, updated by `new`'s."""
   probed = {e["mode"] for e in new["timings"]} | {m for v in new["configs"].values() for m in v["status"]}
-  merged = dict(new, timings=[e for e in old.get("timings", []) if e.get("mode") not in probed] + new["timings"])
+  merged = dict(new, timings=[e for e in old.get("timings", []) if e.get("mode") not in probed] + new["timings"],
+                steps=[e for e in old.get("steps", []) if e.get("mode") not in probed] + new.get("steps", []))
   merged["configs"] = {c: dict(v) for c, v in old.get("configs", {}).items()}
   for config, value in new["configs"].items():
     status = {**merged["configs"].get(config, {}).get("status", {}), **value["status"]}
@@ -239,6 +376,14 @@ def write_record(record: dict, path) -> None:
 def main(argv):
   del argv
   rows = sorted({int(r) for r in _ROWS.value})
+  if _STEP_WORKER.value:
+    from qwenjax.kernels import cpu_paths  # noqa: PLC0415
+
+    steps = time_steps(cpu_paths.read_record(_OUTPUT.value), _MODES.value[0], _CONFIGS.value[0], _STEP_MODEL.value,
+                       _STEP_LAYERS.value, [int(b) for b in _STEP_BATCHES.value])
+    with open(_STEP_WORKER.value, "w", encoding="utf-8") as f:
+      json.dump(steps, f)
+    return
   if _WORKER.value:
     timings = probe_config(_CONFIGS.value[0], _MODES.value, _SHAPES.value, rows, _REPEATS.value,
                            _ROTATE_MIB.value << 20)
@@ -260,6 +405,8 @@ def main(argv):
       if not record["timings"]:
         raise QwenJaxError("no configuration could be probed: " + "; ".join(
             f"{c}: {'; '.join(set(v['status'].values()))}" for c, v in record["configs"].items()))
+      record["steps"] = run_steps(record, _MODES.value, _STEPS.value, _STEP_MODEL.value, _STEP_LAYERS.value,
+                                  [int(b) for b in _STEP_BATCHES.value])
       if _MERGE.value and os.path.exists(path):
         record = merge(cpu_paths.read_record(path), record)
       write_record(record, path)

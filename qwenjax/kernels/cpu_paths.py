@@ -13,6 +13,12 @@ jaxlib under the cache directory (`qwenjax.engine.cpu_records`). `select(record,
   layouts       (K, N) -> "kn" or "nk": an int8 weight's stored layout (fastest over the row counts, geometric mean)
   formulations  (K, N) -> [(smallest M, formulation)], and a mode-wide fallback for shapes not probed
 
+Where the record holds whole decode steps of a mode (the probe times the engine's step on a random-weight model of
+the probed shapes under the defaults and under the configuration the matmuls chose, each on its own paths), the
+steps choose the configuration instead, with the same margin: a matmul timed alone can win where the whole program
+loses (on a Sapphire Rapids Xeon, YNNPACK won bfloat16's matmuls 2.1x, and a bfloat16 decode step under it took 755
+ms against 626 ms on the defaults).
+
 A path counts only if it is exact for its mode (`exact`): float32 and bfloat16 results within twice the error of
 the default path (the plain dot, [K, N], default flags) against a float64 reference, int8 dots equal to numpy's.
 
@@ -169,6 +175,9 @@ def select(record: Mapping, mode: str, config: str | None = None) -> Paths:
     if all((candidate, *cell) in best for cell in cells):
       score[candidate] = math.exp(sum(math.log(best[(candidate, *cell)]) for cell in cells) / len(cells))
   if config is None:
+    steps = {c: ms for c, ms in step_scores(record, mode).items() if c in score}
+    if "default" in steps:  # whole decode steps were timed: they decide, among the configurations they timed
+      score = steps
     config = min(score, key=score.get)
     if config != "default" and score["default"] < MIN_GAIN * score[config]:
       config = "default"
@@ -207,6 +216,20 @@ def select(record: Mapping, mode: str, config: str | None = None) -> Paths:
   return Paths(mode, config, flags, layouts, formulations, tuple(fallback), default_layout)
 
 
+def step_scores(record: Mapping, mode: str) -> dict[str, float]:
+  """configuration -> geometric mean of its recorded decode-step milliseconds in `mode`, over the batch sizes the
+  defaults were stepped at (configurations stepped at all of them; a failed step has no time)."""
+  steps = [e for e in record.get("steps", []) if isinstance(e, dict) and e.get("mode") == mode
+           and isinstance(e.get("ms"), (int, float)) and e["ms"] > 0]
+  batches = {e["batch"] for e in steps if e["config"] == "default"}
+  scores = {}
+  for config in sorted({e["config"] for e in steps}):
+    ms = {e["batch"]: e["ms"] for e in steps if e["config"] == config}
+    if batches and batches <= ms.keys():
+      scores[config] = math.exp(sum(math.log(ms[b]) for b in batches) / len(batches))
+  return scores
+
+
 def mode_of(dtype: str, quantize: str | None) -> str:
   """The probe mode of a model: its `--quantize` mode (int8 -> w8a16, w8a8), else its compute dtype."""
   if quantize in (None, "", "none"):
@@ -238,13 +261,43 @@ def format_table(record: Mapping) -> str:
     lines.append(f"{key[0]:<9} {key[1]:<8} {key[2]:>4} {key[3]:<6} {key[4]:<17}" + "".join(
         f" {cells[c]['us']:>10.1f}" if c in cells else f" {'-':>10}" for c in configs)
         + (f"   {err:.1e}{exact}" if err is not None else ""))
+  steps = [e for e in record.get("steps", []) if isinstance(e, dict)]
+  if steps:
+    lines += ["decode steps (a random-weight model of the probed shapes, the engine on each configuration's own "
+              "paths), ms per step:", f"{'mode':<8} {'configuration':<13} {'model':<14} {'layers':>6} {'batch':>5} "
+              f"{'ms':>9}   tokens as the defaults'"]
+    for e in sorted(steps, key=lambda e: (MODES.index(e["mode"]) if e.get("mode") in MODES else 9,
+                                          e.get("config") != "default", e.get("config", ""), e.get("batch", 0))):
+      if "ms" not in e:
+        lines.append(f"{e.get('mode', '?'):<8} {e.get('config', '?'):<13} {e.get('model', '?'):<14} "
+                     f"{e.get('error', 'failed')}")
+        continue
+      base = next((b for b in steps if b.get("config") == "default" and b.get("mode") == e["mode"]
+                   and b.get("batch") == e["batch"] and "tokens" in b), None)
+      same = "" if base is None or e["config"] == "default" else _same_tokens(e.get("tokens"), base["tokens"])
+      lines.append(f"{e['mode']:<8} {e['config']:<13} {e['model']:<14} {e['layers']:>6} {e['batch']:>5} "
+                   f"{e['ms']:>9.2f}   {same}")
   return "\n".join(lines)
 
 
+def _same_tokens(tokens, base) -> str:
+  if not isinstance(tokens, list) or len(tokens) != len(base):
+    return "-"
+  return f"{sum(a == b for a, b in zip(tokens, base))}/{len(base)} rows"
+
+
 def describe_choices(record: Mapping) -> str:
-  """Every mode's choice (`Paths.describe`), each under its own best configuration."""
+  """Every mode's choice (`Paths.describe`), each under its own best configuration; where decode steps decided,
+  their geometric means."""
   modes = sorted({e["mode"] for e in _entries(record)}, key=MODES.index)
-  return "\n".join(select(record, mode).describe() for mode in modes)
+  lines = []
+  for mode in modes:
+    lines.append(select(record, mode).describe())
+    steps = step_scores(record, mode)
+    if "default" in steps and len(steps) > 1:
+      lines.append("  decided by decode steps (geometric mean ms): " + ", ".join(
+          f"{c} {ms:.2f}" for c, ms in sorted(steps.items(), key=lambda kv: kv[1])))
+  return "\n".join(lines)
 
 
 def config_of_flags(xla_flags: str) -> str:

@@ -18,6 +18,7 @@ from qwenjax.kernels import cpu_paths, int8_matmul
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 XEON_RECORD = REPO / "tests" / "data" / "cpu_paths_xeon.json"
+ZEN3_RECORD = REPO / "tests" / "data" / "cpu_paths_zen3.json"  # AMD EPYC, AVX2 only; with the probe's decode steps
 
 
 def _entry(mode, m, us, *, config="default", layout=None, formulation=None, error=1e-7, k=64, n=96, **extra):
@@ -28,7 +29,8 @@ def _entry(mode, m, us, *, config="default", layout=None, formulation=None, erro
 
 def _record(*entries, configs=("default", "onednn")):
   return {"version": cpu_paths.RECORD_VERSION, "timings": list(entries),
-          "configs": {c: {"flags": list(cpu_paths.CONFIGS[c]), "status": "ok"} for c in configs}}
+          "configs": {c: {"flags": list(cpu_paths.CONFIGS[c]), "status": {m: "ok" for m in cpu_paths.MODES}}
+                      for c in configs}}
 
 
 def test_a_configuration_must_win_by_more_than_the_margin():
@@ -55,6 +57,59 @@ def test_a_process_of_another_configuration_chooses_among_its_timings():
                                    "--xla_dump_to=/tmp") == "onednn"
   assert cpu_paths.config_of_flags("--xla_cpu_use_onednn=true") == "default"
   assert cpu_paths.config_of_flags("") == "default"
+
+
+def _step(mode, config, batch, ms):
+  return dict(config=config, mode=mode, model="tiny", layers=2, batch=batch, ms=ms, tokens=[[1, 2]] * batch)
+
+
+def test_decode_steps_overrule_the_matmuls():
+  """onednn wins the matmuls 2x. Timed whole decode steps decide instead, with the same margin; a configuration
+  whose step failed, or was not timed at every batch size the defaults were, is never chosen over them."""
+  matmuls = [_entry("float32", 1, 100.0), _entry("float32", 8, 200.0),
+             _entry("float32", 1, 50.0, config="onednn"), _entry("float32", 8, 100.0, config="onednn")]
+  assert cpu_paths.select(_record(*matmuls), "float32").config == "onednn"
+  cases = {
+      "default": [_step("float32", "default", 1, 40.0), _step("float32", "default", 32, 300.0),
+                  _step("float32", "onednn", 1, 50.0), _step("float32", "onednn", 32, 280.0)],  # onednn loses
+      "onednn": [_step("float32", "default", 1, 40.0), _step("float32", "default", 32, 300.0),
+                 _step("float32", "onednn", 1, 36.0), _step("float32", "onednn", 32, 270.0)],  # 10% faster
+  }
+  for want, steps in cases.items():
+    record = dict(_record(*matmuls), steps=steps + [_step("bfloat16", "onednn", 1, 1.0)])  # another mode's
+    assert cpu_paths.select(record, "float32").config == want
+    assert "decided by decode steps" in cpu_paths.describe_choices(record)
+  close = [_step("float32", "default", 1, 40.0), _step("float32", "onednn", 1, 39.0)]  # 2.5%: noise
+  failed = [_step("float32", "default", 1, 40.0), dict(config="onednn", mode="float32", model="tiny", error="failed")]
+  partial = [_step("float32", "default", 1, 40.0), _step("float32", "default", 32, 300.0),
+             _step("float32", "onednn", 1, 20.0)]
+  for steps in (close, failed, partial):
+    assert cpu_paths.select(dict(_record(*matmuls), steps=steps), "float32").config == "default"
+  # A process whose configuration is given keeps it: steps choose only the mode's own configuration.
+  record = dict(_record(*matmuls), steps=cases["default"])
+  assert cpu_paths.select(record, "float32", config="onednn").config == "onednn"
+  table = cpu_paths.format_table(dict(record, steps=cases["default"] + failed[1:]))
+  assert "decode steps" in table and "1/1 rows" in table and "failed" in table
+
+
+def test_which_configurations_are_stepped():
+  from launch.bench import cpu_paths as probe
+
+  status = lambda *ok: {"status": {m: "ok" if m in ok else "failed: x" for m in cpu_paths.MODES}, "flags": []}
+  record = {"version": cpu_paths.RECORD_VERSION,
+            "configs": {"default": status(*cpu_paths.MODES), "onednn": status("float32"), "ynnpack": status()},
+            "timings": [_entry("float32", 1, 100.0), _entry("float32", 1, 50.0, config="onednn"),
+                        _entry("w8a8", 1, 100.0), _entry("w8a8", 1, 98.0, config="onednn")]}
+  assert probe.step_configs(record, "float32", "candidates") == ["default", "onednn"]
+  assert probe.step_configs(record, "w8a8", "candidates") == []  # the defaults chosen: nothing to confirm
+  assert probe.step_configs(record, "w8a8", "all") == ["default"]  # onednn did not run w8a8
+  assert probe.step_configs(record, "float32", "none") == []
+  assert probe.step_configs(record, "bfloat16", "candidates") == []  # no timing at all: nothing to confirm
+  old = dict(record, steps=[_step("float32", "default", 1, 1.0), _step("w8a8", "default", 1, 2.0)])
+  new = dict(record, configs={"default": {"status": {"w8a8": "ok"}, "flags": []}}, timings=[_entry("w8a8", 1, 80.0)],
+             steps=[_step("w8a8", "default", 1, 3.0)])
+  merged = probe.merge(old, new)
+  assert sorted((e["mode"], e["ms"]) for e in merged["steps"]) == [("float32", 1.0), ("w8a8", 3.0)]
 
 
 def test_inexact_paths_never_count():
@@ -103,12 +158,12 @@ def test_no_default_timings_is_a_clear_error():
     cpu_paths.select(_record(), "int4")
 
 
-def test_the_xeon_record_chooses_the_fastest_exact_path_of_each_cell():
-  """On the recorded probe of a Sapphire Rapids Xeon: the chosen configuration is no slower than the defaults
-  (geometric mean), and at every probed (shape, M) the chosen formulation (in the chosen layout) is the fastest
-  exact one there, recomputed here from the table."""
-  record = json.loads(XEON_RECORD.read_text())
-  assert "Xeon" in record["processor"]
+@pytest.mark.parametrize("path,processor", [(XEON_RECORD, "Xeon"), (ZEN3_RECORD, "AMD EPYC")])
+def test_a_recorded_probe_chooses_the_fastest_exact_path_of_each_cell(path, processor):
+  """On the recorded probes of a Sapphire Rapids Xeon and a Zen 3 EPYC: at every probed (shape, M) the chosen
+  formulation (in the chosen layout) is the fastest exact one there, recomputed here from the table."""
+  record = json.loads(path.read_text())
+  assert processor in record["processor"]
   for mode, config in [(m, None) for m in cpu_paths.MODES] + [(m, "default") for m in cpu_paths.MODES]:
     paths = cpu_paths.select(record, mode, config=config)
     rows = [e for e in record["timings"] if e["mode"] == mode]
@@ -120,6 +175,38 @@ def test_the_xeon_record_chooses_the_fastest_exact_path_of_each_cell():
       layout = paths.layout(k, n) if mode in cpu_paths.INT8_MODES else "-"
       cell = [e for e in ok if (e["config"], e["k"], e["n"], e["m"], e["layout"]) == (paths.config, k, n, m, layout)]
       assert paths.formulation(m, k, n) == min(cell, key=lambda e: e["us"])["formulation"], (mode, k, n, m)
+
+
+def test_the_zen3_record_decode_steps_overrule_bfloat16s_matmuls():
+  """The recorded Zen 3 probe: YNNPACK won bfloat16's matmuls (XLA's default bfloat16 dots are 3-10x slower there)
+  and w8a16's went to XNNPACK; the whole decode steps, timed after, keep the defaults for bfloat16 (435.8 against
+  444.6 ms, geometric mean of batch 1 and 32) and confirm XNNPACK for w8a16 (171.8 against 183.3 ms, 6.7%)."""
+  record = json.loads(ZEN3_RECORD.read_text())
+  matmuls_only = dict(record, steps=[])
+  assert cpu_paths.select(matmuls_only, "bfloat16").config == "ynnpack"
+  assert cpu_paths.select(matmuls_only, "w8a16").config == "xnnpack"
+  ms = {(e["mode"], e["config"], e["batch"]): e["ms"] for e in record["steps"]}
+  assert math.sqrt(ms["bfloat16", "default", 1] * ms["bfloat16", "default", 32]) == pytest.approx(435.79, abs=0.01)
+  assert math.sqrt(ms["bfloat16", "ynnpack", 1] * ms["bfloat16", "ynnpack", 32]) == pytest.approx(444.63, abs=0.01)
+  assert cpu_paths.select(record, "bfloat16").config == "default"
+  assert cpu_paths.select(record, "w8a16").config == "xnnpack"
+  assert {cpu_paths.select(record, m).config for m in ("float32", "w8a8")} == {"default"}
+
+
+def test_a_dead_worker_is_recorded_by_its_fatal_line():
+  """What a probe worker's death is recorded as: Python's fatal error even where a library's message ran into it
+  (oneDNN on a Zen 3 EPYC, stderr as captured), and the last path timed."""
+  from launch.bench import cpu_paths as probe
+
+  stderr = ("I1206 14:51:03.161358 139861722442624 cpu_paths.py:190] onednn mlp_up float32 M=1 - dot_2_rows: "
+            "1648.8 us, error 2.10e-07\npartition compile failedFatal Python error: Illegal instruction\n\n"
+            "Thread 0x00007f341848ab80 (most recent call first):\n  File \"/x/y.py\", line 1 in f\n\n"
+            "Extension modules: jaxlib.cpu_feature_guard, numpy._core._multiarray_umath (total: 2)\n")
+  assert probe._failure(stderr, -4) == ("Fatal Python error: Illegal instruction (partition compile failed) (after: "
+                                        "onednn mlp_up float32 M=1 - dot_2_rows: 1648.8 us, error 2.10e-07)")
+  assert probe._failure("Traceback (most recent call last):\nValueError: bad flag\n", 1) == (
+      "ValueError: bad flag (before the first path)")
+  assert probe._failure("", -9) == "exit status -9 (before the first path)"
 
 
 def test_user_xla_flags_win():
@@ -136,13 +223,21 @@ def test_a_real_probe_of_tiny_shapes(tmp_path):
   out = tmp_path / "record.json"
   probe = lambda *args: subprocess.run(
       [sys.executable, "-m", "launch.bench.cpu_paths", "--shapes=64x96,96x64", "--rows=1,3", "--repeats=1",
-       "--rotate_mib=0", "--configs=default,ynnpack", f"--output={out}", *args],
+       "--rotate_mib=0", "--configs=default,ynnpack", "--step_model=tiny", "--step_batches=1,2", f"--output={out}",
+       *args],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   first = probe("--modes=float32,bfloat16,w8a16")
   assert first.returncode == 0, first.stderr[-2000:]
-  proc = probe("--modes=w8a8", "--merge")  # a launch script's first use in a new mode adds that mode
+  proc = probe("--modes=w8a8", "--merge", "--steps=all")  # a launch script's first use in a new mode adds that mode
   assert proc.returncode == 0, proc.stderr[-2000:]
   record = cpu_paths.read_record(out)
+  steps = [e for e in record["steps"] if e["mode"] == "w8a8"]  # the engine's decode step under both configurations
+  assert sorted((e["config"], e["batch"]) for e in steps) == [("default", 1), ("default", 2), ("ynnpack", 1),
+                                                               ("ynnpack", 2)]
+  for e in steps:
+    assert e["model"] == "tiny" and e["layers"] == 2 and math.isfinite(e["ms"]) and e["ms"] > 0
+    assert len(e["tokens"]) == e["batch"] and all(len(t) == 9 and all(0 <= i < 512 for i in t) for t in e["tokens"])
+  assert "decode steps" in proc.stdout
   assert record["configs"]["default"]["status"] == {mode: "ok" for mode in cpu_paths.MODES}
   assert record["configs"]["ynnpack"]["flags"] == ["--xla_cpu_experimental_ynn_fusion_type=dot"]
   timings = record["timings"]
