@@ -159,6 +159,31 @@ def test_column_blocks_of_qwen_shapes():
   assert im.column_block(896, 151936) == 256 and im.column_block(896, 128) == 128 and im.column_block(896, 40) == 40
 
 
+def test_column_block_loops_of_many_layers_share_their_buffers():
+  """w8a16's column-block loop in a program of L layers (up, then down, as a model's MLP chains them): its output
+  buffers are reused from layer to layer, so the program's temporaries do not grow by a layer's activations per
+  layer. With a constant start (lax.map's zeros) XLA created every loop's buffer up front: +4 MiB a layer here,
+  and 617 MiB of temporaries for a 512-token prefill of the 0.5B model against w8a8's 42."""
+  t, d, f = 256, 128, 4096  # [T, D] activations, [D, F] up and [F, D] down weights: 2 column blocks of 2048 for up
+  rng = np.random.default_rng(0)
+  up = jnp.asarray(rng.integers(-127, 128, (d, f)), jnp.int8)
+  down = jnp.asarray(rng.integers(-127, 128, (f, d)), jnp.int8)
+  s_up, s_down = jnp.full((f,), 1e-3, jnp.float32), jnp.full((d,), 1e-3, jnp.float32)
+  blocks = im.XLA_FORMULATIONS["w8a16"]["column_blocks"]
+
+  def temp_bytes(layers):
+    def program(x, up, down):
+      for _ in range(layers):
+        x = x + blocks(jax.nn.silu(blocks(x, up, s_up, False)), down, s_down, False)
+      return x
+    compiled = jax.jit(program).lower(jnp.ones((t, d), jnp.float32), up, down).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  activations = t * f * 4  # one layer's [T, F] float32
+  assert im.column_block(d, f) == 2048 and temp_bytes(1) >= activations
+  assert temp_bytes(6) - temp_bytes(1) < activations
+
+
 def test_dispatch():
   from qwenjax.kernels import cpu_paths  # noqa: PLC0415
 
