@@ -93,6 +93,19 @@ COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True, "Keep compiled 
                                       "back instead of compiling; --nocompilation_cache turns it off.")
 COMPILATION_CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None, "Where --compilation_cache keeps them. "
                                             "Default: $JAX_COMPILATION_CACHE_DIR, else <qwenjax cache dir>/xla.")
+SPECULATIVE_METHOD = flags.DEFINE_enum("speculative_method", "none", ["none", "ngram"], "Speculative decoding: "
+                                       "ngram proposes the tokens that followed the latest earlier occurrence of a "
+                                       "sequence's last tokens in its prompt and output (prompt lookup); every "
+                                       "output stays the one plain decoding gives. none: off.")
+NUM_SPECULATIVE_TOKENS = flags.DEFINE_integer("num_speculative_tokens", 4, "Most tokens proposed per sequence and "
+                                              "step (with --speculative_method).", lower_bound=1, upper_bound=16)
+PROMPT_LOOKUP_MIN = flags.DEFINE_integer("prompt_lookup_min", 2, "Shortest n-gram --speculative_method=ngram "
+                                         "matches.", lower_bound=1)
+PROMPT_LOOKUP_MAX = flags.DEFINE_integer("prompt_lookup_max", 4, "Longest n-gram --speculative_method=ngram "
+                                         "matches (tried first).", lower_bound=1)
+SPECULATIVE_DISABLE_BATCH_SIZE = flags.DEFINE_integer(
+    "speculative_disable_batch_size", 8, "No step speculates while more sequences than this decode together (0: "
+    "never off); past it a step's extra rows cost more than its accepted tokens save.", lower_bound=0)
 CPU_PATHS = _cli.define_cpu_paths_flag(
     "Matmul paths on CPU: 'auto' reads this processor's record (python -m launch.bench.cpu_paths writes it; the "
     "first run in a mode with no record probes that mode, a few minutes), 'default' keeps XLA's defaults, anything "
@@ -139,6 +152,18 @@ def lora_kwargs() -> dict:
       raise InputError(f"--lora: the name {name!r} is given twice.")
     adapters[name] = path
   return dict(lora=adapters or None, merge_lora=MERGE_LORA.value)
+
+
+def speculative_kwargs() -> dict:
+  """The Engine's `speculative` argument of the speculative flags (ConfigError for a bad combination)."""
+  if SPECULATIVE_METHOD.value == "none":
+    return dict(speculative=None)
+  from qwenjax.engine.speculative import SpeculativeConfig  # pylint: disable=g-import-not-at-top
+
+  return dict(speculative=SpeculativeConfig(
+      method=SPECULATIVE_METHOD.value, num_speculative_tokens=NUM_SPECULATIVE_TOKENS.value,
+      prompt_lookup_min=PROMPT_LOOKUP_MIN.value, prompt_lookup_max=PROMPT_LOOKUP_MAX.value,
+      disable_batch_size=SPECULATIVE_DISABLE_BATCH_SIZE.value))
 
 
 def sampling_params():

@@ -192,16 +192,22 @@ class _Bar:
   """One status line on stderr: requests done of total, generated tokens/s, the share of prompt tokens read from
   shared prefix pages (RequestOutput.cached_tokens), estimated time left."""
 
-  def __init__(self, total: int):
+  def __init__(self, total: int, speculation=None):
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
     self.bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
     self.start, self.tokens, self.prompt, self.cached = time.perf_counter(), 0, 0, 0
+    self.speculation = speculation  # a speculative engine's `Proposer.stats`, or None
 
   def update(self, tokens: int = 0, prompt: int = 0, cached: int = 0) -> None:
     self.tokens, self.prompt, self.cached = self.tokens + tokens, self.prompt + prompt, self.cached + cached
     rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-    self.bar.set_postfix_str(f"{rate:.1f} tok/s, cached {100 * self.cached / max(self.prompt, 1):.0f}%")
+    line = f"{rate:.1f} tok/s, cached {100 * self.cached / max(self.prompt, 1):.0f}%"
+    if self.speculation is not None:
+      spec = self.speculation()
+      line += (f", accepted {spec['spec_accepted_tokens']}/{spec['spec_proposed_tokens']} "
+               f"(mean length {spec['spec_mean_accepted_length']:.2f})")
+    self.bar.set_postfix_str(line)
     self.bar.update(1)
 
   def close(self) -> None:
@@ -273,6 +279,7 @@ def main(argv):
     inputs = jobs.expand_inputs(_INPUT.value, _OUTPUT.value)
     jobs.check_paths(inputs, _OUTPUT.value)
     lora = _common.lora_kwargs()  # a malformed --lora fails before the model loads
+    speculative = _common.speculative_kwargs()
     if _MEDIA_ROOT.value is not None and not os.path.isdir(_MEDIA_ROOT.value):
       raise qwenjax.InputError(f"--media_root={_MEDIA_ROOT.value}: not a directory.")
     default = _common.sampling_params()
@@ -298,7 +305,7 @@ def main(argv):
     engine = Engine.load(model, **_common.load_kwargs(), max_batch_size=serving.max_batch_size,
                          max_seq_len=serving.max_seq_len, max_prefill_chunk=serving.max_prefill_chunk,
                          decode_steps=_common.DECODE_STEPS.value, mesh=serving.mesh, seed=job_seed,
-                         **serving.cache_kwargs(), **lora)
+                         **serving.cache_kwargs(), **lora, **speculative)
     if jobs.crash_point("load"):
       jobs.crash()
     _cli.check_interrupted()
@@ -340,10 +347,11 @@ def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, c
   lines = scanned.lines - len(scanned.skipped)
   todo = max(0, lines - len(done))
   errors: list[dict] = []
-  bar = _Bar(todo // count + (index < todo % count))
+  speculation = engine.proposer.stats if engine.proposer is not None else None
+  bar = _Bar(todo // count + (index < todo % count), speculation)
   progress = reports.Progress(output, replica=index, replicas=count, total=todo,
                               every=_PROGRESS_EVERY_SECONDS.value, compile_timer=compile_timer,
-                              writes=group.rank == 0)
+                              writes=group.rank == 0, speculation=speculation)
   serve_start = time.monotonic()
   served = failed = 0
   # The output may be a link the user made; a part is a file of the job's own, never written through one.
@@ -406,6 +414,8 @@ def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, c
              "compile_seconds": compile_timer.seconds, "compilations": compile_timer.count,
              "compile_seconds_max_over_replicas": max([compile_timer.seconds] + [
                  r.get("compile_seconds") or 0.0 for r in others])}
+      if speculation is not None:
+        run["speculation"] = reports.speculation_totals([progress.own()] + others)
       summary = reports.summary(output, lines=lines, done_before=done, run=run)
       reports.write_summary(output, summary)
       reports.remove_replica_files(output)

@@ -103,7 +103,7 @@ import time
 from absl import app, flags, logging
 
 from launch import _cli
-from launch.bench import adapters, concurrency, costs, decode_profile, job, prefix, probes, workload
+from launch.bench import adapters, concurrency, costs, decode_profile, job, prefix, probes, speculative, workload
 from launch.bench.measure import add_fractions, agreement, measure, peak_rss_gib, positive_integers
 from launch.bench.report import compute_ratios, format_table, machine, plot, round_figures, versions
 
@@ -154,6 +154,13 @@ _CPU_PATHS = _cli.define_cpu_paths_flag(
     "probed on first use), 'default' (XLA's), or a record file. With a record, each qwenjax engine also runs on "
     "XLA's default paths ('qwenjax-default-paths', 'qwenjax-int8-default-paths') and the report holds the record's "
     "table and choices.")
+_SPECULATIVE = flags.DEFINE_bool("speculative", False, "Also serve input-grounded code edits and open-ended chat "
+                                  "at --batch_sizes with plain decoding and n-gram speculation, and llama.cpp's "
+                                  "single stream on the code (launch/bench/speculative.py), for the float model and "
+                                  "each --quantize mode.")
+_SPECULATIVE_NEW_TOKENS = flags.DEFINE_integer("speculative_new_tokens", 256, "Most tokens per request there.",
+                                               lower_bound=1)
+_SPECULATIVE_K = flags.DEFINE_integer("speculative_k", 4, "num_speculative_tokens there.", lower_bound=1)
 _PROFILE = flags.DEFINE_bool("profile", False, "Also profile each qwenjax engine's decode step at --batch_sizes "
                               "(launch.bench.decode_profile, a process per engine): the time of each part of the "
                               "model, and each projection's weight bytes over it against the measured bandwidth.")
@@ -316,6 +323,19 @@ def main(argv):
                                         max_batch_size=_JOB_SLOTS.value)
     gc.collect()
 
+  if _SPECULATIVE.value:
+    if tokenizer is None:
+      _cli.fail("--speculative serves chat requests: pass --model, not --preset")
+    spec_models = {"qwenjax": model}
+    for quantize in quantized:
+      spec_models[f"qwenjax-{quantize}"] = _quantized_model(model, quantize, _QUANTIZE_EMBEDDINGS.value, source, dtype,
+                                                            scan)
+    sections["speculative"] = speculative.measure(spec_models, tokenizer, batch_sizes=batches,
+                                                  new_tokens=_SPECULATIVE_NEW_TOKENS.value,
+                                                  num_speculative_tokens=_SPECULATIVE_K.value, source=source)
+    del spec_models
+    gc.collect()
+
   logging.info("Probing the device's limits again.")
   probe_runs.append(probes.probe_device(dtype))
   limits = probes.device_limits(dtype, probe_runs)
@@ -351,6 +371,8 @@ def main(argv):
   (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
   plot(report, out_dir / "tokens_per_s.png")
   print(format_table(report))
+  if "speculative" in report:
+    print(speculative.format_table(report["speculative"]))
   if "decode_profile" in report and "skipped" not in report["decode_profile"]:
     print(decode_profile.format_profiles(report["decode_profile"]))
   print(f"report: {out_dir / 'report.json'}  plot: {out_dir / 'tokens_per_s.png'}")

@@ -53,6 +53,7 @@ def main(argv):
       raise qwenjax.ConfigError("--prompt_logprobs: prompt log-probabilities are printed in the --json output; "
                                 "pass --json too.")
     lora = _common.lora_kwargs()  # a malformed --lora fails before the model loads
+    speculative = _common.speculative_kwargs()
     _common.use_cpu_paths()
     _common.enable_compilation_cache()
     model = _common.MODEL.value
@@ -74,7 +75,7 @@ def main(argv):
     engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=serving.max_seq_len,
                             max_prefill_chunk=serving.max_prefill_chunk, decode_steps=_common.DECODE_STEPS.value,
                             image_processor=loaded.image_processor, mesh=serving.mesh, **serving.cache_kwargs(),
-                            media_root=_MEDIA_ROOT.value, **lora)
+                            media_root=_MEDIA_ROOT.value, **lora, **speculative)
     names = list(lora["lora"] or ())
     request.lora = _USE_LORA.value or (names[0] if len(names) == 1 else None)
     [out] = engine.generate([request])

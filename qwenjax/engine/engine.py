@@ -57,7 +57,8 @@ from qwenjax.engine.pages import PagePool
 from qwenjax.engine.requests import Request, RequestOutput, StreamEvent, as_request
 from qwenjax.engine.runner import ModelRunner
 from qwenjax.engine.sampling_params import SamplingParams
-from qwenjax.engine.scheduler import Scheduler, StepPlan
+from qwenjax.engine.scheduler import Scheduler, StepPlan, VerifyPlan
+from qwenjax.engine.speculative import Proposer, SpeculativeConfig
 from qwenjax.kernels.buckets import LengthBuckets
 from qwenjax.model import lora as lora_lib
 from qwenjax.model.decoder import Qwen2
@@ -108,6 +109,9 @@ class Engine:
     own (`Request.lora`; none: the base model), and rows with different adapters, or none, decode in one batch
     (`qwenjax.model.lora.LoraBank`). merge_lora: fold the one adapter given into the weights instead (every
     request then runs the tuned model; float weights only).
+  speculative: speculative decoding (`qwenjax.engine.speculative.SpeculativeConfig`, or a mapping of its fields):
+    decode steps verify proposed tokens in one forward and keep those the target samples anyway, so outputs are
+    those without it, token for token; None: off.
   """
 
   def __init__(self, model: Qwen2, tokenizer: Tokenizer | None, *, max_batch_size: int = 8, max_seq_len: int = 4096,
@@ -117,8 +121,11 @@ class Engine:
                image_processor: processing.ImageProcessorConfig | None = None,
                mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
                seed: int | None = None, lora: Mapping[str, Adapter | str | os.PathLike] | None = None,
-               merge_lora: bool = False, media_root: str | os.PathLike | None = None):
+               merge_lora: bool = False, media_root: str | os.PathLike | None = None,
+               speculative: SpeculativeConfig | Mapping[str, Any] | None = None):
     self.model, self.tokenizer, self.cfg = model, tokenizer, model.cfg
+    self.speculative = SpeculativeConfig.of(speculative)
+    self.proposer = Proposer(self.speculative) if self.speculative is not None else None
     self.mesh, self.rules = mesh, rules
     adapters = {name: a if isinstance(a, Adapter) else load_adapter(a, model.cfg) for name, a in (lora or {}).items()}
     self.adapters: dict[str, int] = {}  # name -> index in the bank (a merged adapter: none)
@@ -144,13 +151,14 @@ class Engine:
                               buckets=self.buckets, decode_steps=decode_steps, page_size=page_size,
                               kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
                               attention_impl=attention_impl, prefix_caching=self.prefix_caching,
-                              image_processor=self.image_processor, mesh=mesh, rules=rules)
+                              image_processor=self.image_processor, mesh=mesh, rules=rules,
+                              verify_widths=self.speculative.widths if self.speculative is not None else ())
     self.vl_cfg, self.attention_impl = self.runner.vl_cfg, self.runner.attention_impl
     kv = self.runner.pages
     self.pool = PagePool(kv.num_pages, kv.page_size)
     self.kv = KVManager(self.pool, self.prefix_caching)
     self.scheduler = Scheduler(self.kv, max_batch_size=max_batch_size, decode_steps=decode_steps,
-                               buckets=self.buckets)
+                               buckets=self.buckets, proposer=self.proposer)
     self.inputs = InputProcessor(tokenizer, self.cfg, self.vl_cfg, context_len=kv.context_len,
                                  max_seq_len=max_seq_len, held_pages=kv.num_pages, eos_token_ids=self.eos_token_ids,
                                  image_processor=self.image_processor,
@@ -231,13 +239,16 @@ class Engine:
     """Counters since the engine was made: prompt_tokens (computed by prefill), cached_tokens (read from shared
     prefix pages), generated_tokens, prefill_calls, decode_calls, preemptions, peak_sequences (most decoding at
     once), peak_pages (most pages held); and now: kv_pages_in_use, kv_pages_total, requests_running,
-    requests_waiting."""
+    requests_waiting. A speculative engine adds verify_calls (its decode_calls that verified proposals),
+    spec_proposed_tokens, spec_accepted_tokens, spec_verify_rows (sequence steps with a proposal) and
+    spec_mean_accepted_length (tokens such a step gained: accepted proposals plus the token after them)."""
     running = {seq.request_index for seq in self.scheduler.running}
     waiting = {seq.request_index for seq in self.scheduler.waiting} - running
+    spec = self.proposer.stats() if self.proposer is not None else {}
     return {**self.runner.stats, "generated_tokens": self.outputs.generated_tokens, **self.scheduler.stats,
             "cached_tokens": self.kv.cached_tokens, "kv_pages_in_use": self.kv.pages_in_use,
             "kv_pages_total": self.pool.num_pages, "requests_running": len(running),
-            "requests_waiting": len(waiting)}
+            "requests_waiting": len(waiting), **spec}
 
   # ---- the step seam --------------------------------------------------------------------------------------
 
@@ -298,6 +309,15 @@ class Engine:
       advanced = [row.seq for row in plan.decode + plan.chunks if row.last and tokens[row.seq.slot] >= 0]
       for seq in advanced:
         self.outputs.accept(seq, [int(tokens[seq.slot])], [logprobs[seq.slot].tolist()])
+    elif isinstance(plan, VerifyPlan):
+      tokens, logprobs = self.runner.verify(plan)
+      advanced = [seq for seq in plan.slots if seq is not None]
+      for seq in advanced:
+        before = len(seq.tokens)
+        self.outputs.accept_block(seq, tokens[:, seq.slot], logprobs[:, seq.slot])
+        self.proposer.record(seq, plan.proposals[seq.slot], seq.tokens[before:])
+        if not seq.finish_reason:
+          self.scheduler.verified(seq)
     elif plan is not None:
       tokens, logprobs = self.runner.decode(plan)
       advanced = [seq for seq in plan.slots if seq is not None]

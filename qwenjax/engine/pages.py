@@ -221,6 +221,17 @@ class SequencePages:
     self.length += num_new
     return (np.asarray(self.pages, np.int64)[positions // ps] * ps + positions % ps).astype(np.int32)
 
+  def shrink(self, length: int) -> None:
+    """Sets the table back to its first `length` positions (a speculative step's refused tokens), freeing the
+    pages wholly past them; the last page kept may hold stale positions past `length`, which no query reads and
+    the next tokens overwrite."""
+    if not 0 <= length <= self.length:
+      raise ValueError(f"a table of {self.length} positions cannot shrink to {length}.")
+    keep = pages_needed(length, self.pool.page_size)
+    self.pool.free(self.pages[keep:][::-1])
+    del self.pages[keep:]
+    self.length = length
+
   def release(self) -> None:
     """Lets go of every page (the sequence ended or was preempted), its last page first: of its cached pages, those
     deepest into the prompt are evicted first, the prefix that others share last."""

@@ -14,10 +14,12 @@ Two sets:
   programs             slot and the next prefill chunks of admitted prompts on one flat token axis, giving the
                        logits of each slot whose next token is due, and scoring prompt tokens when asked), then
                        `sample_slots` (their samples), `paged_decode_block` (k decode + sample steps for every slot
-                       in one `fori_loop`, when nothing prefills), `restore_slot` (an admitted sequence's penalty
-                       state) and `copy_pages`, over the named inputs `RaggedBatch`, `SampleInputs`,
-                       `VisionInputs`, `PagedDecodeInputs` (the slots' `DecodeInputs` and the host's page tables)
-                       and the per-slot penalty state `SlotState`, which they donate and return with the cache.
+                       in one `fori_loop`, when nothing prefills), `paged_verify` (a speculative step: every
+                       slot's last token and proposals in one forward, then a sample per position),
+                       `restore_slot` (an admitted sequence's penalty state) and `copy_pages`, over the named
+                       inputs `RaggedBatch`, `SampleInputs`, `VisionInputs`, `PagedDecodeInputs` (the slots'
+                       `DecodeInputs` and the host's page tables), `VerifyInputs` and the per-slot penalty state
+                       `SlotState`, which they donate and return with the cache.
 
 On a device mesh, place params with `qwenjax.parallel.sharding.shard_model` and the cache with `KVCache.zeros(...,
 sharding=qwenjax.model.kv_cache.cache_sharding(...))`, and call the programs inside `sharding.use_mesh(mesh)`: each
@@ -241,9 +243,10 @@ decode_step = jax.jit(decode_step_impl, static_argnames=("graphdef", "kv_len"), 
 
 
 def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sampling_lib.SamplingNeeds,
-                 num_steps: int):
+                 num_steps: int, goes_on=None):
   """num_steps of `step(i, cache, tokens [B]) -> (logits [B, V], cache)` then sampling, each row stopping where
-  its stop ids or budget say. Returns tokens [k, B] (-1 once a row stopped), logprobs [k, B] ([k, B, 1 + 2
+  its stop ids or budget say, or where `goes_on(i, tokens [B]) -> [B] bool` (a verify step: the token sampled
+  equals the proposal) is false. Returns tokens [k, B] (-1 once a row stopped), logprobs [k, B] ([k, B, 1 + 2
   TOP_LOGPROBS] with needs.top_logprobs: `sampling.with_top_logprobs`), cache, slot state."""
   prompt_mask = slots.prompt_mask
 
@@ -259,6 +262,8 @@ def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sam
     out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
     out_lp = out_lp.at[i].set(logprob)
     stopped = jnp.any(new[:, None] == inputs.stop_ids, axis=-1) | (budget <= 1)
+    if goes_on is not None:
+      stopped |= ~goes_on(i, new)
     return cache, counts, new, step_count + 1, active & ~stopped, budget - 1, out_tok, out_lp
 
   b = inputs.tokens.shape[0]
@@ -402,6 +407,57 @@ def paged_decode_block(graphdef, params, cache: PagedKVCache, slots: SlotState, 
     return model.logits(h[:, 0], impl), cache.constrained()  # [B, V]
 
   return _decode_loop(step, cache, slots, d, needs, num_steps)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VerifyInputs:
+  """A speculative step over a PagedKVCache: the slots' PagedDecodeInputs (the page tables hold room for each
+  slot's last token and its proposals), drafts: [B, W - 1] int32, the tokens proposed to follow each slot's last
+  one (-1 past its own), and num_drafts: [B] int32, how many (at most its budget - 1)."""
+
+  decode: PagedDecodeInputs
+  drafts: jax.Array
+  num_drafts: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "impl"), donate_argnames=("cache", "slots"))
+def paged_verify(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs: VerifyInputs,
+                 needs: sampling_lib.SamplingNeeds, impl: str = "xla"
+                 ) -> tuple[jax.Array, jax.Array, PagedKVCache, SlotState]:
+  """One target forward over every slot's last token and its proposals (W = drafts' width + 1 tokens a slot, a
+  block of the ragged attention: each attends over its pages and, causally, the tokens before it), all written
+  to the cache; then, position by position, a sample as `paged_decode_block` draws it (same step index, same
+  random numbers, penalty counts including the tokens before it), a row going on while its sample equals its
+  proposal (`qwenjax.engine.speculative`). Returns tokens [W, B] (each row's accepted proposals, then the sample
+  that differs or follows them; -1 after), logprobs [W, B], the cache (positions past a row's emitted tokens
+  hold refused ones: the host sets its length back) and the slot state. Compiled once per W and sampling
+  variant."""
+  model = nnx.merge(graphdef, params)
+  p, d = inputs.decode, inputs.decode.decode
+  b, w = inputs.drafts.shape[0], inputs.drafts.shape[1] + 1
+  page_size, width = cache.page_size, p.page_table.shape[1]
+  tokens = jnp.concatenate([d.tokens[:, None], jnp.maximum(inputs.drafts, 0)], axis=1)  # [B, W]
+  pos = p.position[:, None] + jnp.arange(w, dtype=jnp.int32)[None, :]  # [B, W]
+  fed = d.active[:, None] & (jnp.arange(w)[None, :] <= inputs.num_drafts[:, None])  # [B, W]
+  page = jnp.take_along_axis(p.page_table, jnp.minimum(pos // page_size, width - 1), axis=1)
+  slot = jnp.where(fed, page * page_size + pos % page_size, -1)
+  num_new = jnp.where(d.active, inputs.num_drafts + 1, 0)  # [B]
+  flat = lambda a: a.reshape(b * w, 1)  # [B, W] -> [B * W, 1], a token per row
+  adapter = None if d.adapter is None else jnp.repeat(d.adapter, w)
+  meta = StepMetadata.paged_step(flat(pos), PagedInputs(flat(slot), p.page_table, num_new),
+                                 jnp.repeat(p.rope_offset, w), impl=impl, lora_index=adapter, ragged=(0, w))
+  h, cache = model(flat(tokens), cache, meta)  # [B * W, 1, D]
+  logits = model.logits(h[:, 0], impl).reshape(b, w, -1)  # [B, W, V]
+  drafts = jnp.pad(inputs.drafts, ((0, 0), (0, 1)), constant_values=-1)  # [B, W]: the proposal at each position
+
+  def step(i, cache, tok):
+    return jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False), cache
+
+  def goes_on(i, new):
+    return new == jax.lax.dynamic_index_in_dim(drafts, i, axis=1, keepdims=False)
+
+  return _decode_loop(step, cache.constrained(), slots, d, needs, w, goes_on)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))

@@ -25,6 +25,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from absl import logging
@@ -183,8 +184,10 @@ class Progress:
   FIELDS = ("answered", "failed", "prompt_tokens", "cached_tokens", "generated_tokens")
 
   def __init__(self, output: str, *, replica: int, replicas: int, total: int, every: float,
-               compile_timer: profiling.CompileTimer | None = None, writes: bool = True):
+               compile_timer: profiling.CompileTimer | None = None, writes: bool = True,
+               speculation: Callable[[], dict[str, Any]] | None = None):
     self.output, self.replica, self.replicas, self.total = output, replica, replicas, total
+    self.speculation = speculation  # a speculative engine's `Proposer.stats`
     self.counts = dict.fromkeys(self.FIELDS, 0)
     self.compile_timer, self.writes = compile_timer, writes
     self.start = time.monotonic()
@@ -212,18 +215,20 @@ class Progress:
           logging.warning("%s (retried every %g s).", e, self._every)
           warned = True
 
-  def _own(self) -> dict[str, Any]:
+  def own(self) -> dict[str, Any]:
+    """This replica's report: its counts, time, compile time and speculation counters."""
     return {**self.counts, "replica": self.replica, "elapsed_seconds": time.monotonic() - self.start,
-            "compile_seconds": self.compile_timer.seconds if self.compile_timer else None}
+            "compile_seconds": self.compile_timer.seconds if self.compile_timer else None,
+            "speculation": self.speculation() if self.speculation is not None else None}
 
   def refresh(self, final: bool = False) -> None:
     if not self.writes:
       return
     if self.replica != 0:
-      _files.write_json(_replica_file(self.output, self.replica), {**self._own(), "final": final},
+      _files.write_json(_replica_file(self.output, self.replica), {**self.own(), "final": final},
                         marker=REPLICA_MARKER)
       return
-    reports = [self._own()] + self.replica_reports()
+    reports = [self.own()] + self.replica_reports()
     done = sum(r["answered"] + r["failed"] for r in reports)
     elapsed = time.monotonic() - self.start
     rate = done / elapsed if elapsed > 0 else 0.0
@@ -234,7 +239,8 @@ class Progress:
         "eta_seconds": (self.total - done) / rate if rate > 0 else None,
         "tokens_per_second": sums["generated_tokens"] / elapsed if elapsed > 0 else 0.0,
         "cached_fraction": sums["cached_tokens"] / max(sums["prompt_tokens"], 1),
-        "replicas": self.replicas, "replicas_reporting": len(reports), "updated": _now(), "final": final, **sums},
+        "replicas": self.replicas, "replicas_reporting": len(reports), "updated": _now(), "final": final, **sums,
+        **({"speculation": speculation_totals(reports)} if self.speculation is not None else {})},
         marker=PROGRESS_MARKER)
 
   def stop(self) -> None:
@@ -252,3 +258,12 @@ class Progress:
     """The other replicas' last reports (process 0, after they closed)."""
     found = (_read_report(_replica_file(self.output, i)) for i in range(1, self.replicas))
     return [r for r in found if r is not None]
+
+
+def speculation_totals(reports: list[dict[str, Any]]) -> dict[str, Any]:
+  """The replicas' speculation counters summed (`qwenjax.engine.speculative.Proposer.stats`), with the mean
+  accepted length of them all: tokens a sequence gained per verify step it proposed in."""
+  keys = ("spec_proposed_tokens", "spec_accepted_tokens", "spec_verify_rows")
+  sums = {k: sum((r.get("speculation") or {}).get(k, 0) for r in reports) for k in keys}
+  rows = sums["spec_verify_rows"]
+  return {**sums, "spec_mean_accepted_length": round((sums["spec_accepted_tokens"] + rows) / rows, 3) if rows else 0.0}

@@ -6,6 +6,7 @@
     runner.admit(admission.seqs)                        # their slots' penalty state
     tokens, logprobs = runner.step(plan)                # a ragged step (StepPlan): [B] each, -1 where none sampled
     tokens, logprobs = runner.decode(plan)              # a decode block (DecodePlan), [k, B] each
+    tokens, logprobs = runner.verify(plan)              # a speculative step (VerifyPlan), [W, B] each
 
 It owns the weights (split once), the `PagedKVCache` (sized from a memory budget, `kv_pages`) and the per-slot
 penalty state (`SlotState`), which every jitted program of `qwenjax.engine.programs` donates and returns; it turns
@@ -30,9 +31,9 @@ from qwenjax.engine import constraints as constraints_lib
 from qwenjax.engine import programs
 from qwenjax.engine import sampling as sampling_lib
 from qwenjax.engine.kv_pages import KVPages
-from qwenjax.engine.programs import DecodeInputs, PagedDecodeInputs, SlotState, VisionInputs
+from qwenjax.engine.programs import DecodeInputs, PagedDecodeInputs, SlotState, VerifyInputs, VisionInputs
 from qwenjax.engine.sampling_params import SamplingParams
-from qwenjax.engine.scheduler import DecodePlan, StepPlan
+from qwenjax.engine.scheduler import DecodePlan, StepPlan, VerifyPlan
 from qwenjax.engine.sequence import Sequence as Seq
 from qwenjax.kernels.attention import IMPLS, default_impl
 from qwenjax.kernels.buckets import LengthBuckets, next_power_of_two
@@ -65,14 +66,16 @@ class ModelRunner:
   """Runs one model's programs for the engine (see `qwenjax.engine.engine.Engine` for the arguments).
 
   bank: the LoRA adapters rows may name (None: a model without adapters), placed in the programs' params.
+  verify_widths: a speculative engine's verify widths (`SpeculativeConfig.widths`); () for none.
   """
 
   def __init__(self, model: Qwen2, *, bank: LoraBank | None, max_batch_size: int, max_seq_len: int,
                buckets: LengthBuckets, decode_steps: int, page_size: int | None, kv_cache_memory: float | None,
                kv_cache_dtype: str | None, attention_impl: str | None, prefix_caching: bool,
                image_processor: processing.ImageProcessorConfig, mesh: jax.sharding.Mesh | None,
-               rules: ShardingRules = DEFAULT_RULES):
+               rules: ShardingRules = DEFAULT_RULES, verify_widths: tuple[int, ...] = ()):
     self.mesh, self.rules, self.cfg = mesh, rules, model.cfg
+    self.verify_widths = tuple(verify_widths)
     self.attention_impl = attention_impl or default_impl()
     if self.attention_impl not in IMPLS:
       raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {', '.join(IMPLS)}.")
@@ -98,6 +101,8 @@ class ModelRunner:
                                memory_gib=kv_cache_memory, quantized=kv_cache_dtype == "int8", mesh=mesh, rules=rules)
     self.cache = self.pages.zeros()
     self.stats = {"prompt_tokens": 0, "prefill_calls": 0, "decode_calls": 0}
+    if self.verify_widths:
+      self.stats["verify_calls"] = 0
 
   def on_mesh(self):
     """The context every jitted call runs in: the mesh and rules (nothing without a mesh)."""
@@ -218,6 +223,28 @@ class ModelRunner:
     self.stats["decode_calls"] += 1
     return np.asarray(out_tok), np.asarray(out_lp)
 
+  def verify(self, plan: VerifyPlan) -> tuple[np.ndarray, np.ndarray]:
+    """A speculative step (`programs.paged_verify`) for every slot of the plan: tokens [W, B] (each row's accepted
+    proposals and the token after them; -1 after) and logprobs."""
+    b, slots = self.max_batch_size, plan.slots
+    position, rope_offset = np.zeros(b, np.int32), np.zeros(b, np.int32)
+    drafts, num_drafts = np.full((b, plan.width - 1), -1, np.int32), np.zeros(b, np.int32)
+    for i, seq in enumerate(slots):
+      if seq is not None:
+        position[i], rope_offset[i] = len(seq.prompt) + len(seq.tokens) - 1, seq.rope_offset
+        proposal = plan.proposals[i]
+        drafts[i, :len(proposal)], num_drafts[i] = proposal, len(proposal)
+    inputs = VerifyInputs(PagedDecodeInputs(self._decode_inputs(slots), position, self._page_table(slots, b),
+                                            rope_offset), drafts, num_drafts)
+    live = [s for s in slots if s is not None]
+    needs = dataclasses.replace(needs_of(s.params for s in live), masked=any(s.constraint is not None for s in live))
+    with self.on_mesh():
+      out_tok, out_lp, self.cache, self.slots = programs.paged_verify(
+          self.graphdef, self.params, self.cache, self.slots, inputs, needs=needs, impl=self.attention_impl)
+    self.stats["decode_calls"] += 1
+    self.stats["verify_calls"] += 1
+    return np.asarray(out_tok), np.asarray(out_lp)
+
   def _decode_inputs(self, slots: Sequence[Seq | None]) -> DecodeInputs:
     """Every slot's DecodeInputs (idle slots inactive)."""
     b = self.max_batch_size
@@ -301,12 +328,18 @@ class ModelRunner:
     log-probabilities); "sample", the sampler's slots, and "decode", the steps of a decode block, each once per
     sampling variant; "restore_slot" and "copy_pages", one shape each. Page tables are always max_pages wide.
     constrained: also "masked_sample" and "masked_decode" (steps decode_steps and 1: a block of
-    grammar-constrained slots only), per variant."""
-    shapes = {"step": list(self.buckets.sizes), "sample": [self.max_batch_size], "decode": [self.decode_steps],
+    grammar-constrained slots only), per variant. A speculative engine: "verify", its verify widths, and "decode"
+    also 1 (the block a step whose proposals gave way to the pool runs), per variant (and "masked_verify")."""
+    decode = sorted({self.decode_steps, 1}) if self.verify_widths else [self.decode_steps]
+    shapes = {"step": list(self.buckets.sizes), "sample": [self.max_batch_size], "decode": decode,
               "restore_slot": [_pad_width(self.pages.context_len)],
               "copy_pages": [self.max_batch_size] if self.prefix_caching else []}
+    if self.verify_widths:
+      shapes["verify"] = list(self.verify_widths)
     if constrained:
       shapes.update(masked_sample=[self.max_batch_size], masked_decode=sorted({self.decode_steps, 1}))
+      if self.verify_widths:
+        shapes["masked_verify"] = list(self.verify_widths)
     return shapes
 
   def warm_up(self, prompt_logprobs: bool = False, constrained: bool = False, top_logprobs: bool = False,
@@ -320,9 +353,10 @@ class ModelRunner:
                                                     for p in sampling})
     if top_logprobs:
       variants += tuple(dataclasses.replace(n, top_logprobs=True) for n in variants)
-    runs = [(needs, "sample", "decode") for needs in variants]
+    runs = [(needs, "sample", "decode", "verify") for needs in variants]
     if constrained:
-      runs += [(dataclasses.replace(needs, masked=True), "masked_sample", "masked_decode") for needs in variants]
+      runs += [(dataclasses.replace(needs, masked=True), "masked_sample", "masked_decode", "masked_verify")
+               for needs in variants]
     count, logits = 0, None
     with self.on_mesh():
       for c in shapes["step"]:
@@ -330,7 +364,7 @@ class ModelRunner:
           logits = self._warm_up_step(c, scored)
           count += 1
       idle = self._decode_inputs([None] * b)
-      for needs, samplers, blocks in runs:
+      for needs, samplers, blocks, verifies in runs:
         draw = programs.SampleInputs(idle.active, idle.step, idle.sampling,
                                      self._masks([None] * b) if needs.masked else None)
         for _ in shapes[samplers]:  # the step's own logits: their layout is the one a job's steps give
@@ -342,6 +376,13 @@ class ModelRunner:
           *_, self.cache, self.slots = programs.paged_decode_block(self.graphdef, self.params, self.cache,
                                                                    self.slots, inputs, needs=needs, num_steps=k,
                                                                    impl=self.attention_impl)
+          count += 1
+        for w in shapes.get(verifies, []):
+          inputs = VerifyInputs(PagedDecodeInputs(dataclasses.replace(idle, mask=draw.mask), np.zeros(b, np.int32),
+                                                  self._page_table([], b), np.zeros(b, np.int32)),
+                                np.full((b, w - 1), -1, np.int32), np.zeros(b, np.int32))
+          *_, self.cache, self.slots = programs.paged_verify(self.graphdef, self.params, self.cache, self.slots,
+                                                             inputs, needs=needs, impl=self.attention_impl)
           count += 1
       for pad in shapes["restore_slot"]:
         self.slots = programs.restore_slot(self.slots, np.int32(0), np.zeros(pad, np.int32), np.int32(0),

@@ -56,6 +56,8 @@ class SamplingParams:
     distribution (None for the first token), computed in the prefill; once per request, whatever n is.
   top_logprobs: also report, at each generated position, the top_logprobs most likely tokens and their
     log-probabilities under the raw distribution (0 to TOP_LOGPROBS; more than 0 turns logprobs on).
+  speculative: on a speculative engine (`qwenjax.engine.speculative`), whether this request's steps propose
+    tokens; false: it decodes one token per step (its outputs are the same either way).
   """
 
   max_tokens: int = 256
@@ -74,6 +76,7 @@ class SamplingParams:
   logprobs: bool = False
   prompt_logprobs: bool = False
   top_logprobs: int = 0
+  speculative: bool = True
 
   def __post_init__(self):
     def fix(name, value):
@@ -117,7 +120,7 @@ class SamplingParams:
       raise InputError(f"stop_token_ids must be a list of integers >= 0, got {ids!r}.")
     fix("stop_token_ids", tuple(int(i) for i in ids))
 
-    for name in ("ignore_eos", "logprobs", "prompt_logprobs"):
+    for name in ("ignore_eos", "logprobs", "prompt_logprobs", "speculative"):
       value = getattr(self, name)
       if not isinstance(value, (bool, np.bool_)):
         raise InputError(f"{name} must be true or false, got {value!r}.")

@@ -6,14 +6,16 @@
     plan = scheduler.schedule()                         # the next step, preempting if the pool is short
     ...a StepPlan: one ragged step, a token for each decoding sequence and the next prefill chunks (a chunk with
     `last` set completes its context: `prefilled(seq)`); a DecodePlan: decode_steps tokens for each, nothing
-    prefilling; a sequence that ended: `finish(seq)`
+    prefilling; a VerifyPlan (a speculative engine, nothing prefilling, some sequence has proposals): each
+    sequence's last token and proposals in one call, then `verified(seq)` to drop the refused ones' positions;
+    a sequence that ended: `finish(seq)`
 
 It owns the waiting queue and the B decode slots, admission (FIFO: nothing overtakes the head), page reservation
 through the `KVManager` (the pool and the prefix cache), preemption (the most recently admitted first, so the oldest
 always progress and every request finishes; a preempted sequence keeps its tokens and its context is recomputed
 when it is readmitted) and the planning of each step under a token budget (buckets.maximum prompt tokens beside
 one token per decoding sequence), so decoding goes on while prompts prefill. What it hands out is plain data:
-`Admission`, `StepPlan`, `DecodePlan`.
+`Admission`, `StepPlan`, `DecodePlan`, `VerifyPlan`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from qwenjax.engine.kv_manager import KVManager
 from qwenjax.engine.pages import pages_needed
 from qwenjax.engine.sequence import Sequence
+from qwenjax.engine.speculative import Proposer
 from qwenjax.kernels.buckets import LengthBuckets
 
 
@@ -74,16 +77,31 @@ class DecodePlan:
   num_steps: int
 
 
+@dataclasses.dataclass(frozen=True)
+class VerifyPlan:
+  """A speculative decode step: slots[i], the sequence in decode slot i (None: idle); proposals[i], the tokens
+  proposed to follow its last token ([] for none, and for idle slots); each holds pages for its last token and
+  its proposals. width: the verify program's tokens per slot (`SpeculativeConfig.width`), at least 1 + the
+  longest proposal."""
+
+  slots: list[Sequence | None]
+  proposals: list[list[int]]
+  width: int
+
+
 class Scheduler:
   """Continuous batching over B = max_batch_size decode slots and the pages of `kv`.
 
   decode_steps: tokens a decode block generates per sequence (pages are reserved for that many ahead).
   buckets: the padded sizes of a step's prefill part; its maximum is the step's token budget for prompt chunks
     (their blocks), its minimum the block size.
+  proposer: a speculative engine's (`qwenjax.engine.speculative.Proposer`): decode steps with proposals are
+    VerifyPlans; None: never.
   """
 
-  def __init__(self, kv: KVManager, *, max_batch_size: int, decode_steps: int, buckets: LengthBuckets):
-    self.kv = kv
+  def __init__(self, kv: KVManager, *, max_batch_size: int, decode_steps: int, buckets: LengthBuckets,
+               proposer: Proposer | None = None):
+    self.kv, self.proposer = kv, proposer
     self.max_batch_size, self.decode_steps, self.buckets = max_batch_size, decode_steps, buckets
     self.block = buckets.minimum  # tokens of one prefill block (`StepPlan.block`)
     self.waiting: collections.deque[Sequence] = collections.deque()
@@ -200,9 +218,13 @@ class Scheduler:
 
   # ---- decode --------------------------------------------------------------------------------------------
 
-  def schedule_decode(self) -> DecodePlan | None:
+  def schedule_decode(self) -> DecodePlan | VerifyPlan | None:
     """Gives every decoding sequence pages for its next block, oldest first, preempting the most recently admitted
-    (pages returned, tokens kept; it waits at the head of the queue) while the pool is short. None: nothing runs."""
+    (pages returned, tokens kept; it waits at the head of the queue) while the pool is short. A speculative
+    engine's step with proposals is a VerifyPlan instead (`schedule_verify`). None: nothing runs."""
+    plan = self.schedule_verify() if self.proposer is not None else None
+    if plan is not None:
+      return plan
     for seq in sorted(self.running, key=lambda s: s.admitted):
       if seq.slot is None:  # preempted by an older one's growth
         continue
@@ -215,6 +237,42 @@ class Scheduler:
     self._note_peaks()
     paused = all(s.constraint is not None and s.constraint.per_token for s in live)
     return DecodePlan(list(self.slots), 1 if paused else self.decode_steps)
+
+  def schedule_verify(self) -> VerifyPlan | DecodePlan | None:
+    """A speculative step: each running sequence's proposals (none past its budget: a step emits at most its
+    proposals plus one token), and pages for its last token and them, oldest first; a sequence whose proposals
+    the pool cannot hold runs without them, and the most recently admitted are preempted while even that is
+    short. None, for a plain decode block: no sequence has a proposal, or more are running than the
+    speculation's disable_batch_size."""
+    live = sorted(self.running, key=lambda s: s.admitted)
+    limit = self.proposer.config.disable_batch_size
+    if not live or (limit and len(live) > limit):
+      return None
+    proposals = {id(seq): self.proposer.propose(seq, seq.budget() - 1) for seq in live}
+    if not any(proposals.values()):
+      return None
+    for seq in live:
+      if seq.slot is None:  # preempted by an older one's growth
+        continue
+      n = len(proposals[id(seq)]) + 1
+      if pages_needed(seq.pages.length + n, self.kv.page_size) - len(seq.pages.pages) > self.kv.pool.num_free:
+        proposals[id(seq)], n = [], 1
+      if self._make_room(seq, n):
+        seq.pages.grow(n)
+    slots = list(self.slots)
+    if not any(seq is not None for seq in slots):
+      return None
+    self._note_peaks()
+    kept = [proposals[id(seq)] if seq is not None else [] for seq in slots]
+    longest = max(len(p) for p in kept)
+    if not longest:  # every proposal gave way to the pool: a block of one plain step on the pages taken
+      return DecodePlan(slots, 1)
+    return VerifyPlan(slots, kept, self.proposer.config.width(longest))
+
+  def verified(self, seq: Sequence) -> None:
+    """After a VerifyPlan step, for a sequence that goes on: its table set back to its context, the positions of
+    its refused proposals dropped and the pages wholly past them freed."""
+    seq.pages.shrink(len(seq.context))
 
   def _block_pages(self, seq: Sequence) -> int:
     """Pages seq needs beyond those it holds to finish its prefill and run the next decode block."""

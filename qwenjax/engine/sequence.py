@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from qwenjax.engine.speculative import Acceptance
+
 if TYPE_CHECKING:  # types only: the scheduler's side of the engine imports no jax
   import numpy as np
 
@@ -67,6 +69,8 @@ class Sequence:
   # exactly `tokens` (it stays with the sequence through preemption), or None: unconstrained.
   constraint: Constraint | None = None
   adapter: int = -1  # its LoRA adapter's index in the engine's bank (-1: the base model)
+  # On a speculative engine: its proposals and their acceptance so far, and its back-off.
+  speculation: Acceptance = dataclasses.field(default_factory=lambda: Acceptance())
 
   @property
   def context(self) -> list[int]:

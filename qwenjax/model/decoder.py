@@ -264,7 +264,7 @@ class Attention(nnx.Module):
     # Ragged: q [B, 1, N, H], a token per row; the decode rows attend as rows of one query, each block as a row.
     s, block = meta.ragged
     b, _, n, h = q.shape
-    out = [attend(q[:s], positions[:s], num_new[:s], table[:s])]  # [S, 1, N, H]
+    out = [attend(q[:s], positions[:s], num_new[:s], table[:s])] if s else []  # [S, 1, N, H]
     if b > s:
       rows = (b - s) // block
       chunks = attend(q[s:].reshape(rows, block, n, h), positions[s:].reshape(rows, block), num_new[s:], table[s:])

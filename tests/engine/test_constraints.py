@@ -277,3 +277,17 @@ def test_no_recompilation_after_warm_up_as_constrained_rows_come_and_go(tiny):
     outs = engine.generate(workload)
   assert sum(compiled.values()) == 0, compiled
   assert all(o.finish_reason == "length" or o.token_ids[-1] in engine.eos_token_ids for o in outs)
+
+
+def test_constrained_rows_beside_speculating_ones_decode_as_without_speculation(tiny):
+  """On a speculative engine a grammar-constrained row proposes nothing and takes one token per step, its mask
+  applied at its one verified position, beside free rows that speculate: every output equals the plain engine's."""
+  free = [Request(prompt="x = 1\ny = 2\nx = 1\ny = 2\nx =", sampling=SamplingParams(max_tokens=30)),
+          Request(prompt="def f(a):\n    return a\ndef f(", sampling=SamplingParams(max_tokens=30, temperature=0.9,
+                                                                                  seed=8))]
+  requests = [free[0], *[_schema_request(s, seed=i) for i, s in enumerate(SCHEMAS[:2])], free[1]]
+  plain = _engine(tiny, max_batch_size=4).generate(requests)
+  engine = _engine(tiny, max_batch_size=4, speculative=dict(num_speculative_tokens=3, prompt_lookup_min=1))
+  spec = engine.generate(requests)
+  assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+  assert engine.stats()["spec_verify_rows"] > 0

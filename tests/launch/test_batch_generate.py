@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
@@ -40,9 +41,9 @@ def _write_input(path):
   path.write_text("\n".join(lines) + "\n")
 
 
-def _run(checkpoint, inp, out):
+def _run(checkpoint, inp, out, *extra):
   return subprocess.run([sys.executable, "-m", "launch.batch_generate", f"--model={checkpoint}", f"--input={inp}",
-                         f"--output={out}", "--max_batch_size=2", "--max_new_tokens=8", "--max_seq_len=256"],
+                         f"--output={out}", "--max_batch_size=2", "--max_new_tokens=8", "--max_seq_len=256", *extra],
                         cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -93,6 +94,50 @@ def test_a_killed_job_resumes_without_duplicates(checkpoint, tmp_path):
   assert len(resumed) == len(complete)
   # Greedy and seeded requests answer the same whichever run served them.
   assert {json.dumps(r["id"]): r for r in resumed} == complete
+
+
+def test_a_speculative_job_answers_as_a_plain_one_and_reports_its_acceptance(checkpoint, tmp_path):
+  """--speculative_method=ngram: every record equal to the plain job's (greedy, seeded sampling, stops, n = 2,
+  logprobs); the summary counts the proposals and the progress line shows the acceptance."""
+  inp = tmp_path / "in.jsonl"
+  _write_input(inp)
+  plain, spec = tmp_path / "plain.jsonl", tmp_path / "spec.jsonl"
+  assert _run(checkpoint, inp, plain).returncode == 0
+  proc = _run(checkpoint, inp, spec, "--speculative_method=ngram", "--num_speculative_tokens=3",
+              "--prompt_lookup_min=1", "--max_new_tokens=24")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _run(checkpoint, inp, plain.with_suffix(".24.jsonl"), "--max_new_tokens=24").returncode == 0
+  # The verify step's logits come from a forward of several rows: equal to a decode step's to float32 rounding.
+  strip = lambda records: {json.dumps(r["id"]): {k: v for k, v in r.items() if k != "usage"} for r in records}
+  got, want = strip(_records(spec)), strip(_records(plain.with_suffix(".24.jsonl")))
+  assert _skeleton(got) == _skeleton(want)
+  np.testing.assert_allclose(_floats(got), _floats(want), atol=1e-4)
+  summary = json.loads(pathlib.Path(str(spec) + ".summary.json").read_text())
+  counts = summary["this_run"]["speculation"]
+  assert counts["spec_proposed_tokens"] >= counts["spec_accepted_tokens"] > 0, counts
+  assert "accepted " in proc.stderr and "mean length" in proc.stderr
+
+
+def _skeleton(value):
+  """value with every float replaced by None (lists and dicts walked in order)."""
+  if isinstance(value, float):
+    return None
+  if isinstance(value, list):
+    return [_skeleton(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _skeleton(v) for k, v in sorted(value.items())}
+  return value
+
+
+def _floats(value) -> list[float]:
+  """Every float of value, in `_skeleton`'s order."""
+  if isinstance(value, float):
+    return [value]
+  if isinstance(value, list):
+    return [f for v in value for f in _floats(v)]
+  if isinstance(value, dict):
+    return [f for _, v in sorted(value.items()) for f in _floats(v)]
+  return []
 
 
 COLOR = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer",

@@ -121,6 +121,26 @@ def test_a_batch_mixing_two_adapters_and_the_base_gives_each_row_its_own_tokens(
   assert model.lora is None  # the engine's bank lives in its params; the model object is left as it came
 
 
+def test_speculative_decoding_with_adapters_equals_transformers(tiny):
+  """Prompt lookup proposes the same way whatever a row's adapter (it reads tokens only); each row's proposals are
+  verified by its own adapter: repetitive prompts under a, b and none in one batch, each equal to transformers +
+  peft greedy."""
+  root, ref = tiny
+  model = load_model(root / "base")
+  engine = Engine(model, None, max_batch_size=3, max_seq_len=128, eos_token_ids=(),
+                  lora={"a": root / "a", "b": root / "b"},
+                  speculative=dict(num_speculative_tokens=4, prompt_lookup_min=1))
+  rng = np.random.default_rng(3)
+  motif = rng.integers(0, 390, 6).tolist()
+  prompts = [motif * 5, motif * 4 + [9], rng.integers(0, 390, 20).tolist() + motif * 3]
+  names = ["a", "b", None]
+  outs = engine.generate([Request(prompt=p, lora=n, sampling=SamplingParams(max_tokens=20))
+                          for p, n in zip(prompts, names)])
+  for p, n, out in zip(prompts, names, outs):
+    assert out.token_ids == _ref_greedy(ref, n, p, 20), n
+  assert engine.stats()["spec_accepted_tokens"] > 0
+
+
 def test_merged_equals_unmerged(tiny):
   root, ref = tiny
   model = load_model(root / "base")

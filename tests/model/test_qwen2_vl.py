@@ -258,11 +258,12 @@ def _hf_chat_greedy(d, hf, messages, images, n):
   return len(ids), out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_engine_images_in_chat_match_transformers(tiny_vl_chat, tmp_path, impl):
+@pytest.mark.parametrize("impl,speculative", [("xla", None), ("pallas", None), ("xla", "ngram")])
+def test_engine_images_in_chat_match_transformers(tiny_vl_chat, tmp_path, impl, speculative):
   """Images of different sizes from a path, a data: URL and PIL, mixed with a text request, two slots, prompts
   longer than the largest prefill chunk (chunked prefill across image tokens), through the paged cache with the
-  XLA references and with the Pallas kernels (interpret mode: ragged paged attention, segment attention)."""
+  XLA references and with the Pallas kernels (interpret mode: ragged paged attention, segment attention); and with
+  prompt lookup speculation (verified past the image tokens at M-RoPE's text positions)."""
   import base64
 
   from PIL import Image
@@ -281,9 +282,10 @@ def test_engine_images_in_chat_match_transformers(tiny_vl_chat, tmp_path, impl):
                                      {"type": "image_url", "image_url": {"url": data_url}},
                                      {"type": "image", "image": Image.open(a)}]}], [b, a]),
   ]
+  spec = dict(method=speculative, prompt_lookup_min=1) if speculative else None
   engine = Engine.load(str(d), max_batch_size=2, max_seq_len=256, max_prefill_chunk=16, page_size=16,
-                       attention_impl=impl, media_root=tmp_path)
-  n = 10
+                       attention_impl=impl, media_root=tmp_path, speculative=spec)
+  n = 16 if speculative else 10
   outs = engine.generate([{"messages": m} for m, _ in chats], SamplingParams(max_tokens=n, ignore_eos=True))
   for (messages, paths), out in zip(chats, outs):
     hf_messages = [dict(m, content=[{"type": "image"} if p.get("type") != "text" else p for p in m["content"]])
@@ -291,6 +293,8 @@ def test_engine_images_in_chat_match_transformers(tiny_vl_chat, tmp_path, impl):
     prompt_len, expected = _hf_chat_greedy(d, hf, hf_messages, [Image.open(p) for p in paths], n)
     assert out.usage["prompt_tokens"] == prompt_len
     assert out.token_ids == expected
+  if speculative:
+    assert engine.stats()["spec_proposed_tokens"] > 0
 
 
 def test_engine_rejects_broken_images_per_request(tiny_vl_chat, tmp_path_factory):

@@ -77,3 +77,23 @@ def test_greedy_generation_matches_transformers(ours, theirs):
     want = out[0, len(ids):].tolist()
     assert got.token_ids == want, ours.tokenizer.decode(got.token_ids) + " != " + ours.tokenizer.decode(want)
     assert got.finish_reason == ("stop" if want[-1] in eos else "length")
+
+
+def test_ngram_speculation_on_code_edits_equals_plain_decoding(ours):
+  """Prompt lookup on the embedded model, k = 4 and 8, over code-editing prompts of 256+ tokens (functions of
+  textwrap.py with an edit to make: launch.bench.speculative's workload), three slots: greedy outputs equal plain
+  decoding's, and the edits' copied code is proposed and kept (over two tokens gained per verified step)."""
+  from launch.bench import speculative
+
+  prompts = [_prompt_ids(ours, r["messages"]) for r in speculative.requests("code")[:3]]
+  assert min(len(p) for p in prompts) >= 256, [len(p) for p in prompts]
+  params = SamplingParams(max_tokens=48)
+  plain = qwenjax.Engine(ours.model, ours.tokenizer, max_batch_size=3, max_seq_len=1024).generate(prompts, params)
+  for k in (4, 8):
+    engine = qwenjax.Engine(ours.model, ours.tokenizer, max_batch_size=3, max_seq_len=1024,
+                            speculative=dict(num_speculative_tokens=k))
+    spec = engine.generate(prompts, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    stats = engine.stats()
+    print(k, {key: v for key, v in stats.items() if key.startswith("spec_")})
+    assert stats["spec_mean_accepted_length"] > 2, stats

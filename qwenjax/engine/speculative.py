@@ -1,0 +1,179 @@
+"""Speculative decoding, the host's part: what to propose, how much, and what was accepted. Host only: no jax.
+
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=4)
+    engine = Engine(model, tokenizer, speculative=spec)       # or Engine.load(..., speculative={...})
+
+Each decode step of a speculative engine asks the proposer for up to k tokens per running sequence; the runner
+feeds every sequence's last token and its proposals through the target model in one forward over the paged cache
+(`qwenjax.engine.programs.paged_verify`) and samples every position as plain decoding would, with the same random
+numbers (those of the token's own index). A proposal is accepted while it equals the token sampled at its
+position, and the first sample that differs is kept as the step's last token. For a deterministic proposer
+(n-gram lookup: a one-hot proposal distribution) this is rejection sampling: a proposal d is kept with probability
+p(d) and, when refused, the token comes from p with d removed, renormalised; here it is also the very token plain
+decoding draws with the same seed, so speculative outputs equal plain ones token for token, greedy or sampled,
+with penalties, filters and stops. Positions past the accepted run were written to the cache and are dropped:
+their sequence's length is set back (`SequencePages.shrink`), freeing whole pages past it, and the next step
+writes over the rest.
+
+When it runs. A step speculates only when some running sequence has a proposal; otherwise the engine decodes a
+plain block of decode_steps tokens. A sequence gets no proposal when its request opts out
+(`SamplingParams.speculative`), when a grammar constrains it (its mask is known one token at a time), when its
+budget leaves no room, when nothing in its prompt and output matches its last tokens, or when its recent
+proposals were mostly refused (`Acceptance`: after `backoff_after` refused proposals in a row it proposes again
+only after as many plain steps). And with more than `disable_batch_size` sequences running, no step speculates:
+there a verify step's k + 1 rows per sequence cost more than the accepted tokens save (the break-even measured by
+`launch.benchmark --speculative`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from qwenjax._errors import ConfigError
+
+METHODS = ("ngram",)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+  """How a speculative engine proposes.
+
+  method: "ngram", prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last n
+    tokens (n from prompt_lookup_max down to prompt_lookup_min) in its prompt and output.
+  num_speculative_tokens: k, the most tokens proposed per sequence and step (1 to 16).
+  prompt_lookup_min, prompt_lookup_max: the n-gram sizes matched (1 <= min <= max).
+  disable_batch_size: no step speculates while more sequences than this are running (0: never disabled).
+  backoff_after: a sequence whose proposals were refused at their first token this many steps in a row rests
+    (proposes nothing) for as many steps (0: never rests).
+  """
+
+  method: str = "ngram"
+  num_speculative_tokens: int = 4
+  prompt_lookup_min: int = 2
+  prompt_lookup_max: int = 4
+  disable_batch_size: int = 8
+  backoff_after: int = 4
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ConfigError(f"speculative method {self.method!r} is not one of {', '.join(METHODS)}.")
+    if not (isinstance(self.num_speculative_tokens, int) and 1 <= self.num_speculative_tokens <= 16):
+      raise ConfigError(f"num_speculative_tokens must be an integer in [1, 16], got "
+                        f"{self.num_speculative_tokens!r}.")
+    if not (isinstance(self.prompt_lookup_min, int) and isinstance(self.prompt_lookup_max, int)
+            and 1 <= self.prompt_lookup_min <= self.prompt_lookup_max):
+      raise ConfigError(f"prompt_lookup_min and prompt_lookup_max must be integers with 1 <= min <= max, got "
+                        f"{self.prompt_lookup_min!r} and {self.prompt_lookup_max!r}.")
+    for name in ("disable_batch_size", "backoff_after"):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and value >= 0):
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}.")
+
+  @classmethod
+  def of(cls, spec: SpeculativeConfig | Mapping[str, Any] | None) -> SpeculativeConfig | None:
+    """A config from itself, a mapping of its fields (ConfigError naming an unknown one), or None."""
+    if spec is None or isinstance(spec, SpeculativeConfig):
+      return spec
+    if not isinstance(spec, Mapping):
+      raise ConfigError(f"speculative must be a SpeculativeConfig, a mapping or None, got {type(spec).__name__}.")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in spec:
+      if key not in names:
+        raise ConfigError(f"unknown speculative setting {key!r}; expected one of {', '.join(names)}.")
+    return cls(**spec)
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    """The verify programs' token widths (a sequence's last token plus its proposals, padded): powers of two from
+    2 below k + 1, and k + 1; a step takes the smallest that holds its longest proposal."""
+    k1 = self.num_speculative_tokens + 1
+    widths, w = [], 2
+    while w < k1:
+      widths.append(w)
+      w *= 2
+    return (*widths, k1)
+
+  def width(self, longest: int) -> int:
+    """The verify width for a step whose longest proposal has `longest` tokens."""
+    return next(w for w in self.widths if w >= longest + 1)
+
+
+def ngram_lookup(history: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
+  """Prompt lookup: up to k tokens that followed the latest earlier occurrence of history's last n tokens, for the
+  largest n in [n_min, n_max] that occurs (and has a token after it); [] if none does.
+
+  history: [L] int, the prompt then the generated tokens. An occurrence must end before the last token (it is
+  not the suffix itself), and what it proposes stops at the end of the history."""
+  size = len(history)
+  for n in range(min(n_max, size - 1), n_min - 1, -1):
+    suffix = history[size - n:]
+    windows = np.lib.stride_tricks.sliding_window_view(history[:size - 1], n)  # [L - n, n], starts 0 .. L - n - 1
+    hits = np.flatnonzero((windows == suffix).all(axis=1))
+    if hits.size:
+      start = int(hits[-1]) + n  # the latest occurrence; the token after it
+      return history[start:start + k].tolist()
+  return []
+
+
+@dataclasses.dataclass
+class Acceptance:
+  """One sequence's speculation so far: proposed and accepted tokens, verify steps it took part in with a
+  proposal, and its back-off (refused first proposals in a row; plain steps left to rest)."""
+
+  proposed: int = 0
+  accepted: int = 0
+  steps: int = 0
+  refused_in_a_row: int = 0
+  resting: int = 0
+
+
+class Proposer:
+  """Proposes tokens for running sequences (`propose`) and keeps their acceptance (`record`, `stats`)."""
+
+  def __init__(self, config: SpeculativeConfig):
+    self.config = config
+    self.totals = {"spec_proposed_tokens": 0, "spec_accepted_tokens": 0, "spec_verify_rows": 0}
+
+  def propose(self, seq, room: int) -> list[int]:
+    """Up to min(k, room) tokens for seq (a `qwenjax.engine.sequence.Sequence` whose last token the step feeds);
+    [] when it opts out, a grammar constrains it, it rests, or nothing matches."""
+    cfg = self.config
+    state = seq.speculation
+    if room <= 0 or not seq.params.speculative or seq.constraint is not None:
+      return []
+    if state.resting > 0:
+      state.resting -= 1
+      return []
+    history = np.asarray(seq.prompt + seq.tokens, np.int64)
+    return ngram_lookup(history, min(cfg.num_speculative_tokens, room), cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+
+  def record(self, seq, proposal: list[int], emitted: list[int]) -> int:
+    """Notes one verify step of seq: its proposal and the tokens it emitted; returns how many proposals were
+    accepted (the emitted tokens that equal them, from the first)."""
+    accepted = 0
+    while accepted < min(len(proposal), len(emitted)) and emitted[accepted] == proposal[accepted]:
+      accepted += 1
+    if not proposal:
+      return 0
+    state = seq.speculation
+    state.proposed += len(proposal)
+    state.accepted += accepted
+    state.steps += 1
+    self.totals["spec_proposed_tokens"] += len(proposal)
+    self.totals["spec_accepted_tokens"] += accepted
+    self.totals["spec_verify_rows"] += 1
+    state.refused_in_a_row = 0 if accepted else state.refused_in_a_row + 1
+    if self.config.backoff_after and state.refused_in_a_row >= self.config.backoff_after:
+      state.resting, state.refused_in_a_row = self.config.backoff_after, 0
+    return accepted
+
+  def stats(self) -> dict[str, float]:
+    """The counters, and the mean accepted length: tokens a sequence gained per verify step it proposed in (its
+    accepted proposals plus the token sampled after them)."""
+    rows = self.totals["spec_verify_rows"]
+    mean = (self.totals["spec_accepted_tokens"] + rows) / rows if rows else 0.0
+    return {**self.totals, "spec_mean_accepted_length": round(mean, 3)}

@@ -1,0 +1,314 @@
+"""Speculative decoding (n-gram prompt lookup) in the paged engine: greedy outputs equal transformers' for k = 1..8;
+sampled outputs follow the exact distribution computed from transformers' logits (chi-square) and equal plain
+decoding's, seed for seed; stops, logprobs, prefix caching, preemption, grammars, n > 1 and opt-outs hold; refused
+positions leave no page behind; warm-up leaves nothing to compile."""
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from qwenjax import ConfigError, Engine, Request, SamplingParams
+from qwenjax.checkpoints.hf import load_model
+from qwenjax.engine.pages import pages_needed
+from qwenjax.engine.profiling import count_compilations
+from qwenjax.engine.speculative import SpeculativeConfig, ngram_lookup
+
+from conftest import build_tiny_qwen2
+
+PAGE = 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """Head dim 16 (the Pallas kernel's minimum), 3 query heads per KV head."""
+  d = tmp_path_factory.mktemp("spec")
+  hf = build_tiny_qwen2(d, vocab_size=320, hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
+  return hf, load_model(d)
+
+
+def _engine(model, spec=None, **kw):
+  kw = {**dict(max_batch_size=3, max_seq_len=256, max_prefill_chunk=32, page_size=PAGE), **kw}
+  return Engine(model, None, eos_token_ids=(), speculative=spec, **kw)
+
+
+def _hf_greedy(hf, prompt, n):
+  with torch.no_grad():
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                      pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+  return out[0, len(prompt):].tolist()
+
+
+def _prompts(seed=0):
+  """Prompts with repeats (what prompt lookup finds) and without, of mixed lengths."""
+  rng = np.random.default_rng(seed)
+  motif = rng.integers(0, 300, 9).tolist()
+  return [motif * 5, rng.integers(0, 300, 37).tolist() + motif * 2, [7, 7, 7, 7], rng.integers(0, 300, 60).tolist(),
+          (motif[:4] + [11]) * 8]
+
+
+# ---- the proposer --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("history,k,n_min,n_max,expected", [
+    ([1, 2, 3, 9, 1, 2, 3], 2, 1, 3, [9, 1]),  # the 3-gram [1, 2, 3] occurred before: what followed it
+    ([1, 2, 3, 9, 1, 2, 3], 8, 1, 3, [9, 1, 2, 3]),  # stops at the end of the history
+    ([5, 1, 2, 6, 4, 2, 7, 1, 2], 3, 1, 2, [6, 4, 2]),  # [1, 2] beats the later 1-gram [2]
+    ([5, 1, 2, 6, 4, 2, 7, 3, 2], 3, 1, 2, [7, 3, 2]),  # no 2-gram: the latest 1-gram [2] (at index 5)
+    ([5, 1, 2, 6, 4, 2, 7, 3, 2], 3, 2, 2, []),  # n_min 2: nothing
+    ([4, 4, 4], 3, 1, 3, [4]),  # [4, 4] at 0: followed by the last token only
+    ([8], 3, 1, 3, []),
+])
+def test_ngram_lookup_proposes_what_followed_the_latest_match(history, k, n_min, n_max, expected):
+  assert ngram_lookup(np.asarray(history), k, n_min, n_max) == expected
+
+
+@pytest.mark.parametrize("spec,message", [
+    (dict(method="eagle"), "speculative method 'eagle' is not one of ngram"),
+    (dict(num_speculative_tokens=0), "num_speculative_tokens must be an integer in [1, 16], got 0"),
+    (dict(prompt_lookup_min=3, prompt_lookup_max=2), "1 <= min <= max, got 3 and 2"),
+    (dict(disable_batch_size=-1), "disable_batch_size must be an integer >= 0"),
+    (dict(tokens=3), "unknown speculative setting 'tokens'"),
+])
+def test_bad_settings_are_one_line_config_errors(tiny, spec, message):
+  with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    _engine(tiny[1], spec)
+
+
+def test_verify_widths_are_few():
+  assert SpeculativeConfig(num_speculative_tokens=1).widths == (2,)
+  assert SpeculativeConfig(num_speculative_tokens=4).widths == (2, 4, 5)
+  assert SpeculativeConfig(num_speculative_tokens=8).widths == (2, 4, 8, 9)
+  assert SpeculativeConfig(num_speculative_tokens=8).width(3) == 4
+
+
+# ---- greedy ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,impl", [(1, "xla"), (2, "xla"), (4, "xla"), (8, "xla"), (4, "pallas")])
+def test_greedy_equals_transformers(tiny, k, impl):
+  """Three slots refilling over five prompts with mixed budgets; every step that proposes checks the pages."""
+  hf, model = tiny
+  prompts, budgets = _prompts(), [24, 17, 30, 9, 25]
+  engine = _engine(model, dict(num_speculative_tokens=k, prompt_lookup_min=1), attention_impl=impl)
+  outs = engine.generate([Request(prompt=p, sampling=SamplingParams(max_tokens=m)) for p, m in zip(prompts, budgets)])
+  for p, m, out in zip(prompts, budgets, outs):
+    assert out.token_ids == _hf_greedy(hf, p, m)
+  stats = engine.stats()
+  assert stats["spec_accepted_tokens"] > 0 and stats["verify_calls"] > 0, stats
+  assert stats["spec_accepted_tokens"] <= stats["spec_proposed_tokens"]
+  assert engine.pool.num_free == engine.pool.num_pages
+
+
+def test_refused_positions_leave_no_page_behind(tiny):
+  """After every step each running sequence holds exactly the pages of its context; positions past it are never
+  attended, and the whole pool comes back at the end."""
+  _, model = tiny
+  engine = _engine(model, dict(num_speculative_tokens=8, prompt_lookup_min=1), max_batch_size=2)
+  for p in _prompts()[:4]:
+    engine.add_request(Request(prompt=p, sampling=SamplingParams(max_tokens=40)))
+  steps = refused = 0
+  while engine.has_unfinished():
+    before = engine.stats()
+    engine.step()
+    after = engine.stats()
+    refused += (after["spec_proposed_tokens"] - before["spec_proposed_tokens"]
+                - after["spec_accepted_tokens"] + before["spec_accepted_tokens"])
+    for seq in engine.scheduler.running:
+      if seq.pages.length >= len(seq.prompt):  # prefilled
+        assert seq.pages.length == len(seq.context)
+        assert len(seq.pages.pages) == pages_needed(len(seq.context), PAGE)
+    steps += 1
+  assert refused > 0  # some proposals were refused, so pages were given back
+  assert engine.pool.num_free == engine.pool.num_pages
+
+
+def test_stop_ids_and_max_tokens_inside_an_accepted_run(tiny):
+  """A stop token id that the proposals contain, and a budget that ends inside an accepted run: the output is
+  plain decoding's, cut where it cuts."""
+  hf, model = tiny
+  prompts = _prompts()[:3]
+  ref = [_hf_greedy(hf, p, 30) for p in prompts]
+  stop = ref[0][len(ref[0]) // 2]  # a token of the first output's repeating tail
+  params = SamplingParams(max_tokens=30, stop_token_ids=[stop])
+  spec = _engine(model, dict(num_speculative_tokens=6, prompt_lookup_min=1)).generate(prompts, params)
+  for r, out in zip(ref, spec):
+    cut = r.index(stop) + 1 if stop in r else len(r)
+    assert out.token_ids == r[:cut]
+    assert out.finish_reason == ("stop" if stop in r else "length")
+  for m in (1, 2, 5, 13):
+    outs = _engine(model, dict(num_speculative_tokens=6, prompt_lookup_min=1)).generate(
+        prompts, SamplingParams(max_tokens=m))
+    assert [o.token_ids for o in outs] == [r[:m] for r in ref]
+
+
+def test_preemption_under_a_small_pool_and_prefix_caching(tiny):
+  """Six sequences sharing a long prefix (prefix pages and a partial-page copy) whose caches need more than the
+  pool: speculation preempts and resumes, and every output equals transformers'."""
+  hf, model = tiny
+  rng = np.random.default_rng(5)
+  shared = (rng.integers(0, 300, 7).tolist() * 6)[:38]
+  prompts = [shared + rng.integers(0, 300, int(n)).tolist() for n in (0, 3, 9, 20, 1, 14)]
+  engine = _engine(model, dict(num_speculative_tokens=5, prompt_lookup_min=1, disable_batch_size=0),
+                   max_batch_size=6, kv_cache_memory=12 * PAGE * _page_bytes(model) / 2**30)
+  outs = engine.generate(prompts, SamplingParams(max_tokens=36))
+  stats = engine.stats()
+  assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0 and stats["spec_accepted_tokens"] > 0, stats
+  for p, out in zip(prompts, outs):
+    assert out.token_ids == _hf_greedy(hf, p, 36)
+  assert engine.pool.num_free == engine.pool.num_pages
+
+
+def _page_bytes(model):
+  from qwenjax.model.kv_cache import page_bytes  # pylint: disable=g-import-not-at-top
+  return page_bytes(model.cfg, 1, model.dtype, False)
+
+
+# ---- sampling ----------------------------------------------------------------------------------------------
+
+
+SAMPLED = [
+    SamplingParams(max_tokens=20, temperature=0.8, seed=3, logprobs=True),
+    SamplingParams(max_tokens=20, temperature=1.1, top_k=7, top_p=0.9, min_p=0.05, seed=4, n=2),
+    SamplingParams(max_tokens=20, temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5,
+                   frequency_penalty=0.2, seed=5, top_logprobs=3),
+    SamplingParams(max_tokens=20, logprobs=True, top_logprobs=2),
+]
+
+
+def test_sampled_outputs_equal_plain_decoding_seed_for_seed(tiny):
+  """A proposal is kept when it equals the token sampled at its position with that position's own random numbers,
+  so every request (filters, penalties, n = 2, logprobs, a greedy one beside them) gets plain decoding's tokens."""
+  _, model = tiny
+  prompts = _prompts(2)
+  requests = [Request(prompt=p, sampling=SAMPLED[i % len(SAMPLED)]) for i, p in enumerate(prompts)]
+  plain = _engine(model).generate(requests)
+  spec_engine = _engine(model, dict(num_speculative_tokens=4, prompt_lookup_min=1))
+  spec = spec_engine.generate(requests)
+  for a, b in zip(plain, spec):
+    for ca, cb in zip(a.outputs, b.outputs):
+      assert ca.token_ids == cb.token_ids
+      if ca.logprobs is not None:
+        np.testing.assert_allclose(cb.logprobs, ca.logprobs, atol=1e-4)
+      if ca.top_logprobs is not None:
+        assert [[t for t, _ in row] for row in cb.top_logprobs] == [[t for t, _ in row] for row in ca.top_logprobs]
+  stats = spec_engine.stats()
+  assert 0 < stats["spec_accepted_tokens"] < stats["spec_proposed_tokens"], stats
+
+
+def _exact_second_token(hf, prompt, temperature, top_k, top_p):
+  """The exact distribution of the first and second generated tokens under temperature, top-k and top-p, from
+  transformers' float32 logits: p1 [V], p2 [V] = sum over t1 of p1(t1) p(t2 | prompt, t1), and the probability
+  that the second token equals prompt lookup's proposal after the first: sum over t1 of p1(t1) p(d(t1) | prompt,
+  t1)."""
+
+  def dist(logits):
+    z = logits.astype(np.float64) / temperature
+    if top_k:
+      z = np.where(z >= np.sort(z)[-top_k], z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1:
+      order = np.argsort(-p, kind="stable")
+      mass = np.cumsum(p[order])
+      keep = order[:int(np.searchsorted(mass, top_p) + 1)]
+      q = np.zeros_like(p)
+      q[keep] = p[keep]
+      p = q / q.sum()
+    return p
+
+  v = hf.config.vocab_size
+  with torch.no_grad():
+    first = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+    rows = torch.tensor([prompt + [t] for t in range(v)])
+    second = hf(rows).logits[:, -1].numpy()  # [V, V]
+  p1 = dist(first)
+  p2 = sum(p1[t] * dist(second[t]) for t in range(v) if p1[t] > 0)
+  proposal = [ngram_lookup(np.asarray(prompt + [t]), 1, 1, 4)[0] for t in range(v)]
+  accept = sum(p1[t] * dist(second[t])[proposal[t]] for t in range(v) if p1[t] > 0)
+  return p1, p2, accept
+
+
+def _chi_square(counts, expected_p):
+  """Chi-square p-value of counts against probabilities, bins with an expected count under 5 pooled."""
+  n = counts.sum()
+  expected = expected_p * n
+  big = expected >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  if exp[-1] < 5:  # too little pooled mass for a bin of its own: fold it into the largest
+    obs, exp = obs[:-1], exp[:-1]
+    obs[np.argmax(exp)] += counts[~big].sum()
+    exp[np.argmax(exp)] += expected[~big].sum()
+  return scipy.stats.chisquare(obs, exp).pvalue
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.3, 0, 1.0), (1.0, 5, 0.85)])
+def test_sampled_tokens_follow_the_exact_distribution(tmp_path, temperature, top_k, top_p):
+  """A 16-token vocabulary and a prompt that holds every token, so the second token is always verified against a
+  proposal (prompt lookup of the first; groups of 8 requests prefill in one step and then only decode): over 2,400
+  seeds, the first and second tokens pass a chi-square test against the distribution computed by hand from
+  transformers' logits, with and without speculation, and proposals are kept as often as that distribution
+  gives them."""
+  v = 16
+  hf = build_tiny_qwen2(tmp_path, vocab_size=v, seed=1)
+  model = load_model(tmp_path)
+  prompt = list(range(v)) + [3, 9]
+  p1, p2, accept = _exact_second_token(hf, prompt, temperature, top_k, top_p)
+  requests = [Request(prompt=prompt, sampling=SamplingParams(max_tokens=3, temperature=temperature, top_k=top_k,
+                                                             top_p=top_p, seed=s)) for s in range(2400)]
+  kw = dict(max_batch_size=8, max_seq_len=256, max_prefill_chunk=256, prefix_caching=False)
+  spec_engine = _engine(model, dict(num_speculative_tokens=2, prompt_lookup_min=1), **kw)
+  for engine in (_engine(model, **kw), spec_engine):
+    outs = [out for i in range(0, len(requests), 8) for out in engine.generate(requests[i:i + 8])]
+    first = np.bincount([o.token_ids[0] for o in outs], minlength=v)
+    second = np.bincount([o.token_ids[1] for o in outs], minlength=v)
+    assert _chi_square(first, p1) > 1e-3
+    assert _chi_square(second, p2) > 1e-3
+  stats = spec_engine.stats()
+  # Every second token was verified against one proposal, kept as often as the exact distribution says.
+  assert stats["spec_verify_rows"] == stats["spec_proposed_tokens"] == 2400, stats
+  n, accepted = 2400, stats["spec_accepted_tokens"]
+  assert abs(accepted - n * accept) <= 4 * np.sqrt(n * accept * (1 - accept)) + 1, (accepted, n * accept)
+
+
+# ---- what else holds -----------------------------------------------------------------------------------------
+
+
+def test_an_opted_out_request_proposes_nothing(tiny):
+  """A request that opts out decodes one token per step beside a speculating one; both give plain decoding's
+  outputs."""
+  _, model = tiny
+  prompts = _prompts()[:3]
+  opt_out = SamplingParams(max_tokens=20, speculative=False)
+  requests = [Request(prompt=prompts[0], sampling=opt_out),
+              Request(prompt=prompts[1], sampling=SamplingParams(max_tokens=20))]
+  plain = _engine(model).generate(requests)
+  engine = _engine(model, dict(num_speculative_tokens=3, prompt_lookup_min=1))
+  spec = engine.generate(requests)
+  assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+  alone = _engine(model, dict(num_speculative_tokens=3, prompt_lookup_min=1))
+  alone.generate([requests[0]])
+  assert alone.stats()["spec_proposed_tokens"] == 0
+
+
+def test_warm_up_leaves_nothing_to_compile(tiny):
+  """warm_up compiles each verify width per sampling variant (and the one-step block), then a varied speculative
+  workload (greedy, sampled, penalised; lengths 1..200; proposals of every length) compiles nothing."""
+  _, model = tiny
+  engine = _engine(model, dict(num_speculative_tokens=4, prompt_lookup_min=1), max_batch_size=4,
+                   max_prefill_chunk=64)
+  shapes = engine.program_shapes()
+  assert shapes["verify"] == [2, 4, 5] and shapes["decode"] == [1, 4]
+  engine.warm_up()
+  rng = np.random.default_rng(1)
+  motif = rng.integers(0, 300, 6).tolist()
+  workload = [Request(prompt=(motif * 40)[:int(n)] if i % 2 else rng.integers(0, 300, int(n)).tolist(),
+                      sampling=SamplingParams(max_tokens=int(rng.integers(1, 30)), temperature=[0.0, 0.9, 0.7][i % 3],
+                                              seed=i, repetition_penalty=[1, 1, 1.3][i % 3]))
+              for i, n in enumerate(rng.integers(1, 200, size=24))]
+  with count_compilations() as compiled:
+    outs = engine.generate(workload)
+  assert sum(compiled.values()) == 0, compiled
+  assert engine.stats()["spec_accepted_tokens"] > 0
+  assert all(len(o.token_ids) == r.sampling.max_tokens for o, r in zip(outs, workload))
