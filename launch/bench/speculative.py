@@ -96,15 +96,19 @@ def _serve(engine, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 def measure(models: dict, tokenizer, *, batch_sizes: list[int], new_tokens: int, num_speculative_tokens: int,
-            source: str | None, max_seq_len: int = 2048) -> dict:
+            source: str | None, disable_batch_size: int | None = None, max_seq_len: int = 2048) -> dict:
   """The section: for each model (name -> qwenjax model) and batch size, plain and n-gram engines on both
-  workloads; then llama.cpp's single stream on the code prompts (when `source` is a GGUF it can read)."""
+  workloads; then llama.cpp's single stream on the code prompts (when `source` is a GGUF it can read).
+  disable_batch_size: the n-gram engine's (`SpeculativeConfig`; None: its default; 0 speculates at every batch
+  size, which measures the break-even)."""
   import qwenjax  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.speculative import SpeculativeConfig  # pylint: disable=g-import-not-at-top
 
   prompts = {kind: [tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)
                     for r in requests(kind)] for kind in KINDS}
   spec = SpeculativeConfig(num_speculative_tokens=num_speculative_tokens)
+  if disable_batch_size is not None:
+    spec = dataclasses.replace(spec, disable_batch_size=disable_batch_size)
   section = {"workloads": {k: {"requests": len(p), "prompt_tokens": [len(x) for x in p]} for k, p in prompts.items()},
              "new_tokens": new_tokens, "config": dataclasses.asdict(spec), "engines": {}}
   for name, model in models.items():
@@ -205,6 +209,8 @@ def main() -> None:
   new_tokens = flags.DEFINE_integer("speculative_new_tokens", 256, "Most tokens generated per request.",
                                     lower_bound=1)
   k = flags.DEFINE_integer("speculative_k", 4, "num_speculative_tokens of the n-gram engine.", lower_bound=1)
+  disable = flags.DEFINE_integer("speculative_disable_batch_size", None, "The n-gram engine's disable_batch_size "
+                                 "(default: SpeculativeConfig's; 0: speculate at every batch size).", lower_bound=0)
   output_dir = flags.DEFINE_string("output_dir", None, "Where speculative.json goes (default: printed only).")
 
   def run(argv):
@@ -215,7 +221,8 @@ def main() -> None:
     _cli.use_cpu_paths("auto", cpu_paths.float_mode("float32"))  # every mode's matmul paths; float32's XLA flags
     models, tokenizer, source = load_models(model.value, quantize.value, embeddings.value)
     section = measure(models, tokenizer, batch_sizes=sorted({int(b) for b in batch_sizes.value}),
-                      new_tokens=new_tokens.value, num_speculative_tokens=k.value, source=source)
+                      new_tokens=new_tokens.value, num_speculative_tokens=k.value, source=source,
+                      disable_batch_size=disable.value)
     if output_dir.value:
       out = pathlib.Path(output_dir.value)
       out.mkdir(parents=True, exist_ok=True)

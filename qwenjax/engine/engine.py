@@ -26,7 +26,9 @@ Each `step()`
      `max_prefill_chunk` prompt tokens, then a sample for each decoding sequence and each prompt that completed;
   3. otherwise gives every decoding sequence pages for its next `decode_steps` tokens and advances every slot that
      many tokens in one jitted call (a `fori_loop` of decode + sample); stops that the device can see
-     (end-of-sequence and stop token ids, max_tokens) end a row exactly where they occur. In both, the most
+     (end-of-sequence and stop token ids, max_tokens) end a row exactly where they occur; on a speculative engine
+     (`speculative=`), when some sequence has proposals, one jitted call verifies every sequence's last token and
+     proposals instead (`qwenjax.engine.speculative`), and the refused positions are dropped. In both, the most
      recently admitted sequences are preempted while the pool is short (their context is recomputed when
      readmitted: outputs unchanged);
   4. on the host, appends the tokens, detokenizes, cuts stop strings, and frees finished sequences' slots and

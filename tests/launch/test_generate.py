@@ -32,7 +32,10 @@ def _run(*args, env=None):
   return proc
 
 
-def test_json_output_matches_transformers(checkpoint):
+@pytest.mark.parametrize("extra", [(), ("--speculative_method=ngram", "--prompt_lookup_min=1",
+                                      "--num_speculative_tokens=3")])
+def test_json_output_matches_transformers(checkpoint, extra):
+  """Plain, and with n-gram speculation (the same tokens)."""
   d, model, hf_tok = checkpoint
   messages = [{"role": "user", "content": "def fibonacci(n):"}]
   ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -40,7 +43,7 @@ def test_json_output_matches_transformers(checkpoint):
     ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
                          eos_token_id=hf_tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=hf_tok.pad_token_id,
                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
-  proc = _run(f"--model={d}", "--prompt=def fibonacci(n):", "--max_new_tokens=20", "--json")
+  proc = _run(f"--model={d}", "--prompt=def fibonacci(n):", "--max_new_tokens=20", "--json", *extra)
   assert proc.returncode == 0, proc.stderr[-2000:]
   out = json.loads(proc.stdout)
   assert out["token_ids"] == ref
@@ -99,6 +102,8 @@ def test_sampling_flags_are_reproducible(checkpoint):
     (("--model=/nonexistent/model",), "/nonexistent/model: no such file or directory"),
     (("--temperature=-1",), "temperature must be a finite number >= 0"),
     (("--cpu_paths=/nonexistent/record.json",), "/nonexistent/record.json: not a readable cpu paths record"),
+    (("--speculative_method=ngram", "--prompt_lookup_min=3", "--prompt_lookup_max=2"),
+     "prompt_lookup_min and prompt_lookup_max must be integers with 1 <= min <= max, got 3 and 2"),
 ])
 def test_bad_input_is_one_line_on_stderr(checkpoint, args, message):
   d = checkpoint[0]
