@@ -93,10 +93,13 @@ COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True, "Keep compiled 
                                       "back instead of compiling; --nocompilation_cache turns it off.")
 COMPILATION_CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None, "Where --compilation_cache keeps them. "
                                             "Default: $JAX_COMPILATION_CACHE_DIR, else <qwenjax cache dir>/xla.")
-SPECULATIVE_METHOD = flags.DEFINE_enum("speculative_method", "none", ["none", "ngram"], "Speculative decoding: "
-                                       "ngram proposes the tokens that followed the latest earlier occurrence of a "
-                                       "sequence's last tokens in its prompt and output (prompt lookup); every "
-                                       "output stays the one plain decoding gives. none: off.")
+SPECULATIVE_METHOD = flags.DEFINE_enum("speculative_method", "none", ["none", "ngram", "draft"], "Speculative "
+                                       "decoding: ngram proposes the tokens that followed the latest earlier "
+                                       "occurrence of a sequence's last tokens in its prompt and output (prompt "
+                                       "lookup); draft, the greedy continuation of --draft_model. Every output stays "
+                                       "the one plain decoding gives. none: off.")
+DRAFT_MODEL = flags.DEFINE_string("draft_model", None, "With --speculative_method=draft: a smaller model with the "
+                                  "same tokenizer (a name or path, as --model), loaded in --dtype.")
 NUM_SPECULATIVE_TOKENS = flags.DEFINE_integer("num_speculative_tokens", 4, "Most tokens proposed per sequence and "
                                               "step (with --speculative_method).", lower_bound=1, upper_bound=16)
 PROMPT_LOOKUP_MIN = flags.DEFINE_integer("prompt_lookup_min", 2, "Shortest n-gram --speculative_method=ngram "
@@ -156,14 +159,18 @@ def lora_kwargs() -> dict:
 
 def speculative_kwargs() -> dict:
   """The Engine's `speculative` argument of the speculative flags (ConfigError for a bad combination)."""
+  from qwenjax import ConfigError  # pylint: disable=g-import-not-at-top
+
   if SPECULATIVE_METHOD.value == "none":
+    if DRAFT_MODEL.value:
+      raise ConfigError("--draft_model is the proposer of --speculative_method=draft; pass that too.")
     return dict(speculative=None)
   from qwenjax.engine.speculative import SpeculativeConfig  # pylint: disable=g-import-not-at-top
 
   return dict(speculative=SpeculativeConfig(
       method=SPECULATIVE_METHOD.value, num_speculative_tokens=NUM_SPECULATIVE_TOKENS.value,
       prompt_lookup_min=PROMPT_LOOKUP_MIN.value, prompt_lookup_max=PROMPT_LOOKUP_MAX.value,
-      disable_batch_size=SPECULATIVE_DISABLE_BATCH_SIZE.value))
+      disable_batch_size=SPECULATIVE_DISABLE_BATCH_SIZE.value, draft_model=DRAFT_MODEL.value))
 
 
 def sampling_params():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import re
 import sys
@@ -149,8 +150,6 @@ def _llamacpp(source: str | None, prompts: list[list[int]], new_tokens: int) -> 
     import llama_cpp  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     return {"skipped": f"llama-cpp-python is not installed ({e})"}
-  import os  # pylint: disable=g-import-not-at-top
-
   from launch.bench.adapters import llamacpp_generate_fn  # pylint: disable=g-import-not-at-top
 
   threads = len(os.sched_getaffinity(0))
@@ -218,7 +217,8 @@ def main() -> None:
     from launch import _cli  # pylint: disable=g-import-not-at-top
     from qwenjax.kernels import cpu_paths  # pylint: disable=g-import-not-at-top
 
-    _cli.use_cpu_paths("auto", cpu_paths.float_mode("float32"))  # every mode's matmul paths; float32's XLA flags
+    # Every mode's matmul paths; float32's XLA flags. A record named by $QWENJAX_CPU_PATHS, else this processor's.
+    _cli.use_cpu_paths(os.environ.get(_cli.CPU_PATHS_ENV, "auto"), cpu_paths.float_mode("float32"))
     models, tokenizer, source = load_models(model.value, quantize.value, embeddings.value)
     section = measure(models, tokenizer, batch_sizes=sorted({int(b) for b in batch_sizes.value}),
                       new_tokens=new_tokens.value, num_speculative_tokens=k.value, source=source,

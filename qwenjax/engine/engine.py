@@ -63,6 +63,7 @@ from qwenjax.engine.scheduler import Scheduler, StepPlan, VerifyPlan
 from qwenjax.engine.speculative import Proposer, SpeculativeConfig
 from qwenjax.kernels.buckets import LengthBuckets
 from qwenjax.model import lora as lora_lib
+from qwenjax.model import registry
 from qwenjax.model.decoder import Qwen2
 from qwenjax.model.lora import Adapter, LoraBank
 from qwenjax.multimodal import processing
@@ -112,8 +113,8 @@ class Engine:
     (`qwenjax.model.lora.LoraBank`). merge_lora: fold the one adapter given into the weights instead (every
     request then runs the tuned model; float weights only).
   speculative: speculative decoding (`qwenjax.engine.speculative.SpeculativeConfig`, or a mapping of its fields):
-    decode steps verify proposed tokens in one forward and keep those the target samples anyway, so outputs are
-    those without it, token for token; None: off.
+    decode steps verify proposed tokens (n-gram prompt lookup, or a draft model's) in one forward and keep those
+    the target samples anyway, so outputs are those without it, token for token; None: off.
   """
 
   def __init__(self, model: Qwen2, tokenizer: Tokenizer | None, *, max_batch_size: int = 8, max_seq_len: int = 4096,
@@ -149,12 +150,14 @@ class Engine:
     if eos_token_ids is None:  # the tokenizer's (generation_config, <|im_end|>) and the model config's
       eos_token_ids = set(self.cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
     self.eos_token_ids = frozenset(eos_token_ids)
+    draft = self._draft(model, tokenizer) if self.speculative is not None else None
     self.runner = ModelRunner(model, bank=bank, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                               buckets=self.buckets, decode_steps=decode_steps, page_size=page_size,
                               kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
                               attention_impl=attention_impl, prefix_caching=self.prefix_caching,
                               image_processor=self.image_processor, mesh=mesh, rules=rules,
-                              verify_widths=self.speculative.widths if self.speculative is not None else ())
+                              verify_widths=self.speculative.widths if self.speculative is not None else (),
+                              draft=draft)
     self.vl_cfg, self.attention_impl = self.runner.vl_cfg, self.runner.attention_impl
     kv = self.runner.pages
     self.pool = PagePool(kv.num_pages, kv.page_size)
@@ -170,6 +173,32 @@ class Engine:
     self.outputs = OutputProcessor()
     self._requests: dict[Any, int] = {}  # add_request's ids of unfinished requests -> their index
     self._indices = itertools.count()
+
+  def _draft(self, model: Qwen2, tokenizer: Tokenizer | None) -> Qwen2 | None:
+    """The speculative config's draft model, loaded in the target's dtype and checked against it: a text model
+    whose vocabulary is the target's (its tokenizer's tokens; its logits no wider than the target's). ConfigError
+    naming the draft otherwise."""
+    draft = self.speculative.draft_model
+    if draft is None:
+      return None
+    name, draft_tokenizer = type(draft).__name__, None
+    if not isinstance(draft, Qwen2):
+      from qwenjax.checkpoints.loader import load  # pylint: disable=g-import-not-at-top
+
+      name = str(draft)
+      loaded = load(name, dtype=jax.numpy.dtype(model.dtype).name)
+      draft, draft_tokenizer = loaded.model, loaded.tokenizer
+    if registry.for_model(model).multimodal or registry.for_model(draft).multimodal:
+      raise ConfigError(f"draft model {name}: speculation with a draft model serves text models only; a Qwen2.5-VL "
+                        "target or draft can use method 'ngram'.")
+    ours, theirs = model.cfg.vocab_size, draft.cfg.vocab_size
+    if tokenizer is not None and draft_tokenizer is not None:
+      ours, theirs = tokenizer.vocab_size, draft_tokenizer.vocab_size
+    if ours != theirs or draft.cfg.vocab_size > model.cfg.vocab_size:
+      raise ConfigError(f"draft model {name}: its vocabulary ({theirs} tokens, logits over "
+                        f"{draft.cfg.vocab_size}) is not the target's ({ours} tokens, logits over "
+                        f"{model.cfg.vocab_size}); a draft must share the target's tokenizer.")
+    return draft
 
   @classmethod
   def load(cls, model: str | None = "default", *, dtype: str = "float32", scan_layers: bool | None = None,
@@ -312,12 +341,15 @@ class Engine:
       for seq in advanced:
         self.outputs.accept(seq, [int(tokens[seq.slot])], [logprobs[seq.slot].tolist()])
     elif isinstance(plan, VerifyPlan):
-      tokens, logprobs = self.runner.verify(plan)
+      tokens, logprobs, drafted = self.runner.verify(plan)
       advanced = [seq for seq in plan.slots if seq is not None]
       for seq in advanced:
         before = len(seq.tokens)
         self.outputs.accept_block(seq, tokens[:, seq.slot], logprobs[:, seq.slot])
-        self.proposer.record(seq, plan.proposals[seq.slot], seq.tokens[before:])
+        proposal = plan.proposals[seq.slot]
+        if drafted is not None:  # the draft model's, made on the device
+          proposal = drafted[seq.slot, :len(proposal)].tolist()
+        self.proposer.record(seq, proposal, seq.tokens[before:])
         if not seq.finish_reason:
           self.scheduler.verified(seq)
     elif plan is not None:

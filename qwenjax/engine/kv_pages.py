@@ -71,6 +71,14 @@ class KVPages:
     max_pages = pages_needed(context_len, page_size)
     return cls(cfg, model.dtype, num_pages, page_size, quantized, where, context_len, max_pages)
 
+  def for_draft(self, draft: Qwen2, mesh: jax.sharding.Mesh | None, rules: ShardingRules) -> KVPages:
+    """The same pool (page count, page size, int8 or not) for a speculative engine's draft model: its pages carry
+    the target's page ids, so the host's page tables serve both. Its memory comes on top of the target's budget
+    (a draft's layers and heads are a fraction of the target's)."""
+    where = None if mesh is None else paged_cache_sharding(draft.cfg, mesh, self.num_pages, self.page_size,
+                                                           self.quantized, rules)
+    return dataclasses.replace(self, cfg=draft.cfg, dtype=draft.dtype, sharding=where)
+
   def zeros(self) -> PagedKVCache:
     return PagedKVCache.zeros(self.cfg, self.num_pages, self.page_size, self.dtype, self.quantized,
                               sharding=self.sharding)

@@ -325,15 +325,28 @@ class SampleInputs:
   mask: jax.Array | None = None
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "block", "impl"), donate_argnames=("cache",))
+def _draft_forward(draft_graphdef, draft_params, draft_cache: PagedKVCache, tokens: jax.Array,
+                   meta: StepMetadata) -> PagedKVCache:
+  """A draft model over a step's own tokens, positions and pool slots (its pages are the target's page ids in a
+  pool of its own): its keys and values written, its logits unused."""
+  draft = nnx.merge(draft_graphdef, draft_params)
+  _, draft_cache = draft(tokens, draft_cache, meta)
+  return draft_cache.constrained()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "block", "impl", "draft_graphdef"),
+                   donate_argnames=("cache", "draft_cache"))
 def ragged_step(graphdef, params, cache: PagedKVCache, batch: RaggedBatch, vision: VisionInputs | None = None, *,
-                block: int, impl: str = "xla") -> tuple[jax.Array, ...]:
+                block: int, impl: str = "xla", draft_graphdef=None, draft_params=None,
+                draft_cache: PagedKVCache | None = None) -> tuple[jax.Array, ...]:
   """One step of the engine's model: every token of `batch` into its slot, each decode token attending over its
   sequence's pages and each prefill block over its sequence's pages (its own chunk included, causally). vision: a
   Qwen2.5-VL model's rotary positions [3, T, 1] and features (index [T, 1]). Returns the logits [S, V] at
   `batch.sample_at` (what `sample_slots` draws from), with `batch.targets` the prompt log-probabilities [T], then
   the cache. Compiled once per T (a bucket), scoring or not and vision or not: the sampling variants are
-  `sample_slots`'s, a program a fraction of this one's size, so that they do not multiply the model's programs."""
+  `sample_slots`'s, a program a fraction of this one's size, so that they do not multiply the model's programs.
+  A speculative engine's draft model (draft_graphdef, draft_params, draft_cache) runs over the same tokens, and its
+  cache is returned last."""
   model = nnx.merge(graphdef, params)
   s = batch.sample_at.shape[0]
   rope_positions, embeds = None, None
@@ -348,6 +361,9 @@ def ragged_step(graphdef, params, cache: PagedKVCache, batch: RaggedBatch, visio
   out = [model.logits(h[batch.sample_at], impl)]  # [S, V]
   if batch.targets is not None:
     out.append(target_logprobs(model.logits(h, impl)[None], batch.targets[None])[0])  # [T]
+  if draft_graphdef is not None:
+    return (*out, cache.constrained(),
+            _draft_forward(draft_graphdef, draft_params, draft_cache, batch.tokens[:, None], meta))
   return (*out, cache.constrained())
 
 
@@ -380,14 +396,15 @@ def restore_slot(slots: SlotState, slot: jax.Array, prompt: jax.Array, prompt_le
   return SlotState(slots.prompt_mask.at[slot].set(mask), slots.counts.at[slot].set(counts)).constrained()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "num_steps", "impl"),
-                   donate_argnames=("cache", "slots"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "num_steps", "impl", "draft_graphdef"),
+                   donate_argnames=("cache", "slots", "draft_cache"))
 def paged_decode_block(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs: PagedDecodeInputs,
-                       needs: sampling_lib.SamplingNeeds, num_steps: int, impl: str = "xla"
-                       ) -> tuple[jax.Array, jax.Array, PagedKVCache, SlotState]:
+                       needs: sampling_lib.SamplingNeeds, num_steps: int, impl: str = "xla", draft_graphdef=None,
+                       draft_params=None, draft_cache: PagedKVCache | None = None) -> tuple:
   """num_steps decode + sample steps for all B slots in one `fori_loop`, each token written to the slot of its
   position in the row's page table, for the first min(num_steps, budget) steps (idle slots write nothing).
-  Returns tokens [k, B] (-1 where a row had stopped), logprobs [k, B], the cache and the slot state."""
+  Returns tokens [k, B] (-1 where a row had stopped), logprobs [k, B], the cache and the slot state (and a draft
+  model's cache, which takes every token the target does: `ragged_step`)."""
   model = nnx.merge(graphdef, params)
   d = inputs.decode
   table = inputs.page_table  # [B, P]
@@ -403,10 +420,17 @@ def paged_decode_block(graphdef, params, cache: PagedKVCache, slots: SlotState, 
     slot = jnp.where(writes, page * page_size + pos % page_size, -1)
     meta = StepMetadata.paged_step(pos[:, None], PagedInputs(slot[:, None], table, num_new), inputs.rope_offset,
                                    impl=impl, lora_index=d.adapter)
+    if draft_graphdef is not None:
+      cache, draft_cache = cache
+      draft_cache = _draft_forward(draft_graphdef, draft_params, draft_cache, tok[:, None], meta)
     h, cache = model(tok[:, None], cache, meta)
-    return model.logits(h[:, 0], impl), cache.constrained()  # [B, V]
+    logits, cache = model.logits(h[:, 0], impl), cache.constrained()  # [B, V]
+    return logits, (cache if draft_graphdef is None else (cache, draft_cache))
 
-  return _decode_loop(step, cache, slots, d, needs, num_steps)
+  if draft_graphdef is None:
+    return _decode_loop(step, cache, slots, d, needs, num_steps)
+  out_tok, out_lp, (cache, draft_cache), slots = _decode_loop(step, (cache, draft_cache), slots, d, needs, num_steps)
+  return out_tok, out_lp, cache, slots, draft_cache
 
 
 @jax.tree_util.register_dataclass
@@ -421,10 +445,11 @@ class VerifyInputs:
   num_drafts: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "impl"), donate_argnames=("cache", "slots"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "impl", "draft_graphdef"),
+                   donate_argnames=("cache", "slots", "draft_cache"))
 def paged_verify(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs: VerifyInputs,
-                 needs: sampling_lib.SamplingNeeds, impl: str = "xla"
-                 ) -> tuple[jax.Array, jax.Array, PagedKVCache, SlotState]:
+                 needs: sampling_lib.SamplingNeeds, impl: str = "xla", draft_graphdef=None, draft_params=None,
+                 draft_cache: PagedKVCache | None = None) -> tuple:
   """One target forward over every slot's last token and its proposals (W = drafts' width + 1 tokens a slot, a
   block of the ragged attention: each attends over its pages and, causally, the tokens before it), all written
   to the cache; then, position by position, a sample as `paged_decode_block` draws it (same step index, same
@@ -432,12 +457,21 @@ def paged_verify(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs
   proposal (`qwenjax.engine.speculative`). Returns tokens [W, B] (each row's accepted proposals, then the sample
   that differs or follows them; -1 after), logprobs [W, B], the cache (positions past a row's emitted tokens
   hold refused ones: the host sets its length back) and the slot state. Compiled once per W and sampling
-  variant."""
+  variant.
+
+  With a draft model (draft_graphdef, draft_params, draft_cache), the proposals are its own, made here first:
+  greedy steps from each slot's last token, num_drafts of them (inputs.drafts' values are not read), each token it
+  is fed written to its cache at the target's slots; then it is fed its last proposal too, so that its cache holds
+  every position the target's does. Returns the proposals [B, W - 1] (-1 past num_drafts) and the draft cache
+  after the slot state."""
   model = nnx.merge(graphdef, params)
   p, d = inputs.decode, inputs.decode.decode
   b, w = inputs.drafts.shape[0], inputs.drafts.shape[1] + 1
   page_size, width = cache.page_size, p.page_table.shape[1]
-  tokens = jnp.concatenate([d.tokens[:, None], jnp.maximum(inputs.drafts, 0)], axis=1)  # [B, W]
+  proposals = inputs.drafts
+  if draft_graphdef is not None:
+    proposals, draft_cache = _draft_proposals(draft_graphdef, draft_params, draft_cache, inputs, impl)
+  tokens = jnp.concatenate([d.tokens[:, None], jnp.maximum(proposals, 0)], axis=1)  # [B, W]
   pos = p.position[:, None] + jnp.arange(w, dtype=jnp.int32)[None, :]  # [B, W]
   fed = d.active[:, None] & (jnp.arange(w)[None, :] <= inputs.num_drafts[:, None])  # [B, W]
   page = jnp.take_along_axis(p.page_table, jnp.minimum(pos // page_size, width - 1), axis=1)
@@ -449,7 +483,7 @@ def paged_verify(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs
                                  jnp.repeat(p.rope_offset, w), impl=impl, lora_index=adapter, ragged=(0, w))
   h, cache = model(flat(tokens), cache, meta)  # [B * W, 1, D]
   logits = model.logits(h[:, 0], impl).reshape(b, w, -1)  # [B, W, V]
-  drafts = jnp.pad(inputs.drafts, ((0, 0), (0, 1)), constant_values=-1)  # [B, W]: the proposal at each position
+  drafts = jnp.pad(proposals, ((0, 0), (0, 1)), constant_values=-1)  # [B, W]: the proposal at each position
 
   def step(i, cache, tok):
     return jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False), cache
@@ -457,7 +491,37 @@ def paged_verify(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs
   def goes_on(i, new):
     return new == jax.lax.dynamic_index_in_dim(drafts, i, axis=1, keepdims=False)
 
-  return _decode_loop(step, cache.constrained(), slots, d, needs, w, goes_on)
+  out = _decode_loop(step, cache.constrained(), slots, d, needs, w, goes_on)
+  if draft_graphdef is None:
+    return out
+  return (*out, constrain(proposals, (None, None)), draft_cache)
+
+
+def _draft_proposals(draft_graphdef, draft_params, draft_cache: PagedKVCache, inputs: VerifyInputs, impl: str):
+  """A draft model's greedy proposals for `paged_verify`: W steps from each slot's last token (the last one only
+  writes its final proposal's keys and values), each row writing positions up to its num_drafts. Returns the
+  proposals [B, W - 1] (-1 past each row's num_drafts) and the draft cache."""
+  draft = nnx.merge(draft_graphdef, draft_params)
+  p, d = inputs.decode, inputs.decode.decode
+  b, w = inputs.drafts.shape[0], inputs.drafts.shape[1] + 1
+  page_size, width = draft_cache.page_size, p.page_table.shape[1]
+  num_new = d.active.astype(jnp.int32)
+
+  def body(i, carry):
+    draft_cache, tok, proposals = carry
+    pos = p.position + i  # [B]
+    page = jnp.take_along_axis(p.page_table, jnp.minimum(pos // page_size, width - 1)[:, None], axis=1)[:, 0]
+    slot = jnp.where(d.active & (i <= inputs.num_drafts), page * page_size + pos % page_size, -1)
+    meta = StepMetadata.paged_step(pos[:, None], PagedInputs(slot[:, None], p.page_table, num_new), p.rope_offset,
+                                   impl=impl)
+    h, draft_cache = draft(tok[:, None], draft_cache, meta)
+    new = sampling_lib.greedy(draft.logits(h[:, 0], impl))  # [B]
+    proposals = jax.lax.dynamic_update_index_in_dim(proposals, jnp.where(i < inputs.num_drafts, new, -1), i, axis=1)
+    return draft_cache.constrained(), new, proposals
+
+  init = (draft_cache, d.tokens, jnp.full((b, w), -1, jnp.int32))
+  draft_cache, _, proposals = jax.lax.fori_loop(0, w, body, init)
+  return proposals[:, :w - 1], draft_cache
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))

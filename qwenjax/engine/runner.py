@@ -67,13 +67,16 @@ class ModelRunner:
 
   bank: the LoRA adapters rows may name (None: a model without adapters), placed in the programs' params.
   verify_widths: a speculative engine's verify widths (`SpeculativeConfig.widths`); () for none.
+  draft: a speculative engine's draft model: it takes every token the target does, into a pool of its own with the
+    target's page ids, and proposes in the verify programs.
   """
 
   def __init__(self, model: Qwen2, *, bank: LoraBank | None, max_batch_size: int, max_seq_len: int,
                buckets: LengthBuckets, decode_steps: int, page_size: int | None, kv_cache_memory: float | None,
                kv_cache_dtype: str | None, attention_impl: str | None, prefix_caching: bool,
                image_processor: processing.ImageProcessorConfig, mesh: jax.sharding.Mesh | None,
-               rules: ShardingRules = DEFAULT_RULES, verify_widths: tuple[int, ...] = ()):
+               rules: ShardingRules = DEFAULT_RULES, verify_widths: tuple[int, ...] = (),
+               draft: Qwen2 | None = None):
     self.mesh, self.rules, self.cfg = mesh, rules, model.cfg
     self.verify_widths = tuple(verify_widths)
     self.attention_impl = attention_impl or default_impl()
@@ -100,9 +103,24 @@ class ModelRunner:
     self.pages = KVPages.sized(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, page_size=page_size,
                                memory_gib=kv_cache_memory, quantized=kv_cache_dtype == "int8", mesh=mesh, rules=rules)
     self.cache = self.pages.zeros()
+    self.draft_graphdef = self.draft_params = self.draft_cache = None
+    if draft is not None:
+      if mesh is not None:
+        sharding.shard_model(draft, mesh, rules)
+      self.draft_graphdef, self.draft_params = nnx.split(draft)
+      self.draft_cache = self.pages.for_draft(draft, mesh, rules).zeros()
     self.stats = {"prompt_tokens": 0, "prefill_calls": 0, "decode_calls": 0}
     if self.verify_widths:
       self.stats["verify_calls"] = 0
+
+  def _call(self, program, *args, **kwargs) -> tuple:
+    """program(*args, **kwargs), with the draft model's arguments when there is one (its cache, returned last, is
+    taken back here): the outputs the program has without a draft."""
+    if self.draft_graphdef is None:
+      return program(*args, **kwargs)
+    *out, self.draft_cache = program(*args, **kwargs, draft_graphdef=self.draft_graphdef,
+                                     draft_params=self.draft_params, draft_cache=self.draft_cache)
+    return tuple(out)
 
   def on_mesh(self):
     """The context every jitted call runs in: the mesh and rules (nothing without a mesh)."""
@@ -128,6 +146,8 @@ class ModelRunner:
       src[i], dst[i] = source, page
     with self.on_mesh():
       self.cache = programs.copy_pages(self.cache, src, dst)
+      if self.draft_cache is not None:
+        self.draft_cache = programs.copy_pages(self.draft_cache, src, dst)
 
   def admit(self, seqs: Iterable[Seq]) -> None:
     """Each admitted sequence's slot penalty state: its prompt's tokens, and the counts of those it had generated
@@ -191,8 +211,8 @@ class ModelRunner:
                                  self._masks(samplers) if masked else None)
     needs = dataclasses.replace(needs_of(seq.params for seq in live), masked=masked)
     with self.on_mesh():
-      logits, *scores, self.cache = programs.ragged_step(self.graphdef, self.params, self.cache, batch, vision,
-                                                         block=q, impl=self.attention_impl)
+      logits, *scores, self.cache = self._call(programs.ragged_step, self.graphdef, self.params, self.cache, batch,
+                                               vision, block=q, impl=self.attention_impl)
       out_tok, out_lp, self.slots = programs.sample_slots(logits, self.slots, draw, needs=needs)
     if scores:  # in prompt order: a sequence's chunks are computed in order
       values = np.asarray(scores[0])
@@ -217,15 +237,16 @@ class ModelRunner:
     live = [s for s in slots if s is not None]
     needs = dataclasses.replace(needs_of(s.params for s in live), masked=any(s.constraint is not None for s in live))
     with self.on_mesh():
-      out_tok, out_lp, self.cache, self.slots = programs.paged_decode_block(
-          self.graphdef, self.params, self.cache, self.slots, inputs, needs=needs, num_steps=plan.num_steps,
-          impl=self.attention_impl)
+      out_tok, out_lp, self.cache, self.slots = self._call(
+          programs.paged_decode_block, self.graphdef, self.params, self.cache, self.slots, inputs, needs=needs,
+          num_steps=plan.num_steps, impl=self.attention_impl)
     self.stats["decode_calls"] += 1
     return np.asarray(out_tok), np.asarray(out_lp)
 
-  def verify(self, plan: VerifyPlan) -> tuple[np.ndarray, np.ndarray]:
+  def verify(self, plan: VerifyPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A speculative step (`programs.paged_verify`) for every slot of the plan: tokens [W, B] (each row's accepted
-    proposals and the token after them; -1 after) and logprobs."""
+    proposals and the token after them; -1 after), logprobs, and with a draft model its proposals [B, W - 1] (the
+    plan's proposals are then placeholders: how many to make); None without."""
     b, slots = self.max_batch_size, plan.slots
     position, rope_offset = np.zeros(b, np.int32), np.zeros(b, np.int32)
     drafts, num_drafts = np.full((b, plan.width - 1), -1, np.int32), np.zeros(b, np.int32)
@@ -239,11 +260,12 @@ class ModelRunner:
     live = [s for s in slots if s is not None]
     needs = dataclasses.replace(needs_of(s.params for s in live), masked=any(s.constraint is not None for s in live))
     with self.on_mesh():
-      out_tok, out_lp, self.cache, self.slots = programs.paged_verify(
-          self.graphdef, self.params, self.cache, self.slots, inputs, needs=needs, impl=self.attention_impl)
+      out_tok, out_lp, self.cache, self.slots, *drafted = self._call(
+          programs.paged_verify, self.graphdef, self.params, self.cache, self.slots, inputs, needs=needs,
+          impl=self.attention_impl)
     self.stats["decode_calls"] += 1
     self.stats["verify_calls"] += 1
-    return np.asarray(out_tok), np.asarray(out_lp)
+    return np.asarray(out_tok), np.asarray(out_lp), np.asarray(drafted[0]) if drafted else None
 
   def _decode_inputs(self, slots: Sequence[Seq | None]) -> DecodeInputs:
     """Every slot's DecodeInputs (idle slots inactive)."""
@@ -373,16 +395,17 @@ class ModelRunner:
         for k in shapes[blocks]:
           inputs = PagedDecodeInputs(dataclasses.replace(idle, mask=draw.mask), np.zeros(b, np.int32),
                                      self._page_table([], b), np.zeros(b, np.int32))
-          *_, self.cache, self.slots = programs.paged_decode_block(self.graphdef, self.params, self.cache,
-                                                                   self.slots, inputs, needs=needs, num_steps=k,
-                                                                   impl=self.attention_impl)
+          _, _, self.cache, self.slots = self._call(programs.paged_decode_block, self.graphdef, self.params,
+                                                    self.cache, self.slots, inputs, needs=needs, num_steps=k,
+                                                    impl=self.attention_impl)
           count += 1
         for w in shapes.get(verifies, []):
           inputs = VerifyInputs(PagedDecodeInputs(dataclasses.replace(idle, mask=draw.mask), np.zeros(b, np.int32),
                                                   self._page_table([], b), np.zeros(b, np.int32)),
                                 np.full((b, w - 1), -1, np.int32), np.zeros(b, np.int32))
-          *_, self.cache, self.slots = programs.paged_verify(self.graphdef, self.params, self.cache, self.slots,
-                                                             inputs, needs=needs, impl=self.attention_impl)
+          _, _, self.cache, self.slots, *_ = self._call(programs.paged_verify, self.graphdef, self.params,
+                                                        self.cache, self.slots, inputs, needs=needs,
+                                                        impl=self.attention_impl)
           count += 1
       for pad in shapes["restore_slot"]:
         self.slots = programs.restore_slot(self.slots, np.int32(0), np.zeros(pad, np.int32), np.int32(0),
@@ -390,6 +413,9 @@ class ModelRunner:
         count += 1
       for pairs in shapes["copy_pages"]:  # every destination -1: copies nothing
         self.cache = programs.copy_pages(self.cache, np.zeros(pairs, np.int32), np.full(pairs, -1, np.int32))
+        if self.draft_cache is not None:
+          self.draft_cache = programs.copy_pages(self.draft_cache, np.zeros(pairs, np.int32),
+                                                 np.full(pairs, -1, np.int32))
         count += 1
     return count
 
@@ -403,8 +429,8 @@ class ModelRunner:
         np.zeros(t, np.int32), np.zeros(b, np.int32), np.full(t, -1, np.int32) if self.has_adapters else None,
         np.full(t, -1, np.int32) if scored else None)
     vision = self._vision_step(t) if self.vl_cfg is not None else None
-    logits, *_, self.cache = programs.ragged_step(self.graphdef, self.params, self.cache, batch, vision,
-                                                  block=q, impl=self.attention_impl)
+    logits, *_, self.cache = self._call(programs.ragged_step, self.graphdef, self.params, self.cache, batch, vision,
+                                        block=q, impl=self.attention_impl)
     return logits
 
 

@@ -185,6 +185,11 @@ def _argmax(x: jax.Array) -> jax.Array:
   return (blk * _BLOCK + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
 
 
+def greedy(logits: jax.Array) -> jax.Array:
+  """[B] int32: each row's first maximum of logits [B, V] (argmax; the lowest id wins a tie), blocked."""
+  return _argmax(logits.astype(jnp.float32))
+
+
 def _top_values(x: jax.Array, k: int) -> jax.Array:
   """[B, k]: each row's k largest values, descending; equal to lax.top_k(x, k)[0], in a quarter of the time.
 

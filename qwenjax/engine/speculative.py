@@ -3,17 +3,21 @@
     spec = SpeculativeConfig(method="ngram", num_speculative_tokens=4)
     engine = Engine(model, tokenizer, speculative=spec)       # or Engine.load(..., speculative={...})
 
+Proposers: n-gram prompt lookup (`ngram_lookup`, on the host), or a draft model: a smaller Qwen with the target's
+tokenizer that takes every token the target does into a KV pool of its own (the target's page ids, so the host's
+page tables serve both) and proposes its greedy continuation inside the verify program (`programs.paged_verify`).
+
 Each decode step of a speculative engine asks the proposer for up to k tokens per running sequence; the runner
 feeds every sequence's last token and its proposals through the target model in one forward over the paged cache
 (`qwenjax.engine.programs.paged_verify`) and samples every position as plain decoding would, with the same random
 numbers (those of the token's own index). A proposal is accepted while it equals the token sampled at its
 position, and the first sample that differs is kept as the step's last token. For a deterministic proposer
-(n-gram lookup: a one-hot proposal distribution) this is rejection sampling: a proposal d is kept with probability
-p(d) and, when refused, the token comes from p with d removed, renormalised; here it is also the very token plain
-decoding draws with the same seed, so speculative outputs equal plain ones token for token, greedy or sampled,
-with penalties, filters and stops. Positions past the accepted run were written to the cache and are dropped:
-their sequence's length is set back (`SequencePages.shrink`), freeing whole pages past it, and the next step
-writes over the rest.
+(n-gram lookup, a greedy draft: a one-hot proposal distribution) this is rejection sampling: a proposal d is kept
+with probability p(d) and, when refused, the token comes from p with d removed, renormalised; here it is also the
+very token plain decoding draws with the same seed, so speculative outputs equal plain ones token for token,
+greedy or sampled, with penalties, filters and stops. Positions past the accepted run were written to the cache
+and are dropped: their sequence's length is set back (`SequencePages.shrink`), freeing whole pages past it, and
+the next step writes over the rest.
 
 When it runs. A step speculates only when some running sequence has a proposal; otherwise the engine decodes a
 plain block of decode_steps tokens. A sequence gets no proposal when its request opts out
@@ -35,7 +39,7 @@ import numpy as np
 
 from qwenjax._errors import ConfigError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +47,11 @@ class SpeculativeConfig:
   """How a speculative engine proposes.
 
   method: "ngram", prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last n
-    tokens (n from prompt_lookup_max down to prompt_lookup_min) in its prompt and output.
+    tokens (n from prompt_lookup_max down to prompt_lookup_min) in its prompt and output; or "draft": a smaller
+    model with the target's tokenizer (`draft_model`) proposes its greedy continuation, k steps on the device in
+    the verify program itself (its own paged KV, kept in step with the target's).
+  draft_model: with method "draft", the draft: a name or path `qwenjax.load` reads (loaded in the target's
+    dtype), or a loaded `qwenjax.Qwen2`.
   num_speculative_tokens: k, the most tokens proposed per sequence and step (1 to 16).
   prompt_lookup_min, prompt_lookup_max: the n-gram sizes matched (1 <= min <= max).
   disable_batch_size: no step speculates while more sequences than this are running (0: never disabled).
@@ -57,10 +65,14 @@ class SpeculativeConfig:
   prompt_lookup_max: int = 4
   disable_batch_size: int = 8
   backoff_after: int = 4
+  draft_model: Any = None
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ConfigError(f"speculative method {self.method!r} is not one of {', '.join(METHODS)}.")
+    if (self.method == "draft") != (self.draft_model is not None):
+      raise ConfigError("a draft model is what speculative method 'draft' proposes with: pass draft_model with "
+                        f"method 'draft' and only then (method {self.method!r}, draft_model {self.draft_model!r}).")
     if not (isinstance(self.num_speculative_tokens, int) and 1 <= self.num_speculative_tokens <= 16):
       raise ConfigError(f"num_speculative_tokens must be an integer in [1, 16], got "
                         f"{self.num_speculative_tokens!r}.")
@@ -140,7 +152,8 @@ class Proposer:
 
   def propose(self, seq, room: int) -> list[int]:
     """Up to min(k, room) tokens for seq (a `qwenjax.engine.sequence.Sequence` whose last token the step feeds);
-    [] when it opts out, a grammar constrains it, it rests, or nothing matches."""
+    [] when it opts out, a grammar constrains it, it rests, or nothing matches. A draft model proposes on the
+    device: min(k, room) placeholders (-1), how many it is to make."""
     cfg = self.config
     state = seq.speculation
     if room <= 0 or not seq.params.speculative or seq.constraint is not None:
@@ -148,6 +161,8 @@ class Proposer:
     if state.resting > 0:
       state.resting -= 1
       return []
+    if cfg.method == "draft":
+      return [-1] * min(cfg.num_speculative_tokens, room)
     history = np.asarray(seq.prompt + seq.tokens, np.int64)
     return ngram_lookup(history, min(cfg.num_speculative_tokens, room), cfg.prompt_lookup_min, cfg.prompt_lookup_max)
 

@@ -312,3 +312,92 @@ def test_warm_up_leaves_nothing_to_compile(tiny):
   assert sum(compiled.values()) == 0, compiled
   assert engine.stats()["spec_accepted_tokens"] > 0
   assert all(len(o.token_ids) == r.sampling.max_tokens for o, r in zip(outs, workload))
+
+
+# ---- a draft model ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drafts(tiny, tmp_path_factory):
+  """Two drafts for the tiny target, both with its vocabulary: "near", the target's weights with 5% noise (it
+  proposes what the target would, mostly: acceptances and refusals), and "other", a smaller random model of its
+  own (one layer, 4 heads: mostly refused)."""
+  hf, _ = tiny
+  d = tmp_path_factory.mktemp("drafts")
+  gen = torch.Generator().manual_seed(0)
+  near = type(hf)(hf.config).eval()
+  near.load_state_dict(hf.state_dict())
+  with torch.no_grad():
+    for p in near.parameters():
+      p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
+  near.save_pretrained(d / "near")
+  build_tiny_qwen2(d / "other", seed=7, vocab_size=320, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                   num_hidden_layers=1)
+  return {"near": load_model(d / "near"), "other": load_model(d / "other")}
+
+
+@pytest.mark.parametrize("k,which,impl", [(1, "near", "xla"), (3, "near", "xla"), (8, "near", "xla"),
+                                          (4, "other", "xla"), (4, "near", "pallas")])
+def test_draft_model_greedy_equals_transformers(tiny, drafts, k, which, impl):
+  """The draft's greedy proposals, verified by the target: every output is the target's greedy one; a near draft
+  gets most of its proposals kept, another model few."""
+  hf, model = tiny
+  prompts, budgets = _prompts(), [24, 17, 30, 9, 25]
+  engine = _engine(model, dict(method="draft", draft_model=drafts[which], num_speculative_tokens=k),
+                   attention_impl=impl)
+  outs = engine.generate([Request(prompt=p, sampling=SamplingParams(max_tokens=m)) for p, m in zip(prompts, budgets)])
+  for p, m, out in zip(prompts, budgets, outs):
+    assert out.token_ids == _hf_greedy(hf, p, m)
+  stats = engine.stats()
+  assert stats["verify_calls"] > 0 and stats["spec_proposed_tokens"] > 0, stats
+  if which == "near":
+    assert stats["spec_accepted_tokens"] > stats["spec_proposed_tokens"] / 4, stats
+  assert engine.pool.num_free == engine.pool.num_pages
+
+
+def test_draft_model_sampling_prefix_caching_and_preemption(tiny, drafts):
+  """Seeded sampling with filters and penalties gives plain decoding's tokens; six sequences sharing a prefix
+  (the draft's pages copied with the target's) in a pool that preempts give transformers' greedy tokens."""
+  hf, model = tiny
+  spec = dict(method="draft", draft_model=drafts["near"], num_speculative_tokens=4, disable_batch_size=0)
+  requests = [Request(prompt=p, sampling=SAMPLED[i % len(SAMPLED)]) for i, p in enumerate(_prompts(2))]
+  plain = _engine(model).generate(requests)
+  engine = _engine(model, spec)
+  assert [o.token_ids for o in engine.generate(requests)] == [o.token_ids for o in plain]
+  assert engine.stats()["spec_accepted_tokens"] > 0
+  rng = np.random.default_rng(5)
+  shared = rng.integers(0, 300, 38).tolist()
+  prompts = [shared + rng.integers(0, 300, int(n)).tolist() for n in (0, 3, 9, 20, 1, 14)]
+  engine = _engine(model, spec, max_batch_size=6, kv_cache_memory=12 * PAGE * _page_bytes(model) / 2**30)
+  outs = engine.generate(prompts, SamplingParams(max_tokens=36))
+  stats = engine.stats()
+  assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0 and stats["spec_accepted_tokens"] > 0, stats
+  for p, out in zip(prompts, outs):
+    assert out.token_ids == _hf_greedy(hf, p, 36)
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
+  build_tiny_qwen2(tmp_path, vocab_size=256)
+  with pytest.raises(ConfigError, match=r"draft model .*: its vocabulary \(256 tokens, logits over 256\) is not the "
+                                        r"target's \(320 tokens, logits over 320\)"):
+    _engine(tiny[1], dict(method="draft", draft_model=load_model(tmp_path)))
+  with pytest.raises(ConfigError, match="pass draft_model with method 'draft' and only then"):
+    _engine(tiny[1], dict(method="draft"))
+
+
+def test_a_draft_engine_compiles_nothing_after_warm_up(tiny, drafts):
+  """Every program of a draft engine (steps, decode blocks and verify widths, each with the draft) is compiled by
+  warm_up; a varied workload then compiles nothing."""
+  _, model = tiny
+  engine = _engine(model, dict(method="draft", draft_model=drafts["near"], num_speculative_tokens=3),
+                   max_batch_size=3, max_prefill_chunk=32)
+  engine.warm_up(sampling=[SamplingParams(), SamplingParams(temperature=0.8)])
+  rng = np.random.default_rng(2)
+  workload = [Request(prompt=rng.integers(0, 300, int(n)).tolist(),
+                      sampling=SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=[0.0, 0.8][i % 2],
+                                              seed=i))
+              for i, n in enumerate(rng.integers(1, 90, size=10))]
+  with count_compilations() as compiled:
+    engine.generate(workload)
+  assert sum(compiled.values()) == 0, compiled
+  assert engine.stats()["verify_calls"] > 0

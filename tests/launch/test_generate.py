@@ -32,10 +32,21 @@ def _run(*args, env=None):
   return proc
 
 
-@pytest.mark.parametrize("extra", [(), ("--speculative_method=ngram", "--prompt_lookup_min=1",
-                                      "--num_speculative_tokens=3")])
-def test_json_output_matches_transformers(checkpoint, extra):
-  """Plain, and with n-gram speculation (the same tokens)."""
+@pytest.fixture(scope="module")
+def draft_checkpoint(tmp_path_factory, checkpoint):
+  """Another tiny Qwen2 (one layer, its own weights) with the same tokenizer: a draft for `checkpoint`."""
+  _, _, hf_tok = checkpoint
+  d = save_tiny_tokenizer_dir(tmp_path_factory.mktemp("draft"))
+  build_tiny_qwen2(d, seed=3, vocab_size=640, num_hidden_layers=1, bos_token_id=hf_tok.pad_token_id,
+                   eos_token_id=hf_tok.convert_tokens_to_ids("<|im_end|>"))
+  return d
+
+
+@pytest.mark.parametrize("extra", ["", "ngram", "draft"])
+def test_json_output_matches_transformers(checkpoint, draft_checkpoint, extra):
+  """Plain, with n-gram speculation and with a draft model: the same tokens."""
+  extra = {"": (), "ngram": ("--speculative_method=ngram", "--prompt_lookup_min=1", "--num_speculative_tokens=3"),
+           "draft": ("--speculative_method=draft", f"--draft_model={draft_checkpoint}")}[extra]
   d, model, hf_tok = checkpoint
   messages = [{"role": "user", "content": "def fibonacci(n):"}]
   ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -104,6 +115,7 @@ def test_sampling_flags_are_reproducible(checkpoint):
     (("--cpu_paths=/nonexistent/record.json",), "/nonexistent/record.json: not a readable cpu paths record"),
     (("--speculative_method=ngram", "--prompt_lookup_min=3", "--prompt_lookup_max=2"),
      "prompt_lookup_min and prompt_lookup_max must be integers with 1 <= min <= max, got 3 and 2"),
+    (("--draft_model=/somewhere",), "--draft_model is the proposer of --speculative_method=draft; pass that too."),
 ])
 def test_bad_input_is_one_line_on_stderr(checkpoint, args, message):
   d = checkpoint[0]
