@@ -20,6 +20,8 @@ tower's 16 heads of 80):
   segment_attn     the vision tower's window attention: 4,096 patches in windows of 64
   w8a16_{up,down,lm_head}_m{1,32}, w8a8_... int8 matmuls: the Pallas kernel against XLA's own int8 formulation
                    (`int8_matmul(impl="xla")`) and against the bfloat16 matmul of the same weight
+  spec_7b_batch1_{plain,draft}  speculative decoding's step cost: a 7B-shaped target's verify step with a
+                   0.5B-shaped draft (k = 4) against its plain decode step, batch 1, random weights
 stdout: one JSON object {"device", "jax", "cases": [...]} (also written to --output).
 """
 
@@ -38,6 +40,8 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes in float32 (Pallas inter
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per kernel (the best counts).", lower_bound=1)
 _CASES = flags.DEFINE_list("cases", [], "Only these cases (prefixes of their names); default all.")
 _DECODE = flags.DEFINE_bool("decode", True, "Also time 7B batch-1 decode, bfloat16 vs int8 weights.")
+_SPECULATIVE = flags.DEFINE_bool("speculative", True, "Also time a 7B-shaped target's verify step with a "
+                                  "0.5B-shaped draft against its plain decode step, batch 1.")
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON report here.")
 
 H200_BYTES_PER_S = 4.8e12
@@ -184,6 +188,57 @@ def _decode_case(smoke: bool, repeats: int) -> list[dict]:
   return results
 
 
+def _speculative_case(smoke: bool, repeats: int) -> list[dict]:
+  """Batch-1 speculation's cost on a random 7B-shaped target (bfloat16) drafted by a random 0.5B-shaped model
+  (the target's vocabulary width): seconds per step of plain decoding (decode_steps 1) against seconds per verify
+  step with the draft (k = 4: the draft's 5 greedy steps and the target's forward over 5 tokens), each from the
+  difference of a 33-token and a 1-token generation. Random weights agree little, so this measures what a verify
+  step costs against a plain one, not the speed-up a real draft gives (that is the cost ratio over the mean
+  accepted length)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from qwenjax import PRESETS, Engine, QwenConfig, SamplingParams  # pylint: disable=g-import-not-at-top
+  from qwenjax.model.decoder import Qwen2  # pylint: disable=g-import-not-at-top
+
+  cfg, dtype, n = PRESETS["qwen2.5-7b"], jnp.bfloat16, 32
+  draft_cfg = dataclasses.replace(PRESETS["qwen2.5-0.5b"], vocab_size=cfg.vocab_size)
+  if smoke:
+    cfg = QwenConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8, num_kv_heads=2,
+                     head_dim=16)
+    draft_cfg = dataclasses.replace(cfg, num_layers=1)
+    dtype, n = jnp.float32, 16
+  model = Qwen2(cfg, dtype=dtype, param_dtype=dtype, scan_layers=True, rngs=nnx.Rngs(0))
+  draft = Qwen2(draft_cfg, dtype=dtype, param_dtype=dtype, scan_layers=True, rngs=nnx.Rngs(1))
+  results, plain_step = [], None
+  for label, spec in (("plain", None), ("draft", dict(method="draft", draft_model=draft, num_speculative_tokens=4))):
+    engine = Engine(model, None, max_batch_size=1, max_seq_len=256, eos_token_ids=(), decode_steps=1,
+                    prefix_caching=False, speculative=spec)
+    run = lambda tokens, engine=engine: engine.generate([[1] * 32], SamplingParams(max_tokens=tokens))
+    run(n + 1)  # compiles every program both calls use
+    times, calls = {1: float("inf"), n + 1: float("inf")}, {}
+    for _ in range(repeats):
+      for tokens in times:
+        before = engine.stats()["decode_calls"]
+        start = time.perf_counter()
+        run(tokens)
+        times[tokens] = min(times[tokens], time.perf_counter() - start)
+        calls[tokens] = engine.stats()["decode_calls"] - before
+    steps = max(calls[n + 1] - calls[1], 1)
+    seconds = (times[n + 1] - times[1]) / steps
+    plain_step = plain_step or seconds
+    entry = {"name": f"spec_7b_batch1_{label}", "dtype": str(jnp.dtype(dtype)), "seconds_per_step": seconds,
+             "tokens_per_step": n / steps, "step_cost_over_plain": seconds / plain_step}
+    if spec is not None:
+      entry.update({k: v for k, v in engine.stats().items() if k.startswith("spec_")})
+    logging.info("%s", json.dumps(entry))
+    results.append(entry)
+    del engine
+  return results
+
+
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
@@ -233,6 +288,8 @@ def main(argv):
           cases[-1]["speedup_over_float_matmul"] = float_s / cases[-1]["kernel_s"]
   if _DECODE.value:
     cases += _decode_case(smoke, 3 if smoke else min(repeats, 5))
+  if _SPECULATIVE.value:
+    cases += _speculative_case(smoke, 3 if smoke else min(repeats, 5))
   report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
             "smoke": smoke, "memory_bytes_per_s": bandwidth, "cases": cases}
   if _OUTPUT.value:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -341,7 +342,9 @@ class Engine:
       for seq in advanced:
         self.outputs.accept(seq, [int(tokens[seq.slot])], [logprobs[seq.slot].tolist()])
     elif isinstance(plan, VerifyPlan):
+      start = time.perf_counter()
       tokens, logprobs, drafted = self.runner.verify(plan)
+      self.proposer.note_seconds(plan.width, time.perf_counter() - start)
       advanced = [seq for seq in plan.slots if seq is not None]
       for seq in advanced:
         before = len(seq.tokens)
@@ -353,7 +356,10 @@ class Engine:
         if not seq.finish_reason:
           self.scheduler.verified(seq)
     elif plan is not None:
+      start = time.perf_counter()
       tokens, logprobs = self.runner.decode(plan)
+      if self.proposer is not None:
+        self.proposer.note_seconds(1, (time.perf_counter() - start) / plan.num_steps)
       advanced = [seq for seq in plan.slots if seq is not None]
       for seq in advanced:
         self.outputs.accept_block(seq, tokens[:, seq.slot], logprobs[:, seq.slot])

@@ -242,8 +242,9 @@ class Scheduler:
     """A speculative step: each running sequence's proposals (none past its budget: a step emits at most its
     proposals plus one token), and pages for its last token and them, oldest first; a sequence whose proposals
     the pool cannot hold runs without them, and the most recently admitted are preempted while even that is
-    short. None, for a plain decode block: no sequence has a proposal, or more are running than the
-    speculation's disable_batch_size."""
+    short; proposals are cut to the width the proposer expects the most tokens per second from
+    (`Proposer.choose_width`). None, for a plain decode block: no sequence has a proposal, a plain step is expected
+    to do better, or more are running than the speculation's disable_batch_size."""
     live = sorted(self.running, key=lambda s: s.admitted)
     limit = self.proposer.config.disable_batch_size
     if not live or (limit and len(live) > limit):
@@ -251,6 +252,10 @@ class Scheduler:
     proposals = {id(seq): self.proposer.propose(seq, seq.budget() - 1) for seq in live}
     if not any(proposals.values()):
       return None
+    width = self.proposer.choose_width(live, [proposals[id(seq)] for seq in live])
+    if not width:  # a plain step is expected to give more tokens per second
+      return None
+    proposals = {key: p[:width - 1] for key, p in proposals.items()}
     for seq in live:
       if seq.slot is None:  # preempted by an older one's growth
         continue

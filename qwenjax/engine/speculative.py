@@ -24,9 +24,12 @@ plain block of decode_steps tokens. A sequence gets no proposal when its request
 (`SamplingParams.speculative`), when a grammar constrains it (its mask is known one token at a time), when its
 budget leaves no room, when nothing in its prompt and output matches its last tokens, or when its recent
 proposals were mostly refused (`Acceptance`: after `backoff_after` refused proposals in a row it proposes again
-only after as many plain steps). And with more than `disable_batch_size` sequences running, no step speculates:
-there a verify step's k + 1 rows per sequence cost more than the accepted tokens save (the break-even measured by
-`launch.benchmark --speculative`).
+only after as many plain steps). A step with proposals then weighs them (`Proposer.choose_width`): each
+sequence's expected tokens (its acceptance so far) against the verify step's time at each width and a plain
+step's, as this machine measured them in this engine; it cuts the proposals to the best width, or decodes plainly
+if that is faster. A verify step's extra rows are nearly free where decoding only streams weights (a GPU, a TPU),
+and cost up to 3.4x a plain step on a 2-core CPU in float32 (`launch.bench.speculative`). And with more than
+`disable_batch_size` sequences running, no step speculates.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ class SpeculativeConfig:
   disable_batch_size: no step speculates while more sequences than this are running (0: never disabled).
   backoff_after: a sequence whose proposals were refused at their first token this many steps in a row rests
     (proposes nothing) for as many steps (0: never rests).
+  adaptive: each step weighs the tokens its proposals are expected to gain against this machine's measured step
+    times, and cuts them, or decodes plainly, where that is faster (`Proposer.choose_width`); False: every step
+    with a proposal verifies it whole.
   """
 
   method: str = "ngram"
@@ -65,6 +71,7 @@ class SpeculativeConfig:
   prompt_lookup_max: int = 4
   disable_batch_size: int = 8
   backoff_after: int = 4
+  adaptive: bool = True
   draft_model: Any = None
 
   def __post_init__(self):
@@ -134,13 +141,25 @@ def ngram_lookup(history: np.ndarray, k: int, n_min: int, n_max: int) -> list[in
 @dataclasses.dataclass
 class Acceptance:
   """One sequence's speculation so far: proposed and accepted tokens, verify steps it took part in with a
-  proposal, and its back-off (refused first proposals in a row; plain steps left to rest)."""
+  proposal, those that refused one of its proposals, and its back-off (refused first proposals in a row; plain
+  steps left to rest)."""
 
   proposed: int = 0
   accepted: int = 0
   steps: int = 0
+  refusals: int = 0
   refused_in_a_row: int = 0
   resting: int = 0
+
+  @property
+  def rate(self) -> float:
+    """The chance that its next proposal is kept, given those before it were: kept / (kept + refused), counted
+    from one kept (optimistic, so that a new sequence tries)."""
+    return (self.accepted + 1) / (self.accepted + self.refusals + 1)
+
+  def expected_tokens(self, n: int) -> float:
+    """Tokens a verify step with n of its proposals is expected to give it: 1 + rate + rate^2 + ... + rate^n."""
+    return 1 + sum(self.rate ** i for i in range(1, n + 1))
 
 
 class Proposer:
@@ -149,6 +168,45 @@ class Proposer:
   def __init__(self, config: SpeculativeConfig):
     self.config = config
     self.totals = {"spec_proposed_tokens": 0, "spec_accepted_tokens": 0, "spec_verify_rows": 0}
+    self._seconds: dict[int, list[float]] = {}  # width (1: a plain decode step) -> recent seconds per call
+    self._timed: set[int] = set()  # widths whose first call was seen (and dropped)
+
+  # ---- whether a step speculates, and how wide ---------------------------------------------------------------
+
+  def note_seconds(self, width: int, seconds: float) -> None:
+    """A call's time as the engine measured it: a verify step of `width`, or (width 1) a plain decode step (a
+    block's time over its steps). The first of each is dropped (it may have compiled); the last 8 are kept."""
+    if width not in self._timed:
+      self._timed.add(width)
+      return
+    times = self._seconds.setdefault(width, [])
+    times.append(seconds)
+    del times[:-8]
+
+  def _cost(self, width: int) -> float | None:
+    times = self._seconds.get(width)
+    return float(np.median(times)) if times else None
+
+  def choose_width(self, seqs: list, proposals: list[list[int]]) -> int:
+    """The verify width whose expected tokens per second (each sequence's `Acceptance.expected_tokens` of its
+    proposals cut to the width, over the width's measured step time) is best, or 0 if a plain decode step's rate
+    (sequences per step time) is better: speculation backs off where this machine's verify step costs more than
+    the tokens it is expected to gain. A width not yet timed counts as costing a plain step (so it is tried)."""
+    widest = self.config.width(max(len(p) for p in proposals))
+    if not self.config.adaptive:
+      return widest
+    plain = self._cost(1)
+    best, best_rate = 0, len(seqs) / plain if plain else 0.0
+    for w in self.config.widths:
+      if w > widest:
+        break
+      cost = self._cost(w) or plain
+      if cost is None:
+        return widest  # nothing timed yet: try the proposals whole
+      gained = sum(seq.speculation.expected_tokens(min(len(p), w - 1)) for seq, p in zip(seqs, proposals))
+      if gained / cost > best_rate:
+        best, best_rate = w, gained / cost
+    return best
 
   def propose(self, seq, room: int) -> list[int]:
     """Up to min(k, room) tokens for seq (a `qwenjax.engine.sequence.Sequence` whose last token the step feeds);
@@ -181,6 +239,7 @@ class Proposer:
     self.totals["spec_proposed_tokens"] += len(proposal)
     self.totals["spec_accepted_tokens"] += accepted
     self.totals["spec_verify_rows"] += 1
+    state.refusals += accepted < len(proposal)
     state.refused_in_a_row = 0 if accepted else state.refused_in_a_row + 1
     if self.config.backoff_after and state.refused_in_a_row >= self.config.backoff_after:
       state.resting, state.refused_in_a_row = self.config.backoff_after, 0

@@ -75,6 +75,31 @@ def test_bad_settings_are_one_line_config_errors(tiny, spec, message):
     _engine(tiny[1], spec)
 
 
+def test_each_step_weighs_expected_tokens_against_measured_step_times():
+  """Hand-derived: a plain step of 0.1 s gives 10 tokens/s per sequence. A sequence whose proposals were all kept
+  (rate 1) expects 5 tokens from 4 proposals: 5 / 0.34 s = 14.7 tokens/s at width 5 beats it and widths 4 (4 /
+  0.28 = 14.3) and 2 (2 / 0.15 = 13.3). One kept and three refused (rate 2/5) expects 1.65 at width 5 (4.9
+  tokens/s), 1.62 at width 4 (5.8) and 1.4 at width 2 (9.3): a plain step."""
+  from qwenjax.engine.speculative import Acceptance, Proposer  # pylint: disable=g-import-not-at-top
+
+  proposer = Proposer(SpeculativeConfig(num_speculative_tokens=4))
+  seq = lambda acceptance: type("Seq", (), {"speculation": acceptance})()
+  good, poor = seq(Acceptance(proposed=8, accepted=8)), seq(Acceptance(proposed=12, accepted=1, refusals=3))
+  assert proposer.choose_width([good], [[1, 2, 3, 4]]) == 5  # nothing timed: the proposals whole
+  for width, seconds in ((1, 0.1), (2, 0.15), (4, 0.28), (5, 0.34)):
+    for _ in range(3):  # the first of each is dropped
+      proposer.note_seconds(width, seconds)
+  assert good.speculation.expected_tokens(4) == 5 and abs(poor.speculation.expected_tokens(4) - 1.6496) < 1e-9
+  assert proposer.choose_width([good], [[1, 2, 3, 4]]) == 5
+  assert proposer.choose_width([poor], [[1, 2, 3, 4]]) == 0
+  # Both: plain 2 / 0.1 = 20 tokens/s; width 5 (5 + 1.56) / 0.34 = 19.3, 4 (4 + 1.56) / 0.28 = 19.9, 2 (2 + 1.4) /
+  # 0.15 = 22.7: the proposals cut to one token each.
+  assert proposer.choose_width([good, poor], [[1, 2, 3, 4], [5, 6]]) == 2
+  off = Proposer(SpeculativeConfig(num_speculative_tokens=4, adaptive=False))
+  off.note_seconds(1, 0.1)
+  assert off.choose_width([poor], [[1, 2]]) == 4
+
+
 def test_verify_widths_are_few():
   assert SpeculativeConfig(num_speculative_tokens=1).widths == (2,)
   assert SpeculativeConfig(num_speculative_tokens=4).widths == (2, 4, 5)
@@ -183,7 +208,7 @@ def test_sampled_outputs_equal_plain_decoding_seed_for_seed(tiny):
   prompts = _prompts(2)
   requests = [Request(prompt=p, sampling=SAMPLED[i % len(SAMPLED)]) for i, p in enumerate(prompts)]
   plain = _engine(model).generate(requests)
-  spec_engine = _engine(model, dict(num_speculative_tokens=4, prompt_lookup_min=1))
+  spec_engine = _engine(model, dict(num_speculative_tokens=4, prompt_lookup_min=1, adaptive=False))
   spec = spec_engine.generate(requests)
   for a, b in zip(plain, spec):
     for ca, cb in zip(a.outputs, b.outputs):
@@ -258,7 +283,7 @@ def test_sampled_tokens_follow_the_exact_distribution(tmp_path, temperature, top
   requests = [Request(prompt=prompt, sampling=SamplingParams(max_tokens=3, temperature=temperature, top_k=top_k,
                                                              top_p=top_p, seed=s)) for s in range(2400)]
   kw = dict(max_batch_size=8, max_seq_len=256, max_prefill_chunk=256, prefix_caching=False)
-  spec_engine = _engine(model, dict(num_speculative_tokens=2, prompt_lookup_min=1), **kw)
+  spec_engine = _engine(model, dict(num_speculative_tokens=2, prompt_lookup_min=1, adaptive=False), **kw)
   for engine in (_engine(model, **kw), spec_engine):
     outs = [out for i in range(0, len(requests), 8) for out in engine.generate(requests[i:i + 8])]
     first = np.bincount([o.token_ids[0] for o in outs], minlength=v)
@@ -391,7 +416,7 @@ def test_a_draft_engine_compiles_nothing_after_warm_up(tiny, drafts):
   _, model = tiny
   engine = _engine(model, dict(method="draft", draft_model=drafts["near"], num_speculative_tokens=3),
                    max_batch_size=3, max_prefill_chunk=32)
-  engine.warm_up(sampling=[SamplingParams(), SamplingParams(temperature=0.8)])
+  engine.warm_up(sampling=[SamplingParams(), SamplingParams(temperature=0.8, seed=0)])
   rng = np.random.default_rng(2)
   workload = [Request(prompt=rng.integers(0, 300, int(n)).tolist(),
                       sampling=SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=[0.0, 0.8][i % 2],
