@@ -128,6 +128,10 @@ def measure(models: dict, tokenizer, *, batch_sizes: list[int], new_tokens: int,
           result[method] = _serve(engine, batch, new_tokens)
         plain, ngram = result["plain"].pop("_tokens"), result["ngram"].pop("_tokens")
         result["identical_outputs"] = plain == ngram
+        result["identical_requests"] = sum(a == b for a, b in zip(plain, ngram))
+        # Where outputs part (rounding: see the README), the token index they part at.
+        result["first_difference"] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                                      for a, b in zip(plain, ngram) if a != b]
         result["speedup"] = result["ngram"]["tokens_per_s"] / result["plain"]["tokens_per_s"]
         runs.append(result)
       del engines

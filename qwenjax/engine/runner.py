@@ -6,7 +6,7 @@
     runner.admit(admission.seqs)                        # their slots' penalty state
     tokens, logprobs = runner.step(plan)                # a ragged step (StepPlan): [B] each, -1 where none sampled
     tokens, logprobs = runner.decode(plan)              # a decode block (DecodePlan), [k, B] each
-    tokens, logprobs = runner.verify(plan)              # a speculative step (VerifyPlan), [W, B] each
+    tokens, logprobs, drafted = runner.verify(plan)     # a speculative step (VerifyPlan), [W, B] each
 
 It owns the weights (split once), the `PagedKVCache` (sized from a memory budget, `kv_pages`) and the per-slot
 penalty state (`SlotState`), which every jitted program of `qwenjax.engine.programs` donates and returns; it turns
