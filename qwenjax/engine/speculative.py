@@ -141,24 +141,25 @@ def ngram_lookup(history: np.ndarray, k: int, n_min: int, n_max: int) -> list[in
 @dataclasses.dataclass
 class Acceptance:
   """One sequence's speculation so far: proposed and accepted tokens, verify steps it took part in with a
-  proposal, and its back-off (refused first proposals in a row; plain steps left to rest)."""
+  proposal, those that refused one of its proposals, and its back-off (refused first proposals in a row; plain
+  steps left to rest)."""
 
   proposed: int = 0
   accepted: int = 0
   steps: int = 0
+  refusals: int = 0
   refused_in_a_row: int = 0
   resting: int = 0
 
   @property
   def rate(self) -> float:
-    """The share of its proposals kept, counted from one kept of one (optimistic, so that a new sequence tries)."""
-    return (self.accepted + 1) / (self.proposed + 1)
+    """The chance that its next proposal is kept, given those before it were: kept / (kept + refused), counted
+    from one kept (optimistic, so that a new sequence tries)."""
+    return (self.accepted + 1) / (self.accepted + self.refusals + 1)
 
   def expected_tokens(self, n: int) -> float:
-    """Tokens a verify step with n of its proposals is expected to give it: 1 + n * rate. (Acceptance comes in
-    runs, a copied passage kept whole, so a geometric model, rate^i for the i-th, undercounts: on the code edits of
-    `launch.bench.speculative` 87% of proposals were kept and steps gained 4.4 tokens of 5, not 3.9.)"""
-    return 1 + n * self.rate
+    """Tokens a verify step with n of its proposals is expected to give it: 1 + rate + rate^2 + ... + rate^n."""
+    return 1 + sum(self.rate ** i for i in range(1, n + 1))
 
 
 class Proposer:
@@ -238,6 +239,7 @@ class Proposer:
     self.totals["spec_proposed_tokens"] += len(proposal)
     self.totals["spec_accepted_tokens"] += accepted
     self.totals["spec_verify_rows"] += 1
+    state.refusals += accepted < len(proposal)
     state.refused_in_a_row = 0 if accepted else state.refused_in_a_row + 1
     if self.config.backoff_after and state.refused_in_a_row >= self.config.backoff_after:
       state.resting, state.refused_in_a_row = self.config.backoff_after, 0

@@ -78,22 +78,22 @@ def test_bad_settings_are_one_line_config_errors(tiny, spec, message):
 def test_each_step_weighs_expected_tokens_against_measured_step_times():
   """Hand-derived: a plain step of 0.1 s gives 10 tokens/s per sequence. A sequence whose proposals were all kept
   (rate 1) expects 5 tokens from 4 proposals: 5 / 0.34 s = 14.7 tokens/s at width 5 beats it and widths 4 (4 /
-  0.28 = 14.3) and 2 (2 / 0.15 = 13.3). One kept of twelve (rate 2/13) expects 1.62 at width 5 (4.8 tokens/s),
-  1.46 at width 4 (5.2) and 1.15 at width 2 (7.7): a plain step."""
+  0.28 = 14.3) and 2 (2 / 0.15 = 13.3). One kept and three refused (rate 2/5) expects 1.65 at width 5 (4.9
+  tokens/s), 1.62 at width 4 (5.8) and 1.4 at width 2 (9.3): a plain step."""
   from qwenjax.engine.speculative import Acceptance, Proposer  # pylint: disable=g-import-not-at-top
 
   proposer = Proposer(SpeculativeConfig(num_speculative_tokens=4))
   seq = lambda acceptance: type("Seq", (), {"speculation": acceptance})()
-  good, poor = seq(Acceptance(proposed=8, accepted=8)), seq(Acceptance(proposed=12, accepted=1))
+  good, poor = seq(Acceptance(proposed=8, accepted=8)), seq(Acceptance(proposed=12, accepted=1, refusals=3))
   assert proposer.choose_width([good], [[1, 2, 3, 4]]) == 5  # nothing timed: the proposals whole
   for width, seconds in ((1, 0.1), (2, 0.15), (4, 0.28), (5, 0.34)):
     for _ in range(3):  # the first of each is dropped
       proposer.note_seconds(width, seconds)
-  assert good.speculation.expected_tokens(4) == 5 and abs(poor.speculation.expected_tokens(4) - 21 / 13) < 1e-9
+  assert good.speculation.expected_tokens(4) == 5 and abs(poor.speculation.expected_tokens(4) - 1.6496) < 1e-9
   assert proposer.choose_width([good], [[1, 2, 3, 4]]) == 5
   assert proposer.choose_width([poor], [[1, 2, 3, 4]]) == 0
-  # Both: plain 2 / 0.1 = 20 tokens/s; width 5 (5 + 1.31) / 0.34 = 18.6, 4 (4 + 1.31) / 0.28 = 19.0, 2 (2 + 1.15) /
-  # 0.15 = 21.0: the proposals cut to one token each.
+  # Both: plain 2 / 0.1 = 20 tokens/s; width 5 (5 + 1.56) / 0.34 = 19.3, 4 (4 + 1.56) / 0.28 = 19.9, 2 (2 + 1.4) /
+  # 0.15 = 22.7: the proposals cut to one token each.
   assert proposer.choose_width([good, poor], [[1, 2, 3, 4], [5, 6]]) == 2
   off = Proposer(SpeculativeConfig(num_speculative_tokens=4, adaptive=False))
   off.note_seconds(1, 0.1)
