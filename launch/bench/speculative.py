@@ -76,6 +76,7 @@ def requests(kind: str) -> list[dict]:
 def _serve(engine, prompts: list[list[int]], new_tokens: int) -> dict:
   import qwenjax  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.profiling import count_compilations  # pylint: disable=g-import-not-at-top
+  from qwenjax.engine.speculative import with_mean_length  # pylint: disable=g-import-not-at-top
 
   before = engine.stats()
   with count_compilations() as compiled:
@@ -87,10 +88,8 @@ def _serve(engine, prompts: list[list[int]], new_tokens: int) -> dict:
   run = {"requests": len(prompts), "generated_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
          "compilations": sum(compiled.values()), "_tokens": [o.token_ids for o in outs]}
   if engine.proposer is not None:
-    spec = {k: after[k] - before[k] for k in ("spec_proposed_tokens", "spec_accepted_tokens", "spec_verify_rows",
-                                               "verify_calls", "decode_calls")}
-    rows = spec["spec_verify_rows"]
-    spec["spec_mean_accepted_length"] = (spec["spec_accepted_tokens"] + rows) / rows if rows else 0.0
+    spec = with_mean_length({k: after[k] - before[k] for k in ("spec_proposed_tokens", "spec_accepted_tokens",
+                                                               "spec_verify_rows", "verify_calls", "decode_calls")})
     spec["acceptance_rate"] = spec["spec_accepted_tokens"] / max(spec["spec_proposed_tokens"], 1)
     run["speculation"] = spec
   return run

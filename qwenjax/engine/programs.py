@@ -276,6 +276,13 @@ def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sam
   return out_tok, out_lp, cache, SlotState(prompt_mask, counts).constrained()
 
 
+def _pool_slots(page_table: jax.Array, positions: jax.Array, page_size: int, writes: jax.Array) -> jax.Array:
+  """[B, T] int32: the pool slot (page * page_size + offset) of each position [B, T] in its row's pages [B, P], -1
+  where writes [B, T] is false (nothing written there)."""
+  page = jnp.take_along_axis(page_table, jnp.minimum(positions // page_size, page_table.shape[1] - 1), axis=1)
+  return jnp.where(writes, page * page_size + positions % page_size, -1)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedDecodeInputs:
@@ -413,12 +420,11 @@ def paged_decode_block(graphdef, params, cache: PagedKVCache, slots: SlotState, 
 
   def step(i, cache, tok):
     pos = inputs.position + i  # [B]
-    page = jnp.take_along_axis(table, jnp.minimum(pos // page_size, table.shape[1] - 1)[:, None], axis=1)[:, 0]
     # A row writes the positions of the tokens it may generate (min(k, budget): the pages the host allocated),
     # not those a stopped row runs on past its budget; an idle row writes nothing.
     writes = d.active & (i < d.budget)
-    slot = jnp.where(writes, page * page_size + pos % page_size, -1)
-    meta = StepMetadata.paged_step(pos[:, None], PagedInputs(slot[:, None], table, num_new), inputs.rope_offset,
+    slot = _pool_slots(table, pos[:, None], page_size, writes[:, None])  # [B, 1]
+    meta = StepMetadata.paged_step(pos[:, None], PagedInputs(slot, table, num_new), inputs.rope_offset,
                                    impl=impl, lora_index=d.adapter)
     if draft_graphdef is not None:
       cache, draft_cache = cache
@@ -467,15 +473,13 @@ def paged_verify(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs
   model = nnx.merge(graphdef, params)
   p, d = inputs.decode, inputs.decode.decode
   b, w = inputs.drafts.shape[0], inputs.drafts.shape[1] + 1
-  page_size, width = cache.page_size, p.page_table.shape[1]
   proposals = inputs.drafts
   if draft_graphdef is not None:
     proposals, draft_cache = _draft_proposals(draft_graphdef, draft_params, draft_cache, inputs, impl)
   tokens = jnp.concatenate([d.tokens[:, None], jnp.maximum(proposals, 0)], axis=1)  # [B, W]
   pos = p.position[:, None] + jnp.arange(w, dtype=jnp.int32)[None, :]  # [B, W]
   fed = d.active[:, None] & (jnp.arange(w)[None, :] <= inputs.num_drafts[:, None])  # [B, W]
-  page = jnp.take_along_axis(p.page_table, jnp.minimum(pos // page_size, width - 1), axis=1)
-  slot = jnp.where(fed, page * page_size + pos % page_size, -1)
+  slot = _pool_slots(p.page_table, pos, cache.page_size, fed)
   num_new = jnp.where(d.active, inputs.num_drafts + 1, 0)  # [B]
   flat = lambda a: a.reshape(b * w, 1)  # [B, W] -> [B * W, 1], a token per row
   adapter = None if d.adapter is None else jnp.repeat(d.adapter, w)
@@ -504,15 +508,14 @@ def _draft_proposals(draft_graphdef, draft_params, draft_cache: PagedKVCache, in
   draft = nnx.merge(draft_graphdef, draft_params)
   p, d = inputs.decode, inputs.decode.decode
   b, w = inputs.drafts.shape[0], inputs.drafts.shape[1] + 1
-  page_size, width = draft_cache.page_size, p.page_table.shape[1]
   num_new = d.active.astype(jnp.int32)
 
   def body(i, carry):
     draft_cache, tok, proposals = carry
     pos = p.position + i  # [B]
-    page = jnp.take_along_axis(p.page_table, jnp.minimum(pos // page_size, width - 1)[:, None], axis=1)[:, 0]
-    slot = jnp.where(d.active & (i <= inputs.num_drafts), page * page_size + pos % page_size, -1)
-    meta = StepMetadata.paged_step(pos[:, None], PagedInputs(slot[:, None], p.page_table, num_new), p.rope_offset,
+    writes = d.active & (i <= inputs.num_drafts)
+    slot = _pool_slots(p.page_table, pos[:, None], draft_cache.page_size, writes[:, None])  # [B, 1]
+    meta = StepMetadata.paged_step(pos[:, None], PagedInputs(slot, p.page_table, num_new), p.rope_offset,
                                    impl=impl)
     h, draft_cache = draft(tok[:, None], draft_cache, meta)
     new = sampling_lib.greedy(draft.logits(h[:, 0], impl))  # [B]

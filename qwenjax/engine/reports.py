@@ -32,7 +32,7 @@ from absl import logging
 
 from qwenjax import _files
 from qwenjax._errors import InputError
-from qwenjax.engine import jobs
+from qwenjax.engine import jobs, speculative
 
 if TYPE_CHECKING:
   from qwenjax.engine import profiling
@@ -264,6 +264,4 @@ def speculation_totals(reports: list[dict[str, Any]]) -> dict[str, Any]:
   """The replicas' speculation counters summed (`qwenjax.engine.speculative.Proposer.stats`), with the mean
   accepted length of them all: tokens a sequence gained per verify step it proposed in."""
   keys = ("spec_proposed_tokens", "spec_accepted_tokens", "spec_verify_rows")
-  sums = {k: sum((r.get("speculation") or {}).get(k, 0) for r in reports) for k in keys}
-  rows = sums["spec_verify_rows"]
-  return {**sums, "spec_mean_accepted_length": round((sums["spec_accepted_tokens"] + rows) / rows, 3) if rows else 0.0}
+  return speculative.with_mean_length({k: sum((r.get("speculation") or {}).get(k, 0) for r in reports) for k in keys})

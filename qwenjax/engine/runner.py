@@ -228,14 +228,7 @@ class ModelRunner:
 
   def decode(self, plan: DecodePlan) -> tuple[np.ndarray, np.ndarray]:
     """A decode block for every slot of the plan: tokens [k, B] (-1 from where a row stopped) and logprobs."""
-    b, slots = self.max_batch_size, plan.slots
-    position, rope_offset = np.zeros(b, np.int32), np.zeros(b, np.int32)
-    for i, seq in enumerate(slots):
-      if seq is not None:
-        position[i], rope_offset[i] = len(seq.prompt) + len(seq.tokens) - 1, seq.rope_offset
-    inputs = PagedDecodeInputs(self._decode_inputs(slots), position, self._page_table(slots, b), rope_offset)
-    live = [s for s in slots if s is not None]
-    needs = dataclasses.replace(needs_of(s.params for s in live), masked=any(s.constraint is not None for s in live))
+    inputs, needs = self._block_inputs(plan.slots)
     with self.on_mesh():
       out_tok, out_lp, self.cache, self.slots = self._call(
           programs.paged_decode_block, self.graphdef, self.params, self.cache, self.slots, inputs, needs=needs,
@@ -247,18 +240,12 @@ class ModelRunner:
     """A speculative step (`programs.paged_verify`) for every slot of the plan: tokens [W, B] (each row's accepted
     proposals and the token after them; -1 after), logprobs, and with a draft model its proposals [B, W - 1] (the
     plan's proposals are then placeholders: how many to make); None without."""
-    b, slots = self.max_batch_size, plan.slots
-    position, rope_offset = np.zeros(b, np.int32), np.zeros(b, np.int32)
+    b = self.max_batch_size
+    block, needs = self._block_inputs(plan.slots)
     drafts, num_drafts = np.full((b, plan.width - 1), -1, np.int32), np.zeros(b, np.int32)
-    for i, seq in enumerate(slots):
-      if seq is not None:
-        position[i], rope_offset[i] = len(seq.prompt) + len(seq.tokens) - 1, seq.rope_offset
-        proposal = plan.proposals[i]
-        drafts[i, :len(proposal)], num_drafts[i] = proposal, len(proposal)
-    inputs = VerifyInputs(PagedDecodeInputs(self._decode_inputs(slots), position, self._page_table(slots, b),
-                                            rope_offset), drafts, num_drafts)
-    live = [s for s in slots if s is not None]
-    needs = dataclasses.replace(needs_of(s.params for s in live), masked=any(s.constraint is not None for s in live))
+    for i, proposal in enumerate(plan.proposals):
+      drafts[i, :len(proposal)], num_drafts[i] = proposal, len(proposal)
+    inputs = VerifyInputs(block, drafts, num_drafts)
     with self.on_mesh():
       out_tok, out_lp, self.cache, self.slots, *drafted = self._call(
           programs.paged_verify, self.graphdef, self.params, self.cache, self.slots, inputs, needs=needs,
@@ -266,6 +253,20 @@ class ModelRunner:
     self.stats["decode_calls"] += 1
     self.stats["verify_calls"] += 1
     return np.asarray(out_tok), np.asarray(out_lp), np.asarray(drafted[0]) if drafted else None
+
+  def _block_inputs(self, slots: Sequence[Seq | None]) -> tuple[PagedDecodeInputs, sampling_lib.SamplingNeeds]:
+    """A decode block's or verify step's inputs for every slot: its DecodeInputs, the cache position of its last
+    token, its page table and rotary offset; and the sampling variant the slots need (masked if one is
+    constrained)."""
+    b = self.max_batch_size
+    position, rope_offset = np.zeros(b, np.int32), np.zeros(b, np.int32)
+    for i, seq in enumerate(slots):
+      if seq is not None:
+        position[i], rope_offset[i] = len(seq.prompt) + len(seq.tokens) - 1, seq.rope_offset
+    inputs = PagedDecodeInputs(self._decode_inputs(slots), position, self._page_table(slots, b), rope_offset)
+    live = [s for s in slots if s is not None]
+    needs = dataclasses.replace(needs_of(s.params for s in live), masked=any(s.constraint is not None for s in live))
+    return inputs, needs
 
   def _decode_inputs(self, slots: Sequence[Seq | None]) -> DecodeInputs:
     """Every slot's DecodeInputs (idle slots inactive)."""

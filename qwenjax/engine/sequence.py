@@ -70,7 +70,7 @@ class Sequence:
   constraint: Constraint | None = None
   adapter: int = -1  # its LoRA adapter's index in the engine's bank (-1: the base model)
   # On a speculative engine: its proposals and their acceptance so far, and its back-off.
-  speculation: Acceptance = dataclasses.field(default_factory=lambda: Acceptance())
+  speculation: Acceptance = dataclasses.field(default_factory=Acceptance)
 
   @property
   def context(self) -> list[int]:

@@ -140,13 +140,10 @@ def ngram_lookup(history: np.ndarray, k: int, n_min: int, n_max: int) -> list[in
 
 @dataclasses.dataclass
 class Acceptance:
-  """One sequence's speculation so far: proposed and accepted tokens, verify steps it took part in with a
-  proposal, those that refused one of its proposals, and its back-off (refused first proposals in a row; plain
-  steps left to rest)."""
+  """One sequence's speculation so far: its accepted proposals, the verify steps that refused one of its
+  proposals, and its back-off (refused first proposals in a row; plain steps left to rest)."""
 
-  proposed: int = 0
   accepted: int = 0
-  steps: int = 0
   refusals: int = 0
   refused_in_a_row: int = 0
   resting: int = 0
@@ -233,9 +230,7 @@ class Proposer:
     if not proposal:
       return 0
     state = seq.speculation
-    state.proposed += len(proposal)
     state.accepted += accepted
-    state.steps += 1
     self.totals["spec_proposed_tokens"] += len(proposal)
     self.totals["spec_accepted_tokens"] += accepted
     self.totals["spec_verify_rows"] += 1
@@ -246,8 +241,14 @@ class Proposer:
     return accepted
 
   def stats(self) -> dict[str, float]:
-    """The counters, and the mean accepted length: tokens a sequence gained per verify step it proposed in (its
-    accepted proposals plus the token sampled after them)."""
-    rows = self.totals["spec_verify_rows"]
-    mean = (self.totals["spec_accepted_tokens"] + rows) / rows if rows else 0.0
-    return {**self.totals, "spec_mean_accepted_length": round(mean, 3)}
+    """The counters and their mean accepted length (`with_mean_length`)."""
+    return with_mean_length(self.totals)
+
+
+def with_mean_length(counts: Mapping[str, int]) -> dict[str, float]:
+  """Speculation counters (spec_proposed_tokens, spec_accepted_tokens, spec_verify_rows) with their mean accepted
+  length: tokens a sequence gained per verify step it proposed in (its accepted proposals plus the token sampled
+  after them)."""
+  rows = counts["spec_verify_rows"]
+  mean = (counts["spec_accepted_tokens"] + rows) / rows if rows else 0.0
+  return {**counts, "spec_mean_accepted_length": round(mean, 3)}

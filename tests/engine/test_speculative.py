@@ -84,7 +84,7 @@ def test_each_step_weighs_expected_tokens_against_measured_step_times():
 
   proposer = Proposer(SpeculativeConfig(num_speculative_tokens=4))
   seq = lambda acceptance: type("Seq", (), {"speculation": acceptance})()
-  good, poor = seq(Acceptance(proposed=8, accepted=8)), seq(Acceptance(proposed=12, accepted=1, refusals=3))
+  good, poor = seq(Acceptance(accepted=8)), seq(Acceptance(accepted=1, refusals=3))
   assert proposer.choose_width([good], [[1, 2, 3, 4]]) == 5  # nothing timed: the proposals whole
   for width, seconds in ((1, 0.1), (2, 0.15), (4, 0.28), (5, 0.34)):
     for _ in range(3):  # the first of each is dropped
