@@ -43,32 +43,7 @@ from launch.bench import measure
 
 SHAPES = measure.MATMUL_SHAPES
 DEFAULT_ROWS = (1, 2, 8, 32, 128)
-
-_MODES = flags.DEFINE_list("modes", ["float32", "bfloat16", "w8a16", "w8a8"], "Modes to probe.")
-_CONFIGS = flags.DEFINE_list("configs", ["default", "onednn", "xnnpack", "ynnpack"], "XLA:CPU configurations.")
-_ROWS = flags.DEFINE_list("rows", [str(r) for r in DEFAULT_ROWS], "Row counts M (tokens) of x.")
-_SHAPES = flags.DEFINE_list("shapes", list(SHAPES), "Weight shapes: names among "
-                            f"{', '.join(SHAPES)}, or KxN (a [K, N] projection).")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed passes; the best is kept.", lower_bound=1)
-_ROTATE_MIB = flags.DEFINE_integer("rotate_mib", 64, "int8 weight bytes cycled through per pass (MiB).",
-                                   lower_bound=0)
-_OUTPUT = flags.DEFINE_string("output", None, "Where the record goes (default: this processor's record file "
-                              "under the cache directory, where launch scripts look for it).")
-_SHOW = flags.DEFINE_bool("show", False, "Print the record (--output, or this processor's) and its choices; probe "
-                          "nothing.")
-_MERGE = flags.DEFINE_bool("merge", False, "Keep the --output record's timings of the modes not probed now (what "
-                           "a launch script's first use in a new mode does).")
-_WORKER = flags.DEFINE_string("worker", None, "Internal: time one configuration, write JSON here.")
-_STEPS = flags.DEFINE_enum("steps", "candidates", ["candidates", "all", "none"], "Whole decode steps timed to "
-                           "confirm a configuration: candidates: a mode's matmul choice and the defaults, where that "
-                           "choice is not the defaults; all: every configuration that ran, in every mode; none.")
-_STEP_MODEL = flags.DEFINE_string("step_model", "qwen2.5-0.5b", "The random-weight model of those steps: a "
-                                  "qwenjax.PRESETS size (of the probed shapes), or 'tiny' (tests).")
-_STEP_LAYERS = flags.DEFINE_integer("step_layers", None, "Its layers (default: the preset's).", lower_bound=1)
-_STEP_BATCHES = flags.DEFINE_list("step_batches", ["1", "32"], "The decode batch sizes (rows) stepped.")
-_STEP_WORKER = flags.DEFINE_string("step_worker", None, "Internal: time one mode's decode steps in this process's "
-                                   "configuration under the paths of the record at --output, write JSON here.")
-
+FLAGS = flags.FLAGS
 
 
 def parse_shape(name: str) -> tuple[int, int, bool]:
@@ -94,15 +69,42 @@ def _valid_shapes(names: list[str]) -> bool:
     return False
 
 
-flags.register_validator("rows", measure.positive_integers, "expected positive integers, e.g. 1,2,8")
-flags.register_validator("step_batches", measure.positive_integers, "expected positive integers, e.g. 1,32")
-flags.register_validator("step_model", lambda name: name == "tiny" or name in _presets(),
-                         "expected 'tiny' or a qwenjax.PRESETS name")
-flags.register_validator("modes", lambda m: bool(m) and set(m) <= {"float32", "bfloat16", "w8a16", "w8a8"},
-                         "expected modes among float32, bfloat16, w8a16, w8a8")
-flags.register_validator("configs", lambda c: bool(c) and set(c) <= {"default", "onednn", "xnnpack", "ynnpack"},
-                         "expected configurations among default, onednn, xnnpack, ynnpack")
-flags.register_validator("shapes", _valid_shapes, f"expected shapes among {', '.join(SHAPES)}, or KxN")
+def _define_flags() -> None:
+  """The probe's flags, defined when it runs as a program, not at import: tests and tools import this module beside
+  launch scripts whose flags share names (--output)."""
+  flags.DEFINE_list("modes", ["float32", "bfloat16", "w8a16", "w8a8"], "Modes to probe.")
+  flags.DEFINE_list("configs", ["default", "onednn", "xnnpack", "ynnpack"], "XLA:CPU configurations.")
+  flags.DEFINE_list("rows", [str(r) for r in DEFAULT_ROWS], "Row counts M (tokens) of x.")
+  flags.DEFINE_list("shapes", list(SHAPES), "Weight shapes: names among "
+                     f"{', '.join(SHAPES)}, or KxN (a [K, N] projection).")
+  flags.DEFINE_integer("repeats", 5, "Timed passes; the best is kept.", lower_bound=1)
+  flags.DEFINE_integer("rotate_mib", 64, "int8 weight bytes cycled through per pass (MiB).", lower_bound=0)
+  flags.DEFINE_string("output", None, "Where the record goes (default: this processor's record file "
+                       "under the cache directory, where launch scripts look for it).")
+  flags.DEFINE_bool("show", False, "Print the record (--output, or this processor's) and its choices; probe "
+                     "nothing.")
+  flags.DEFINE_bool("merge", False, "Keep the --output record's timings of the modes not probed now (what "
+                     "a launch script's first use in a new mode does).")
+  flags.DEFINE_string("worker", None, "Internal: time one configuration, write JSON here.")
+  flags.DEFINE_enum("steps", "candidates", ["candidates", "all", "none"], "Whole decode steps timed to "
+                     "confirm a configuration: candidates: a mode's matmul choice and the defaults, where that "
+                     "choice is not the defaults; all: every configuration that ran, in every mode; none.")
+  flags.DEFINE_string("step_model", "qwen2.5-0.5b", "The random-weight model of those steps: a "
+                       "qwenjax.PRESETS size (of the probed shapes), or 'tiny' (tests).")
+  flags.DEFINE_integer("step_layers", None, "Its layers (default: the preset's).", lower_bound=1)
+  flags.DEFINE_list("step_batches", ["1", "32"], "The decode batch sizes (rows) stepped.")
+  flags.DEFINE_string("step_worker", None, "Internal: time one mode's decode steps in this process's "
+                       "configuration under the paths of the record at --output, write JSON here.")
+
+  flags.register_validator("rows", measure.positive_integers, "expected positive integers, e.g. 1,2,8")
+  flags.register_validator("step_batches", measure.positive_integers, "expected positive integers, e.g. 1,32")
+  flags.register_validator("step_model", lambda name: name == "tiny" or name in _presets(),
+                           "expected 'tiny' or a qwenjax.PRESETS name")
+  flags.register_validator("modes", lambda m: bool(m) and set(m) <= {"float32", "bfloat16", "w8a16", "w8a8"},
+                           "expected modes among float32, bfloat16, w8a16, w8a8")
+  flags.register_validator("configs", lambda c: bool(c) and set(c) <= {"default", "onednn", "xnnpack", "ynnpack"},
+                           "expected configurations among default, onednn, xnnpack, ynnpack")
+  flags.register_validator("shapes", _valid_shapes, f"expected shapes among {', '.join(SHAPES)}, or KxN")
 
 
 # --- One configuration, in its own process ---
@@ -375,49 +377,49 @@ def write_record(record: dict, path) -> None:
 
 def main(argv):
   del argv
-  rows = sorted({int(r) for r in _ROWS.value})
-  if _STEP_WORKER.value:
+  rows = sorted({int(r) for r in FLAGS.rows})
+  if FLAGS.step_worker:
     from qwenjax.kernels import cpu_paths  # noqa: PLC0415
 
-    steps = time_steps(cpu_paths.read_record(_OUTPUT.value), _MODES.value[0], _CONFIGS.value[0], _STEP_MODEL.value,
-                       _STEP_LAYERS.value, [int(b) for b in _STEP_BATCHES.value])
-    with open(_STEP_WORKER.value, "w", encoding="utf-8") as f:
+    steps = time_steps(cpu_paths.read_record(FLAGS.output), FLAGS.modes[0], FLAGS.configs[0], FLAGS.step_model,
+                       FLAGS.step_layers, [int(b) for b in FLAGS.step_batches])
+    with open(FLAGS.step_worker, "w", encoding="utf-8") as f:
       json.dump(steps, f)
     return
-  if _WORKER.value:
-    timings = probe_config(_CONFIGS.value[0], _MODES.value, _SHAPES.value, rows, _REPEATS.value,
-                           _ROTATE_MIB.value << 20)
-    with open(_WORKER.value, "w", encoding="utf-8") as f:
+  if FLAGS.worker:
+    timings = probe_config(FLAGS.configs[0], FLAGS.modes, FLAGS.shapes, rows, FLAGS.repeats, FLAGS.rotate_mib << 20)
+    with open(FLAGS.worker, "w", encoding="utf-8") as f:
       json.dump(timings, f)
     return
   from qwenjax import QwenJaxError  # noqa: PLC0415
   from qwenjax.engine import cpu_records  # noqa: PLC0415
   from qwenjax.kernels import cpu_paths  # noqa: PLC0415
 
-  path = _OUTPUT.value or str(cpu_records.record_path())
+  path = FLAGS.output or str(cpu_records.record_path())
   try:
-    if not _SHOW.value and "default" not in _CONFIGS.value:
+    if not FLAGS.show and "default" not in FLAGS.configs:
       raise QwenJaxError("--configs must include default: every path is held to the default configuration's.")
-    if _SHOW.value:
+    if FLAGS.show:
       record = cpu_paths.read_record(path)
     else:
-      record = run_probe(_MODES.value, _CONFIGS.value, _SHAPES.value, rows, _REPEATS.value, _ROTATE_MIB.value)
+      record = run_probe(FLAGS.modes, FLAGS.configs, FLAGS.shapes, rows, FLAGS.repeats, FLAGS.rotate_mib)
       if not record["timings"]:
         raise QwenJaxError("no configuration could be probed: " + "; ".join(
             f"{c}: {'; '.join(set(v['status'].values()))}" for c, v in record["configs"].items()))
-      record["steps"] = run_steps(record, _MODES.value, _STEPS.value, _STEP_MODEL.value, _STEP_LAYERS.value,
-                                  [int(b) for b in _STEP_BATCHES.value])
-      if _MERGE.value and os.path.exists(path):
+      record["steps"] = run_steps(record, FLAGS.modes, FLAGS.steps, FLAGS.step_model, FLAGS.step_layers,
+                                  [int(b) for b in FLAGS.step_batches])
+      if FLAGS.merge and os.path.exists(path):
         record = merge(cpu_paths.read_record(path), record)
       write_record(record, path)
     print(cpu_paths.format_table(record))
     print("chosen:")
     print(cpu_paths.describe_choices(record))
-    if not _SHOW.value:
+    if not FLAGS.show:
       print(f"record: {path}")
   except QwenJaxError as e:
     _cli.fail(e)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=_cli.parse_flags)

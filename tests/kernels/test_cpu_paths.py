@@ -217,6 +217,18 @@ def test_user_xla_flags_win():
   assert cpu_paths.apply_xla_flags(paths, env) == " ".join(cpu_paths.CONFIGS["onednn"]) == env["XLA_FLAGS"]
 
 
+def test_the_probe_and_the_benchmark_parts_import_beside_a_launch_script():
+  """Tests and tools import the probe's and the benchmark's parts into one process with the launch scripts: none may
+  define a flag at import that a launch script defines too (the probe's --output met batch_generate's in CI)."""
+  parts = ["cpu_paths", "perplexity", "decode_profile", "speculative", "adapters", "concurrency", "job", "prefix",
+           "workload", "report"]
+  code = ("import importlib\n"
+          "for name in ('launch.batch_generate', *(f'launch.bench.{p}' for p in %r)):\n"
+          "  importlib.import_module(name)\n" % (parts,))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_a_real_probe_of_tiny_shapes(tmp_path):
   """The probe end to end: two configurations, each in its own process, every mode, both layouts; every path's
   error is recorded and every int8 dot equals numpy's; the record reads back and chooses for every mode."""
