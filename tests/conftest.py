@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 
 # Keep XLA to the machine's cores and quiet; must precede importing jax.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -326,6 +327,104 @@ def tiny_vl_chat(tmp_path_factory):
                                                 ids["vision_end"]), eos=ids["im_end"])
   (d / "preprocessor_config.json").write_text(json.dumps(PROCESSOR))
   return d, hf
+
+
+def save_png(path, height, width, seed):
+  from PIL import Image
+
+  rng = np.random.default_rng(seed)
+  Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+  return path
+
+
+def hf_vl_chat_greedy(d, hf, messages, images, n):
+  """transformers' greedy tokens for a chat with images: its tokenizer renders the template, its image processor
+  makes the pixels, each pad expands to grid / 4 copies (what its processor class would do)."""
+  import torch
+  import transformers
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(d)
+  ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+  cfg = hf.config
+  inputs = {}
+  if images:
+    processed = Qwen2VLImageProcessorPil.from_pretrained(d)(images=images, return_tensors="pt")
+    grids = processed["image_grid_thw"].tolist()
+    expanded, k = [], 0
+    for t in ids:
+      if t == cfg.image_token_id:
+        expanded += [t] * (int(np.prod(grids[k])) // 4)
+        k += 1
+      else:
+        expanded.append(t)
+    ids = expanded
+    inputs = {"pixel_values": processed["pixel_values"], "image_grid_thw": processed["image_grid_thw"]}
+  input_ids = torch.tensor([ids])
+  kinds = (input_ids == cfg.image_token_id).long()
+  with torch.no_grad():
+    out = hf.generate(input_ids=input_ids, mm_token_type_ids=kinds, **inputs, max_new_tokens=n, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+  return len(ids), out[0, len(ids):].tolist()
+
+
+# --- The OpenAI-compatible server (tests/server) ---
+
+try:
+  import httpx2 as httpx  # what openai 3 speaks HTTP with  # noqa: E402
+except ImportError:
+  import httpx  # noqa: E402
+
+SERVER_KEY = "sk-test-key"
+
+
+class Server:
+  """tests/server: a uvicorn server of `build_app(engine, ServerConfig(...))` on a free loopback port, in a thread."""
+
+  def __init__(self, engine, **config):
+    import threading
+
+    import uvicorn
+
+    from qwenjax.server import ServerConfig, build_app
+
+    config.setdefault("served_model_name", "tiny")
+    self.app = build_app(engine, ServerConfig(**config))
+    self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
+    self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+  def __enter__(self):
+    self.thread.start()
+    deadline = time.monotonic() + 60
+    while not self.server.started:
+      assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+      time.sleep(0.02)
+    self.port = self.server.servers[0].sockets[0].getsockname()[1]
+    self.url = f"http://127.0.0.1:{self.port}"
+    return self
+
+  def __exit__(self, *exc):
+    self.server.should_exit = True
+    self.thread.join(60)
+
+  def client(self, **kw):
+    import openai
+
+    return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", SERVER_KEY), max_retries=0, **kw)
+
+  def async_client(self):
+    import openai
+
+    return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=SERVER_KEY, max_retries=0)
+
+  def metrics(self) -> dict[str, float]:
+    text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {SERVER_KEY}"}).text
+    out = {}
+    for line in text.splitlines():
+      if line and not line.startswith("#"):
+        name, _, value = line.rpartition(" ")
+        out[name] = float(value)
+    return out
 
 
 # --- int8 references (tests/model/test_quantized.py, tests/launch/test_generate.py) ---

@@ -25,7 +25,7 @@ LAYERS = (
     ("qwenjax.multimodal",),  # images and videos for the model: preprocessing, positions, features
     ("qwenjax.checkpoints",),
     ("qwenjax.engine",),
-    ("qwenjax.training",),
+    ("qwenjax.training", "qwenjax.server"),  # fine-tuning; the OpenAI-compatible HTTP server over an engine
     ("qwenjax",),
     ("launch",),
 )
@@ -161,5 +161,6 @@ def test_the_top_level_is_the_api_errors_files_and_configs():
   flat = sorted(p.name for p in PACKAGE.glob("*.py"))
   assert flat == ["__init__.py", "_errors.py", "_files.py", "config.py"], flat
   folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
-  assert folders == ["checkpoints", "engine", "kernels", "model", "multimodal", "parallel", "text", "training"]
+  assert folders == ["checkpoints", "engine", "kernels", "model", "multimodal", "parallel", "server", "text",
+                     "training"]
   assert all((PACKAGE / f / "__init__.py").is_file() for f in folders)

@@ -284,13 +284,16 @@ class Engine:
 
   # ---- the step seam --------------------------------------------------------------------------------------
 
-  def add_request(self, request: Request | str | Sequence[int] | dict, sampling: SamplingParams | None = None) -> Any:
+  def add_request(self, request: Request | str | Sequence[int] | dict, sampling: SamplingParams | None = None, *,
+                  prompt: list[int] | VLPrompt | None = None) -> Any:
     """Validates and queues a request (InputError if it is malformed: nothing is queued); returns its id, the
-    request's own (`Request.id`) or a new one. sampling: the default for a request that carries none."""
+    request's own (`Request.id`) or a new one. sampling: the default for a request that carries none. prompt: the
+    request's `prepare` result, where it was made already (a server prepares off the thread that steps)."""
     request = as_request(request)
     if request.id is not None and request.id in self._requests:
       raise InputError(f"request id {request.id!r} is already running.")
-    prompt = self.prepare(request)
+    if prompt is None:
+      prompt = self.prepare(request)
     request_id = request.id if request.id is not None else f"req-{secrets.token_hex(6)}"
     self._requests[request_id] = self._add(request, prompt, sampling, request_id)
     return request_id

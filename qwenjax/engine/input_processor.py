@@ -70,10 +70,14 @@ class InputProcessor:
                                                       for i, m in enumerate(request.messages)]
     if self.vl_cfg is None and (visuals or request.images or request.videos):
       raise InputError(f"this model ({self.model_name}) takes no images or videos.")
+    extra = request.chat_template_kwargs
+    if extra is not None and (messages is None or not isinstance(extra, dict)
+                              or not all(isinstance(k, str) for k in extra)):
+      raise InputError("chat_template_kwargs must be an object of template variables, and goes with 'messages'.")
     if messages is not None:
       self._refuse_far_over([(f"messages[{i}]", _content_text(m)) for i, m in enumerate(messages)])
       ids = self.tokenizer.apply_chat_template(messages, tools=request.tools, add_generation_prompt=True,
-                                               tokenize=True)
+                                               tokenize=True, **(extra or {}))
     elif isinstance(request.prompt, str):
       self._refuse_far_over([("the prompt", request.prompt)])
       ids = self.tokenizer.encode(request.prompt)

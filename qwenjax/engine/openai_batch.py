@@ -65,9 +65,11 @@ _ONLY = {
     "logit_bias": ({}, "logit biases are not supported"),
     "modalities": (["text"], "the output is text"),
 }
+# What an HTTP server honours itself (streaming) and a batch line must leave unset or false.
+_ONLINE = frozenset({"stream", "stream_options"})
 _CHAT_FIELDS = frozenset({"messages", "tools", "tool_choice", "response_format", "max_tokens", "max_completion_tokens",
                           "logprobs", "top_logprobs", "stream", "parallel_tool_calls", "logit_bias", "modalities",
-                          *_SAMPLING, *_IGNORED})
+                          "chat_template_kwargs", *_SAMPLING, *_IGNORED})
 _COMPLETION_FIELDS = frozenset({"prompt", "response_format", "max_tokens", "logprobs", "stream", "echo", "best_of",
                                 "suffix", "logit_bias", *_SAMPLING, *_IGNORED})
 _RESPONSE_FORMATS = {"text": (), "json_object": (), "json_schema": ("json_schema",), "regex": ("regex",),
@@ -96,19 +98,37 @@ def to_request(obj: Mapping[str, Any], default: SamplingParams, adapters: Collec
   url = obj.get("url")
   if url not in (CHAT_URL, COMPLETIONS_URL):
     raise InputError(f"url {url!r} is not supported (expected {CHAT_URL} or {COMPLETIONS_URL}).")
-  chat = url == CHAT_URL
   if not isinstance(obj.get("body"), dict):
-    raise InputError(f"body must be an object with the {'chat ' if chat else ''}completion request.")
-  body = {k: v for k, v in obj["body"].items() if v is not None}
+    raise InputError(f"body must be an object with the {'chat ' if url == CHAT_URL else ''}completion request.")
+  return body_request(url, obj["body"], default, adapters, request_id=custom_id)
+
+
+def body_request(url: str, body: Mapping[str, Any], default: SamplingParams, adapters: Collection[str] = (), *,
+                 request_id: Any = None, online: bool = False) -> Request:
+  """The Request of one /v1/chat/completions or /v1/completions body (a batch line's, or an HTTP request's with
+  `online`: "stream" and "stream_options" are then the caller's to honour). InputError naming the field."""
+  chat = url == CHAT_URL
+  body = {k: v for k, v in body.items() if v is not None}
   fields = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
   for key, value in body.items():
     if key not in fields:
       raise InputError(f"body.{key} is not a {url} parameter that qwenjax supports.")
+    if online and key in _ONLINE:
+      continue
     if key in _ONLY and (type(value) is not type(_ONLY[key][0]) or value != _ONLY[key][0]):  # 0 is not false
       allowed, why = _ONLY[key]
       raise InputError(f"body.{key} must be {_json_repr(allowed)} ({why}), got {_json_repr(value)}.")
   if "suffix" in body:
     raise InputError("body.suffix is not supported (no fill-in-the-middle through /v1/completions).")
+  if online and not isinstance(body.get("stream", False), bool):
+    raise InputError(f"body.stream must be true or false, got {_json_repr(body['stream'])}.")
+  if online and "stream_options" in body:
+    options = body["stream_options"]
+    if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"} or not all(
+        isinstance(v, bool) for v in options.values()):
+      raise InputError("body.stream_options must be {\"include_usage\": true | false}.")
+    if not body.get("stream"):
+      raise InputError("body.stream_options needs body.stream: true.")
 
   sampling = {name: body[name] for name in _SAMPLING if name in body}
   limits = [body[k] for k in ("max_tokens", "max_completion_tokens") if k in body]
@@ -132,11 +152,14 @@ def to_request(obj: Mapping[str, Any], default: SamplingParams, adapters: Collec
   lora = body.get("model") if isinstance(body.get("model"), str) and body.get("model") in adapters else None
   if chat:
     tools = _tools(body.get("tools"))
-    return Request(messages=_messages(body.get("messages")), tools=tools, sampling=params, id=custom_id,
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+      raise InputError(f"body.chat_template_kwargs must be an object, got {_json_repr(kwargs)}.")
+    return Request(messages=_messages(body.get("messages")), tools=tools, sampling=params, id=request_id,
                    response_format=response_format, tool_choice=_tool_choice(body.get("tool_choice"), tools),
-                   lora=lora)
-  return Request(prompt=_prompt(body.get("prompt")), sampling=params, id=custom_id, response_format=response_format,
-                 lora=lora)
+                   lora=lora, chat_template_kwargs=kwargs)
+  return Request(prompt=_prompt(body.get("prompt")), sampling=params, id=request_id,
+                 response_format=response_format, lora=lora)
 
 
 def _custom_id(obj: Mapping[str, Any]) -> str:
@@ -289,25 +312,45 @@ def result_line(obj: Mapping[str, Any], output: RequestOutput, *, model: str, to
   broken = grammar_failure(output)
   if broken is not None:  # no API finish_reason says "the constraint failed"; the line is a server error
     return error_line(custom_id, GRAMMAR_ERROR, broken, 500)
-  body = {k: v for k, v in obj.get("body", {}).items() if v is not None}
   chat = obj.get("url") == CHAT_URL
-  parse_tools = chat and bool(body.get("tools")) and body.get("tool_choice") != "none"
-  if chat:
-    choices = [_chat_choice(c, tokenizer, parse_tools, f"{custom_id}\0{c.index}") for c in output.outputs]
-  else:
-    choices = [_text_choice(c, tokenizer) for c in output.outputs]
-  completion_tokens = sum(len(c.token_ids) for c in output.outputs)
-  usage = {"prompt_tokens": output.prompt_tokens, "completion_tokens": completion_tokens,
-           "total_tokens": output.prompt_tokens + completion_tokens,
-           "prompt_tokens_details": {"cached_tokens": output.cached_tokens}}
-  response = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{digest}", "object": "chat.completion" if chat else
-              "text_completion", "created": int(time.time()) if created is None else created, "model": model,
-              "choices": choices, "usage": usage}
+  response = response_body(obj["url"], obj.get("body", {}), output, model=model, tokenizer=tokenizer,
+                           response_id=f"{'chatcmpl' if chat else 'cmpl'}-{digest}", created=created,
+                           call_key=custom_id)
   line = {"id": f"batch_req_{digest}", "custom_id": custom_id,
           "response": {"status_code": 200, "request_id": f"req_{digest}", "body": response}, "error": None}
   if "metadata" in obj:
     line["metadata"] = obj["metadata"]
   return line
+
+
+def parses_tools(url: str, body: Mapping[str, Any]) -> bool:
+  """Whether a body's choices are read for tool calls: a chat body with tools and tool_choice other than none."""
+  return url == CHAT_URL and bool(body.get("tools")) and body.get("tool_choice") != "none"
+
+
+def usage(output: RequestOutput) -> dict[str, Any]:
+  """A response's usage: prompt, completion (all n choices) and total tokens, and the prompt's cached tokens."""
+  completion_tokens = sum(len(c.token_ids) for c in output.outputs)
+  return {"prompt_tokens": output.prompt_tokens, "completion_tokens": completion_tokens,
+          "total_tokens": output.prompt_tokens + completion_tokens,
+          "prompt_tokens_details": {"cached_tokens": output.cached_tokens}}
+
+
+def response_body(url: str, body: Mapping[str, Any], output: RequestOutput, *, model: str, tokenizer,
+                  response_id: str, created: int | None = None, call_key: Any = None) -> dict[str, Any]:
+  """The chat.completion or text_completion object answering `body` (posted to `url`) with `output`.
+  call_key: what tool call ids derive from (with the choice's index); None: fresh random ids."""
+  body = {k: v for k, v in body.items() if v is not None}
+  chat = url == CHAT_URL
+  if chat:
+    parse_tools = parses_tools(url, body)
+    choices = [_chat_choice(c, tokenizer, parse_tools, None if call_key is None else f"{call_key}\0{c.index}")
+               for c in output.outputs]
+  else:
+    choices = [_text_choice(c, tokenizer) for c in output.outputs]
+  return {"id": response_id, "object": "chat.completion" if chat else "text_completion",
+          "created": int(time.time()) if created is None else created, "model": model, "choices": choices,
+          "usage": usage(output)}
 
 
 def error_line(custom_id: Any, code: str, message: str, status_code: int = 400, *,
@@ -336,7 +379,7 @@ def result_key(obj: Mapping[str, Any]) -> Any:
   return obj["custom_id"]
 
 
-def _chat_choice(c: Completion, tokenizer, parse_tools: bool, key: str) -> dict[str, Any]:
+def _chat_choice(c: Completion, tokenizer, parse_tools: bool, key: str | None) -> dict[str, Any]:
   message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
   choice: dict[str, Any] = {"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason}
   if parse_tools:
@@ -349,27 +392,39 @@ def _chat_choice(c: Completion, tokenizer, parse_tools: bool, key: str) -> dict[
     if parsed.errors:
       choice["tool_call_errors"] = parsed.errors
   if c.logprobs is not None:
-    tokens = _token_texts(tokenizer, c.token_ids)
-    tops = c.top_logprobs or [[] for _ in c.token_ids]
-    content = []
-    for (text, raw), lp, top in zip(tokens, c.logprobs, tops):
-      alternatives = [{"token": t, "bytes": b, "logprob": v}
-                      for (t, b), (_, v) in zip(_token_texts(tokenizer, [i for i, _ in top]), top)]
-      content.append({"token": text, "bytes": raw, "logprob": lp, "top_logprobs": alternatives})
-    choice["logprobs"] = {"content": content, "refusal": None}
+    choice["logprobs"] = {"content": chat_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs),
+                          "refusal": None}
   return choice
+
+
+def chat_logprobs(tokenizer, ids: list[int], logprobs: list[float],
+                  top_logprobs: list[list[tuple[int, float]]] | None) -> list[dict[str, Any]]:
+  """A chat choice's logprobs.content for these tokens: each one's text, bytes, log-probability and alternatives."""
+  tops = top_logprobs or [[] for _ in ids]
+  content = []
+  for (text, raw), lp, top in zip(_token_texts(tokenizer, ids), logprobs, tops):
+    alternatives = [{"token": t, "bytes": b, "logprob": v}
+                    for (t, b), (_, v) in zip(_token_texts(tokenizer, [i for i, _ in top]), top)]
+    content.append({"token": text, "bytes": raw, "logprob": lp, "top_logprobs": alternatives})
+  return content
 
 
 def _text_choice(c: Completion, tokenizer) -> dict[str, Any]:
   logprobs = None
   if c.logprobs is not None:
-    top = None
-    if c.top_logprobs is not None:  # the legacy format: {token text: logprob} per position
-      top = [{t: v for (t, _), (_, v) in zip(_token_texts(tokenizer, [i for i, _ in pairs]), pairs)}
-             for pairs in c.top_logprobs]
-    logprobs = {"tokens": [text for text, _ in _token_texts(tokenizer, c.token_ids)],
-                "token_logprobs": list(c.logprobs), "text_offset": _text_offsets(tokenizer, c), "top_logprobs": top}
+    logprobs = text_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs, _text_offsets(tokenizer, c))
   return {"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+
+def text_logprobs(tokenizer, ids: list[int], logprobs: list[float], top_logprobs: list[list[tuple[int, float]]] | None,
+                  offsets: list[int]) -> dict[str, Any]:
+  """A completion choice's logprobs for these tokens (the legacy format), each beginning at its text offset."""
+  top = None
+  if top_logprobs is not None:  # {token text: logprob} per position
+    top = [{t: v for (t, _), (_, v) in zip(_token_texts(tokenizer, [i for i, _ in pairs]), pairs)}
+           for pairs in top_logprobs]
+  return {"tokens": [text for text, _ in _token_texts(tokenizer, ids)], "token_logprobs": list(logprobs),
+          "text_offset": offsets, "top_logprobs": top}
 
 
 @functools.lru_cache(maxsize=1)

@@ -49,6 +49,8 @@ class Request:
   response_format: dict[str, Any] | None = None
   tool_choice: str | dict[str, Any] | None = None
   lora: str | None = None  # the name of the engine's LoRA adapter to generate with (None: the base model)
+  # More variables for the chat template (vLLM's chat_template_kwargs), e.g. {"enable_thinking": False}.
+  chat_template_kwargs: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -119,10 +121,10 @@ def as_request(r: Request | str | Sequence[int] | dict) -> Request:
     return Request(prompt=r)
   if isinstance(r, dict):
     unknown = set(r) - {"prompt", "messages", "tools", "sampling", "id", "images", "videos", "response_format",
-                        "tool_choice", "lora"}
+                        "tool_choice", "lora", "chat_template_kwargs"}
     if unknown:
       raise InputError(f"unknown request field {sorted(unknown)[0]!r} (expected prompt, messages, tools, "
-                       "sampling, id, images, videos, response_format, tool_choice, lora).")
+                       "sampling, id, images, videos, response_format, tool_choice, lora, chat_template_kwargs).")
     if r.get("lora") is not None and not isinstance(r["lora"], str):
       raise InputError(f"'lora' must be the name of a LoRA adapter (a string), got {type(r['lora']).__name__}.")
     for key in ("images", "videos"):
@@ -138,7 +140,8 @@ def as_request(r: Request | str | Sequence[int] | dict) -> Request:
       raise InputError("'prompt' must be a string or a list of token ids.")
     return Request(prompt=r.get("prompt"), messages=messages, tools=r.get("tools"), sampling=sampling,
                    id=r.get("id"), images=r.get("images"), videos=r.get("videos"),
-                   response_format=r.get("response_format"), tool_choice=r.get("tool_choice"), lora=r.get("lora"))
+                   response_format=r.get("response_format"), tool_choice=r.get("tool_choice"), lora=r.get("lora"),
+                   chat_template_kwargs=r.get("chat_template_kwargs"))
   if isinstance(r, (list, tuple, np.ndarray)):
     return Request(prompt=list(r))
   raise InputError(f"a request must be text, token ids or a dict, got {type(r).__name__}.")

@@ -52,20 +52,42 @@ def parse(text: str, *, key: str | None = None) -> ToolCallParse:
   key: makes the call ids deterministic ("call_" + a hash of key and the call's position), so that serving the
     same request again writes the same ids; without it the ids are random.
   """
+  content, calls, errors, _ = _split(text, key, partial=False)
+  return ToolCallParse(content=content.strip() or None, calls=calls, errors=errors)
+
+
+def parse_partial(text: str, *, key: str) -> tuple[str, list[dict[str, Any]]]:
+  """What of a text still being generated is settled: (its content so far, unstripped, and its calls so far). A
+  block that runs to the end of the text unclosed, and a trailing part of an opening tag, are not settled yet: they
+  are neither content nor a call. What this returns for a text is a prefix of what it returns for any longer text,
+  and of `parse(text, key=key)`'s content and calls (ids included), once stripped."""
+  content, calls, _, _ = _split(text, key, partial=True)
+  return content, calls
+
+
+def _split(text: str, key: str | None, partial: bool) -> tuple[str, list[dict[str, Any]], list[str], int]:
   pieces, calls, errors = [], [], []
   pos = block = 0
   while (start := text.find(OPEN, pos)) >= 0:
     pieces.append(text[pos:start])
     block += 1
     call, end, problem = _read_block(text, start + len(OPEN))
+    if partial and end == len(text) and not text.endswith(CLOSE):  # may yet close, or go on
+      return "".join(pieces), calls, errors, start
     if problem is None:
       calls.append(_openai_call(call, _call_id(key, len(calls))))
     else:
       errors.append(f"tool call block {block}: {problem}")
       pieces.append(text[start:end])
     pos = end
-  pieces.append(text[pos:])
-  return ToolCallParse(content="".join(pieces).strip() or None, calls=calls, errors=errors)
+  tail = text[pos:]
+  if partial:  # a trailing "<tool_c" may be the start of a block
+    for n in range(min(len(OPEN) - 1, len(tail)), 0, -1):
+      if tail.endswith(OPEN[:n]):
+        tail = tail[:-n]
+        break
+  pieces.append(tail)
+  return "".join(pieces), calls, errors, len(text)
 
 
 def _skip_space(text: str, i: int) -> int:

@@ -222,9 +222,8 @@ def test_the_probe_and_the_benchmark_parts_import_beside_a_launch_script():
   define a flag at import that a launch script defines too (the probe's --output met batch_generate's in CI)."""
   parts = ["cpu_paths", "perplexity", "decode_profile", "speculative", "adapters", "concurrency", "job", "prefix",
            "workload", "report"]
-  code = ("import importlib\n"
-          "for name in ('launch.batch_generate', *(f'launch.bench.{p}' for p in %r)):\n"
-          "  importlib.import_module(name)\n" % (parts,))
+  code = (f"import importlib\nfor name in ('launch.batch_generate', *('launch.bench.' + p for p in {parts!r})):\n"
+          "  importlib.import_module(name)\n")
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
 

@@ -14,7 +14,18 @@ from qwenjax.model.qwen2_vl import VL_PRESETS, Qwen2VL, QwenVLConfig
 from qwenjax.multimodal.positions import mrope_positions, vl_prompt
 from qwenjax.multimodal.processing import VisualInput
 
-from conftest import END, IMAGE, PROCESSOR, START, VIDEO, VL_TEMPLATE, VOCAB, build_tiny_vl  # noqa: F401
+from conftest import (  # noqa: F401
+  END,
+  IMAGE,
+  PROCESSOR,
+  START,
+  VIDEO,
+  VL_TEMPLATE,
+  VOCAB,
+  build_tiny_vl,
+  hf_vl_chat_greedy,
+  save_png,
+)
 
 
 @pytest.fixture(scope="module")
@@ -220,44 +231,6 @@ def test_int8_vision_tower_and_decoder_match_a_fake_quantized_reference(tiny_vl)
 
 # --- The engine: chat requests with images, mixed with text, through continuous batching -----------------------
 
-def _png(path, height, width, seed):
-  from PIL import Image
-
-  rng = np.random.default_rng(seed)
-  Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
-  return path
-
-
-def _hf_chat_greedy(d, hf, messages, images, n):
-  """transformers' greedy tokens for a chat with images: its tokenizer renders the template, its image processor
-  makes the pixels, each pad expands to grid / 4 copies (what its processor class would do)."""
-  import transformers
-  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-  tokenizer = transformers.AutoTokenizer.from_pretrained(d)
-  ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-  cfg = hf.config
-  inputs = {}
-  if images:
-    processed = Qwen2VLImageProcessorPil.from_pretrained(d)(images=images, return_tensors="pt")
-    grids = processed["image_grid_thw"].tolist()
-    expanded, k = [], 0
-    for t in ids:
-      if t == cfg.image_token_id:
-        expanded += [t] * (int(np.prod(grids[k])) // 4)
-        k += 1
-      else:
-        expanded.append(t)
-    ids = expanded
-    inputs = {"pixel_values": processed["pixel_values"], "image_grid_thw": processed["image_grid_thw"]}
-  input_ids = torch.tensor([ids])
-  kinds = (input_ids == cfg.image_token_id).long()
-  with torch.no_grad():
-    out = hf.generate(input_ids=input_ids, mm_token_type_ids=kinds, **inputs, max_new_tokens=n, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
-  return len(ids), out[0, len(ids):].tolist()
-
-
 @pytest.mark.parametrize("impl,speculative", [("xla", None), ("pallas", None), ("xla", "ngram")])
 def test_engine_images_in_chat_match_transformers(tiny_vl_chat, tmp_path, impl, speculative):
   """Images of different sizes from a path, a data: URL and PIL, mixed with a text request, two slots, prompts
@@ -271,8 +244,8 @@ def test_engine_images_in_chat_match_transformers(tiny_vl_chat, tmp_path, impl, 
   from qwenjax import Engine, SamplingParams
 
   d, hf = tiny_vl_chat
-  a = _png(tmp_path / "a.png", 60, 90, 0)
-  b = _png(tmp_path / "b.png", 120, 50, 1)
+  a = save_png(tmp_path / "a.png", 60, 90, 0)
+  b = save_png(tmp_path / "b.png", 120, 50, 1)
   data_url = "data:image/png;base64," + base64.b64encode(b.read_bytes()).decode()
   chats = [
       ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(a)}},
@@ -290,7 +263,7 @@ def test_engine_images_in_chat_match_transformers(tiny_vl_chat, tmp_path, impl, 
   for (messages, paths), out in zip(chats, outs):
     hf_messages = [dict(m, content=[{"type": "image"} if p.get("type") != "text" else p for p in m["content"]])
                    if isinstance(m["content"], list) else m for m in messages]
-    prompt_len, expected = _hf_chat_greedy(d, hf, hf_messages, [Image.open(p) for p in paths], n)
+    prompt_len, expected = hf_vl_chat_greedy(d, hf, hf_messages, [Image.open(p) for p in paths], n)
     assert out.usage["prompt_tokens"] == prompt_len
     assert out.token_ids == expected
   if speculative:
@@ -325,8 +298,8 @@ def test_launch_generate_and_batch_jsonl_with_images(tiny_vl_chat, tmp_path, tmp
 
   repo = pathlib.Path(__file__).resolve().parents[2]
   d, hf = tiny_vl_chat
-  a = _png(tmp_path / "a.png", 70, 70, 4)
-  b = _png(tmp_path / "b.png", 40, 130, 5)
+  a = save_png(tmp_path / "a.png", 70, 70, 4)
+  b = save_png(tmp_path / "b.png", 40, 130, 5)
   broken = tmp_path_factory.mktemp("m") / "broken.jpg"  # short enough for the error to name it in full
   broken.write_text("not an image")
   n = 8
@@ -335,7 +308,7 @@ def test_launch_generate_and_batch_jsonl_with_images(tiny_vl_chat, tmp_path, tmp
                         cwd=repo, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   image_then_text = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-  assert json.loads(proc.stdout)["token_ids"] == _hf_chat_greedy(d, hf, image_then_text, [Image.open(a)], n)[1]
+  assert json.loads(proc.stdout)["token_ids"] == hf_vl_chat_greedy(d, hf, image_then_text, [Image.open(a)], n)[1]
 
   def line(key, image):
     return {"id": key, "messages": [{"role": "user", "content": [
@@ -353,7 +326,7 @@ def test_launch_generate_and_batch_jsonl_with_images(tiny_vl_chat, tmp_path, tmp
   assert sorted(results) == ["a", "b", "bad", "text"]
   assert "broken.jpg" in results["bad"]["error"]
   for key, image in (("a", a), ("b", b)):
-    assert results[key]["token_ids"] == _hf_chat_greedy(d, hf, image_then_text, [Image.open(image)], n)[1], key
+    assert results[key]["token_ids"] == hf_vl_chat_greedy(d, hf, image_then_text, [Image.open(image)], n)[1], key
   assert len(results["text"]["token_ids"]) == n
 
 
@@ -371,7 +344,7 @@ def test_engine_video_from_frame_directory_matches_transformers(tiny_vl_chat, tm
   frames = tmp_path / "frames"
   frames.mkdir()
   for i in range(3):
-    _png(frames / f"{i:03d}.png", 56, 84, 10 + i)
+    save_png(frames / f"{i:03d}.png", 56, 84, 10 + i)
   messages = [{"role": "user", "content": [{"type": "video", "video": str(frames)},
                                            {"type": "text", "text": "What happens?"}]}]
   n = 8
