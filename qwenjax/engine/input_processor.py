@@ -74,6 +74,9 @@ class InputProcessor:
     if extra is not None and (messages is None or not isinstance(extra, dict)
                               or not all(isinstance(k, str) for k in extra)):
       raise InputError("chat_template_kwargs must be an object of template variables, and goes with 'messages'.")
+    own = sorted({"messages", "tools", "add_generation_prompt", "tokenize"} & set(extra or ()))
+    if own:
+      raise InputError(f"chat_template_kwargs may not set {own[0]!r}: the request sets it.")
     if messages is not None:
       self._refuse_far_over([(f"messages[{i}]", _content_text(m)) for i, m in enumerate(messages)])
       ids = self.tokenizer.apply_chat_template(messages, tools=request.tools, add_generation_prompt=True,

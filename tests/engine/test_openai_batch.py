@@ -440,3 +440,28 @@ def test_a_tool_history_line_renders_as_transformers_renders_it(tiny):
   want = transformers.AutoTokenizer.from_pretrained(d).apply_chat_template(
       with_dicts, tools=[WEATHER, CLOCK], add_generation_prompt=True, tokenize=True, return_dict=False)
   assert ids == list(want)
+
+
+def test_chat_template_kwargs_reach_the_template_as_transformers_passes_them(tiny, tmp_path):
+  """A template with a variable of its own (Qwen3's enable_thinking, say): a line's chat_template_kwargs render the
+  prompt transformers renders with the same keyword; a reserved name or a non-object is that line's error."""
+  d, model, _ = tiny
+  template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+              "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+              "<think>\n\n</think>\n\n{% endif %}")
+  save_tiny_tokenizer_dir(tmp_path, chat_template=template)
+  engine = Engine(model, Tokenizer.from_directory(tmp_path), eos_token_ids=(), max_seq_len=256)
+  hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  messages = [{"role": "user", "content": "Hi"}]
+  for kwargs in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+    line = _line("t", {"messages": messages, "chat_template_kwargs": kwargs})
+    ids = engine.prepare(openai_batch.to_request(line, SamplingParams()))
+    assert ids == list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False, **kwargs))
+  assert engine.prepare(openai_batch.to_request(_line("t", {"messages": messages, "chat_template_kwargs": {
+      "enable_thinking": False}}), SamplingParams())) != engine.prepare(Request(messages=messages))
+  with pytest.raises(InputError, match="chat_template_kwargs must be an object"):
+    openai_batch.to_request(_line("t", {"messages": messages, "chat_template_kwargs": ["x"]}), SamplingParams())
+  with pytest.raises(InputError, match="'messages'"):
+    engine.prepare(openai_batch.to_request(_line("t", {"messages": messages, "chat_template_kwargs": {
+        "messages": []}}), SamplingParams()))

@@ -449,13 +449,14 @@ def _free_port() -> int:
 
 
 def test_sigterm_finishes_running_requests_and_exits_0(tiny):
-  """launch.serve as users run it: the key from $QWENJAX_API_KEY; on SIGTERM a running stream still ends with
-  [DONE], new connections are refused, and the process exits 0."""
+  """launch.serve as users run it (with batch_generate's speculative flags): the key from $QWENJAX_API_KEY; on
+  SIGTERM a running stream still ends with [DONE], new connections are refused, and the process exits 0."""
   d = tiny[0]
   port = _free_port()
   env = dict(os.environ, QWENJAX_API_KEY=KEY)
   proc = subprocess.Popen([sys.executable, "-m", "launch.serve", f"--model={d}", f"--port={port}", "--nowarm_up",
-                           "--max_seq_len=256", "--max_batch_size=2", "--shutdown_grace=60"],
+                           "--max_seq_len=256", "--max_batch_size=2", "--shutdown_grace=60",
+                           "--speculative_method=ngram", "--prompt_lookup_min=1"],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     url = f"http://127.0.0.1:{port}"
