@@ -103,7 +103,7 @@ import time
 from absl import app, flags, logging
 
 from launch import _cli
-from launch.bench import adapters, concurrency, costs, decode_profile, job, prefix, probes, speculative, workload
+from launch.bench import adapters, concurrency, costs, decode_profile, job, prefix, probes, serve, speculative, workload
 from launch.bench.measure import add_fractions, agreement, measure, peak_rss_gib, positive_integers
 from launch.bench.report import compute_ratios, format_table, machine, plot, round_figures, versions
 
@@ -161,6 +161,15 @@ _SPECULATIVE = flags.DEFINE_bool("speculative", False, "Also serve input-grounde
 _SPECULATIVE_NEW_TOKENS = flags.DEFINE_integer("speculative_new_tokens", 256, "Most tokens per request there.",
                                                lower_bound=1)
 _SPECULATIVE_K = flags.DEFINE_integer("speculative_k", 4, "num_speculative_tokens there.", lower_bound=1)
+_SERVE = flags.DEFINE_bool("serve", False, "Also serve through launch.serve's app over loopback with the openai "
+                          "client: 8 requests one after another and at once, the time to first token idle and under "
+                          "16 streams, and --serve_requests requests from --serve_clients clients against the same "
+                          "as a batch job (launch/bench/serve.py), for the float model.")
+_SERVE_REQUESTS = flags.DEFINE_integer("serve_requests", 128, "Requests of the server's load test.", lower_bound=4)
+_SERVE_CLIENTS = flags.DEFINE_integer("serve_clients", 16, "Concurrent clients of the server's load test.",
+                                      lower_bound=1)
+_SERVE_MAX_BATCH_SIZE = flags.DEFINE_integer("serve_max_batch_size", 16, "The served engine's decode slots.",
+                                             lower_bound=1)
 _PROFILE = flags.DEFINE_bool("profile", False, "Also profile each qwenjax engine's decode step at --batch_sizes "
                               "(launch.bench.decode_profile, a process per engine): the time of each part of the "
                               "model, and each projection's weight bytes over it against the measured bandwidth.")
@@ -336,6 +345,14 @@ def main(argv):
     del spec_models
     gc.collect()
 
+  if _SERVE.value:
+    if tokenizer is None:
+      _cli.fail("--serve serves chat requests: pass --model, not --preset")
+    sections["serve"] = {"qwenjax": serve.measure(model, tokenizer, max_batch_size=_SERVE_MAX_BATCH_SIZE.value,
+                                                  load_requests=_SERVE_REQUESTS.value,
+                                                  clients=_SERVE_CLIENTS.value)}
+    gc.collect()
+
   logging.info("Probing the device's limits again.")
   probe_runs.append(probes.probe_device(dtype))
   limits = probes.device_limits(dtype, probe_runs)
@@ -373,6 +390,8 @@ def main(argv):
   print(format_table(report))
   if "speculative" in report:
     print(speculative.format_table(report["speculative"]))
+  if "serve" in report:
+    print(serve.format_table(report["serve"]))
   if "decode_profile" in report and "skipped" not in report["decode_profile"]:
     print(decode_profile.format_profiles(report["decode_profile"]))
   print(f"report: {out_dir / 'report.json'}  plot: {out_dir / 'tokens_per_s.png'}")

@@ -6,7 +6,8 @@ r"""The server under load, through the official openai client over loopback (lau
 In one process, on one engine, side by side:
 - sequential vs concurrent: 8 chat requests (64 tokens each, end of sequence ignored) one after another, then the
   same 8 from 8 clients at once; the ratio of the wall times is what continuous batching gives online clients;
-- time to first token: a streamed request alone (median of 5), and each of 16 streams started together;
+- time to first token: a streamed request alone (median of 5, each hung up after its first token), and each of 16
+  streams started together and read to their ends;
 - throughput under load: --load_requests mixed chat requests (launch.bench.workload.job_requests) from --clients
   concurrent clients, against the same requests served as a batch job (`Engine.generate`) before the server took
   the engine; every response is checked (text, finish reason, usage), and the process's resident memory is read
@@ -69,13 +70,18 @@ async def _chat(client, request: dict, **kw):
                                               stop=sampling.get("stop"), **kw)
 
 
-async def _ttft(client, request: dict) -> float:
+async def _ttft(client, request: dict, whole: bool) -> float:
+  """Seconds to a streamed request's first content; whole: read the stream to its end (else hang up there, which
+  aborts the rest of the request)."""
   start = time.perf_counter()
   stream = await _chat(client, request, stream=True)
   first = None
   async for chunk in stream:
     if first is None and chunk.choices and chunk.choices[0].delta.content:
       first = time.perf_counter() - start
+      if not whole:
+        break
+  await stream.close()
   return first if first is not None else float("nan")
 
 
@@ -103,8 +109,8 @@ async def _measure(base_url: str, fixed: list[dict], load: list[dict], wants: li
     out["sequential_vs_concurrent"] = {"requests": len(fixed), "new_tokens": _SEQUENTIAL_TOKENS,
                                        "sequential_s": sequential, "concurrent_s": concurrent,
                                        "speedup": sequential / concurrent}
-    idle = [await _ttft(client, fixed[i % len(fixed)]) for i in range(5)]
-    loaded = await asyncio.gather(*(_ttft(client, fixed[i % len(fixed)]) for i in range(16)))
+    idle = [await _ttft(client, fixed[i % len(fixed)], whole=False) for i in range(5)]
+    loaded = await asyncio.gather(*(_ttft(client, fixed[i % len(fixed)], whole=True) for i in range(16)))
     out["time_to_first_token_s"] = {"idle_median": statistics.median(idle), "streams_16_median":
                                     statistics.median(loaded), "streams_16_max": max(loaded)}
 

@@ -33,8 +33,10 @@ accepts, and once the grammar is complete only them.
 
 from __future__ import annotations
 
+import collections
 import json
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -43,6 +45,8 @@ import llguidance.numpy as llg_numpy
 import numpy as np
 
 from qwenjax._errors import InputError
+
+_MAX_COMPILED = 1024  # grammars kept compiled: a job's or a server's distinct schemas, tools and regexes
 
 TOOL_CALL, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 # The finish_reason of a constrained sequence whose matcher refused a token (a grammar resource limit; the mask
@@ -119,7 +123,10 @@ class Grammars:
     self._real = pack_ids(real, vocab_size)  # [W]: ids a constrained row may ever sample
     self.tool_call_id = backend.token_to_id(TOOL_CALL)
     self.tool_call_end_id = backend.token_to_id(TOOL_CALL_END)
-    self._compiled: dict[str, str | InputError] = {}  # canonical spec -> llguidance grammar, or its error
+    # canonical spec -> llguidance grammar, or its error; the most recently used _MAX_COMPILED (a server meets
+    # new schemas for as long as it runs)
+    self._compiled: collections.OrderedDict[str, str | InputError] = collections.OrderedDict()
+    self._lock = threading.Lock()
     self.compiled = 0  # grammars compiled (distinct specs seen)
 
   # --- Specs --------------------------------------------------------------------------------------------
@@ -164,26 +171,33 @@ class Grammars:
     return Constraint(matcher, allowed, pack_ids(stop_ids, self.vocab_size))
 
   def _grammar(self, grammar: tuple[str, Any]) -> str:
-    """The llguidance grammar of (kind, source), compiled and checked once; InputError if it is invalid."""
+    """The llguidance grammar of (kind, source), compiled and checked once; InputError if it is invalid. Safe from
+    several threads (a server prepares requests off the thread that steps)."""
     key = json.dumps(grammar, sort_keys=True)
-    if key not in self._compiled:
-      self.compiled += 1
-      kind, source = grammar
-      try:
-        if kind == "json_schema":
-          text = llguidance.LLMatcher.grammar_from_json_schema(source, defaults=_JSON_LAYOUT)
-        elif kind == "regex":
-          text = llguidance.LLMatcher.grammar_from_regex(source)
-        else:
-          text = llguidance.LLMatcher.grammar_from_lark(source)
-        problem = llguidance.LLMatcher.validate_grammar(text, self._tokenizer) or self._first_mask_problem(text)
-      except (ValueError, TypeError) as e:
-        problem = str(e)
-      self._compiled[key] = InputError(f"invalid {_WHAT[kind]}: {_first_line(problem)}") if problem else text
-    found = self._compiled[key]
+    with self._lock:
+      if key not in self._compiled:
+        self.compiled += 1
+        self._compiled[key] = self._compile(*grammar)
+        while len(self._compiled) > _MAX_COMPILED:
+          self._compiled.popitem(last=False)
+      self._compiled.move_to_end(key)
+      found = self._compiled[key]
     if isinstance(found, InputError):
       raise found
     return found
+
+  def _compile(self, kind: str, source: Any) -> str | InputError:
+    try:
+      if kind == "json_schema":
+        text = llguidance.LLMatcher.grammar_from_json_schema(source, defaults=_JSON_LAYOUT)
+      elif kind == "regex":
+        text = llguidance.LLMatcher.grammar_from_regex(source)
+      else:
+        text = llguidance.LLMatcher.grammar_from_lark(source)
+      problem = llguidance.LLMatcher.validate_grammar(text, self._tokenizer) or self._first_mask_problem(text)
+    except (ValueError, TypeError) as e:
+      problem = str(e)
+    return InputError(f"invalid {_WHAT[kind]}: {_first_line(problem)}") if problem else text
 
   def _first_mask_problem(self, text: str) -> str | None:
     """Why a grammar that validates still cannot be used, found by computing its first mask once (a recursive

@@ -128,7 +128,9 @@ class EngineLoop:
         self._handles[request.id] = (handle, loop)
         try:
           self.engine.add_request(request, prompt=prompt)
-        except InputError as e:
+        except Exception as e:  # noqa: BLE001 (that request's failure, not the loop's: InputError -> 400, else 500)
+          if not isinstance(e, InputError):
+            logging.exception("Adding request %s failed.", request.id)
           self._deliver(request.id, _Failure(e))
       else:
         request_id = command[1]

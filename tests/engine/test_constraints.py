@@ -19,7 +19,7 @@ import torch
 
 from qwenjax import InputError
 from qwenjax.checkpoints.hf import load_model
-from qwenjax.engine import sampling
+from qwenjax.engine import constraints, sampling
 from qwenjax.engine.engine import Engine
 from qwenjax.engine.profiling import count_compilations
 from qwenjax.engine.requests import Request
@@ -291,3 +291,18 @@ def test_constrained_rows_beside_speculating_ones_decode_as_without_speculation(
   spec = engine.generate(requests)
   assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
   assert engine.stats()["spec_verify_rows"] > 0
+
+
+def test_the_compiled_grammars_kept_are_bounded_and_the_least_recent_goes_first(tiny, monkeypatch):
+  """A server meets new schemas for as long as it runs: only the most recently used _MAX_COMPILED stay compiled;
+  one dropped is compiled again when it comes back, one kept is not."""
+  engine = _engine(tiny)
+  monkeypatch.setattr(constraints, "_MAX_COMPILED", 2)
+  regex = lambda r: Request(prompt="x", response_format={"type": "regex", "regex": r})
+  for r in ("a+", "b+", "a+", "c+"):  # a+ used again after b+: b+ is the least recent when c+ comes
+    engine.prepare(regex(r))
+  assert engine.grammars.compiled == 3
+  engine.prepare(regex("a+"))
+  assert engine.grammars.compiled == 3  # kept
+  engine.prepare(regex("b+"))
+  assert engine.grammars.compiled == 4  # dropped, compiled again

@@ -15,7 +15,7 @@ from flax import nnx
 from PIL import Image
 
 import qwenjax
-from launch.bench import adapters, concurrency, job, prefix, workload
+from launch.bench import adapters, concurrency, job, prefix, serve, workload
 from launch.bench.report import compute_ratios
 
 from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
@@ -347,3 +347,17 @@ def test_prefix_section_shares_the_header_and_changes_no_completion(checkpoint):
   assert section["unshared"]["computed_prompt_tokens"] == section["prompt_tokens"]
   assert section["shared"]["computed_prompt_tokens"] <= 1.1 * unique
   assert section["shared"]["cached_tokens"] + section["shared"]["computed_prompt_tokens"] == section["prompt_tokens"]
+
+
+def test_serve_section_answers_every_request_as_the_batch_job_did(checkpoint):
+  """--serve on a tiny checkpoint: every reply the server gave under load equals the batch job's (text, finish
+  reason, usage; measure raises otherwise), and the figures are there and consistent."""
+  loaded = qwenjax.load(str(checkpoint), dtype="float32")
+  section = serve.measure(loaded.model, loaded.tokenizer, max_batch_size=4, load_requests=8, clients=3)
+  load, batch = section["load"], section["batch_job"]
+  assert load["all_valid"] and load["requests"] == batch["requests"] == 8 and load["clients"] == 3
+  assert load["generated_tokens"] == batch["generated_tokens"] > 0
+  assert section["sequential_vs_concurrent"]["requests"] == 8 and section["sequential_vs_concurrent"]["speedup"] > 0
+  assert 0 < section["time_to_first_token_s"]["idle_median"] and section["time_to_first_token_s"]["streams_16_max"] > 0
+  assert section["engine_stats"]["requests_running"] == 0
+  assert "server (openai client over loopback)" in serve.format_table({"qwenjax": section})
