@@ -73,7 +73,7 @@ _KIND_NAMES = {int: "integer", float: "number", bool: "boolean", str: "string", 
 def read_field(obj: Mapping[str, Any], key: str, kind: type, source: str, default: Any = REQUIRED, *,
                positive: bool = False, within: str | None = None) -> Any:
   """obj[key] checked, never coerced, against `kind`: int (a JSON integer: not true, not 2.0), float (a finite
-  JSON number, returned as float), bool, str, dict, or list[int] / list[float] (returned as a tuple).
+  JSON number, returned as float), bool, str, dict, or list[int] / list[float] / list[str] (returned as a tuple).
   positive: numbers (or list items) must be > 0. A missing or null field is `default`, or, if REQUIRED, a
   ConfigError. Errors name `source` (the file) and the field; `within`: the object holding it ("vision_config")."""
   value = obj.get(key)
@@ -120,7 +120,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class QwenConfig:
-  """Hyperparameters of a Qwen2 / Qwen2.5 decoder (`Qwen2ForCausalLM`)."""
+  """Hyperparameters of a Qwen2 / Qwen2.5 or Qwen3 dense decoder (`Qwen2ForCausalLM`, `Qwen3ForCausalLM`)."""
 
   vocab_size: int
   hidden_size: int
@@ -146,6 +146,9 @@ class QwenConfig:
   # projections, and no per-head RMSNorm of q and k (over head_dim, before RoPE; Qwen3 has one, Qwen2 does not).
   attention_bias: bool = True
   qk_norm: bool = False
+  # transformers' `layer_types` ("full_attention" / "sliding_attention" per layer); None: derived from
+  # max_window_layers. Either way a layer slides only with use_sliding_window, as transformers reads them.
+  layer_types: tuple[str, ...] | None = None
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -159,15 +162,24 @@ class QwenConfig:
     if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
       raise ConfigError(f"mrope_section {list(self.mrope_section)} does not sum to head_dim / 2 "
                         f"({self.head_dim // 2}).")
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers:
+        raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers.")
+      unknown = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+      if unknown:
+        raise ConfigError(f"layer_types holds {unknown[0]!r} (expected full_attention or sliding_attention).")
 
   def layer_windows(self) -> np.ndarray:
     """[L] int32: the sliding-window span of each layer, or a span larger than any position for full attention.
 
-    Hugging Face's Qwen2 slides the window on layers >= max_window_layers when use_sliding_window is set.
+    Hugging Face's Qwen2 and Qwen3 slide the window on the layers `layer_types` calls "sliding_attention" (by
+    default those >= max_window_layers), and only when use_sliding_window is set.
     """
     full = np.iinfo(np.int32).max
-    return np.array([self.sliding_window if self.use_sliding_window and i >= self.max_window_layers else full
-                     for i in range(self.num_layers)], np.int32)
+    types = self.layer_types or tuple("sliding_attention" if i >= self.max_window_layers else "full_attention"
+                                      for i in range(self.num_layers))
+    return np.array([self.sliding_window if self.use_sliding_window and t == "sliding_attention" else full
+                     for t in types], np.int32)
 
   def rope_frequencies(self) -> tuple[np.ndarray, float]:
     """Inverse frequencies [H/2] (float32) and the factor that scales cos and sin (YaRN's attention factor)."""
@@ -210,15 +222,23 @@ class QwenConfig:
 
   @classmethod
   def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> QwenConfig:
-    """Builds the config from a Qwen2 `config.json` dict, in the form Qwen ships or transformers 5 writes. Each
-    field's type is checked, not coerced: ConfigError naming `source` and the field."""
+    """Builds the config from a Qwen2 or Qwen3 dense `config.json` dict, in the form Qwen ships or transformers 5
+    writes. Each field's type is checked, not coerced: ConfigError naming `source` and the field. Qwen3's
+    attention has q/k norms and, unless `attention_bias` says otherwise, no q/k/v biases; Qwen2's has biases."""
     model_type = hf.get("model_type")
-    if model_type not in (None, "qwen2", "qwen2_5_vl_text"):
-      raise ConfigError(f"{source}: model_type {model_type!r} is not a Qwen2 dense decoder (expected 'qwen2').")
+    if model_type is None and hf.get("architectures") == ["Qwen3ForCausalLM"]:
+      model_type = "qwen3"
+    if model_type not in (None, "qwen2", "qwen2_5_vl_text", "qwen3"):
+      raise ConfigError(f"{source}: model_type {model_type!r} is not a Qwen2 or Qwen3 dense decoder (expected "
+                        "'qwen2' or 'qwen3').")
+    qwen3 = model_type == "qwen3"
 
     def field(key, kind, default=REQUIRED, positive=False):
       return read_field(hf, key, kind, source, default, positive=positive)
 
+    if qwen3 and field("attention_bias", bool, False):
+      raise ConfigError(f"{source}: attention_bias is true, which in Qwen3 also puts a bias on o_proj; qwenjax's "
+                        "Qwen3 has none (no released Qwen3 sets it).")
     rope = dict(field("rope_parameters", dict, {}))  # transformers-5 form
     legacy = field("rope_scaling", dict, {})  # the form Qwen's released configs use
     rope.update(legacy)
@@ -257,7 +277,9 @@ class QwenConfig:
         sliding_window=field("sliding_window", int, None, positive=True) if use_sw else None,
         max_window_layers=field("max_window_layers", int, 0), bos_token_id=field("bos_token_id", int, None),
         eos_token_ids=eos if isinstance(eos, tuple) else (eos,),
-        mrope_section=rope_field("mrope_section", list[int], None, positive=True))
+        mrope_section=rope_field("mrope_section", list[int], None, positive=True),
+        attention_bias=not qwen3, qk_norm=qwen3,
+        layer_types=field("layer_types", list[str], None))
     try:
       return cls(rope_scaling=None if scaling is None else RopeScaling(**scaling), **kw)
     except ConfigError as e:
@@ -271,7 +293,9 @@ class QwenConfig:
     """Parameter count from the formula (the eval_shape test checks it against the module tree)."""
     d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
     q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-    per_layer = d * q + q + 2 * (d * kv + kv) + q * d + 3 * d * f + 2 * d
+    biases = q + 2 * kv if self.attention_bias else 0
+    norms = 2 * self.head_dim if self.qk_norm else 0
+    per_layer = d * q + 2 * d * kv + biases + norms + q * d + 3 * d * f + 2 * d
     return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
 
 

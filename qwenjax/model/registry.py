@@ -66,6 +66,12 @@ ENTRIES: tuple[ModelEntry, ...] = (
         name="qwen2", config="qwenjax.config:QwenConfig", module="qwenjax.model.decoder:Qwen2",
         model_types=("qwen2", "qwen2_5_vl_text"), architectures=("Qwen2ForCausalLM",), gguf_architectures=("qwen2",),
         weights=_DECLARED + "; GGUF: qwenjax.checkpoints.gguf_file.NAME_TABLES['qwen2']"),
+    # Qwen3 dense: the same decoder with q/k norms and (by default) no q/k/v biases, which QwenConfig reads from
+    # model_type "qwen3"; for_config / for_model answer qwen2 for it (the same classes).
+    ModelEntry(
+        name="qwen3", config="qwenjax.config:QwenConfig", module="qwenjax.model.decoder:Qwen2",
+        model_types=("qwen3",), architectures=("Qwen3ForCausalLM",),
+        weights=_DECLARED + "; no GGUF form yet"),
     ModelEntry(
         name="qwen2_5_vl", config="qwenjax.model.qwen2_vl:QwenVLConfig", module="qwenjax.model.qwen2_vl:Qwen2VL",
         model_types=("qwen2_5_vl",), architectures=("Qwen2_5_VLForConditionalGeneration",), multimodal=True,

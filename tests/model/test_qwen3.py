@@ -1,0 +1,151 @@
+"""Qwen3 dense against transformers' Qwen3ForCausalLM: config reading, parameter counts, logits within 1e-4 in
+float32 (prefill and decode), greedy tokens through the paged engine and launch.batch_generate."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from qwenjax import ConfigError, Engine, KVCache, SamplingParams, decode_step, prefill
+from qwenjax.checkpoints.hf import load_model
+from qwenjax.config import QwenConfig
+from qwenjax.model import registry
+
+from conftest import REPO, save_tiny_tokenizer_dir
+
+TOL = 1e-4
+
+CONFIGS = {
+    # head_dim 32 with hidden 64 and 4 heads (not hidden / heads = 16), GQA 2, tied embeddings.
+    "head_dim_tied": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                          tie_word_embeddings=True),
+    # GQA 8, untied, rope_theta 1e6.
+    "gqa8_untied": dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=1, head_dim=16,
+                        tie_word_embeddings=False, rope_theta=1e6),
+    # Sliding windows where layer_types says so (layers 1 and 2 of 3), window 8.
+    "sliding": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+                    sliding_window=8, max_window_layers=1, tie_word_embeddings=False),
+}
+
+
+def build_tiny_qwen3(directory, seed=0, **overrides):
+  kw = dict(vocab_size=320, intermediate_size=128, num_hidden_layers=3, max_position_embeddings=512,
+            rope_theta=1e4, bos_token_id=300, eos_token_id=301)
+  kw.update(overrides)
+  torch.manual_seed(seed)
+  model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw)).eval()
+  with torch.no_grad():  # widen the near-uniform random logits, so that greedy is not decided by float noise
+    for p in model.parameters():
+      if p.dim() == 2:
+        p.mul_(2.5)
+      elif p.dim() == 1:  # the RMSNorm weights (ones at init), q/k norms included: make them matter
+        p.copy_(1 + 0.3 * torch.randn_like(p))
+  model.save_pretrained(directory)
+  return model
+
+
+@pytest.fixture(params=sorted(CONFIGS), scope="module")
+def tiny(request, tmp_path_factory):
+  d = tmp_path_factory.mktemp(f"qwen3_{request.param}")
+  return d, build_tiny_qwen3(d, **CONFIGS[request.param])
+
+
+def test_config_reads_qwen3s_attention_and_counts_its_parameters(tiny):
+  d, hf = tiny
+  raw = json.loads((d / "config.json").read_text())
+  assert registry.for_hf_config(raw).name == "qwen3"
+  cfg = QwenConfig.from_file(d / "config.json")
+  assert cfg.qk_norm and not cfg.attention_bias and cfg.head_dim == hf.config.head_dim
+  assert cfg.num_params() == sum(p.numel() for p in hf.parameters())
+  assert hf.config.layer_types is not None
+  windows = cfg.layer_windows().tolist()
+  for i, kind in enumerate(hf.config.layer_types):
+    assert (windows[i] == hf.config.sliding_window) == (kind == "sliding_attention" and cfg.use_sliding_window)
+
+
+def test_prefill_then_decode_logits_match_transformers(tiny):
+  d, hf = tiny
+  model = load_model(d)
+  graphdef, params = nnx.split(model)
+  ids = np.random.default_rng(0).integers(0, 300, size=(2, 24))
+  with torch.no_grad():
+    ref = hf(torch.as_tensor(ids)).logits.numpy()
+  tokens = np.zeros((2, 32), np.int32)
+  tokens[:, :16] = ids[:, :16]
+  cache = KVCache.zeros(model.cfg, 2, 64)
+  logits, cache = prefill(graphdef, params, cache, jnp.asarray(tokens), jnp.array([16, 16]), all_logits=True)
+  np.testing.assert_allclose(np.asarray(logits)[:, :16], ref[:, :16], atol=TOL, rtol=0)
+  for t in range(16, 24):
+    logits, cache = decode_step(graphdef, params, cache, jnp.asarray(ids[:, t], jnp.int32))
+    np.testing.assert_allclose(np.asarray(logits), ref[:, t], atol=TOL, rtol=0, err_msg=f"decode step {t}")
+
+
+def test_greedy_tokens_through_the_paged_engine_match_transformers(tiny):
+  d, hf = tiny
+  engine = Engine(load_model(d), None, eos_token_ids=(), max_batch_size=4, max_seq_len=128, page_size=16)
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(0, 300, size=n).tolist() for n in (5, 17, 40)]
+  outs = engine.generate(prompts, SamplingParams(max_tokens=24))
+  for prompt, out in zip(prompts, outs):
+    with torch.no_grad():
+      want = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    assert out.token_ids == want[0, len(prompt):].tolist(), f"prompt of {len(prompt)} tokens"
+
+
+def test_batch_generate_serves_chat_lines_with_chat_template_kwargs(tmp_path, qwen_template):
+  """A Qwen3 checkpoint with a template that switches thinking off by a variable: chat lines with
+  chat_template_kwargs render as transformers renders them and generate its greedy tokens."""
+  template = qwen_template.replace(
+      "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}",
+      "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n    {%- if enable_thinking is "
+      "defined and enable_thinking is false %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n"
+      "{%- endif %}")
+  assert template != qwen_template
+  d = save_tiny_tokenizer_dir(tmp_path / "ckpt", chat_template=template)
+  hf = build_tiny_qwen3(d, vocab_size=512, **CONFIGS["head_dim_tied"])
+  tok = transformers.AutoTokenizer.from_pretrained(d)
+  messages = [{"role": "user", "content": "Hi there"}]
+  lines = [{"id": "off", "messages": messages, "chat_template_kwargs": {"enable_thinking": False},
+            "sampling": {"max_tokens": 8, "ignore_eos": True}},
+           {"custom_id": "on", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": messages, "max_tokens": 8, "ignore_eos": True}}]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  proc = subprocess.run([sys.executable, "-m", "launch.batch_generate", f"--model={d}",
+                         f"--input={tmp_path / 'in.jsonl'}", f"--output={tmp_path / 'out.jsonl'}", "--nowarm_up",
+                         "--max_seq_len=256"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+  records = {r["custom_id"] if "custom_id" in r else r["id"]: r for r in records}
+  for key, kwargs in (("off", {"enable_thinking": False}), ("on", {})):
+    ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                       **kwargs))
+    with torch.no_grad():
+      want = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    record = records[key]
+    text = record["text"] if key == "off" else record["response"]["body"]["choices"][0]["message"]["content"]
+    assert text == tok.decode(want, skip_special_tokens=True).rstrip("\ufffd"), key
+    usage = record["usage"] if key == "off" else record["response"]["body"]["usage"]
+    assert usage["prompt_tokens"] == len(ids)
+
+
+def test_malformed_qwen3_fields_are_one_error_naming_them(tmp_path):
+  base = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+  with pytest.raises(ConfigError, match="layer_types has 1 entries for 2 layers"):
+    QwenConfig.from_hf_config(dict(base, layer_types=["full_attention"]), "c.json")
+  with pytest.raises(ConfigError, match="'chunked_attention'"):
+    QwenConfig.from_hf_config(dict(base, layer_types=["full_attention", "chunked_attention"]), "c.json")
+  with pytest.raises(ConfigError, match="c.json: attention_bias must be a boolean"):
+    QwenConfig.from_hf_config(dict(base, attention_bias="no"), "c.json")
+  with pytest.raises(ConfigError, match="c.json: attention_bias is true, which in Qwen3 also puts a bias on o_proj"):
+    QwenConfig.from_hf_config(dict(base, attention_bias=True), "c.json")
+  assert not QwenConfig.from_hf_config(base, "c.json").attention_bias
+  assert QwenConfig.from_hf_config(dict(base, model_type="qwen2"), "c.json").attention_bias
