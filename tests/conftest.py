@@ -368,6 +368,36 @@ def hf_vl_chat_greedy(d, hf, messages, images, n):
   return len(ids), out[0, len(ids):].tolist()
 
 
+def gguf_tokenizer_metadata(tokenizer_dir, template, model="gpt2", pre="qwen2"):
+  """A gguf.GGUFWriter metadata writer storing the tokenizer of `tokenizer_dir` the way llama.cpp's converter does
+  (tests/checkpoints/test_gguf.py, test_convert.py, tests/model/test_qwen3.py)."""
+  import gguf
+
+  from qwenjax.text.tokenizer import Tokenizer
+
+  backend = Tokenizer.from_directory(tokenizer_dir).backend
+  tokens = [backend.id_to_token(i) for i in range(backend.get_vocab_size(with_added_tokens=True))]
+  merges = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["merges"]
+  merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+  added = {t.content: t.special for t in backend.get_added_tokens_decoder().values()}
+  types = [(gguf.TokenType.CONTROL if added[t] else gguf.TokenType.USER_DEFINED) if t in added
+           else gguf.TokenType.NORMAL for t in tokens]
+
+  def metadata(writer):
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_pad_token_id(tokens.index("<|endoftext|>"))
+    writer.add_bos_token_id(tokens.index("<|endoftext|>"))
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(template)
+
+  return metadata
+
+
 # --- The OpenAI-compatible server (tests/server) ---
 
 try:

@@ -103,8 +103,18 @@ _LAYER_NAMES = {  # Within blk.N -> within model.layers.N, in Hugging Face's ord
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Qwen3 dense (llama.cpp's `qwen3`): Qwen2's names without the q/k/v biases, with the per-head q/k norms.
+_QWEN3_LAYER_NAMES = {
+    **{g: hf for g, hf in _LAYER_NAMES.items() if not g.endswith(".bias") and g != "attn_output.weight"},
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
 # Each GGUF family's names, by its `qwenjax.model.registry` entry: (global names, names within blk.N).
-NAME_TABLES: dict[str, tuple[Mapping[str, str], Mapping[str, str]]] = {"qwen2": (_GLOBAL_NAMES, _LAYER_NAMES)}
+NAME_TABLES: dict[str, tuple[Mapping[str, str], Mapping[str, str]]] = {
+    "qwen2": (_GLOBAL_NAMES, _LAYER_NAMES), "qwen3": (_GLOBAL_NAMES, _QWEN3_LAYER_NAMES)}
+# What a family's config.json says it is.
+_HF_IDENTITY = {"qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
 # Sort keys (group, layer, position) putting embeddings first, then layers, then the final norm and head.
 _GLOBAL_ORDER = {"token_embd.weight": (0, 0, 0), "output_norm.weight": (2, 0, 0), "output.weight": (3, 0, 0)}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
@@ -128,11 +138,11 @@ class _Tensor(NamedTuple):
 
 
 class GGUFCheckpoint:
-  """A memory-mapped qwen2 GGUF file: Hugging Face config, tensors and tokenizer.
+  """A memory-mapped qwen2 or qwen3 GGUF file: Hugging Face config, tensors and tokenizer.
 
   Attributes:
     path: the file.
-    architecture: `general.architecture`, always "qwen2" (anything else fails to open).
+    architecture: `general.architecture`, "qwen2" or "qwen3" (anything else fails to open).
     metadata: every metadata key and its value (strings, numbers, bools, lists).
   """
 
@@ -154,11 +164,11 @@ class GGUFCheckpoint:
       except ConfigError:
         supported = ", ".join(repr(a) for e in registry.ENTRIES for a in e.gguf_architectures)
         raise CheckpointError(
-            f"{self.path} holds a {arch!r} model; this loader reads only {supported} (Qwen2/Qwen2.5 text) "
-            f"GGUF files, not qwen2vl, qwen2moe, qwen3 or other architectures."
+            f"{self.path} holds a {arch!r} model; this loader reads only {supported} (Qwen2/Qwen2.5 and Qwen3 "
+            f"dense text) GGUF files, not qwen2vl, qwen2moe, qwen3moe or other architectures."
         ) from None
-      self._tensors = _name_tensors(tensors, metadata.get("qwen2.block_count"), self.path,
-                                    NAME_TABLES[self.entry.name])
+      self._tensors = _name_tensors(tensors, metadata.get(f"{arch}.block_count"), self.path,
+                                    NAME_TABLES[self.entry.name], arch)
     except BaseException:
       self._mmap.close()
       raise
@@ -265,20 +275,29 @@ class GGUFCheckpoint:
     return values, scale
 
   def hf_config(self) -> dict[str, Any]:
-    """The Hugging Face `config.json` dict of Qwen2ForCausalLM that this file's metadata describes."""
-    hidden = self._int("qwen2.embedding_length")
-    heads = self._int("qwen2.attention.head_count")
-    kv_heads = self._int("qwen2.attention.head_count_kv", default=heads)
-    if heads <= 0 or hidden % heads or kv_heads <= 0 or heads % kv_heads:
+    """The Hugging Face `config.json` dict (Qwen2ForCausalLM's or Qwen3ForCausalLM's) this file's metadata
+    describes."""
+    a = self.architecture
+    hidden = self._int(f"{a}.embedding_length")
+    heads = self._int(f"{a}.attention.head_count")
+    kv_heads = self._int(f"{a}.attention.head_count_kv", default=heads)
+    head_dim = self.metadata.get(f"{a}.attention.key_length")  # Qwen3's own head size; else hidden / heads
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads or (head_dim is None and hidden % heads):
       raise CheckpointError(
           f"{self.path} declares {heads} attention heads and {kv_heads} key/value heads for hidden "
-          f"size {hidden}; Qwen2 needs heads dividing the hidden size and key/value heads dividing heads."
+          f"size {hidden}; {a} needs heads dividing the hidden size (or {a}.attention.key_length) and key/value "
+          f"heads dividing heads."
       )
-    rotary = self.metadata.get("qwen2.rope.dimension_count")
-    if rotary is not None and rotary != hidden // heads:
+    head_dim = hidden // heads if head_dim is None else self._int(f"{a}.attention.key_length")
+    value_length = self.metadata.get(f"{a}.attention.value_length", head_dim)
+    if value_length != head_dim:
+      raise CheckpointError(f"{self.path} has keys of {head_dim} and values of {value_length} dims per head "
+                            f"({a}.attention.key_length / value_length); {a} has one head size.")
+    rotary = self.metadata.get(f"{a}.rope.dimension_count")
+    if rotary is not None and rotary != head_dim:
       raise CheckpointError(
-          f"{self.path} rotates {rotary} of each head's {hidden // heads} dims "
-          f"(qwen2.rope.dimension_count); Qwen2 rotates the whole head."
+          f"{self.path} rotates {rotary} of each head's {head_dim} dims "
+          f"({a}.rope.dimension_count); {a} rotates the whole head."
       )
     if "model.embed_tokens.weight" in self._tensors:
       vocab = self.tensor_shape("model.embed_tokens.weight")[0]
@@ -292,19 +311,21 @@ class GGUFCheckpoint:
       raise CheckpointError(
           f"{self.path} lists {len(tokens)} tokens but token_embd.weight has only {vocab} rows."
       )
+    architecture, model_type = _HF_IDENTITY[a]
     config: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": self._int("qwen2.feed_forward_length"),
-        "num_hidden_layers": self._int("qwen2.block_count"),
+        "intermediate_size": self._int(f"{a}.feed_forward_length"),
+        "num_hidden_layers": self._int(f"{a}.block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
+        **({"head_dim": head_dim} if a == "qwen3" else {}),
         "hidden_act": "silu",
-        "rms_norm_eps": _float32_repr(self._number("qwen2.attention.layer_norm_rms_epsilon")),
-        "rope_theta": _float32_repr(self._number("qwen2.rope.freq_base", default=10000.0)),
-        "max_position_embeddings": self._int("qwen2.context_length"),
+        "rms_norm_eps": _float32_repr(self._number(f"{a}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": _float32_repr(self._number(f"{a}.rope.freq_base", default=10000.0)),
+        "max_position_embeddings": self._int(f"{a}.context_length"),
         "rope_scaling": self._rope_scaling(),
         "use_sliding_window": False,
         "tie_word_embeddings": "lm_head.weight" not in self._tensors,
@@ -343,19 +364,20 @@ class GGUFCheckpoint:
     return float(value)
 
   def _rope_scaling(self) -> dict[str, Any] | None:
-    kind = self.metadata.get("qwen2.rope.scaling.type", "none")
+    a = self.architecture
+    kind = self.metadata.get(f"{a}.rope.scaling.type", "none")
     if kind == "none":
       return None
     if kind not in ("linear", "yarn"):
       raise CheckpointError(
-          f"{self.path} asks for RoPE scaling {kind!r} (qwen2.rope.scaling.type); qwenjax supports 'linear' and 'yarn'."
+          f"{self.path} asks for RoPE scaling {kind!r} ({a}.rope.scaling.type); qwenjax supports 'linear' and 'yarn'."
       )
     scaling: dict[str, Any] = {
         "type": kind,
-        "factor": _float32_repr(self._number("qwen2.rope.scaling.factor")),
+        "factor": _float32_repr(self._number(f"{a}.rope.scaling.factor")),
     }
     if kind == "yarn":
-      scaling["original_max_position_embeddings"] = self._int("qwen2.rope.scaling.original_context_length")
+      scaling["original_max_position_embeddings"] = self._int(f"{a}.rope.scaling.original_context_length")
     return scaling
 
 
@@ -369,6 +391,7 @@ def _name_tensors(
     block_count: Any,
     path: pathlib.Path,
     names: tuple[Mapping[str, str], Mapping[str, str]],
+    arch: str = "qwen2",
 ) -> dict[str, _Tensor]:
   """Maps GGUF tensor names to Hugging Face ones by `names` (a NAME_TABLES entry); an unknown name is an error."""
   global_names, layer_names = names
@@ -381,11 +404,11 @@ def _name_tensors(
     else:
       match = _LAYER_RE.fullmatch(gguf_name)
       if match is None or match.group(2) not in layer_names:
-        raise CheckpointError(f"{path} has tensor {gguf_name!r}, which is not part of a qwen2 model.")
+        raise CheckpointError(f"{path} has tensor {gguf_name!r}, which is not part of a {arch} model.")
       layer = int(match.group(1))
       if isinstance(block_count, int) and layer >= block_count:
         raise CheckpointError(
-            f"{path} has tensor {gguf_name!r} but qwen2.block_count says there are only {block_count} layers."
+            f"{path} has tensor {gguf_name!r} but {arch}.block_count says there are only {block_count} layers."
         )
       hf_name = f"model.layers.{layer}.{layer_names[match.group(2)]}"
       sort_key = (1, layer, layer_order[match.group(2)])

@@ -70,8 +70,8 @@ ENTRIES: tuple[ModelEntry, ...] = (
     # model_type "qwen3"; for_config / for_model answer qwen2 for it (the same classes).
     ModelEntry(
         name="qwen3", config="qwenjax.config:QwenConfig", module="qwenjax.model.decoder:Qwen2",
-        model_types=("qwen3",), architectures=("Qwen3ForCausalLM",),
-        weights=_DECLARED + "; no GGUF form yet"),
+        model_types=("qwen3",), architectures=("Qwen3ForCausalLM",), gguf_architectures=("qwen3",),
+        weights=_DECLARED + "; GGUF: qwenjax.checkpoints.gguf_file.NAME_TABLES['qwen3']"),
     ModelEntry(
         name="qwen2_5_vl", config="qwenjax.model.qwen2_vl:QwenVLConfig", module="qwenjax.model.qwen2_vl:Qwen2VL",
         model_types=("qwen2_5_vl",), architectures=("Qwen2_5_VLForConditionalGeneration",), multimodal=True,

@@ -21,7 +21,13 @@ from qwenjax.model.qwen2_vl import QwenVLConfig
 from qwenjax.multimodal.processing import ImageProcessorConfig
 from qwenjax.text.tokenizer import Tokenizer
 
-from conftest import build_tiny_qwen2, output_major_paths, qwen_chat_template, save_tiny_tokenizer_dir
+from conftest import (
+    build_tiny_qwen2,
+    gguf_tokenizer_metadata,
+    output_major_paths,
+    qwen_chat_template,
+    save_tiny_tokenizer_dir,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TEXTS = ["", "def fibonacci(n):\n    return n", "你好，世界！ Café 😀", "<|im_start|>user\nhi<|im_end|>\n",
@@ -197,7 +203,6 @@ def test_bfloat16_checkpoint_and_cast_on_restore(source, converted, tmp_path):
 def _write_gguf(path, hf_model, tokenizer_dir):
   """The tiny model's float32 weights and the tiny tokenizer, as llama.cpp's converter lays out a qwen2 GGUF."""
   import gguf
-  from test_gguf import _tokenizer_metadata
 
   from qwenjax.checkpoints.gguf_file import _GLOBAL_NAMES, _LAYER_NAMES
 
@@ -211,7 +216,7 @@ def _write_gguf(path, hf_model, tokenizer_dir):
   writer.add_head_count_kv(cfg.num_key_value_heads)
   writer.add_rope_freq_base(1e4)
   writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-  _tokenizer_metadata(tokenizer_dir, qwen_chat_template())(writer)
+  gguf_tokenizer_metadata(tokenizer_dir, qwen_chat_template())(writer)
   to_gguf = {hf: g for g, hf in _GLOBAL_NAMES.items()}
   to_gguf_layer = {hf: g for g, hf in _LAYER_NAMES.items()}
   for name, tensor in hf_model.state_dict().items():

@@ -4,7 +4,6 @@ Values are checked against independent references: the float originals within ea
 error bound, or transformers' torch dequantizer (a separate implementation) for K-quant blocks.
 """
 
-import json
 import time
 
 import gguf
@@ -17,6 +16,8 @@ from transformers.integrations.gguf import dequant as hf_dequant
 from qwenjax._errors import CheckpointError, ConfigError
 from qwenjax.checkpoints.gguf_file import GGUFCheckpoint
 from qwenjax.text.tokenizer import Tokenizer
+
+from conftest import gguf_tokenizer_metadata
 
 Q = gguf.GGMLQuantizationType
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 160
@@ -324,36 +325,11 @@ def test_unsupported_tensor_type(tmp_path):
 # --- Tokenizer from GGUF metadata ---------------------------------------------------------------
 
 
-def _tokenizer_metadata(tokenizer_dir, template, model="gpt2", pre="qwen2"):
-  """A metadata writer storing the tiny tokenizer the way llama.cpp's converter does."""
-  backend = Tokenizer.from_directory(tokenizer_dir).backend
-  tokens = [backend.id_to_token(i) for i in range(backend.get_vocab_size(with_added_tokens=True))]
-  merges = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["merges"]
-  merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-  added = {t.content: t.special for t in backend.get_added_tokens_decoder().values()}
-  types = [(gguf.TokenType.CONTROL if added[t] else gguf.TokenType.USER_DEFINED) if t in added
-           else gguf.TokenType.NORMAL for t in tokens]
-
-  def metadata(writer):
-    writer.add_tokenizer_model(model)
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
-    writer.add_pad_token_id(tokens.index("<|endoftext|>"))
-    writer.add_bos_token_id(tokens.index("<|endoftext|>"))
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(template)
-
-  return metadata
-
-
 @pytest.fixture(scope="module")
 def tokenizer_gguf(tmp_path_factory, tiny_tokenizer_dir, qwen_template):
   path = tmp_path_factory.mktemp("tok_gguf") / "tok.gguf"
   norm = {"output_norm.weight": (np.ones(HIDDEN, np.float32), Q.F32)}
-  return write_gguf(path, norm, tokenizer=_tokenizer_metadata(tiny_tokenizer_dir, qwen_template))
+  return write_gguf(path, norm, tokenizer=gguf_tokenizer_metadata(tiny_tokenizer_dir, qwen_template))
 
 
 GGUF_TEXTS = [
@@ -386,7 +362,7 @@ def test_gguf_tokenizer_matches_directory_and_transformers(tokenizer_gguf, tiny_
 ])
 def test_gguf_tokenizer_unknown_kind(tmp_path, tiny_tokenizer_dir, qwen_template, field, value, pattern):
   path = write_gguf(tmp_path / "t.gguf", {"output_norm.weight": (np.ones(HIDDEN, np.float32), Q.F32)},
-                    tokenizer=_tokenizer_metadata(tiny_tokenizer_dir, qwen_template, **{field: value}))
+                    tokenizer=gguf_tokenizer_metadata(tiny_tokenizer_dir, qwen_template, **{field: value}))
   with pytest.raises(ConfigError, match=pattern) as err:
     GGUFCheckpoint(path).tokenizer()
   _check_message(err, path)

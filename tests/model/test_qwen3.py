@@ -1,7 +1,9 @@
 """Qwen3 dense against transformers' Qwen3ForCausalLM: config reading, parameter counts, logits within 1e-4 in
 float32 (prefill and decode), greedy tokens through the paged engine and launch.batch_generate."""
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -17,7 +19,7 @@ from qwenjax.checkpoints.hf import load_model
 from qwenjax.config import QwenConfig
 from qwenjax.model import registry
 
-from conftest import REPO, save_tiny_tokenizer_dir
+from conftest import REPO, gguf_tokenizer_metadata, save_tiny_tokenizer_dir
 
 TOL = 1e-4
 
@@ -149,3 +151,80 @@ def test_malformed_qwen3_fields_are_one_error_naming_them(tmp_path):
     QwenConfig.from_hf_config(dict(base, attention_bias=True), "c.json")
   assert not QwenConfig.from_hf_config(base, "c.json").attention_bias
   assert QwenConfig.from_hf_config(dict(base, model_type="qwen2"), "c.json").attention_bias
+
+
+@pytest.mark.parametrize("q8", [False, True], ids=["f32", "q8_0"])
+def test_a_qwen3_gguf_loads_token_exact(tmp_path, qwen_template, q8):
+  """A tiny Qwen3 written as llama.cpp lays out a qwen3 GGUF (gguf.GGUFWriter: attn_q_norm / attn_k_norm, head
+  size in attention.key_length): its config is transformers', and its logits are transformers' within 1e-4 (with
+  Q8_0 matrices: transformers' model holding the same Q8_0-rounded weights) and its greedy tokens identical.
+  (Q8_0 into int8 weights goes the same way for every family: tests/checkpoints/test_gguf.py.)"""
+  import gguf
+
+  from qwenjax import load
+  from qwenjax.checkpoints.gguf_file import _GLOBAL_NAMES, _QWEN3_LAYER_NAMES, GGUFCheckpoint
+
+  d = save_tiny_tokenizer_dir(tmp_path / "ckpt")
+  hf = build_tiny_qwen3(d, vocab_size=512, **CONFIGS["head_dim_tied"])
+  cfg = hf.config
+  path = tmp_path / "tiny-qwen3.gguf"
+  writer = gguf.GGUFWriter(str(path), "qwen3")
+  writer.add_block_count(cfg.num_hidden_layers)
+  writer.add_context_length(cfg.max_position_embeddings)
+  writer.add_embedding_length(cfg.hidden_size)
+  writer.add_feed_forward_length(cfg.intermediate_size)
+  writer.add_head_count(cfg.num_attention_heads)
+  writer.add_head_count_kv(cfg.num_key_value_heads)
+  writer.add_key_length(cfg.head_dim)
+  writer.add_value_length(cfg.head_dim)
+  writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+  writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  gguf_tokenizer_metadata(d, qwen_template)(writer)
+  to_gguf = {hf_name: g for g, hf_name in _GLOBAL_NAMES.items()}
+  to_gguf_layer = {hf_name: g for g, hf_name in _QWEN3_LAYER_NAMES.items()}
+  rounded = {}
+  for name, tensor in hf.state_dict().items():
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+      continue
+    layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    gguf_name = f"blk.{layer[1]}.{to_gguf_layer[layer[2]]}" if layer else to_gguf[name]
+    data = tensor.numpy().astype(np.float32)
+    if q8 and data.ndim == 2:
+      packed = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+      writer.add_tensor(gguf_name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+      rounded[name] = torch.from_numpy(gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0).reshape(
+          data.shape))
+    else:
+      writer.add_tensor(gguf_name, data)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+  with GGUFCheckpoint(path) as checkpoint:
+    config = checkpoint.hf_config()
+  assert (config["model_type"], config["head_dim"]) == ("qwen3", cfg.head_dim)
+  ours, theirs = QwenConfig.from_hf_config(config), QwenConfig.from_file(d / "config.json")
+  assert ours.layer_windows().tolist() == theirs.layer_windows().tolist()  # no sliding either way
+  assert ours == dataclasses.replace(theirs, eos_token_ids=ours.eos_token_ids, bos_token_id=ours.bos_token_id,
+                                     max_window_layers=0, layer_types=None)  # the tokenizer's ids; no windows
+  if rounded:
+    with torch.no_grad():
+      for name, value in rounded.items():
+        hf.get_parameter(name).copy_(value)
+  loaded = load(str(path))
+  graphdef, params = nnx.split(loaded.model)
+  ids = np.random.default_rng(3).integers(0, 500, size=(1, 20))
+  with torch.no_grad():
+    ref = hf(torch.as_tensor(ids)).logits.numpy()
+  tokens = np.zeros((1, 32), np.int32)
+  tokens[:, :20] = ids
+  logits, _ = prefill(graphdef, params, KVCache.zeros(loaded.model.cfg, 1, 64), jnp.asarray(tokens), jnp.array([20]),
+                      all_logits=True)
+  np.testing.assert_allclose(np.asarray(logits)[:, :20], ref, atol=TOL, rtol=0)
+  engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids=(), max_seq_len=128)
+  out = engine.generate([ids[0].tolist()], SamplingParams(max_tokens=12))[0]
+  with torch.no_grad():
+    want = hf.generate(torch.as_tensor(ids), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                       attention_mask=torch.ones_like(torch.as_tensor(ids)))[0, 20:].tolist()
+  assert out.token_ids == want
