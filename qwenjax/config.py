@@ -279,7 +279,9 @@ class QwenConfig:
         eos_token_ids=eos if isinstance(eos, tuple) else (eos,),
         mrope_section=rope_field("mrope_section", list[int], None, positive=True),
         attention_bias=not qwen3, qk_norm=qwen3,
-        layer_types=field("layer_types", list[str], None))
+        # Without sliding every layer attends in full whatever layer_types says: left out, so that configs of one
+        # model compare equal whichever tool wrote them (transformers 5 writes layer_types, Qwen's files do not).
+        layer_types=field("layer_types", list[str], None) if use_sw else None)
     try:
       return cls(rope_scaling=None if scaling is None else RopeScaling(**scaling), **kw)
     except ConfigError as e:
@@ -316,3 +318,21 @@ PRESETS: dict[str, QwenConfig] = {
     "qwen2.5-32b": _preset(5120, 27648, 64, 40, 8, 152064, False, eps=1e-5),
     "qwen2.5-72b": _preset(8192, 29568, 80, 64, 8, 152064, False),
 }
+
+
+def _qwen3_preset(hidden, inter, layers, heads, kv, tied) -> QwenConfig:
+  return QwenConfig(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                    num_heads=heads, num_kv_heads=kv, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+                    tie_word_embeddings=tied, max_position_embeddings=40960, bos_token_id=151643,
+                    eos_token_ids=(151645,), attention_bias=False, qk_norm=True)
+
+
+# The released Qwen3 dense sizes (the models' config.json files: head_dim 128 throughout, q/k norms, no biases).
+PRESETS.update({
+    "qwen3-0.6b": _qwen3_preset(1024, 3072, 28, 16, 8, True),
+    "qwen3-1.7b": _qwen3_preset(2048, 6144, 28, 16, 8, True),
+    "qwen3-4b": _qwen3_preset(2560, 9728, 36, 32, 8, True),
+    "qwen3-8b": _qwen3_preset(4096, 12288, 36, 32, 8, False),
+    "qwen3-14b": _qwen3_preset(5120, 17408, 40, 40, 8, False),
+    "qwen3-32b": _qwen3_preset(5120, 25600, 64, 64, 8, False),
+})

@@ -25,6 +25,35 @@ PUBLISHED = {
 }
 
 
+# The Qwen3 model cards' "Number of Parameters" and "Non-Embedding", as printed: each figure is held to its own
+# rounding (1.7 means [1.65, 1.75)).
+PUBLISHED_QWEN3 = {
+    "qwen3-0.6b": ("0.6", "0.44"),
+    "qwen3-1.7b": ("1.7", "1.4"),
+    "qwen3-4b": ("4.0", "3.6"),
+    "qwen3-8b": ("8.2", "6.95"),
+    "qwen3-14b": ("14.8", "13.2"),
+    "qwen3-32b": ("32.8", "31.2"),
+}
+
+
+def _counted(cfg) -> tuple[int, int]:
+  """(total, non-embedding) parameters of the module tree a config builds (jax.eval_shape: nothing allocated)."""
+  sizes = {path: int(np.prod(var.shape)) for path, var in weight_declarations(abstract_model(cfg))}
+  return sum(sizes.values()), sum(sizes.values()) - sizes[("embed",)] - sizes.get(("lm_head",), 0)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_QWEN3))
+def test_qwen3_presets_match_their_model_cards(name):
+  cfg = PRESETS[name]
+  assert cfg.qk_norm and not cfg.attention_bias and cfg.head_dim == 128
+  total, non_embedding = _counted(cfg)
+  assert total == cfg.num_params()
+  for counted, printed in zip((total, non_embedding), PUBLISHED_QWEN3[name]):
+    half_unit = 0.5 * 10 ** -len(printed.partition(".")[2])
+    assert abs(counted / 1e9 - float(printed)) < half_unit, (name, counted, printed)
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_preset_parameter_counts_match_published(name):
   cfg = PRESETS[name]
@@ -98,7 +127,7 @@ def test_rope_frequencies_match_transformers(rope):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"model_type": "llama"}, "not a Qwen2 dense decoder"),
+    ({"model_type": "llama"}, "not a Qwen2 or Qwen3 dense decoder"),
     ({"num_key_value_heads": 5}, "not a multiple"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic' is not supported"),
     ({"hidden_size": None}, "config.json"),

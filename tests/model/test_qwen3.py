@@ -141,10 +141,13 @@ def test_batch_generate_serves_chat_lines_with_chat_template_kwargs(tmp_path, qw
 def test_malformed_qwen3_fields_are_one_error_naming_them(tmp_path):
   base = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
           "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+  sliding = dict(base, use_sliding_window=True, sliding_window=8)
   with pytest.raises(ConfigError, match="layer_types has 1 entries for 2 layers"):
-    QwenConfig.from_hf_config(dict(base, layer_types=["full_attention"]), "c.json")
+    QwenConfig.from_hf_config(dict(sliding, layer_types=["full_attention"]), "c.json")
   with pytest.raises(ConfigError, match="'chunked_attention'"):
-    QwenConfig.from_hf_config(dict(base, layer_types=["full_attention", "chunked_attention"]), "c.json")
+    QwenConfig.from_hf_config(dict(sliding, layer_types=["full_attention", "chunked_attention"]), "c.json")
+  windows = QwenConfig.from_hf_config(dict(sliding, layer_types=["sliding_attention", "full_attention"]), "c.json")
+  assert windows.layer_windows().tolist() == [8, np.iinfo(np.int32).max]  # as listed, not max_window_layers' rule
   with pytest.raises(ConfigError, match="c.json: attention_bias must be a boolean"):
     QwenConfig.from_hf_config(dict(base, attention_bias="no"), "c.json")
   with pytest.raises(ConfigError, match="c.json: attention_bias is true, which in Qwen3 also puts a bias on o_proj"):
