@@ -93,6 +93,9 @@ COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True, "Keep compiled 
                                       "back instead of compiling; --nocompilation_cache turns it off.")
 COMPILATION_CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None, "Where --compilation_cache keeps them. "
                                             "Default: $JAX_COMPILATION_CACHE_DIR, else <qwenjax cache dir>/xla.")
+REASONING_CONTENT = flags.DEFINE_bool("reasoning_content", True, "For a model whose chat template thinks (Qwen3): "
+                                      "split each chat reply's <think> block into reasoning_content beside its "
+                                      "content (tool calls are read from the content); off: the raw text.")
 SPECULATIVE_METHOD = flags.DEFINE_enum("speculative_method", "none", ["none", "ngram", "draft"], "Speculative "
                                        "decoding: ngram proposes the tokens that followed the latest earlier "
                                        "occurrence of a sequence's last tokens in its prompt and output (prompt "
@@ -171,6 +174,14 @@ def speculative_kwargs() -> dict:
       method=SPECULATIVE_METHOD.value, num_speculative_tokens=NUM_SPECULATIVE_TOKENS.value,
       prompt_lookup_min=PROMPT_LOOKUP_MIN.value, prompt_lookup_max=PROMPT_LOOKUP_MAX.value,
       disable_batch_size=SPECULATIVE_DISABLE_BATCH_SIZE.value, draft_model=DRAFT_MODEL.value))
+
+
+def splits_reasoning(tokenizer) -> bool:
+  """Whether chat replies are split into reasoning_content and content: --reasoning_content, for a model whose
+  chat template knows thinking blocks."""
+  from qwenjax.text import reasoning  # pylint: disable=g-import-not-at-top
+
+  return REASONING_CONTENT.value and tokenizer is not None and reasoning.thinks(tokenizer.chat_template)
 
 
 def sampling_params():

@@ -171,13 +171,15 @@ def _requests(paths: list[str], skip: set[str], errors: list[dict], engine, defa
       errors.append(_error_record(line, f"{line.where}: {e}", code))
 
 
-def _record(line, request, result, engine) -> dict:
-  """The output record of a served line, in its format."""
+def _record(line, request, result, engine, reasoning: bool = False) -> dict:
+  """The output record of a served line, in its format; reasoning: chat replies' thinking blocks split
+  (`_common.splits_reasoning`)."""
   from qwenjax.engine import openai_batch, simple_batch  # pylint: disable=g-import-not-at-top
 
   if line.openai:
-    return openai_batch.result_line(line.obj, result, model=_model_name(), tokenizer=engine.tokenizer)
-  return simple_batch.result_line(line, request, result)
+    return openai_batch.result_line(line.obj, result, model=_model_name(), tokenizer=engine.tokenizer,
+                                    reasoning=reasoning)
+  return simple_batch.result_line(line, request, result, reasoning=reasoning)
 
 
 def _model_name() -> str:
@@ -354,6 +356,7 @@ def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, c
                               writes=group.rank == 0, speculation=speculation)
   serve_start = time.monotonic()
   served = failed = 0
+  reasoning = _common.splits_reasoning(engine.tokenizer)
   # The output may be a link the user made; a part is a file of the job's own, never written through one.
   out = jobs.ResultWriter(target, follow_links=count == 1, **_fsync_policy()) if group.rank == 0 else None
 
@@ -374,7 +377,7 @@ def _serve(engine, default, inputs: list[str], done: set[str], scanned, group, c
     keyed = (((line, request), request, prompt) for line, request, prompt in items)
     for (line, request), result in engine.serve(keyed):
       drain_errors()
-      record = _record(line, request, result, engine)
+      record = _record(line, request, result, engine, reasoning)
       if out is not None:
         out.write(record)
       generated = result.usage["completion_tokens"]

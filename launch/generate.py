@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 from absl import app, flags
 
@@ -39,6 +40,9 @@ _VIDEO = flags.DEFINE_multi_string("video", [], "A video placed before the promp
                                    "sampled at 2 frames per second by Qwen's rules), or a directory of frame images "
                                    "read in name order as frames taken at 2 per second.")
 
+_CHAT_TEMPLATE_KWARGS = flags.DEFINE_string("chat_template_kwargs", None, "A JSON object of chat template variables, "
+                                            "e.g. '{\"enable_thinking\": false}' (Qwen3: no thinking block).")
+
 _MEDIA_ROOT = flags.DEFINE_string("media_root", "/", "The directory --image and --video paths must lie in, symlinks "
                                   "resolved (default: anywhere: the command line is yours; batch_generate's lines are "
                                   "held to their input file's directory).")
@@ -52,6 +56,14 @@ def main(argv):
     if _PROMPT_LOGPROBS.value and not _JSON.value:
       raise qwenjax.ConfigError("--prompt_logprobs: prompt log-probabilities are printed in the --json output; "
                                 "pass --json too.")
+    template_kwargs = None
+    if _CHAT_TEMPLATE_KWARGS.value is not None:
+      try:
+        template_kwargs = json.loads(_CHAT_TEMPLATE_KWARGS.value)
+      except json.JSONDecodeError as e:
+        raise qwenjax.InputError(f"--chat_template_kwargs is not JSON: {e.msg} at character {e.pos}.") from None
+      if not isinstance(template_kwargs, dict) or _RAW.value:
+        raise qwenjax.InputError("--chat_template_kwargs must be a JSON object, and goes without --raw.")
     lora = _common.lora_kwargs()  # a malformed --lora fails before the model loads
     speculative = _common.speculative_kwargs()
     _common.use_cpu_paths()
@@ -70,7 +82,7 @@ def main(argv):
                    + [{"type": "video", "video": video} for video in _VIDEO.value]
                    + [{"type": "text", "text": _PROMPT.value}])
       messages.append({"role": "user", "content": content})
-      request = qwenjax.Request(messages=messages)
+      request = qwenjax.Request(messages=messages, chat_template_kwargs=template_kwargs)
     request.sampling = dataclasses.replace(_common.sampling_params(), prompt_logprobs=_PROMPT_LOGPROBS.value)
     engine = qwenjax.Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_seq_len=serving.max_seq_len,
                             max_prefill_chunk=serving.max_prefill_chunk, decode_steps=_common.DECODE_STEPS.value,
@@ -84,13 +96,25 @@ def main(argv):
     _cli.fail(e)
   # The text leaves out the end-of-sequence token, and a character that max_new_tokens cut in half (byte-level
   # BPE spreads some over several tokens) rather than show U+FFFD.
+  # A model that thinks (--reasoning_content): --json adds reasoning_content and content; the plain output is the
+  # content alone, the reasoning on stderr.
+  thought, content = None, out.text
+  split = not _RAW.value and _common.splits_reasoning(loaded.tokenizer)
+  if split:
+    from qwenjax.text import reasoning  # pylint: disable=g-import-not-at-top
+
+    thought, content = reasoning.split(out.text)
   if _JSON.value:
     record = {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason, "usage": out.usage}
+    if split:
+      record.update(reasoning_content=thought, content=content)
     if out.prompt_logprobs is not None:
       record["prompt_logprobs"] = out.prompt_logprobs
     print(json.dumps(record, ensure_ascii=False))
   else:
-    print(out.text)
+    if thought is not None:
+      print(f"[reasoning] {thought}", file=sys.stderr)
+    print(content)
 
 
 if __name__ == "__main__":

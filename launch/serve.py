@@ -119,7 +119,7 @@ def main(argv):
     config = ServerConfig(served_model_name=name, api_key=api_key,
                           max_concurrent_requests=_MAX_CONCURRENT_REQUESTS.value,
                           request_timeout=_REQUEST_TIMEOUT.value, max_request_bytes=_MAX_REQUEST_BYTES.value,
-                          default_sampling=default)
+                          default_sampling=default, reasoning_content=_common.REASONING_CONTENT.value)
   except qwenjax.QwenJaxError as e:
     _cli.fail(e)
   server = _graceful_server(uvicorn.Config(build_app(engine, config), host=_HOST.value, port=_PORT.value,

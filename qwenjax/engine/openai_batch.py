@@ -45,6 +45,7 @@ from qwenjax._errors import InputError
 from qwenjax.engine.constraints import GRAMMAR_ERROR
 from qwenjax.engine.requests import Completion, Request, RequestOutput
 from qwenjax.engine.sampling_params import SamplingParams
+from qwenjax.text import reasoning as reasoning_lib
 from qwenjax.text import tool_calls as tool_calls_lib
 
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
@@ -302,11 +303,12 @@ def grammar_failure(output: RequestOutput) -> str | None:
 
 
 def result_line(obj: Mapping[str, Any], output: RequestOutput, *, model: str, tokenizer,
-                created: int | None = None) -> dict[str, Any]:
+                created: int | None = None, reasoning: bool = False) -> dict[str, Any]:
   """The output line of input line `obj` (already accepted by `to_request`) served as `output`.
 
   tokenizer: the engine's, for the token strings of logprobs (None: token ids stand in for them).
   created: the body's Unix time (default: now).
+  reasoning: split each chat choice's thinking block into message.reasoning_content (`response_body`).
   """
   custom_id, digest = obj["custom_id"], _digest(obj["custom_id"])
   broken = grammar_failure(output)
@@ -315,7 +317,7 @@ def result_line(obj: Mapping[str, Any], output: RequestOutput, *, model: str, to
   chat = obj.get("url") == CHAT_URL
   response = response_body(obj["url"], obj.get("body", {}), output, model=model, tokenizer=tokenizer,
                            response_id=f"{'chatcmpl' if chat else 'cmpl'}-{digest}", created=created,
-                           call_key=custom_id)
+                           call_key=custom_id, reasoning=reasoning)
   line = {"id": f"batch_req_{digest}", "custom_id": custom_id,
           "response": {"status_code": 200, "request_id": f"req_{digest}", "body": response}, "error": None}
   if "metadata" in obj:
@@ -337,15 +339,18 @@ def usage(output: RequestOutput) -> dict[str, Any]:
 
 
 def response_body(url: str, body: Mapping[str, Any], output: RequestOutput, *, model: str, tokenizer,
-                  response_id: str, created: int | None = None, call_key: Any = None) -> dict[str, Any]:
+                  response_id: str, created: int | None = None, call_key: Any = None, reasoning: bool = False,
+                  opened: bool = False) -> dict[str, Any]:
   """The chat.completion or text_completion object answering `body` (posted to `url`) with `output`.
-  call_key: what tool call ids derive from (with the choice's index); None: fresh random ids."""
+  call_key: what tool call ids derive from (with the choice's index); None: fresh random ids.
+  reasoning: a chat choice's thinking block becomes message.reasoning_content (`qwenjax.text.reasoning`; None
+  without one) and the rest its content, from which tool calls are read; opened: the prompt opened the block."""
   body = {k: v for k, v in body.items() if v is not None}
   chat = url == CHAT_URL
   if chat:
     parse_tools = parses_tools(url, body)
-    choices = [_chat_choice(c, tokenizer, parse_tools, None if call_key is None else f"{call_key}\0{c.index}")
-               for c in output.outputs]
+    choices = [_chat_choice(c, tokenizer, parse_tools, None if call_key is None else f"{call_key}\0{c.index}",
+                            reasoning, opened) for c in output.outputs]
   else:
     choices = [_text_choice(c, tokenizer) for c in output.outputs]
   return {"id": response_id, "object": "chat.completion" if chat else "text_completion",
@@ -379,11 +384,16 @@ def result_key(obj: Mapping[str, Any]) -> Any:
   return obj["custom_id"]
 
 
-def _chat_choice(c: Completion, tokenizer, parse_tools: bool, key: str | None) -> dict[str, Any]:
-  message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
+def _chat_choice(c: Completion, tokenizer, parse_tools: bool, key: str | None, reasoning: bool = False,
+                 opened: bool = False) -> dict[str, Any]:
+  text = c.text
+  message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+  if reasoning:
+    message["reasoning_content"], text = reasoning_lib.split(text, opened)
+    message["content"] = text
   choice: dict[str, Any] = {"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason}
   if parse_tools:
-    parsed = tool_calls_lib.parse(c.text, key=key)
+    parsed = tool_calls_lib.parse(text, key=key)
     message["content"] = parsed.content
     if parsed.calls:
       message["tool_calls"] = parsed.calls

@@ -23,13 +23,16 @@ from typing import Any
 from qwenjax.engine import openai_batch
 from qwenjax.engine.constraints import GRAMMAR_ERROR
 from qwenjax.engine.requests import Request, RequestOutput
+from qwenjax.text import reasoning as reasoning_lib
 from qwenjax.text import tool_calls
 
 
-def result_line(line, request: Request, output: RequestOutput) -> dict[str, Any]:
+def result_line(line, request: Request, output: RequestOutput, reasoning: bool = False) -> dict[str, Any]:
   """The record of input `line` (a `job_input.InputLine`, untyped: job_input imports jobs, which imports this
   module), accepted as `request` and served as `output`; an error record (code "grammar_error") if a sample's
-  constraint failed mid-decode (`openai_batch.grammar_failure`)."""
+  constraint failed mid-decode (`openai_batch.grammar_failure`). reasoning (a chat line of a model that thinks):
+  "text" stays what was generated, and "reasoning_content" and "content" split it (`qwenjax.text.reasoning`);
+  tool calls are read from the content."""
   broken = openai_batch.grammar_failure(output)
   if broken is not None:  # not an answer: the output would not conform to the line's constraint
     return error_line(line.key, GRAMMAR_ERROR, f"{line.where}: {broken}", obj=line.obj)
@@ -48,9 +51,13 @@ def result_line(line, request: Request, output: RequestOutput) -> dict[str, Any]
                               for top in output.outputs[0].top_logprobs]
   if output.prompt_logprobs is not None:
     record["prompt_logprobs"] = output.prompt_logprobs
+  text = output.text
+  if reasoning and request.messages is not None:
+    record["reasoning_content"], text = reasoning_lib.split(text)
+    record["content"] = text
   if request.tools and request.tool_choice != "none":
     # Call ids hash the id as the job compares ids (`jobs.record_key`): a rerun writes the same ones.
-    parsed = tool_calls.parse(output.text, key=json.dumps(line.key))
+    parsed = tool_calls.parse(text, key=json.dumps(line.key))
     record["tool_calls"] = parsed.calls
     if parsed.errors:
       record["tool_call_errors"] = parsed.errors

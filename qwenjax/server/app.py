@@ -43,6 +43,7 @@ from qwenjax.engine.sampling_params import SamplingParams
 from qwenjax.server.engine_loop import EngineLoop
 from qwenjax.server.metrics import Metrics
 from qwenjax.server.streaming import ResponseStream
+from qwenjax.text import reasoning as reasoning_lib
 
 
 @dataclasses.dataclass
@@ -53,6 +54,8 @@ class ServerConfig:
   request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
   max_request_bytes: int = 32 << 20  # a body over this is refused unread (413)
   default_sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+  # Split chat replies' thinking blocks into reasoning_content, for a model whose chat template thinks (Qwen3).
+  reasoning_content: bool = True
   disconnect_poll: float = 0.25  # seconds between checks that a non-streaming request's client is still there
 
 
@@ -82,10 +85,18 @@ def _input_error(e: InputError) -> APIError:
   return APIError(400, message, code=getattr(e, "code", INVALID_REQUEST), param=match.group(1) if match else None)
 
 
+def _opens_thinking(tokenizer, ids: list[int]) -> bool:
+  """Whether a chat prompt ends inside a thinking block (a template that writes `<think>` for the model)."""
+  tail = tokenizer.decode(ids[-8:]).rsplit("<|im_start|>", 1)[-1]
+  return reasoning_lib.OPEN in tail and reasoning_lib.CLOSE not in tail
+
+
 def build_app(engine, config: ServerConfig) -> fastapi.FastAPI:
   """The FastAPI app serving `engine`; its lifespan starts and stops the engine's stepping thread."""
   metrics = Metrics()
   loop = EngineLoop(engine, metrics)
+  tokenizer = engine.tokenizer
+  splits = config.reasoning_content and tokenizer is not None and reasoning_lib.thinks(tokenizer.chat_template)
   in_flight = 0
 
   @contextlib.asynccontextmanager
@@ -222,17 +233,19 @@ def build_app(engine, config: ServerConfig) -> fastapi.FastAPI:
     metrics.prompt_tokens.inc(handle.prompt_tokens)
     name = model if isinstance(model, str) else config.served_model_name
     created = int(time.time())
+    opened = splits and chat and _opens_thinking(tokenizer, prompt_ids(prompt))
     if body.get("stream"):
-      stream = ResponseStream(url, body, response_id, model=name, tokenizer=engine.tokenizer, created=created)
+      stream = ResponseStream(url, body, response_id, model=name, tokenizer=tokenizer, created=created,
+                              reasoning=splits, opened=opened)
       return responses.StreamingResponse(_events(handle, stream, release), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     output = await _result(request, handle)
     broken = openai_batch.grammar_failure(output)
     if broken is not None:
       raise APIError(500, broken, code=GRAMMAR_ERROR)
-    return responses.JSONResponse(openai_batch.response_body(url, body, output, model=name,
-                                                             tokenizer=engine.tokenizer, response_id=response_id,
-                                                             created=created))
+    return responses.JSONResponse(openai_batch.response_body(url, body, output, model=name, tokenizer=tokenizer,
+                                                             response_id=response_id, created=created,
+                                                             reasoning=splits, opened=opened))
 
   def deadline_passed(handle) -> bool:
     return config.request_timeout is not None and time.monotonic() - handle.arrived > config.request_timeout

@@ -10,7 +10,8 @@
 Chat: each choice's first chunk carries the role, then content deltas; with tools, a tool call is sent whole as one
 tool-call delta (index, id, type, name and arguments) once its block has closed, and the content holds the text
 outside the blocks, as the unstreamed message's content would (a block still open and trailing whitespace wait
-until they settle). Logprobs ride with the tokens they belong to. A choice's last chunk has its finish_reason.
+until they settle). With `reasoning` (a model that thinks), the `<think>` block streams as reasoning_content deltas
+and only the rest is content. Logprobs ride with the tokens they belong to. A choice's last chunk has its finish_reason.
 What the deltas of a choice add up to equals the unstreamed response's choice: the same content, tool calls (ids
 included), logprobs and finish_reason.
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 from qwenjax.engine import openai_batch
 from qwenjax.engine.requests import Completion, RequestOutput
+from qwenjax.text import reasoning as reasoning_lib
 from qwenjax.text import tool_calls as tool_calls_lib
 
 
@@ -32,6 +34,7 @@ class _Choice:
     self.started = False
     self.done = False
     self.text = 0  # characters of the completion's text sent (no tools) / of the content (tools)
+    self.reasoning = ""  # the reasoning_content sent
     self.content = ""  # tools: the content sent
     self.tokens = 0  # tokens whose logprobs were sent
     self.calls = 0  # tool calls sent
@@ -42,8 +45,10 @@ class _Choice:
 class ResponseStream:
   """The chunks of one streamed /v1/chat/completions or /v1/completions response."""
 
-  def __init__(self, url: str, body: Mapping[str, Any], response_id: str, *, model: str, tokenizer, created: int):
+  def __init__(self, url: str, body: Mapping[str, Any], response_id: str, *, model: str, tokenizer, created: int,
+               reasoning: bool = False, opened: bool = False):
     self.chat = url == openai_batch.CHAT_URL
+    self.reasoning, self.opened = reasoning and self.chat, opened
     self.response_id, self.model, self.created, self.tokenizer = response_id, model, created, tokenizer
     self.parse_tools = openai_batch.parses_tools(url, body)
     options = body.get("stream_options") or {}
@@ -94,17 +99,27 @@ class ResponseStream:
       delta["role"] = "assistant"
       state.started = True
     finished = c.finish_reason is not None
+    text = c.text
+    if self.reasoning:  # the thinking block first, as reasoning_content deltas; the rest is the content
+      if finished:
+        thought, text = reasoning_lib.split(c.text, self.opened)
+        thought = thought or ""
+      else:
+        thought, text = reasoning_lib.split_partial(c.text, self.opened)
+      if len(thought) > len(state.reasoning) and thought.startswith(state.reasoning):
+        delta["reasoning_content"] = thought[len(state.reasoning):]
+        state.reasoning = thought
     if not self.parse_tools:
-      if len(c.text) > state.text:
-        delta["content"] = c.text[state.text:]
-        state.text = len(c.text)
+      if len(text) > state.text:
+        delta["content"] = text[state.text:]
+        state.text = len(text)
     else:
       key = f"{self.response_id}\0{c.index}"
       if finished:
-        parsed = tool_calls_lib.parse(c.text, key=key)
+        parsed = tool_calls_lib.parse(text, key=key)
         content, calls = parsed.content or "", parsed.calls
       else:
-        raw, calls = tool_calls_lib.parse_partial(c.text, key=key)
+        raw, calls = tool_calls_lib.parse_partial(text, key=key)
         settled = raw.lstrip()
         content = settled[:len(settled.rstrip())]  # trailing whitespace waits: the final content is stripped
       if len(content) > len(state.content) and content.startswith(state.content):

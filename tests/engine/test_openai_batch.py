@@ -465,3 +465,27 @@ def test_chat_template_kwargs_reach_the_template_as_transformers_passes_them(tin
   with pytest.raises(InputError, match="'messages'"):
     engine.prepare(openai_batch.to_request(_line("t", {"messages": messages, "chat_template_kwargs": {
         "messages": []}}), SamplingParams()))
+
+
+def test_a_thinking_reply_becomes_reasoning_content_and_its_tool_calls_are_read_after_it(tokenizer):
+  """With reasoning (a model whose template thinks): the block is message.reasoning_content (None without one or
+  when it is empty, all of it when max_tokens cut it), the rest the content; tool calls after the block parse."""
+  line = _line("think", {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER],
+                         "n": 4})
+  call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+  output = RequestOutput("think", 30, [
+      _completion(tokenizer, f"<think>\nThe user wants Paris.\n</think>\n\n{call}", 0),
+      _completion(tokenizer, "<think>\n\n</think>\n\nIt is sunny.", 1),
+      _completion(tokenizer, "<think>\nHmm, Paris is", 2, "length"),
+      _completion(tokenizer, "No block here.", 3),
+  ])
+  out, body = _output(line, output=output, tokenizer=tokenizer, reasoning=True)
+  messages = [c["message"] for c in out["response"]["body"]["choices"]]
+  assert [m["reasoning_content"] for m in messages] == ["The user wants Paris.", None, "Hmm, Paris is", None]
+  assert [m["content"] for m in messages] == [None, "It is sunny.", None, "No block here."]
+  assert body.choices[0].finish_reason == "tool_calls"
+  assert json.loads(body.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+  assert [c.finish_reason for c in body.choices[1:]] == ["stop", "length", "stop"]
+  raw, _ = _output(line, output=output, tokenizer=tokenizer)  # reasoning off: the text as generated
+  assert "reasoning_content" not in raw["response"]["body"]["choices"][1]["message"]
+  assert raw["response"]["body"]["choices"][1]["message"]["content"] == "<think>\n\n</think>\n\nIt is sunny."

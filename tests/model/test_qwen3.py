@@ -136,6 +136,22 @@ def test_batch_generate_serves_chat_lines_with_chat_template_kwargs(tmp_path, qw
     assert text == tok.decode(want, skip_special_tokens=True).rstrip("\ufffd"), key
     usage = record["usage"] if key == "off" else record["response"]["body"]["usage"]
     assert usage["prompt_tokens"] == len(ids)
+  # launch.generate takes the same variables as a flag.
+  gen = subprocess.run([sys.executable, "-m", "launch.generate", f"--model={d}", "--prompt=Hi there", "--json",
+                        "--max_new_tokens=4", "--ignore_eos", "--chat_template_kwargs={\"enable_thinking\": false}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert gen.returncode == 0, gen.stderr[-3000:]
+  record = json.loads(gen.stdout)
+  off = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False, return_dict=False)
+  assert record["usage"]["prompt_tokens"] == len(off) and record["content"] == record["text"]
+  bad = subprocess.run([sys.executable, "-m", "launch.generate", f"--model={d}", "--prompt=Hi",
+                        "--chat_template_kwargs={enable_thinking: false}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(
+      "error: --chat_template_kwargs is not JSON: Expecting property name enclosed in double quotes")
+  # The template thinks, so replies are split (--reasoning_content): these hold no block, so no reasoning.
+  assert records["off"]["reasoning_content"] is None and records["off"]["content"] == records["off"]["text"]
+  assert records["on"]["response"]["body"]["choices"][0]["message"]["reasoning_content"] is None
 
 
 def test_malformed_qwen3_fields_are_one_error_naming_them(tmp_path):

@@ -485,3 +485,38 @@ def test_sigterm_finishes_running_requests_and_exits_0(tiny):
     if proc.poll() is None:
       proc.kill()
       proc.wait()
+
+
+def test_a_thinking_model_answers_with_reasoning_content_streamed_or_not(tiny, tmp_path, qwen_template):
+  """A model whose chat template thinks (Qwen3's switch added to the tiny template), made to write a thinking
+  block by a regex: the block is message.reasoning_content and the rest the content, streamed as
+  reasoning_content deltas then content deltas that add up to the same; enable_thinking: false renders the empty
+  block into the prompt, as transformers does."""
+  switch = ("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n    {%- if enable_thinking "
+            "is defined and enable_thinking is false %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif "
+            "%}\n{%- endif %}")
+  template = qwen_template.replace("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
+                                   "{%- endif %}", switch)
+  assert template != qwen_template
+  d = save_tiny_tokenizer_dir(tmp_path / "thinking", chat_template=template)
+  build_tiny_qwen2(d, vocab_size=512, num_key_value_heads=2, max_position_embeddings=1024)
+  engine = Engine(load_model(d), Tokenizer.from_directory(d), eos_token_ids=(), max_seq_len=1024, max_batch_size=2)
+  fmt = {"type": "regex", "regex": "<think>\n[a-z]{2,8}\n</think>\n\n[a-z]{2,8}"}
+  kw = dict(model="tiny", messages=MESSAGES, max_tokens=40, extra_body={"response_format": fmt,
+                                                                        "stop_token_ids": [tiny[2].eos_token_id]})
+  with Server(engine) as s:
+    whole = s.client().chat.completions.create(**kw).choices[0].message
+    chunks = [c for c in s.client().chat.completions.create(**kw, stream=True) if c.choices]
+    plain = s.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2,
+                                               extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    default = s.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+  thought = whole.model_extra["reasoning_content"]
+  assert thought and thought.isalpha() and whole.content.isalpha(), whole
+  deltas = [c.choices[0].delta for c in chunks]
+  assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == thought
+  assert "".join(d.content or "" for d in deltas) == whole.content
+  first_content = next(i for i, d in enumerate(deltas) if d.content)
+  assert all(not d.model_extra.get("reasoning_content") for d in deltas[first_content:])  # reasoning comes first
+  hf = transformers.AutoTokenizer.from_pretrained(d)
+  off = hf.apply_chat_template(MESSAGES, add_generation_prompt=True, enable_thinking=False, return_dict=False)
+  assert plain.usage.prompt_tokens == len(off) > default.usage.prompt_tokens
