@@ -253,7 +253,7 @@ def serving_entry(topology: Topology, config: QwenConfig | QwenVLConfig) -> tupl
   """How `topology` serves a model of this architecture: (preset name, its entry). ConfigError if it does not."""
   name = preset_of(config)
   if name is None:
-    raise ConfigError(f"{topology.source or topology.name}: the model matches no Qwen2.5 preset, so no entry of "
+    raise ConfigError(f"{topology.source or topology.name}: the model matches no preset, so no entry of "
                       "this topology applies; pass --mesh and the engine sizes instead.")
   if name not in topology.models:
     raise ConfigError(f"{topology.source or topology.name}: serves {', '.join(sorted(topology.models))}, not "
