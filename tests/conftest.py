@@ -398,6 +398,112 @@ def gguf_tokenizer_metadata(tokenizer_dir, template, model="gpt2", pre="qwen2"):
   return metadata
 
 
+def check_prefill_then_decode(model, ids, ref, prefill_tokens: int = 16, tol: float = 1e-4):
+  """Prefills ids[:, :prefill_tokens] (padded to a bucket of 32) into a fresh contiguous cache, then decodes the rest
+  one token at a time, each step's logits within `tol` of ref [B, T, V] (transformers' over all of ids); returns
+  (the last logits, the cache) (tests/model/test_decoder.py, test_qwen3.py)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from qwenjax import KVCache, decode_step, prefill
+
+  graphdef, params = nnx.split(model)
+  batch, length = ids.shape
+  tokens = np.zeros((batch, 32), np.int32)
+  tokens[:, :prefill_tokens] = ids[:, :prefill_tokens]
+  cache = KVCache.zeros(model.cfg, batch, 64)
+  logits, cache = prefill(graphdef, params, cache, jnp.asarray(tokens), jnp.full([batch], prefill_tokens),
+                          all_logits=True)
+  np.testing.assert_allclose(np.asarray(logits)[:, :prefill_tokens], ref[:, :prefill_tokens], atol=tol, rtol=0)
+  for t in range(prefill_tokens, length):
+    logits, cache = decode_step(graphdef, params, cache, jnp.asarray(ids[:, t], jnp.int32))
+    np.testing.assert_allclose(np.asarray(logits), ref[:, t], atol=tol, rtol=0, err_msg=f"decode step {t}")
+  return logits, cache
+
+
+# --- LoRA references (tests/model/test_lora.py, tests/server) ---
+
+def random_peft(base, directory, seed, rank, alpha, targets, **kw):
+  """A PEFT LoRA adapter with random A and B (PEFT initialises B to zero), saved by peft's save_pretrained; returns
+  the base model back, without the adapter's layers (tests/model/test_lora.py, tests/server)."""
+  import peft
+  import torch
+
+  model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, **kw))
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_" in name:
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+  model.save_pretrained(directory)
+  return model.unload()  # the base model back, without the adapter's layers
+
+
+def peft_greedy(ref, name, ids, n):
+  """A PeftModel's greedy tokens with adapter `name` (None: the base model), end of sequence ignored."""
+  import torch
+
+  kw = dict(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+  with torch.no_grad():
+    if name is None:
+      with ref.disable_adapter():
+        out = ref.generate(input_ids=torch.tensor([ids]), **kw)
+    else:
+      ref.set_adapter(name)
+      out = ref.generate(input_ids=torch.tensor([ids]), **kw)
+  return out[0, len(ids):].tolist()
+
+
+def write_gguf_from_hf(path, hf_model, tokenizer_dir, template: str, arch: str = "qwen2", q8: bool = False) -> dict:
+  """Writes a transformers Qwen2 / Qwen3 model and the tokenizer of `tokenizer_dir` as llama.cpp's converter lays
+  out a qwen2 / qwen3 GGUF (float32, or Q8_0 matrices with `q8`); returns {HF name: the Q8_0-rounded tensor} of
+  what was rounded (tests/checkpoints/test_convert.py, tests/model/test_qwen3.py)."""
+  import re
+
+  import gguf
+  import torch
+
+  from qwenjax.checkpoints.gguf_file import NAME_TABLES
+
+  cfg = hf_model.config
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_block_count(cfg.num_hidden_layers)
+  writer.add_context_length(cfg.max_position_embeddings)
+  writer.add_embedding_length(cfg.hidden_size)
+  writer.add_feed_forward_length(cfg.intermediate_size)
+  writer.add_head_count(cfg.num_attention_heads)
+  writer.add_head_count_kv(cfg.num_key_value_heads)
+  if arch == "qwen3":
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+  writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+  writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  gguf_tokenizer_metadata(tokenizer_dir, template)(writer)
+  global_names, layer_names = NAME_TABLES[arch]
+  to_gguf = {hf: g for g, hf in global_names.items()}
+  to_gguf_layer = {hf: g for g, hf in layer_names.items()}
+  rounded = {}
+  for name, tensor in hf_model.state_dict().items():
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+      continue
+    layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    gguf_name = f"blk.{layer[1]}.{to_gguf_layer[layer[2]]}" if layer else to_gguf[name]
+    data = tensor.numpy().astype(np.float32)
+    if q8 and data.ndim == 2:
+      packed = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+      writer.add_tensor(gguf_name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+      rounded[name] = torch.from_numpy(
+          gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0).reshape(data.shape))
+    else:
+      writer.add_tensor(gguf_name, data)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return rounded
+
+
 # --- The OpenAI-compatible server (tests/server) ---
 
 try:

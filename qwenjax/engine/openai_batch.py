@@ -16,12 +16,14 @@ Body fields, with null meaning unset as OpenAI clients send it:
 - chat: messages ("developer" is rendered as "system"), tools (functions), tool_choice ("none" | "auto" |
   "required" | {"type": "function", "function": {"name"}}), parallel_tool_calls (true only), response_format
   (text, json_object, json_schema, and ours: {"type": "regex", "regex"}, {"type": "grammar", "grammar": <Lark>}),
-  max_tokens / max_completion_tokens, logprobs (bool), top_logprobs (0 to 20, with logprobs true).
+  max_tokens / max_completion_tokens, logprobs (bool), top_logprobs (0 to 20, with logprobs true),
+  chat_template_kwargs (variables for the chat template, e.g. {"enable_thinking": false}).
 - completions: prompt (a string, token ids, or a list holding one of those), logprobs (0 to 5: the chosen
   tokens' and that many alternatives), echo (false), best_of (1), suffix (unset), response_format as above.
 - both: temperature, top_p, n, stop, seed, presence_penalty, frequency_penalty, vLLM's top_k, min_p,
   repetition_penalty, stop_token_ids, ignore_eos; model, user, metadata, store, service_tier, ... are accepted
-  and ignored; stream must be false. Anything else is an InputError naming the field.
+  and ignored; stream must be false in a batch line (`body_request(..., online=True)`, the server's, honours
+  stream and stream_options). Anything else is an InputError naming the field.
 
 Logprobs: each chosen token's log-probability and, when asked, its position's most likely tokens, all under the
 model's raw distribution (before temperature, filters and constraints), as the API reports them.

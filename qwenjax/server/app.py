@@ -85,6 +85,22 @@ def _input_error(e: InputError) -> APIError:
   return APIError(400, message, code=getattr(e, "code", INVALID_REQUEST), param=match.group(1) if match else None)
 
 
+class _Stream(responses.StreamingResponse):
+  """A StreamingResponse that settles its request however it ends: sent whole, its client gone (the stream task
+  cancelled, maybe before its first event, when the generator's own `finally` would never run), or failed."""
+
+  def __init__(self, content, settle, **kw):
+    super().__init__(content, **kw)
+    self._settle = settle
+
+  async def __call__(self, scope, receive, send) -> None:
+    try:
+      await super().__call__(scope, receive, send)
+    finally:
+      self._settle()  # first: the await below may be cancelled again (a forced shutdown)
+      await self.body_iterator.aclose()
+
+
 def _opens_thinking(tokenizer, ids: list[int]) -> bool:
   """Whether a chat prompt ends inside a thinking block (a template that writes `<think>` for the model)."""
   tail = tokenizer.decode(ids[-8:]).rsplit("<|im_start|>", 1)[-1]
@@ -229,7 +245,10 @@ def build_app(engine, config: ServerConfig) -> fastapi.FastAPI:
       prompt = await run_in_threadpool(engine.prepare, req)
     except InputError as e:
       raise _input_error(e) from None
-    handle = await loop.submit(req, prompt, len(prompt_ids(prompt)), arrived)
+    try:
+      handle = await loop.submit(req, prompt, len(prompt_ids(prompt)), arrived)
+    except RuntimeError as e:  # the engine loop is not running
+      raise APIError(503, f"The engine is not running: {e}.", code="engine_stopped") from None
     metrics.prompt_tokens.inc(handle.prompt_tokens)
     name = model if isinstance(model, str) else config.served_model_name
     created = int(time.time())
@@ -237,8 +256,13 @@ def build_app(engine, config: ServerConfig) -> fastapi.FastAPI:
     if body.get("stream"):
       stream = ResponseStream(url, body, response_id, model=name, tokenizer=tokenizer, created=created,
                               reasoning=splits, opened=opened)
-      return responses.StreamingResponse(_events(handle, stream, release), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+      def settle() -> None:  # however the stream ends, even before its first event: the place and the request
+        release()
+        if not handle.finished:
+          loop.abort(handle.request_id)
+
+      return _Stream(_events(handle, stream, release), settle, media_type="text/event-stream",
+                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     output = await _result(request, handle)
     broken = openai_batch.grammar_failure(output)
     if broken is not None:

@@ -23,7 +23,7 @@ from qwenjax.text.tokenizer import Tokenizer
 
 from conftest import (
     build_tiny_qwen2,
-    gguf_tokenizer_metadata,
+    write_gguf_from_hf,
     output_major_paths,
     qwen_chat_template,
     save_tiny_tokenizer_dir,
@@ -200,40 +200,11 @@ def test_bfloat16_checkpoint_and_cast_on_restore(source, converted, tmp_path):
   _assert_same_weights(cast, model)
 
 
-def _write_gguf(path, hf_model, tokenizer_dir):
-  """The tiny model's float32 weights and the tiny tokenizer, as llama.cpp's converter lays out a qwen2 GGUF."""
-  import gguf
-
-  from qwenjax.checkpoints.gguf_file import _GLOBAL_NAMES, _LAYER_NAMES
-
-  cfg = hf_model.config
-  writer = gguf.GGUFWriter(str(path), "qwen2")
-  writer.add_block_count(cfg.num_hidden_layers)
-  writer.add_context_length(cfg.max_position_embeddings)
-  writer.add_embedding_length(cfg.hidden_size)
-  writer.add_feed_forward_length(cfg.intermediate_size)
-  writer.add_head_count(cfg.num_attention_heads)
-  writer.add_head_count_kv(cfg.num_key_value_heads)
-  writer.add_rope_freq_base(1e4)
-  writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-  gguf_tokenizer_metadata(tokenizer_dir, qwen_chat_template())(writer)
-  to_gguf = {hf: g for g, hf in _GLOBAL_NAMES.items()}
-  to_gguf_layer = {hf: g for g, hf in _LAYER_NAMES.items()}
-  for name, tensor in hf_model.state_dict().items():
-    layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    gguf_name = f"blk.{layer[1]}.{to_gguf_layer[layer[2]]}" if layer else to_gguf[name]
-    writer.add_tensor(gguf_name, tensor.numpy().astype(np.float32))
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
-
-
 def test_gguf_source(source, tmp_path):
   from qwenjax.checkpoints.gguf_file import GGUFCheckpoint
 
-  path = _write_gguf(tmp_path / "tiny.gguf", source[1], source[0])
+  path = tmp_path / "tiny.gguf"
+  write_gguf_from_hf(path, source[1], source[0], qwen_chat_template())
   out = loader.convert(path, tmp_path / "orbax")
   with GGUFCheckpoint(path) as gguf:
     assert json.loads((out / "config.json").read_text()) == gguf.hf_config()

@@ -13,6 +13,8 @@ from qwenjax import Engine, KVCache, SamplingParams, decode_step, extend, prefil
 from qwenjax.checkpoints.hf import load_model
 from qwenjax.model.decoder import StepMetadata
 
+from conftest import check_prefill_then_decode
+
 TOL = 1e-4
 
 CONFIGS = {
@@ -56,14 +58,7 @@ def test_prefill_then_decode_logits_match_transformers(tiny, scan_layers):
   ref = _hf_logits(hf, ids)  # [2, 24, V]
 
   # Prefill 16 tokens (padded to a bucket of 32), then decode the remaining 8 one at a time.
-  tokens = np.zeros((2, 32), np.int32)
-  tokens[:, :16] = ids[:, :16]
-  cache = KVCache.zeros(model.cfg, 2, 64)
-  logits, cache = prefill(graphdef, params, cache, jnp.asarray(tokens), jnp.array([16, 16]), all_logits=True)
-  np.testing.assert_allclose(np.asarray(logits)[:, :16], ref[:, :16], atol=TOL, rtol=0)
-  for t in range(16, 24):
-    logits, cache = decode_step(graphdef, params, cache, jnp.asarray(ids[:, t], jnp.int32))
-    np.testing.assert_allclose(np.asarray(logits), ref[:, t], atol=TOL, rtol=0, err_msg=f"decode step {t}")
+  logits, cache = check_prefill_then_decode(model, ids, ref, tol=TOL)
   assert np.asarray(cache.lengths).tolist() == [24, 24]
 
   # One prefill over all 24 tokens gives the same last logits as prefill + 8 decode steps.

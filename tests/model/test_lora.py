@@ -19,21 +19,9 @@ from qwenjax.model.decoder import StepMetadata
 from qwenjax.model.kv_cache import KVCache
 from qwenjax.model.lora import LoraBank, init_adapter, merge
 
-from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
+from conftest import build_tiny_qwen2, peft_greedy, random_peft, save_tiny_tokenizer_dir
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _random_peft(base, directory, seed, rank, alpha, targets, **kw):
-  """A PEFT LoRA adapter with random A and B (PEFT initialises B to zero), saved by peft's save_pretrained."""
-  model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, **kw))
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "lora_" in name:
-        p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-  model.save_pretrained(directory)
-  return model.unload()  # the base model back, without the adapter's layers
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +31,8 @@ def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp("lora")
   save_tiny_tokenizer_dir(root / "base")  # for launch.generate
   base = build_tiny_qwen2(root / "base", vocab_size=640, num_key_value_heads=2)
-  base = _random_peft(base, root / "a", 1, 4, 8, ALL)
-  base = _random_peft(base, root / "b", 2, 2, 6, ["q_proj", "v_proj"], use_rslora=True)
+  base = random_peft(base, root / "a", 1, 4, 8, ALL)
+  base = random_peft(base, root / "b", 2, 2, 6, ["q_proj", "v_proj"], use_rslora=True)
   ref = peft.PeftModel.from_pretrained(base, root / "a", adapter_name="a").eval()
   ref.load_adapter(root / "b", adapter_name="b")
   return root, ref
@@ -57,19 +45,6 @@ def _ref_logits(ref, name, ids):
         return ref(torch.tensor([ids])).logits[0].numpy()
     ref.set_adapter(name)
     return ref(torch.tensor([ids])).logits[0].numpy()
-
-
-def _ref_greedy(ref, name, ids, n):
-  kw = dict(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-  with torch.no_grad():
-    if name is None:
-      with ref.disable_adapter():
-        out = ref.generate(input_ids=torch.tensor([ids]), **kw)
-    else:
-      ref.set_adapter(name)
-      out = ref.generate(input_ids=torch.tensor([ids]), **kw)
-  return out[0, len(ids):].tolist()
 
 
 def _logits(model, rows, index):
@@ -113,7 +88,7 @@ def test_a_batch_mixing_two_adapters_and_the_base_gives_each_row_its_own_tokens(
   params = SamplingParams(max_tokens=10)
   outs = engine.generate([Request(prompt=p, lora=n, sampling=params) for p, n in zip(prompts, names)])
   for p, n, out in zip(prompts, names, outs):
-    assert out.token_ids == _ref_greedy(ref, n, p, 10), n
+    assert out.token_ids == peft_greedy(ref, n, p, 10), n
   assert len({tuple(o.token_ids) for o in outs[:3]}) == 3  # the three adapters disagree on the shared prompt
   alone = Engine(model, None, max_batch_size=1, max_seq_len=128, eos_token_ids=(), lora=lora)
   for p, n, out in zip(prompts[:4], names[:4], outs[:4]):
@@ -137,7 +112,7 @@ def test_speculative_decoding_with_adapters_equals_transformers(tiny):
   outs = engine.generate([Request(prompt=p, lora=n, sampling=SamplingParams(max_tokens=20))
                           for p, n in zip(prompts, names)])
   for p, n, out in zip(prompts, names, outs):
-    assert out.token_ids == _ref_greedy(ref, n, p, 20), n
+    assert out.token_ids == peft_greedy(ref, n, p, 20), n
   assert engine.stats()["spec_accepted_tokens"] > 0
 
 
@@ -161,7 +136,7 @@ def test_merged_equals_unmerged(tiny):
   for prompt in ([1, 2, 3], ids):
     want = served.generate([Request(prompt=prompt, lora="a", sampling=params)])[0].token_ids
     assert folded.generate([Request(prompt=prompt, lora="a", sampling=params)])[0].token_ids == want
-    assert want == _ref_greedy(ref, "a", prompt, 12)
+    assert want == peft_greedy(ref, "a", prompt, 12)
 
 
 def test_saved_adapters_load_in_peft(tiny, tmp_path):

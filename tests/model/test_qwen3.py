@@ -3,7 +3,6 @@ float32 (prefill and decode), greedy tokens through the paged engine and launch.
 
 import dataclasses
 import json
-import re
 import subprocess
 import sys
 
@@ -14,12 +13,12 @@ import torch
 import transformers
 from flax import nnx
 
-from qwenjax import ConfigError, Engine, KVCache, SamplingParams, decode_step, prefill
+from qwenjax import ConfigError, Engine, KVCache, SamplingParams, prefill
 from qwenjax.checkpoints.hf import load_model
 from qwenjax.config import QwenConfig
 from qwenjax.model import registry
 
-from conftest import REPO, gguf_tokenizer_metadata, save_tiny_tokenizer_dir
+from conftest import REPO, check_prefill_then_decode, save_tiny_tokenizer_dir, write_gguf_from_hf
 
 TOL = 1e-4
 
@@ -74,18 +73,10 @@ def test_config_reads_qwen3s_attention_and_counts_its_parameters(tiny):
 def test_prefill_then_decode_logits_match_transformers(tiny):
   d, hf = tiny
   model = load_model(d)
-  graphdef, params = nnx.split(model)
   ids = np.random.default_rng(0).integers(0, 300, size=(2, 24))
   with torch.no_grad():
     ref = hf(torch.as_tensor(ids)).logits.numpy()
-  tokens = np.zeros((2, 32), np.int32)
-  tokens[:, :16] = ids[:, :16]
-  cache = KVCache.zeros(model.cfg, 2, 64)
-  logits, cache = prefill(graphdef, params, cache, jnp.asarray(tokens), jnp.array([16, 16]), all_logits=True)
-  np.testing.assert_allclose(np.asarray(logits)[:, :16], ref[:, :16], atol=TOL, rtol=0)
-  for t in range(16, 24):
-    logits, cache = decode_step(graphdef, params, cache, jnp.asarray(ids[:, t], jnp.int32))
-    np.testing.assert_allclose(np.asarray(logits), ref[:, t], atol=TOL, rtol=0, err_msg=f"decode step {t}")
+  check_prefill_then_decode(model, ids, ref, tol=TOL)
 
 
 def test_greedy_tokens_through_the_paged_engine_match_transformers(tiny):
@@ -178,48 +169,14 @@ def test_a_qwen3_gguf_loads_token_exact(tmp_path, qwen_template, q8):
   size in attention.key_length): its config is transformers', and its logits are transformers' within 1e-4 (with
   Q8_0 matrices: transformers' model holding the same Q8_0-rounded weights) and its greedy tokens identical.
   (Q8_0 into int8 weights goes the same way for every family: tests/checkpoints/test_gguf.py.)"""
-  import gguf
-
   from qwenjax import load
-  from qwenjax.checkpoints.gguf_file import _GLOBAL_NAMES, _QWEN3_LAYER_NAMES, GGUFCheckpoint
+  from qwenjax.checkpoints.gguf_file import GGUFCheckpoint
 
   d = save_tiny_tokenizer_dir(tmp_path / "ckpt")
   hf = build_tiny_qwen3(d, vocab_size=512, **CONFIGS["head_dim_tied"])
   cfg = hf.config
   path = tmp_path / "tiny-qwen3.gguf"
-  writer = gguf.GGUFWriter(str(path), "qwen3")
-  writer.add_block_count(cfg.num_hidden_layers)
-  writer.add_context_length(cfg.max_position_embeddings)
-  writer.add_embedding_length(cfg.hidden_size)
-  writer.add_feed_forward_length(cfg.intermediate_size)
-  writer.add_head_count(cfg.num_attention_heads)
-  writer.add_head_count_kv(cfg.num_key_value_heads)
-  writer.add_key_length(cfg.head_dim)
-  writer.add_value_length(cfg.head_dim)
-  writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-  writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-  gguf_tokenizer_metadata(d, qwen_template)(writer)
-  to_gguf = {hf_name: g for g, hf_name in _GLOBAL_NAMES.items()}
-  to_gguf_layer = {hf_name: g for g, hf_name in _QWEN3_LAYER_NAMES.items()}
-  rounded = {}
-  for name, tensor in hf.state_dict().items():
-    if name == "lm_head.weight" and cfg.tie_word_embeddings:
-      continue
-    layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    gguf_name = f"blk.{layer[1]}.{to_gguf_layer[layer[2]]}" if layer else to_gguf[name]
-    data = tensor.numpy().astype(np.float32)
-    if q8 and data.ndim == 2:
-      packed = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-      writer.add_tensor(gguf_name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-      rounded[name] = torch.from_numpy(gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0).reshape(
-          data.shape))
-    else:
-      writer.add_tensor(gguf_name, data)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-
+  rounded = write_gguf_from_hf(path, hf, d, qwen_template, arch="qwen3", q8=q8)
   with GGUFCheckpoint(path) as checkpoint:
     config = checkpoint.hf_config()
   assert (config["model_type"], config["head_dim"]) == ("qwen3", cfg.head_dim)

@@ -38,6 +38,8 @@ from conftest import (
   build_tiny_qwen2,
   hf_vl_chat_greedy,
   httpx,
+  peft_greedy,
+  random_peft,
   save_png,
   save_tiny_tokenizer_dir,
 )
@@ -53,18 +55,6 @@ CLOCK = {"type": "function", "function": {"name": "now", "parameters": {"type": 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Write a haiku about rain"}]
 
 
-def _random_peft(base, directory, seed):
-  model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
-                                                                                       "down_proj"]))
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "lora_" in name:
-        p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-  model.save_pretrained(directory)
-  return model.unload()
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   """A tiny Qwen2 whose vocabulary is the tiny tokenizer's (every generated token has text), a PEFT adapter "sql",
@@ -72,7 +62,7 @@ def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp("server")
   d = save_tiny_tokenizer_dir(root / "base")
   base = build_tiny_qwen2(d, vocab_size=512, num_key_value_heads=2, max_position_embeddings=1024)
-  base = _random_peft(base, root / "sql", 3)
+  base = random_peft(base, root / "sql", 3, 4, 8, ["q_proj", "v_proj", "down_proj"])
   ref = peft.PeftModel.from_pretrained(base, root / "sql", adapter_name="sql").eval()
   hf_tok = transformers.AutoTokenizer.from_pretrained(d)
   engine = Engine(load_model(d), Tokenizer.from_directory(d), eos_token_ids=(), max_seq_len=1024, max_batch_size=4,
@@ -86,19 +76,6 @@ def server(tiny):
               max_request_bytes=256 << 10) as s:
     s.im_end = tiny[2].convert_tokens_to_ids("<|im_end|>")
     yield s
-
-
-def _greedy(ref, ids, n, adapter=None):
-  kw = dict(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-  with torch.no_grad():
-    if adapter is None:
-      with ref.disable_adapter():
-        out = ref.generate(input_ids=torch.tensor([ids]), **kw)
-    else:
-      ref.set_adapter(adapter)
-      out = ref.generate(input_ids=torch.tensor([ids]), **kw)
-  return out[0, len(ids):].tolist()
 
 
 _BYTE_OF = {char: byte for byte, char in bytes_to_unicode().items()}
@@ -131,14 +108,14 @@ def test_greedy_chat_and_completion_equal_transformers(tiny, server):
   client = server.client()
   ids = _chat_ids(hf_tok, MESSAGES)
   chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
-  want = _greedy(ref, ids, 12)
+  want = peft_greedy(ref, None, ids, 12)
   assert chat.choices[0].message.content == hf_tok.decode(want, skip_special_tokens=True)
   assert chat.choices[0].finish_reason == "length" and chat.object == "chat.completion" and chat.model == "tiny"
   assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (len(ids), 12)
 
   tuned = client.chat.completions.create(model="sql", messages=MESSAGES, max_completion_tokens=12, temperature=0,
                                          logprobs=True)
-  tuned_want = _greedy(ref, ids, 12, adapter="sql")
+  tuned_want = peft_greedy(ref, "sql", ids, 12)
   assert tuned_want != want  # the adapter changes the answer: the comparison tells them apart
   _assert_answer(tuned.choices[0], hf_tok, tuned_want)
   assert tuned.model == "sql"
@@ -146,7 +123,7 @@ def test_greedy_chat_and_completion_equal_transformers(tiny, server):
   prompt = "def fibonacci(n):\n"
   text = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0)
   prompt_ids = hf_tok(prompt)["input_ids"]
-  assert text.choices[0].text == hf_tok.decode(_greedy(ref, prompt_ids, 10), skip_special_tokens=True)
+  assert text.choices[0].text == hf_tok.decode(peft_greedy(ref, None, prompt_ids, 10), skip_special_tokens=True)
   assert text.object == "text_completion" and text.usage.prompt_tokens == len(prompt_ids)
 
 
@@ -166,7 +143,7 @@ def test_concurrent_async_clients_share_batches_and_each_gets_its_own_answer(tin
   answers = asyncio.run(all_of_them())
   for i, answer in enumerate(answers):
     ids = _chat_ids(hf_tok, [{"role": "user", "content": prompts[i]}])
-    want = _greedy(ref, ids, 10, adapter="sql" if i % 3 == 0 else None)
+    want = peft_greedy(ref, "sql" if i % 3 == 0 else None, ids, 10)
     _assert_answer(answer.choices[0], hf_tok, want)
   assert engine.stats()["peak_sequences"] >= max(peak, 2)  # requests decoded side by side in one batch
 
@@ -231,7 +208,7 @@ def test_logprobs_equal_transformers_log_softmax(tiny, server):
   ids = _chat_ids(hf_tok, MESSAGES)
   chat = server.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0,
                                                  logprobs=True, top_logprobs=3)
-  generated = _greedy(ref, ids, 6)
+  generated = peft_greedy(ref, None, ids, 6)
   with torch.no_grad(), ref.disable_adapter():
     logits = ref(torch.tensor([ids + generated])).logits[0, len(ids) - 1:-1].double()
   want = torch.log_softmax(logits, -1).numpy()

@@ -4,8 +4,10 @@ many clients is answered in full with the process's memory flat. (How much faste
 sequential ones is a timing: `launch.benchmark --serve` measures it.)"""
 
 import asyncio
+import json
 import time
 
+import jsonschema
 import pytest
 
 from qwenjax import Engine, SamplingParams
@@ -26,10 +28,13 @@ def _rss_mib() -> float:
     return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
+CODE = "def fibonacci(n):\n"
+
+
 @pytest.fixture(scope="module")
 def served(real_float32):
   engine = Engine(real_float32.model, real_float32.tokenizer, max_batch_size=16, max_seq_len=1024)
-  requests = [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS]
+  requests = [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS] + [CODE]
   wants = engine.generate(requests, SamplingParams(max_tokens=16))  # before the server's thread owns the engine
   with Server(engine, served_model_name="qwen2.5-coder-0.5b-instruct", api_key=KEY,
               default_sampling=SamplingParams(max_tokens=16)) as s:
@@ -45,9 +50,44 @@ def test_eight_concurrent_clients_get_engine_generates_answers(served):
           model="qwen2.5-coder-0.5b-instruct", messages=[{"role": "user", "content": q}], temperature=0)
           for q in QUESTIONS))
 
-  for reply, want in zip(asyncio.run(ask_all()), wants):
+  for reply, want in zip(asyncio.run(ask_all()), wants[:len(QUESTIONS)]):
     assert reply.choices[0].message.content == want.text
     assert reply.usage.completion_tokens == len(want.token_ids) and reply.usage.prompt_tokens == want.prompt_tokens
+
+
+def test_completion_stream_schema_tools_and_logprobs_on_the_embedded_model(served):
+  """The sync client on the real model: a completion equals Engine.generate's; a streamed chat adds up to the
+  unstreamed one; a json_schema reply validates; tool_choice "required" calls a listed tool with arguments that
+  fit its schema; logprobs come per token, each the most likely of its alternatives under greedy decoding."""
+  server, wants = served
+  client, model = server.client(), "qwen2.5-coder-0.5b-instruct"
+  text = client.completions.create(model=model, prompt=CODE, max_tokens=16, temperature=0)
+  assert text.choices[0].text == wants[-1].text
+  ask = [{"role": "user", "content": QUESTIONS[2]}]
+  whole = client.chat.completions.create(model=model, messages=ask, max_tokens=24, temperature=0, logprobs=True,
+                                         top_logprobs=2)
+  streamed = [c for c in client.chat.completions.create(model=model, messages=ask, max_tokens=24, temperature=0,
+                                                        stream=True) if c.choices]
+  assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole.choices[0].message.content
+  tokens = whole.choices[0].logprobs.content
+  assert len(tokens) == whole.usage.completion_tokens
+  assert all(t.logprob >= max(a.logprob for a in t.top_logprobs) - 1e-5 for t in tokens)  # greedy: the best
+  schema = {"type": "object", "properties": {"language": {"type": "string", "maxLength": 20},
+                                             "typed": {"type": "boolean"}},
+            "required": ["language", "typed"], "additionalProperties": False}
+  reply = client.chat.completions.create(
+      model=model, max_tokens=40, temperature=0,
+      messages=[{"role": "user", "content": "Name a programming language and whether it is typed, as JSON."}],
+      response_format={"type": "json_schema", "json_schema": {"name": "lang", "schema": schema}})
+  jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+  weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+      "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+  called = client.chat.completions.create(
+      model=model, max_tokens=40, temperature=0, tools=[weather], tool_choice="required",
+      messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+  call = called.choices[0].message.tool_calls[0]
+  assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+  jsonschema.validate(json.loads(call.function.arguments), weather["function"]["parameters"])
 
 
 def test_a_client_gone_mid_stream_frees_its_request_within_a_second(served):
