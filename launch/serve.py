@@ -46,8 +46,8 @@ _MAX_REQUEST_BYTES = flags.DEFINE_integer("max_request_bytes", 32 << 20, "A requ
                                           "refused (413) before it is read whole.", lower_bound=1024)
 _SHUTDOWN_GRACE = flags.DEFINE_float("shutdown_grace", 30.0, "Seconds running requests get to finish after "
                                      "SIGTERM; the rest are aborted.", lower_bound=0)
-_WARM_UP = flags.DEFINE_bool("warm_up", True, "Compile every program before listening (the first requests then "
-                             "compile nothing).")
+_WARM_UP = flags.DEFINE_bool("warm_up", True, "Compile the programs requests run (greedy, sampled, with penalties, "
+                             "constrained) before listening; those of top_logprobs compile on first use.")
 _MEDIA_ROOT = flags.DEFINE_string("media_root", None, "The directory whose files requests may name as images or "
                                   "videos (file paths, file:// URLs); default: none (data: URLs only).")
 
