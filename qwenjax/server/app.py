@@ -261,7 +261,7 @@ def build_app(engine, config: ServerConfig) -> fastapi.FastAPI:
         if not handle.finished:
           loop.abort(handle.request_id)
 
-      return _Stream(_events(handle, stream, release), settle, media_type="text/event-stream",
+      return _Stream(_events(handle, stream), settle, media_type="text/event-stream",
                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     output = await _result(request, handle)
     broken = openai_batch.grammar_failure(output)
@@ -308,40 +308,36 @@ def build_app(engine, config: ServerConfig) -> fastapi.FastAPI:
       if not handle.finished:
         loop.abort(handle.request_id)
 
-  async def _events(handle, stream: ResponseStream, release):
-    """The server-sent events of a streamed request. Cancelled (the client went away): its request is aborted."""
+  async def _events(handle, stream: ResponseStream):
+    """The server-sent events of a streamed request (its place and request are settled by `_Stream`, however it
+    ends)."""
     def event(obj) -> str:
       return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    try:
-      while True:
-        try:
-          output = await next_output(handle, 1.0)
-        except APIError as e:
-          yield event(e.body())
+    while True:
+      try:
+        output = await next_output(handle, 1.0)
+      except APIError as e:
+        yield event(e.body())
+        return
+      if (output is None or not output.finished) and deadline_passed(handle):
+        yield event(timed_out().body())
+        return
+      if output is None:
+        yield ": keep-alive\n\n"  # a comment: clients skip it; a connection that is gone shows itself
+        continue
+      for chunk in stream.update(output):
+        yield event(chunk)
+      if output.finished:
+        finished(handle)
+        broken = openai_batch.grammar_failure(output)
+        if broken is not None:
+          yield event(APIError(500, broken, code=GRAMMAR_ERROR).body())
           return
-        if (output is None or not output.finished) and deadline_passed(handle):
-          yield event(timed_out().body())
-          return
-        if output is None:
-          yield ": keep-alive\n\n"  # a comment: clients skip it; a connection that is gone shows itself
-          continue
-        for chunk in stream.update(output):
-          yield event(chunk)
-        if output.finished:
-          finished(handle)
-          broken = openai_batch.grammar_failure(output)
-          if broken is not None:
-            yield event(APIError(500, broken, code=GRAMMAR_ERROR).body())
-            return
-          if stream.include_usage:
-            yield event(stream.usage_chunk(output))
-          yield "data: [DONE]\n\n"
-          return
-    finally:
-      release()
-      if not handle.finished:
-        loop.abort(handle.request_id)
+        if stream.include_usage:
+          yield event(stream.usage_chunk(output))
+        yield "data: [DONE]\n\n"
+        return
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: fastapi.Request):
