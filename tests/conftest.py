@@ -7,7 +7,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-import time
 
 # Keep XLA to the machine's cores and quiet; must precede importing jax.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -515,33 +514,24 @@ SERVER_KEY = "sk-test-key"
 
 
 class Server:
-  """tests/server: a uvicorn server of `build_app(engine, ServerConfig(...))` on a free loopback port, in a thread."""
+  """tests/server: `build_app(engine, ServerConfig(...))` on a free loopback port, in a thread (`BackgroundServer`),
+  with the clients and metrics the tests read."""
 
   def __init__(self, engine, **config):
-    import threading
-
-    import uvicorn
-
     from qwenjax.server import ServerConfig, build_app
+    from qwenjax.server.background import BackgroundServer
 
     config.setdefault("served_model_name", "tiny")
     self.app = build_app(engine, ServerConfig(**config))
-    self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
-    self.thread = threading.Thread(target=self.server.run, daemon=True)
+    self.background = BackgroundServer(self.app)
 
   def __enter__(self):
-    self.thread.start()
-    deadline = time.monotonic() + 60
-    while not self.server.started:
-      assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-      time.sleep(0.02)
-    self.port = self.server.servers[0].sockets[0].getsockname()[1]
-    self.url = f"http://127.0.0.1:{self.port}"
+    self.background.__enter__()
+    self.port, self.url = self.background.port, self.background.url
     return self
 
   def __exit__(self, *exc):
-    self.server.should_exit = True
-    self.thread.join(60)
+    self.background.__exit__(*exc)
 
   def client(self, **kw):
     import openai

@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import statistics
-import threading
 import time
 
 from absl import app, flags, logging
@@ -38,30 +37,6 @@ def _rss_mib() -> float:
       if line.startswith("VmRSS:"):
         return int(line.split()[1]) / 1024
   return float("nan")
-
-
-class _Running:
-  """uvicorn serving `app` on a free loopback port, in a thread."""
-
-  def __init__(self, app_):
-    import uvicorn  # pylint: disable=g-import-not-at-top
-
-    self.server = uvicorn.Server(uvicorn.Config(app_, host="127.0.0.1", port=0, log_level="warning"))
-    self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-  def __enter__(self):
-    self.thread.start()
-    while not self.server.started:
-      if not self.thread.is_alive():
-        raise RuntimeError("the server did not start")
-      time.sleep(0.02)
-    port = self.server.servers[0].sockets[0].getsockname()[1]
-    self.base_url = f"http://127.0.0.1:{port}/v1"
-    return self
-
-  def __exit__(self, *exc):
-    self.server.should_exit = True
-    self.thread.join(60)
 
 
 async def _chat(client, request: dict, **kw):
@@ -139,6 +114,7 @@ def measure(model, tokenizer, *, max_batch_size: int, load_requests: int, client
   """The section's figures for one model (see the module docstring)."""
   from qwenjax import Engine, SamplingParams  # pylint: disable=g-import-not-at-top
   from qwenjax.server import ServerConfig, build_app  # pylint: disable=g-import-not-at-top
+  from qwenjax.server.background import BackgroundServer  # pylint: disable=g-import-not-at-top
 
   load = workload.job_requests(load_requests)
   fixed = [{"messages": r["messages"]} for r in workload.job_requests(8)]
@@ -154,8 +130,8 @@ def measure(model, tokenizer, *, max_batch_size: int, load_requests: int, client
   del batch_engine
   engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=2048)
   engine.warm_up(sampling=[SamplingParams()])
-  with _Running(build_app(engine, ServerConfig("bench"))) as running:
-    out = asyncio.run(_measure(running.base_url, fixed, load, wants, clients))
+  with BackgroundServer(build_app(engine, ServerConfig("bench"))) as running:
+    out = asyncio.run(_measure(running.url + "/v1", fixed, load, wants, clients))
   out["batch_job"] = {"requests": len(load), "generated_tokens": batch_tokens, "wall_s": batch_wall,
                       "tokens_per_s": batch_tokens / batch_wall}
   out["load"]["vs_batch_job"] = out["load"]["tokens_per_s"] / out["batch_job"]["tokens_per_s"]
