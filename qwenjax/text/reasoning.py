@@ -14,6 +14,8 @@ block kept in front; tool calls are read from the content alone.
 
 from __future__ import annotations
 
+from qwenjax.text.tool_calls import partial_tag
+
 OPEN, CLOSE = "<think>", "</think>"
 
 
@@ -41,21 +43,13 @@ def _split(text: str, final: bool) -> tuple[str | None, str]:
   start = text.find(OPEN)
   end = text.find(CLOSE, 0 if start < 0 else start + len(OPEN))
   if start < 0 and end < 0:
-    return None, text if final else text[:len(text) - _partial_tag(text, (OPEN, CLOSE))]
+    return None, text if final else text[:len(text) - partial_tag(text, (OPEN, CLOSE))]
   before = text[:start] if start >= 0 else ""
   inside = text[start + len(OPEN) if start >= 0 else 0:len(text) if end < 0 else end]
   if end < 0 and not final:
-    inside = inside[:len(inside) - _partial_tag(inside, (CLOSE,))]
+    inside = inside[:len(inside) - partial_tag(inside, (CLOSE,))]
   reasoning = inside.strip()
   if end < 0 and not final:  # whitespace at its end may be followed by more reasoning
     reasoning = inside.lstrip()[:len(reasoning)]
   content = before + (text[end + len(CLOSE):].lstrip() if end >= 0 else "")
   return (reasoning or None) if final else reasoning, content
-
-
-def _partial_tag(text: str, tags: tuple[str, ...]) -> int:
-  """How many trailing characters of `text` may begin one of `tags`."""
-  for n in range(max(len(t) for t in tags) - 1, 0, -1):
-    if any(text.endswith(t[:n]) for t in tags):
-      return n
-  return 0

@@ -52,7 +52,7 @@ def parse(text: str, *, key: str | None = None) -> ToolCallParse:
   key: makes the call ids deterministic ("call_" + a hash of key and the call's position), so that serving the
     same request again writes the same ids; without it the ids are random.
   """
-  content, calls, errors, _ = _split(text, key, partial=False)
+  content, calls, errors = _split(text, key, partial=False)
   return ToolCallParse(content=content.strip() or None, calls=calls, errors=errors)
 
 
@@ -61,11 +61,11 @@ def parse_partial(text: str, *, key: str) -> tuple[str, list[dict[str, Any]]]:
   block that runs to the end of the text unclosed, and a trailing part of an opening tag, are not settled yet: they
   are neither content nor a call. What this returns for a text is a prefix of what it returns for any longer text,
   and of `parse(text, key=key)`'s content and calls (ids included), once stripped."""
-  content, calls, _, _ = _split(text, key, partial=True)
+  content, calls, _ = _split(text, key, partial=True)
   return content, calls
 
 
-def _split(text: str, key: str | None, partial: bool) -> tuple[str, list[dict[str, Any]], list[str], int]:
+def _split(text: str, key: str | None, partial: bool) -> tuple[str, list[dict[str, Any]], list[str]]:
   pieces, calls, errors = [], [], []
   pos = block = 0
   while (start := text.find(OPEN, pos)) >= 0:
@@ -73,7 +73,7 @@ def _split(text: str, key: str | None, partial: bool) -> tuple[str, list[dict[st
     block += 1
     call, end, problem = _read_block(text, start + len(OPEN))
     if partial and end == len(text) and not text.endswith(CLOSE):  # may yet close, or go on
-      return "".join(pieces), calls, errors, start
+      return "".join(pieces), calls, errors
     if problem is None:
       calls.append(_openai_call(call, _call_id(key, len(calls))))
     else:
@@ -82,12 +82,17 @@ def _split(text: str, key: str | None, partial: bool) -> tuple[str, list[dict[st
     pos = end
   tail = text[pos:]
   if partial:  # a trailing "<tool_c" may be the start of a block
-    for n in range(min(len(OPEN) - 1, len(tail)), 0, -1):
-      if tail.endswith(OPEN[:n]):
-        tail = tail[:-n]
-        break
+    tail = tail[:len(tail) - partial_tag(tail, (OPEN,))]
   pieces.append(tail)
-  return "".join(pieces), calls, errors, len(text)
+  return "".join(pieces), calls, errors
+
+
+def partial_tag(text: str, tags: tuple[str, ...]) -> int:
+  """How many trailing characters of `text` may begin one of `tags` (and wait, in a stream, for what follows)."""
+  for n in range(min(max(len(t) for t in tags) - 1, len(text)), 0, -1):
+    if any(text.endswith(t[:n]) for t in tags):
+      return n
+  return 0
 
 
 def _skip_space(text: str, i: int) -> int:
