@@ -16,6 +16,7 @@ formats, LoRA adapters by model name. SIGTERM or SIGINT: stop accepting, let run
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -103,7 +104,10 @@ def main(argv):
     default = _common.sampling_params()
     api_key = _API_KEY.value or os.environ.get("QWENJAX_API_KEY") or None
     # Without --media_root, local paths resolve inside an empty private directory: a client reads no file here.
-    media_root = _MEDIA_ROOT.value or tempfile.mkdtemp(prefix="qwenjax-serve-no-media-")
+    media_root = _MEDIA_ROOT.value
+    if media_root is None:
+      media_root = tempfile.mkdtemp(prefix="qwenjax-serve-no-media-")
+      atexit.register(os.rmdir, media_root)  # empty by construction; every exit but a kill removes it
     engine = Engine.load(model, **_common.load_kwargs(), max_batch_size=serving.max_batch_size,
                          max_seq_len=serving.max_seq_len, max_prefill_chunk=serving.max_prefill_chunk,
                          decode_steps=_common.DECODE_STEPS.value, mesh=serving.mesh, media_root=media_root,

@@ -425,12 +425,13 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def test_sigterm_finishes_running_requests_and_exits_0(tiny):
+def test_sigterm_finishes_running_requests_and_exits_0(tiny, tmp_path):
   """launch.serve as users run it (with batch_generate's speculative flags): the key from $QWENJAX_API_KEY; on
-  SIGTERM a running stream still ends with [DONE], new connections are refused, and the process exits 0."""
+  SIGTERM a running stream still ends with [DONE], new connections are refused, the process exits 0, and the empty
+  private media directory it made (no --media_root) is gone."""
   d = tiny[0]
   port = _free_port()
-  env = dict(os.environ, QWENJAX_API_KEY=KEY)
+  env = dict(os.environ, QWENJAX_API_KEY=KEY, TMPDIR=str(tmp_path))
   proc = subprocess.Popen([sys.executable, "-m", "launch.serve", f"--model={d}", f"--port={port}", "--nowarm_up",
                            "--max_seq_len=256", "--max_batch_size=2", "--shutdown_grace=60",
                            "--speculative_method=ngram", "--prompt_lookup_min=1"],
@@ -446,6 +447,7 @@ def test_sigterm_finishes_running_requests_and_exits_0(tiny):
           break
       time.sleep(0.2)
     assert httpx.get(url + "/v1/models").status_code == 401
+    assert len(list(tmp_path.glob("qwenjax-serve-no-media-*"))) == 1
     body = {"model": d.name, "messages": MESSAGES, "max_tokens": 120, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120,
                       headers={"Authorization": f"Bearer {KEY}"}) as response:
@@ -456,6 +458,7 @@ def test_sigterm_finishes_running_requests_and_exits_0(tiny):
     chunks = [json.loads(line[6:]) for line in [first, *rest] if line.startswith("data: {")]
     assert rest[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert proc.wait(60) == 0
+    assert not list(tmp_path.glob("qwenjax-serve-no-media-*"))
     with pytest.raises(httpx.TransportError):
       httpx.get(url + "/health")
   finally:
