@@ -522,6 +522,7 @@ class Server:
     from qwenjax.server.background import BackgroundServer
 
     config.setdefault("served_model_name", "tiny")
+    self.engine = engine
     self.app = build_app(engine, ServerConfig(**config))
     self.background = BackgroundServer(self.app)
 

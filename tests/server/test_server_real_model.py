@@ -1,5 +1,5 @@
 """The server on the embedded Qwen2.5-Coder-0.5B-Instruct: concurrent clients get Engine.generate's greedy answers,
-a client that hangs up mid-stream frees its request within a second, and a load of a few hundred requests from
+a client that hangs up mid-stream frees its request a few decode blocks later, and a load of a few hundred requests from
 many clients is answered in full with the process's memory flat. (How much faster concurrent clients finish than
 sequential ones is a timing: `launch.benchmark --serve` measures it.)"""
 
@@ -90,7 +90,10 @@ def test_completion_stream_schema_tools_and_logprobs_on_the_embedded_model(serve
   jsonschema.validate(json.loads(call.function.arguments), weather["function"]["parameters"])
 
 
-def test_a_client_gone_mid_stream_frees_its_request_within_a_second(served):
+def test_a_client_gone_mid_stream_frees_its_request_at_the_next_decode_blocks(served):
+  """A client asks for 600 tokens and hangs up after its first deltas: the engine drops the request a few decode
+  blocks later (counted in tokens the engine generated after the hang-up, not in seconds: CI's other worker shares
+  the 2 cores), its pages go back, and the next request gets Engine.generate's answer."""
   server, wants = served
   body = {"model": "qwen2.5-coder-0.5b-instruct", "messages": [{"role": "user", "content": QUESTIONS[0]}],
           "max_tokens": 600, "stream": True, "ignore_eos": True}
@@ -99,13 +102,18 @@ def test_a_client_gone_mid_stream_frees_its_request_within_a_second(served):
     lines = response.iter_lines()
     for _ in range(3):
       next(lines)
-  gone = time.monotonic()
+  at_hang_up = server.metrics()
+  deadline = time.monotonic() + 120  # a guard against a hang, not a measurement
   while True:
     m = server.metrics()
     if m["qwenjax_requests_running"] == 0 and m["qwenjax_kv_pages_in_use"] == 0:
       break
-    assert time.monotonic() - gone < 1.0, m
+    assert time.monotonic() < deadline, m
     time.sleep(0.02)
+  after = m["qwenjax_generation_tokens_total"] - at_hang_up["qwenjax_generation_tokens_total"]
+  block = server.engine.decode_steps
+  assert after <= 8 * block, (after, block)  # not the 600 asked for: the abort landed between blocks
+  assert m["qwenjax_requests_aborted_total"] >= 1
   reply = server.client().chat.completions.create(model="qwen2.5-coder-0.5b-instruct", temperature=0,
                                                   messages=[{"role": "user", "content": QUESTIONS[1]}])
   assert reply.choices[0].message.content == wants[1].text
