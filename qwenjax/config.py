@@ -149,6 +149,16 @@ class QwenConfig:
   # transformers' `layer_types` ("full_attention" / "sliding_attention" per layer); None: derived from
   # max_window_layers. Either way a layer slides only with use_sliding_window, as transformers reads them.
   layer_types: tuple[str, ...] | None = None
+  # Qwen3-MoE: num_experts > 0 makes the sparse layers' MLP a router over num_experts SwiGLU experts of
+  # moe_intermediate_size, num_experts_per_tok of them per token (weights renormalised to sum 1 when
+  # norm_topk_prob); a layer is sparse unless it is in mlp_only_layers or (index + 1) % decoder_sparse_step != 0,
+  # and a dense layer's MLP has intermediate_size. 0 experts: every layer dense (Qwen2, Qwen3).
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = False
+  decoder_sparse_step: int = 1
+  mlp_only_layers: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -168,6 +178,20 @@ class QwenConfig:
       unknown = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
       if unknown:
         raise ConfigError(f"layer_types holds {unknown[0]!r} (expected full_attention or sliding_attention).")
+    if self.num_experts:
+      if not 0 < self.num_experts_per_tok <= self.num_experts:
+        raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and num_experts "
+                          f"({self.num_experts}).")
+      if self.moe_intermediate_size <= 0 or self.decoder_sparse_step <= 0:
+        raise ConfigError("moe_intermediate_size and decoder_sparse_step must be positive in a MoE config.")
+      outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+      if outside:
+        raise ConfigError(f"mlp_only_layers names layer {outside[0]}, outside 0..{self.num_layers - 1}.")
+
+  def sparse_layers(self) -> tuple[bool, ...]:
+    """[L] whether each layer's MLP is the mixture of experts (transformers' Qwen3MoeDecoderLayer rule)."""
+    return tuple(bool(self.num_experts) and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+                 for i in range(self.num_layers))
 
   def layer_windows(self) -> np.ndarray:
     """[L] int32: the sliding-window span of each layer, or a span larger than any position for full attention.
@@ -226,12 +250,13 @@ class QwenConfig:
     writes. Each field's type is checked, not coerced: ConfigError naming `source` and the field. Qwen3's
     attention has q/k norms and, unless `attention_bias` says otherwise, no q/k/v biases; Qwen2's has biases."""
     model_type = hf.get("model_type")
-    if model_type is None and hf.get("architectures") == ["Qwen3ForCausalLM"]:
-      model_type = "qwen3"
-    if model_type not in (None, "qwen2", "qwen2_5_vl_text", "qwen3"):
-      raise ConfigError(f"{source}: model_type {model_type!r} is not a Qwen2 or Qwen3 dense decoder (expected "
-                        "'qwen2' or 'qwen3').")
-    qwen3 = model_type == "qwen3"
+    if model_type is None:
+      model_type = {("Qwen3ForCausalLM",): "qwen3", ("Qwen3MoeForCausalLM",): "qwen3_moe"}.get(
+          tuple(hf.get("architectures") or ()))
+    if model_type not in (None, "qwen2", "qwen2_5_vl_text", "qwen3", "qwen3_moe"):
+      raise ConfigError(f"{source}: model_type {model_type!r} is not a Qwen2 or Qwen3 decoder (expected 'qwen2', "
+                        "'qwen3' or 'qwen3_moe').")
+    qwen3, moe = model_type in ("qwen3", "qwen3_moe"), model_type == "qwen3_moe"
 
     def field(key, kind, default=REQUIRED, positive=False):
       return read_field(hf, key, kind, source, default, positive=positive)
@@ -282,6 +307,13 @@ class QwenConfig:
         # Without sliding every layer attends in full whatever layer_types says: left out, so that configs of one
         # model compare equal whichever tool wrote them (transformers 5 writes layer_types, Qwen's files do not).
         layer_types=field("layer_types", list[str], None) if use_sw else None)
+    if moe:  # transformers 5 writes num_experts as num_local_experts
+      kw.update(num_experts=field("num_experts", int, field("num_local_experts", int, 128), positive=True),
+                num_experts_per_tok=field("num_experts_per_tok", int, 8, positive=True),
+                moe_intermediate_size=field("moe_intermediate_size", int, 768, positive=True),
+                norm_topk_prob=field("norm_topk_prob", bool, False),
+                decoder_sparse_step=field("decoder_sparse_step", int, 1, positive=True),
+                mlp_only_layers=tuple(field("mlp_only_layers", list[int], [])))
     try:
       return cls(rope_scaling=None if scaling is None else RopeScaling(**scaling), **kw)
     except ConfigError as e:
@@ -297,8 +329,17 @@ class QwenConfig:
     q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
     biases = q + 2 * kv if self.attention_bias else 0
     norms = 2 * self.head_dim if self.qk_norm else 0
-    per_layer = d * q + 2 * d * kv + biases + norms + q * d + 3 * d * f + 2 * d
-    return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
+    per_layer = d * q + 2 * d * kv + biases + norms + q * d + 2 * d
+    sparse = sum(self.sparse_layers())
+    mlps = (self.num_layers - sparse) * 3 * d * f
+    mlps += sparse * (d * self.num_experts + self.num_experts * 3 * d * self.moe_intermediate_size)
+    return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + mlps + d
+
+  def active_params(self) -> int:
+    """Parameters one token's forward pass reads: `num_params` with num_experts_per_tok experts per sparse layer
+    instead of all of them (the "A3B" of Qwen3-30B-A3B)."""
+    unused = self.num_experts - self.num_experts_per_tok
+    return self.num_params() - sum(self.sparse_layers()) * unused * 3 * self.hidden_size * self.moe_intermediate_size
 
 
 def _preset(hidden, inter, layers, heads, kv, vocab, tied, eps=1e-6) -> QwenConfig:
@@ -335,4 +376,16 @@ PRESETS.update({
     "qwen3-8b": _qwen3_preset(4096, 12288, 36, 32, 8, False),
     "qwen3-14b": _qwen3_preset(5120, 17408, 40, 40, 8, False),
     "qwen3-32b": _qwen3_preset(5120, 25600, 64, 64, 8, False),
+})
+
+
+def _qwen3_moe_preset(hidden, inter, layers, heads, kv, moe_inter) -> QwenConfig:
+  return dataclasses.replace(_qwen3_preset(hidden, inter, layers, heads, kv, False), num_experts=128,
+                             num_experts_per_tok=8, moe_intermediate_size=moe_inter, norm_topk_prob=True)
+
+
+# The released Qwen3-MoE sizes (their config.json files: 128 experts, 8 per token, every layer sparse).
+PRESETS.update({
+    "qwen3-30b-a3b": _qwen3_moe_preset(2048, 6144, 48, 32, 4, 768),
+    "qwen3-235b-a22b": _qwen3_moe_preset(4096, 12288, 94, 64, 4, 1536),
 })

@@ -109,13 +109,28 @@ class SafetensorsSource:
                             "the file may be truncated.") from None
 
 
-def checkpoint_names(path: tuple, var: nnx.Param) -> list[str]:
-  """Checkpoint names behind one weight: L names for a stacked weight, one otherwise."""
+def tensor_units(path: tuple, var: nnx.Param) -> list[tuple[tuple[int, ...], str]]:
+  """The checkpoint tensors behind one weight, each with the index of the leading dims of the weight's array it
+  fills: ((), name) for an ordinary weight; ((l,), name) per layer of a stacked one (scanned layers); and for a
+  mixture-of-experts weight (its name holds "{expert}": a checkpoint stores each expert apart) one tensor per
+  expert, ((l, e), name) stacked or ((e,), name) unrolled."""
+  hf = var.hf
   if var.axes[0] == LAYERS:  # scanned layers: one weight holds every layer
-    return [var.hf.name.format(layer=i) for i in range(var.shape[0])]
-  if "{layer}" in var.hf.name:  # unrolled layers: the index is in the path, ("layers", i, ...)
-    return [var.hf.name.format(layer=path[path.index("layers") + 1])]
-  return [var.hf.name]
+    layers = [((i,), i) for i in range(var.shape[0])]
+  elif "{layer}" in hf.name:  # unrolled layers: the index is in the path, ("layers", i, ...)
+    layers = [((), path[path.index("layers") + 1])]
+  else:
+    layers = [((), None)]
+  if "{expert}" not in hf.name:
+    return [(index, hf.name.format(layer=layer)) for index, layer in layers]
+  experts = var.shape[len(layers[0][0])]  # the experts axis follows the layers axis, if any
+  return [((*index, e), hf.name.format(layer=layer, expert=e)) for index, layer in layers for e in range(experts)]
+
+
+def checkpoint_names(path: tuple, var: nnx.Param) -> list[str]:
+  """Checkpoint names behind one weight, in `tensor_units` order (L names for a stacked weight, one otherwise;
+  times E for an expert weight)."""
+  return [name for _, name in tensor_units(path, var)]
 
 
 def expected_tensors(model: Qwen2) -> dict[str, tuple[int, ...]]:
@@ -159,33 +174,32 @@ def load_params(model: Qwen2, source: TensorSource, *,
   for path, var in decls:
     if var.hf is None:  # a quantized weight's scale: filled with its values below
       continue
-    names = checkpoint_names(path, var)
-    stacked = var.axes[0] == LAYERS
+    units = tensor_units(path, var)
+    lead = len(units[0][0])  # leading dims of the array that index checkpoint tensors (layers, experts)
+    shape = var.shape[lead:]  # one tensor's part, in param layout
     contract = getattr(var, "contract", None)
     if contract is None:
       dtype = np.dtype(var.dtype)
-      if stacked:  # fill [L, ...] layer by layer
+      if lead:  # fill [L, ...], [L, E, ...] or [E, ...] tensor by tensor: no float copy of a whole layer
         buf = np.empty(var.shape, dtype)
-        for i, name in enumerate(names):
-          buf[i] = _convert(source, name, var.hf, var.shape[1:], dtype)
+        for index, name in units:
+          buf[index] = _convert(source, name, var.hf, shape, dtype)
       else:
-        buf = _convert(source, names[0], var.hf, var.shape, dtype)
+        buf = _convert(source, units[0][1], var.hf, shape, dtype)
       var.set_value(place(path, buf))
       del buf
       continue
-    # A QuantizedWeight's values: quantize each layer's float32 tensor as it is read, per output channel (a GGUF
+    # A QuantizedWeight's values: quantize each tensor's float32 values as it is read, per output channel (a GGUF
     # Q8_0 tensor goes straight to int8, `_int8_rows`).
     scale_path = path[:-1] + ("scale",)
     scale_var = by_path[scale_path]
     values, scales = np.empty(var.shape, np.int8), np.empty(scale_var.shape, np.float32)
-    per_layer = tuple(a - 1 for a in contract) if stacked else contract
-    for i, name in enumerate(names):
-      at = i if stacked else ...
-      shape = var.shape[1:] if stacked else var.shape
-      direct = _int8_rows(source, name, var.hf, shape, per_layer)
+    per_unit = tuple(a - lead for a in contract)
+    for index, name in units:
+      direct = _int8_rows(source, name, var.hf, shape, per_unit)
       if direct is None:
-        direct = quantize_host(_convert(source, name, var.hf, shape, np.float32), per_layer)
-      values[at], scales[at] = direct
+        direct = quantize_host(_convert(source, name, var.hf, shape, np.float32), per_unit)
+      values[index], scales[index] = direct
     var.set_value(place(path, values))
     scale_var.set_value(place(scale_path, scales))
     del values, scales

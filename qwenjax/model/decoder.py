@@ -40,6 +40,7 @@ from qwenjax.model.layers import (
   vocab_logits,
 )
 from qwenjax.model.lora import LoraBank
+from qwenjax.model.moe import MoE
 from qwenjax.parallel.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP, VOCAB, constrain
 
 
@@ -304,9 +305,11 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm decoder layer: x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))."""
+  """Pre-norm decoder layer: x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x)). sparse: the MLP is Qwen3-MoE's mixture
+  of experts (`qwenjax.model.moe.MoE`) instead of one SwiGLU."""
 
-  def __init__(self, cfg: QwenConfig, *, stack=(), dtype, param_dtype, quantize=None, rngs: nnx.Rngs):
+  def __init__(self, cfg: QwenConfig, *, stack=(), sparse: bool = False, dtype, param_dtype, quantize=None,
+               rngs: nnx.Rngs):
     kw = dict(stack=stack, dtype=dtype, param_dtype=param_dtype, quantize=quantize, rngs=rngs)
     self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "model.layers.{layer}.input_layernorm.weight",
                              stack=stack, dtype=param_dtype, rngs=rngs)
@@ -314,7 +317,7 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                             "model.layers.{layer}.post_attention_layernorm.weight", stack=stack, dtype=param_dtype,
                             rngs=rngs)
-    self.mlp = FeedForward(cfg, **kw)
+    self.mlp = MoE(cfg, **kw) if sparse else FeedForward(cfg, **kw)
 
   def __call__(self, x, ctx: StepContext, kv: tuple, layer, window):
     a, kv = self.attn(self.attn_norm(x), ctx, kv, layer, window)
@@ -327,7 +330,8 @@ class Qwen2(nnx.Module):
 
   dtype: compute dtype of activations and matmuls (float32 on CPU, bfloat16 on TPU/GPU); norms, softmax and
     logits are float32 regardless. param_dtype: storage dtype of weights.
-  scan_layers: stacked weights under `lax.scan` (True) or one array per layer, unrolled (False).
+  scan_layers: stacked weights under `lax.scan` (True) or one array per layer, unrolled (False; also when the
+    config mixes dense and sparse MLPs).
   quantize: None, "int8" (w8a16: int8 weights, activations in `dtype`) or "w8a8" (activations quantized per token
     too): every projection of every layer is then a `QuantizedWeight`; quantize_embeddings: the embedding and
     lm_head too (27% of the 0.5B model's weights). Norms, biases, softmax and logits stay float32.
@@ -345,10 +349,15 @@ class Qwen2(nnx.Module):
                                  quantize=quantize if quantize_embeddings else None, contract=(1,))
     self.embed = table("model.embed_tokens.weight")
     kw = dict(dtype=dtype, param_dtype=param_dtype, quantize=quantize, rngs=rngs)
+    sparse = cfg.sparse_layers()
+    if scan_layers and len(set(sparse)) > 1:
+      # Dense and sparse MLPs mixed (mlp_only_layers, decoder_sparse_step > 1): no one stack holds both, so the
+      # layers are unrolled. Every released Qwen3-MoE has sparse layers only.
+      self.scan_layers = scan_layers = False
     if scan_layers:
-      self.layers = Block(cfg, stack=(cfg.num_layers,), **kw)
+      self.layers = Block(cfg, stack=(cfg.num_layers,), sparse=sparse[0], **kw)
     else:
-      self.layers = nnx.List([Block(cfg, **kw) for _ in range(cfg.num_layers)])
+      self.layers = nnx.List([Block(cfg, sparse=s, **kw) for s in sparse])
     self.final_norm = RMSNorm(d, cfg.rms_norm_eps, "model.norm.weight", dtype=param_dtype, rngs=rngs)
     if not cfg.tie_word_embeddings:
       # [V, D] as checkpoints store it (like the embedding): the largest weight loads without a transpose.

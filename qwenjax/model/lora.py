@@ -93,6 +93,10 @@ class Adapter:
     """ConfigError naming `source` if a weight's shape does not fit the model."""
     if self.rank < 1:
       raise ConfigError(f"{source}: LoRA rank must be a positive integer, got {self.rank}.")
+    mlp = [t for t in self.weights if TARGETS[t][0] == "mlp"]
+    if cfg.num_experts and mlp:  # one adapter per layer cannot hold the experts' (a per-expert A and B each)
+      raise ConfigError(f"{source}: adapts {TARGETS[mlp[0]][2]}, an MLP projection of a mixture-of-experts model; "
+                        "LoRA on a MoE model adapts the attention projections (q, k, v, o) only.")
     for t, (a, b) in self.weights.items():
       k, o = target_dims(cfg, t)
       want_a, want_b = (cfg.num_layers, k, self.rank), (cfg.num_layers, self.rank, o)

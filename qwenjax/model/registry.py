@@ -72,6 +72,12 @@ ENTRIES: tuple[ModelEntry, ...] = (
         name="qwen3", config="qwenjax.config:QwenConfig", module="qwenjax.model.decoder:Qwen2",
         model_types=("qwen3",), architectures=("Qwen3ForCausalLM",), gguf_architectures=("qwen3",),
         weights=_DECLARED + "; GGUF: qwenjax.checkpoints.gguf_file.NAME_TABLES['qwen3']"),
+    # Qwen3-MoE: Qwen3's attention; its sparse layers' MLP is `qwenjax.model.decoder.MoE` (a router over stacked
+    # experts, each stored apart in a checkpoint: `mlp.experts.{e}.*`), which QwenConfig's num_experts turns on.
+    ModelEntry(
+        name="qwen3_moe", config="qwenjax.config:QwenConfig", module="qwenjax.model.decoder:Qwen2",
+        model_types=("qwen3_moe",), architectures=("Qwen3MoeForCausalLM",),
+        weights=_DECLARED + " (experts stacked [E, ...] from one tensor per expert)"),
     ModelEntry(
         name="qwen2_5_vl", config="qwenjax.model.qwen2_vl:QwenVLConfig", module="qwenjax.model.qwen2_vl:Qwen2VL",
         model_types=("qwen2_5_vl",), architectures=("Qwen2_5_VLForConditionalGeneration",), multimodal=True,

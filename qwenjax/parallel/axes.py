@@ -21,8 +21,8 @@ import jax
 from jax.sharding import PartitionSpec
 
 # Logical axis names. Sharding rules map these, and only these, onto mesh axes.
-BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS, PAGES = (
-    "batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "pages")
+BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS, PAGES, EXPERTS = (
+    "batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "pages", "experts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,7 @@ DEFAULT_RULES = ShardingRules.of({
     "vocab": "tensor",
     "layers": None,
     "pages": ("data", "fsdp"),
+    "experts": None,
 })
 
 

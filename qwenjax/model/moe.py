@@ -1,0 +1,165 @@
+"""Qwen3-MoE's sparse MLP: a router picks num_experts_per_tok of num_experts SwiGLU experts for each token.
+
+    moe = MoE(cfg, stack=(), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    y = moe(x, ctx, layer)                                # x [B, T, D] -> [B, T, D]
+
+Routing is transformers' `Qwen3MoeTopKRouter`: logits = x @ router [D, E] in the compute dtype, a float32 softmax
+over the experts, the top k, renormalised to sum 1 when `norm_topk_prob`; each token's output is the weighted sum
+of its k experts' down(silu(gate(x)) * up(x)). There is no shared expert.
+
+Dispatch (`dispatch`). The M tokens' A = M*k (token, expert) assignments are grouped by expert and each group is
+multiplied by its own expert's weights only; an expert no token chose is never read:
+  - "xla": the assignments sorted by expert, each expert's run padded to whole tiles of T rows, and every tile
+    multiplied by the weights of its expert, gathered for it (`jax.lax.map` over chunks of tiles, so that the
+    gathered weights stay under ~256 MiB). While A <= E (a decode step) T is 1 and nothing is sorted: a tile per
+    assignment, so a decode step at batch 1 reads k experts per layer. For more assignments T grows with A / E
+    (at most 128 rows), bounding the padding to E * (T - 1) rows and the weight reads to A / T + E experts.
+  - "pallas": the sorted rows through `qwenjax.kernels.grouped_matmul` (its generic Pallas kernel visits only the
+    groups a row tile holds). int8 experts take the "xla" path (the kernel takes float weights).
+`jax.lax.ragged_dot` (`dispatch_reference`) is the reference only: XLA lowers it densely, every expert for every
+row, masked (measured on XLA:CPU: 128 groups cost 28x what 8 do at the same rows).
+
+int8 experts (`quantize`): values [E, D, F] int8 with a float32 scale per expert and output channel [E, F]; a tile
+multiplies by its expert's int8 values cast to the compute dtype and scales the product's columns (w8a16; w8a8
+quantizes no expert activations, which stay in the compute dtype).
+
+Einsum legend: M tokens (B*T), k experts per token, A = M*k assignments, E experts, D hidden, F expert hidden,
+T rows per tile, NT tiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenjax.config import QwenConfig
+from qwenjax.kernels.grouped_matmul import grouped_matmul
+from qwenjax.model.layers import HFTensor, QuantizedWeight, declare, linear, read
+from qwenjax.parallel.axes import EMBED, EXPERTS, MLP
+
+_GATHER_BUDGET = 256 << 20  # bytes of expert weights one chunk of tiles gathers
+_MAX_TILE = 128
+
+
+class MoE(nnx.Module):
+  """Router [D, E] and experts gate, up [E, D, F] and down [E, F, D], stacked from one checkpoint tensor per expert
+  (`model.layers.{layer}.mlp.experts.{expert}.*_proj.weight`, `mlp.gate.weight` for the router). The router is
+  never quantized (its scores pick the experts)."""
+
+  def __init__(self, cfg: QwenConfig, *, stack, dtype, param_dtype, quantize=None, rngs: nnx.Rngs):
+    d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    pre = "model.layers.{layer}.mlp."
+    self.router = declare(rngs, (d, e), (EMBED, EXPERTS), HFTensor(pre + "gate.weight", (e, d), True), stack=stack,
+                          dtype=param_dtype)
+    w = lambda shape, axes, name, hf_shape: declare(
+        rngs, shape, axes, HFTensor(pre + "experts.{expert}." + name, hf_shape, True), stack=stack,
+        dtype=param_dtype, quantize=quantize, contract=(1,))
+    self.gate = w((e, d, f), (EXPERTS, EMBED, MLP), "gate_proj.weight", (f, d))
+    self.up = w((e, d, f), (EXPERTS, EMBED, MLP), "up_proj.weight", (f, d))
+    self.down = w((e, f, d), (EXPERTS, MLP, EMBED), "down_proj.weight", (d, f))
+    self.top_k, self.norm_topk_prob, self.dtype = cfg.num_experts_per_tok, cfg.norm_topk_prob, dtype
+
+  def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [M, D] -> (router logits [M, E] in the compute dtype, weights [M, k] in the compute dtype, experts [M, k]
+    int32, by descending weight)."""
+    with jax.named_scope("router"):
+      logits = linear(x, self.router, self.dtype)  # [M, E]
+      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      weights, experts = jax.lax.top_k(probs, self.top_k)  # [M, k]
+      if self.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return logits, weights.astype(self.dtype), experts.astype(jnp.int32)
+
+  def __call__(self, x: jax.Array, ctx, layer) -> jax.Array:
+    """x [B, T, D] -> [B, T, D] (ctx: the step's `StepContext`, for the implementation; layer unused: no adapter
+    reaches the experts)."""
+    del layer
+    b, t, d = x.shape
+    flat = x.reshape(-1, d)  # [M, D]
+    _, weights, experts = self.route(flat)
+    with jax.named_scope("experts"):
+      out = dispatch(flat, experts, weights, (self.gate, self.up, self.down), self.dtype, ctx.meta.impl)
+    return out.reshape(b, t, d)
+
+
+def _swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, scales, dtype) -> jax.Array:
+  """x [T, D] by one expert's gate, up [D, F] and down [F, D] (float, or int8 with `scales`: their column scales
+  [F], [F], [D]) -> [T, D]."""
+  def mm(a, w, i):
+    y = jnp.dot(a, w.astype(dtype), preferred_element_type=jnp.float32)
+    return y if scales is None else y * scales[i]
+
+  h = (jax.nn.silu(mm(x, gate, 0)) * mm(x, up, 1)).astype(dtype)
+  return mm(h, down, 2).astype(dtype)
+
+
+def _stacked(weight: nnx.Param | QuantizedWeight) -> tuple[jax.Array, jax.Array | None]:
+  if isinstance(weight, QuantizedWeight):
+    return weight.values[...], weight.scale[...]
+  return weight[...], None
+
+
+def dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, ffn: tuple, dtype, impl: str = "xla"
+             ) -> jax.Array:
+  """x [M, D], each token's experts [M, k] and weights [M, k], the experts' (gate, up, down) -> sum over k of
+  weight * expert(x), [M, D] (see the module docstring)."""
+  m, k = experts.shape
+  (gate, gate_s), (up, up_s), (down, down_s) = (_stacked(w) for w in ffn)
+  e, d, f = gate.shape
+  a = m * k
+  flat = experts.reshape(-1)  # [A] assignment (token i, slot j) at i*k + j
+  quantized = gate_s is not None
+  if impl == "pallas" and not quantized:
+    order = jnp.argsort(flat, stable=True)  # [A]
+    rows = x[order // k].astype(dtype)  # [A, D] sorted by expert
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E]
+    h = grouped_matmul(rows, gate.astype(dtype), sizes, impl="pallas", out_dtype=jnp.float32)
+    h = (jax.nn.silu(h) * grouped_matmul(rows, up.astype(dtype), sizes, impl="pallas", out_dtype=jnp.float32))
+    out = grouped_matmul(h.astype(dtype), down.astype(dtype), sizes, impl="pallas", out_dtype=dtype)  # [A, D]
+    out = jnp.zeros_like(out).at[order].set(out)  # assignment order
+  else:
+    tile = 1 if a <= e else min(_MAX_TILE, 1 << math.ceil(math.log2(-(-a // e))))
+    if tile == 1:  # a tile per assignment, in assignment order
+      rows, tile_expert, dest = jnp.repeat(x, k, axis=0)[:, None, :], flat, None  # [A, 1, D], [A]
+    else:
+      order = jnp.argsort(flat, stable=True)  # [A]
+      sorted_expert = flat[order]
+      sizes = jnp.bincount(flat, length=e)  # [E]
+      padded = -(-sizes // tile) * tile  # [E] each run padded to whole tiles
+      starts, pstarts = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded) - padded
+      dest = pstarts[sorted_expert] + jnp.arange(a) - starts[sorted_expert]  # [A] padded row of each sorted one
+      num_tiles = a // tile + min(e, a)  # static: sum over experts of ceil(n_e / T) never exceeds it
+      rows = jnp.zeros((num_tiles * tile, d), x.dtype).at[dest].set(x[order // k]).reshape(num_tiles, tile, d)
+      tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_tiles) * tile, side="right"),
+                                e - 1)  # [NT] (tiles past the last run: zero rows, any expert)
+    itemsize = jnp.dtype(gate.dtype).itemsize
+    chunk = max(1, min(rows.shape[0], _GATHER_BUDGET // (3 * d * f * itemsize)))
+
+    def tile_ffn(args):  # one tile (jax.lax.map vectorizes it over `chunk` tiles at a time)
+      xt, ex = args  # [T, D], its expert
+      scales = None if not quantized else (gate_s[ex], up_s[ex], down_s[ex])
+      return _swiglu(xt.astype(dtype), gate[ex], up[ex], down[ex], scales, dtype)
+
+    out = jax.lax.map(tile_ffn, (rows, tile_expert), batch_size=chunk)  # [NT, T, D]
+    out = out.reshape(-1, d)
+    if dest is not None:  # padded rows -> sorted -> assignment order
+      out = jnp.zeros((a, d), out.dtype).at[order].set(out[dest])
+  return jnp.einsum("mkd,mk->md", out.reshape(m, k, d), weights.astype(out.dtype))
+
+
+def dispatch_reference(x: jax.Array, experts: jax.Array, weights: jax.Array, ffn: tuple, dtype) -> jax.Array:
+  """`dispatch` through jax.lax.ragged_dot (dense under XLA: the reference, never the serving path)."""
+  m, k = experts.shape
+  gate, up, down = (read(w, dtype) for w in ffn)
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  rows = x[order // k].astype(dtype)
+  sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
+  h = jax.nn.silu(grouped_matmul(rows, gate, sizes, out_dtype=jnp.float32)) * grouped_matmul(
+      rows, up, sizes, out_dtype=jnp.float32)
+  out = grouped_matmul(h.astype(dtype), down, sizes, out_dtype=dtype)
+  out = jnp.zeros_like(out).at[order].set(out)
+  return jnp.einsum("mkd,mk->md", out.reshape(m, k, -1), weights.astype(out.dtype))
