@@ -219,6 +219,19 @@ def qwen_template():
 
 
 @pytest.fixture(scope="session")
+def qwen3_template(qwen_template):
+  """Qwen's chat template with Qwen3's switch: `enable_thinking=false` opens and closes an empty think block after
+  the generation prompt, as Qwen3's own template does (tests/model/test_qwen3.py, test_qwen3_moe.py)."""
+  template = qwen_template.replace(
+      "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}",
+      "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n    {%- if enable_thinking is "
+      "defined and enable_thinking is false %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n"
+      "{%- endif %}")
+  assert template != qwen_template
+  return template
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
   return save_tiny_tokenizer_dir(tmp_path_factory.mktemp("tiny_tokenizer"))
 

@@ -222,3 +222,35 @@ def test_attention_lora_on_a_moe_model_matches_peft_and_mlp_targets_are_refused(
   assert out.token_ids == peft_greedy(ref, "qv", ids, 16)
   with pytest.raises(ConfigError, match=r"mlp\.up_proj, an MLP projection of a mixture-of-experts model"):
     Adapter(4, 8.0, {"up": (np.zeros((3, 64, 4)), np.zeros((3, 4, 96)))}).check(QwenConfig.from_file(d / "config.json"))
+
+
+def test_batch_generate_serves_raw_and_chat_lines_on_a_moe_checkpoint(tmp_path, qwen3_template):
+  """launch.batch_generate on a tiny Qwen3-MoE with a tokenizer: a raw prompt line and a chat line with
+  chat_template_kwargs get transformers' greedy tokens for the prompt transformers renders."""
+  import subprocess
+  import sys
+
+  from conftest import REPO, save_tiny_tokenizer_dir
+
+  d = save_tiny_tokenizer_dir(tmp_path / "ckpt", chat_template=qwen3_template)
+  hf = build_tiny_qwen3_moe(d, vocab_size=512, **CONFIGS["mixed_unnormalised"])
+  tok = transformers.AutoTokenizer.from_pretrained(d)
+  messages = [{"role": "user", "content": "Hi there"}]
+  lines = [{"id": "chat", "messages": messages, "chat_template_kwargs": {"enable_thinking": False},
+            "sampling": {"max_tokens": 8, "ignore_eos": True}},
+           {"id": "raw", "prompt": "def add(a, b):", "sampling": {"max_tokens": 8, "ignore_eos": True}}]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  proc = subprocess.run([sys.executable, "-m", "launch.batch_generate", f"--model={d}",
+                         f"--input={tmp_path / 'in.jsonl'}", f"--output={tmp_path / 'out.jsonl'}", "--nowarm_up",
+                         "--max_seq_len=256"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+  prompts = {"chat": list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False, enable_thinking=False)),
+             "raw": tok("def add(a, b):")["input_ids"]}
+  for key, ids in prompts.items():
+    with torch.no_grad():
+      want = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    assert records[key]["text"] == tok.decode(want, skip_special_tokens=True).rstrip("\ufffd"), key
+    assert records[key]["usage"]["prompt_tokens"] == len(ids)
