@@ -272,13 +272,13 @@ def serving(model: str | None, *, max_batch_size: int, max_seq_len: int, max_pre
   topology = topologies.load_topology(TOPOLOGY.value)
   name, entry = topologies.serving_entry(topology, loader.read_config(model))
   data = entry.mesh.get("data", 1)
-  model_parallel = entry.mesh.get("fsdp", 1) * entry.mesh.get("tensor", 1)
+  model_parallel = entry.mesh.get("fsdp", 1) * entry.mesh.get("expert", 1) * entry.mesh.get("tensor", 1)
   local = jax.local_device_count()
   if local % model_parallel and model_parallel % local:
-    raise ConfigError(f"{topology.source or topology.name}: {name} is planned with fsdp x tensor = "
+    raise ConfigError(f"{topology.source or topology.name}: {name} is planned with fsdp x expert x tensor = "
                       f"{model_parallel} devices per replica, which does not tile this host's {local} devices.")
   # The topology's data axis spans the slice: a replica takes the host's devices (several replicas' worth of
-  # data parallelism) or, for a model larger than a host, fsdp x tensor devices over several hosts; its decode
+  # data parallelism) or, for a model larger than a host, fsdp x expert x tensor devices over several hosts; its decode
   # batch is its share of the slice's.
   replica_data = max(1, local // model_parallel)
   shape = dict(entry.mesh, data=replica_data)

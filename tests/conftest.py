@@ -410,6 +410,28 @@ def gguf_tokenizer_metadata(tokenizer_dir, template, model="gpt2", pre="qwen2"):
   return metadata
 
 
+def build_tiny_qwen3_moe(directory, seed=0, **overrides):
+  """A tiny random transformers Qwen3MoeForCausalLM (8 experts, top 2 unless overridden), widened and saved to
+  `directory` (tests/model/test_qwen3_moe.py, tests/parallel: the expert meshes)."""
+  import torch
+  import transformers
+
+  kw = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rope_theta=1e4,
+            tie_word_embeddings=False, bos_token_id=300, eos_token_id=301, num_experts=8, num_experts_per_tok=2)
+  kw.update(overrides)
+  torch.manual_seed(seed)
+  model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**kw)).eval()
+  with torch.no_grad():  # widen the near-uniform random logits and router scores; make the norms matter
+    for p in model.parameters():
+      if p.dim() >= 2:
+        p.mul_(2.5)
+      elif p.dim() == 1:
+        p.copy_(1 + 0.3 * torch.randn_like(p))
+  model.save_pretrained(directory)
+  return model
+
+
 def check_prefill_then_decode(model, ids, ref, prefill_tokens: int = 16, tol: float = 1e-4):
   """Prefills ids[:, :prefill_tokens] (padded to a bucket of 32) into a fresh contiguous cache, then decodes the rest
   one token at a time, each step's logits within `tol` of ref [B, T, V] (transformers' over all of ids); returns

@@ -127,7 +127,7 @@ def test_rope_frequencies_match_transformers(rope):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"model_type": "llama"}, "not a Qwen2 or Qwen3 dense decoder"),
+    ({"model_type": "llama"}, "not a Qwen2 or Qwen3 decoder"),
     ({"num_key_value_heads": 5}, "not a multiple"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic' is not supported"),
     ({"hidden_size": None}, "config.json"),

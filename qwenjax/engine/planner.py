@@ -75,7 +75,7 @@ from flax import nnx
 from qwenjax._errors import ConfigError
 from qwenjax.config import DTYPES, PRESETS, QwenConfig, check_dtype
 from qwenjax.engine.pages import pages_needed
-from qwenjax.model import registry
+from qwenjax.model import moe, registry
 from qwenjax.model.decoder import weight_declarations
 from qwenjax.model.kv_cache import PAGE_SIZES, PagedKVCache, page_bytes, pages_for_memory
 from qwenjax.model.layers import check_quantize
@@ -84,6 +84,7 @@ from qwenjax.model.vision_plan import PatchBuckets, query_block
 from qwenjax.parallel.axes import (
   BATCH,
   DEFAULT_RULES,
+  EMBED,
   HEADS,
   KV_HEADS,
   LAYERS,
@@ -217,8 +218,8 @@ def plan_memory(model: str | QwenConfig | QwenVLConfig, *, mesh: Mapping[str, in
                 rules: ShardingRules = DEFAULT_RULES, reserve_bytes: int = RUNTIME_RESERVE_BYTES) -> MemoryPlan:
   """The per-device memory of serving `model` (a preset name, a QwenConfig or a QwenVLConfig), and its page pool.
 
-  mesh: {"data", "fsdp", "tensor"} sizes, or "data:2,tensor:4". dtype: compute dtype (and that of float pages);
-  param_dtype: weight storage (default: dtype). max_batch_size, max_seq_len, max_prefill_chunk, page_size,
+  mesh: {"data", "fsdp", "expert", "tensor"} sizes, or "data:2,tensor:4". dtype: compute dtype (and that of float
+  pages); param_dtype: weight storage (default: dtype). max_batch_size, max_seq_len, max_prefill_chunk, page_size,
   kv_cache_dtype (None or "int8"), kv_cache_memory (GiB of pages per device): as `qwenjax.Engine` takes them.
   Without kv_cache_memory, the pool is what `memory_gib` GiB per device less `margin` leave after everything
   else (floored to KV_GIB_STEP), or, without memory_gib either, the pool that holds every slot at max_seq_len.
@@ -251,6 +252,8 @@ def plan_memory(model: str | QwenConfig | QwenVLConfig, *, mesh: Mapping[str, in
   read = pages_needed(max_seq_len, page_size) * page_size  # S': the positions of a full sequence's pages
   sharder = _Sharder(mesh, rules)
   gathered = _Sharder({**mesh, "fsdp": 1}, rules)  # a layer's weights as fsdp all-gathers them for use
+  no_expert = _Sharder({**mesh, "expert": 1}, rules)  # tokens inside a MoE layer: whole over the expert axis
+  param_item = 1 if check_quantize(quantize) else np.dtype(DTYPES[param_dtype]).itemsize  # expert weights
 
   decls = _declarations(config, param_dtype, check_quantize(quantize))
   weights = sum(sharder.nbytes(axes, shape, item) for _, axes, shape, item in decls)
@@ -266,6 +269,20 @@ def plan_memory(model: str | QwenConfig | QwenVLConfig, *, mesh: Mapping[str, in
   v = text.vocab_size
   sampling = sharder.nbytes((BATCH, VOCAB), (b, v), 1) + sharder.nbytes((BATCH, VOCAB), (b, v), 4)
 
+  def moe_step(tokens: int) -> int:
+    """Peak temporaries of a mixture-of-experts MLP over `tokens` tokens (`qwenjax.model.moe`): inside the expert
+    axis's shard_map every device holds the step's assignments (A = tokens x k, their tokens gathered over the
+    axis) padded to whole tiles of its own experts, float32 gate/up products over them, the summed output, and one
+    chunk of gathered expert weights."""
+    d, fm, e_local = text.hidden_size, text.moe_intermediate_size, text.num_experts // mesh["expert"]
+    a = tokens * text.num_experts_per_tok
+    tile, num_tiles = moe.tiling(a, e_local)
+    padded = num_tiles * tile
+    rows = 2 * no_expert.nbytes((BATCH, None), (padded, d), cb) + 3 * no_expert.nbytes(
+        (BATCH, MLP), (padded, fm), _FLOAT32) + 2 * no_expert.nbytes((BATCH, None), (a, d), _FLOAT32)
+    chunk = moe.gather_chunk(num_tiles, d, fm, param_item)
+    return rows + gathered.nbytes((None, EMBED, MLP), (3 * chunk, d, fm), param_item)
+
   def decoder_step(rows: int, tokens: int) -> int:
     """Peak temporaries of one decoder step: `rows` sequences of `tokens` tokens attending to S' positions."""
     d, n, k, h, f = text.hidden_size, text.num_heads, text.num_kv_heads, text.head_dim, text.intermediate_size
@@ -275,6 +292,8 @@ def plan_memory(model: str | QwenConfig | QwenVLConfig, *, mesh: Mapping[str, in
     if cb != _FLOAT32:
       scores += sharder.nbytes((BATCH, HEADS, None, LENGTH), score_shape, cb)
     mlp = 3 * sharder.nbytes((BATCH, None, MLP), (rows, tokens, f), cb)
+    if text.num_experts:
+      mlp = max(mlp if not all(text.sparse_layers()) else 0, moe_step(rows * tokens))
     hidden = 8 * sharder.nbytes((BATCH, None, None), (rows, tokens, d), cb)
     layer = layer_weights(("layers",)) + kv_read + scores + mlp + hidden
     logits = sharder.nbytes((BATCH, VOCAB), (rows, v), _FLOAT32)

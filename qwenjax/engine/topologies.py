@@ -235,10 +235,13 @@ def derive_topologies(names: Sequence[str] | None = None) -> list[pathlib.Path]:
 
 
 def _architecture(config: QwenConfig | QwenVLConfig) -> tuple:
-  """What decides a model's memory: decoder sizes (and, for VL, the tower's). Tying and eos ids do not."""
+  """What decides a model's memory: decoder sizes (a MoE's experts; for VL, the tower's). Tying and eos ids do
+  not."""
   text = getattr(config, "text", config)
   key = (text.vocab_size, text.hidden_size, text.intermediate_size, text.num_layers, text.num_heads,
          text.num_kv_heads, text.head_dim)
+  if text.num_experts:  # a MoE's experts (dense models keep their keys)
+    key += (text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size, text.sparse_layers())
   vision = getattr(config, "vision", None)
   return key + ((vision.depth, vision.hidden_size, vision.intermediate_size) if vision else ())
 

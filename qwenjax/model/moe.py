@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwenjax._errors import ConfigError
 from qwenjax.config import QwenConfig
 from qwenjax.kernels.grouped_matmul import grouped_matmul
 from qwenjax.model.layers import HFTensor, QuantizedWeight, declare, linear, read
@@ -85,6 +86,22 @@ class MoE(nnx.Module):
     return out.reshape(b, t, d)
 
 
+def tiling(a: int, e: int) -> tuple[int, int]:
+  """(T, NT): rows per tile and the static number of tiles for A assignments over E experts. T is 1 while A <= E
+  (NT = A, no padding), else the power of two near A / E, at most 128; NT = A // T + min(E, A) bounds the sum over
+  experts of ceil(n_e / T) whatever the routing."""
+  if a <= e:
+    return 1, a
+  tile = min(_MAX_TILE, 1 << math.ceil(math.log2(-(-a // e))))
+  return tile, a // tile + min(e, a)
+
+
+def gather_chunk(num_tiles: int, d: int, f: int, itemsize: int) -> int:
+  """Tiles `jax.lax.map` runs at once: as many as keep their gathered gate, up and down weights under
+  `_GATHER_BUDGET` bytes (at least one)."""
+  return max(1, min(num_tiles, _GATHER_BUDGET // (3 * d * f * itemsize)))
+
+
 def _swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, scales, dtype) -> jax.Array:
   """x [T, D] by one expert's gate, up [D, F] and down [F, D] (float, or int8 with `scales`: their column scales
   [F], [F], [D]) -> [T, D]."""
@@ -105,9 +122,46 @@ def _stacked(weight: nnx.Param | QuantizedWeight) -> tuple[jax.Array, jax.Array 
 def dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, ffn: tuple, dtype, impl: str = "xla"
              ) -> jax.Array:
   """x [M, D], each token's experts [M, k] and weights [M, k], the experts' (gate, up, down) -> sum over k of
-  weight * expert(x), [M, D] (see the module docstring)."""
+  weight * expert(x), [M, D] (see the module docstring). Under a mesh with an `expert` axis each device runs its
+  own E / expert experts (`_expert_parallel`)."""
+  arrays = tuple(_stacked(w) for w in ffn)
+  mesh = jax.sharding.get_abstract_mesh()
+  ep = 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
+  if ep == 1:
+    return _dispatch(x, experts, weights, arrays, dtype, impl)
+  return _expert_parallel(x, experts, weights, arrays, dtype, impl, ep)
+
+
+def _expert_parallel(x, experts, weights, arrays, dtype, impl, ep: int) -> jax.Array:
+  """Expert parallelism by gathering tokens: inside a shard_map manual over the `expert` mesh axis (the others stay
+  automatic: an expert's F still splits over tensor, the tokens over data), every device holds the step's tokens
+  (XLA all-gathers them over the axis, which splits the batch elsewhere in the layer) and E / ep experts; it runs
+  its experts on the assignments that chose them (the others weighted 0) and the partial sums are added over the
+  axis (one all-reduce of [M, D]). Tokens are gathered rather than sent all-to-all because shapes are static: an
+  all-to-all needs a per-device capacity, which either drops tokens (not exact) or is the whole step's rows anyway.
+  The axis divides the experts' memory; each device's MoE work is that of the whole step."""
+  e = arrays[0][0].shape[0]
+  if e % ep:
+    raise ConfigError(f"the mesh's expert axis ({ep}) does not divide num_experts ({e}).")
+  expert_spec = jax.sharding.PartitionSpec("expert")
+  specs = tuple((expert_spec, None if s is None else expert_spec) for _, s in arrays)
+
+  def local(x, experts, weights, arrays):
+    e_local = arrays[0][0].shape[0]
+    ids = experts - jax.lax.axis_index("expert") * e_local
+    mine = (ids >= 0) & (ids < e_local)
+    out = _dispatch(x, jnp.where(mine, ids, 0), jnp.where(mine, weights, 0), arrays, dtype, impl)
+    return jax.lax.psum(out, "expert")
+
+  replicated = jax.sharding.PartitionSpec()
+  return jax.shard_map(local, in_specs=(replicated, replicated, replicated, specs), out_specs=replicated,
+                       axis_names={"expert"})(x, experts, weights, arrays)
+
+
+def _dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, arrays: tuple, dtype, impl: str) -> jax.Array:
+  """`dispatch` on one device: arrays ((gate, its scale or None), (up, ...), (down, ...))."""
   m, k = experts.shape
-  (gate, gate_s), (up, up_s), (down, down_s) = (_stacked(w) for w in ffn)
+  (gate, gate_s), (up, up_s), (down, down_s) = arrays
   e, d, f = gate.shape
   a = m * k
   flat = experts.reshape(-1)  # [A] assignment (token i, slot j) at i*k + j
@@ -121,7 +175,7 @@ def dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, ffn: tuple, d
     out = grouped_matmul(h.astype(dtype), down.astype(dtype), sizes, impl="pallas", out_dtype=dtype)  # [A, D]
     out = jnp.zeros_like(out).at[order].set(out)  # assignment order
   else:
-    tile = 1 if a <= e else min(_MAX_TILE, 1 << math.ceil(math.log2(-(-a // e))))
+    tile, num_tiles = tiling(a, e)
     if tile == 1:  # a tile per assignment, in assignment order
       rows, tile_expert, dest = jnp.repeat(x, k, axis=0)[:, None, :], flat, None  # [A, 1, D], [A]
     else:
@@ -131,12 +185,12 @@ def dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, ffn: tuple, d
       padded = -(-sizes // tile) * tile  # [E] each run padded to whole tiles
       starts, pstarts = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded) - padded
       dest = pstarts[sorted_expert] + jnp.arange(a) - starts[sorted_expert]  # [A] padded row of each sorted one
-      num_tiles = a // tile + min(e, a)  # static: sum over experts of ceil(n_e / T) never exceeds it
       rows = jnp.zeros((num_tiles * tile, d), x.dtype).at[dest].set(x[order // k]).reshape(num_tiles, tile, d)
-      tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_tiles) * tile, side="right"),
-                                e - 1)  # [NT] (tiles past the last run: zero rows, any expert)
-    itemsize = jnp.dtype(gate.dtype).itemsize
-    chunk = max(1, min(rows.shape[0], _GATHER_BUDGET // (3 * d * f * itemsize)))
+      # [NT] the expert whose padded run holds each tile: how many runs end at or before its first row (tiles past
+      # the last run: zero rows, any expert). A comparison, not jnp.searchsorted, which fails under shard_map.
+      ends = jnp.cumsum(padded)  # [E]
+      tile_expert = jnp.minimum(jnp.sum(ends[None, :] <= (jnp.arange(num_tiles) * tile)[:, None], axis=1), e - 1)
+    chunk = gather_chunk(num_tiles, d, f, jnp.dtype(gate.dtype).itemsize)
 
     def tile_ffn(args):  # one tile (jax.lax.map vectorizes it over `chunk` tiles at a time)
       xt, ex = args  # [T, D], its expert

@@ -45,11 +45,11 @@ class ShardingRules:
     return cls(tuple((k, norm(v)) for k, v in table.items()))
 
 
-# The one table. Weights split over fsdp (their embed dimension) and tensor (heads, MLP, vocabulary); activations
-# and the KV cache split their batch over data (then fsdp) and their heads over tensor; the paged cache splits its
-# pages like a batch.
+# The one table. Weights split over fsdp (their embed dimension) and tensor (heads, MLP, vocabulary); a MoE layer's
+# experts split over expert; activations and the KV cache split their batch over data (then fsdp, then expert) and
+# their heads over tensor; the paged cache splits its pages like a batch.
 DEFAULT_RULES = ShardingRules.of({
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "length": None,
     "embed": "fsdp",
     "heads": "tensor",
@@ -58,8 +58,8 @@ DEFAULT_RULES = ShardingRules.of({
     "mlp": "tensor",
     "vocab": "tensor",
     "layers": None,
-    "pages": ("data", "fsdp"),
-    "experts": None,
+    "pages": ("data", "fsdp", "expert"),
+    "experts": "expert",
 })
 
 

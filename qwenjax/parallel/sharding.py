@@ -13,8 +13,10 @@ layer still splits).
     engine = qwenjax.Engine(loaded.model, loaded.tokenizer, mesh=mesh)     # KV cache and slot state sharded too
 
 Mesh axes: `data` splits decode slots (the batch), `fsdp` splits weights' embed dimension (gathered for use) and,
-after `data`, the batch; `tensor` splits heads, KV heads, the MLP and the vocabulary (Megatron-style tensor
-parallelism). Weights are placed by `param_shardings` / `shard_model` / `placer` (for `load_params`), the cache by
+after `data`, the batch; `expert` splits a mixture-of-experts layer's experts (expert parallelism: each device holds
+E / expert of them; `qwenjax.model.moe`) and, after `data` and `fsdp`, the batch; `tensor` splits heads, KV heads,
+the MLP (the experts' too) and the vocabulary (Megatron-style tensor parallelism). Weights are placed by
+`param_shardings` / `shard_model` / `placer` (for `load_params`), the cache by
 `qwenjax.model.kv_cache.cache_sharding`; inside jitted steps `qwenjax.parallel.axes.constrain` pins activations and
 the cache to the same table, active only under `use_mesh` (without a mesh it does nothing, and the programs are those
 of one device).
@@ -34,7 +36,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 from qwenjax._errors import ConfigError
 from qwenjax.parallel.axes import DEFAULT_RULES, ShardingRules, spec_for, use_rules
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -56,7 +58,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with axes (data, fsdp, tensor) of the given sizes over `devices` (default: this process's devices;
+  """A mesh with axes (data, fsdp, expert, tensor) of the given sizes over `devices` (default: this process's devices;
   in a multi-host run each host serves on its own). The product of the sizes must equal the device count."""
   devices = list(jax.local_devices() if devices is None else devices)
   sizes = tuple(int(shape.get(axis, 1)) for axis in MESH_AXES)

@@ -151,7 +151,7 @@ GOOD = {"name": "t", "accelerator": "TPU v5e", "chips": 8, "hosts": 1, "chips_pe
 def test_load_topology_by_path_and_defaults(tmp_path):
   topology = topologies.load_topology(_write(tmp_path, GOOD))
   entry = topology.models["qwen2.5-7b"]
-  assert entry.mesh == {"data": 2, "fsdp": 1, "tensor": 4} and entry.max_prefill_chunk == 512
+  assert entry.mesh == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 4} and entry.max_prefill_chunk == 512
   assert entry.page_size is None and entry.kv_cache_memory_gib is None
   assert topology.usable_bytes == pytest.approx(16 * GiB * 0.9)
   # Without the derived fields, a plan derives them: TPU pages, and the pool the rest of 16 GiB - 10% holds.

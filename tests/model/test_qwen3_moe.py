@@ -19,7 +19,7 @@ from qwenjax.engine.profiling import count_compilations
 from qwenjax.model import registry
 from qwenjax.model.moe import MoE, dispatch, dispatch_reference
 
-from conftest import check_prefill_then_decode
+from conftest import build_tiny_qwen3_moe, check_prefill_then_decode
 
 TOL = 1e-4
 
@@ -31,23 +31,6 @@ CONFIGS = {
     "mixed_unnormalised": dict(num_experts=12, num_experts_per_tok=3, norm_topk_prob=False, decoder_sparse_step=2,
                                mlp_only_layers=[0], num_hidden_layers=4, tie_word_embeddings=True),
 }
-
-
-def build_tiny_qwen3_moe(directory, seed=0, **overrides):
-  kw = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rope_theta=1e4,
-            tie_word_embeddings=False, bos_token_id=300, eos_token_id=301)
-  kw.update(overrides)
-  torch.manual_seed(seed)
-  model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**kw)).eval()
-  with torch.no_grad():  # widen the near-uniform random logits and router scores; make the norms matter
-    for p in model.parameters():
-      if p.dim() >= 2:
-        p.mul_(2.5)
-      elif p.dim() == 1:
-        p.copy_(1 + 0.3 * torch.randn_like(p))
-  model.save_pretrained(directory)
-  return model
 
 
 @pytest.fixture(params=sorted(CONFIGS), scope="module")

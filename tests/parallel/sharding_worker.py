@@ -1,10 +1,11 @@
 """The 8-device half of tests/test_sharding.py, run there in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (the pytest process has already started JAX on one device).
 
-    python tests/sharding_worker.py TEXT_CHECKPOINT_DIR [VL_CHECKPOINT_DIR]
+    python tests/sharding_worker.py TEXT_CHECKPOINT_DIR [VL_CHECKPOINT_DIR [MOE_CHECKPOINT_DIR]]
 
 TEXT_CHECKPOINT_DIR: a tiny Qwen2 with a tokenizer beside it; VL_CHECKPOINT_DIR: tests/test_multimodal.py's tiny
-Qwen2.5-VL (its image token ids).
+Qwen2.5-VL (its image token ids); MOE_CHECKPOINT_DIR: a tiny Qwen3-MoE with a tokenizer, run on the meshes of
+`MOE_MESHES` (an expert axis).
 
 For one single-device reference and each mesh of `MESHES` it loads the tiny checkpoint straight into its shardings,
 runs the same greedy workload through an Engine (prompts of several lengths, chunked prefill, more requests than
@@ -41,6 +42,9 @@ from qwenjax.parallel import sharding  # noqa: E402
 MESHES = {"tensor:8": False, "data:2,tensor:4": False, "data:4,tensor:2": False, "data:8": False,
           "fsdp:2,tensor:4": True}
 INT8_MESHES = ("data:2,tensor:4", "fsdp:2,tensor:4")  # int8 weights: unrolled and scanned
+# Qwen3-MoE: experts over an expert axis with tensor (scanned), with data (unrolled, two experts per device), and
+# with fsdp and tensor; int8 experts on the first.
+MOE_MESHES = {"expert:2,tensor:4": True, "data:2,expert:4": False, "fsdp:2,expert:2,tensor:2": True}
 SLOTS, CONTEXT, CHUNK, PAGE = 8, 64, 8, 8
 VL_IMAGE, VL_START, VL_END = 290, 292, 293  # tests/test_multimodal.py's build_tiny_vl ids
 
@@ -169,17 +173,26 @@ def main(argv):
     run["scan_layers"] = scan
     result["meshes"][mesh_text] = run
   # int8 weights (values and per-channel scales, each in its own sharding) on a mesh against one device.
-  int8_reference = _text_run(text_dir, None, scan=False, quantize="int8")
-  result["int8"] = {"reference": {k: v for k, v in int8_reference.items() if k != "logits"}}
-  for mesh_text in INT8_MESHES:
-    run = _text_run(text_dir, mesh_text, MESHES[mesh_text], quantize="int8")
-    run["max_logit_diff"] = float(np.max(np.abs(run.pop("logits") - int8_reference["logits"])))
-    result["int8"][mesh_text] = run
+  result["int8"] = _against_one_device(text_dir, {m: MESHES[m] for m in INT8_MESHES}, quantize="int8")
   if len(argv) > 2:
     reference, run = _vl_run(argv[2], None), _vl_run(argv[2], "data:2,tensor:4")
     run["max_feature_diff"] = float(np.max(np.abs(run.pop("features") - reference.pop("features"))))
     result["vl"] = {"reference": reference, "data:2,tensor:4": run}
+  if len(argv) > 3:
+    result["moe"] = _against_one_device(argv[3], MOE_MESHES)
+    result["moe_int8"] = _against_one_device(argv[3], {"expert:2,tensor:4": True}, quantize="int8")
   print(json.dumps(result))
+
+
+def _against_one_device(directory: str, meshes: dict, quantize: str | None = None) -> dict:
+  """`_text_run` on one device and on each mesh (-> scan_layers), with each mesh's largest logit difference."""
+  reference = _text_run(directory, None, scan=False, quantize=quantize)
+  out = {"reference": {k: v for k, v in reference.items() if k != "logits"}}
+  for mesh_text, scan in meshes.items():
+    run = _text_run(directory, mesh_text, scan, quantize=quantize)
+    run["max_logit_diff"] = float(np.max(np.abs(run.pop("logits") - reference["logits"])))
+    out[mesh_text] = run
+  return out
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from qwenjax.model import kv_cache
 from qwenjax.model.decoder import abstract_model
 from qwenjax.parallel import sharding
 
-from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
+from conftest import build_tiny_qwen2, build_tiny_qwen3_moe, save_tiny_tokenizer_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 T, F = "tensor", "fsdp"
@@ -100,6 +100,20 @@ def test_vl_weight_layouts_follow_the_rules(mesh):
   assert decoder == GOLDEN["qwen2.5-7b", mesh]  # the VL decoder is the 7B decoder
 
 
+def test_qwen3_moe_experts_split_over_the_expert_axis():
+  """Qwen3-30B-A3B on expert 4 x fsdp 2 x tensor 4: each expert weight [L, E, ...] splits its 128 experts over
+  expert, its F (768) over tensor and its D (2048) over fsdp; the router [L, D, E] its experts over expert and D
+  over fsdp; attention as in a dense Qwen3 (32 query heads, 4 KV heads over tensor); q/k norms whole."""
+  E = "expert"
+  mesh = sharding.parse_mesh("fsdp:2,expert:4,tensor:4")
+  specs = sharding.param_specs(abstract_model(PRESETS["qwen3-30b-a3b"]), mesh)
+  assert specs["layers/mlp/gate"] == specs["layers/mlp/up"] == P(_, E, F, T)
+  assert specs["layers/mlp/down"] == P(_, E, T, F)
+  assert specs["layers/mlp/router"] == P(_, F, E)
+  assert specs["layers/attn/q_kernel"] == P(_, F, T, _) and specs["layers/attn/k_kernel"] == P(_, F, T, _)
+  assert specs["layers/attn/q_norm/scale"] == P(_, _)
+
+
 def test_unrolled_layers_shard_like_scanned():
   unrolled = sharding.param_specs(abstract_model(PRESETS["qwen2.5-7b"], scan_layers=False),
                                   sharding.parse_mesh("fsdp:2,tensor:4"))
@@ -142,7 +156,7 @@ def test_weight_bytes_per_device_fall_with_the_tensor_axis():
 
 
 @pytest.mark.parametrize("value, message", [
-    ("model:2", "'model:2' is not axis:size with axis one of data, fsdp, tensor"),
+    ("model:2", "'model:2' is not axis:size with axis one of data, fsdp, expert, tensor"),
     ("data:x", "size 'x' of axis 'data' is not an integer"),
     ("tensor:0", "axis 'tensor' has size 0"),
     ("data2", "'data2' is not axis:size"),
@@ -155,8 +169,8 @@ def test_bad_mesh_values_are_one_clear_error(value, message):
 
 def test_mesh_flag_defaults_to_no_mesh():
   assert sharding.mesh_from_flags(None) is None and sharding.mesh_from_flags("") is None
-  assert sharding.parse_mesh("data:2, tensor:4") == {"data": 2, "fsdp": 1, "tensor": 4}
-  assert dict(sharding.mesh_from_flags("tensor:1").shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+  assert sharding.parse_mesh("data:2, tensor:4") == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 4}
+  assert dict(sharding.mesh_from_flags("tensor:1").shape) == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
 
 
 @pytest.mark.parametrize("module", ["launch.generate", "launch.batch_generate"])
@@ -175,7 +189,8 @@ MESHES = ["tensor:8", "data:2,tensor:4", "data:4,tensor:2", "data:8", "fsdp:2,te
 
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
-  """tests/sharding_worker.py's results on 8 fake CPU devices, for a tiny Qwen2 and a tiny Qwen2.5-VL.
+  """tests/sharding_worker.py's results on 8 fake CPU devices, for a tiny Qwen2, a tiny Qwen2.5-VL and a tiny
+  Qwen3-MoE.
 
   12 query heads in 2 KV groups of 6, as in Qwen2.5-1.5B: tensor 2 splits both; tensor 4 exceeds the KV heads and
   splits the query heads 3 per device, half a group each (the [N] -> [K, G] reshape crosses devices); tensor 8
@@ -188,11 +203,13 @@ def eight_devices(tmp_path_factory):
                    num_attention_heads=12, num_key_value_heads=2, bos_token_id=254, eos_token_id=255)
   vl = tmp_path_factory.mktemp("sharding_vl")
   build_tiny_vl(vl, seed=2)  # a seed whose greedy tokens vary (seed 0's repeat one token after an image)
+  moe = save_tiny_tokenizer_dir(tmp_path_factory.mktemp("sharding_moe"))
+  build_tiny_qwen3_moe(moe, vocab_size=256, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
   worker = REPO / "tests" / "parallel" / "sharding_worker.py"
-  proc = subprocess.run([sys.executable, str(worker), str(text), str(vl)], env=env, capture_output=True, text=True,
-                        timeout=600)
+  proc = subprocess.run([sys.executable, str(worker), str(text), str(vl), str(moe)], env=env, capture_output=True,
+                        text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -231,6 +248,20 @@ def test_int8_weights_on_a_mesh_equal_one_device(eight_devices, mesh):
   """quantize="int8": int8 values shard like the float weights and their per-channel scales like the output axes
   (the loader places both straight into their shards); tokens and logits equal the int8 model on one device."""
   run, reference = eight_devices["int8"][mesh], eight_devices["int8"]["reference"]
+  assert run["layout_errors"] == []
+  assert run["tokens"] == reference["tokens"]
+  assert run["max_logit_diff"] < 1e-5
+  assert run["compiled_again"] == {}
+
+
+@pytest.mark.parametrize("mesh", ["expert:2,tensor:4", "data:2,expert:4", "fsdp:2,expert:2,tensor:2",
+                                  "int8 expert:2,tensor:4"])
+def test_qwen3_moe_on_an_expert_mesh_equals_one_device(eight_devices, mesh):
+  """A tiny Qwen3-MoE (8 experts, top 2): its experts split over the expert axis (with tensor splitting each
+  expert's F, data and fsdp the batch; float and int8) give one device's greedy tokens and logits within 1e-5, its
+  weights hold the rules' layouts (experts over expert), and nothing compiles after the first workload."""
+  part, mesh = ("moe_int8", mesh.split()[1]) if mesh.startswith("int8") else ("moe", mesh)
+  run, reference = eight_devices[part][mesh], eight_devices[part]["reference"]
   assert run["layout_errors"] == []
   assert run["tokens"] == reference["tokens"]
   assert run["max_logit_diff"] < 1e-5
