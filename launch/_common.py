@@ -77,8 +77,8 @@ MERGE_LORA = flags.DEFINE_bool("merge_lora", False, "Fold the one --lora adapter
                                "request then runs the tuned model; float weights only).")
 MESH = flags.DEFINE_string("mesh", None, "Device mesh of each host as comma-separated axis:size pairs over data, "
                            "fsdp, expert (a MoE's experts) and tensor, multiplying to the host's device count (e.g. "
-                           "tensor:8, data:2,tensor:4 or expert:4,tensor:2); weights and KV cache are sharded by qwenjax.parallel.sharding's rules. "
-                           "Default: one device.")
+                           "tensor:8, data:2,tensor:4 or expert:4,tensor:2); weights and KV cache are sharded by "
+                           "qwenjax.parallel.sharding's rules. Default: one device.")
 TOPOLOGY = flags.DEFINE_string("topology", None, "A topology file: a name in tpu_configs/ (e.g. v5e-8, h100-8) "
                                "or a path. It gives the mesh and, unless set by their flags, the decode batch, "
                                "context and prefill chunk planned for this model's size.")

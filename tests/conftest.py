@@ -490,9 +490,11 @@ def peft_greedy(ref, name, ids, n):
 
 
 def write_gguf_from_hf(path, hf_model, tokenizer_dir, template: str, arch: str = "qwen2", q8: bool = False) -> dict:
-  """Writes a transformers Qwen2 / Qwen3 model and the tokenizer of `tokenizer_dir` as llama.cpp's converter lays
-  out a qwen2 / qwen3 GGUF (float32, or Q8_0 matrices with `q8`); returns {HF name: the Q8_0-rounded tensor} of
-  what was rounded (tests/checkpoints/test_convert.py, tests/model/test_qwen3.py)."""
+  """Writes a transformers Qwen2 / Qwen3 / Qwen3-MoE model and the tokenizer of `tokenizer_dir` as llama.cpp's
+  converter lays out a qwen2 / qwen3 / qwen3moe GGUF (float32, or Q8_0 matrices with `q8`; a MoE layer's experts
+  as one [E, F, D] or [E, D, F] tensor per projection, split from transformers' fused gate_up_proj); returns {HF
+  name: the Q8_0-rounded tensor} of what was rounded (tests/checkpoints/test_convert.py, tests/model/test_qwen3.py,
+  test_qwen3_moe.py)."""
   import re
 
   import gguf
@@ -508,29 +510,46 @@ def write_gguf_from_hf(path, hf_model, tokenizer_dir, template: str, arch: str =
   writer.add_feed_forward_length(cfg.intermediate_size)
   writer.add_head_count(cfg.num_attention_heads)
   writer.add_head_count_kv(cfg.num_key_value_heads)
-  if arch == "qwen3":
+  if arch in ("qwen3", "qwen3moe"):
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
+  if arch == "qwen3moe":
+    writer.add_expert_count(cfg.num_experts)
+    writer.add_expert_used_count(cfg.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    writer.add_expert_weights_norm(cfg.norm_topk_prob)
   writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
   writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
   gguf_tokenizer_metadata(tokenizer_dir, template)(writer)
-  global_names, layer_names = NAME_TABLES[arch]
+  global_names, layer_names = NAME_TABLES[{"qwen3moe": "qwen3_moe"}.get(arch, arch)]
   to_gguf = {hf: g for g, hf in global_names.items()}
   to_gguf_layer = {hf: g for g, hf in layer_names.items()}
   rounded = {}
+
+  def add(gguf_name, data):
+    """Writes one tensor; returns it as the file holds it (Q8_0-rounded matrices with q8)."""
+    if q8 and data.ndim >= 2:
+      packed = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+      writer.add_tensor(gguf_name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+      return gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0).reshape(data.shape)
+    writer.add_tensor(gguf_name, data)
+    return data
+
   for name, tensor in hf_model.state_dict().items():
     if name == "lm_head.weight" and cfg.tie_word_embeddings:
       continue
-    layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    gguf_name = f"blk.{layer[1]}.{to_gguf_layer[layer[2]]}" if layer else to_gguf[name]
     data = tensor.numpy().astype(np.float32)
-    if q8 and data.ndim == 2:
-      packed = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-      writer.add_tensor(gguf_name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-      rounded[name] = torch.from_numpy(
-          gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0).reshape(data.shape))
+    layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if layer and layer[2] == "mlp.experts.gate_up_proj":  # [E, 2F, D]: gate's F rows, then up's
+      f = data.shape[1] // 2
+      held = np.concatenate([add(f"blk.{layer[1]}.ffn_gate_exps.weight", np.ascontiguousarray(data[:, :f])),
+                             add(f"blk.{layer[1]}.ffn_up_exps.weight", np.ascontiguousarray(data[:, f:]))], axis=1)
+    elif layer and layer[2] == "mlp.experts.down_proj":  # [E, D, F]
+      held = add(f"blk.{layer[1]}.ffn_down_exps.weight", data)
     else:
-      writer.add_tensor(gguf_name, data)
+      held = add(f"blk.{layer[1]}.{to_gguf_layer[layer[2]]}" if layer else to_gguf[name], data)
+    if q8 and data.ndim >= 2:
+      rounded[name] = torch.from_numpy(np.ascontiguousarray(held))
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()

@@ -110,11 +110,23 @@ _QWEN3_LAYER_NAMES = {
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
+# Qwen3-MoE (llama.cpp's `qwen3moe`): Qwen3's names, the router, and each sparse layer's experts stacked in one
+# [E, ...] tensor per projection, which the file presents as E tensors named as Hugging Face stores them (one
+# expert's rows each: "{expert}" in the name); a dense layer (mlp_only_layers) keeps Qwen3's ffn_* names.
+_QWEN3_MOE_LAYER_NAMES = {
+    **_QWEN3_LAYER_NAMES,
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.{expert}.gate_proj.weight",
+    "ffn_up_exps.weight": "mlp.experts.{expert}.up_proj.weight",
+    "ffn_down_exps.weight": "mlp.experts.{expert}.down_proj.weight",
+}
 # Each GGUF family's names, by its `qwenjax.model.registry` entry: (global names, names within blk.N).
 NAME_TABLES: dict[str, tuple[Mapping[str, str], Mapping[str, str]]] = {
-    "qwen2": (_GLOBAL_NAMES, _LAYER_NAMES), "qwen3": (_GLOBAL_NAMES, _QWEN3_LAYER_NAMES)}
+    "qwen2": (_GLOBAL_NAMES, _LAYER_NAMES), "qwen3": (_GLOBAL_NAMES, _QWEN3_LAYER_NAMES),
+    "qwen3_moe": (_GLOBAL_NAMES, _QWEN3_MOE_LAYER_NAMES)}
 # What a family's config.json says it is.
-_HF_IDENTITY = {"qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+_HF_IDENTITY = {"qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+                "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe")}
 # Sort keys (group, layer, position) putting embeddings first, then layers, then the final norm and head.
 _GLOBAL_ORDER = {"token_embd.weight": (0, 0, 0), "output_norm.weight": (2, 0, 0), "output.weight": (3, 0, 0)}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
@@ -126,7 +138,7 @@ _CHUNK_VALUES = 1 << 20
 class _Tensor(NamedTuple):
   gguf_name: str
   hf_name: str
-  sort_key: tuple[int, int, int]
+  sort_key: tuple[int, ...]
   ggml_type: _GGMLType
   dims: tuple[int, ...]  # GGUF order, fastest-moving first.
   start: int  # Absolute byte offset in the file.
@@ -138,11 +150,11 @@ class _Tensor(NamedTuple):
 
 
 class GGUFCheckpoint:
-  """A memory-mapped qwen2 or qwen3 GGUF file: Hugging Face config, tensors and tokenizer.
+  """A memory-mapped qwen2, qwen3 or qwen3moe GGUF file: Hugging Face config, tensors and tokenizer.
 
   Attributes:
     path: the file.
-    architecture: `general.architecture`, "qwen2" or "qwen3" (anything else fails to open).
+    architecture: `general.architecture`, "qwen2", "qwen3" or "qwen3moe" (anything else fails to open).
     metadata: every metadata key and its value (strings, numbers, bools, lists).
   """
 
@@ -164,8 +176,8 @@ class GGUFCheckpoint:
       except ConfigError:
         supported = ", ".join(repr(a) for e in registry.ENTRIES for a in e.gguf_architectures)
         raise CheckpointError(
-            f"{self.path} holds a {arch!r} model; this loader reads only {supported} (Qwen2/Qwen2.5 and Qwen3 "
-            f"dense text) GGUF files, not qwen2vl, qwen2moe, qwen3moe or other architectures."
+            f"{self.path} holds a {arch!r} model; this loader reads only {supported} (Qwen2/Qwen2.5, Qwen3 and "
+            f"Qwen3-MoE text) GGUF files, not qwen2vl, qwen2moe or other architectures."
         ) from None
       self._tensors = _name_tensors(tensors, metadata.get(f"{arch}.block_count"), self.path,
                                     NAME_TABLES[self.entry.name], arch)
@@ -275,8 +287,8 @@ class GGUFCheckpoint:
     return values, scale
 
   def hf_config(self) -> dict[str, Any]:
-    """The Hugging Face `config.json` dict (Qwen2ForCausalLM's or Qwen3ForCausalLM's) this file's metadata
-    describes."""
+    """The Hugging Face `config.json` dict (Qwen2ForCausalLM's, Qwen3ForCausalLM's or Qwen3MoeForCausalLM's) this
+    file's metadata describes."""
     a = self.architecture
     hidden = self._int(f"{a}.embedding_length")
     heads = self._int(f"{a}.attention.head_count")
@@ -321,7 +333,7 @@ class GGUFCheckpoint:
         "num_hidden_layers": self._int(f"{a}.block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        **({"head_dim": head_dim} if a == "qwen3" else {}),
+        **({"head_dim": head_dim} if a in ("qwen3", "qwen3moe") else {}),
         "hidden_act": "silu",
         "rms_norm_eps": _float32_repr(self._number(f"{a}.attention.layer_norm_rms_epsilon")),
         "rope_theta": _float32_repr(self._number(f"{a}.rope.freq_base", default=10000.0)),
@@ -331,6 +343,15 @@ class GGUFCheckpoint:
         "tie_word_embeddings": "lm_head.weight" not in self._tensors,
         "torch_dtype": "float32",
     }
+    if a == "qwen3moe":  # llama.cpp renormalises the chosen experts' weights unless the file says otherwise
+      moe_size = self._int(f"{a}.expert_feed_forward_length")
+      # No mlp_only_layers in GGUF metadata: a layer without a router (ffn_gate_inp) is a dense one.
+      routed = {t.hf_name.split(".")[2] for t in self._tensors.values() if t.hf_name.endswith(".mlp.gate.weight")}
+      config.update(mlp_only_layers=[i for i in range(config["num_hidden_layers"]) if str(i) not in routed],
+                    num_experts=self._int(f"{a}.expert_count"),
+                    num_experts_per_tok=self._int(f"{a}.expert_used_count"), moe_intermediate_size=moe_size,
+                    intermediate_size=self._int(f"{a}.feed_forward_length", default=moe_size),
+                    norm_topk_prob=bool(self.metadata.get(f"{a}.expert_weights_norm", True)))
     for key, gguf_key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
                           ("eos_token_id", "tokenizer.ggml.eos_token_id")):
       if gguf_key in self.metadata:
@@ -412,6 +433,17 @@ def _name_tensors(
         )
       hf_name = f"model.layers.{layer}.{layer_names[match.group(2)]}"
       sort_key = (1, layer, layer_order[match.group(2)])
+      if "{expert}" in hf_name:  # [E, rows, row]: expert e's rows are the e-th contiguous E-th of the bytes
+        experts = dims[-1] if len(dims) == 3 else 0
+        if not experts or nbytes % experts:
+          raise CheckpointError(f"{path} has tensor {gguf_name!r} of shape {tuple(reversed(dims))}; expected "
+                                "[experts, rows, row].")
+        size = nbytes // experts
+        for e in range(experts):
+          name = hf_name.format(expert=e)
+          named[name] = _Tensor(f"{gguf_name}[{e}]", name, (*sort_key, e), ggml_type,
+                                dims[:2], start + e * size, size)
+        continue
     named[hf_name] = _Tensor(gguf_name, hf_name, sort_key, ggml_type, dims, start, nbytes)
   return named
 

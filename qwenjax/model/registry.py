@@ -76,8 +76,9 @@ ENTRIES: tuple[ModelEntry, ...] = (
     # experts, each stored apart in a checkpoint: `mlp.experts.{e}.*`), which QwenConfig's num_experts turns on.
     ModelEntry(
         name="qwen3_moe", config="qwenjax.config:QwenConfig", module="qwenjax.model.decoder:Qwen2",
-        model_types=("qwen3_moe",), architectures=("Qwen3MoeForCausalLM",),
-        weights=_DECLARED + " (experts stacked [E, ...] from one tensor per expert)"),
+        model_types=("qwen3_moe",), architectures=("Qwen3MoeForCausalLM",), gguf_architectures=("qwen3moe",),
+        weights=_DECLARED + " (experts stacked [E, ...] from one tensor per expert); GGUF: "
+        "qwenjax.checkpoints.gguf_file.NAME_TABLES['qwen3_moe']"),
     ModelEntry(
         name="qwen2_5_vl", config="qwenjax.model.qwen2_vl:QwenVLConfig", module="qwenjax.model.qwen2_vl:Qwen2VL",
         model_types=("qwen2_5_vl",), architectures=("Qwen2_5_VLForConditionalGeneration",), multimodal=True,

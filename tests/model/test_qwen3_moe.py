@@ -92,11 +92,13 @@ def test_a_moe_engine_compiles_nothing_after_warm_up(tmp_path):
   assert programs > 0 and sum(compiled.values()) == 0, compiled
 
 
-def _int8_reference(hf, d):
+def _int8_reference(hf, d, replaced=None):
   """transformers' model with every expert (and every other projection) fake-quantized per output channel as
-  qwenjax's int8 weights are, so that both compute the same function."""
+  qwenjax's int8 weights are, so that both compute the same function (replaced: {name: tensor} put in first)."""
   ref = transformers.Qwen3MoeForCausalLM.from_pretrained(d).eval()
   with torch.no_grad():
+    for name, value in (replaced or {}).items():
+      ref.get_parameter(name).copy_(value)
     for name, p in ref.named_parameters():
       if p.dim() == 3:  # fused experts [E, out, in] (transformers 5's layout): per expert and output row
         scale = p.abs().amax(dim=-1, keepdim=True) / 127
@@ -237,3 +239,44 @@ def test_batch_generate_serves_raw_and_chat_lines_on_a_moe_checkpoint(tmp_path, 
                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
     assert records[key]["text"] == tok.decode(want, skip_special_tokens=True).rstrip("\ufffd"), key
     assert records[key]["usage"]["prompt_tokens"] == len(ids)
+
+
+@pytest.mark.parametrize("q8", [False, True], ids=["f32", "q8_0"])
+def test_a_qwen3moe_gguf_loads_token_exact(tmp_path, qwen_template, q8):
+  """A tiny Qwen3-MoE written as llama.cpp lays out a qwen3moe GGUF (gguf.GGUFWriter: ffn_gate_inp, one
+  ffn_{gate,up,down}_exps tensor per projection, expert counts in the metadata): its config is transformers', each
+  expert loads from its slice of the stacked tensor, and its logits are transformers' within 1e-4 (with Q8_0:
+  transformers holding the same rounded weights; loaded with --quantize int8, the Q8_0 experts go straight to
+  int8) and its greedy tokens identical."""
+  from qwenjax import load
+  from qwenjax.checkpoints.gguf_file import GGUFCheckpoint
+
+  from conftest import save_tiny_tokenizer_dir, write_gguf_from_hf
+
+  d = save_tiny_tokenizer_dir(tmp_path / "ckpt")
+  hf = build_tiny_qwen3_moe(d, vocab_size=512, **CONFIGS["mixed_unnormalised"])
+  path = tmp_path / "tiny-qwen3moe.gguf"
+  rounded = write_gguf_from_hf(path, hf, d, qwen_template, arch="qwen3moe", q8=q8)
+  with GGUFCheckpoint(path) as checkpoint:
+    config = checkpoint.hf_config()
+    assert checkpoint.tensor_shape("model.layers.1.mlp.experts.11.down_proj.weight") == (64, 32)
+    rows = checkpoint.get_int8_rows("model.layers.3.mlp.experts.2.gate_proj.weight")  # one expert's Q8_0 rows
+    assert (rows is not None and rows[0].shape == (32, 64)) == q8
+  ours, theirs = QwenConfig.from_hf_config(config), QwenConfig.from_file(d / "config.json")
+  assert (ours.num_experts, ours.num_experts_per_tok, ours.moe_intermediate_size, ours.norm_topk_prob) == (
+      theirs.num_experts, theirs.num_experts_per_tok, theirs.moe_intermediate_size, theirs.norm_topk_prob)
+  with torch.no_grad():
+    for name, value in rounded.items():
+      hf.get_parameter(name).copy_(value)
+  ids = np.random.default_rng(3).integers(0, 500, size=(1, 20))
+  with torch.no_grad():
+    ref = hf(torch.as_tensor(ids)).logits.numpy()
+  # GGUF metadata has no mlp_only_layers or decoder_sparse_step: the layers without a router are the dense ones.
+  assert list(ours.sparse_layers()) == list(theirs.sparse_layers()) == [False, True, False, True]
+  loaded = load(str(path))
+  check_prefill_then_decode(loaded.model, ids, ref, tol=TOL)
+  if q8:  # Q8_0 experts straight to int8: the same numbers as quantizing the dequantized tensor
+    int8 = load(str(path), quantize="int8", scan_layers=False)
+    with torch.no_grad():
+      ref8 = _int8_reference(hf, d, rounded)(torch.as_tensor(ids)).logits.numpy()
+    check_prefill_then_decode(int8.model, ids, ref8, tol=TOL)

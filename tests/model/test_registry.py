@@ -40,6 +40,10 @@ def test_entries_name_their_config_and_module():
   assert (qwen3.config_class, qwen3.module_class, qwen3.multimodal) == (QwenConfig, Qwen2, False)
   assert registry.for_hf_config({"architectures": ["Qwen3ForCausalLM"]}) is qwen3
   assert registry.for_gguf("qwen3", "m.gguf") is qwen3
+  moe = registry.BY_NAME["qwen3_moe"]  # Qwen3-MoE: the same classes; QwenConfig's num_experts makes layers sparse
+  assert (moe.config_class, moe.module_class) == (QwenConfig, Qwen2)
+  assert registry.for_hf_config({"architectures": ["Qwen3MoeForCausalLM"]}) is moe
+  assert registry.for_gguf("qwen3moe", "m.gguf") is moe
   assert registry.for_config(PRESETS["qwen2.5-0.5b"]) is text and registry.for_config(VL_PRESETS["qwen2.5-vl-3b"]) is vl
   assert registry.model_class(PRESETS["qwen2.5-0.5b"]) is Qwen2
   assert registry.model_class(VL_PRESETS["qwen2.5-vl-3b"]) is Qwen2VL
@@ -47,10 +51,10 @@ def test_entries_name_their_config_and_module():
 
 @pytest.mark.parametrize("call, key, value", [
     (lambda: registry.for_hf_config({"model_type": "llama"}, "ckpt/config.json"), "model_type", "llama"),
-    (lambda: registry.for_hf_config({"model_type": "qwen3_moe"}, "ckpt/config.json"), "model_type", "qwen3_moe"),
+    (lambda: registry.for_hf_config({"model_type": "qwen2_moe"}, "ckpt/config.json"), "model_type", "qwen2_moe"),
     (lambda: registry.for_hf_config({"architectures": ["LlamaForCausalLM"]}, "ckpt/config.json"), "architectures",
      "LlamaForCausalLM"),
-    (lambda: registry.for_gguf("qwen3moe", "ckpt/config.json"), "general.architecture", "qwen3moe"),
+    (lambda: registry.for_gguf("qwen2moe", "ckpt/config.json"), "general.architecture", "qwen2moe"),
     (lambda: registry.for_hf_config({"model_type": ["qwen2"]}, "ckpt/config.json"), "model_type", ["qwen2"]),
     (lambda: registry.for_gguf(None, "ckpt/config.json"), "general.architecture", None),
 ])
@@ -59,9 +63,10 @@ def test_an_unknown_identity_is_one_config_error_naming_file_value_and_supported
     call()
   message = str(err.value)
   assert message.startswith(f"ckpt/config.json: {key} {value!r} is not a model qwenjax serves (supported: ")
-  supported = {"model_type": ["'qwen2'", "'qwen2_5_vl'", "'qwen2_5_vl_text'", "'qwen3'"],
-               "architectures": ["'Qwen2ForCausalLM'", "'Qwen2_5_VLForConditionalGeneration'", "'Qwen3ForCausalLM'"],
-               "general.architecture": ["'qwen2'", "'qwen3'"]}[key]
+  supported = {"model_type": ["'qwen2'", "'qwen2_5_vl'", "'qwen2_5_vl_text'", "'qwen3'", "'qwen3_moe'"],
+               "architectures": ["'Qwen2ForCausalLM'", "'Qwen2_5_VLForConditionalGeneration'", "'Qwen3ForCausalLM'",
+                                 "'Qwen3MoeForCausalLM'"],
+               "general.architecture": ["'qwen2'", "'qwen3'", "'qwen3moe'"]}[key]
   assert message.endswith(", ".join(supported) + ").")
 
 
