@@ -410,6 +410,27 @@ def gguf_tokenizer_metadata(tokenizer_dir, template, model="gpt2", pre="qwen2"):
   return metadata
 
 
+def build_tiny_qwen3(directory, seed=0, **overrides):
+  """A tiny random transformers Qwen3ForCausalLM, widened and saved to `directory` (tests/model/test_qwen3.py,
+  tests/training)."""
+  import torch
+  import transformers
+
+  kw = dict(vocab_size=320, intermediate_size=128, num_hidden_layers=3, max_position_embeddings=512,
+            rope_theta=1e4, bos_token_id=300, eos_token_id=301)
+  kw.update(overrides)
+  torch.manual_seed(seed)
+  model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw)).eval()
+  with torch.no_grad():  # widen the near-uniform random logits, so that greedy is not decided by float noise
+    for p in model.parameters():
+      if p.dim() == 2:
+        p.mul_(2.5)
+      elif p.dim() == 1:  # the RMSNorm weights (ones at init), q/k norms included: make them matter
+        p.copy_(1 + 0.3 * torch.randn_like(p))
+  model.save_pretrained(directory)
+  return model
+
+
 def build_tiny_qwen3_moe(directory, seed=0, **overrides):
   """A tiny random transformers Qwen3MoeForCausalLM (8 experts, top 2 unless overridden), widened and saved to
   `directory` (tests/model/test_qwen3_moe.py, tests/parallel: the expert meshes)."""

@@ -18,7 +18,7 @@ from qwenjax.checkpoints.hf import load_model
 from qwenjax.config import QwenConfig
 from qwenjax.model import registry
 
-from conftest import REPO, check_prefill_then_decode, save_tiny_tokenizer_dir, write_gguf_from_hf
+from conftest import REPO, build_tiny_qwen3, check_prefill_then_decode, save_tiny_tokenizer_dir, write_gguf_from_hf
 
 TOL = 1e-4
 
@@ -33,22 +33,6 @@ CONFIGS = {
     "sliding": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
                     sliding_window=8, max_window_layers=1, tie_word_embeddings=False),
 }
-
-
-def build_tiny_qwen3(directory, seed=0, **overrides):
-  kw = dict(vocab_size=320, intermediate_size=128, num_hidden_layers=3, max_position_embeddings=512,
-            rope_theta=1e4, bos_token_id=300, eos_token_id=301)
-  kw.update(overrides)
-  torch.manual_seed(seed)
-  model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw)).eval()
-  with torch.no_grad():  # widen the near-uniform random logits, so that greedy is not decided by float noise
-    for p in model.parameters():
-      if p.dim() == 2:
-        p.mul_(2.5)
-      elif p.dim() == 1:  # the RMSNorm weights (ones at init), q/k norms included: make them matter
-        p.copy_(1 + 0.3 * torch.randn_like(p))
-  model.save_pretrained(directory)
-  return model
 
 
 @pytest.fixture(params=sorted(CONFIGS), scope="module")

@@ -59,10 +59,31 @@ def test_loss_and_gradients_equal_transformers_and_peft(tiny, quantize):
   equal those of transformers + peft running each chat alone (random B, so that A's gradients are not zero).
   int8: a frozen int8 base (QLoRA-style), against transformers with its weights quantized and dequantized."""
   d, tok = tiny
+  _check_against_peft(d, tok, transformers.Qwen2ForCausalLM, "all", quantize)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_qwen3_dense_and_moe_loss_and_gradients_equal_transformers_and_peft(tiny, family, tmp_path):
+  """The same on a tiny Qwen3 dense (every projection, its q/k norms untouched) and a tiny Qwen3-MoE (attention
+  projections: a MoE's adapters adapt attention only; the gradients flow through the routed experts)."""
+  from conftest import build_tiny_qwen3, build_tiny_qwen3_moe
+
+  _, tok = tiny
+  d = save_tiny_tokenizer_dir(tmp_path / family)
+  if family == "qwen3":
+    build_tiny_qwen3(d, vocab_size=640, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    _check_against_peft(d, tok, transformers.Qwen3ForCausalLM, "all", None)
+  else:
+    build_tiny_qwen3_moe(d, vocab_size=640, norm_topk_prob=True)
+    _check_against_peft(d, tok, transformers.Qwen3MoeForCausalLM, "q,k,v,o", None)
+
+
+def _check_against_peft(d, tok, hf_class, targets, quantize):
   examples = [data.encode_chat(tok, chat) for chat in CHATS]
   rows, _ = data.pack(examples, 256)
   assert len(rows) == 1
-  trainer = LoraTrainer(load_model(d, quantize=quantize), TrainConfig(rank=4, alpha=8, steps=1, batch_size=1, seed=3))
+  config = TrainConfig(rank=4, alpha=8, steps=1, batch_size=1, seed=3, targets=targets)
+  trainer = LoraTrainer(load_model(d, quantize=quantize), config)
   rng = np.random.default_rng(0)
   adapter = trainer.like
   adapter.weights = {t: (a, rng.normal(0, 0.2, b.shape).astype(np.float32)) for t, (a, b) in adapter.weights.items()}
@@ -71,10 +92,11 @@ def test_loss_and_gradients_equal_transformers_and_peft(tiny, quantize):
                                            rows.positions, rows.targets, rows.weights, None)
   ours = float(loss_sum) / float(count)
 
-  hf = transformers.Qwen2ForCausalLM.from_pretrained(d).eval()
+  hf = hf_class.from_pretrained(d).eval()
   if quantize:
     hf = fake_quantized_reference(hf)
-  ref = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+  modules = [TARGETS[t][2].split(".")[-1] for t in adapter.weights]
+  ref = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=modules))
   with torch.no_grad():
     for t, (a, b) in adapter.weights.items():
       for layer in range(a.shape[0]):
