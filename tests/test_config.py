@@ -54,6 +54,29 @@ def test_qwen3_presets_match_their_model_cards(name):
     assert abs(counted / 1e9 - float(printed)) < half_unit, (name, counted, printed)
 
 
+# The Qwen3-MoE model cards' total and activated parameters, as printed ("30.5B", "3.3B"; "235B", "22B").
+PUBLISHED_QWEN3_MOE = {"qwen3-30b-a3b": ("30.5", "3.3"), "qwen3-235b-a22b": ("235", "22")}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_QWEN3_MOE))
+def test_qwen3_moe_presets_match_their_model_cards(name):
+  """Total parameters from the module tree (jax.eval_shape), active ones from it less the experts a token does not
+  use (all but 8 of 128 per layer). The total is within the rounding of its printed figure; the card truncates the
+  active one (3,353,032,704 is printed 3.3B), so that lies in [printed, printed + one unit)."""
+  cfg = PRESETS[name]
+  assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.qk_norm) == (128, 8, True, True)
+  sizes = {path: int(np.prod(var.shape)) for path, var in weight_declarations(abstract_model(cfg))}
+  total = sum(sizes.values())
+  experts = sum(n for path, n in sizes.items() if path[-1] in ("gate", "up", "down") and "mlp" in path)
+  active = total - experts * (cfg.num_experts - cfg.num_experts_per_tok) // cfg.num_experts
+  assert (total, active) == (cfg.num_params(), cfg.active_params())
+  printed_total, printed_active = PUBLISHED_QWEN3_MOE[name]
+  half_unit = 0.5 * 10 ** -len(printed_total.partition(".")[2])
+  assert abs(total / 1e9 - float(printed_total)) < half_unit, (name, total, printed_total)
+  unit = 10.0 ** -len(printed_active.partition(".")[2])
+  assert float(printed_active) <= active / 1e9 < float(printed_active) + unit, (name, active, printed_active)
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_preset_parameter_counts_match_published(name):
   cfg = PRESETS[name]
