@@ -619,6 +619,27 @@ class Server:
 
     return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=SERVER_KEY, max_retries=0)
 
+  def hang_up_at_first_text(self, body: dict) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Streams a chat completion of `body`, hangs up at its first generated text, and waits until no request runs
+    and no page is held (120 s at most: a guard against a hang, not a measurement); returns the metrics before the
+    request, at the hang-up and then."""
+    import json
+    import time
+
+    before = self.metrics()
+    with httpx.stream("POST", self.url + "/v1/chat/completions", json={**body, "stream": True},
+                      headers={"Authorization": f"Bearer {SERVER_KEY}"}, timeout=60) as response:
+      for line in response.iter_lines():  # the role chunk may come before any text
+        if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+          break
+    at_hang_up, deadline = self.metrics(), time.monotonic() + 120
+    while True:
+      now = self.metrics()
+      if now["qwenjax_requests_running"] == 0 and now["qwenjax_kv_pages_in_use"] == 0:
+        return before, at_hang_up, now
+      assert time.monotonic() < deadline, now
+      time.sleep(0.02)
+
   def metrics(self) -> dict[str, float]:
     text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {SERVER_KEY}"}).text
     out = {}

@@ -354,24 +354,15 @@ def test_errors_are_openai_shaped_and_the_server_goes_on(server):
 
 
 def test_a_client_that_hangs_up_mid_stream_has_its_request_aborted(tiny, server):
-  """Its request stops decoding at the next step: running requests and pages in use are back at 0 within a
-  second, and the next request is served normally."""
-  aborted = server.metrics().get("qwenjax_requests_aborted_total", 0)
-  body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 230, "stream": True}
-  with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
-                    headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
-    lines = response.iter_lines()
-    assert next(lines).startswith("data: ")
-    next(lines)
-  hung_up = time.monotonic()
-  while True:
-    m = server.metrics()
-    if m["qwenjax_requests_running"] == 0 and m["qwenjax_kv_pages_in_use"] == 0:
-      break
-    assert time.monotonic() - hung_up < 1.0, m
-    time.sleep(0.02)
-  assert m["qwenjax_requests_aborted_total"] == aborted + 1
-  assert m["qwenjax_generation_tokens_total"] < 10_000 and m["qwenjax_kv_pages_total"] > 0
+  """Its request stops decoding between decode blocks: running requests and pages in use go back to 0 after at most
+  8 blocks' tokens of the 230 asked for (counted in tokens: CI's other worker shares the cores), the abort is
+  counted, and the next request is served normally."""
+  before, hung_up, after = server.hang_up_at_first_text({"model": "tiny", "messages": MESSAGES, "max_tokens": 230,
+                                                         "ignore_eos": True})
+  grown = after["qwenjax_generation_tokens_total"] - hung_up["qwenjax_generation_tokens_total"]
+  assert grown <= 8 * server.engine.decode_steps, grown
+  assert after["qwenjax_requests_aborted_total"] == before.get("qwenjax_requests_aborted_total", 0) + 1
+  assert after["qwenjax_kv_pages_total"] > 0
   reply = server.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
   assert reply.usage.completion_tokens == 4
 
