@@ -453,6 +453,25 @@ def build_tiny_qwen3_moe(directory, seed=0, **overrides):
   return model
 
 
+def check_paged_greedy(model, hf, seed: int = 2, lengths=(5, 17, 40), max_tokens: int = 24):
+  """Prompts of `lengths` random tokens (below 300) through a paged Engine of `model` in one batch: each one's
+  greedy tokens equal transformers' `hf.generate` alone, end of sequence ignored (tests/model/test_qwen3.py,
+  test_qwen3_moe.py)."""
+  import torch
+
+  from qwenjax import Engine, SamplingParams
+
+  engine = Engine(model, None, eos_token_ids=(), max_batch_size=4, max_seq_len=128, page_size=16)
+  rng = np.random.default_rng(seed)
+  prompts = [rng.integers(0, 300, size=n).tolist() for n in lengths]
+  outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens))
+  for prompt, out in zip(prompts, outs):
+    with torch.no_grad():
+      want = hf.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    assert out.token_ids == want[0, len(prompt):].tolist(), f"prompt of {len(prompt)} tokens"
+
+
 def check_prefill_then_decode(model, ids, ref, prefill_tokens: int = 16, tol: float = 1e-4):
   """Prefills ids[:, :prefill_tokens] (padded to a bucket of 32) into a fresh contiguous cache, then decodes the rest
   one token at a time, each step's logits within `tol` of ref [B, T, V] (transformers' over all of ids); returns

@@ -18,7 +18,14 @@ from qwenjax.checkpoints.hf import load_model
 from qwenjax.config import QwenConfig
 from qwenjax.model import registry
 
-from conftest import REPO, build_tiny_qwen3, check_prefill_then_decode, save_tiny_tokenizer_dir, write_gguf_from_hf
+from conftest import (
+  REPO,
+  build_tiny_qwen3,
+  check_paged_greedy,
+  check_prefill_then_decode,
+  save_tiny_tokenizer_dir,
+  write_gguf_from_hf,
+)
 
 TOL = 1e-4
 
@@ -65,15 +72,7 @@ def test_prefill_then_decode_logits_match_transformers(tiny):
 
 def test_greedy_tokens_through_the_paged_engine_match_transformers(tiny):
   d, hf = tiny
-  engine = Engine(load_model(d), None, eos_token_ids=(), max_batch_size=4, max_seq_len=128, page_size=16)
-  rng = np.random.default_rng(2)
-  prompts = [rng.integers(0, 300, size=n).tolist() for n in (5, 17, 40)]
-  outs = engine.generate(prompts, SamplingParams(max_tokens=24))
-  for prompt, out in zip(prompts, outs):
-    with torch.no_grad():
-      want = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    assert out.token_ids == want[0, len(prompt):].tolist(), f"prompt of {len(prompt)} tokens"
+  check_paged_greedy(load_model(d), hf)
 
 
 def test_batch_generate_serves_chat_lines_with_chat_template_kwargs(tmp_path, qwen3_template):

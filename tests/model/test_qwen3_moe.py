@@ -19,7 +19,7 @@ from qwenjax.engine.profiling import count_compilations
 from qwenjax.model import registry
 from qwenjax.model.moe import MoE, dispatch, dispatch_reference
 
-from conftest import build_tiny_qwen3_moe, check_prefill_then_decode
+from conftest import build_tiny_qwen3_moe, check_paged_greedy, check_prefill_then_decode
 
 TOL = 1e-4
 
@@ -69,15 +69,7 @@ def test_prefill_then_decode_logits_match_transformers(tiny, scan_layers):
 
 def test_greedy_tokens_through_the_paged_engine_match_transformers(tiny):
   d, hf = tiny
-  engine = Engine(load_model(d), None, eos_token_ids=(), max_batch_size=4, max_seq_len=128, page_size=16)
-  rng = np.random.default_rng(2)
-  prompts = [rng.integers(0, 300, size=n).tolist() for n in (5, 17, 40)]
-  outs = engine.generate(prompts, SamplingParams(max_tokens=24))
-  for prompt, out in zip(prompts, outs):
-    with torch.no_grad():
-      want = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    assert out.token_ids == want[0, len(prompt):].tolist(), f"prompt of {len(prompt)} tokens"
+  check_paged_greedy(load_model(d), hf)
 
 
 def test_a_moe_engine_compiles_nothing_after_warm_up(tmp_path):
