@@ -203,7 +203,8 @@ def test_attention_lora_on_a_moe_model_matches_peft_and_mlp_targets_are_refused(
 
 def test_batch_generate_serves_raw_and_chat_lines_on_a_moe_checkpoint(tmp_path, qwen3_template):
   """launch.batch_generate on a tiny Qwen3-MoE with a tokenizer: a raw prompt line and a chat line with
-  chat_template_kwargs get transformers' greedy tokens for the prompt transformers renders."""
+  chat_template_kwargs get transformers' greedy tokens for the prompt transformers renders; launch.generate with
+  --chat_template_kwargs gives the chat line's reply."""
   import subprocess
   import sys
 
@@ -231,6 +232,13 @@ def test_batch_generate_serves_raw_and_chat_lines_on_a_moe_checkpoint(tmp_path, 
                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
     assert records[key]["text"] == tok.decode(want, skip_special_tokens=True).rstrip("\ufffd"), key
     assert records[key]["usage"]["prompt_tokens"] == len(ids)
+  # launch.generate: the same chat with the same variables as a flag gives the same reply.
+  gen = subprocess.run([sys.executable, "-m", "launch.generate", f"--model={d}", "--prompt=Hi there", "--json",
+                        "--max_new_tokens=8", "--ignore_eos", "--chat_template_kwargs={\"enable_thinking\": false}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert gen.returncode == 0, gen.stderr[-3000:]
+  record = json.loads(gen.stdout)
+  assert record["text"] == records["chat"]["text"] and record["usage"]["prompt_tokens"] == len(prompts["chat"])
 
 
 @pytest.mark.parametrize("q8", [False, True], ids=["f32", "q8_0"])
