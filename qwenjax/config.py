@@ -120,7 +120,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class QwenConfig:
-  """Hyperparameters of a Qwen2 / Qwen2.5 or Qwen3 dense decoder (`Qwen2ForCausalLM`, `Qwen3ForCausalLM`)."""
+  """Hyperparameters of a Qwen2 / Qwen2.5, Qwen3 or Qwen3-MoE decoder (`Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
+  `Qwen3MoeForCausalLM`)."""
 
   vocab_size: int
   hidden_size: int
@@ -246,9 +247,10 @@ class QwenConfig:
 
   @classmethod
   def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> QwenConfig:
-    """Builds the config from a Qwen2 or Qwen3 dense `config.json` dict, in the form Qwen ships or transformers 5
-    writes. Each field's type is checked, not coerced: ConfigError naming `source` and the field. Qwen3's
-    attention has q/k norms and, unless `attention_bias` says otherwise, no q/k/v biases; Qwen2's has biases."""
+    """Builds the config from a Qwen2, Qwen3 or Qwen3-MoE `config.json` dict, in the form Qwen ships or
+    transformers 5 writes. Each field's type is checked, not coerced: ConfigError naming `source` and the field.
+    Qwen3's attention has q/k norms and, unless `attention_bias` says otherwise, no q/k/v biases; Qwen2's has biases;
+    Qwen3-MoE adds its experts' fields."""
     model_type = hf.get("model_type")
     if model_type is None:
       model_type = {("Qwen3ForCausalLM",): "qwen3", ("Qwen3MoeForCausalLM",): "qwen3_moe"}.get(
