@@ -167,13 +167,7 @@ def _dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, arrays: tupl
   flat = experts.reshape(-1)  # [A] assignment (token i, slot j) at i*k + j
   quantized = gate_s is not None
   if impl == "pallas" and not quantized:
-    order = jnp.argsort(flat, stable=True)  # [A]
-    rows = x[order // k].astype(dtype)  # [A, D] sorted by expert
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E]
-    h = grouped_matmul(rows, gate.astype(dtype), sizes, impl="pallas", out_dtype=jnp.float32)
-    h = (jax.nn.silu(h) * grouped_matmul(rows, up.astype(dtype), sizes, impl="pallas", out_dtype=jnp.float32))
-    out = grouped_matmul(h.astype(dtype), down.astype(dtype), sizes, impl="pallas", out_dtype=dtype)  # [A, D]
-    out = jnp.zeros_like(out).at[order].set(out)  # assignment order
+    out = _grouped(x, flat, k, (gate.astype(dtype), up.astype(dtype), down.astype(dtype)), dtype, "pallas")
   else:
     tile, num_tiles = tiling(a, e)
     if tile == 1:  # a tile per assignment, in assignment order
@@ -204,16 +198,21 @@ def _dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, arrays: tupl
   return jnp.einsum("mkd,mk->md", out.reshape(m, k, d), weights.astype(out.dtype))
 
 
+def _grouped(x: jax.Array, flat: jax.Array, k: int, ffn: tuple, dtype, impl: str) -> jax.Array:
+  """The assignments `flat` [A] sorted by expert and run group by group through `grouped_matmul` (`impl`) on float
+  weights `ffn` (gate, up, down) -> [A, D] in assignment order."""
+  gate, up, down = ffn
+  order = jnp.argsort(flat, stable=True)  # [A]
+  rows = x[order // k].astype(dtype)  # [A, D] sorted by expert
+  sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)  # [E]
+  h = jax.nn.silu(grouped_matmul(rows, gate, sizes, impl=impl, out_dtype=jnp.float32)) * grouped_matmul(
+      rows, up, sizes, impl=impl, out_dtype=jnp.float32)
+  out = grouped_matmul(h.astype(dtype), down, sizes, impl=impl, out_dtype=dtype)
+  return jnp.zeros_like(out).at[order].set(out)
+
+
 def dispatch_reference(x: jax.Array, experts: jax.Array, weights: jax.Array, ffn: tuple, dtype) -> jax.Array:
   """`dispatch` through jax.lax.ragged_dot (dense under XLA: the reference, never the serving path)."""
   m, k = experts.shape
-  gate, up, down = (read(w, dtype) for w in ffn)
-  flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  rows = x[order // k].astype(dtype)
-  sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
-  h = jax.nn.silu(grouped_matmul(rows, gate, sizes, out_dtype=jnp.float32)) * grouped_matmul(
-      rows, up, sizes, out_dtype=jnp.float32)
-  out = grouped_matmul(h.astype(dtype), down, sizes, out_dtype=dtype)
-  out = jnp.zeros_like(out).at[order].set(out)
+  out = _grouped(x, experts.reshape(-1), k, tuple(read(w, dtype) for w in ffn), dtype, "xla")
   return jnp.einsum("mkd,mk->md", out.reshape(m, k, -1), weights.astype(out.dtype))
