@@ -681,8 +681,9 @@ def _fake_quant_rows(w: np.ndarray) -> np.ndarray:
 
 def fake_quantized_reference(hf, *, embeddings: bool = False, activations: bool = False):
   """`quantize="int8"` (w8a16) / `"w8a8"` done independently of qwenjax: a copy of the transformers model with
-  every decoder Linear's weight fake-quantized per output channel (and the embedding / lm_head per vocabulary row
-  with `embeddings`); with `activations`, each Linear's input is also fake-quantized per token (w8a8)."""
+  every decoder Linear's weight fake-quantized per output channel (a Qwen3-MoE layer's stacked experts [E, out, in]
+  per expert and output channel; its router stays float), and the embedding / lm_head per vocabulary row with
+  `embeddings`; with `activations`, each Linear's input is also fake-quantized per token (w8a8)."""
   import torch  # noqa: PLC0415
 
   ref = type(hf)(hf.config).eval()
@@ -695,6 +696,10 @@ def fake_quantized_reference(hf, *, embeddings: bool = False, activations: bool 
         module.weight.copy_(torch.from_numpy(_fake_quant_rows(w.reshape(w.shape[0], -1)).reshape(w.shape)))
       if activations and isinstance(module, torch.nn.Linear) and (not is_head or embeddings):
         module.register_forward_pre_hook(lambda _, args: (_fake_quant_activations(args[0]),))
+    for name, param in ref.named_parameters():
+      if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):  # [E, out, in]: rows of every expert
+        w = param.numpy()
+        param.copy_(torch.from_numpy(_fake_quant_rows(w.reshape(-1, w.shape[-1])).reshape(w.shape)))
   return ref
 
 

@@ -19,7 +19,7 @@ from qwenjax.engine.profiling import count_compilations
 from qwenjax.model import registry
 from qwenjax.model.moe import MoE, dispatch, dispatch_reference
 
-from conftest import build_tiny_qwen3_moe, check_paged_greedy, check_prefill_then_decode
+from conftest import build_tiny_qwen3_moe, check_paged_greedy, check_prefill_then_decode, fake_quantized_reference
 
 TOL = 1e-4
 
@@ -84,23 +84,6 @@ def test_a_moe_engine_compiles_nothing_after_warm_up(tmp_path):
   assert programs > 0 and sum(compiled.values()) == 0, compiled
 
 
-def _int8_reference(hf, d, replaced=None):
-  """transformers' model with every expert (and every other projection) fake-quantized per output channel as
-  qwenjax's int8 weights are, so that both compute the same function (replaced: {name: tensor} put in first)."""
-  ref = transformers.Qwen3MoeForCausalLM.from_pretrained(d).eval()
-  with torch.no_grad():
-    for name, value in (replaced or {}).items():
-      ref.get_parameter(name).copy_(value)
-    for name, p in ref.named_parameters():
-      if p.dim() == 3:  # fused experts [E, out, in] (transformers 5's layout): per expert and output row
-        scale = p.abs().amax(dim=-1, keepdim=True) / 127
-        p.copy_(torch.round(p / scale).clamp(-127, 127) * scale)
-      elif p.dim() == 2 and "embed" not in name and "lm_head" not in name and not name.endswith("mlp.gate.weight"):
-        scale = p.abs().amax(dim=-1, keepdim=True) / 127
-        p.copy_(torch.round(p / scale).clamp(-127, 127) * scale)
-  return ref
-
-
 def test_int8_experts_match_a_fake_quantized_reference(tiny):
   """--quantize int8 stores the experts as int8 values with a scale per expert and output channel (the router
   stays float); logits equal transformers' with the same weights quantized and dequantized, within 1e-4."""
@@ -111,7 +94,7 @@ def test_int8_experts_match_a_fake_quantized_reference(tiny):
   assert moe.router[...].dtype == jnp.float32
   ids = np.random.default_rng(4).integers(0, 300, size=(2, 20))
   with torch.no_grad():
-    ref = _int8_reference(hf, d)(torch.as_tensor(ids)).logits.numpy()
+    ref = fake_quantized_reference(hf)(torch.as_tensor(ids)).logits.numpy()
   check_prefill_then_decode(model, ids, ref, tol=TOL)
 
 
@@ -278,5 +261,5 @@ def test_a_qwen3moe_gguf_loads_token_exact(tmp_path, qwen_template, q8):
   if q8:  # Q8_0 experts straight to int8: the same numbers as quantizing the dequantized tensor
     int8 = load(str(path), quantize="int8", scan_layers=False)
     with torch.no_grad():
-      ref8 = _int8_reference(hf, d, rounded)(torch.as_tensor(ids)).logits.numpy()
+      ref8 = fake_quantized_reference(hf)(torch.as_tensor(ids)).logits.numpy()  # hf holds the Q8_0 weights
     check_prefill_then_decode(int8.model, ids, ref8, tol=TOL)
