@@ -6,6 +6,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # Keep XLA to the machine's cores and quiet; must precede importing jax.
@@ -22,6 +24,35 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qwenjax-tests-xla-cache-")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+# XLA:CPU's compile-time flags for the suite, in this process and (inherited) in every worker and launch script a
+# test starts; `xla_flags(...)` adds a subprocess's own. The suite is compile-bound: a tiny model's step programs
+# take 1-3 s each to compile and milliseconds to run, and XLA:CPU's legacy loop emitters at LLVM -O1 compile them
+# ~3x faster than its default fusion emitters at -O2 (a speculative engine's warm-up, 23 programs: 50 s of XLA
+# compilation against 16 s; test_speculative.py's slowest tests 144 s against 102 s). Neither flag changes what a
+# program computes: both are how XLA emits the loops of its fused elementwise work, not which operations it runs or
+# their order (every test's tolerance and every token-exact comparison stands, and each is against transformers).
+# Kept only if this jaxlib knows them: XLA aborts at startup on a flag it does not know, so a child process tries
+# them first, once per run (its answer is inherited through QWENJAX_TEST_XLA_FLAGS).
+_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+
+
+def _compile_flags() -> str:
+  if "QWENJAX_TEST_XLA_FLAGS" not in os.environ:
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(jax.numpy.sin)(1.0).block_until_ready()"],
+                           env=dict(os.environ, XLA_FLAGS=_COMPILE_FLAGS, JAX_PLATFORMS="cpu"), capture_output=True,
+                           check=False, timeout=300)
+    os.environ["QWENJAX_TEST_XLA_FLAGS"] = _COMPILE_FLAGS if probe.returncode == 0 else ""
+  return os.environ["QWENJAX_TEST_XLA_FLAGS"]
+
+
+def xla_flags(*more: str) -> str:
+  """XLA_FLAGS for a test's subprocess that needs flags of its own (a device count): the suite's and `more`."""
+  return " ".join(filter(None, [_compile_flags(), *more]))
+
+
+if _compile_flags() and _compile_flags() not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), _compile_flags()]))
 
 # The whole suite runs on the matmul paths the CPU path probe chose on a Sapphire Rapids Xeon (a recorded table,
 # tests/data/cpu_paths_xeon.json: output-major int8 layouts, padded one-row dots), in process and in every launch

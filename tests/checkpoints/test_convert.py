@@ -27,6 +27,7 @@ from conftest import (
     output_major_paths,
     qwen_chat_template,
     save_tiny_tokenizer_dir,
+    xla_flags,
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -264,7 +265,7 @@ print(split)
 def test_sharded_restore_into_a_mesh(source, converted, converted_vl, converted_int8, tmp_path):
   # Small chunks as well, so that a shard reads some chunks of an array, not all of it.
   chunked = loader.convert(source[0], tmp_path / "chunked", chunk_bytes=4096)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", _SHARDED, f"{converted}:both", f"{chunked}:scanned",
                          f"{converted_vl}:unrolled", f"{converted_int8}:both"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -288,7 +289,7 @@ def test_a_qwen3_moe_converts_and_restores_onto_an_expert_mesh(tmp_path):
   with torch.no_grad():
     ref = hf(torch.as_tensor(ids)).logits.numpy()
   check_prefill_then_decode(orbax_store.restore(converted_moe, scan_layers=True)[0], ids, ref)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu",
          "MESH": "expert:2,tensor:4"}
   proc = subprocess.run([sys.executable, "-c", _SHARDED, f"{converted_moe}:both", f"{converted_moe_int8}:scanned"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

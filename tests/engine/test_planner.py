@@ -496,7 +496,9 @@ def _sharded_worker(cases) -> dict[str, dict[str, int]]:
 def test_sharded_plans_match_xla():
   """On 8 CPU devices (a subprocess: this process has started JAX on one), per device: weights and the page pool
   (float32 and int8) equal XLA's argument bytes exactly, and activations lie within 2x of XLA's temp bytes."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", TF_CPP_MIN_LOG_LEVEL="2",
+  from conftest import xla_flags  # pylint: disable=g-import-not-at-top  (this file is also the worker script)
+
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), TF_CPP_MIN_LOG_LEVEL="2",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   run = subprocess.run([sys.executable, __file__, *SHARDED_CASES], env=env, capture_output=True, text=True,
                        timeout=600, check=False)

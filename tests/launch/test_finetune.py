@@ -25,7 +25,7 @@ from qwenjax.model.decoder import StepMetadata
 from qwenjax.model.kv_cache import KVCache
 from qwenjax.model.lora import LoraBank
 
-from conftest import REPO, build_tiny_qwen2, save_tiny_tokenizer_dir
+from conftest import REPO, build_tiny_qwen2, save_tiny_tokenizer_dir, xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_a_mesh_run_matches_one_device(task, tmp_path):
   one = tmp_path / "one"
   _run(_command(task, one, *args))
   mesh = tmp_path / "mesh"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")}
   _run(_command(task, mesh, *args, "--mesh=data:2,fsdp:2,tensor:2"), env=env)
   for x, y in zip(_log(one), _log(mesh)):
     assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)

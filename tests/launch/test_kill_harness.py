@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
+from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir, xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SEED = 1302
@@ -73,7 +73,8 @@ class _Runs:
 
   def _env(self, crash: str | None) -> dict:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(self.cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=1"))
     env.pop("QWENJAX_CRASH_AT", None)
     if crash:
       env["QWENJAX_CRASH_AT"] = crash

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir
+from conftest import build_tiny_qwen2, save_tiny_tokenizer_dir, xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,7 @@ def _job(checkpoint, input_path, output_path, extra=()):
 
 def _run_processes(checkpoint, input_path, out, extra=(), devices_per_process=1):
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices_per_process}"))
   procs = [subprocess.Popen(_job(checkpoint, input_path, out,
                                  (f"--coordinator_address=localhost:{port}", "--num_processes=2",
                                   f"--process_id={i}", *extra)),

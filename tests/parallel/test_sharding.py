@@ -17,7 +17,7 @@ from qwenjax.model import kv_cache
 from qwenjax.model.decoder import abstract_model
 from qwenjax.parallel import sharding
 
-from conftest import build_tiny_qwen2, build_tiny_qwen3_moe, save_tiny_tokenizer_dir
+from conftest import build_tiny_qwen2, build_tiny_qwen3_moe, save_tiny_tokenizer_dir, xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 T, F = "tensor", "fsdp"
@@ -205,7 +205,7 @@ def eight_devices(tmp_path_factory):
   build_tiny_vl(vl, seed=2)  # a seed whose greedy tokens vary (seed 0's repeat one token after an image)
   moe = save_tiny_tokenizer_dir(tmp_path_factory.mktemp("sharding_moe"))
   build_tiny_qwen3_moe(moe, vocab_size=256, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
              PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
   worker = REPO / "tests" / "parallel" / "sharding_worker.py"
   proc = subprocess.run([sys.executable, str(worker), str(text), str(vl), str(moe)], env=env, capture_output=True,
