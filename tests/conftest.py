@@ -28,7 +28,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # XLA:CPU's compile-time flags for the suite, in this process and (inherited) in every worker and launch script a
 # test starts; `xla_flags(...)` adds a subprocess's own. The suite is compile-bound: a tiny model's step programs
 # take 1-3 s each to compile and milliseconds to run, and XLA:CPU's legacy loop emitters at LLVM -O1 compile them
-# ~3x faster than its default fusion emitters at -O2 (a speculative engine's warm-up, 23 programs: 50 s of XLA
+# ~3x faster than its default fusion emitters at -O3 (a speculative engine's warm-up, 23 programs: 50 s of XLA
 # compilation against 16 s; test_speculative.py's slowest tests 144 s against 102 s). Neither flag changes what a
 # program computes: both are how XLA emits the loops of its fused elementwise work, not which operations it runs or
 # their order (every test's tolerance and every token-exact comparison stands, and each is against transformers).
@@ -53,6 +53,19 @@ def xla_flags(*more: str) -> str:
 
 if _compile_flags() and _compile_flags() not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), _compile_flags()]))
+
+# What they replace: a test that asserts what XLA makes of a program in users' configuration (no copy of the page
+# pool, say) compiles it with `.compile(compiler_options=XLA_DEFAULTS)`.
+XLA_DEFAULTS = {"xla_cpu_use_fusion_emitters": True, "xla_backend_optimization_level": 3} if _compile_flags() else {}
+
+
+def users_xla_environ() -> dict:
+  """os.environ for a test's subprocess that runs the real model: XLA's own flags, not the suite's compile flags
+  (its programs run long enough that the defaults' faster code outweighs their slower compile)."""
+  env = dict(os.environ, QWENJAX_TEST_XLA_FLAGS="")
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f not in _compile_flags().split())
+  return env
+
 
 # The whole suite runs on the matmul paths the CPU path probe chose on a Sapphire Rapids Xeon (a recorded table,
 # tests/data/cpu_paths_xeon.json: output-major int8 layouts, padded one-row dots), in process and in every launch

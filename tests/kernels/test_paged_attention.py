@@ -24,6 +24,8 @@ from qwenjax.kernels.paged_attention import (
   write_pages,
 )
 
+from conftest import XLA_DEFAULTS
+
 PAGE = 16  # page size of the tests
 TOL = 1e-5  # float32 against the float64 oracle, absolute and relative
 
@@ -282,6 +284,12 @@ def test_bad_arguments_name_the_culprit():
     write_pages(pages, pages, jnp.zeros((2, 2, 8)), jnp.zeros((1, 2, 8)), jnp.zeros(1, jnp.int32))
 
 
+def _users_hlo(jitted, *args) -> str:
+  """The optimized HLO XLA makes of `jitted(*args)` in users' configuration (the suite compiles with flags of its
+  own: conftest.py)."""
+  return jitted.lower(*args).compile(compiler_options=XLA_DEFAULTS).as_text()
+
+
 def _pool_sized(compiled_text: str, pool_elements: int) -> list[tuple[str, str]]:
   """(name, opcode) of the optimized HLO's instructions whose result has as many elements as the pool."""
   found = []
@@ -312,7 +320,7 @@ def test_one_token_write_is_a_scatter_in_place(slot):
   new = rng.standard_normal((1, k, h)).astype(np.float32)
   slots = jnp.asarray([slot], jnp.int32)
   write = jax.jit(write_slots, static_argnums=1, donate_argnums=0)
-  assert _pool_sized_ops(write.lower(jnp.asarray(pages), 1, slots, jnp.asarray(new)).compile().as_text(),
+  assert _pool_sized_ops(_users_hlo(write, jnp.asarray(pages), 1, slots, jnp.asarray(new)),
                          pages.size) == set()
   got = np.asarray(write(jnp.asarray(pages), 1, slots, jnp.asarray(new)))
   want = pages.reshape(layers, -1, k, h).copy()
@@ -322,7 +330,7 @@ def test_one_token_write_is_a_scatter_in_place(slot):
 
   kv = jax.jit(write_pages, donate_argnums=(0, 1))
   args = (jnp.asarray(pages[0]), jnp.asarray(pages[1]), jnp.asarray(new), jnp.asarray(-new), slots)
-  assert _pool_sized_ops(kv.lower(*args).compile().as_text(), pages[0].size) == set()
+  assert _pool_sized_ops(_users_hlo(kv, *args), pages[0].size) == set()
   got_k, got_v = kv(*args)
   want_k, want_v = pages[0].reshape(-1, k, h).copy(), pages[1].reshape(-1, k, h).copy()
   if slot >= 0:
@@ -333,7 +341,7 @@ def test_one_token_write_is_a_scatter_in_place(slot):
   # The prefix cache's copy-on-write of one page (one admitted sequence at max_batch_size 1).
   cache = PagedKVCache(jnp.asarray(pages), jnp.asarray(pages + 1))
   src, dst = jnp.asarray([5], jnp.int32), jnp.asarray([9 if slot >= 0 else -1], jnp.int32)
-  assert _pool_sized_ops(copy_pages.lower(cache, src, dst).compile().as_text(), pages.size) == set()
+  assert _pool_sized_ops(_users_hlo(copy_pages, cache, src, dst), pages.size) == set()
   got = copy_pages(cache, src, dst)
   want = pages.copy()
   if slot >= 0:
@@ -356,7 +364,7 @@ def test_a_bfloat16_pool_on_cpu_is_written_in_place_as_bits():
   new = jnp.asarray(rng.standard_normal((3, cfg.num_kv_heads, cfg.head_dim)), jnp.bfloat16)
   slots = jnp.asarray([5, -1, 40 * PAGE + 3], jnp.int32)
   write = jax.jit(write_slots, static_argnums=1, donate_argnums=0)
-  assert _pool_sized_ops(write.lower(cache.k, 1, slots, new).compile().as_text(), cache.k.size) == set()
+  assert _pool_sized_ops(_users_hlo(write, cache.k, 1, slots, new), cache.k.size) == set()
   got = np.asarray(from_pool(write(cache.k, 1, slots, new)).astype(jnp.float32)).reshape(cfg.num_layers, -1,
                                                                                         cfg.num_kv_heads, cfg.head_dim)
   want = np.zeros_like(got)
@@ -378,7 +386,7 @@ def test_a_bfloat16_contiguous_cache_on_cpu_is_written_in_place_as_bits():
   new = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, cfg.num_kv_heads, cfg.head_dim)), jnp.bfloat16)
   rows, start = jnp.asarray([2, 0], jnp.int32), jnp.asarray([7, 30], jnp.int32)
   write = jax.jit(write_rows, static_argnums=1, donate_argnums=0)
-  text = write.lower(cache.k, 1, rows, start, new).compile().as_text()
+  text = _users_hlo(write, cache.k, 1, rows, start, new)
   sized = [name for name, _ in _pool_sized(text, cache.k.size)]
   assert sized and not [n for n in sized if any(w in n for w in ("convert", "copy"))], sized
   got = np.asarray(from_pool(write(cache.k, 1, rows, start, new)).astype(jnp.float32))

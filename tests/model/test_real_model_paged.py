@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, users_xla_environ
 
 pytestmark = pytest.mark.real_model
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.real_model
 def test_paged_cache_on_the_real_model_in_a_fresh_process():
   proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-o",
                          "python_files=*.py", str(REPO / "tests" / "model" / "real_model_paged_checks.py")],
-                        cwd=REPO, capture_output=True, text=True, timeout=1800)
+                        cwd=REPO, env=users_xla_environ(), capture_output=True, text=True, timeout=1800)
   print(proc.stdout[-4000:])
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
   assert "3 passed" in proc.stdout, proc.stdout[-3000:]
