@@ -29,9 +29,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # test starts; `xla_flags(...)` adds a subprocess's own. The suite is compile-bound: a tiny model's step programs
 # take 1-3 s each to compile and milliseconds to run, and XLA:CPU's legacy loop emitters at LLVM -O1 compile them
 # ~3x faster than its default fusion emitters at -O3 (a speculative engine's warm-up, 23 programs: 50 s of XLA
-# compilation against 16 s; test_speculative.py's slowest tests 144 s against 102 s). Neither flag changes what a
-# program computes: both are how XLA emits the loops of its fused elementwise work, not which operations it runs or
-# their order (every test's tolerance and every token-exact comparison stands, and each is against transformers).
+# compilation against 16 s; test_speculative.py's slowest tests 144 s against 102 s; the whole suite 64 min against
+# 46). They change how XLA emits the loops of a program's fusions (a reduction may sum in another order, as between
+# two XLA versions), not which operations it runs: every tolerance and token-exact comparison against transformers
+# stands unchanged, and holds under them.
 # Kept only if this jaxlib knows them: XLA aborts at startup on a flag it does not know, so a child process tries
 # them first, once per run (its answer is inherited through QWENJAX_TEST_XLA_FLAGS).
 _COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
