@@ -30,7 +30,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # take 1-3 s each to compile and milliseconds to run, and XLA:CPU's legacy loop emitters at LLVM -O1 compile them
 # ~3x faster than its default fusion emitters at -O3 (a speculative engine's warm-up, 23 programs: 50 s of XLA
 # compilation against 16 s; test_speculative.py's slowest tests 144 s against 102 s; the whole suite 64 min against
-# 46). They change how XLA emits the loops of a program's fusions (a reduction may sum in another order, as between
+# 50). They change how XLA emits the loops of a program's fusions (a reduction may sum in another order, as between
 # two XLA versions), not which operations it runs: every tolerance and token-exact comparison against transformers
 # stands unchanged, and holds under them.
 # Kept only if this jaxlib knows them: XLA aborts at startup on a flag it does not know, so a child process tries
