@@ -55,9 +55,14 @@ def xla_flags(*more: str) -> str:
 if _compile_flags() and _compile_flags() not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), _compile_flags()]))
 
-# What they replace: a test that asserts what XLA makes of a program in users' configuration (no copy of the page
-# pool, say) compiles it with `.compile(compiler_options=XLA_DEFAULTS)`.
-XLA_DEFAULTS = {"xla_cpu_use_fusion_emitters": True, "xla_backend_optimization_level": 3} if _compile_flags() else {}
+# What they replace (XLA's defaults), for `compile_as_users`.
+_XLA_DEFAULTS = {"xla_cpu_use_fusion_emitters": True, "xla_backend_optimization_level": 3} if _compile_flags() else {}
+
+
+def compile_as_users(lowered):
+  """`lowered.compile()` on XLA's default flags, not the suite's: for a test that asserts what XLA makes of users'
+  programs (no copy of the page pool, the temp bytes the memory planner plans for)."""
+  return lowered.compile(compiler_options=_XLA_DEFAULTS)
 
 
 def users_xla_environ() -> dict:

@@ -17,6 +17,8 @@ from qwenjax import ConfigError
 from qwenjax.kernels import int8_matmul as im
 from qwenjax.kernels.int8_matmul_tpu import int8_matmul_tpu, lane_block, tpu_block_sizes
 
+from conftest import compile_as_users
+
 TOL = {np.float32: 1e-5, jnp.bfloat16: 2e-2}
 TPU_INTERPRET = pltpu.InterpretParams()
 # The XLA formulation, the generic Pallas kernel (interpret mode) and the TPU kernel (TPU interpret mode).
@@ -176,7 +178,7 @@ def test_column_block_loops_of_many_layers_share_their_buffers():
       for _ in range(layers):
         x = x + blocks(jax.nn.silu(blocks(x, up, s_up, False)), down, s_down, False)
       return x
-    compiled = jax.jit(program).lower(jnp.ones((t, d), jnp.float32), up, down).compile()
+    compiled = compile_as_users(jax.jit(program).lower(jnp.ones((t, d), jnp.float32), up, down))
     return compiled.memory_analysis().temp_size_in_bytes
 
   activations = t * f * 4  # one layer's [T, F] float32

@@ -24,7 +24,7 @@ from qwenjax.kernels.paged_attention import (
   write_pages,
 )
 
-from conftest import XLA_DEFAULTS
+from conftest import compile_as_users
 
 PAGE = 16  # page size of the tests
 TOL = 1e-5  # float32 against the float64 oracle, absolute and relative
@@ -287,7 +287,7 @@ def test_bad_arguments_name_the_culprit():
 def _users_hlo(jitted, *args) -> str:
   """The optimized HLO XLA makes of `jitted(*args)` in users' configuration (the suite compiles with flags of its
   own: conftest.py)."""
-  return jitted.lower(*args).compile(compiler_options=XLA_DEFAULTS).as_text()
+  return compile_as_users(jitted.lower(*args)).as_text()
 
 
 def _pool_sized(compiled_text: str, pool_elements: int) -> list[tuple[str, str]]:
