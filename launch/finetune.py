@@ -66,6 +66,9 @@ _WARMUP = flags.DEFINE_integer("warmup_steps", 10, "Linear warmup steps, then co
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.", lower_bound=0.0)
 _CLIP = flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clip (0: none).", lower_bound=0.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the adapter's initialisation, the row order and dropout.")
+_AUX = flags.DEFINE_float("router_aux_loss_coef", 0.0, "A mixture-of-experts model's router load-balancing loss, "
+                          "this much of it added to the objective (0: none, as transformers without "
+                          "output_router_logits; Qwen3-MoE's configs hold 0.001).", lower_bound=0.0)
 _EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "Fraction of packed rows held out for evaluation.",
                                     lower_bound=0.0, upper_bound=0.9)
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 0, "Held-out loss every N steps (and always at the end).",
@@ -92,7 +95,7 @@ def _conversations():
 
 # What a run's record holds besides its data: the flags that decide what it computes, by flag name.
 _RECORDED = (_MODEL, _DTYPE, _QUANTIZE, _TARGETS, _RANK, _ALPHA, _DROPOUT, _STEPS, _BATCH_SIZE, _GRAD_ACCUM, _ROW_LEN,
-             _LR, _WARMUP, _WEIGHT_DECAY, _CLIP, _SEED, _EVAL_FRACTION)
+             _LR, _WARMUP, _WEIGHT_DECAY, _CLIP, _SEED, _EVAL_FRACTION, _AUX)
 _RUN_FILE = "run.json"
 _RUN_MARKER = "launch.finetune run"
 _LOG_FILE = "training_log.jsonl"
@@ -159,8 +162,9 @@ def _check_same(output: pathlib.Path, record: dict, settings: dict) -> None:
   from qwenjax import InputError  # pylint: disable=g-import-not-at-top
 
   differ = []
+  defaults = {f"--{flag.name}": flag.default for flag in _RECORDED}  # a flag newer than the record: its default
   for name, mine in settings.items():
-    theirs = record.get(name)
+    theirs = record.get(name, defaults.get(name))
     if theirs == mine:
       continue
     if name == _DATA_KEY:
@@ -243,12 +247,13 @@ def _run(output: pathlib.Path, checkpoints: pathlib.Path):
   config = TrainConfig(rank=_RANK.value, alpha=_ALPHA.value, dropout=_DROPOUT.value, targets=_TARGETS.value,
                        steps=_STEPS.value, batch_size=_BATCH_SIZE.value, grad_accum=_GRAD_ACCUM.value,
                        learning_rate=_LR.value, warmup_steps=_WARMUP.value, weight_decay=_WEIGHT_DECAY.value,
-                       clip_norm=_CLIP.value, seed=_SEED.value).check()
+                       clip_norm=_CLIP.value, seed=_SEED.value, router_aux_loss_coef=_AUX.value).check()
   settings = _settings()
   record = _check_run(output, checkpoints, settings)  # before the long load: another run is refused at once
   mesh = sharding.mesh_from_flags(_MESH.value)
   loaded = qwenjax.load(_MODEL.value, dtype=_DTYPE.value, mesh=mesh,
                         quantize=None if _QUANTIZE.value == "none" else _QUANTIZE.value)
+  config.check_model(loaded.model.cfg)  # before the run's record is written
   examples, skipped = [], 0
   for conversation in _conversations():  # a bad line or conversation is reported and skipped; the run goes on
     try:
@@ -281,13 +286,16 @@ def _run(output: pathlib.Path, checkpoints: pathlib.Path):
                                eval_every=_EVAL_EVERY.value):
       step = metrics["step"] + 1
       tokens += metrics["tokens"]
-      log.append({k: metrics[k] for k in ("step", "loss", "grad_norm", "learning_rate", "eval_loss") if k in metrics})
+      log.append({k: metrics[k] for k in ("step", "loss", "aux_loss", "grad_norm", "learning_rate", "eval_loss")
+                  if k in metrics})
       _cli.check_interrupted()  # a Ctrl-C that struck inside jax's gc callback stops the run here, this step logged
       if step % _LOG_EVERY.value == 0 or step == config.steps or "eval_loss" in metrics:
         elapsed = time.perf_counter() - start
         eta = elapsed / (step - first) * (config.steps - step)
         line = (f"step {step}/{config.steps}  loss {metrics['loss']:.4f}  lr {metrics['learning_rate']:.2e}  "
                 f"{tokens / elapsed:.0f} tokens/s  ETA {eta:.0f} s")
+        if "aux_loss" in metrics:
+          line += f"  aux_loss {metrics['aux_loss']:.4f}"
         if "eval_loss" in metrics:
           line += f"  eval_loss {metrics['eval_loss']:.4f}"
         logging.info("%s", line)

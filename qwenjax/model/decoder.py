@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwenjax._errors import ConfigError
 from qwenjax.config import QwenConfig
 from qwenjax.kernels.attention import attention, paged_attention
 from qwenjax.kernels.paged_attention import from_pool, quantize_kv
@@ -320,9 +321,13 @@ class Block(nnx.Module):
     self.mlp = MoE(cfg, **kw) if sparse else FeedForward(cfg, **kw)
 
   def __call__(self, x, ctx: StepContext, kv: tuple, layer, window):
+    """-> (x [B, T, D], kv, the MoE's router logits [B, T, E], or None for a dense MLP)."""
     a, kv = self.attn(self.attn_norm(x), ctx, kv, layer, window)
     x = x + a
-    return x + self.mlp(self.mlp_norm(x), ctx, layer), kv
+    if isinstance(self.mlp, MoE):
+      y, router_logits = self.mlp(self.mlp_norm(x), ctx, layer)
+      return x + y, kv, router_logits
+    return x + self.mlp(self.mlp_norm(x), ctx, layer), kv, None
 
 
 class Qwen2(nnx.Module):
@@ -364,14 +369,19 @@ class Qwen2(nnx.Module):
       self.lm_head = table("lm_head.weight")
     self.lora = nnx.data(None)  # a `qwenjax.model.lora.LoraBank` when adapters are attached
 
-  def __call__(self, tokens: jax.Array, cache: KVCache | PagedKVCache | None, meta: StepMetadata
-               ) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
+  def __call__(self, tokens: jax.Array, cache: KVCache | PagedKVCache | None, meta: StepMetadata, *,
+               router_logits: bool = False) -> tuple:
     """tokens: [B, T] int32; cache: a KVCache, a PagedKVCache (then `meta.paged` says where the tokens go and
     which pages each row reads), or None for a training step (`meta.span`: no cache read or written); meta: the
     step's positions, attention inputs, adapters and vision features (`StepMetadata`).
 
     Returns final hidden states [B, T, D] and the cache with this step's keys and values written (lengths are
-    the caller's to advance)."""
+    the caller's to advance). router_logits (static): a third value, the sparse layers' router logits [L', B, T,
+    E] in the compute dtype (L' the layers with a MoE, in order), as transformers' `output_router_logits` gives
+    them, for a training loss (`qwenjax.model.moe.load_balancing_loss`); ConfigError on a model without one."""
+    if router_logits and not any(self.cfg.sparse_layers()):
+      raise ConfigError("router_logits: the model has no mixture-of-experts layer (num_experts "
+                        f"{self.cfg.num_experts}, mlp_only_layers {list(self.cfg.mlp_only_layers)}).")
     if (meta.paged is None) != (not isinstance(cache, PagedKVCache)):
       raise ValueError("a PagedKVCache step needs `paged` inputs, and only it takes them.")
     if (cache is None) != (meta.span is not None):
@@ -400,18 +410,21 @@ class Qwen2(nnx.Module):
       def body(carry, xs):
         x, kv = carry
         layer_state, layer, window = xs
-        return nnx.merge(graphdef, layer_state)(x, ctx, kv, layer, window), None
+        x, kv, scores = nnx.merge(graphdef, layer_state)(x, ctx, kv, layer, window)
+        return (x, kv), scores if router_logits else None
 
       xs = (stacked, jnp.arange(self.cfg.num_layers), jnp.asarray(windows))
-      (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
+      (x, kv), scores = jax.lax.scan(body, (x, kv), xs)  # scores [L, B, T, E] or None
     else:
+      scores = []
       for i, block in enumerate(self.layers):
-        x, kv = block(x, ctx, kv, i, int(windows[i]))
-    if cache is None:
-      return self.final_norm(x), None
-    if meta.paged is None:
-      return self.final_norm(x), dataclasses.replace(cache, k=kv[0], v=kv[1])
-    return self.final_norm(x), PagedKVCache(*kv)
+        x, kv, layer_scores = block(x, ctx, kv, i, int(windows[i]))
+        scores += [] if layer_scores is None else [layer_scores]
+      scores = jnp.stack(scores) if router_logits else None  # [L', B, T, E]
+    if cache is not None:
+      cache = (dataclasses.replace(cache, k=kv[0], v=kv[1]) if meta.paged is None else PagedKVCache(*kv))
+    h = self.final_norm(x)
+    return (h, cache, scores) if router_logits else (h, cache)
 
   def logits(self, h: jax.Array, impl: str = "xla") -> jax.Array:
     """Final hidden states [..., D] -> float32 logits [..., V] (impl: a quantized head's matmul, "xla"/"pallas")."""

@@ -74,16 +74,34 @@ class MoE(nnx.Module):
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return logits, weights.astype(self.dtype), experts.astype(jnp.int32)
 
-  def __call__(self, x: jax.Array, ctx, layer) -> jax.Array:
-    """x [B, T, D] -> [B, T, D] (ctx: the step's `StepContext`, for the implementation; layer unused: no adapter
+  def __call__(self, x: jax.Array, ctx, layer) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, D] -> (y [B, T, D], router logits [B, T, E] in the compute dtype, for a training loss: see
+    `load_balancing_loss`) (ctx: the step's `StepContext`, for the implementation; layer unused: no adapter
     reaches the experts)."""
     del layer
     b, t, d = x.shape
     flat = x.reshape(-1, d)  # [M, D]
-    _, weights, experts = self.route(flat)
+    logits, weights, experts = self.route(flat)
     with jax.named_scope("experts"):
       out = dispatch(flat, experts, weights, (self.gate, self.up, self.down), self.dtype, ctx.meta.impl)
-    return out.reshape(b, t, d)
+    return out.reshape(b, t, d), logits.reshape(b, t, -1)
+
+
+def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | None = None) -> jax.Array:
+  """The Switch Transformer's auxiliary load-balancing loss, as transformers' Qwen3-MoE computes it
+  (`load_balancing_loss_func`): over the sparse layers' router logits [L, B, T, E] and the tokens where mask
+  [B, T] is true (None: all), E * sum_e f_e * P_e, where f_e is the fraction of the L * N (layer, token) top-k
+  assignments that chose expert e and P_e the mean over them of its softmax probability (both pooled over layers
+  before their product). Differentiable through P only (the top-k choice is not). Returns a float32 scalar."""
+  num_experts = router_logits.shape[-1]
+  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [L, B, T, E]
+  _, chosen = jax.lax.top_k(probs, top_k)  # [L, B, T, k]
+  weight = jnp.ones(router_logits.shape[1:3], jnp.float32) if mask is None else mask.astype(jnp.float32)  # [B, T]
+  counts = jnp.sum(jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32) * weight[None, :, :, None, None],
+                   axis=(0, 1, 2, 3))  # [E]
+  prob_sums = jnp.sum(probs * weight[None, :, :, None], axis=(0, 1, 2))  # [E]
+  rows = router_logits.shape[0] * jnp.maximum(jnp.sum(weight), 1.0)
+  return num_experts * jnp.sum((counts / rows) * (prob_sums / rows))
 
 
 def tiling(a: int, e: int) -> tuple[int, int]:

@@ -75,6 +75,12 @@ class PackedRows:
     return PackedRows(*(a[index] for a in dataclasses.astuple(self)))
 
 
+def segment_tokens(positions, targets):
+  """[..., T] bool (numpy or jax, as given): the tokens of segments, not a row's padding (which has position 0 and
+  no target; a segment's first token has a target, its later ones a position > 0)."""
+  return (targets >= 0) | (positions > 0)
+
+
 def pack(examples: Iterable[tuple[np.ndarray, np.ndarray]], row_len: int) -> tuple[PackedRows, int]:
   """Packs (ids, mask) examples into rows of row_len tokens, in order, first fit (a row takes the next example
   while it fits; an example longer than a row is cut to its first row_len tokens). Returns the rows and how many

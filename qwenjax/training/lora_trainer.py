@@ -9,9 +9,11 @@
 One jitted step: `grad_accum` micro-batches of `batch_size` packed rows (`qwenjax.training.data.PackedRows`)
 scanned, their gradients summed and divided by the number of target tokens of the whole step (the loss is the
 mean over every assistant token of the step, however the rows fall into micro-batches), clipped by global norm,
-then AdamW on a warmup + cosine schedule. The adapter and the optimizer state are donated. On a mesh the base
-weights are sharded by the same rules as inference (`qwenjax.parallel.sharding`), rows split over data and fsdp,
-the adapter replicated.
+then AdamW on a warmup + cosine schedule. On a mixture-of-experts model, `router_aux_loss_coef` > 0 adds that times
+the router's load-balancing loss of each micro-batch (`qwenjax.model.moe.load_balancing_loss` over its segment
+tokens, averaged over the micro-batches), as transformers does with `output_router_logits=True`. The adapter and
+the optimizer state are donated. On a mesh the base weights are sharded by the same rules as inference
+(`qwenjax.parallel.sharding`), rows split over data and fsdp, the adapter replicated.
 
 Which rows a step reads and its dropout key follow from (seed, step) alone: epoch e visits the rows in
 permutation e of the seed. A run resumed from an Orbax checkpoint of (adapter, optimizer state, step) therefore
@@ -42,9 +44,10 @@ from qwenjax import _files
 from qwenjax._errors import ConfigError, InputError, first_line
 from qwenjax.model.decoder import StepMetadata
 from qwenjax.model.lora import Adapter, LoraBank, LoraWeight, init_adapter
+from qwenjax.model.moe import load_balancing_loss
 from qwenjax.parallel import sharding
 from qwenjax.parallel.axes import BATCH, DEFAULT_RULES, ShardingRules
-from qwenjax.training.data import PackedRows
+from qwenjax.training.data import PackedRows, segment_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +55,9 @@ class TrainConfig:
   """rank, alpha, dropout, targets: the adapter (`qwenjax.model.lora`); steps: optimizer steps; batch_size: rows
   per micro-batch (over all devices); grad_accum: micro-batches per step; learning_rate: the peak, reached after
   warmup_steps (linear from 0), then cosine decay to end_lr_fraction of it at `steps`; clip_norm: global gradient
-  norm clip (0: none); seed: the adapter's initialisation, the row order and dropout."""
+  norm clip (0: none); seed: the adapter's initialisation, the row order and dropout; router_aux_loss_coef: the
+  weight of a mixture-of-experts model's load-balancing loss in the objective (0: none, transformers' default,
+  whose `output_router_logits` is off; Qwen3-MoE's configs hold 0.001 for when it is on)."""
 
   rank: int = 16
   alpha: float = 32.0
@@ -67,6 +72,7 @@ class TrainConfig:
   weight_decay: float = 0.0
   clip_norm: float = 1.0
   seed: int = 0
+  router_aux_loss_coef: float = 0.0
 
   def check(self) -> TrainConfig:
     for name in ("rank", "steps", "batch_size", "grad_accum"):
@@ -77,6 +83,15 @@ class TrainConfig:
       raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
     if not self.learning_rate > 0 or self.warmup_steps < 0 or self.clip_norm < 0:
       raise ConfigError("learning_rate must be > 0, warmup_steps and clip_norm >= 0.")
+    if not self.router_aux_loss_coef >= 0:
+      raise ConfigError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}.")
+    return self
+
+  def check_model(self, cfg) -> TrainConfig:
+    """ConfigError for settings the model (its `QwenConfig`) cannot take: a load-balancing loss without experts."""
+    if self.router_aux_loss_coef and not any(cfg.sparse_layers()):
+      raise ConfigError(f"router_aux_loss_coef={self.router_aux_loss_coef}: the model has no mixture-of-experts "
+                        "layer, so no router to balance.")
     return self
 
   def schedule(self) -> optax.Schedule:
@@ -91,48 +106,65 @@ class TrainConfig:
     return optax.chain(*parts, optax.adamw(self.schedule(), weight_decay=self.weight_decay))
 
 
-def _loss_sums(lora, graphdef, base, tokens, positions, targets, weights, key):
-  """(sum of weighted next-token NLL, sum of weights) over rows [B, T] of packed segments."""
+def _loss_sums(lora, graphdef, base, tokens, positions, targets, weights, key, aux_scale=None):
+  """(objective, (sum of weighted next-token NLL, sum of weights, load-balancing loss)) over rows [B, T] of packed
+  segments. aux_scale: None, no auxiliary loss (0 in its place); else a float32 scalar, and the objective is the
+  NLL sum plus aux_scale times the router's load-balancing loss over the rows' segment tokens."""
   model = nnx.merge(graphdef, lora, base)
   meta = StepMetadata.packed_training(positions, lora_index=jnp.zeros(tokens.shape[0], jnp.int32), lora_key=key)
-  h, _ = model(tokens, None, meta)  # [B, T, D]
+  aux = jnp.float32(0)
+  if aux_scale is None:
+    h, _ = model(tokens, None, meta)  # [B, T, D]
+  else:
+    h, _, router_logits = model(tokens, None, meta, router_logits=True)  # router_logits [L', B, T, E]
+    aux = load_balancing_loss(router_logits, model.cfg.num_experts_per_tok, segment_tokens(positions, targets))
   logits = model.logits(h)  # [B, T, V] float32
   logp = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(
       logits, axis=-1)  # [B, T]
-  return -jnp.sum(logp * weights), jnp.sum(weights)
+  nll = -jnp.sum(logp * weights)
+  objective = nll if aux_scale is None else nll + aux_scale * aux
+  return objective, (nll, jnp.sum(weights), aux)
 
 
-def _value_and_grad(lora, graphdef, base, tokens, positions, targets, weights, key):
-  """(loss sum, weight sum, d loss sum / d lora) of one micro-batch."""
-  (loss_sum, n), grads = jax.value_and_grad(_loss_sums, has_aux=True)(lora, graphdef, base, tokens, positions,
-                                                                      targets, weights, key)
-  return loss_sum, n, grads
+def _value_and_grad(lora, graphdef, base, tokens, positions, targets, weights, key, aux_scale=None):
+  """(loss sum, weight sum, load-balancing loss, d objective / d lora) of one micro-batch (see `_loss_sums`)."""
+  (_, (loss_sum, n, aux)), grads = jax.value_and_grad(_loss_sums, has_aux=True)(
+      lora, graphdef, base, tokens, positions, targets, weights, key, aux_scale)
+  return loss_sum, n, aux, grads
 
 
-def _train_step(graphdef, tx, lora, opt_state, base, batch: PackedRows, key):
+def _train_step(graphdef, tx, aux_coef, lora, opt_state, base, batch: PackedRows, key):
   """One optimizer step over micro-batches batch.* [A, B, T]. Returns the new adapter and optimizer state, the
-  step's mean loss over its target tokens, and the gradient's global norm (before clipping)."""
+  step's mean loss over its target tokens, its mean load-balancing loss over the micro-batches (0 when aux_coef,
+  static, is 0), and the gradient's global norm (before clipping). The objective is the mean loss plus aux_coef
+  times the mean load-balancing loss; a micro-batch's gradient is taken of its loss sum plus aux_coef * N / A
+  times its load-balancing loss (N the step's target tokens, known before the scan), so that dividing the sum of
+  the micro-batches' gradients by N gives the objective's."""
+  micro = batch.tokens.shape[0]
+  aux_scale = aux_coef * jnp.maximum(jnp.sum(batch.weights), 1.0) / micro if aux_coef else None
 
   def body(carry, xs):
-    grads, total, count = carry
+    grads, total, count, aux_total = carry
     tokens, positions, targets, weights, i = xs
-    loss_sum, n, g = _value_and_grad(lora, graphdef, base, tokens, positions, targets, weights,
-                                     jax.random.fold_in(key, i))
-    return (jax.tree.map(jnp.add, grads, g), total + loss_sum, count + n), None
+    loss_sum, n, aux, g = _value_and_grad(lora, graphdef, base, tokens, positions, targets, weights,
+                                          jax.random.fold_in(key, i), aux_scale)
+    return (jax.tree.map(jnp.add, grads, g), total + loss_sum, count + n, aux_total + aux), None
 
-  xs = (batch.tokens, batch.positions, batch.targets, batch.weights, jnp.arange(batch.tokens.shape[0]))
-  init = (jax.tree.map(jnp.zeros_like, lora), jnp.float32(0), jnp.float32(0))
-  (grads, total, count), _ = jax.lax.scan(body, init, xs)
+  xs = (batch.tokens, batch.positions, batch.targets, batch.weights, jnp.arange(micro))
+  init = (jax.tree.map(jnp.zeros_like, lora), jnp.float32(0), jnp.float32(0), jnp.float32(0))
+  (grads, total, count, aux_total), _ = jax.lax.scan(body, init, xs)
   count = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
   norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, opt_state, lora)
-  return optax.apply_updates(lora, updates), opt_state, total / count, norm
+  return optax.apply_updates(lora, updates), opt_state, total / count, aux_total / micro, norm
 
 
 def _eval_sums(graphdef, lora, base, batch: PackedRows):
   """(loss sum, weight sum) of rows [B, T], no dropout."""
-  return _loss_sums(lora, graphdef, base, batch.tokens, batch.positions, batch.targets, batch.weights, None)
+  _, (loss_sum, n, _) = _loss_sums(lora, graphdef, base, batch.tokens, batch.positions, batch.targets,
+                                   batch.weights, None)
+  return loss_sum, n
 
 
 class LoraTrainer:
@@ -141,7 +173,7 @@ class LoraTrainer:
 
   def __init__(self, model, config: TrainConfig, *, adapter: Adapter | None = None,
                mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES):
-    self.config = config.check()
+    self.config = config.check().check_model(model.cfg)
     self.mesh, self.rules = mesh, rules
     self.like = adapter or init_adapter(model.cfg, config.rank, config.alpha, config.targets, seed=config.seed,
                                         dropout=config.dropout)
@@ -155,7 +187,8 @@ class LoraTrainer:
     self._schedule = config.schedule()
     self.opt_state = self.tx.init(self.lora)
     self.step = 0
-    self._step_fn = jax.jit(functools.partial(_train_step, self.graphdef, self.tx), donate_argnums=(0, 1))
+    self._step_fn = jax.jit(functools.partial(_train_step, self.graphdef, self.tx, config.router_aux_loss_coef),
+                            donate_argnums=(0, 1))
     self._eval_fn = jax.jit(functools.partial(_eval_sums, self.graphdef))
 
   # ---- data --------------------------------------------------------------------------------------------
@@ -184,17 +217,21 @@ class LoraTrainer:
   # ---- steps ---------------------------------------------------------------------------------------------
 
   def train_step(self, rows: PackedRows) -> dict[str, float]:
-    """Runs step `self.step` on its rows of `rows`; returns its loss, gradient norm and learning rate."""
+    """Runs step `self.step` on its rows of `rows`; returns its loss, gradient norm, learning rate, segment tokens
+    and, with router_aux_loss_coef, its mean load-balancing loss ("aux_loss")."""
     index = self.rows_for_step(self.step, len(rows))
     host = rows.take(index)  # [A, B, T]
     batch = self._place(host)
     key = jax.random.fold_in(jax.random.key(self.config.seed), self.step)
     with sharding.use_mesh(self.mesh, self.rules):
-      self.lora, self.opt_state, loss, norm = self._step_fn(self.lora, self.opt_state, self.base, batch, key)
+      self.lora, self.opt_state, loss, aux, norm = self._step_fn(self.lora, self.opt_state, self.base, batch, key)
     lr = float(self._schedule(self.step))
     self.step += 1
-    real = int(np.count_nonzero((host.targets >= 0) | (host.positions > 0)))  # tokens of segments, not padding
-    return {"loss": float(loss), "grad_norm": float(norm), "learning_rate": lr, "tokens": real}
+    real = int(np.count_nonzero(segment_tokens(host.positions, host.targets)))
+    metrics = {"loss": float(loss), "grad_norm": float(norm), "learning_rate": lr, "tokens": real}
+    if self.config.router_aux_loss_coef:
+      metrics["aux_loss"] = float(aux)
+    return metrics
 
   def evaluate(self, rows: PackedRows) -> float:
     """Mean loss over every target token of `rows` (held-out), in batches of batch_size rows."""

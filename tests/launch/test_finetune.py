@@ -281,6 +281,26 @@ def test_another_runs_output_is_never_resumed_with_other_settings(task, small_ru
   assert _contents(out) == before
 
 
+def test_a_run_recorded_before_a_flag_existed_resumes_at_that_flags_default(task, small_run, tmp_path):
+  """A run.json without --router_aux_loss_coef (written before the flag existed): the flag's default matches it,
+  so the finished run resumes (and has nothing left to do); another value is refused, naming the default."""
+  out = _copy(small_run, tmp_path)
+  record = json.loads((out / "run.json").read_text())
+  del record["--router_aux_loss_coef"]
+  (out / "run.json").write_text(json.dumps(record))
+  line = _fails(_command(task, out, *SMALL, "--router_aux_loss_coef=0.01"))
+  assert line == (f"error: --output={out} holds a run with other settings: --router_aux_loss_coef: 0.01 here, 0.0 "
+                  f"in the run at {out}. Rerun with its settings to resume it, or choose another --output.")
+  _run(_command(task, out, *SMALL))
+
+
+def test_a_load_balancing_loss_on_a_model_without_experts_is_one_error(task, tmp_path):
+  line = _fails(_command(task, tmp_path / "lora", "--steps=2", "--router_aux_loss_coef=0.01"))
+  assert line == ("error: router_aux_loss_coef=0.01: the model has no mixture-of-experts layer, so no router to "
+                  "balance.")
+  assert not (tmp_path / "lora" / "run.json").exists()  # refused before the run's record is written
+
+
 def test_another_runs_output_is_never_resumed_on_other_data(task, small_run, tmp_path):
   out = _copy(small_run, tmp_path)
   before = _contents(out)

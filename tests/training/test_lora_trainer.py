@@ -2,13 +2,17 @@
 hand-derived expectations."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
 import torch
 import transformers
+from flax import nnx
 
+from qwenjax._errors import ConfigError
 from qwenjax.checkpoints.hf import load_model
+from qwenjax.model.decoder import StepMetadata
 from qwenjax.model.lora import TARGETS
 from qwenjax.training import data
 from qwenjax.training.lora_trainer import LoraTrainer, TrainConfig, _value_and_grad
@@ -78,18 +82,24 @@ def test_qwen3_dense_and_moe_loss_and_gradients_equal_transformers_and_peft(tiny
     _check_against_peft(d, tok, transformers.Qwen3MoeForCausalLM, "q,k,v,o", None)
 
 
-def _check_against_peft(d, tok, hf_class, targets, quantize):
+def _check_against_peft(d, tok, hf_class, targets, quantize, aux_coef=0.0):
+  """aux_coef > 0 (a MoE): the objective also holds aux_coef times the router's load-balancing loss, which
+  transformers computes over the three chats as one right-padded batch (its attention mask leaves the padding
+  out), the set of tokens the packed row holds."""
   examples = [data.encode_chat(tok, chat) for chat in CHATS]
   rows, _ = data.pack(examples, 256)
   assert len(rows) == 1
-  config = TrainConfig(rank=4, alpha=8, steps=1, batch_size=1, seed=3, targets=targets)
+  config = TrainConfig(rank=4, alpha=8, steps=1, batch_size=1, seed=3, targets=targets,
+                       router_aux_loss_coef=aux_coef)
   trainer = LoraTrainer(load_model(d, quantize=quantize), config)
   rng = np.random.default_rng(0)
   adapter = trainer.like
   adapter.weights = {t: (a, rng.normal(0, 0.2, b.shape).astype(np.float32)) for t, (a, b) in adapter.weights.items()}
   trainer = LoraTrainer(load_model(d, quantize=quantize), trainer.config, adapter=adapter)
-  loss_sum, count, grads = _value_and_grad(trainer.lora, trainer.graphdef, trainer.base, rows.tokens,
-                                           rows.positions, rows.targets, rows.weights, None)
+  n_target = float(rows.weights.sum())
+  loss_sum, count, aux, grads = _value_and_grad(trainer.lora, trainer.graphdef, trainer.base, rows.tokens,
+                                                rows.positions, rows.targets, rows.weights, None,
+                                                aux_coef * n_target if aux_coef else None)
   ours = float(loss_sum) / float(count)
 
   hf = hf_class.from_pretrained(d).eval()
@@ -109,7 +119,24 @@ def _check_against_peft(d, tok, hf_class, targets, quantize):
     picked = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     total = total - picked[torch.from_numpy(mask[1:])].sum()
     n += int(mask[1:].sum())
-  (total / n).backward()
+  objective = total / n
+  if aux_coef:
+    width = max(len(ids) for ids, _ in examples)
+    padded = torch.tensor([np.pad(ids, (0, width - len(ids))) for ids, _ in examples])
+    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in examples])
+    out = ref(input_ids=padded, attention_mask=attention, output_router_logits=True)
+    # The router logits the trainer's loss reads: each chat's tokens at its offset in the packed row.
+    _, _, scores = trainer_model_router_logits(trainer, rows)  # [L', T_row, E]
+    assert len(out.router_logits) == scores.shape[0]
+    start = 0
+    for b, (ids, _) in enumerate(examples):
+      for layer, hf_layer in enumerate(out.router_logits):
+        want = hf_layer.detach().reshape(len(examples), width, -1)[b, :len(ids)].numpy()
+        np.testing.assert_allclose(scores[layer, start:start + len(ids)], want, atol=1e-5, rtol=0)
+      start += len(ids)
+    assert float(aux) == pytest.approx(float(out.aux_loss), abs=1e-6)
+    objective = objective + aux_coef * out.aux_loss
+  objective.backward()
   assert float(count) == n
   assert ours == pytest.approx(float(total / n), abs=1e-5)
   flat = {tuple(str(k) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(grads)}
@@ -120,6 +147,52 @@ def _check_against_peft(d, tok, hf_class, targets, quantize):
       module = ref.base_model.model.model.layers[layer].get_submodule(TARGETS[t][2])
       np.testing.assert_allclose(g_a[layer], module.lora_A["default"].weight.grad.numpy().T, atol=1e-5, rtol=1e-3)
       np.testing.assert_allclose(g_b[layer], module.lora_B["default"].weight.grad.numpy().T, atol=1e-5, rtol=1e-3)
+
+
+def trainer_model_router_logits(trainer, rows):
+  """The trainer's model (with its adapter) on packed rows [1, T]: (hidden, None, router logits [L', T, E])."""
+  model = nnx.merge(trainer.graphdef, trainer.lora, trainer.base)
+  meta = StepMetadata.packed_training(jnp.asarray(rows.positions), lora_index=jnp.zeros(1, jnp.int32))
+  h, cache, scores = model(jnp.asarray(rows.tokens), None, meta, router_logits=True)
+  return h, cache, np.asarray(scores)[:, 0]
+
+
+def test_qwen3_moe_router_logits_and_load_balancing_loss_equal_transformers(tiny, tmp_path):
+  """A tiny Qwen3-MoE with a dense first layer (`mlp_only_layers`, so unrolled) and router_aux_loss_coef: the
+  model's router logits (every sparse layer, every token) equal transformers' `output_router_logits`, the
+  load-balancing loss its `aux_loss`, and the gradients of loss + coef * aux those of transformers + peft; one
+  trainer step reports that loss. A dense model with the coefficient is one ConfigError."""
+  from conftest import build_tiny_qwen3_moe
+
+  _, tok = tiny
+  d = save_tiny_tokenizer_dir(tmp_path / "moe")
+  build_tiny_qwen3_moe(d, vocab_size=640, norm_topk_prob=False, num_experts=12, num_experts_per_tok=3,
+                       mlp_only_layers=[0])
+  _check_against_peft(d, tok, transformers.Qwen3MoeForCausalLM, "q,k,v,o", None, aux_coef=0.5)
+
+  examples = [data.encode_chat(tok, chat) for chat in CHATS]
+  rows, _ = data.pack(examples, 256)
+  trainer = LoraTrainer(load_model(d), TrainConfig(rank=4, steps=1, batch_size=1, targets="q,v",
+                                                   router_aux_loss_coef=0.01))
+  segment = data.segment_tokens(rows.positions, rows.targets)[0]  # [T]
+  assert segment.sum() == sum(len(ids) for ids, _ in examples)
+  scores = trainer_model_router_logits(trainer, rows)[2]  # B is zero: the base model's routing
+  want = _hand_load_balancing(scores[:, segment], 3)
+  metrics = trainer.train_step(rows)
+  assert metrics["aux_loss"] == pytest.approx(want, rel=1e-5)
+  with pytest.raises(ConfigError, match="router_aux_loss_coef=0.01: the model has no mixture-of-experts layer"):
+    LoraTrainer(load_model(tiny[0]), TrainConfig(rank=4, router_aux_loss_coef=0.01))
+
+
+def _hand_load_balancing(scores: np.ndarray, top_k: int) -> float:
+  """Switch Transformer's loss written out in numpy: scores [L, N, E] -> E * sum_e f_e P_e, f_e the share of the
+  L * N top-k choices that are e, P_e the mean softmax probability of e over the L * N rows."""
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  chosen = np.argsort(-probs, axis=-1)[..., :top_k]
+  e = scores.shape[-1]
+  f = np.bincount(chosen.reshape(-1), minlength=e) / (scores.shape[0] * scores.shape[1])
+  return float(e * np.sum(f * probs.reshape(-1, e).mean(0)))
 
 
 def test_gradient_accumulation_equals_one_larger_batch(tiny):
