@@ -1,7 +1,7 @@
 """Grouped matmul for mixture-of-experts layers: rows sorted by expert, each group of rows times its own weight.
 
     y = grouped_matmul(x, w, group_sizes)                      # impl="xla": jax.lax.ragged_dot, the reference
-    y = grouped_matmul(x, w, group_sizes, impl="pallas")       # the generic Pallas kernel
+    y = grouped_matmul(x, w, group_sizes, impl="pallas")       # the Mosaic kernel on TPU, else the generic one
 
   x [M, K] rows sorted by group: rows [start_g, start_g + group_sizes[g]) belong to group g (starts are the
   exclusive cumulative sums); rows past the last group's end belong to none and come out 0.
@@ -16,7 +16,10 @@ never visited, so its weights are never read (a decode step at batch 1 reads onl
 group spanning tiles is read once per tile. Row tiles past M and the K tail are zero-padded on the host (x is
 small); the weight is never copied: its tiles past K are masked on load and the output's columns past N on store.
 `interpret=None` runs Pallas interpret mode on CPU and compiles elsewhere; held to the reference in interpret mode
-(tests/kernels/test_grouped_matmul.py), not yet compiled by Triton or Mosaic here (no device was lent).
+(tests/kernels/test_grouped_matmul.py), not yet compiled by Triton here (no device was lent). On TPU, or with
+`interpret=pltpu.InterpretParams(...)` anywhere, impl="pallas" runs the Pallas TPU (Mosaic) kernel instead
+(`qwenjax.kernels.grouped_matmul_tpu`: the same visits as a scalar-prefetched grid), held to the reference in TPU
+interpret mode (tests/kernels/test_grouped_matmul_tpu.py) and not yet compiled by Mosaic either.
 
 Einsum legend: M rows (token-expert pairs), K contracted dim, N output dim, G groups (experts).
 """
@@ -29,9 +32,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from qwenjax._errors import ConfigError
+from qwenjax.kernels.grouped_matmul_operands import check_operands
+from qwenjax.kernels.grouped_matmul_tpu import grouped_matmul_tpu
 from qwenjax.kernels.int8_operands import dot_precision
 
 __all__ = ["IMPLS", "grouped_matmul", "grouped_matmul_pallas", "grouped_matmul_reference"]
@@ -40,22 +46,9 @@ IMPLS = ("xla", "pallas")
 _MIN_BLOCK = 16  # Triton's tl.dot needs every dim >= 16
 
 
-def _check(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> tuple[int, int, int, int]:
-  if x.ndim != 2 or w.ndim != 3 or group_sizes.ndim != 1:
-    raise ConfigError(f"grouped_matmul takes x [M, K], w [G, K, N] and group_sizes [G]; got {x.shape}, {w.shape} "
-                      f"and {group_sizes.shape}.")
-  (m, k), (g, kw, n) = x.shape, w.shape
-  if kw != k or group_sizes.shape[0] != g:
-    raise ConfigError(f"grouped_matmul: x {x.shape}, w {w.shape} and group_sizes {group_sizes.shape} disagree "
-                      "(x's K is w's second dim; one size per group).")
-  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    raise ConfigError(f"grouped_matmul group_sizes are {group_sizes.dtype}; expected integers.")
-  return m, k, n, g
-
-
 def grouped_matmul_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, out_dtype=None) -> jax.Array:
   """jax.lax.ragged_dot with float32 accumulation (HIGHEST precision for float32 operands)."""
-  _check(x, w, group_sizes)
+  check_operands(x, w, group_sizes)
   y = lax.ragged_dot(x, w, group_sizes.astype(jnp.int32), precision=dot_precision(x.dtype),
                      preferred_element_type=jnp.float32)
   return y.astype(out_dtype or x.dtype)
@@ -105,7 +98,7 @@ def grouped_matmul_pallas(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                           interpret: bool | None = None) -> jax.Array:
   """x [M, K] by w [G, K, N] per group of rows as one generic Pallas kernel (see the module docstring).
   block_m: rows per tile (default: M's next power of two, 16 to 64); block_n, block_k: powers of two >= 16."""
-  m, k, n, g = _check(x, w, group_sizes)
+  m, k, n, g = check_operands(x, w, group_sizes)
   block_m = block_m or min(64, max(_MIN_BLOCK, _next_power_of_two(m)))
   for name, size in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
     if size < _MIN_BLOCK or size & (size - 1):
@@ -133,11 +126,14 @@ def grouped_matmul_pallas(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: str = "xla",
-                   interpret: bool | None = None, out_dtype=None) -> jax.Array:
+                   interpret: bool | pltpu.InterpretParams | None = None, out_dtype=None) -> jax.Array:
   """y [M, N] = x [M, K] (rows sorted by group) by w [G, K, N], group by group: impl "xla" (jax.lax.ragged_dot)
-  or "pallas" (`grouped_matmul_pallas`; interpret as there)."""
+  or "pallas": `grouped_matmul_tpu` on TPU or when interpret is a `pltpu.InterpretParams` (TPU interpret mode),
+  else `grouped_matmul_pallas` (interpret as there)."""
   if impl not in IMPLS:
     raise ConfigError(f"grouped_matmul impl {impl!r} is not one of {', '.join(IMPLS)}.")
   if impl == "xla":
     return grouped_matmul_reference(x, w, group_sizes, out_dtype=out_dtype)
+  if jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams):
+    return grouped_matmul_tpu(x, w, group_sizes, out_dtype=out_dtype, interpret=interpret)
   return grouped_matmul_pallas(x, w, group_sizes, out_dtype=out_dtype, interpret=interpret)

@@ -51,7 +51,7 @@ _MAX_BLOCK_M = 256
 _VMEM_LIMIT_BYTES = 32 << 20
 
 
-def _sublanes(dtype) -> int:
+def sublanes(dtype) -> int:
   """Rows of one (sublane, lane) tile of `dtype`: 8 of 32 bits, 16 of bfloat16, 32 of int8."""
   return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
 
@@ -67,7 +67,7 @@ def lane_block(dim: int, target: int = _TARGET_BLOCK) -> int:
 
 def tpu_block_sizes(m: int, k: int, n: int, lhs_dtype) -> tuple[int, int, int]:
   """(bm, bk, bn) for x [m, k] of `lhs_dtype` by a [k, n] int8 weight (see the module docstring)."""
-  sub = _sublanes(lhs_dtype)
+  sub = sublanes(lhs_dtype)
   return min(_MAX_BLOCK_M, -(-m // sub) * sub), lane_block(k), lane_block(n)
 
 
@@ -115,7 +115,7 @@ def int8_matmul_tpu(x: jax.Array, values: jax.Array, scale: jax.Array | None = N
   """
   m, k, n, integer = kernel_operands("int8_matmul_tpu", x, values, scale, x_scale, transpose_rhs)
   bm, bk, bn = block_sizes or tpu_block_sizes(m, k, n, x.dtype)
-  sub = _sublanes(x.dtype)
+  sub = sublanes(x.dtype)
   if bm < 1 or bm % sub:
     raise ConfigError(f"int8_matmul_tpu block bm={bm} must be a positive multiple of {sub} (x is {x.dtype}).")
   for name, size, dim in (("bk", bk, f"K={k}"), ("bn", bn, f"N={n}")):

@@ -17,7 +17,7 @@ CASES = {  # group sizes (M is their sum plus trailing rows in no group)
 }
 
 
-def _numpy(x, w, sizes):
+def numpy_grouped_matmul(x, w, sizes):
   """float64: row r times w of the group it falls in; rows past the last group 0."""
   x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
   y = np.zeros((x.shape[0], w.shape[2]))
@@ -28,7 +28,7 @@ def _numpy(x, w, sizes):
   return y
 
 
-def _operands(sizes, extra, k=48, n=40, dtype=jnp.float32, seed=0):
+def make_operands(sizes, extra, k=48, n=40, dtype=jnp.float32, seed=0):
   rng = np.random.default_rng(seed)
   m = sum(sizes) + extra
   x = rng.standard_normal((m, k)).astype(np.float32)
@@ -39,8 +39,8 @@ def _operands(sizes, extra, k=48, n=40, dtype=jnp.float32, seed=0):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_float32_within_1e5_of_ragged_dot_and_of_float64(case):
   sizes, extra = CASES[case]
-  x, w, group_sizes = _operands(sizes, extra)
-  want = _numpy(x, w, sizes)
+  x, w, group_sizes = make_operands(sizes, extra)
+  want = numpy_grouped_matmul(x, w, sizes)
   ref = np.asarray(grouped_matmul(x, w, group_sizes, impl="xla"))
   for block_m in (16, 32):
     got = np.asarray(grouped_matmul_pallas(x, w, group_sizes, block_m=block_m, block_n=16, block_k=32))
@@ -52,7 +52,7 @@ def test_float32_within_1e5_of_ragged_dot_and_of_float64(case):
 @pytest.mark.parametrize("case", ["uneven", "many_tiles"])
 def test_bfloat16_within_2e2(case):
   sizes, extra = CASES[case]
-  x, w, group_sizes = _operands(sizes, extra, dtype=jnp.bfloat16, seed=1)
+  x, w, group_sizes = make_operands(sizes, extra, dtype=jnp.bfloat16, seed=1)
   got = grouped_matmul(x, w, group_sizes, impl="pallas")
   assert got.dtype == jnp.bfloat16
   ref = np.asarray(grouped_matmul(x, w, group_sizes, impl="xla"), np.float32)
@@ -62,15 +62,15 @@ def test_bfloat16_within_2e2(case):
 def test_experts_no_row_chose_are_never_read():
   """Unchosen experts' weights are NaN: were any tile of them loaded into a product, NaN would spread."""
   sizes = [0, 5, 0, 0, 9, 0]
-  x, w, group_sizes = _operands(sizes, 2)
+  x, w, group_sizes = make_operands(sizes, 2)
   poisoned = w.at[jnp.asarray([0, 2, 3, 5])].set(jnp.nan)
   got = np.asarray(grouped_matmul_pallas(x, poisoned, group_sizes, block_m=16, block_n=16, block_k=16))
   assert np.isfinite(got).all()
-  np.testing.assert_allclose(got, _numpy(x, w, sizes), atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(got, numpy_grouped_matmul(x, w, sizes), atol=1e-4, rtol=1e-5)
 
 
 def test_bad_operands_are_one_config_error():
-  x, w, sizes = _operands([2, 3], 0)
+  x, w, sizes = make_operands([2, 3], 0)
   with pytest.raises(ConfigError, match="x's K is w's second dim"):
     grouped_matmul(x[:, :10], w, sizes)
   with pytest.raises(ConfigError, match="expected integers"):
