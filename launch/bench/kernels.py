@@ -20,6 +20,10 @@ tower's 16 heads of 80):
   segment_attn     the vision tower's window attention: 4,096 patches in windows of 64
   w8a16_{up,down,lm_head}_m{1,32}, w8a8_... int8 matmuls: the Pallas kernel against XLA's own int8 formulation
                    (`int8_matmul(impl="xla")`) and against the bfloat16 matmul of the same weight
+  gmm_{decode,prefill}  the MoE grouped matmul (`grouped_matmul(impl="pallas")`: the Mosaic kernel on TPU, the
+                   generic one on GPU) against `jax.lax.ragged_dot`, at Qwen3-30B-A3B's gate projection (128
+                   experts of 2048 x 768, top 8): one decode token's 8 assignments, and 512 prefill tokens' 4,096
+                   routed at random (bytes: only the chosen experts' weights)
   spec_7b_batch1_{plain,draft}  speculative decoding's step cost: a 7B-shaped target's verify step with a
                    0.5B-shaped draft (k = 4) against its plain decode step, batch 1, random weights
 stdout: one JSON object {"device", "jax", "cases": [...]} (also written to --output).
@@ -62,9 +66,10 @@ def _best(fn, repeats: int) -> float:
 def _shapes(smoke: bool) -> dict:
   if smoke:
     return dict(n=8, k=2, h=16, hidden=64, mlp=96, vocab=160, seqs=4, ctx=40, page=16, chunk=24, patches=128,
-                window=32, vn=2, vh=16, rows=(1, 3))
+                window=32, vn=2, vh=16, rows=(1, 3), experts=8, top_k=2, moe_hidden=64, moe_mlp=32, moe_tokens=24)
   return dict(n=28, k=4, h=128, hidden=3584, mlp=18944, vocab=152064, seqs=32, ctx=2048, page=16, chunk=256,
-              patches=4096, window=64, vn=16, vh=80, rows=(1, 32))
+              patches=4096, window=64, vn=16, vh=80, rows=(1, 32), experts=128, top_k=8, moe_hidden=2048,
+              moe_mlp=768, moe_tokens=512)
 
 
 def _paged_case(s, dtype, *, int8: bool, mixed: bool):
@@ -142,6 +147,28 @@ def _matmul_case(s, dtype, mode: str, shape: str, m: int):
   float_mm = jax.jit(lambda x_: (x_ @ (dense.T if transpose else dense)).astype(dtype))
   moved = k * n + 4 * n + 2 * m * (k + n) * jnp.dtype(dtype).itemsize
   return (lambda: kernel(x)), (lambda: xla(x)), (lambda: float_mm(x)), moved
+
+
+def _grouped_case(s, dtype, tokens: int):
+  """(Pallas grouped matmul, ragged_dot, bytes): `tokens` tokens' top-k assignments, routed at random, sorted by
+  expert, times the experts' [hidden, moe_mlp] gate weights."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from qwenjax.kernels.grouped_matmul import grouped_matmul  # pylint: disable=g-import-not-at-top
+
+  e, k, n = s["experts"], s["moe_hidden"], s["moe_mlp"]
+  rng = np.random.default_rng(3)
+  chosen = np.stack([rng.choice(e, s["top_k"], replace=False) for _ in range(tokens)])  # [tokens, top_k]
+  sizes = jnp.asarray(np.bincount(chosen.reshape(-1), minlength=e), jnp.int32)  # [E]
+  kx, kw = jax.random.split(jax.random.key(4))
+  x = jax.random.normal(kx, (chosen.size, k), jnp.float32).astype(dtype)  # [A, K], sorted by expert
+  w = (jax.random.normal(kw, (e, k, n), jnp.float32) * 0.02).astype(dtype)  # [E, K, N]
+  call = lambda impl: jax.jit(lambda x_: grouped_matmul(x_, w, sizes, impl=impl))
+  kernel, reference = call("pallas"), call("xla")
+  moved = (len(np.unique(chosen)) * k * n + chosen.size * (k + n)) * jnp.dtype(dtype).itemsize
+  return (lambda: kernel(x)), (lambda: reference(x)), moved
 
 
 def _decode_case(smoke: bool, repeats: int) -> list[dict]:
@@ -286,6 +313,9 @@ def main(argv):
           float_s = _best(float_mm, repeats)
           record(name, kernel, xla, moved, {"float_matmul_s": float_s})
           cases[-1]["speedup_over_float_matmul"] = float_s / cases[-1]["kernel_s"]
+  for name, tokens in (("gmm_decode", 1), ("gmm_prefill", s["moe_tokens"])):
+    if wanted(name):
+      record(name, *_grouped_case(s, dtype, tokens))
   if _DECODE.value:
     cases += _decode_case(smoke, 3 if smoke else min(repeats, 5))
   if _SPECULATIVE.value:

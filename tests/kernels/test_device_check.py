@@ -25,7 +25,8 @@ def test_the_device_check_runs_and_every_kernel_matches_its_reference(tmp_path):
   matmuls = [f"{m}_{s}_m{r}" for m in ("w8a16", "w8a8") for s in ("up", "down", "lm_head") for r in (1, 3)]
   decode = [f"decode_7b_batch1_{q}_{i}" for q in ("float", "int8") for i in ("xla", "pallas")]
   spec = ["spec_7b_batch1_plain", "spec_7b_batch1_draft"]
-  assert names == ["rpa_decode", "rpa_decode_int8", "rpa_mixed", "segment_attn", *matmuls, *decode, *spec]
+  assert names == ["rpa_decode", "rpa_decode_int8", "rpa_mixed", "segment_attn", *matmuls, "gmm_decode", "gmm_prefill",
+                   *decode, *spec]
   for case in report["cases"]:
     if "max_abs_diff" in case:  # float32 in smoke mode: the kernels' bar is 1e-5 of the output's scale
       assert case["max_abs_diff"] <= 1e-5 * max(1.0, case["max_abs_reference"]), case
