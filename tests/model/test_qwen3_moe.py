@@ -26,9 +26,10 @@ TOL = 1e-4
 CONFIGS = {
     # 8 experts, top 2, renormalised; every layer sparse; head_dim 32 != 64 / 4; GQA 2; untied.
     "top2_norm": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
-    # 12 experts, top 3, not renormalised; layer 0 dense (mlp_only_layers) and only every second layer sparse
-    # (decoder_sparse_step 2: layer 1 sparse, layer 2 dense); tied embeddings.
-    "mixed_unnormalised": dict(num_experts=12, num_experts_per_tok=3, norm_topk_prob=False, decoder_sparse_step=2,
+    # 12 experts, top 2, not renormalised; layer 0 dense (mlp_only_layers) and only every second layer sparse
+    # (decoder_sparse_step 2: layer 1 sparse, layer 2 dense); tied embeddings. (Top 3 of 12 not renormalised:
+    # tests/training/test_lora_trainer.py's router logits.)
+    "mixed_unnormalised": dict(num_experts=12, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=2,
                                mlp_only_layers=[0], num_hidden_layers=4, tie_word_embeddings=True),
 }
 
