@@ -26,8 +26,9 @@ CHATS = [
 
 
 @pytest.fixture(scope="module")
-def ours(real_float32):
-  return real_float32
+def ours():
+  """The embedded model as users load it on a CPU (unrolled layers, the default), held to transformers."""
+  return qwenjax.load("default", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +80,15 @@ def test_greedy_generation_matches_transformers(ours, theirs):
     assert got.finish_reason == ("stop" if want[-1] in eos else "length")
 
 
-def test_ngram_speculation_on_code_edits_equals_plain_decoding(ours):
+def test_ngram_speculation_on_code_edits_equals_plain_decoding(real_float32):
   """Prompt lookup on the embedded model, k = 4, over code-editing prompts of 256+ tokens (functions of
   textwrap.py with an edit to make: launch.bench.speculative's workload), three slots: greedy outputs equal plain
   decoding's, and the edits' copied code is proposed and kept (over two tokens gained per verified step). (k = 1 to
-  8 run on the tiny models, tests/engine/test_speculative.py; each k here costs a minute of compiling.)"""
+  8 run on the tiny models, tests/engine/test_speculative.py.) Scanned layers (`real_float32`): speculation is held
+  to plain decoding of the same model, and the scanned one compiles 4x faster."""
   from launch.bench import speculative
 
+  ours = real_float32
   prompts = sorted((_prompt_ids(ours, r["messages"]) for r in speculative.requests("code")), key=len)
   prompts = [p for p in prompts if len(p) >= 256][:3]  # the three shortest of 256 tokens or more
   params = SamplingParams(max_tokens=48)
