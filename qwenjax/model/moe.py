@@ -154,10 +154,13 @@ def _expert_parallel(x, experts, weights, arrays, dtype, impl, ep: int) -> jax.A
   """Expert parallelism by gathering tokens: inside a shard_map manual over the `expert` mesh axis (the others stay
   automatic: an expert's F still splits over tensor, the tokens over data), every device holds the step's tokens
   (XLA all-gathers them over the axis, which splits the batch elsewhere in the layer) and E / ep experts; it runs
-  its experts on the assignments that chose them (the others weighted 0) and the partial sums are added over the
-  axis (one all-reduce of [M, D]). Tokens are gathered rather than sent all-to-all because shapes are static: an
-  all-to-all needs a per-device capacity, which either drops tokens (not exact) or is the whole step's rows anyway.
-  The axis divides the experts' memory; each device's MoE work is that of the whole step."""
+  its experts on the assignments that chose them and the partial sums are added over the axis (one all-reduce of
+  [M, D]). Tokens are gathered rather than sent all-to-all because shapes are static: an all-to-all needs a
+  per-device capacity, which either drops tokens (not exact) or is the whole step's rows anyway. The axis divides
+  the experts' memory. On the Pallas path it divides the experts' matmuls too: another device's assignments go to
+  a group past the local ones, sorted after every local row, which the grouped-matmul kernels never multiply (a
+  row in no group). The "xla" path's tiles are static, so there they are weighted 0 on expert 0 instead, and each
+  device multiplies the whole step's tiles."""
   e = arrays[0][0].shape[0]
   if e % ep:
     raise ConfigError(f"the mesh's expert axis ({ep}) does not divide num_experts ({e}).")
@@ -168,23 +171,32 @@ def _expert_parallel(x, experts, weights, arrays, dtype, impl, ep: int) -> jax.A
     e_local = arrays[0][0].shape[0]
     ids = experts - jax.lax.axis_index("expert") * e_local
     mine = (ids >= 0) & (ids < e_local)
-    out = _dispatch(x, jnp.where(mine, ids, 0), jnp.where(mine, weights, 0), arrays, dtype, impl)
+    elsewhere = e_local if _takes_kernel(impl, arrays) else 0  # Pallas: a group of none, never multiplied
+    out = _dispatch(x, jnp.where(mine, ids, elsewhere), jnp.where(mine, weights, 0), arrays, dtype, impl)
     return jax.lax.psum(out, "expert")
 
   replicated = jax.sharding.PartitionSpec()
+  # A pallas_call's outputs carry no varying-axes type, which shard_map's check requires (jax 0.10.2: "manual_axis_type
+  # on jax.ShapeDtypeStruct must not be None"), so the kernel path runs unchecked; its psum still makes the sum whole.
   return jax.shard_map(local, in_specs=(replicated, replicated, replicated, specs), out_specs=replicated,
-                       axis_names={"expert"})(x, experts, weights, arrays)
+                       axis_names={"expert"}, check_vma=not _takes_kernel(impl, arrays))(x, experts, weights, arrays)
+
+
+def _takes_kernel(impl: str, arrays: tuple) -> bool:
+  """Whether `_dispatch` runs the grouped-matmul kernel: impl "pallas" on float experts."""
+  return impl == "pallas" and arrays[0][1] is None
 
 
 def _dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, arrays: tuple, dtype, impl: str) -> jax.Array:
-  """`dispatch` on one device: arrays ((gate, its scale or None), (up, ...), (down, ...))."""
+  """`dispatch` on one device: arrays ((gate, its scale or None), (up, ...), (down, ...)). On the kernel path an
+  expert id past the last (E) is an assignment of no group: sorted last, never multiplied, its output 0."""
   m, k = experts.shape
   (gate, gate_s), (up, up_s), (down, down_s) = arrays
   e, d, f = gate.shape
   a = m * k
   flat = experts.reshape(-1)  # [A] assignment (token i, slot j) at i*k + j
   quantized = gate_s is not None
-  if impl == "pallas" and not quantized:
+  if _takes_kernel(impl, arrays):
     out = _grouped(x, flat, k, (gate.astype(dtype), up.astype(dtype), down.astype(dtype)), dtype, "pallas")
   else:
     tile, num_tiles = tiling(a, e)
@@ -218,7 +230,7 @@ def _dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, arrays: tupl
 
 def _grouped(x: jax.Array, flat: jax.Array, k: int, ffn: tuple, dtype, impl: str) -> jax.Array:
   """The assignments `flat` [A] sorted by expert and run group by group through `grouped_matmul` (`impl`) on float
-  weights `ffn` (gate, up, down) -> [A, D] in assignment order."""
+  weights `ffn` (gate, up, down) -> [A, D] in assignment order (0 for an id past the last expert: in no group)."""
   gate, up, down = ffn
   order = jnp.argsort(flat, stable=True)  # [A]
   rows = x[order // k].astype(dtype)  # [A, D] sorted by expert

@@ -181,7 +181,36 @@ def main(argv):
   if len(argv) > 3:
     result["moe"] = _against_one_device(argv[3], MOE_MESHES)
     result["moe_int8"] = _against_one_device(argv[3], {"expert:2,tensor:4": True}, quantize="int8")
+  result["moe_pallas_dispatch"] = _pallas_dispatch_on_expert_meshes()
   print(json.dumps(result))
+
+
+def _pallas_dispatch_on_expert_meshes() -> dict:
+  """The MoE dispatch through the Pallas grouped matmul (interpret mode) with the experts split over an expert
+  axis, where another device's assignments are routed to no group: 12 tokens, top 2 of 8 experts (uneven, one
+  expert chosen by none), against `dispatch_reference` (jax.lax.ragged_dot) on one device. The unchosen expert's
+  weights are NaN on the mesh: on expert 8 its device holds it alone, and only a row it multiplied (another
+  device's assignment, weighted 0) could spread them. -> max |diff| by mesh (NaN if one spread)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from qwenjax.model.moe import dispatch, dispatch_reference  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(5)
+  m, k, e, d, f = 12, 2, 8, 64, 32
+  x = jnp.asarray(rng.standard_normal((m, d)), jnp.float32)
+  experts = jnp.asarray(np.stack([rng.choice([0, 1, 2, 3, 5, 6, 7], k, replace=False, p=[.3, .2, .1, .1, .1, .1, .1])
+                                  for _ in range(m)]), jnp.int32)  # [M, k]; expert 4 chosen by none
+  weights = jnp.asarray(rng.uniform(0.1, 1.0, (m, k)), jnp.float32)
+  ffn = tuple(jnp.asarray(rng.standard_normal(shape) * 0.2, jnp.float32) for shape in ((e, d, f), (e, d, f), (e, f, d)))
+  want = np.asarray(dispatch_reference(x, experts, weights, ffn, jnp.float32))
+  poisoned = tuple(w.at[4].set(jnp.nan) for w in ffn)
+  out = {}
+  for mesh_text in ("expert:2,tensor:4", "expert:8"):
+    mesh = sharding.mesh_from_flags(mesh_text)
+    with sharding.use_mesh(mesh):
+      got = jax.jit(lambda *a: dispatch(*a, jnp.float32, impl="pallas"))(x, experts, weights, poisoned)
+    out[mesh_text] = float(np.max(np.abs(np.asarray(got) - want)))
+  return out
 
 
 def _against_one_device(directory: str, meshes: dict, quantize: str | None = None) -> dict:

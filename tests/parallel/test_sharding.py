@@ -254,6 +254,15 @@ def test_int8_weights_on_a_mesh_equal_one_device(eight_devices, mesh):
   assert run["compiled_again"] == {}
 
 
+def test_the_pallas_moe_dispatch_on_an_expert_mesh_equals_ragged_dot(eight_devices):
+  """The Pallas grouped matmul's dispatch with the experts split over expert 2 (x tensor 4) and expert 8 (one expert
+  a device): each device routes the others' assignments to no group, which the kernel never multiplies (an unchosen
+  expert's NaN weights stay out), and the sum over the axis is jax.lax.ragged_dot's on one device within 1e-5."""
+  diffs = eight_devices["moe_pallas_dispatch"]
+  assert set(diffs) == {"expert:2,tensor:4", "expert:8"}
+  assert all(diff < 1e-5 for diff in diffs.values()), diffs
+
+
 @pytest.mark.parametrize("mesh", ["expert:2,tensor:4", "data:2,expert:4", "fsdp:2,expert:2,tensor:2",
                                   "int8 expert:2,tensor:4"])
 def test_qwen3_moe_on_an_expert_mesh_equals_one_device(eight_devices, mesh):
