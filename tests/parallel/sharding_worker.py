@@ -21,6 +21,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -35,6 +36,7 @@ from qwenjax.engine.profiling import count_compilations  # noqa: E402
 from qwenjax.engine.requests import Request  # noqa: E402
 from qwenjax.engine.sampling import SamplingParams  # noqa: E402
 from qwenjax.model.kv_cache import KVCache, cache_sharding, paged_cache_sharding  # noqa: E402
+from qwenjax.model.moe import dispatch, dispatch_reference  # noqa: E402
 from qwenjax.multimodal import features as features_lib  # noqa: E402
 from qwenjax.parallel import sharding  # noqa: E402
 
@@ -191,10 +193,6 @@ def _pallas_dispatch_on_expert_meshes() -> dict:
   expert chosen by none), against `dispatch_reference` (jax.lax.ragged_dot) on one device. The unchosen expert's
   weights are NaN on the mesh: on expert 8 its device holds it alone, and only a row it multiplied (another
   device's assignment, weighted 0) could spread them. -> max |diff| by mesh (NaN if one spread)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from qwenjax.model.moe import dispatch, dispatch_reference  # pylint: disable=g-import-not-at-top
-
   rng = np.random.default_rng(5)
   m, k, e, d, f = 12, 2, 8, 64, 32
   x = jnp.asarray(rng.standard_normal((m, d)), jnp.float32)
