@@ -99,10 +99,15 @@ REASONING_CONTENT = flags.DEFINE_bool("reasoning_content", True, "For a model wh
 SPECULATIVE_METHOD = flags.DEFINE_enum("speculative_method", "none", ["none", "ngram", "draft"], "Speculative "
                                        "decoding: ngram proposes the tokens that followed the latest earlier "
                                        "occurrence of a sequence's last tokens in its prompt and output (prompt "
-                                       "lookup); draft, the greedy continuation of --draft_model. Every output stays "
-                                       "the one plain decoding gives. none: off.")
+                                       "lookup); draft, the continuation of --draft_model (--draft_sampling). none: "
+                                       "off.")
 DRAFT_MODEL = flags.DEFINE_string("draft_model", None, "With --speculative_method=draft: a smaller model with the "
                                   "same tokenizer (a name or path, as --model), loaded in --dtype.")
+DRAFT_SAMPLING = flags.DEFINE_enum("draft_sampling", "greedy", ["greedy", "sampled"], "With --draft_model, how "
+                                   "the draft proposes for a sampling request: greedy (outputs equal plain "
+                                   "decoding's, seed for seed) or sampled (drawn by the request's temperature and "
+                                   "filters and weighed by rejection sampling: plain sampling's distribution, more "
+                                   "proposals kept at high temperature).")
 NUM_SPECULATIVE_TOKENS = flags.DEFINE_integer("num_speculative_tokens", 4, "Most tokens proposed per sequence and "
                                               "step (with --speculative_method).", lower_bound=1, upper_bound=16)
 PROMPT_LOOKUP_MIN = flags.DEFINE_integer("prompt_lookup_min", 2, "Shortest n-gram --speculative_method=ngram "
@@ -167,13 +172,16 @@ def speculative_kwargs() -> dict:
   if SPECULATIVE_METHOD.value == "none":
     if DRAFT_MODEL.value:
       raise ConfigError("--draft_model is the proposer of --speculative_method=draft; pass that too.")
+    if DRAFT_SAMPLING.value != "greedy":
+      raise ConfigError("--draft_sampling is how --speculative_method=draft's --draft_model proposes; pass those too.")
     return dict(speculative=None)
   from qwenjax.engine.speculative import SpeculativeConfig  # pylint: disable=g-import-not-at-top
 
   return dict(speculative=SpeculativeConfig(
       method=SPECULATIVE_METHOD.value, num_speculative_tokens=NUM_SPECULATIVE_TOKENS.value,
       prompt_lookup_min=PROMPT_LOOKUP_MIN.value, prompt_lookup_max=PROMPT_LOOKUP_MAX.value,
-      disable_batch_size=SPECULATIVE_DISABLE_BATCH_SIZE.value, draft_model=DRAFT_MODEL.value))
+      disable_batch_size=SPECULATIVE_DISABLE_BATCH_SIZE.value, draft_model=DRAFT_MODEL.value,
+      draft_sampling=DRAFT_SAMPLING.value))
 
 
 def splits_reasoning(tokenizer) -> bool:

@@ -158,7 +158,8 @@ class Engine:
                               attention_impl=attention_impl, prefix_caching=self.prefix_caching,
                               image_processor=self.image_processor, mesh=mesh, rules=rules,
                               verify_widths=self.speculative.widths if self.speculative is not None else (),
-                              draft=draft)
+                              draft=draft,
+                              draft_sampled=draft is not None and self.speculative.draft_sampling == "sampled")
     self.vl_cfg, self.attention_impl = self.runner.vl_cfg, self.runner.attention_impl
     kv = self.runner.pages
     self.pool = PagePool(kv.num_pages, kv.page_size)

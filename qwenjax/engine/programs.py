@@ -243,10 +243,12 @@ decode_step = jax.jit(decode_step_impl, static_argnames=("graphdef", "kv_len"), 
 
 
 def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sampling_lib.SamplingNeeds,
-                 num_steps: int, goes_on=None):
+                 num_steps: int, goes_on=None, sample=None):
   """num_steps of `step(i, cache, tokens [B]) -> (logits [B, V], cache)` then sampling, each row stopping where
   its stop ids or budget say, or where `goes_on(i, tokens [B]) -> [B] bool` (a verify step: the token sampled
-  equals the proposal) is false. Returns tokens [k, B] (-1 once a row stopped), logprobs [k, B] ([k, B, 1 + 2
+  equals the proposal) is false. sample: None (`sampling.sample`), or `sample(i, logits, step [B], counts) ->
+  (tokens [B], logprobs [B], goes on [B] bool)`, which draws instead (a sampled draft's verify step:
+  `sampling.speculative_sample`). Returns tokens [k, B] (-1 once a row stopped), logprobs [k, B] ([k, B, 1 + 2
   TOP_LOGPROBS] with needs.top_logprobs: `sampling.with_top_logprobs`), cache, slot state."""
   prompt_mask = slots.prompt_mask
 
@@ -254,16 +256,20 @@ def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sam
     cache, counts, tok, step_count, active, budget, out_tok, out_lp = carry
     logits, cache = step(i, cache, tok)
     with jax.named_scope("sample"):
-      new, logprob = sampling_lib.sample(logits, inputs.sampling, step_count, prompt_mask, counts, needs,
-                                         mask=inputs.mask)
+      if sample is None:
+        new, logprob = sampling_lib.sample(logits, inputs.sampling, step_count, prompt_mask, counts, needs,
+                                           mask=inputs.mask)
+        go = None if goes_on is None else goes_on(i, new)
+      else:
+        new, logprob, go = sample(i, logits, step_count, counts)
       if needs.top_logprobs:
         logprob = sampling_lib.with_top_logprobs(logits, logprob)  # [B, 1 + 2 TOP_LOGPROBS]
       counts = constrain(sampling_lib.update_counts(counts, new, active), SlotState.AXES)
     out_tok = out_tok.at[i].set(jnp.where(active, new, -1))
     out_lp = out_lp.at[i].set(logprob)
     stopped = jnp.any(new[:, None] == inputs.stop_ids, axis=-1) | (budget <= 1)
-    if goes_on is not None:
-      stopped |= ~goes_on(i, new)
+    if go is not None:
+      stopped |= ~go
     return cache, counts, new, step_count + 1, active & ~stopped, budget - 1, out_tok, out_lp
 
   b = inputs.tokens.shape[0]
@@ -451,11 +457,11 @@ class VerifyInputs:
   num_drafts: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "impl", "draft_graphdef"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "needs", "impl", "draft_graphdef", "draft_sampled"),
                    donate_argnames=("cache", "slots", "draft_cache"))
 def paged_verify(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs: VerifyInputs,
                  needs: sampling_lib.SamplingNeeds, impl: str = "xla", draft_graphdef=None, draft_params=None,
-                 draft_cache: PagedKVCache | None = None) -> tuple:
+                 draft_cache: PagedKVCache | None = None, draft_sampled: bool = False) -> tuple:
   """One target forward over every slot's last token and its proposals (W = drafts' width + 1 tokens a slot, a
   block of the ragged attention: each attends over its pages and, causally, the tokens before it), all written
   to the cache; then, position by position, a sample as `paged_decode_block` draws it (same step index, same
@@ -469,13 +475,18 @@ def paged_verify(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs
   greedy steps from each slot's last token, num_drafts of them (inputs.drafts' values are not read), each token it
   is fed written to its cache at the target's slots; then it is fed its last proposal too, so that its cache holds
   every position the target's does. Returns the proposals [B, W - 1] (-1 past num_drafts) and the draft cache
-  after the slot state."""
+  after the slot state. draft_sampled (static): a sampling slot's draft draws its proposals from its own
+  distribution q under the slot's temperature and filters (`sampling.draft_sample`), and each is weighed by
+  rejection sampling, kept with probability min(1, p/q) (`sampling.speculative_sample`): the outputs follow
+  plain sampling's distribution, not its draws seed for seed; greedy slots are as without it."""
   model = nnx.merge(graphdef, params)
   p, d = inputs.decode, inputs.decode.decode
   b, w = inputs.drafts.shape[0], inputs.drafts.shape[1] + 1
   proposals = inputs.drafts
+  sampled = draft_graphdef is not None and draft_sampled and needs.sampling
   if draft_graphdef is not None:
-    proposals, draft_cache = _draft_proposals(draft_graphdef, draft_params, draft_cache, inputs, impl)
+    proposals, draft_probs, draft_cache = _draft_proposals(draft_graphdef, draft_params, draft_cache, inputs, impl,
+                                                           needs if sampled else None)
   tokens = jnp.concatenate([d.tokens[:, None], jnp.maximum(proposals, 0)], axis=1)  # [B, W]
   pos = p.position[:, None] + jnp.arange(w, dtype=jnp.int32)[None, :]  # [B, W]
   fed = d.active[:, None] & (jnp.arange(w)[None, :] <= inputs.num_drafts[:, None])  # [B, W]
@@ -495,36 +506,54 @@ def paged_verify(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs
   def goes_on(i, new):
     return new == jax.lax.dynamic_index_in_dim(drafts, i, axis=1, keepdims=False)
 
-  out = _decode_loop(step, cache.constrained(), slots, d, needs, w, goes_on)
+  def weigh(i, logits, step_count, counts):  # a sampled draft's proposal at position i, by rejection sampling
+    at = lambda a: jax.lax.dynamic_index_in_dim(a, jnp.minimum(i, w - 2), axis=1, keepdims=False)
+    q = at(draft_probs)  # [B, V'] over the draft's vocabulary, which may be narrower than the target's logits
+    q = jnp.pad(q, ((0, 0), (0, logits.shape[-1] - q.shape[-1])))
+    return sampling_lib.speculative_sample(logits, d.sampling, step_count, slots.prompt_mask, counts, needs,
+                                           at(proposals), q, i < inputs.num_drafts, mask=d.mask)
+
+  out = _decode_loop(step, cache.constrained(), slots, d, needs, w, goes_on, weigh if sampled else None)
   if draft_graphdef is None:
     return out
   return (*out, constrain(proposals, (None, None)), draft_cache)
 
 
-def _draft_proposals(draft_graphdef, draft_params, draft_cache: PagedKVCache, inputs: VerifyInputs, impl: str):
-  """A draft model's greedy proposals for `paged_verify`: W steps from each slot's last token (the last one only
-  writes its final proposal's keys and values), each row writing positions up to its num_drafts. Returns the
-  proposals [B, W - 1] (-1 past each row's num_drafts) and the draft cache."""
+def _draft_proposals(draft_graphdef, draft_params, draft_cache: PagedKVCache, inputs: VerifyInputs, impl: str,
+                     needs: sampling_lib.SamplingNeeds | None):
+  """A draft model's proposals for `paged_verify`: W steps from each slot's last token (the last one only writes
+  its final proposal's keys and values), each row writing positions up to its num_drafts. Greedy (needs None),
+  or drawn by each slot's sampling settings (`sampling.draft_sample`). Returns the proposals [B, W - 1] (-1 past
+  each row's num_drafts), the distributions they were drawn from [B, W - 1, V] (None where greedy) and the draft
+  cache."""
   draft = nnx.merge(draft_graphdef, draft_params)
   p, d = inputs.decode, inputs.decode.decode
   b, w = inputs.drafts.shape[0], inputs.drafts.shape[1] + 1
   num_new = d.active.astype(jnp.int32)
 
+  def propose(i, logits):  # [B, V] -> the proposals [B], their distributions [B, V] (or None)
+    if needs is None:
+      return sampling_lib.greedy(logits), None
+    return sampling_lib.draft_sample(logits, d.sampling, d.step + i, needs)
+
   def body(i, carry):
-    draft_cache, tok, proposals = carry
+    draft_cache, tok, proposals, probs = carry
     pos = p.position + i  # [B]
     writes = d.active & (i <= inputs.num_drafts)
     slot = _pool_slots(p.page_table, pos[:, None], draft_cache.page_size, writes[:, None])  # [B, 1]
     meta = StepMetadata.paged_step(pos[:, None], PagedInputs(slot, p.page_table, num_new), p.rope_offset,
                                    impl=impl)
     h, draft_cache = draft(tok[:, None], draft_cache, meta)
-    new = sampling_lib.greedy(draft.logits(h[:, 0], impl))  # [B]
+    new, q = propose(i, draft.logits(h[:, 0], impl))  # [B], [B, V]
     proposals = jax.lax.dynamic_update_index_in_dim(proposals, jnp.where(i < inputs.num_drafts, new, -1), i, axis=1)
-    return draft_cache.constrained(), new, proposals
+    if q is not None:
+      probs = jax.lax.dynamic_update_index_in_dim(probs, q, i, axis=1)
+    return draft_cache.constrained(), new, proposals, probs
 
-  init = (draft_cache, d.tokens, jnp.full((b, w), -1, jnp.int32))
-  draft_cache, _, proposals = jax.lax.fori_loop(0, w, body, init)
-  return proposals[:, :w - 1], draft_cache
+  probs = None if needs is None else jnp.zeros((b, w, draft.cfg.vocab_size), jnp.float32)
+  init = (draft_cache, d.tokens, jnp.full((b, w), -1, jnp.int32), probs)
+  draft_cache, _, proposals, probs = jax.lax.fori_loop(0, w, body, init)
+  return proposals[:, :w - 1], None if probs is None else probs[:, :w - 1], draft_cache
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))

@@ -68,7 +68,8 @@ class ModelRunner:
   bank: the LoRA adapters rows may name (None: a model without adapters), placed in the programs' params.
   verify_widths: a speculative engine's verify widths (`SpeculativeConfig.widths`); () for none.
   draft: a speculative engine's draft model: it takes every token the target does, into a pool of its own with the
-    target's page ids, and proposes in the verify programs.
+    target's page ids, and proposes in the verify programs; draft_sampled: it draws a sampling slot's proposals
+    by the slot's settings (`programs.paged_verify`), else proposes greedily.
   """
 
   def __init__(self, model: Qwen2, *, bank: LoraBank | None, max_batch_size: int, max_seq_len: int,
@@ -76,7 +77,7 @@ class ModelRunner:
                kv_cache_dtype: str | None, attention_impl: str | None, prefix_caching: bool,
                image_processor: processing.ImageProcessorConfig, mesh: jax.sharding.Mesh | None,
                rules: ShardingRules = DEFAULT_RULES, verify_widths: tuple[int, ...] = (),
-               draft: Qwen2 | None = None):
+               draft: Qwen2 | None = None, draft_sampled: bool = False):
     self.mesh, self.rules, self.cfg = mesh, rules, model.cfg
     self.verify_widths = tuple(verify_widths)
     self.attention_impl = attention_impl or default_impl()
@@ -104,6 +105,8 @@ class ModelRunner:
                                memory_gib=kv_cache_memory, quantized=kv_cache_dtype == "int8", mesh=mesh, rules=rules)
     self.cache = self.pages.zeros()
     self.draft_graphdef = self.draft_params = self.draft_cache = None
+    # paged_verify's static draft_sampled, passed only with a draft (the programs' one variant per engine)
+    self.verify_kwargs = dict(draft_sampled=True) if draft is not None and draft_sampled else {}
     if draft is not None:
       if mesh is not None:
         sharding.shard_model(draft, mesh, rules)
@@ -249,7 +252,7 @@ class ModelRunner:
     with self.on_mesh():
       out_tok, out_lp, self.cache, self.slots, *drafted = self._call(
           programs.paged_verify, self.graphdef, self.params, self.cache, self.slots, inputs, needs=needs,
-          impl=self.attention_impl)
+          impl=self.attention_impl, **self.verify_kwargs)
     self.stats["decode_calls"] += 1
     self.stats["verify_calls"] += 1
     return np.asarray(out_tok), np.asarray(out_lp), np.asarray(drafted[0]) if drafted else None
@@ -406,7 +409,7 @@ class ModelRunner:
                                 np.full((b, w - 1), -1, np.int32), np.zeros(b, np.int32))
           _, _, self.cache, self.slots, *_ = self._call(programs.paged_verify, self.graphdef, self.params,
                                                         self.cache, self.slots, inputs, needs=needs,
-                                                        impl=self.attention_impl)
+                                                        impl=self.attention_impl, **self.verify_kwargs)
           count += 1
       for pad in shapes["restore_slot"]:
         self.slots = programs.restore_slot(self.slots, np.int32(0), np.zeros(pad, np.int32), np.int32(0),

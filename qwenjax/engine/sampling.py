@@ -31,7 +31,9 @@ filter's result never depends on token ids. The most likely token always survive
 The log-probability reported is log_softmax of the raw float32 logits at the chosen token, whatever the filters.
 
 Randomness: slot b draws with fold_in(fold_in(key(seed), sample_index), step), so a request's tokens depend only
-on its own seed, which of its n samples it is, and the index of the token; not on the batch or the slot.
+on its own seed, which of its n samples it is, and the index of the token; not on the batch or the slot. A
+sampled draft's proposals (`draft_sample`) and their rejection sampling (`speculative_sample`: the acceptance test
+and the draw from the residual max(p - q, 0)) take streams of their own, fold_in(stream) of the token's key.
 
 Cost (V = 151,936 on a 2-core XLA:CPU). A sort of [32, V] takes 2.4 s, so nothing here sorts the vocabulary, and
 beyond the penalised logits no [B, V] array is written on the common path (each costs ~10 ms at B = 32).
@@ -358,14 +360,99 @@ def _unpack(mask: jax.Array, v: int) -> jax.Array:
   return bits.reshape(mask.shape[0], -1)[:, :v].astype(bool)
 
 
-def _slot_uniforms(seed: jax.Array, sample_index: jax.Array, step: jax.Array) -> jax.Array:
-  """[B] uniforms in [0, 1), slot b's from fold_in(fold_in(key(seed[b]), sample_index[b]), step[b])."""
+# Streams of random numbers a slot draws per token index: the sample itself (plain decoding's, and the verify
+# step's where it matches a proposal against that sample), and a sampled draft's three (`draft_sample`,
+# `speculative_sample`): its proposal, the acceptance test, the draw from the residual. Independent by fold_in.
+STREAM_SAMPLE, STREAM_DRAFT, STREAM_ACCEPT, STREAM_RESIDUAL = 0, 1, 2, 3
+
+
+def _slot_uniforms(seed: jax.Array, sample_index: jax.Array, step: jax.Array, stream: int = STREAM_SAMPLE,
+                   ) -> jax.Array:
+  """[B] uniforms in [0, 1), slot b's from fold_in(fold_in(key(seed[b]), sample_index[b]), step[b]) (then
+  fold_in(stream) for a stream other than the sample's)."""
 
   def one(s, i, t):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(s), i), t)
+    if stream != STREAM_SAMPLE:
+      key = jax.random.fold_in(key, stream)
     return jax.random.uniform(key, (), jnp.float32)
 
   return jax.vmap(one)(seed, sample_index, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Filtered:
+  """One batch's logits through the penalties, the mask and the filters (`_filter`): the raw float32 logits
+  [B, V], the penalised ones, each row's greedy token [B] and log-normaliser [B] of the raw logits, and where
+  some slot samples, live [B] (temperature > 0) and weight: penalised logits [B, ...] -> the unnormalised
+  probability a live row draws with (0 where a filter drops the token)."""
+
+  logits: jax.Array
+  pen: jax.Array
+  greedy: jax.Array
+  lse: jax.Array
+  live: jax.Array | None = None
+  weight: Any = None
+
+  def logprobs(self, tokens: jax.Array) -> jax.Array:
+    """[B] log-probabilities of tokens [B] under the raw logits."""
+    return jnp.take_along_axis(self.logits, tokens[:, None], -1)[:, 0] - self.lse
+
+  def probabilities(self) -> jax.Array:
+    """[B, V] float32: the distribution each row draws from, normalised; a greedy row's is one-hot at its
+    greedy token."""
+    onehot = jax.nn.one_hot(self.greedy, self.logits.shape[-1], dtype=jnp.float32)
+    if self.live is None:
+      return onehot
+    w = self.weight(self.pen)
+    return jnp.where(self.live[:, None], w / jnp.sum(w, axis=-1, keepdims=True), onehot)
+
+
+def _filter(logits: jax.Array, arrays: SamplingArrays, prompt_mask: jax.Array | None,
+            output_counts: jax.Array | None, needs: SamplingNeeds, fast_k: int, mask: jax.Array | None) -> _Filtered:
+  """Stages 1-5 of the module's docstring: what `sample` draws from."""
+  logits = logits.astype(jnp.float32)
+  b, v = logits.shape
+  a = arrays
+  pen = logits
+  if needs.penalties:
+    pen = apply_penalties(logits, prompt_mask, output_counts, a.repetition_penalty, a.presence_penalty,
+                          a.frequency_penalty)
+  if needs.masked:
+    pen = jnp.where(_unpack(mask, v), pen, -jnp.inf)
+  tokens = _argmax(pen)  # [B] greedy
+  pen_max = jnp.take_along_axis(pen, tokens[:, None], -1)[:, 0]  # [B]
+  raw_max = jnp.max(logits, axis=-1) if needs.penalties or needs.masked else pen_max
+  lse = raw_max + jnp.log(jnp.sum(jnp.exp(logits - raw_max[:, None]), axis=-1))  # [B]
+  if not needs.sampling:
+    return _Filtered(logits, pen, tokens, lse)
+  live = a.temperature > 0  # [B]
+  inv_t = 1.0 / jnp.where(live, a.temperature, 1.0)  # [B]; multiplied, so z's maximum is pen_max * inv_t
+  z_max = pen_max * inv_t
+
+  def rel_prob(x):  # penalised logits [B, ...] -> probability relative to the most likely token, in [0, 1]
+    return jnp.exp(x * _col(inv_t, x) - _col(z_max, x))
+
+  cut = None
+  if needs.top_k or needs.top_p:
+    top_k, top_p = jnp.where(live, a.top_k, 0), jnp.where(live, a.top_p, 1.0)  # greedy slots: no filter
+    cut = _cutoff(pen, rel_prob, top_k, top_p, needs, min(fast_k, v))  # [B]
+  min_p = jnp.where(live, a.min_p, 0.0) if needs.min_p else None
+
+  def weight(x):  # penalised logits [B, ...] -> unnormalised probability after the filters
+    e = rel_prob(x)
+    keep = jnp.ones(x.shape, bool)
+    if cut is not None:
+      keep &= x >= _col(cut, x)
+    if min_p is not None:  # min_p 1 must keep the maximum even if rounding leaves its e a hair under 1
+      keep &= (e >= _col(min_p, x)) | (x >= _col(pen_max, x))
+    return jnp.where(keep, e, 0.0)
+
+  return _Filtered(logits, pen, tokens, lse, live, weight)
+
+
+def _steps(step, b: int) -> jax.Array:
+  return jnp.broadcast_to(jnp.asarray(step, jnp.int32), (b,))
 
 
 def sample(logits: jax.Array, arrays: SamplingArrays, step: jax.Array, prompt_mask: jax.Array | None,
@@ -380,43 +467,62 @@ def sample(logits: jax.Array, arrays: SamplingArrays, step: jax.Array, prompt_ma
     needs.masked: a forbidden token's penalised logit becomes -inf before every filter, so neither greedy nor
     sampling ever picks it (each row must allow some token). The log-probability reported stays the raw one.
   """
-  logits = logits.astype(jnp.float32)
-  b, v = logits.shape
-  a = arrays
-  pen = logits
-  if needs.penalties:
-    pen = apply_penalties(logits, prompt_mask, output_counts, a.repetition_penalty, a.presence_penalty,
-                          a.frequency_penalty)
-  if needs.masked:
-    pen = jnp.where(_unpack(mask, v), pen, -jnp.inf)
-  tokens = _argmax(pen)  # [B] greedy
-  pen_max = jnp.take_along_axis(pen, tokens[:, None], -1)[:, 0]  # [B]
-  raw_max = jnp.max(logits, axis=-1) if needs.penalties or needs.masked else pen_max
-  lse = raw_max + jnp.log(jnp.sum(jnp.exp(logits - raw_max[:, None]), axis=-1))  # [B]
+  f = _filter(logits, arrays, prompt_mask, output_counts, needs, fast_k, mask)
+  tokens = f.greedy
   if needs.sampling:
-    live = a.temperature > 0  # [B]
-    inv_t = 1.0 / jnp.where(live, a.temperature, 1.0)  # [B]; multiplied, so z's maximum is pen_max * inv_t
-    z_max = pen_max * inv_t
+    a = arrays
+    u = _slot_uniforms(a.seed, a.sample_index, _steps(step, tokens.shape[0]))
+    tokens = jnp.where(f.live, _draw(f.pen, f.weight, u), tokens)
+  return tokens, f.logprobs(tokens)
 
-    def rel_prob(x):  # penalised logits [B, ...] -> probability relative to the most likely token, in [0, 1]
-      return jnp.exp(x * _col(inv_t, x) - _col(z_max, x))
 
-    cut = None
-    if needs.top_k or needs.top_p:
-      top_k, top_p = jnp.where(live, a.top_k, 0), jnp.where(live, a.top_p, 1.0)  # greedy slots: no filter
-      cut = _cutoff(pen, rel_prob, top_k, top_p, needs, min(fast_k, v))  # [B]
-    min_p = jnp.where(live, a.min_p, 0.0) if needs.min_p else None
+def draft_sample(logits: jax.Array, arrays: SamplingArrays, step: jax.Array, needs: SamplingNeeds, *,
+                 fast_k: int = _FAST_K) -> tuple[jax.Array, jax.Array]:
+  """A sampled draft's proposals: tokens [B] drawn from the draft's logits [B, V] under each slot's temperature,
+  top-k, top-p and min-p (no penalties, no grammar: a proposal distribution need only be the one drawn from),
+  with the slot's draft stream of random numbers, and that distribution [B, V] (one-hot at the argmax for a
+  greedy slot), which `speculative_sample` weighs the proposal against."""
+  needs = dataclasses.replace(needs, penalties=False, masked=False, top_logprobs=False)
+  f = _filter(logits, arrays, None, None, needs, fast_k, None)
+  tokens = f.greedy
+  if needs.sampling:
+    a = arrays
+    u = _slot_uniforms(a.seed, a.sample_index, _steps(step, tokens.shape[0]), STREAM_DRAFT)
+    tokens = jnp.where(f.live, _draw(f.pen, f.weight, u), tokens)
+  return tokens, f.probabilities()
 
-    def weight(x):  # penalised logits [B, ...] -> unnormalised probability after the filters
-      e = rel_prob(x)
-      keep = jnp.ones(x.shape, bool)
-      if cut is not None:
-        keep &= x >= _col(cut, x)
-      if min_p is not None:  # min_p 1 must keep the maximum even if rounding leaves its e a hair under 1
-        keep &= (e >= _col(min_p, x)) | (x >= _col(pen_max, x))
-      return jnp.where(keep, e, 0.0)
 
-    u = _slot_uniforms(a.seed, a.sample_index, jnp.broadcast_to(jnp.asarray(step, jnp.int32), (b,)))
-    tokens = jnp.where(live, _draw(pen, weight, u), tokens)
-  logprobs = jnp.take_along_axis(logits, tokens[:, None], -1)[:, 0] - lse
-  return tokens, logprobs
+def speculative_sample(logits: jax.Array, arrays: SamplingArrays, step: jax.Array, prompt_mask: jax.Array | None,
+                       output_counts: jax.Array | None, needs: SamplingNeeds, proposal: jax.Array,
+                       proposal_probs: jax.Array, proposed: jax.Array, *, fast_k: int = _FAST_K,
+                       mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Rejection sampling of proposals drawn from a distribution q (a sampled draft's): row b keeps proposal[b] = d
+  with probability min(1, p(d) / q(d)), p the distribution `sample` draws from (penalties, mask, temperature and
+  filters applied), and otherwise draws from max(p - q, 0), normalised. The token that comes out is distributed
+  as p exactly (Leviathan et al. 2023; Chen et al. 2023). A row not proposed (proposed[b] false: the position after
+  every proposal was kept) samples as `sample` does. Greedy rows: p is one-hot, so a proposal is kept iff it is
+  the argmax, and the argmax comes out.
+
+  proposal: [B] int32; proposal_probs: [B, V] q (rows sum to 1, q(proposal) > 0 where proposed); proposed: [B]
+  bool; the rest as `sample`. Returns tokens [B], their log-probabilities [B] under the raw logits, and kept [B]
+  (proposed and kept). The acceptance test and the residual draw use the slot's own streams of random numbers.
+  """
+  f = _filter(logits, arrays, prompt_mask, output_counts, needs, fast_k, mask)
+  b = proposal.shape[0]
+  p = f.probabilities()  # [B, V]
+  d = jnp.maximum(proposal, 0)[:, None]
+  pd, qd = jnp.take_along_axis(p, d, -1)[:, 0], jnp.take_along_axis(proposal_probs, d, -1)[:, 0]  # [B]
+  a, steps = arrays, _steps(step, b)
+  u = _slot_uniforms(a.seed, a.sample_index, steps, STREAM_ACCEPT)
+  kept = proposed & (u * qd < pd)  # P(u < p(d) / q(d)) for u uniform in [0, 1); never where p(d) = 0
+  residual = jnp.maximum(p - proposal_probs, 0.0)  # [B, V]
+  # p = q to the last bit keeps every proposal; a refusal where rounding alone parted them draws from p.
+  residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p)
+  u_res = _slot_uniforms(a.seed, a.sample_index, steps, STREAM_RESIDUAL)
+  refused = _draw(residual, lambda x: jnp.maximum(x, 0.0), u_res)  # blocks padded with -inf weigh 0
+  plain = f.greedy
+  if needs.sampling:
+    u_plain = _slot_uniforms(a.seed, a.sample_index, steps)
+    plain = jnp.where(f.live, _draw(f.pen, f.weight, u_plain), plain)
+  tokens = jnp.where(proposed, jnp.where(kept, proposal, refused), plain)
+  return tokens, f.logprobs(tokens), kept

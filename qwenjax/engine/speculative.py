@@ -5,7 +5,8 @@
 
 Proposers: n-gram prompt lookup (`ngram_lookup`, on the host), or a draft model: a smaller Qwen with the target's
 tokenizer that takes every token the target does into a KV pool of its own (the target's page ids, so the host's
-page tables serve both) and proposes its greedy continuation inside the verify program (`programs.paged_verify`).
+page tables serve both) and proposes its continuation inside the verify program (`programs.paged_verify`): greedy,
+or drawn by each request's sampling settings (`SpeculativeConfig.draft_sampling`).
 
 Each decode step of a speculative engine asks the proposer for up to k tokens per running sequence; the runner
 feeds every sequence's last token and its proposals through the target model in one forward over the paged cache
@@ -15,9 +16,11 @@ position, and the first sample that differs is kept as the step's last token. Fo
 (n-gram lookup, a greedy draft: a one-hot proposal distribution) this is rejection sampling: a proposal d is kept
 with probability p(d) and, when refused, the token comes from p with d removed, renormalised; here it is also the
 very token plain decoding draws with the same seed, so speculative outputs equal plain ones token for token,
-greedy or sampled, with penalties, filters and stops. Positions past the accepted run were written to the cache
-and are dropped: their sequence's length is set back (`SequencePages.shrink`), freeing whole pages past it, and
-the next step writes over the rest.
+greedy or sampled, with penalties, filters and stops. A sampled draft's proposals come from a distribution q of
+their own; each is kept with probability min(1, p/q) and else replaced by a draw from max(p - q, 0)
+(`qwenjax.engine.sampling.speculative_sample`): outputs follow plain sampling's distribution, not its draws.
+Positions past the accepted run were written to the cache and are dropped: their sequence's length is set back
+(`SequencePages.shrink`), freeing whole pages past it, and the next step writes over the rest.
 
 When it runs. A step speculates only when some running sequence has a proposal; otherwise the engine decodes a
 plain block of decode_steps tokens. A sequence gets no proposal when its request opts out
@@ -43,6 +46,7 @@ import numpy as np
 from qwenjax._errors import ConfigError
 
 METHODS = ("ngram", "draft")
+DRAFT_SAMPLING = ("greedy", "sampled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +55,8 @@ class SpeculativeConfig:
 
   method: "ngram", prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last n
     tokens (n from prompt_lookup_max down to prompt_lookup_min) in its prompt and output; or "draft": a smaller
-    model with the target's tokenizer (`draft_model`) proposes its greedy continuation, k steps on the device in
-    the verify program itself (its own paged KV, kept in step with the target's).
+    model with the target's tokenizer (`draft_model`) proposes its continuation (`draft_sampling`), k steps on
+    the device in the verify program itself (its own paged KV, kept in step with the target's).
   draft_model: with method "draft", the draft: a name or path `qwenjax.load` reads (loaded in the target's
     dtype), or a loaded `qwenjax.Qwen2`.
   num_speculative_tokens: k, the most tokens proposed per sequence and step (1 to 16).
@@ -63,6 +67,12 @@ class SpeculativeConfig:
   adaptive: each step weighs the tokens its proposals are expected to gain against this machine's measured step
     times, and cuts them, or decodes plainly, where that is faster (`Proposer.choose_width`); False: every step
     with a proposal verifies it whole.
+  draft_sampling: with method "draft", how the draft proposes for a sampling request. "greedy" (the default): its
+    greedy continuation, a one-hot proposal, kept where it equals the target's own sample: outputs equal plain
+    decoding's seed for seed. "sampled": drawn from the draft's distribution q under the request's temperature
+    and filters, kept with probability min(1, p/q) and else replaced by a draw from max(p - q, 0) (rejection
+    sampling): outputs follow plain sampling's distribution exactly, not its draws, and more proposals are kept
+    where the temperature is high. Greedy requests are decoded the same either way.
   """
 
   method: str = "ngram"
@@ -73,6 +83,7 @@ class SpeculativeConfig:
   backoff_after: int = 4
   adaptive: bool = True
   draft_model: Any = None
+  draft_sampling: str = "greedy"
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -80,6 +91,11 @@ class SpeculativeConfig:
     if (self.method == "draft") != (self.draft_model is not None):
       raise ConfigError("a draft model is what speculative method 'draft' proposes with: pass draft_model with "
                         f"method 'draft' and only then (method {self.method!r}, draft_model {self.draft_model!r}).")
+    if self.draft_sampling not in DRAFT_SAMPLING:
+      raise ConfigError(f"draft_sampling {self.draft_sampling!r} is not one of {', '.join(DRAFT_SAMPLING)}.")
+    if self.draft_sampling != "greedy" and self.method != "draft":
+      raise ConfigError(f"draft_sampling {self.draft_sampling!r} is how a draft model proposes; method "
+                        f"{self.method!r} proposes deterministically (use method 'draft').")
     if not (isinstance(self.num_speculative_tokens, int) and 1 <= self.num_speculative_tokens <= 16):
       raise ConfigError(f"num_speculative_tokens must be an integer in [1, 16], got "
                         f"{self.num_speculative_tokens!r}.")

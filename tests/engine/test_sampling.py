@@ -470,3 +470,68 @@ def test_full_vocabulary_smoke():
       jnp.asarray(logits), arrays, jnp.zeros(2, jnp.int32), None, None, needs=arrays.needs)
   assert 0 <= tokens[0] < 10 and 0 <= tokens[1] < v
   np.testing.assert_allclose(logprobs, np.asarray(jax.nn.log_softmax(logits))[[0, 1], tokens], rtol=1e-5)
+
+
+# --- Rejection sampling of a sampled draft's proposals ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
+                                    SamplingParams(temperature=0.8, top_k=4, top_p=0.9)], ids=["plain", "filtered"])
+def test_rejection_sampling_of_drawn_proposals_gives_the_target_distribution(params):
+  """20,000 slots, each a seed: a proposal drawn by `draft_sample` from the draft's logits is weighed by
+  `speculative_sample` against the target's. The tokens that come out follow p, the target's distribution after
+  the filters, computed here by hand in float64 (chi-square and every frequency within FREQ_TOL); a proposal is
+  kept with probability sum_x min(p(x), q(x)); greedy slots in the same batch keep a proposal iff it is the
+  target's argmax."""
+  scipy_stats = pytest.importorskip("scipy.stats")
+  target = np.array([2.0, 1.5, 0.3, -0.5, 1.0, -2.0, 0.8, 0.0], np.float32)
+  draft = np.array([1.0, 2.0, 0.0, 0.5, 1.0, -1.0, -0.4, 0.2], np.float32)
+
+  def dist(z):  # the module's stages 2-4 by hand: temperature, top-k (ties kept), top-p, in float64
+    z = z.astype(np.float64) / params.temperature
+    if params.top_k:
+      z = np.where(z >= np.sort(z)[-params.top_k], z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if params.top_p < 1:
+      order = np.argsort(-p, kind="stable")
+      keep = order[:int(np.searchsorted(np.cumsum(p[order]), params.top_p) + 1)]
+      p = np.where(np.isin(np.arange(p.size), keep), p, 0.0)
+      p /= p.sum()
+    return p
+
+  p, q = dist(target), dist(draft)
+  b = N_DRAWS
+  arrays = sampling.pack([params] * b, seeds=list(range(b)))
+  needs = arrays.needs
+  step = jnp.full((b,), 5, jnp.int32)
+  proposal, probs = jax.jit(sampling.draft_sample, static_argnames="needs")(
+      jnp.asarray(np.tile(draft, (b, 1))), arrays, step, needs)
+  np.testing.assert_allclose(np.asarray(probs[0]), q, atol=1e-6)
+  tokens, logprobs, kept = jax.jit(sampling.speculative_sample, static_argnames="needs")(
+      jnp.asarray(np.tile(target, (b, 1))), arrays, step, None, None, needs, proposal, probs, jnp.ones(b, bool))
+  tokens, kept = np.asarray(tokens), np.asarray(kept)
+  np.testing.assert_allclose(np.bincount(np.asarray(proposal), minlength=8) / b, q, atol=FREQ_TOL)  # drawn from q
+  counts = np.bincount(tokens, minlength=8)
+  np.testing.assert_allclose(counts / b, p, atol=FREQ_TOL)
+  live = p > 0
+  assert counts[~live].sum() == 0  # a token the filters drop never comes out
+  assert scipy_stats.chisquare(counts[live], p[live] * b).pvalue > 1e-3
+  accept = np.minimum(p, q).sum()
+  assert abs(kept.sum() - b * accept) <= 4 * np.sqrt(b * accept * (1 - accept)), (kept.sum(), b * accept)
+  np.testing.assert_allclose(np.asarray(logprobs), (target - np.log(np.exp(target).sum()))[tokens], atol=1e-5)
+  # Not proposed: the position's plain sample, the very token `sample` draws with these seeds.
+  plain, _ = sampling.sample(jnp.asarray(np.tile(target, (b, 1))), arrays, step, None, None, needs)
+  unproposed, _, kept_none = sampling.speculative_sample(jnp.asarray(np.tile(target, (b, 1))), arrays, step, None,
+                                                         None, needs, proposal, probs, jnp.zeros(b, bool))
+  np.testing.assert_array_equal(np.asarray(unproposed), np.asarray(plain))
+  assert not np.asarray(kept_none).any()
+  # Greedy slots: the draft proposes its argmax, kept iff it is the target's argmax; the target's argmax comes out.
+  greedy = sampling.pack([SamplingParams()] * 2)
+  logits = jnp.asarray(np.stack([target, draft]))
+  prop, gprobs = sampling.draft_sample(logits, greedy, jnp.zeros(2, jnp.int32), needs)
+  np.testing.assert_array_equal(np.asarray(prop), [0, 1])
+  out, _, gkept = sampling.speculative_sample(jnp.asarray(np.stack([target, target])), greedy, jnp.zeros(2, jnp.int32),
+                                              None, None, needs, prop, gprobs, jnp.ones(2, bool))
+  np.testing.assert_array_equal(np.asarray(out), [0, 0])
+  np.testing.assert_array_equal(np.asarray(gkept), [True, False])

@@ -401,6 +401,71 @@ def test_draft_model_sampling_prefix_caching_and_preemption(tiny, drafts):
     assert out.token_ids == _hf_greedy(hf, p, 36)
 
 
+def _filtered(logits, temperature, top_k, top_p):
+  """The distribution plain sampling draws from (temperature, top-k, top-p), by hand in float64; logits [..., V]."""
+  z = logits.astype(np.float64) / temperature
+  if top_k:
+    z = np.where(z >= np.sort(z, axis=-1)[..., -top_k:-top_k + 1], z, -np.inf)
+  p = np.exp(z - z.max(axis=-1, keepdims=True))
+  p /= p.sum(axis=-1, keepdims=True)
+  if top_p < 1:
+    order = np.argsort(-p, axis=-1, kind="stable")
+    ranked = np.take_along_axis(p, order, -1)
+    keep_ranked = np.cumsum(ranked, axis=-1) - ranked < top_p  # the smallest prefix whose mass reaches top_p
+    keep = np.zeros_like(keep_ranked)
+    np.put_along_axis(keep, order, keep_ranked, -1)
+    p = np.where(keep, p, 0.0)
+    p /= p.sum(axis=-1, keepdims=True)
+  return p
+
+
+def test_a_sampled_draft_follows_the_exact_distribution(tmp_path):
+  """A sampled draft (another random model of the target's 16-token vocabulary) proposes two tokens per request,
+  each drawn from its own filtered distribution q; the target keeps a proposal with probability min(1, p/q) and
+  else draws from max(p - q, 0). Over 2,400 seeds the first four tokens pass a chi-square test against the
+  distributions computed by hand from transformers' logits of the target alone, and proposals are kept as often
+  as p and q (the draft's, from transformers too) say."""
+  v, temperature, top_k, top_p = 16, 1.2, 8, 0.95
+  hf = build_tiny_qwen2(tmp_path / "target", vocab_size=v, seed=1)
+  draft_hf = build_tiny_qwen2(tmp_path / "draft", vocab_size=v, seed=4, hidden_size=32, num_attention_heads=4,
+                              num_key_value_heads=2, num_hidden_layers=1)
+  prompt = list(range(v)) + [3, 9]
+  dist = lambda logits: _filtered(logits, temperature, top_k, top_p)
+  with torch.no_grad():
+    p1 = dist(hf(torch.tensor([prompt])).logits[0, -1].numpy())  # [V]
+    one = torch.tensor([prompt + [a] for a in range(v)])
+    p2, q2 = dist(hf(one).logits[:, -1].numpy()), dist(draft_hf(one).logits[:, -1].numpy())  # [V, V]: (t2 | t1)
+    two = torch.tensor([prompt + [a, b] for a in range(v) for b in range(v)])
+    p3 = dist(hf(two).logits[:, -1].numpy()).reshape(v, v, v)  # p(t3 | t1, t2)
+    q3 = dist(draft_hf(two).logits[:, -1].numpy()).reshape(v, v, v)
+    three = torch.tensor([prompt + [a, b, c] for a in range(v) for b in range(v) for c in range(v)])
+    p4 = dist(hf(three).logits[:, -1].numpy()).reshape(v, v, v, v)
+  marginals = (p1, p1 @ p2, np.einsum("a,ab,abc->c", p1, p2, p3), np.einsum("a,ab,abc,abcd->d", p1, p2, p3, p4))
+  # The proposals kept, in expectation, as the engine schedules them: after the first token, one step verifies two
+  # proposals (four tokens leave room for them and the token after); where the first is refused, the token drawn
+  # in its place is followed by a step with one proposal.
+  kept2 = np.minimum(p2, q2)  # [V, V]: t2 = x proposed and kept, given t1
+  kept3 = np.minimum(p3, q3).sum(axis=-1)  # [V, V]: P(the proposal after t1, t2 is kept)
+  residual = np.maximum(p2 - q2, 0)
+  residual /= np.maximum(residual.sum(axis=-1, keepdims=True), 1e-30)
+  accept = float(p1 @ ((kept2 * (1 + kept3)).sum(-1) + (1 - kept2.sum(-1)) * (residual * kept3).sum(-1)))
+  n = 2400
+  requests = [Request(prompt=prompt, sampling=SamplingParams(max_tokens=4, temperature=temperature, top_k=top_k,
+                                                             top_p=top_p, seed=s)) for s in range(n)]
+  engine = _engine(load_model(tmp_path / "target"),
+                   dict(method="draft", draft_model=load_model(tmp_path / "draft"), num_speculative_tokens=2,
+                        adaptive=False, draft_sampling="sampled"),
+                   max_batch_size=8, max_seq_len=256, max_prefill_chunk=256, prefix_caching=False)
+  outs = [out for i in range(0, n, 8) for out in engine.generate(requests[i:i + 8])]
+  for position, expected in enumerate(marginals):
+    counts = np.bincount([o.token_ids[position] for o in outs], minlength=v)
+    assert counts[expected == 0].sum() == 0, (position, counts)  # what the filters drop never comes out
+    assert _chi_square(counts, expected) > 1e-3, (position, counts, expected * n)
+  kept = engine.stats()["spec_accepted_tokens"]
+  # Each request's proposals, kept or not, add a Bernoulli; their count is at most 3: a loose 4-sigma bound.
+  assert abs(kept - accept * n) <= 4 * np.sqrt(n * 0.75) + 1, (kept, accept * n)
+
+
 def test_a_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
   build_tiny_qwen2(tmp_path, vocab_size=256)
   with pytest.raises(ConfigError, match=r"draft model .*: its vocabulary \(256 tokens, logits over 256\) is not the "
@@ -410,12 +475,13 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
     _engine(tiny[1], dict(method="draft"))
 
 
-def test_a_draft_engine_compiles_nothing_after_warm_up(tiny, drafts):
-  """Every program of a draft engine (steps, decode blocks and verify widths, each with the draft) is compiled by
-  warm_up; a varied workload then compiles nothing."""
+@pytest.mark.parametrize("draft_sampling", ["greedy", "sampled"])
+def test_a_draft_engine_compiles_nothing_after_warm_up(tiny, drafts, draft_sampling):
+  """Every program of a draft engine (steps, decode blocks and verify widths, each with the draft, proposing
+  greedily or by sampling) is compiled by warm_up; a varied workload then compiles nothing."""
   _, model = tiny
-  engine = _engine(model, dict(method="draft", draft_model=drafts["near"], num_speculative_tokens=3),
-                   max_batch_size=3, max_prefill_chunk=32)
+  engine = _engine(model, dict(method="draft", draft_model=drafts["near"], num_speculative_tokens=3,
+                               draft_sampling=draft_sampling), max_batch_size=3, max_prefill_chunk=32)
   engine.warm_up(sampling=[SamplingParams(), SamplingParams(temperature=0.8, seed=0)])
   rng = np.random.default_rng(2)
   workload = [Request(prompt=rng.integers(0, 300, int(n)).tolist(),

@@ -44,9 +44,11 @@ def draft_checkpoint(tmp_path_factory, checkpoint):
 
 @pytest.mark.parametrize("extra", ["", "ngram", "draft"])
 def test_json_output_matches_transformers(checkpoint, draft_checkpoint, extra):
-  """Plain, with n-gram speculation and with a draft model: the same tokens."""
+  """Plain, with n-gram speculation and with a draft model (sampling its proposals, which a greedy request does
+  not): the same tokens."""
   extra = {"": (), "ngram": ("--speculative_method=ngram", "--prompt_lookup_min=1", "--num_speculative_tokens=3"),
-           "draft": ("--speculative_method=draft", f"--draft_model={draft_checkpoint}")}[extra]
+           "draft": ("--speculative_method=draft", f"--draft_model={draft_checkpoint}",
+                     "--draft_sampling=sampled")}[extra]
   d, model, hf_tok = checkpoint
   messages = [{"role": "user", "content": "def fibonacci(n):"}]
   ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -116,6 +118,8 @@ def test_sampling_flags_are_reproducible(checkpoint):
     (("--speculative_method=ngram", "--prompt_lookup_min=3", "--prompt_lookup_max=2"),
      "prompt_lookup_min and prompt_lookup_max must be integers with 1 <= min <= max, got 3 and 2"),
     (("--draft_model=/somewhere",), "--draft_model is the proposer of --speculative_method=draft; pass that too."),
+    (("--speculative_method=ngram", "--draft_sampling=sampled"),
+     "draft_sampling 'sampled' is how a draft model proposes; method 'ngram' proposes deterministically"),
 ])
 def test_bad_input_is_one_line_on_stderr(checkpoint, args, message):
   d = checkpoint[0]
