@@ -89,15 +89,42 @@ class Constraint:
 
   def fill(self, row: np.ndarray) -> None:
     """Writes the tokens allowed next into row [W] int32 (a C-contiguous row of a mask)."""
-    if self.matcher is None:
+    self._fill(self.matcher, row)
+
+  def _fill(self, matcher: llguidance.LLMatcher | None, row: np.ndarray) -> None:
+    if matcher is None:
       row[:] = self._allowed
       return
-    llg_numpy.fill_next_token_bitmask(self.matcher, row[None])
-    if self.matcher.is_accepting():  # a stop id ends the sequence: allowed once the grammar is complete, and
+    llg_numpy.fill_next_token_bitmask(matcher, row[None])
+    if matcher.is_accepting():  # a stop id ends the sequence: allowed once the grammar is complete, and
       row |= self._stop  # not before, even where it is also text the grammar takes (a model's eos "ĠC", say)
     else:
       row &= ~self._stop
     row &= self._allowed
+
+  def fill_along(self, tokens: list[int], rows: np.ndarray) -> int:
+    """The masks of a verify step's positions (`qwenjax.engine.speculative`): rows[0] the tokens allowed next,
+    rows[j] those allowed after tokens[:j], for as many of `tokens` (a proposal) as the constraint allows one after
+    another, up to a stop id. Returns that count m: rows[0..m] are filled, the rest untouched. The sequence's own
+    matcher does not move (a copy walks the proposal)."""
+    self.fill(rows[0])
+    matcher = None if self.matcher is None else self.matcher.deep_copy()
+    m = 0
+    while m < len(tokens):
+      token = int(tokens[m])
+      if not (rows[m][token >> 5] >> (token & 31)) & 1:
+        break
+      if matcher is not None and (not matcher.consume_token(token) or matcher.is_error()):
+        break
+      m += 1
+      self._fill(matcher, rows[m])
+      if (self._stop[token >> 5] >> (token & 31)) & 1:  # the sequence ends there
+        break
+    return m
+
+  def admits(self, tokens: list[int]) -> int:
+    """How many of `tokens`, from the first, the constraint allows one after another (`fill_along`)."""
+    return self.fill_along(tokens, np.zeros((len(tokens) + 1, self._allowed.size), np.int32))
 
   def advance(self, token: int) -> bool:
     """Consumes a sampled token; False (and `error` set) if the grammar refuses it or its matcher has failed (a

@@ -258,7 +258,7 @@ def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sam
     with jax.named_scope("sample"):
       if sample is None:
         new, logprob = sampling_lib.sample(logits, inputs.sampling, step_count, prompt_mask, counts, needs,
-                                           mask=inputs.mask)
+                                           mask=_position_mask(inputs.mask, i))
         go = None if goes_on is None else goes_on(i, new)
       else:
         new, logprob, go = sample(i, logits, step_count, counts)
@@ -280,6 +280,13 @@ def _decode_loop(step, cache, slots: SlotState, inputs: DecodeInputs, needs: sam
   # Under a mesh, whole on every device: the host reads them (on every process of a multi-host mesh).
   out_tok, out_lp = constrain(out_tok, (None, None)), constrain(out_lp, (None,) * out_lp.ndim)
   return out_tok, out_lp, cache, SlotState(prompt_mask, counts).constrained()
+
+
+def _position_mask(mask: jax.Array | None, i) -> jax.Array | None:
+  """A decode block's mask [B, words] (the same at every step), or a verify step's [B, W, words]: position i's."""
+  if mask is None or mask.ndim == 2:
+    return mask
+  return jax.lax.dynamic_index_in_dim(mask, i, axis=1, keepdims=False)
 
 
 def _pool_slots(page_table: jax.Array, positions: jax.Array, page_size: int, writes: jax.Array) -> jax.Array:
@@ -449,8 +456,9 @@ def paged_decode_block(graphdef, params, cache: PagedKVCache, slots: SlotState, 
 @dataclasses.dataclass(frozen=True)
 class VerifyInputs:
   """A speculative step over a PagedKVCache: the slots' PagedDecodeInputs (the page tables hold room for each
-  slot's last token and its proposals), drafts: [B, W - 1] int32, the tokens proposed to follow each slot's last
-  one (-1 past its own), and num_drafts: [B] int32, how many (at most its budget - 1)."""
+  slot's last token and its proposals; a mask, where the step is masked, is [B, W, words]: each position's, the
+  one that holds after the proposals before it), drafts: [B, W - 1] int32, the tokens proposed to follow each
+  slot's last one (-1 past its own), and num_drafts: [B] int32, how many (at most its budget - 1)."""
 
   decode: PagedDecodeInputs
   drafts: jax.Array
@@ -511,7 +519,7 @@ def paged_verify(graphdef, params, cache: PagedKVCache, slots: SlotState, inputs
     q = at(draft_probs)  # [B, V'] over the draft's vocabulary, which may be narrower than the target's logits
     q = jnp.pad(q, ((0, 0), (0, logits.shape[-1] - q.shape[-1])))
     return sampling_lib.speculative_sample(logits, d.sampling, step_count, slots.prompt_mask, counts, needs,
-                                           at(proposals), q, i < inputs.num_drafts, mask=d.mask)
+                                           at(proposals), q, i < inputs.num_drafts, mask=_position_mask(d.mask, i))
 
   out = _decode_loop(step, cache.constrained(), slots, d, needs, w, goes_on, weigh if sampled else None)
   if draft_graphdef is None:

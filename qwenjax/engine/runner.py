@@ -248,6 +248,16 @@ class ModelRunner:
     drafts, num_drafts = np.full((b, plan.width - 1), -1, np.int32), np.zeros(b, np.int32)
     for i, proposal in enumerate(plan.proposals):
       drafts[i, :len(proposal)], num_drafts[i] = proposal, len(proposal)
+    if needs.masked:  # each position's mask: the one that holds after the proposals before it
+      d = block.decode
+      masks = np.repeat(d.mask[:, None], plan.width, axis=1)  # [B, W, words]
+      budget = d.budget.copy()
+      for i, (seq, proposal) in enumerate(zip(plan.slots, plan.proposals)):
+        if seq is not None and seq.constraint is not None and proposal:
+          kept = seq.constraint.fill_along(proposal, masks[i])
+          assert kept == len(proposal), (proposal, kept)  # the proposer proposed only what the constraint takes
+          budget[i] = min(len(proposal) + 1, seq.remaining())  # a grammar's budget() is 1: one mask known
+      block = dataclasses.replace(block, decode=dataclasses.replace(d, mask=masks, budget=budget))
     inputs = VerifyInputs(block, drafts, num_drafts)
     with self.on_mesh():
       out_tok, out_lp, self.cache, self.slots, *drafted = self._call(
@@ -404,7 +414,8 @@ class ModelRunner:
                                                     impl=self.attention_impl)
           count += 1
         for w in shapes.get(verifies, []):
-          inputs = VerifyInputs(PagedDecodeInputs(dataclasses.replace(idle, mask=draw.mask), np.zeros(b, np.int32),
+          mask = None if draw.mask is None else np.repeat(draw.mask[:, None], w, axis=1)  # a mask per position
+          inputs = VerifyInputs(PagedDecodeInputs(dataclasses.replace(idle, mask=mask), np.zeros(b, np.int32),
                                                   self._page_table([], b), np.zeros(b, np.int32)),
                                 np.full((b, w - 1), -1, np.int32), np.zeros(b, np.int32))
           _, _, self.cache, self.slots, *_ = self._call(programs.paged_verify, self.graphdef, self.params,

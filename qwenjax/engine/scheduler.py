@@ -249,7 +249,7 @@ class Scheduler:
     limit = self.proposer.config.disable_batch_size
     if not live or (limit and len(live) > limit):
       return None
-    proposals = {id(seq): self.proposer.propose(seq, seq.budget() - 1) for seq in live}
+    proposals = {id(seq): self.proposer.propose(seq, seq.remaining() - 1) for seq in live}
     if not any(proposals.values()):
       return None
     width = self.proposer.choose_width(live, [proposals[id(seq)] for seq in live])

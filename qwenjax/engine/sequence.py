@@ -91,8 +91,12 @@ class Sequence:
 
   def budget(self) -> int:
     """Tokens the next decode block may generate, and so the most of its positions it writes: what it may still
-    generate, or 1 if a grammar constrains it (the host computes its mask one token at a time, so it pauses after
-    one token of each block; it does not end)."""
+    generate (`remaining`), or 1 if a grammar constrains it (the host computes its mask one token at a time, so it
+    pauses after one token of each block; it does not end)."""
     if self.constraint is not None and self.constraint.per_token:
       return 1
+    return self.remaining()
+
+  def remaining(self) -> int:
+    """Tokens it may still generate (a verify step's most: the host has each position's mask for it)."""
     return self.max_tokens - len(self.tokens)

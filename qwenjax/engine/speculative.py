@@ -24,15 +24,21 @@ Positions past the accepted run were written to the cache and are dropped: their
 
 When it runs. A step speculates only when some running sequence has a proposal; otherwise the engine decodes a
 plain block of decode_steps tokens. A sequence gets no proposal when its request opts out
-(`SamplingParams.speculative`), when a grammar constrains it (its mask is known one token at a time), when its
-budget leaves no room, when nothing in its prompt and output matches its last tokens, or when its recent
-proposals were mostly refused (`Acceptance`: after `backoff_after` refused proposals in a row it proposes again
-only after as many plain steps). A step with proposals then weighs them (`Proposer.choose_width`): each
+(`SamplingParams.speculative`), when a grammar constrains it and a draft model proposes (the draft proposes on
+the device; a grammar's masks are computed on the host, one token at a time), when its budget leaves no room,
+when nothing in its prompt and output matches its last tokens, or when its recent proposals were mostly refused
+(`Acceptance`: after `backoff_after` refused proposals in a row it proposes again only after as many plain
+steps). A step with proposals then weighs them (`Proposer.choose_width`): each
 sequence's expected tokens (its acceptance so far) against the verify step's time at each width and a plain
 step's, as this machine measured them in this engine; it cuts the proposals to the best width, or decodes plainly
 if that is faster. A verify step's extra rows are nearly free where decoding only streams weights (a GPU, a TPU),
 and cost up to 3.4x a plain step on a 2-core CPU in float32 (`launch.bench.speculative`). And with more than
 `disable_batch_size` sequences running, no step speculates.
+
+Constraints. A constrained sequence's n-gram proposal is cut where its constraint would refuse a token; the verify
+step samples each position under the mask that holds after the proposals before it (`Constraint.fill_along`: the
+host walks a copy of the grammar's matcher along the proposal), so a proposal the grammar refuses is never kept
+and the token sampled at the first refusal is one the grammar takes, as plain decoding gives it.
 """
 
 from __future__ import annotations
@@ -223,19 +229,26 @@ class Proposer:
 
   def propose(self, seq, room: int) -> list[int]:
     """Up to min(k, room) tokens for seq (a `qwenjax.engine.sequence.Sequence` whose last token the step feeds);
-    [] when it opts out, a grammar constrains it, it rests, or nothing matches. A draft model proposes on the
-    device: min(k, room) placeholders (-1), how many it is to make."""
+    [] when it opts out, it rests, or nothing matches. A constrained sequence's n-gram proposal is cut where its
+    constraint would refuse a token (`Constraint.admits`); a draft model proposes on the device, min(k, room)
+    placeholders (-1): how many it is to make, none for a grammar-constrained sequence (its masks are the
+    host's, one token at a time)."""
     cfg = self.config
     state = seq.speculation
-    if room <= 0 or not seq.params.speculative or seq.constraint is not None:
-      return []
+    grammar = seq.constraint is not None and seq.constraint.per_token
+    if room <= 0 or not seq.params.speculative or (grammar and cfg.method == "draft"):
+      return []  # a draft proposes on the device, where a grammar's masks, the host's, are not
     if state.resting > 0:
       state.resting -= 1
       return []
     if cfg.method == "draft":
       return [-1] * min(cfg.num_speculative_tokens, room)
     history = np.asarray(seq.prompt + seq.tokens, np.int64)
-    return ngram_lookup(history, min(cfg.num_speculative_tokens, room), cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+    proposal = ngram_lookup(history, min(cfg.num_speculative_tokens, room), cfg.prompt_lookup_min,
+                            cfg.prompt_lookup_max)
+    if seq.constraint is not None and proposal:  # only what the constraint allows, one token after another
+      proposal = proposal[:seq.constraint.admits(proposal)]
+    return proposal
 
   def record(self, seq, proposal: list[int], emitted: list[int]) -> int:
     """Notes one verify step of seq: its proposal and the tokens it emitted; returns how many proposals were

@@ -279,18 +279,36 @@ def test_no_recompilation_after_warm_up_as_constrained_rows_come_and_go(tiny):
   assert all(o.finish_reason == "length" or o.token_ids[-1] in engine.eos_token_ids for o in outs)
 
 
-def test_constrained_rows_beside_speculating_ones_decode_as_without_speculation(tiny):
-  """On a speculative engine a grammar-constrained row proposes nothing and takes one token per step, its mask
-  applied at its one verified position, beside free rows that speculate: every output equals the plain engine's."""
+def test_constrained_rows_speculate_under_their_masks_and_decode_as_without_speculation(tiny):
+  """On an n-gram speculative engine, grammar-constrained rows (JSON schemas, a regex whose text repeats) propose
+  what their grammar takes, cut at the first token it would refuse, and each verified position samples under the
+  mask that holds after the proposals before it: beside free rows, greedy and sampled, every output equals the
+  plain engine's, proposals of the constrained rows are kept, and a fresh matcher finds every token allowed where
+  it came."""
+  regex = r"(ab|cd)( (ab|cd)){5,12}"
   free = [Request(prompt="x = 1\ny = 2\nx = 1\ny = 2\nx =", sampling=SamplingParams(max_tokens=30)),
           Request(prompt="def f(a):\n    return a\ndef f(", sampling=SamplingParams(max_tokens=30, temperature=0.9,
                                                                                   seed=8))]
-  requests = [free[0], *[_schema_request(s, seed=i) for i, s in enumerate(SCHEMAS[:2])], free[1]]
-  plain = _engine(tiny, max_batch_size=4).generate(requests)
-  engine = _engine(tiny, max_batch_size=4, speculative=dict(num_speculative_tokens=3, prompt_lookup_min=1))
+  constrained = [*[_schema_request(s, seed=i) for i, s in enumerate(SCHEMAS[:2])],
+                 *[Request(prompt="ab cd ab cd ab", sampling=SamplingParams(max_tokens=40, temperature=t, seed=3),
+                           response_format={"type": "regex", "regex": regex}) for t in (0.0, 0.7)]]
+  requests = [free[0], *constrained, free[1]]
+  plain = _engine(tiny, max_batch_size=6).generate(requests)
+  engine = _engine(tiny, max_batch_size=6, speculative=dict(num_speculative_tokens=3, prompt_lookup_min=1,
+                                                             adaptive=False))
   spec = engine.generate(requests)
   assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
   assert engine.stats()["spec_verify_rows"] > 0
+  only = _engine(tiny, max_batch_size=6, speculative=dict(num_speculative_tokens=3, prompt_lookup_min=1,
+                                                           adaptive=False))
+  outs = only.generate(constrained)
+  assert [o.token_ids for o in outs] == [o.token_ids for o in plain[1:-1]]
+  stats = only.stats()
+  assert 0 < stats["spec_accepted_tokens"] <= stats["spec_proposed_tokens"], stats
+  grammars = [llguidance.LLMatcher.grammar_from_json_schema(s, defaults=LAYOUT) for s in SCHEMAS[:2]]
+  grammars += [llguidance.LLMatcher.grammar_from_regex(regex)] * 2
+  for grammar, out in zip(grammars, outs):
+    _check_tokens(tiny, grammar, out.token_ids, engine.eos_token_ids, complete=out.finish_reason == "stop")
 
 
 def test_the_compiled_grammars_kept_are_bounded_and_the_least_recent_goes_first(tiny, monkeypatch):
