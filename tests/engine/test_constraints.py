@@ -279,6 +279,27 @@ def test_no_recompilation_after_warm_up_as_constrained_rows_come_and_go(tiny):
   assert all(o.finish_reason == "length" or o.token_ids[-1] in engine.eos_token_ids for o in outs)
 
 
+def test_a_speculative_engine_compiles_nothing_after_warm_up_as_constrained_rows_speculate(tiny):
+  """warm_up(constrained=True) on an n-gram engine also compiles the masked verify programs (a mask per position);
+  then free, schema, regex and tool_choice "none" rows with repeats to look up, greedy and sampled, verify
+  proposals and compile nothing."""
+  engine = _engine(tiny, max_batch_size=2, max_seq_len=64, max_prefill_chunk=16, page_size=16, decode_steps=4,
+                   speculative=dict(num_speculative_tokens=3, prompt_lookup_min=1, adaptive=False))
+  assert engine.program_shapes(constrained=True)["masked_verify"] == [2, 4]
+  engine.warm_up(sampling=[SamplingParams(), SamplingParams(temperature=0.8, seed=0)], constrained=True)
+  constraints_ = [{}, {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMAS[0]}}},
+                  {"response_format": {"type": "regex", "regex": r"(ab|cd)( (ab|cd)){3,9}"}},
+                  {"tools": TOOLS, "tool_choice": "none"}]
+  workload = [Request(prompt="ab cd ab cd ab" if i % 2 else "x = 1\nx = 1\nx =",
+                      sampling=SamplingParams(max_tokens=12, temperature=[0.0, 0.8][i % 2], seed=i),
+                      **constraints_[i % 4])
+              for i in range(8)]
+  with count_compilations() as compiled:
+    engine.generate(workload)
+  assert sum(compiled.values()) == 0, compiled
+  assert engine.stats()["spec_verify_rows"] > 0
+
+
 def test_constrained_rows_speculate_under_their_masks_and_decode_as_without_speculation(tiny):
   """On an n-gram speculative engine, grammar-constrained rows (JSON schemas, a regex whose text repeats) propose
   what their grammar takes, cut at the first token it would refuse, and each verified position samples under the
