@@ -1,4 +1,5 @@
-"""Speculative decoding side by side: plain decoding against n-gram prompt lookup, in one process, one run.
+"""Speculative decoding side by side: plain decoding against n-gram prompt lookup (and a draft model), in one
+process, one run.
 
     python -m launch.bench.speculative --batch_sizes=1,8,32 --quantize=none,w8a8 --output_dir=/tmp/spec
     python -m launch.benchmark --speculative ...            # the same, as a section of the benchmark's report
@@ -12,7 +13,9 @@ every engine is warmed up first (`Engine.warm_up`), so nothing compiles in the t
 generated tokens, seconds, tokens/s, and for the speculative engine the acceptance (`Engine.stats`: proposed,
 accepted, mean accepted length, verify calls) and whether every output equals plain decoding's. llama.cpp
 (llama-cpp-python, installed apart) serves the first 4 code prompts one at a time on the same GGUF, greedy, the
-same number of tokens each: the single stream the ratios are taken against.
+same number of tokens each: the single stream the ratios are taken against. --draft_layers=N adds a draft
+engine whose draft is the model's own first N layers (`first_layers`; the embedded model is its family's
+smallest, so no smaller checkpoint can draft it here).
 """
 
 from __future__ import annotations
@@ -96,11 +99,13 @@ def _serve(engine, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 def measure(models: dict, tokenizer, *, batch_sizes: list[int], new_tokens: int, num_speculative_tokens: int,
-            source: str | None, disable_batch_size: int | None = None, max_seq_len: int = 2048) -> dict:
+            source: str | None, disable_batch_size: int | None = None, max_seq_len: int = 2048,
+            draft_layers: int = 0) -> dict:
   """The section: for each model (name -> qwenjax model) and batch size, plain and n-gram engines on both
-  workloads; then llama.cpp's single stream on the code prompts (when `source` is a GGUF it can read).
-  disable_batch_size: the n-gram engine's (`SpeculativeConfig`; None: its default; 0 speculates at every batch
-  size, which measures the break-even)."""
+  workloads (and a draft engine, with draft_layers: the model's own first draft_layers layers as its draft,
+  `first_layers`); then llama.cpp's single stream on the code prompts (when `source` is a GGUF it can read).
+  disable_batch_size: the speculative engines' (`SpeculativeConfig`; None: its default; 0 speculates at every
+  batch size, which measures the break-even)."""
   import qwenjax  # pylint: disable=g-import-not-at-top
   from qwenjax.engine.speculative import SpeculativeConfig  # pylint: disable=g-import-not-at-top
 
@@ -111,12 +116,15 @@ def measure(models: dict, tokenizer, *, batch_sizes: list[int], new_tokens: int,
     spec = dataclasses.replace(spec, disable_batch_size=disable_batch_size)
   section = {"workloads": {k: {"requests": len(p), "prompt_tokens": [len(x) for x in p]} for k, p in prompts.items()},
              "new_tokens": new_tokens, "config": dataclasses.asdict(spec), "engines": {}}
+  section["draft_layers"] = draft_layers
   for name, model in models.items():
     runs = []
+    specs = {"plain": None, "ngram": spec}
+    if draft_layers:
+      specs["draft"] = dataclasses.replace(spec, method="draft", draft_model=first_layers(model, draft_layers))
     for b in batch_sizes:
       engines = {method: qwenjax.Engine(model, tokenizer, max_batch_size=b, max_seq_len=max_seq_len,
-                                        prefix_caching=False, speculative=spec if method == "ngram" else None)
-                 for method in ("plain", "ngram")}
+                                        prefix_caching=False, speculative=s) for method, s in specs.items()}
       for engine in engines.values():
         engine.warm_up(sampling=[qwenjax.SamplingParams()])
       for kind in KINDS:
@@ -125,13 +133,19 @@ def measure(models: dict, tokenizer, *, batch_sizes: list[int], new_tokens: int,
         for method, engine in engines.items():
           logging.info("Speculative section: %s, batch %d, %s, %s.", name, b, kind, method)
           result[method] = _serve(engine, batch, new_tokens)
-        plain, ngram = result["plain"].pop("_tokens"), result["ngram"].pop("_tokens")
-        result["identical_outputs"] = plain == ngram
-        result["identical_requests"] = sum(a == b for a, b in zip(plain, ngram))
-        # Where outputs part (rounding: see the README), the token index they part at.
-        result["first_difference"] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                                      for a, b in zip(plain, ngram) if a != b]
-        result["speedup"] = result["ngram"]["tokens_per_s"] / result["plain"]["tokens_per_s"]
+        plain = result["plain"].pop("_tokens")
+        for method in specs:
+          if method == "plain":
+            continue
+          tokens = result[method].pop("_tokens")
+          prefix = "" if method == "ngram" else "draft_"
+          result[prefix + "identical_outputs"] = plain == tokens
+          result[prefix + "identical_requests"] = sum(a == b for a, b in zip(plain, tokens))
+          # Where outputs part (rounding: see the README), the token index they part at.
+          result[prefix + "first_difference"] = [
+              next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(plain, tokens) if a != b]
+          result[prefix + "speedup"] = result[method]["tokens_per_s"] / result["plain"]["tokens_per_s"]
         runs.append(result)
       del engines
     section["engines"][name] = runs
@@ -140,8 +154,9 @@ def measure(models: dict, tokenizer, *, batch_sizes: list[int], new_tokens: int,
   if single:
     for runs in section["engines"].values():
       for r in runs:
-        for method in ("plain", "ngram"):
-          r[method]["vs_llamacpp_single_stream"] = r[method]["tokens_per_s"] / single
+        for method in ("plain", "ngram", "draft"):
+          if method in r:
+            r[method]["vs_llamacpp_single_stream"] = r[method]["tokens_per_s"] / single
   return section
 
 
@@ -183,9 +198,49 @@ def format_table(section: dict) -> str:
                    f"{r['ngram']['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {s.get('spec_accepted_tokens', 0)} / "
                    f"{s.get('spec_proposed_tokens', 0)} | {s.get('spec_mean_accepted_length', 0):.2f} | "
                    f"{'yes' if r['identical_outputs'] else 'NO'} | {vs} |")
+  drafts = [(name, r) for name, runs in section["engines"].items() for r in runs if "draft" in r]
+  if drafts:
+    lines += ["", f"Draft: the model's own first {section['draft_layers']} layers.", "",
+              "| engine | batch | workload | plain tok/s | draft tok/s | speed-up | accepted / proposed | mean "
+              "accepted length | identical | draft vs llama.cpp |", "|" + " --- |" * 10]
+    for name, r in drafts:
+      s = r["draft"].get("speculation", {})
+      vs = f"{r['draft']['tokens_per_s'] / single:.2f}x" if single else "-"
+      lines.append(f"| {name} | {r['batch_size']} | {r['workload']} | {r['plain']['tokens_per_s']:.2f} | "
+                   f"{r['draft']['tokens_per_s']:.2f} | {r['draft_speedup']:.2f}x | {s.get('spec_accepted_tokens', 0)} "
+                   f"/ {s.get('spec_proposed_tokens', 0)} | {s.get('spec_mean_accepted_length', 0):.2f} | "
+                   f"{'yes' if r['draft_identical_outputs'] else 'NO'} | {vs} |")
   if single:
     lines.append(f"\nllama.cpp single stream (code prompts): {single:.2f} tok/s")
   return "\n".join(lines)
+
+
+def first_layers(model, n: int):
+  """A draft made of the target's own first n layers, then its final norm and head (weights shared, not copied):
+  a smaller model with the target's tokenizer where no smaller checkpoint of its family is at hand (the
+  embedded 0.5B is Qwen2.5's smallest), as layer-skipping self-speculation drafts. Its proposals are what the
+  target's early layers predict, untrained for that: a floor on what a real draft would be kept."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from qwenjax import ConfigError  # pylint: disable=g-import-not-at-top
+  from qwenjax.model.decoder import Qwen2  # pylint: disable=g-import-not-at-top
+
+  cfg = model.cfg
+  if not 0 < n < cfg.num_layers:
+    raise ConfigError(f"--draft_layers must be in [1, {cfg.num_layers - 1}] for a model of {cfg.num_layers} "
+                      f"layers, got {n}.")
+  cfg = dataclasses.replace(cfg, num_layers=n, layer_types=None if cfg.layer_types is None else cfg.layer_types[:n],
+                            mlp_only_layers=tuple(i for i in cfg.mlp_only_layers if i < n))
+  draft = nnx.eval_shape(lambda: Qwen2(cfg, dtype=model.dtype, scan_layers=model.scan_layers,
+                                       quantize=model.quantize, quantize_embeddings=model.quantize_embeddings,
+                                       rngs=nnx.Rngs(0)))
+  state = nnx.state(model)
+  if model.scan_layers:  # stacked [L, ...]: the first n
+    state["layers"] = nnx.map_state(lambda _, x: x[:n], state["layers"])
+  else:
+    state["layers"] = nnx.State({i: state["layers"][i] for i in range(n)})
+  nnx.update(draft, state)
+  return draft
 
 
 def load_models(model: str, quantize: list[str], embeddings: bool) -> tuple[dict, object, str]:
@@ -214,6 +269,8 @@ def main() -> None:
   disable = flags.DEFINE_integer("speculative_disable_batch_size", None, "The n-gram engine's disable_batch_size "
                                  "(default: SpeculativeConfig's; 0: speculate at every batch size).", lower_bound=0)
   output_dir = flags.DEFINE_string("output_dir", None, "Where speculative.json goes (default: printed only).")
+  draft_layers = flags.DEFINE_integer("draft_layers", 0, "Also a draft engine whose draft is the model's own first "
+                                      "this many layers (0: none).", lower_bound=0)
 
   def run(argv):
     del argv
@@ -225,7 +282,7 @@ def main() -> None:
     models, tokenizer, source = load_models(model.value, quantize.value, embeddings.value)
     section = measure(models, tokenizer, batch_sizes=sorted({int(b) for b in batch_sizes.value}),
                       new_tokens=new_tokens.value, num_speculative_tokens=k.value, source=source,
-                      disable_batch_size=disable.value)
+                      disable_batch_size=disable.value, draft_layers=draft_layers.value)
     if output_dir.value:
       out = pathlib.Path(output_dir.value)
       out.mkdir(parents=True, exist_ok=True)

@@ -361,3 +361,37 @@ def test_serve_section_answers_every_request_as_the_batch_job_did(checkpoint):
   assert 0 < section["time_to_first_token_s"]["idle_median"] and section["time_to_first_token_s"]["streams_16_max"] > 0
   assert section["engine_stats"]["requests_running"] == 0
   assert "server (openai client over loopback)" in serve.format_table({"qwenjax": section})
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_a_draft_of_the_first_layers_is_transformers_model_cut_there(tmp_path, scan_layers):
+  """`launch.bench.speculative.first_layers`, the benchmark's draft where no smaller checkpoint exists: the
+  model's first 2 of 3 layers and its final norm and head give transformers' logits of the same checkpoint with
+  its layers cut to 2 (prefill and decode, within 1e-4), and a draft engine on it keeps the target's greedy tokens."""
+  from launch.bench.speculative import first_layers
+
+  hf = build_tiny_qwen2(tmp_path)
+  from qwenjax.checkpoints.hf import load_model
+  model = load_model(tmp_path, scan_layers=scan_layers)
+  draft = first_layers(model, 2)
+  assert draft.cfg.num_layers == 2 and model.cfg.num_layers == 3
+  ids = np.random.default_rng(0).integers(0, 300, size=(2, 24))
+  cfg = {**hf.config.to_dict(), "num_hidden_layers": 2}
+  cfg["layer_types"] = cfg["layer_types"][:2]
+  cut = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg))
+  missing, unexpected = cut.load_state_dict(hf.state_dict(), strict=False)
+  assert not missing and unexpected and all(k.startswith("model.layers.2.") for k in unexpected)  # layer 2's only
+  with torch.no_grad():
+    ref = cut.eval()(torch.tensor(ids)).logits.numpy()
+  from conftest import check_prefill_then_decode
+  check_prefill_then_decode(draft, ids, ref)
+  engine = qwenjax.Engine(model, None, eos_token_ids=(), max_batch_size=2, max_seq_len=128,
+                          speculative=dict(method="draft", draft_model=draft, num_speculative_tokens=3))
+  plain = qwenjax.Engine(model, None, eos_token_ids=(), max_batch_size=2, max_seq_len=128)
+  prompts = [p.tolist() for p in ids]
+  sampling = qwenjax.SamplingParams(max_tokens=16)
+  assert [o.token_ids for o in engine.generate(prompts, sampling)] == [o.token_ids for o in plain.generate(prompts,
+                                                                                                        sampling)]
+  assert engine.stats()["spec_proposed_tokens"] > 0
+  with pytest.raises(qwenjax.ConfigError, match=r"--draft_layers must be in \[1, 2\]"):
+    first_layers(model, 3)
