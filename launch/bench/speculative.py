@@ -185,34 +185,34 @@ def _llamacpp(source: str | None, prompts: list[list[int]], new_tokens: int) -> 
 
 
 def format_table(section: dict) -> str:
-  """The section as a markdown table: per engine, batch and workload, plain and n-gram tokens/s, speed-up,
-  acceptance, identical outputs and the ratio to llama.cpp's single stream."""
+  """The section as markdown tables: per engine, batch and workload, plain and n-gram tokens/s, speed-up,
+  acceptance, identical outputs and the ratio to llama.cpp's single stream; the same for the draft engine."""
   single = section.get("llamacpp", {}).get("tokens_per_s")
-  lines = ["| engine | batch | workload | plain tok/s | ngram tok/s | speed-up | accepted / proposed | mean accepted "
-           "length | identical | ngram vs llama.cpp |", "|" + " --- |" * 10]
-  for name, runs in section["engines"].items():
-    for r in runs:
-      s = r["ngram"].get("speculation", {})
-      vs = f"{r['ngram']['tokens_per_s'] / single:.2f}x" if single else "-"
-      lines.append(f"| {name} | {r['batch_size']} | {r['workload']} | {r['plain']['tokens_per_s']:.2f} | "
-                   f"{r['ngram']['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {s.get('spec_accepted_tokens', 0)} / "
-                   f"{s.get('spec_proposed_tokens', 0)} | {s.get('spec_mean_accepted_length', 0):.2f} | "
-                   f"{'yes' if r['identical_outputs'] else 'NO'} | {vs} |")
-  drafts = [(name, r) for name, runs in section["engines"].items() for r in runs if "draft" in r]
-  if drafts:
+  lines = _method_table(section, "ngram", "", single)
+  if any("draft" in r for runs in section["engines"].values() for r in runs):
     lines += ["", f"Draft: the model's own first {section['draft_layers']} layers.", "",
-              "| engine | batch | workload | plain tok/s | draft tok/s | speed-up | accepted / proposed | mean "
-              "accepted length | identical | draft vs llama.cpp |", "|" + " --- |" * 10]
-    for name, r in drafts:
-      s = r["draft"].get("speculation", {})
-      vs = f"{r['draft']['tokens_per_s'] / single:.2f}x" if single else "-"
-      lines.append(f"| {name} | {r['batch_size']} | {r['workload']} | {r['plain']['tokens_per_s']:.2f} | "
-                   f"{r['draft']['tokens_per_s']:.2f} | {r['draft_speedup']:.2f}x | {s.get('spec_accepted_tokens', 0)} "
-                   f"/ {s.get('spec_proposed_tokens', 0)} | {s.get('spec_mean_accepted_length', 0):.2f} | "
-                   f"{'yes' if r['draft_identical_outputs'] else 'NO'} | {vs} |")
+              *_method_table(section, "draft", "draft_", single)]
   if single:
     lines.append(f"\nllama.cpp single stream (code prompts): {single:.2f} tok/s")
   return "\n".join(lines)
+
+
+def _method_table(section: dict, method: str, prefix: str, single: float | None) -> list[str]:
+  """The markdown lines of one speculative method's runs against plain decoding (result keys under `prefix`)."""
+  lines = [f"| engine | batch | workload | plain tok/s | {method} tok/s | speed-up | accepted / proposed | mean "
+           f"accepted length | identical | {method} vs llama.cpp |", "|" + " --- |" * 10]
+  for name, runs in section["engines"].items():
+    for r in runs:
+      if method not in r:
+        continue
+      s = r[method].get("speculation", {})
+      vs = f"{r[method]['tokens_per_s'] / single:.2f}x" if single else "-"
+      lines.append(f"| {name} | {r['batch_size']} | {r['workload']} | {r['plain']['tokens_per_s']:.2f} | "
+                   f"{r[method]['tokens_per_s']:.2f} | {r[prefix + 'speedup']:.2f}x | "
+                   f"{s.get('spec_accepted_tokens', 0)} / {s.get('spec_proposed_tokens', 0)} | "
+                   f"{s.get('spec_mean_accepted_length', 0):.2f} | "
+                   f"{'yes' if r[prefix + 'identical_outputs'] else 'NO'} | {vs} |")
+  return lines
 
 
 def first_layers(model, n: int):
