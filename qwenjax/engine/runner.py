@@ -254,9 +254,11 @@ class ModelRunner:
       budget = d.budget.copy()
       for i, (seq, proposal) in enumerate(zip(plan.slots, plan.proposals)):
         if seq is not None and seq.constraint is not None and proposal:
+          # The proposer proposed only what the constraint takes (`Constraint.admits`); were it to take fewer
+          # now, the proposal is verified only that far.
           kept = seq.constraint.fill_along(proposal, masks[i])
-          assert kept == len(proposal), (proposal, kept)  # the proposer proposed only what the constraint takes
-          budget[i] = min(len(proposal) + 1, seq.remaining())  # a grammar's budget() is 1: one mask known
+          drafts[i, kept:], num_drafts[i] = -1, kept
+          budget[i] = min(kept + 1, seq.remaining())  # a grammar's budget() is 1: one mask known
       block = dataclasses.replace(block, decode=dataclasses.replace(d, mask=masks, budget=budget))
     inputs = VerifyInputs(block, drafts, num_drafts)
     with self.on_mesh():
