@@ -398,6 +398,13 @@ class _Filtered:
     """[B] log-probabilities of tokens [B] under the raw logits."""
     return jnp.take_along_axis(self.logits, tokens[:, None], -1)[:, 0] - self.lse
 
+  def draw(self, arrays: SamplingArrays, step, stream: int = STREAM_SAMPLE) -> jax.Array:
+    """[B] each row's token: a live row's drawn with its uniform of `stream` (`_draw`), a greedy row's argmax."""
+    if self.live is None:
+      return self.greedy
+    u = _slot_uniforms(arrays.seed, arrays.sample_index, _steps(step, self.greedy.shape[0]), stream)
+    return jnp.where(self.live, _draw(self.pen, self.weight, u), self.greedy)
+
   def probabilities(self) -> jax.Array:
     """[B, V] float32: the distribution each row draws from, normalised; a greedy row's is one-hot at its
     greedy token."""
@@ -468,11 +475,7 @@ def sample(logits: jax.Array, arrays: SamplingArrays, step: jax.Array, prompt_ma
     sampling ever picks it (each row must allow some token). The log-probability reported stays the raw one.
   """
   f = _filter(logits, arrays, prompt_mask, output_counts, needs, fast_k, mask)
-  tokens = f.greedy
-  if needs.sampling:
-    a = arrays
-    u = _slot_uniforms(a.seed, a.sample_index, _steps(step, tokens.shape[0]))
-    tokens = jnp.where(f.live, _draw(f.pen, f.weight, u), tokens)
+  tokens = f.draw(arrays, step)
   return tokens, f.logprobs(tokens)
 
 
@@ -484,12 +487,7 @@ def draft_sample(logits: jax.Array, arrays: SamplingArrays, step: jax.Array, nee
   greedy slot), which `speculative_sample` weighs the proposal against."""
   needs = dataclasses.replace(needs, penalties=False, masked=False, top_logprobs=False)
   f = _filter(logits, arrays, None, None, needs, fast_k, None)
-  tokens = f.greedy
-  if needs.sampling:
-    a = arrays
-    u = _slot_uniforms(a.seed, a.sample_index, _steps(step, tokens.shape[0]), STREAM_DRAFT)
-    tokens = jnp.where(f.live, _draw(f.pen, f.weight, u), tokens)
-  return tokens, f.probabilities()
+  return f.draw(arrays, step, STREAM_DRAFT), f.probabilities()
 
 
 def speculative_sample(logits: jax.Array, arrays: SamplingArrays, step: jax.Array, prompt_mask: jax.Array | None,
@@ -520,9 +518,5 @@ def speculative_sample(logits: jax.Array, arrays: SamplingArrays, step: jax.Arra
   residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p)
   u_res = _slot_uniforms(a.seed, a.sample_index, steps, STREAM_RESIDUAL)
   refused = _draw(residual, lambda x: jnp.maximum(x, 0.0), u_res)  # blocks padded with -inf weigh 0
-  plain = f.greedy
-  if needs.sampling:
-    u_plain = _slot_uniforms(a.seed, a.sample_index, steps)
-    plain = jnp.where(f.live, _draw(f.pen, f.weight, u_plain), plain)
-  tokens = jnp.where(proposed, jnp.where(kept, proposal, refused), plain)
+  tokens = jnp.where(proposed, jnp.where(kept, proposal, refused), f.draw(arrays, steps))
   return tokens, f.logprobs(tokens), kept

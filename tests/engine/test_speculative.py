@@ -221,27 +221,32 @@ def test_sampled_outputs_equal_plain_decoding_seed_for_seed(tiny):
   assert 0 < stats["spec_accepted_tokens"] < stats["spec_proposed_tokens"], stats
 
 
+def _filtered(logits, temperature, top_k, top_p):
+  """The distribution plain sampling draws from (temperature, top-k with ties kept, then top-p: the smallest set of
+  most likely tokens whose mass reaches top_p), by hand in float64, over the last axis of logits [..., V]."""
+  z = logits.astype(np.float64) / temperature
+  if top_k:
+    z = np.where(z >= np.take(np.sort(z, axis=-1), [-top_k], axis=-1), z, -np.inf)
+  p = np.exp(z - z.max(axis=-1, keepdims=True))
+  p /= p.sum(axis=-1, keepdims=True)
+  if top_p < 1:
+    order = np.argsort(-p, axis=-1, kind="stable")
+    mass = np.cumsum(np.take_along_axis(p, order, -1), axis=-1)
+    before = np.concatenate([np.zeros_like(mass[..., :1]), mass[..., :-1]], axis=-1)  # the mass of those above
+    keep = np.zeros(p.shape, bool)
+    np.put_along_axis(keep, order, before < top_p, -1)
+    p = np.where(keep, p, 0.0)
+    p /= p.sum(axis=-1, keepdims=True)
+  return p
+
+
 def _exact_second_token(hf, prompt, temperature, top_k, top_p):
   """The exact distribution of the first and second generated tokens under temperature, top-k and top-p, from
   transformers' float32 logits: p1 [V], p2 [V] = sum over t1 of p1(t1) p(t2 | prompt, t1), and the probability
   that the second token equals prompt lookup's proposal after the first: sum over t1 of p1(t1) p(d(t1) | prompt,
   t1)."""
 
-  def dist(logits):
-    z = logits.astype(np.float64) / temperature
-    if top_k:
-      z = np.where(z >= np.sort(z)[-top_k], z, -np.inf)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1:
-      order = np.argsort(-p, kind="stable")
-      mass = np.cumsum(p[order])
-      keep = order[:int(np.searchsorted(mass, top_p) + 1)]
-      q = np.zeros_like(p)
-      q[keep] = p[keep]
-      p = q / q.sum()
-    return p
-
+  dist = lambda logits: _filtered(logits, temperature, top_k, top_p)
   v = hf.config.vocab_size
   with torch.no_grad():
     first = hf(torch.tensor([prompt])).logits[0, -1].numpy()
@@ -399,24 +404,6 @@ def test_draft_model_sampling_prefix_caching_and_preemption(tiny, drafts):
   assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0 and stats["spec_accepted_tokens"] > 0, stats
   for p, out in zip(prompts, outs):
     assert out.token_ids == _hf_greedy(hf, p, 36)
-
-
-def _filtered(logits, temperature, top_k, top_p):
-  """The distribution plain sampling draws from (temperature, top-k, top-p), by hand in float64; logits [..., V]."""
-  z = logits.astype(np.float64) / temperature
-  if top_k:
-    z = np.where(z >= np.sort(z, axis=-1)[..., -top_k:-top_k + 1], z, -np.inf)
-  p = np.exp(z - z.max(axis=-1, keepdims=True))
-  p /= p.sum(axis=-1, keepdims=True)
-  if top_p < 1:
-    order = np.argsort(-p, axis=-1, kind="stable")
-    ranked = np.take_along_axis(p, order, -1)
-    keep_ranked = np.cumsum(ranked, axis=-1) - ranked < top_p  # the smallest prefix whose mass reaches top_p
-    keep = np.zeros_like(keep_ranked)
-    np.put_along_axis(keep, order, keep_ranked, -1)
-    p = np.where(keep, p, 0.0)
-    p /= p.sum(axis=-1, keepdims=True)
-  return p
 
 
 def test_a_sampled_draft_follows_the_exact_distribution(tmp_path):
