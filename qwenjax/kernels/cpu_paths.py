@@ -394,13 +394,25 @@ def accelerator_installed() -> bool:
   return any(m.name.startswith(("libtpu", "jax_cuda", "jax_rocm")) for m in pkgutil.iter_modules())
 
 
+# The XLA_FLAGS value a qwenjax process set for its own mode. Its subprocesses inherit both: a launch script that a
+# benchmark or a tool starts for another mode sees XLA_FLAGS equal to this and knows them for qwenjax's, not the
+# user's (which always win), so it runs its own mode's configuration.
+SET_XLA_FLAGS_ENV = "QWENJAX_SET_XLA_FLAGS"
+
+
 def apply_xla_flags(paths: Paths, environ: dict | None = None) -> str | None:
-  """Puts the chosen configuration's flags in XLA_FLAGS unless the user set XLA_FLAGS (theirs always win).
+  """Puts the chosen configuration's flags in XLA_FLAGS unless the user set XLA_FLAGS (theirs always win); flags a
+  qwenjax parent process set (`SET_XLA_FLAGS_ENV`) are replaced, or removed where the defaults were chosen.
   Returns what was set, or None. XLA reads XLA_FLAGS when its CPU backend starts: call before jax computes."""
   environ = os.environ if environ is None else environ
-  if not paths.flags or environ.get("XLA_FLAGS"):
+  current = environ.get("XLA_FLAGS", "")
+  if current and current != environ.get(SET_XLA_FLAGS_ENV):
     return None
-  environ["XLA_FLAGS"] = " ".join(paths.flags)
+  if not paths.flags:
+    environ.pop("XLA_FLAGS", None)
+    environ.pop(SET_XLA_FLAGS_ENV, None)
+    return None
+  environ["XLA_FLAGS"] = environ[SET_XLA_FLAGS_ENV] = " ".join(paths.flags)
   return environ["XLA_FLAGS"]
 
 

@@ -19,6 +19,7 @@ from qwenjax.kernels import cpu_paths, int8_matmul
 REPO = pathlib.Path(__file__).resolve().parents[2]
 XEON_RECORD = REPO / "tests" / "data" / "cpu_paths_xeon.json"
 ZEN3_RECORD = REPO / "tests" / "data" / "cpu_paths_zen3.json"  # AMD EPYC, AVX2 only; with the probe's decode steps
+ZEN5_RECORD = REPO / "tests" / "data" / "cpu_paths_zen5.json"  # AMD EPYC, AVX-512 with VNNI and BF16; with steps
 
 
 def _entry(mode, m, us, *, config="default", layout=None, formulation=None, error=1e-7, k=64, n=96, **extra):
@@ -158,9 +159,10 @@ def test_no_default_timings_is_a_clear_error():
     cpu_paths.select(_record(), "int4")
 
 
-@pytest.mark.parametrize("path,processor", [(XEON_RECORD, "Xeon"), (ZEN3_RECORD, "AMD EPYC")])
+@pytest.mark.parametrize("path,processor", [(XEON_RECORD, "Xeon"), (ZEN3_RECORD, "AMD EPYC"),
+                                            (ZEN5_RECORD, "AMD EPYC")])
 def test_a_recorded_probe_chooses_the_fastest_exact_path_of_each_cell(path, processor):
-  """On the recorded probes of a Sapphire Rapids Xeon and a Zen 3 EPYC: at every probed (shape, M) the chosen
+  """On the recorded probes of a Sapphire Rapids Xeon, a Zen 3 and a Zen 5 EPYC: at every probed (shape, M) the chosen
   formulation (in the chosen layout) is the fastest exact one there, recomputed here from the table."""
   record = json.loads(path.read_text())
   assert processor in record["processor"]
@@ -193,6 +195,27 @@ def test_the_zen3_record_decode_steps_overrule_bfloat16s_matmuls():
   assert {cpu_paths.select(record, m).config for m in ("float32", "w8a8")} == {"default"}
 
 
+def test_the_zen5_record_chooses_by_its_steps_and_the_margin():
+  """The recorded Zen 5 probe (AVX-512 with VNNI and BF16): XNNPACK's float32 matmuls (geometric mean 681.2 against
+  735.9 us) and decode steps (73.27 against 80.16 ms) win; YNNPACK's bfloat16 dots are 2.2x the defaults' but the
+  whole bfloat16 steps are within the 5% margin (207.62 against 211.76 ms), so the defaults stay; XNNPACK is
+  confirmed for w8a16 (82.78 against 87.90 ms); w8a8's XNNPACK matmuls win by 2.7% (167.3 against 171.8 us), under
+  the margin, and were not stepped."""
+  record = json.loads(ZEN5_RECORD.read_text())
+  assert record["processor"] == "AMD EPYC" and record["key"] != json.loads(ZEN3_RECORD.read_text())["key"]
+  matmuls_only = dict(record, steps=[])
+  assert {m: cpu_paths.select(matmuls_only, m).config for m in cpu_paths.MODES} == {
+      "float32": "xnnpack", "bfloat16": "ynnpack", "w8a16": "xnnpack", "w8a8": "default"}
+  steps = {(e["mode"], e["config"]): e["ms"] for e in record["steps"]}
+  for mode, config, ms in (("float32", "xnnpack", 73.27), ("float32", "default", 80.16), ("bfloat16", "ynnpack",
+                            207.62), ("bfloat16", "default", 211.76), ("w8a16", "xnnpack", 82.78), ("w8a16",
+                            "default", 87.90)):
+    assert cpu_paths.step_scores(record, mode)[config] == pytest.approx(ms, abs=0.01), (mode, config)
+  assert not any(mode == "w8a8" for mode, _ in steps)
+  assert {m: cpu_paths.select(record, m).config for m in cpu_paths.MODES} == {
+      "float32": "xnnpack", "bfloat16": "default", "w8a16": "xnnpack", "w8a8": "default"}
+
+
 def test_a_dead_worker_is_recorded_by_its_fatal_line():
   """What a probe worker's death is recorded as: Python's fatal error even where a library's message ran into it
   (oneDNN on a Zen 3 EPYC, stderr as captured), and the last path timed."""
@@ -215,6 +238,26 @@ def test_user_xla_flags_win():
   assert cpu_paths.apply_xla_flags(paths, env) is None and env["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
   env = {}
   assert cpu_paths.apply_xla_flags(paths, env) == " ".join(cpu_paths.CONFIGS["onednn"]) == env["XLA_FLAGS"]
+
+
+def test_flags_a_qwenjax_parent_set_are_not_the_users():
+  """A benchmark sets its own mode's flags, then starts launch scripts of other modes, which inherit its environment:
+  each must run its own mode's configuration (the benchmark's w8a8 job ran under float32's XNNPACK, its log saying
+  "XLA_FLAGS of your own"), while flags the user set, even after a qwenjax parent's, still win."""
+  xnnpack = cpu_paths.Paths("float32", "xnnpack", cpu_paths.CONFIGS["xnnpack"], {}, {}, ((1, "dot"),))
+  defaults = cpu_paths.Paths("w8a8", "default", (), {}, {}, ((1, "int32_dot"),))
+  ynnpack = cpu_paths.Paths("w8a16", "ynnpack", cpu_paths.CONFIGS["ynnpack"], {}, {}, ((1, "column_blocks"),))
+  parent = {}
+  cpu_paths.apply_xla_flags(xnnpack, parent)
+  assert parent == {"XLA_FLAGS": " ".join(cpu_paths.CONFIGS["xnnpack"]),
+                    cpu_paths.SET_XLA_FLAGS_ENV: " ".join(cpu_paths.CONFIGS["xnnpack"])}
+  child = dict(parent)
+  assert cpu_paths.apply_xla_flags(defaults, child) is None and child == {}  # XLA's defaults: no flags at all
+  child = dict(parent)
+  assert cpu_paths.apply_xla_flags(ynnpack, child) == " ".join(cpu_paths.CONFIGS["ynnpack"]) == child["XLA_FLAGS"]
+  users = dict(parent, XLA_FLAGS="--xla_cpu_enable_fast_math=false")  # the user's own, set after the parent's
+  assert cpu_paths.apply_xla_flags(ynnpack, users) is None and users["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+  assert cpu_paths.apply_xla_flags(defaults, users) is None and users["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
 
 
 def test_the_probe_and_the_benchmark_parts_import_beside_a_launch_script():
