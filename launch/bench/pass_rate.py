@@ -108,7 +108,8 @@ def evaluate(loaded, tasks, *, slots: int, max_tokens: int, timeout: float, corp
   from launch.bench.perplexity import perplexity  # pylint: disable=g-import-not-at-top
   from qwenjax import Engine  # pylint: disable=g-import-not-at-top
 
-  engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=slots, max_seq_len=1024)
+  # The prompts are under 200 tokens with Qwen's chat template: any --max_tokens fits after them.
+  engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=slots, max_seq_len=max_tokens + 512)
   start = time.perf_counter()
   answers = answer(engine, tasks, max_tokens)
   seconds = time.perf_counter() - start
