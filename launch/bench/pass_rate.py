@@ -160,7 +160,7 @@ def define_flags() -> None:
                              "file.")
 
 
-def _worker(name: str) -> dict[str, Any]:
+def _worker(name: str, tasks: list[coding_tasks.Task]) -> dict[str, Any]:
   """One engine, in this process: its matmul paths, its weights, its evaluation."""
   from launch.bench.perplexity import CORPUS, _load  # pylint: disable=g-import-not-at-top
   from qwenjax.kernels import cpu_paths  # pylint: disable=g-import-not-at-top
@@ -169,8 +169,8 @@ def _worker(name: str) -> dict[str, Any]:
   dtype, quantize = ENGINES[name]
   _cli.use_cpu_paths(f.cpu_paths, cpu_paths.mode_of(dtype, quantize))  # before jax starts its backend
   loaded = _load(f.model, dtype, quantize, f.quantize_embeddings and quantize != "none")
-  logging.info("%s: answering %d tasks", name, len(_select(f.tasks)))
-  return evaluate(loaded, _select(f.tasks), slots=f.slots, max_tokens=f.max_tokens, timeout=f.timeout,
+  logging.info("%s: answering %d tasks", name, len(tasks))
+  return evaluate(loaded, tasks, slots=f.slots, max_tokens=f.max_tokens, timeout=f.timeout,
                   corpus=CORPUS.read_text(encoding="utf-8") if f.perplexity else None)
 
 
@@ -188,7 +188,7 @@ def main(argv):
     except ValueError as e:
       raise QwenJaxError(str(e)) from None
     if f.worker_output or len(f.engines) == 1:
-      result = _worker(f.engines[0])
+      result = _worker(f.engines[0], tasks)
       if f.worker_output:
         with open(f.worker_output, "w", encoding="utf-8") as out:
           json.dump(result, out)
