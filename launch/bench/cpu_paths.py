@@ -251,8 +251,11 @@ def time_steps(record: dict, mode: str, config: str, model_name: str, layers: in
 # --- The parent: one process per configuration ---
 
 def _worker_env(flags_: tuple[str, ...]) -> dict:
+  from qwenjax.kernels import cpu_paths  # noqa: PLC0415
+
   env = dict(os.environ, XLA_FLAGS=" ".join(flags_), JAX_PLATFORMS="cpu")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # time compiled code, never read back from another run
+  env.pop(cpu_paths.SET_XLA_FLAGS_ENV, None)  # these flags are the worker's own, not a parent's to replace
   return env
 
 
