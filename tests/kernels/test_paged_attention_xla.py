@@ -30,12 +30,13 @@ def _real(x, num_new):
 
 
 @pytest.mark.parametrize("window", [FULL_WINDOW, 40])
-@pytest.mark.parametrize("chunk_tokens", [16, 64, 1024])
-def test_equals_the_one_gather_reference(window, chunk_tokens):
+@pytest.mark.parametrize("chunk_tokens,row_group", [(16, None), (64, None), (1024, None), (16, 1), (64, 3), (64, 8)])
+def test_equals_the_one_gather_reference(window, chunk_tokens, row_group):
+  """Also with the rows sorted and visited in groups (3: four rows as two groups, one padded; 8: one group)."""
   q, kp, vp, pos, num_new, table = _case(0)
   want = paged_attention_reference(q, kp, vp, pos, table, window)
-  got = jax.jit(paged_attention_xla, static_argnames=("chunk_tokens",))(q, kp, vp, pos, num_new, table, window,
-                                                                         chunk_tokens=chunk_tokens)
+  got = jax.jit(paged_attention_xla, static_argnames=("chunk_tokens", "row_group"))(
+      q, kp, vp, pos, num_new, table, window, chunk_tokens=chunk_tokens, row_group=row_group)
   assert got.shape == want.shape and got.dtype == want.dtype
   for g, w in zip(_real(got, num_new), _real(want, num_new)):
     np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-5)
@@ -92,6 +93,28 @@ def test_visits_only_the_chunks_the_real_queries_reach():
     np.testing.assert_array_equal(a, b)
   none = paged_attention_xla(q, kp, vp, pos, jnp.zeros_like(num_new), table, FULL_WINDOW)
   assert not np.asarray(none).any()
+
+
+def test_each_group_of_rows_reads_only_as_far_as_its_own_longest_row():
+  """Rows of disjoint pages, every page past a row's own furthest query filled with NaN: visited one row a group
+  (sorted by length, the longest first in the input) each row's result is the reference's over the clean pages,
+  while one group of all rows reads the short rows' NaN pages (NaN values weighted by zero are NaN)."""
+  rng = np.random.default_rng(6)
+  b, t, p = 4, 6, 6
+  lengths, num_new = np.array([90, 5, 40, 1]), np.array([3, 5, 6, 1], np.int32)
+  pos = jnp.asarray((lengths - num_new)[:, None] + np.arange(t)[None, :], jnp.int32)
+  table = jnp.asarray(np.arange(b * p).reshape(b, p), jnp.int32)  # row i: pages 6i .. 6i + 5
+  q = jnp.asarray(rng.normal(size=(b, t, K * G, H)), jnp.float32)
+  kp, vp = (jnp.asarray(rng.normal(size=(PAGES, PAGE, K, H)), jnp.float32) for _ in range(2))
+  want = paged_attention_reference(q, kp, vp, pos, table, FULL_WINDOW)
+  past = np.array([row * p + pg for row in range(b) for pg in range(p) if pg * PAGE >= lengths[row]])
+  kp_nan, vp_nan = kp.at[past].set(jnp.nan), vp.at[past].set(jnp.nan)
+  got = paged_attention_xla(q, kp_nan, vp_nan, pos, jnp.asarray(num_new), table, FULL_WINDOW, chunk_tokens=16,
+                            row_group=1)
+  for g, w in zip(_real(got, num_new), _real(want, num_new)):
+    np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-5)
+  together = paged_attention_xla(q, kp_nan, vp_nan, pos, jnp.asarray(num_new), table, FULL_WINDOW, chunk_tokens=16)
+  assert np.isnan(_real(together, num_new)[1]).all()  # row 1 (5 keys) read as far as row 0 (90)
 
 
 def test_a_bfloat16_pool_stored_as_bits_reads_as_the_same_values():
