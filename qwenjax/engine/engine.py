@@ -62,7 +62,7 @@ from qwenjax.engine.runner import ModelRunner
 from qwenjax.engine.sampling_params import SamplingParams
 from qwenjax.engine.scheduler import Scheduler, StepPlan, VerifyPlan
 from qwenjax.engine.speculative import Proposer, SpeculativeConfig
-from qwenjax.kernels.buckets import LengthBuckets
+from qwenjax.kernels.buckets import step_buckets
 from qwenjax.model import lora as lora_lib
 from qwenjax.model import registry
 from qwenjax.model.decoder import Qwen2
@@ -146,8 +146,7 @@ class Engine:
     self.image_processor = image_processor or processing.ImageProcessorConfig()
     self.max_batch_size, self.max_seq_len, self.decode_steps = max_batch_size, max_seq_len, decode_steps
     self.prefix_caching = bool(prefix_caching)
-    self.buckets = LengthBuckets(maximum=min(max_prefill_chunk, max_seq_len),
-                                 minimum=min(16, max_prefill_chunk, max_seq_len))
+    self.buckets = step_buckets(max_prefill_chunk, max_batch_size, max_seq_len)
     if eos_token_ids is None:  # the tokenizer's (generation_config, <|im_end|>) and the model config's
       eos_token_ids = set(self.cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
     self.eos_token_ids = frozenset(eos_token_ids)

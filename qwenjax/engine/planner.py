@@ -75,6 +75,7 @@ from flax import nnx
 from qwenjax._errors import ConfigError
 from qwenjax.config import DTYPES, PRESETS, QwenConfig, check_dtype
 from qwenjax.engine.pages import pages_needed
+from qwenjax.kernels.buckets import step_buckets
 from qwenjax.model import moe, registry
 from qwenjax.model.decoder import weight_declarations
 from qwenjax.model.kv_cache import PAGE_SIZES, PagedKVCache, page_bytes, pages_for_memory
@@ -248,7 +249,7 @@ def plan_memory(model: str | QwenConfig | QwenVLConfig, *, mesh: Mapping[str, in
   cb = np.dtype(DTYPES[dtype]).itemsize
   text = getattr(config, "text", config)  # QwenVLConfig holds its decoder in .text
   vision = getattr(config, "vision", None)
-  chunk = min(max_prefill_chunk, max_seq_len)  # as the engine caps its buckets
+  chunk = step_buckets(max_prefill_chunk, max_batch_size, max_seq_len).maximum  # the engine's step budget
   read = pages_needed(max_seq_len, page_size) * page_size  # S': the positions of a full sequence's pages
   sharder = _Sharder(mesh, rules)
   gathered = _Sharder({**mesh, "fsdp": 1}, rules)  # a layer's weights as fsdp all-gathers them for use

@@ -15,6 +15,15 @@ def next_power_of_two(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
+def step_buckets(max_prefill_chunk: int, max_batch_size: int, max_seq_len: int) -> LengthBuckets:
+  """An engine step's prefill buckets: blocks of min(16, ...) tokens, up to the token budget max_prefill_chunk, or
+  the most a step can hold when that is less: every slot prefilling a whole max_seq_len prompt, block aligned. Not
+  max_seq_len alone: 32 prompts of 64 tokens would then take 16 steps of 128 tokens instead of 4 of 512."""
+  block = min(16, max_prefill_chunk, max_seq_len)
+  return LengthBuckets(maximum=min(max_prefill_chunk, max_batch_size * -(-max_seq_len // block) * block),
+                       minimum=block)
+
+
 @dataclasses.dataclass(frozen=True)
 class LengthBuckets:
   """The padded lengths prompts are compiled at: powers of two from `minimum`, capped at `maximum`."""

@@ -214,3 +214,17 @@ def test_packed_prefill_admits_many_prompts_in_few_calls(tiny):
   assert engine.stats()["prefill_calls"] <= 4, engine.stats
   for p, out in zip(prompts, outs):
     assert out.token_ids == _hf_greedy(hf, p, 5)
+
+
+def test_a_short_context_does_not_shrink_the_step_budget(tiny):
+  """max_seq_len caps one prompt, not a step: 8 prompts of 40-48 tokens with max_seq_len 64 prefill in one step of
+  up to 8 x 64 tokens (they would take 8 steps if the budget were max_seq_len), and greedy stays transformers'."""
+  hf = tiny[1]
+  prompts = _prompts(8, seed=6, lo=40, hi=49)
+  engine = _engine(tiny, max_batch_size=8, max_seq_len=64, max_prefill_chunk=512)
+  assert engine.program_shapes()["step"] == [16, 32, 64, 128, 256, 512]
+  outs = engine.generate(prompts, SamplingParams(max_tokens=6))
+  assert engine.stats()["prefill_calls"] == 1, engine.stats()
+  for p, out in zip(prompts, outs):
+    assert out.token_ids == _hf_greedy(hf, p, 6)
+  assert _engine(tiny, max_batch_size=2, max_seq_len=64).program_shapes()["step"] == [16, 32, 64, 128]
