@@ -225,8 +225,9 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, q_positions: jax
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_positions: jax.Array,
                     num_new: jax.Array, page_table: jax.Array, window, *, sliding_window: int | None = None,
                     k_scale: jax.Array | None = None, v_scale: jax.Array | None = None, dtype=None,
-                    impl: str = "xla", layer: jax.Array | int | None = None) -> jax.Array:
+                    impl: str = "xla", layer: jax.Array | int | None = None, group_rows: bool = True) -> jax.Array:
   """The decoder's attention over a paged cache by `impl`; arguments as `paged_attention_reference`, plus
+  group_rows: on CPU, "xla" visits the rows in sorted groups (`CPU_ROW_GROUP`; False: as one group), plus
   num_new [B] (row b's first num_new[b] queries are real, the rest padding, which "pallas" leaves out),
   sliding_window: the model's window (static), which a traced `window` (under scan: this layer's, FULL_WINDOW or
   sliding_window) selects, and layer: as `paged_attention_xla`'s (the pools then hold every layer).
@@ -236,10 +237,10 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_posi
   """
   _check_impl(impl)
   if impl == "xla":
-    cpu = jax.default_backend() == "cpu"
+    grouped = group_rows and jax.default_backend() == "cpu"
     return paged_attention_xla(q, k_pages, v_pages, q_positions, num_new, page_table, window, k_scale=k_scale,
-                               v_scale=v_scale, dtype=dtype, layer=layer,
-                               chunk_tokens=CPU_CHUNK_TOKENS if cpu else 256, row_group=CPU_ROW_GROUP if cpu else None)
+                               v_scale=v_scale, dtype=dtype, layer=layer, chunk_tokens=CPU_CHUNK_TOKENS if grouped
+                               else 256, row_group=CPU_ROW_GROUP if grouped else None)
   if layer is not None:
     k_pages, v_pages, k_scale, v_scale = (None if a is None else a[layer] for a in (k_pages, v_pages, k_scale, v_scale))
   k_pages, v_pages = from_pool(k_pages), from_pool(v_pages)  # a CPU bfloat16 pool, whole (interpret mode only)
