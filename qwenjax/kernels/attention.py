@@ -89,10 +89,12 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
   return attention_reference(q, keys, values, q_positions, key_pos, window, dtype=dtype)
 
 
-# XLA:CPU's schedule for `paged_attention_xla` in the engine: rows per group and keys per chunk. Measured on a
-# 2-core Zen 5 EPYC (24 layers, 32 decode rows of 30-700 positions, the 128-request job's spread): 48-56 ms a step
-# ungrouped with 256-key chunks, 33-38 ms in sorted groups of 8 with 128-key chunks; 32 prefill blocks of 16
-# queries 203 against 119 ms; 32 rows all at 128 positions 18.5 against 11.1 ms, all at 512 33.3 against 36.0 ms.
+# XLA:CPU's schedule for `paged_attention_xla` in decode and verify programs: rows per group and keys per chunk.
+# Measured on a 2-core Zen 5 EPYC (24 layers timed alone, 32 decode rows of 30-700 positions, the 128-request job's
+# spread): 48-56 ms a step ungrouped with 256-key chunks, 33-38 ms in sorted groups of 8 with 128-key chunks; 32
+# rows all at 512 positions 33.3 against 36.0 ms. In the engine at 32 rows all at 64-128 positions the groups cost
+# 15.5 against 11.0 ms a step (more operations), and in the ragged step (prefill blocks: 119 against 203 ms alone)
+# they lengthened compilation (see `qwenjax.model.decoder`), so the ragged step keeps one group.
 CPU_ROW_GROUP, CPU_CHUNK_TOKENS = 8, 128
 
 
