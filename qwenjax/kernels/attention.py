@@ -229,8 +229,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_posi
                     k_scale: jax.Array | None = None, v_scale: jax.Array | None = None, dtype=None,
                     impl: str = "xla", layer: jax.Array | int | None = None, group_rows: bool = True) -> jax.Array:
   """The decoder's attention over a paged cache by `impl`; arguments as `paged_attention_reference`, plus
-  group_rows: on CPU, "xla" visits the rows in sorted groups (`CPU_ROW_GROUP`; False: as one group), plus
-  num_new [B] (row b's first num_new[b] queries are real, the rest padding, which "pallas" leaves out),
+  group_rows (on CPU "xla" visits the rows in sorted groups of `CPU_ROW_GROUP`; False: as one group), num_new [B]
+  (row b's first num_new[b] queries are real, the rest padding, which "pallas" leaves out),
   sliding_window: the model's window (static), which a traced `window` (under scan: this layer's, FULL_WINDOW or
   sliding_window) selects, and layer: as `paged_attention_xla`'s (the pools then hold every layer).
 
