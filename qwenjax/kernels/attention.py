@@ -131,8 +131,7 @@ def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_
   qg = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
   if quantized:
     qg = qg.astype(jnp.float32)
-  valid = jnp.arange(t)[None, :] < num_new[:, None]  # [B, T]
-  last = jnp.max(jnp.where(valid, q_positions, -1))  # the furthest position a real query reads
+  last = jnp.max(_furthest(q_positions, num_new))  # the furthest position a real query reads
   num_chunks = (last + span) // span
 
   read = (lambda x, pages: x[pages]) if layer is None else (lambda x, pages: x[layer, pages])
@@ -168,12 +167,18 @@ def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(dt)
 
 
+def _furthest(q_positions: jax.Array, num_new: jax.Array) -> jax.Array:
+  """[B] the position of each row's last real query (-1: a row with none)."""
+  valid = jnp.arange(q_positions.shape[1])[None, :] < num_new[:, None]  # [B, T]
+  return jnp.max(jnp.where(valid, q_positions, -1), axis=1)
+
+
 def _grouped_rows(q, k_pages, v_pages, q_positions, num_new, page_table, window, *, row_group: int, **kwargs):
   """`paged_attention_xla` over groups of `row_group` rows sorted by their furthest real query (see there)."""
   b = q.shape[0]
   groups = -(-b // row_group)
   pad = groups * row_group - b  # rows with no real query: sorted first, their group's loop runs no chunk
-  last = jnp.max(jnp.where(jnp.arange(q.shape[1])[None, :] < num_new[:, None], q_positions, -1), axis=1)  # [B]
+  last = _furthest(q_positions, num_new)  # [B]
   order = jnp.argsort(jnp.concatenate([jnp.full((pad,), -1, last.dtype), last]))  # [G * R] over the padded rows
   padded = lambda x: jnp.concatenate([jnp.zeros((pad,) + x.shape[1:], x.dtype), x]) if pad else x
   grouped = lambda x: padded(x)[order].reshape((groups, row_group) + x.shape[1:])
@@ -239,10 +244,10 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_posi
   """
   _check_impl(impl)
   if impl == "xla":
-    grouped = group_rows and jax.default_backend() == "cpu"
+    schedule = (dict(chunk_tokens=CPU_CHUNK_TOKENS, row_group=CPU_ROW_GROUP)
+                if group_rows and jax.default_backend() == "cpu" else {})
     return paged_attention_xla(q, k_pages, v_pages, q_positions, num_new, page_table, window, k_scale=k_scale,
-                               v_scale=v_scale, dtype=dtype, layer=layer, chunk_tokens=CPU_CHUNK_TOKENS if grouped
-                               else 256, row_group=CPU_ROW_GROUP if grouped else None)
+                               v_scale=v_scale, dtype=dtype, layer=layer, **schedule)
   if layer is not None:
     k_pages, v_pages, k_scale, v_scale = (None if a is None else a[layer] for a in (k_pages, v_pages, k_scale, v_scale))
   k_pages, v_pages = from_pool(k_pages), from_pool(v_pages)  # a CPU bfloat16 pool, whole (interpret mode only)
