@@ -4,6 +4,7 @@
       generator.generate(prompts, sampling)
     assert compiled["prefill_impl"] <= len(buckets)
     timer = CompileTimer()                              # from now on: seconds spent compiling, and compilations
+    trim_after_compilations()                           # hand the compiler's freed heap back to the system
 
 Bucketing promises are checked with the first (tests, benchmarks); a batch job reports the second in its summary.
 """
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
+import ctypes.util
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -85,3 +89,40 @@ class CompileTimer:
     del details
     self.seconds += duration
     self.count += event == _BACKEND_COMPILE_EVENT
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+  """glibc's malloc_trim, or None (another C library, another system)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+  except (OSError, AttributeError):  # musl and others have no malloc_trim
+    return None
+
+
+_trim_handler: _Handler | None = None
+
+
+def trim_after_compilations() -> bool:
+  """After every XLA compilation of this process from now on, hands the heap memory the compiler freed back to the
+  system (glibc's `malloc_trim(0)`). XLA compiles on threads of their own, and glibc keeps what they free in
+  per-thread arenas: on the embedded model a 32-slot w8a8 engine's 10 programs left ~150 MB of free heap resident
+  (the process's peak RSS 2.27-2.31 GiB with the trim, 2.44-2.47 GiB without). Returns False where the C library
+  has no malloc_trim (nothing is done). Idempotent: one handler for the process."""
+  global _trim_handler
+  trim = _malloc_trim()
+  if trim is None:
+    return False
+  with _lock:
+    if _trim_handler is not None:
+      return True
+
+    def handler(event: str, duration: float, details: dict) -> None:
+      del duration, details
+      if event == _BACKEND_COMPILE_EVENT:
+        trim(0)
+
+    _trim_handler = handler
+  _subscribe(handler)
+  return True

@@ -28,7 +28,7 @@ from flax import nnx
 
 from qwenjax._errors import ConfigError
 from qwenjax.engine import constraints as constraints_lib
-from qwenjax.engine import programs
+from qwenjax.engine import profiling, programs
 from qwenjax.engine import sampling as sampling_lib
 from qwenjax.engine.kv_pages import KVPages
 from qwenjax.engine.programs import DecodeInputs, PagedDecodeInputs, SlotState, VerifyInputs, VisionInputs
@@ -79,6 +79,7 @@ class ModelRunner:
                rules: ShardingRules = DEFAULT_RULES, verify_widths: tuple[int, ...] = (),
                draft: Qwen2 | None = None, draft_sampled: bool = False):
     self.mesh, self.rules, self.cfg = mesh, rules, model.cfg
+    profiling.trim_after_compilations()  # the compiler's freed heap goes back to the system
     self.verify_widths = tuple(verify_widths)
     self.attention_impl = attention_impl or default_impl()
     if self.attention_impl not in IMPLS:

@@ -1,11 +1,17 @@
 """Bucketing is a promise: each engine step is one model program keyed by its padded token count, then one sampler
 keyed by its sampling variant, so prompts of any length and any mix compile a small, fixed set."""
 
+import ctypes
+import ctypes.util
+import os
+
 import jax
 import numpy as np
+import pytest
 
 from qwenjax import Engine, Request, SamplingParams
 from qwenjax.checkpoints.hf import load_model
+from qwenjax.engine import profiling
 from qwenjax.engine.profiling import count_compilations
 
 
@@ -59,3 +65,31 @@ def test_mixed_sampling_variants_compile_nothing_after_warm_up(tiny_factory):
     outs = engine.generate(workload)
   assert sum(compiled.values()) == 0, compiled
   assert all(len(o.token_ids) == r.sampling.max_tokens for o, r in zip(outs, workload))
+
+
+def _rss_bytes() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_an_xla_compilation_hands_the_heap_freed_before_it_back_to_the_system():
+  """200 MB of 64 KiB blocks (heap, not mmap: glibc maps only blocks of 128 KiB and up) are written and freed below
+  one kept block, so glibc cannot shrink the heap from its top and keeps them resident, as it keeps what XLA's
+  compile threads free. The next compilation gives them back: the process's resident memory falls by most of it."""
+  if not profiling.trim_after_compilations():
+    pytest.skip("this C library has no malloc_trim")
+  libc = ctypes.CDLL(ctypes.util.find_library("c"))
+  libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+  libc.free.argtypes = [ctypes.c_void_p]
+  block, count = 64 << 10, 3200
+  blocks = [libc.malloc(block) for _ in range(count)]
+  keep = libc.malloc(block)  # above the freed blocks: the heap's top stays in use
+  for b in blocks:
+    ctypes.memset(b, 1, block)
+  for b in blocks:
+    libc.free(b)
+  held = _rss_bytes()
+  jax.jit(lambda x: x * 3 + 1).lower(np.float32(0)).compile()  # a program no test compiled before
+  released = held - _rss_bytes()
+  libc.free(keep)
+  assert released > 0.6 * block * count, (held, released)
