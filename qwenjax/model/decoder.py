@@ -258,8 +258,10 @@ class Attention(nnx.Module):
       k_pages, v_pages = write_slots(k_pages, layer, slots, flat(k)), write_slots(v_pages, layer, slots, flat(v))
     k_pages, v_pages = constrain(k_pages, PagedKVCache.AXES), constrain(v_pages, PagedKVCache.AXES)
     # The rows of decode and verify programs go in sorted groups on CPU; a ragged step's do not: grouped, the job's
-    # 10 programs (6 of them ragged steps, two attention calls a layer each) compiled 7 s longer and peaked 0.1 GiB
-    # higher, for prefill attention of 119 against 203 ms a 512-token step (`attention.CPU_ROW_GROUP`).
+    # 10 programs (6 of them ragged steps, two attention calls a layer each) compiled 6.5-7 s longer and peaked
+    # 0.07-0.1 GiB higher, which the faster prefill attention (119 against 203 ms a 512-token step alone; the job
+    # served 5-7 s sooner) did not repay: with a loop per group and again with one loop over (group, chunk) pairs
+    # (`attention.CPU_ROW_GROUP`).
     attend = lambda q, positions, num_new, table: paged_attention(
         q, k_pages, v_pages, positions, num_new, table, window, sliding_window=ctx.sliding_window, k_scale=k_scale,
         v_scale=v_scale, dtype=self.dtype, impl=meta.impl, layer=layer, group_rows=meta.ragged is None)

@@ -42,19 +42,23 @@ def test_equals_the_one_gather_reference(window, chunk_tokens, row_group):
     np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-5)
 
 
-def test_int8_pages_and_a_traced_window():
+@pytest.mark.parametrize("row_group", [None, 3])
+def test_int8_pages_and_a_traced_window(row_group):
   q, kp, vp, pos, num_new, table = _case(1)
   (kq, ks), (vq, vs) = quantize_kv(kp), quantize_kv(vp)
   window = jnp.int32(50)
   want = paged_attention_reference(q, kq, vq, pos, table, window, k_scale=ks, v_scale=vs)
-  got = jax.jit(paged_attention_xla)(q, kq, vq, pos, num_new, table, window, k_scale=ks, v_scale=vs)
+  got = jax.jit(paged_attention_xla, static_argnames="row_group")(q, kq, vq, pos, num_new, table, window, k_scale=ks,
+                                                                  v_scale=vs, row_group=row_group)
   for g, w in zip(_real(got, num_new), _real(want, num_new)):
     np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("row_group", [None, 3])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_a_layer_read_from_the_whole_pool(quantized):
-  """layer=: the pools hold every layer, and the result is the reference's over that layer's slice."""
+def test_a_layer_read_from_the_whole_pool(quantized, row_group):
+  """layer=: the pools hold every layer, and the result is the reference's over that layer's slice (in groups of
+  rows too: each group reads its pages from the whole pool)."""
   q, kp, vp, pos, num_new, table = _case(3)
   rng = np.random.default_rng(4)
   other = lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype)
@@ -65,7 +69,8 @@ def test_a_layer_read_from_the_whole_pool(quantized):
     k_all, v_all, scales = kq, vq, dict(k_scale=ks, v_scale=vs)
   want = paged_attention_reference(q, k_all[1], v_all[1], pos, table, FULL_WINDOW,
                                    **{k: v[1] for k, v in scales.items()})
-  got = jax.jit(paged_attention_xla)(q, k_all, v_all, pos, num_new, table, FULL_WINDOW, layer=jnp.int32(1), **scales)
+  got = jax.jit(paged_attention_xla, static_argnames="row_group")(q, k_all, v_all, pos, num_new, table, FULL_WINDOW,
+                                                                  layer=jnp.int32(1), row_group=row_group, **scales)
   for g, w in zip(_real(got, num_new), _real(want, num_new)):
     np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-5)
 
