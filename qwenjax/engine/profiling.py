@@ -15,6 +15,7 @@ import collections
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -91,8 +92,9 @@ class CompileTimer:
     self.count += event == _BACKEND_COMPILE_EVENT
 
 
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-  """glibc's malloc_trim, or None (another C library, another system)."""
+  """glibc's malloc_trim, or None (another C library, another system). Looked up once."""
   if not sys.platform.startswith("linux"):
     return None
   try:
