@@ -101,6 +101,15 @@ def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+def rss_mib() -> float:
+  """This process's resident memory now, in MiB (Linux's /proc/self/status; NaN elsewhere)."""
+  try:
+    with open("/proc/self/status", encoding="utf-8") as f:
+      return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+  except (OSError, StopIteration):
+    return float("nan")
+
+
 # --- Timing one jitted call (the matmul microbenchmarks) ---
 
 # name -> (K, N, the weight is stored [N, K]): Qwen2.5-0.5B's matmuls (hidden 896, MLP 4864, 14 query heads and 2

@@ -27,16 +27,9 @@ from absl import app, flags, logging
 
 from launch import _cli
 from launch.bench import workload
+from launch.bench.measure import rss_mib
 
 _SEQUENTIAL_TOKENS = 64
-
-
-def _rss_mib() -> float:
-  with open("/proc/self/status", encoding="utf-8") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024
-  return float("nan")
 
 
 async def _chat(client, request: dict, **kw):
@@ -98,13 +91,13 @@ async def _measure(base_url: str, fixed: list[dict], load: list[dict], wants: li
       _check(reply, wants[i])
       done[0] += 1
       if done[0] == len(load) // 4:
-        rss["after_first_quarter_mib"] = _rss_mib()
+        rss["after_first_quarter_mib"] = rss_mib()
       return reply.usage.completion_tokens
 
     start = time.perf_counter()
     tokens = sum(await asyncio.gather(*(one(i) for i in range(len(load)))))
     wall = time.perf_counter() - start
-    rss["at_end_mib"] = _rss_mib()
+    rss["at_end_mib"] = rss_mib()
     out["load"] = {"requests": len(load), "clients": clients, "generated_tokens": tokens, "wall_s": wall,
                    "tokens_per_s": tokens / wall, "all_valid": True, "rss": rss}
   return out

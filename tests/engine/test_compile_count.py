@@ -3,12 +3,12 @@ keyed by its sampling variant, so prompts of any length and any mix compile a sm
 
 import ctypes
 import ctypes.util
-import os
 
 import jax
 import numpy as np
 import pytest
 
+from launch.bench.measure import rss_mib
 from qwenjax import Engine, Request, SamplingParams
 from qwenjax.checkpoints.hf import load_model
 from qwenjax.engine import profiling
@@ -67,11 +67,6 @@ def test_mixed_sampling_variants_compile_nothing_after_warm_up(tiny_factory):
   assert all(len(o.token_ids) == r.sampling.max_tokens for o, r in zip(outs, workload))
 
 
-def _rss_bytes() -> int:
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def test_an_xla_compilation_hands_the_heap_freed_before_it_back_to_the_system():
   """200 MB of 64 KiB blocks (heap, not mmap: glibc maps only blocks of 128 KiB and up) are written and freed below
   one kept block, so glibc cannot shrink the heap from its top and keeps them resident, as it keeps what XLA's
@@ -88,8 +83,8 @@ def test_an_xla_compilation_hands_the_heap_freed_before_it_back_to_the_system():
     ctypes.memset(b, 1, block)
   for b in blocks:
     libc.free(b)
-  held = _rss_bytes()
+  held = rss_mib()
   jax.jit(lambda x: x * 3 + 1).lower(np.float32(0)).compile()  # a program no test compiled before
-  released = held - _rss_bytes()
+  released = held - rss_mib()  # MiB
   libc.free(keep)
-  assert released > 0.6 * block * count, (held, released)
+  assert released > 0.6 * block * count / 2**20, (held, released)

@@ -9,6 +9,7 @@ import json
 import jsonschema
 import pytest
 
+from launch.bench.measure import rss_mib
 from qwenjax import Engine, SamplingParams
 
 from conftest import SERVER_KEY as KEY
@@ -20,11 +21,6 @@ QUESTIONS = ["Write a Python function that reverses a string.", "What does `git 
              "Explain list comprehensions in one sentence.", "Write a SQL query counting rows per day.",
              "How do I read a JSON file in Python?", "What is a closure?", "Name three sorting algorithms.",
              "Write a bash loop over the files in a folder."]
-
-
-def _rss_mib() -> float:
-  with open("/proc/self/status", encoding="utf-8") as f:
-    return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
 CODE = "def fibonacci(n):\n"
@@ -139,9 +135,9 @@ def test_a_load_of_a_few_hundred_requests_is_answered_in_full_with_memory_flat(s
       await asyncio.gather(*(one(client, gate, i) for i in indices))
 
   asyncio.run(load(range(50)))
-  before = _rss_mib()
+  before = rss_mib()
   asyncio.run(load(range(50, 200)))
-  after = _rss_mib()
+  after = rss_mib()
   assert after - before < 64, (before, after)
   m = server.metrics()
   assert m["qwenjax_requests_running"] == 0 and m["qwenjax_requests_waiting"] == 0
