@@ -24,7 +24,7 @@ that lost are in that file's docstring), the same formulation won at every M:
   w8a16 "column_blocks": XLA:CPU fuses no convert into a dot, so a float x int8 dot writes the converted float32
     weight out and reads it back; worse, in a program of many such dots (a decode step) the converts depend only
     on the weights and are scheduled first, all weights held in float32 at once: 2-15x slower than float32
-    weights (all but the small KV projection). Converting ~1 MiB blocks of output channels inside a lax.map
+    weights (all but the small KV projection). Converting ~1 MiB blocks of output channels inside a loop
     keeps each block in cache and the schedule honest: 0.5-1.7x the float32 matmul's speed (about even at
     decode sizes), at a quarter of its weight memory.
 
