@@ -147,7 +147,6 @@ def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_
   rows_of = lambda x, r0: x if groups == 1 else jax.lax.dynamic_slice_in_dim(x, r0, r)
 
   def body(i, carry):
-    acc, m, total = carry  # [G * R, K, Gq, T, H], [G * R, K, Gq, T] x 2, float32
     if groups == 1:
       c, r0 = i, 0
     else:
@@ -163,7 +162,7 @@ def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_
     scores = scores * (h ** -0.5)
     delta = rows_of(q_positions, r0)[:, :, None] - (c * span + jnp.arange(span, dtype=jnp.int32))[None, None, :]
     scores = jnp.where(((delta >= 0) & (delta < window))[:, None, None], scores, -jnp.inf)  # [R, K, Gq, T, S]
-    a, mm, tt = (rows_of(x, r0) for x in carry)
+    a, mm, tt = (rows_of(x, r0) for x in carry)  # this group's [R, K, Gq, T, H], [R, K, Gq, T] x 2, float32
     m_new = jnp.maximum(mm, scores.max(axis=-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no key seen yet: exp(-inf) = 0, not NaN
     correction = jnp.exp(mm - m_safe)
