@@ -218,10 +218,13 @@ def enable_compilation_cache() -> None:
 
 
 def use_cpu_paths() -> None:
-  """The matmul paths --cpu_paths names for the model's mode (--dtype, --quantize): `_cli.use_cpu_paths`. Must run
-  before jax starts its backend (their XLA:CPU flags go in XLA_FLAGS)."""
+  """The matmul paths --cpu_paths names for the model's mode (--dtype, --quantize): `_cli.use_cpu_paths`; and malloc
+  arenas capped at one per core (`profiling.limit_malloc_arenas`). Must run before jax starts its backend (the
+  paths' XLA:CPU flags go in XLA_FLAGS, and the cap holds only for arenas made after it)."""
+  from qwenjax.engine import profiling  # pylint: disable=g-import-not-at-top
   from qwenjax.kernels import cpu_paths  # pylint: disable=g-import-not-at-top
 
+  profiling.limit_malloc_arenas()
   _cli.use_cpu_paths(CPU_PATHS.value, cpu_paths.mode_of(DTYPE.value, QUANTIZE.value))
 
 

@@ -6,6 +6,7 @@
     timer = CompileTimer()                              # from now on: seconds spent compiling, and compilations
     trim_after_compilations()                           # hand the compiler's freed heap back to the system
     trim_heap()                                         # the same, once, now (before reading the resident memory)
+    limit_malloc_arenas()                               # before jax starts its threads: one malloc arena per core
 
 Bucketing promises are checked with the first (tests, benchmarks); a batch job reports the second in its summary.
 """
@@ -17,6 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -93,15 +95,40 @@ class CompileTimer:
     self.count += event == _BACKEND_COMPILE_EVENT
 
 
+_M_ARENA_MAX = -8  # glibc's malloc.h: mallopt's parameter for the most arenas malloc makes
+
+
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-  """glibc's malloc_trim, or None (another C library, another system). Looked up once."""
+def _libc() -> ctypes.CDLL | None:
+  """glibc, or None (another system). Looked up once."""
   if not sys.platform.startswith("linux"):
     return None
   try:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-  except (OSError, AttributeError):  # musl and others have no malloc_trim
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  except OSError:
     return None
+
+
+def limit_malloc_arenas(count: int | None = None) -> bool:
+  """Caps the malloc arenas glibc makes from now on at `count` (default: one per core this process may run on;
+  glibc's own cap is eight per core). Under the cap glibc gives each new thread that allocates an arena of its own,
+  which keeps the free memory of the largest blocks its threads held: XLA:CPU's compiler and executor threads
+  allocate each program's temporaries, so on the embedded model a 32-slot w8a16 job on 2 cores peaked 51 MB lower
+  with two arenas (2.34 against 2.39 GiB, three runs each). Call it before jax starts its threads; arenas made
+  already stay. False where the C library has no mallopt or refuses (nothing is done)."""
+  libc = _libc()
+  mallopt = getattr(libc, "mallopt", None)
+  if mallopt is None:
+    return False
+  if count is None:
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  return bool(mallopt(_M_ARENA_MAX, max(1, int(count))))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+  """glibc's malloc_trim, or None (another C library, another system). Looked up once."""
+  return getattr(_libc(), "malloc_trim", None)  # musl and others have no malloc_trim
 
 
 def trim_heap() -> bool:

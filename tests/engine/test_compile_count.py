@@ -3,6 +3,9 @@ keyed by its sampling variant, so prompts of any length and any mix compile a sm
 
 import ctypes
 import ctypes.util
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -88,3 +91,46 @@ def test_an_xla_compilation_hands_the_heap_freed_before_it_back_to_the_system():
   released = held - rss_mib()  # MiB
   libc.free(keep)
   assert released > 0.6 * block * count / 2**20, (held, released)
+
+
+_ARENAS_SCRIPT = """
+import ctypes, ctypes.util, sys, tempfile, threading
+from qwenjax.engine import profiling
+cap = int(sys.argv[1])
+if cap and not profiling.limit_malloc_arenas(cap):
+  print("no mallopt"); sys.exit(0)
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes, libc.fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
+together = threading.Barrier(7)
+def allocate():  # a thread's first malloc gives it an arena: a new one while glibc's cap allows
+  libc.malloc(1 << 12)
+  together.wait()
+  together.wait()
+threads = [threading.Thread(target=allocate) for _ in range(6)]
+for t in threads:
+  t.start()
+together.wait()  # all six alive, each with its first block
+with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+  out = libc.fopen(f.name.encode(), b"w")
+  libc.malloc_info(0, out)
+  libc.fclose(out)
+  print(open(f.name).read().count("<heap nr="))
+together.wait()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
+def test_malloc_arenas_are_capped_at_the_count_given():
+  """Six threads alive at once, each allocating: glibc gives each an arena of its own (the control, uncapped), and
+  after `limit_malloc_arenas(2)` the process has two (counted in glibc's own `malloc_info` report)."""
+  def arenas(cap):
+    out = subprocess.run([sys.executable, "-c", _ARENAS_SCRIPT, str(cap)], capture_output=True, text=True, check=True,
+                         cwd=pathlib.Path(__file__).parents[2]).stdout.split()
+    if out[:2] == ["no", "mallopt"]:
+      pytest.skip("this C library has no mallopt")
+    return int(out[-1])
+
+  assert arenas(0) >= 7  # the main arena and the six threads'
+  assert arenas(2) == 2
