@@ -132,5 +132,6 @@ def test_malloc_arenas_are_capped_at_the_count_given():
       pytest.skip("this C library has no mallopt")
     return int(out[-1])
 
+  capped = arenas(2)  # first: a C library without mallopt skips here, before the uncapped control runs
   assert arenas(0) >= 7  # the main arena and the six threads'
-  assert arenas(2) == 2
+  assert capped == 2
